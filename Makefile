@@ -1,0 +1,25 @@
+# Two commands a newcomer needs: `make demo` and `make test`.
+# Both create (or reuse) .venv with pip; torch comes from the local wheel cache where pip has one.
+PY ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/pip
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip >/dev/null 2>&1 || true
+	$(PIP) install -q $(TORCH_PINS) || $(PIP) install -q torch torchvision
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/epcli demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

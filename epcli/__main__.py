@@ -1,0 +1,3 @@
+from epcli.cli import main
+
+main()

@@ -1,0 +1,292 @@
+"""Datasets as uint8 tensors, decoded once and cached; batches with augmentation on the compute device.
+
+Sources, by name:
+- `None` or "cifar10-mini": the 6,000 real CIFAR-10 images shipped inside the package (500 train + 100 test
+  per class, JPEG quality 75);
+- "cifar10" / "cifar100": torchvision's official python layout under `data_dir`
+  (`cifar-10-batches-py/` or `cifar-100-python/`), downloaded when missing and the network allows;
+- a path to an ImageFolder tree (`train/<class>/*`, `test/<class>/*`), as a folder or a .tar/.tar.gz/.tar.xz.
+
+Images stay uint8 (N, 3, H, W) until a batch is drawn; models take float images in [0, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from epcli.errors import DatasetError
+
+EMBEDDED = Path(__file__).parent / "assets" / "cifar10-mini-jpeg.tar.xz"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+CACHE_FORMAT = "1"
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TORCHVISION_LAYOUT = {
+    "cifar10": "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
+    "cifar100": "cifar-100-python/{train, test, meta}",
+}
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    train_x: torch.Tensor  # uint8 (N, C, H, W)
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str = ""
+    sha256: str = ""  # identity of the decoded content, recorded with every run
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "train":
+            return self.train_x, self.train_y
+        if name == "test":
+            return self.test_x, self.test_y
+        raise DatasetError(f"unknown split {name!r}: use 'train' or 'test'")
+
+
+def load_dataset(name: str | None = None, data_dir: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
+    """Load a dataset by name or path, decoding it once into a cached tensor file under `cache_dir`."""
+    name = name or "cifar10-mini"
+    if name in ("cifar10-mini", "embedded"):
+        return _cached(EMBEDDED, "cifar10-mini", cache_dir, lambda: _read_imagefolder(EMBEDDED))
+    if name in ("cifar10", "cifar100"):
+        root = Path(data_dir or os.environ.get("EPCLI_DATA_DIR", ".data"))
+        folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+        if not folder.is_dir():
+            _try_download(name, root, download)
+        if not folder.is_dir():
+            raise DatasetError(f"{name} not found: expected {root / TORCHVISION_LAYOUT[name]} "
+                               f"(torchvision's python layout) and it could not be downloaded")
+        return _cached(folder, name, cache_dir, lambda: _read_torchvision(name, folder))
+    path = Path(name)
+    if not path.exists():
+        raise DatasetError(f"dataset {name!r} not found: give cifar10-mini, cifar10, cifar100, "
+                           "or a path to an ImageFolder folder or .tar/.tar.xz archive")
+    return _cached(path, path.name.split(".")[0], cache_dir, lambda: _read_imagefolder(path))
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+            augment: str | None = None, pad_mode: str = "edge", device: str | torch.device = "cpu",
+            generator: torch.Generator | None = None, drop_last: bool = False
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float images in [0,1], labels) on `device`. Pass tensors already on `device` to avoid copies.
+
+    augment: None or "crop-flip" (random 4-pixel-padded crop + horizontal flip, done on `device`).
+    """
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator).to(device) if shuffle else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        xb = x[idx].float().div_(255)
+        if augment == "crop-flip":
+            xb = crop_flip(xb, pad=4, pad_mode=pad_mode, generator=generator)
+        elif augment:
+            raise DatasetError(f"unknown augmentation {augment!r}: use 'crop-flip' or none")
+        yield xb, y[idx]
+
+
+def crop_flip(x: torch.Tensor, pad: int = 4, pad_mode: str = "edge",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop from a padded image plus random horizontal flip, one draw per image, vectorised."""
+    b, c, h, w = x.shape
+    mode = {"edge": "replicate", "reflect": "reflect", "zeros": "constant"}[pad_mode]
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=mode)
+    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    rows = off[0][:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = off[1][:, None] + torch.arange(w, device=x.device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    bidx = torch.arange(b, device=x.device)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0):
+    """A seeded random subset of n examples (all of them when n is None or >= len), in index order."""
+    if n is None or n >= len(y):
+        return x, y, torch.arange(len(y))
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(y), generator=g)[:n].sort().values
+    return x[idx], y[idx], idx
+
+
+# --- decoding -------------------------------------------------------------------------------------------
+
+def _decode(data: bytes, where: str) -> np.ndarray:
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for bad files
+        raise DatasetError(f"cannot decode image {where}: {e}") from None
+
+
+def _read_imagefolder(path: Path) -> dict:
+    """Read train/<class>/* and test/<class>/* from a folder or a tar archive."""
+    files: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
+
+    def add(rel: str, read):
+        parts = Path(rel).parts
+        if len(parts) >= 3 and parts[-3] in files and Path(rel).suffix.lower() in IMAGE_SUFFIXES:
+            files[parts[-3]].setdefault(parts[-2], []).append((rel, read()))
+
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                add(str(p.relative_to(path)), p.read_bytes)
+    else:
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    if m.isfile():
+                        add(m.name, lambda m=m: tar.extractfile(m).read())
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DatasetError(f"{path} is not a readable .tar/.tar.xz archive: {e}") from None
+    if not files["train"] or not files["test"]:
+        raise DatasetError(f"{path} is not an ImageFolder dataset: expected train/<class>/<image> and "
+                           "test/<class>/<image>")
+    classes = sorted(files["train"])
+    if set(files["test"]) - set(classes):
+        raise DatasetError(f"{path}: test classes {sorted(set(files['test']) - set(classes))} not in train")
+    if classes == sorted(CIFAR10_CLASSES):
+        classes = list(CIFAR10_CLASSES)  # keep the canonical CIFAR-10 label order
+    out = {"classes": classes}
+    for split, by_class in files.items():
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            for rel, data in sorted(by_class.get(cls, [])):
+                xs.append(_decode(data, f"{path}:{rel}"))
+                ys.append(label)
+        shapes = {a.shape for a in xs}
+        if len(shapes) != 1:
+            raise DatasetError(f"{path}: images of different sizes in {split}: {sorted(shapes)[:3]}")
+        out[split + "_x"] = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
+        out[split + "_y"] = torch.tensor(ys, dtype=torch.int64)
+    return out
+
+
+def _read_torchvision(name: str, folder: Path) -> dict:
+    def unpickle(p: Path) -> dict:
+        try:
+            with open(p, "rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise DatasetError(f"{p} is missing or not a CIFAR python batch ({e}); expected "
+                               f"{TORCHVISION_LAYOUT[name]}") from None
+
+    def to_x(d: dict, p: Path) -> torch.Tensor:
+        data = np.asarray(d.get(b"data", []), dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise DatasetError(f"{p}: 'data' must be an (N, 3072) uint8 array, got {data.shape}")
+        return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+
+    if name == "cifar10":
+        train = [unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
+        test = unpickle(folder / "test_batch")
+        meta = unpickle(folder / "batches.meta")
+        classes = [c.decode() for c in meta.get(b"label_names", [])] or CIFAR10_CLASSES
+        key = b"labels"
+        tx = torch.cat([to_x(d, folder) for d in train])
+        ty = torch.cat([torch.tensor(d[key], dtype=torch.int64) for d in train])
+    else:
+        tr = unpickle(folder / "train")
+        test = unpickle(folder / "test")
+        meta = unpickle(folder / "meta")
+        classes = [c.decode() for c in meta.get(b"fine_label_names", [])]
+        key = b"fine_labels"
+        tx, ty = to_x(tr, folder), torch.tensor(tr[key], dtype=torch.int64)
+    try:
+        test_y = torch.tensor(test[key], dtype=torch.int64)
+    except KeyError:
+        raise DatasetError(f"{folder}: test file has no {key.decode()!r}") from None
+    return {"classes": classes, "train_x": tx, "train_y": ty, "test_x": to_x(test, folder), "test_y": test_y}
+
+
+def _try_download(name: str, root: Path, allowed: bool) -> None:
+    if not allowed:
+        return
+    import torchvision
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        cls(str(root), train=True, download=True)
+        cls(str(root), train=False, download=True)
+    except Exception:  # no network: the caller reports the expected layout
+        pass
+
+
+# --- cache ----------------------------------------------------------------------------------------------
+
+def _source_key(path: Path) -> str:
+    h = hashlib.sha256(CACHE_FORMAT.encode())
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def _content_sha(d: dict) -> str:
+    h = hashlib.sha256(json.dumps(d["classes"]).encode())
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        h.update(d[k].numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cached(path: Path, name: str, cache_dir, read) -> Dataset:
+    from safetensors.torch import load_file, save_file
+    cache = Path(cache_dir) / f"{name}-{_source_key(path)}.safetensors" if cache_dir else None
+    d = None
+    if cache is not None and cache.exists():
+        try:
+            from safetensors import safe_open
+            with safe_open(str(cache), "pt") as f:
+                meta = f.metadata()
+            d = dict(load_file(str(cache)))
+            d["classes"] = json.loads(meta["classes"])
+            sha = meta["sha256"]
+        except Exception:
+            d = None  # a damaged cache is rebuilt, never trusted
+    if d is None:
+        d = read()
+        sha = _content_sha(d)
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".tmp{os.getpid()}")
+                tensors = {k: v.contiguous() for k, v in d.items() if k != "classes"}
+                save_file(tensors, str(tmp), metadata={"classes": json.dumps(d["classes"]), "sha256": sha})
+                os.replace(tmp, cache)
+            except OSError:
+                pass  # caching is an optimisation; an unwritable cache folder is not an error
+    return Dataset(name=name, classes=list(d["classes"]), train_x=d["train_x"], train_y=d["train_y"],
+                   test_x=d["test_x"], test_y=d["test_y"], source=str(path), sha256=sha)

@@ -1,0 +1,47 @@
+"""Expected failures. Each carries a one-line message and the exit code the CLI uses."""
+
+
+class EpcliError(Exception):
+    """Base class: a failure the user can act on. The CLI prints `error: <message>` and exits `code`."""
+
+    code = 1
+
+
+class UsageError(EpcliError):
+    """Bad arguments (an eps out of range, an unknown norm, T too small...)."""
+
+    code = 2
+
+
+class NotFoundError(EpcliError):
+    """A model, run, checkpoint or dataset that does not exist."""
+
+    code = 3
+
+
+class UnknownModelError(NotFoundError):
+    pass
+
+
+class DatasetError(EpcliError):
+    """A dataset that is missing or malformed."""
+
+    code = 3
+
+
+class CheckpointError(EpcliError):
+    """A checkpoint that does not match the requested model, or is not a checkpoint."""
+
+    code = 4
+
+
+class StoreError(EpcliError):
+    """A store that cannot be opened or written (corrupted, foreign, unwritable)."""
+
+    code = 5
+
+
+class Diverged(EpcliError):
+    """Training produced NaN or exploding values; the last good checkpoint is kept."""
+
+    code = 6
