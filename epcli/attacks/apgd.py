@@ -1,0 +1,207 @@
+"""Auto-PGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
+diverse parameter-free attacks", https://arxiv.org/abs/2003.01690): APGD-CE, APGD-DLR and APGD-T.
+
+A PGD with momentum (0.75) whose step size starts at 2*eps and is halved at checkpoints (22% of the
+budget, then spacing shrinking by 3% down to 6%) when the loss rose in fewer than rho = 75% of the steps
+of the last interval, or when neither the step size nor the best loss changed since the previous
+checkpoint; on a halving the iterate goes back to the best point found. Written from the paper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from epcli.attacks._common import (check_eps, check_inputs, check_norm, dlr_loss, dlr_targeted_loss,
+                                   eval_mode, need_classes, normalize_grad, num_classes_of, project,
+                                   random_start)
+from epcli.errors import UsageError
+
+
+def checkpoints(steps: int) -> list[int]:
+    """Iterations at which APGD decides whether to halve its step size (22%, 41%, 57%, ... of steps)."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(q * steps) for q in p[1:] if 0 < math.ceil(q * steps) <= steps})
+
+
+def _view(t, like):
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0.75, momentum=0.75,
+             start=True):
+    """One APGD run maximising objective(logits) (per example) in the eps-ball around x.
+
+    Returns x_adv: per example the first point where success(logits) held, otherwise the best-loss point.
+    """
+    b = x.shape[0]
+    ckpts = set(checkpoints(steps))
+    last_ckpt = 0
+
+    def loss_grad(z):
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(z)
+            loss = objective(logits)
+            (g,) = torch.autograd.grad(loss.sum(), z)
+        return loss.detach(), g.detach(), logits.detach()
+
+    x_adv = random_start(x, eps, norm, generator) if start else x.clone()
+    loss, grad, logits = loss_grad(x_adv)
+    fooled = success(logits)
+    x_best_adv = x_adv.clone()
+    x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
+    step = torch.full((b,), 2.0 * eps, device=x.device, dtype=x.dtype)
+    x_prev = x_adv.clone()
+    loss_prev = loss.clone()
+    n_increase = torch.zeros(b, device=x.device)
+    best_at_ckpt = loss_best.clone()
+    reduced_at_ckpt = torch.zeros(b, dtype=torch.bool, device=x.device)
+    for k in range(steps):
+        with torch.no_grad():
+            a = momentum if k > 0 else 1.0
+            z = project(x_adv + _view(step, x) * normalize_grad(grad, norm), x, eps, norm)
+            x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, eps, norm)
+            x_prev = x_adv
+            x_adv = x_new
+        loss, grad, logits = loss_grad(x_adv)
+        now = success(logits)
+        x_best_adv[now & ~fooled] = x_adv[now & ~fooled]
+        fooled |= now
+        n_increase += (loss > loss_prev).float()
+        loss_prev = loss
+        better = loss > loss_best
+        x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
+        if k + 1 in ckpts:
+            h = k + 1 - last_ckpt
+            reduce = (n_increase < rho * h) | (~reduced_at_ckpt & (best_at_ckpt >= loss_best))
+            reduced_at_ckpt = reduce
+            best_at_ckpt = loss_best.clone()
+            step[reduce] /= 2
+            x_adv[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
+            x_prev[reduce] = x_adv[reduce]
+            n_increase.zero_()
+            last_ckpt = k + 1
+    return torch.where(_view(fooled, x), x_best_adv, x_best), fooled
+
+
+def _cascade(model, x, y, runs, run_fn):
+    """Call run_fn(idx, r) for r in range(runs) on the examples not yet fooled; keep the first success."""
+    out = x.clone()
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for r in range(runs):
+        idx = (~done).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        adv, ok = run_fn(idx, r)
+        # first run: take every point (best loss for the unsuccessful); later runs: only successes
+        take = torch.ones_like(ok) if r == 0 else ok
+        out[idx[take]] = adv[take]
+        done[idx[ok]] = True
+    return out
+
+
+def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+         targeted: bool = False, generator: torch.Generator | None = None, loss: str = "ce",
+         steps: int = 100, restarts: int = 1, rho: float = 0.75) -> torch.Tensor:
+    """APGD with cross-entropy ("ce") or DLR ("dlr") loss; AutoAttack's defaults (100 steps, rho 0.75).
+
+    Untargeted: y are true labels. targeted=True: y are target labels; the loss becomes -CE(target) or
+    the DLR margin of the target class, success means predicting the target. Restarts (random starts)
+    run only on the examples not yet fooled.
+    """
+    norm, eps = check_norm(norm), check_eps(eps)
+    check_inputs(x, y)
+    if loss not in ("ce", "dlr"):
+        raise UsageError(f"unknown APGD loss {loss!r}: use 'ce' or 'dlr'")
+    if int(steps) < 1 or int(restarts) < 1:
+        raise UsageError("steps and restarts must be >= 1")
+    x = x.detach().clamp(0, 1)
+    y = y.to(x.device)
+    if eps == 0:
+        return x.clone()
+    with eval_mode(model):
+        if loss == "dlr" or targeted:
+            need_classes(num_classes_of(model, x), 3, "APGD-DLR" if loss == "dlr" else "targeted APGD")
+
+        def run(idx, r):
+            yy = y[idx]
+            if targeted:
+                obj = (lambda z: -F.cross_entropy(z, yy, reduction="none")) if loss == "ce" \
+                    else (lambda z: -dlr_loss(z, yy))
+                ok = lambda z: z.argmax(1) == yy  # noqa: E731
+            else:
+                obj = (lambda z: F.cross_entropy(z, yy, reduction="none")) if loss == "ce" \
+                    else (lambda z: dlr_loss(z, yy))
+                ok = lambda z: z.argmax(1) != yy  # noqa: E731
+            return apgd_run(model, x[idx], obj, ok, eps=eps, norm=norm, steps=int(steps),
+                            generator=generator, rho=rho)
+
+        return _cascade(model, x, y, int(restarts), run)
+
+
+def apgd_ce(model, x, y, *, eps, norm="linf", targeted=False, generator=None, steps=100, restarts=1,
+            rho=0.75):
+    """APGD with the cross-entropy loss (AutoAttack standard: 100 steps, 1 restart)."""
+    return apgd(model, x, y, eps=eps, norm=norm, targeted=targeted, generator=generator, loss="ce",
+                steps=steps, restarts=restarts, rho=rho)
+
+
+def apgd_dlr(model, x, y, *, eps, norm="linf", targeted=False, generator=None, steps=100, restarts=1,
+             rho=0.75):
+    """APGD with the DLR loss (needs >= 3 classes)."""
+    return apgd(model, x, y, eps=eps, norm=norm, targeted=targeted, generator=generator, loss="dlr",
+                steps=steps, restarts=restarts, rho=rho)
+
+
+def apgd_t(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+           targeted: bool = False, generator: torch.Generator | None = None, steps: int = 100,
+           restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75) -> torch.Tensor:
+    """APGD-T: APGD with the targeted DLR loss against each of the n_target_classes runner-up classes
+    (ranked by the clean logits), in turn, on the examples still robust. y are the TRUE labels: the
+    attack chooses its own targets, so targeted=True is refused. Needs >= 3 classes; n_target_classes is
+    capped at num_classes - 1.
+    """
+    norm, eps = check_norm(norm), check_eps(eps)
+    check_inputs(x, y)
+    if targeted:
+        raise UsageError("apgd-t picks its own target classes: pass the true labels with targeted=False")
+    x = x.detach().clamp(0, 1)
+    y = y.to(x.device)
+    if eps == 0:
+        return x.clone()
+    with eval_mode(model):
+        with torch.no_grad():
+            clean_logits = model(x)
+        c = clean_logits.shape[1]
+        need_classes(c, 3, "APGD-T (targeted DLR)")
+        n_t = max(1, min(int(n_target_classes), c - 1))
+        ranked = clean_logits.argsort(dim=1, descending=True)
+        out = x.clone()
+        done = clean_logits.argmax(1) != y
+        first = True
+        for k in range(n_t):
+            def run(idx, r, k=k):
+                yy = y[idx]
+                # k-th runner-up among classes other than y
+                order = ranked[idx]
+                order = order[order != yy[:, None]].view(len(idx), c - 1)
+                tgt = order[:, k]
+                return apgd_run(model, x[idx], lambda z: dlr_targeted_loss(z, yy, tgt),
+                                lambda z: z.argmax(1) != yy, eps=eps, norm=norm, steps=int(steps),
+                                generator=generator, rho=rho)
+            idx = (~done).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            sub = _cascade(model, x[idx], y[idx], int(restarts), lambda i, r: run(idx[i], r))
+            with torch.no_grad():
+                ok = model(sub).argmax(1) != y[idx]
+            take = torch.ones_like(ok) if first else ok
+            out[idx[take]] = sub[take]
+            done[idx[ok]] = True
+            first = False
+        return out
