@@ -1,0 +1,547 @@
+"""The Python API behind the CLI: each function is one recorded run in the store.
+
+This is the only module where the science (models, training, attacks, corruptions) meets the store.
+Every function takes plain values, returns a JSON-serialisable dict, and raises `EpcliError`s for
+anything the user can fix. Progress is reported through an optional `progress(task, done, total, info)`
+callback so that the CLI can draw bars and scripts can stay silent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from epcli import checkpoint
+from epcli.data import Dataset, load_dataset, subset
+from epcli.errors import CheckpointError, EpcliError, NotFoundError, UsageError
+from epcli.store import Store, describe_device
+
+Progress = Callable[[str, int, int, dict], None]
+NORMS = ("linf", "l2")
+
+
+def _noop(task: str, done: int, total: int, info: dict) -> None:
+    pass
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for, but no CUDA GPU is available (use --device cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def parse_eps(text: str | float | list) -> list[float]:
+    """'8/255,0.5,1e-3' -> floats; fractions are allowed so that 8/255 stays exact."""
+    if isinstance(text, (int, float)):
+        return [float(text)]
+    if isinstance(text, list):
+        return [v for t in text for v in parse_eps(t)]
+    out = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            out.append(float(Fraction(part)) if "/" in part else float(part))
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"cannot read eps {part!r}: use numbers or fractions like 8/255") from None
+    if not out:
+        raise UsageError("no eps given")
+    return out
+
+
+def eps_label(eps: float) -> str:
+    """8/255-style label when eps is a small multiple of 1/255, else the number."""
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and 0 < round(k) <= 64:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+def check_eps(norm: str, eps_list: list[float]) -> list[str]:
+    """Refuse eps outside the norm's sensible range; return warnings for suspicious values."""
+    if norm not in NORMS:
+        raise UsageError(f"unknown norm {norm!r}: use linf or l2")
+    notes = []
+    for e in eps_list:
+        if not math.isfinite(e) or e < 0:
+            raise UsageError(f"eps {e} must be a finite number >= 0")
+        if norm == "linf" and e > 1:
+            raise UsageError(f"L-inf eps {e} is outside [0, 1]: images are in [0, 1] (did you mean {e:g}/255?)")
+        if norm == "linf" and abs(e - 0.3) < 1e-9:
+            notes.append("eps 0.3 is the MNIST default; the CIFAR convention is 8/255")
+        if norm == "l2" and e > 32:
+            raise UsageError(f"L2 eps {e} is larger than the diameter of the image space (~55 for 3x32x32)")
+    return notes
+
+
+# --- model references -----------------------------------------------------------------------------------
+
+def resolve_model(store: Store, ref: str, dataset: str | None = None) -> dict:
+    """A model reference (registry name, run id or checkpoint path) -> its checkpoint and training run.
+
+    Returns {path, sha256 (if in the store), train_run (dict or None), meta}.
+    """
+    p = Path(ref)
+    if ref.endswith(".safetensors") or (p.exists() and p.is_file()):
+        if not p.is_file():
+            raise NotFoundError(f"checkpoint file {ref} does not exist")
+        meta = checkpoint.read_metadata(p)
+        run = None
+        if meta.get("run_id"):
+            try:
+                run = store.get_run(str(meta["run_id"]))
+            except NotFoundError:
+                run = None
+        return {"path": p, "sha256": None, "train_run": run, "meta": meta}
+    try:
+        run = store.get_run(ref)
+    except NotFoundError:
+        run = None
+    if run is not None and run["kind"] != "train":
+        raise UsageError(f"run {run['id']} is a {run['kind']} run, not a training run")
+    if run is None:
+        from epcli.models import list_models
+        if ref not in list_models() and not ref.startswith("timm:"):
+            raise NotFoundError(f"{ref!r} is neither a model name ({', '.join(list_models())}), a run id, "
+                                "nor a checkpoint file")
+        run = store.latest_train_run(ref, dataset)
+    if run["status"] == "running":
+        raise UsageError(f"training run {run['id']} is still running; wait for it or pass a checkpoint path")
+    ckpts = store.artifacts_of(run["id"], role="output", kind="checkpoint")
+    if not ckpts:
+        raise NotFoundError(f"training run {run['id']} ({run['status']}) has no checkpoint")
+    final = [a for a in ckpts if a["name"] == "final"] or ckpts
+    art = final[-1]
+    return {"path": store.artifact_path(art["sha256"]), "sha256": art["sha256"], "train_run": run,
+            "meta": checkpoint.read_metadata(store.artifact_path(art["sha256"]))}
+
+
+def _load_model(store: Store, ref: str, dataset: str | None, device: str):
+    info = resolve_model(store, ref, dataset)
+    model, meta = checkpoint.load(info["path"], device=device)
+    return model, info
+
+
+def _dataset_for(store: Store, info: dict, dataset: str | None, data_dir: str | None) -> Dataset:
+    name = dataset or (info["train_run"] or {}).get("config", {}).get("dataset") or info["meta"].get("dataset")
+    ds = load_dataset(name, data_dir=data_dir, cache_dir=store.cache_dir)
+    want = info["meta"].get("num_classes") or info["meta"]["spec"].get("num_classes")
+    if want and int(want) != ds.num_classes:
+        raise UsageError(f"the model has {want} classes but dataset {ds.name} has {ds.num_classes}")
+    return ds
+
+
+def _link_model_input(store: Store, run_id: str, info: dict) -> None:
+    if info["sha256"]:
+        store.link(run_id, info["sha256"], "input", "checkpoint")
+    else:
+        store.register_external(run_id, "checkpoint", info["path"], "input", "checkpoint")
+
+
+# --- train ----------------------------------------------------------------------------------------------
+
+def train(*, model: str, dataset: str | None = None, data_dir: str | None = None, recipe: str | None = None,
+          overrides: dict | None = None, model_options: dict | None = None, seed: int = 0,
+          device: str | None = None, store: Store, resume: str | None = None, label: str | None = None,
+          argv: list[str] | None = None, progress: Progress = _noop) -> dict:
+    """Train `model` on `dataset` with a recipe; checkpoint every epoch into the store."""
+    from epcli import train as training
+    from epcli.models import create_model
+
+    device = resolve_device(device)
+    ds = load_dataset(dataset, data_dir=data_dir, cache_dir=store.cache_dir)
+    state, resume_info = None, None
+    if resume:
+        resume_info = resolve_model(store, resume, ds.name)
+        net, meta, tensors = checkpoint.load(resume_info["path"], with_train_state=True)
+        if not tensors:
+            raise CheckpointError(f"{resume_info['path']} holds no training state to resume from")
+        state = training.tensors_to_state(tensors, meta.get("train_state") or {})
+        config = dict(meta.get("config") or {})
+        if not config:
+            raise CheckpointError(f"{resume_info['path']} does not record its training config")
+        if config.get("dataset_sha256") and config["dataset_sha256"] != ds.sha256:
+            raise UsageError(f"cannot resume on a different dataset than the checkpoint's ({config['dataset']})")
+        model_name = config["model"]
+        rec = config["recipe"]
+        if overrides and "epochs" in overrides:
+            rec = {**rec, "epochs": overrides["epochs"]}
+        seed = config.get("seed", seed)
+    else:
+        net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
+        model_name = model
+        rec_name = recipe or training.default_recipe(model, ds.name)
+        rec = training.resolve_recipe(rec_name, overrides or {})
+        rec.setdefault("name", rec_name)
+    _check_fits(net, ds)
+    config = {"model": model_name, "spec": net.spec, "dataset": ds.name, "dataset_sha256": ds.sha256,
+              "recipe": rec, "seed": seed, "label": label or _default_label(model_name, rec)}
+    if resume_info:
+        config["resumed_from"] = (resume_info["train_run"] or {}).get("id") or str(resume_info["path"])
+    with store.run("train", config, argv=argv, seed=seed, model=model_name, dataset=ds.name,
+                   device=describe_device(device)) as run_id:
+        if resume_info:
+            _link_model_input(store, run_id, resume_info)
+        last_sha: list[str] = []
+        history: list[dict] = []
+
+        def on_epoch(epoch: int, metrics: dict, st: dict) -> None:
+            tensors, scalars = training.state_to_tensors(st)
+            meta = {"run_id": run_id, "config_sha256": _hash(config), "epoch": epoch, "dataset": ds.name,
+                    "classes": ds.classes, "num_classes": ds.num_classes, "config": config,
+                    "train_state": scalars}
+            sha = store.write_artifact(
+                run_id, "checkpoint", lambda p: checkpoint.save(p, net, meta=meta, train_tensors=tensors),
+                suffix=".safetensors", name="last", meta={"epoch": epoch})
+            for old in last_sha:  # keep one checkpoint per run: the newest good one
+                if old != sha:
+                    _drop_artifact(store, run_id, old)
+            last_sha[:] = [sha]
+            rows = [{"name": k, "value": float(v), "step": epoch, "dataset": ds.name, "model": model_name,
+                     "split": "test" if k == "test_acc" else "train"}
+                    for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            store.log_metrics(run_id, rows)
+            history.append({"epoch": epoch, **metrics})
+            progress("epoch", epoch + 1, rec["epochs"], metrics)
+
+        def on_batch(done: int, total: int, info: dict) -> None:
+            progress("batch", done, total, info)
+
+        training.fit(net, ds, rec, device=device, seed=seed, state=state, on_epoch=on_epoch, on_batch=on_batch)
+        if not last_sha:
+            raise EpcliError("training ran no epoch (epochs must be >= 1, or the checkpoint was already final)")
+        store.db["run_artifacts"].update((run_id, last_sha[0], "output"), {"name": "final"})
+        summary = {"test_acc": history[-1].get("test_acc") if history else None, "epochs": len(history)}
+        store.update_run(run_id, summary=summary)
+    return {"run_id": run_id, "model": model_name, "dataset": ds.name, "checkpoint": last_sha[0],
+            "test_acc": summary["test_acc"], "epochs": rec["epochs"], "label": config["label"]}
+
+
+def _drop_artifact(store: Store, run_id: str, sha: str) -> None:
+    users = list(store.db.query("SELECT COUNT(*) AS n FROM run_artifacts WHERE sha256 = ? AND run_id != ?",
+                                [sha, run_id]))[0]["n"]
+    if users:
+        return
+    path = store.artifact_path(sha)
+    store.db.execute("DELETE FROM run_artifacts WHERE sha256 = ?", [sha])
+    store.db.execute("DELETE FROM artifacts WHERE sha256 = ?", [sha])
+    path.unlink(missing_ok=True)
+
+
+def _check_fits(net: torch.nn.Module, ds: Dataset) -> None:
+    n = net.spec.get("num_classes")
+    if n is not None and n != ds.num_classes:
+        raise UsageError(f"model {net.spec.get('name')} has {n} classes, dataset {ds.name} has {ds.num_classes}")
+    check = getattr(net, "check_input", None)
+    if check is not None:
+        check(ds.image_shape)
+
+
+def _default_label(model: str, recipe: dict) -> str:
+    adv = recipe.get("adv")
+    if adv:
+        return f"{model} (AT {adv.get('norm', '').upper()} eps={adv.get('eps')})"
+    return model
+
+
+def _hash(config: dict) -> str:
+    from epcli.store import config_hash
+    return config_hash(config)
+
+
+# --- attack ---------------------------------------------------------------------------------------------
+
+def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[float] | str = "8/255",
+           dataset: str | None = None, data_dir: str | None = None, n: int | None = None, seed: int = 0,
+           grad_mode: str = "bptt", batch_size: int | None = None, labels: str = "true",
+           params: dict | None = None, T: int | None = None, device: str | None = None, store: Store,
+           argv: list[str] | None = None, checks: bool = True, progress: Progress = _noop) -> dict:
+    """Attack a stored model on the test split for every eps; record accuracy, outcomes and examples."""
+    from epcli import attacks
+
+    device = resolve_device(device)
+    eps_list = sorted(set(parse_eps(eps)))
+    notes = check_eps(norm, eps_list)
+    if attack not in attacks.ATTACKS:
+        raise UsageError(f"unknown attack {attack!r}: choose from {', '.join(sorted(attacks.ATTACKS))}")
+    if labels not in ("true", "predicted"):
+        raise UsageError("labels must be 'true' or 'predicted'")
+    net, info = _load_model(store, model, dataset, device)
+    if T is not None:
+        if not hasattr(net, "T"):
+            raise UsageError(f"--T applies to relaxation models; {net.spec['name']} has no relaxation")
+        net.T = int(T)
+    surrogate, surrogate_info = None, None
+    if grad_mode.startswith("transfer:"):
+        surrogate, surrogate_info = _load_model(store, grad_mode.split(":", 1)[1], dataset, device)
+    elif grad_mode != "bptt" and not hasattr(net, "grad_mode"):
+        raise UsageError(f"gradient mode {grad_mode!r} applies to relaxation models only; "
+                         f"{net.spec['name']} supports bptt (plain backprop) and transfer:<model>")
+    ds = _dataset_for(store, info, dataset, data_dir)
+    x, y, idx = subset(ds.test_x, ds.test_y, n, seed)
+    train_run = info["train_run"] or {}
+    config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack, "norm": norm,
+              "eps": eps_list, "dataset": ds.name, "n_examples": len(y), "seed": seed, "grad_mode": grad_mode,
+              "labels": labels, "params": params or {}, "T": getattr(net, "T", None), "batch_size": batch_size}
+    for note in notes:
+        warnings.warn(note)
+    with store.run("attack", config, argv=argv, seed=seed, model=net.spec["name"], dataset=ds.name,
+                   model_run_id=train_run.get("id"), device=describe_device(device)) as run_id:
+        _link_model_input(store, run_id, info)
+        if surrogate_info:
+            _link_model_input(store, run_id, surrogate_info)
+        t0 = time.time()
+        res = attacks.evaluate(net, x, y, attack=attack, norm=norm, eps_list=eps_list,
+                               batch_size=batch_size or 256, device=device, seed=seed, params=params or {},
+                               grad_mode=grad_mode, surrogate=surrogate, labels=labels,
+                               on_batch=lambda d, t, i: progress("attack", d, t, i))
+        flags = attacks.check_reliability([res]) if checks else []
+        bad = [f for f in flags if not f["passed"]]
+        reason = "; ".join(f"{f['check']}: {f['detail']}" for f in bad)
+        clean = res["clean_correct"].float().mean().item()
+        facets = {"dataset": ds.name, "split": "test", "model": net.spec["name"], "attack": attack,
+                  "norm": norm, "grad_mode": grad_mode, "n_examples": len(y)}
+        rows = [{"name": "clean_acc", "value": clean, **facets, "eps": 0.0}]
+        robust = {}
+        for e in eps_list:
+            acc = res["robust"][e].float().mean().item()
+            robust[eps_label(e)] = acc
+            rows.append({"name": "robust_acc", "value": acc, **facets, "eps": e, "unreliable": bool(bad),
+                         "detail": {"reason": reason, "forward_passes": res.get("forward_passes"),
+                                    "params": res.get("params"), "batch_size": res.get("batch_size")}})
+        store.log_metrics(run_id, rows)
+        store.log_checks(run_id, flags)
+        _save_attack_artifacts(store, run_id, res, x, y, idx, eps_list, ds)
+        seconds = time.time() - t0
+        summary = {"clean_acc": clean, "robust_acc": robust, "unreliable": bool(bad), "reason": reason,
+                   "seconds": seconds}
+        store.update_run(run_id, summary=summary)
+    return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
+            "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
+            "robust_acc": robust, "unreliable": bool(bad), "reason": reason, "seconds": round(seconds, 2),
+            "checks": flags, "notes": notes}
+
+
+def _save_attack_artifacts(store: Store, run_id: str, res: dict, x, y, idx, eps_list, ds: Dataset) -> None:
+    from safetensors.torch import save_file
+    outcome = {"index": idx.to(torch.int64), "label": y.to(torch.int64),
+               "clean_correct": res["clean_correct"].to(torch.uint8).cpu()}
+    for i, e in enumerate(eps_list):
+        outcome[f"robust_{i}"] = res["robust"][e].to(torch.uint8).cpu()
+        if "pred_adv" in res:
+            outcome[f"pred_{i}"] = res["pred_adv"][e].to(torch.int64).cpu()
+    meta = {"eps": str(eps_list)}
+    store.write_artifact(run_id, "per-example", lambda p: save_file(outcome, str(p), metadata=meta),
+                         suffix=".safetensors", meta={"eps": eps_list})
+    if res.get("x_adv"):
+        k = min(len(v) for v in res["x_adv"].values())
+        ex = {"x": x[:k].float().div(255) if x.dtype == torch.uint8 else x[:k].float(),
+              "label": y[:k].to(torch.int64)}
+        for i, e in enumerate(eps_list):
+            ex[f"x_adv_{i}"] = res["x_adv"][e][:k].float().cpu().contiguous()
+            if "pred_adv" in res:
+                ex[f"pred_{i}"] = res["pred_adv"][e][:k].to(torch.int64).cpu()
+        meta = {"eps": str(eps_list), "classes": str(ds.classes).replace("'", '"')}
+        store.write_artifact(run_id, "adversarial-examples",
+                             lambda p: save_file({k2: v.contiguous() for k2, v in ex.items()}, str(p),
+                                                 metadata=meta),
+                             suffix=".safetensors", meta={"eps": eps_list, "classes": ds.classes})
+
+
+# --- corrupt --------------------------------------------------------------------------------------------
+
+def corrupt(*, model: str, names: list[str] | None = None, severities: list[int] | None = None,
+            dataset: str | None = None, data_dir: str | None = None, n: int | None = None, seed: int = 0,
+            source: str | None = None, reference: str | None = None, batch_size: int = 500,
+            T: int | None = None, device: str | None = None, store: Store, argv: list[str] | None = None,
+            progress: Progress = _noop) -> dict:
+    """Evaluate a stored model on corruptions x severities (generated, or the official .npy files)."""
+    from epcli import corruptions as C
+
+    device = resolve_device(device)
+    names = list(names or C.CORRUPTIONS)
+    severities = list(severities or [1, 2, 3, 4, 5])
+    unknown = [c for c in names if c not in C.CORRUPTIONS]
+    if unknown:
+        raise UsageError(f"unknown corruption {unknown[0]!r}: choose from {', '.join(C.CORRUPTIONS)}")
+    bad = [s for s in severities if s not in (1, 2, 3, 4, 5)]
+    if bad:
+        raise UsageError(f"severity {bad[0]} is outside 1-5")
+    net, info = _load_model(store, model, dataset, device)
+    if T is not None and hasattr(net, "T"):
+        net.T = int(T)
+    train_run = info["train_run"] or {}
+    ref_result = None
+    if reference:
+        ref_run = store.get_run(reference) if not Path(reference).exists() else None
+        ref_result = _corruption_result_of(store, ref_run["id"] if ref_run else reference)
+    ds = None if source else _dataset_for(store, info, dataset, data_dir)
+    config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "corruptions": names,
+              "severities": severities, "seed": seed, "n_examples": n, "source": source,
+              "dataset": ds.name if ds else f"official:{source}", "reference": reference,
+              "T": getattr(net, "T", None)}
+    with store.run("corrupt", config, argv=argv, seed=seed, model=net.spec["name"],
+                   dataset=config["dataset"], model_run_id=train_run.get("id"),
+                   device=describe_device(device)) as run_id:
+        _link_model_input(store, run_id, info)
+        cb = lambda d, t, i: progress("corrupt", d, t, i)  # noqa: E731
+        if source:
+            res = C.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
+                                      device=device, on_batch=cb, n=n)
+            x_grid = None
+        else:
+            x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
+            res = C.evaluate(net, x, y, names=names, severities=severities, seed=seed, batch_size=batch_size,
+                             device=device, on_batch=cb)
+            x_grid = x[:4]
+        summ = C.summarize(res, reference=ref_result)
+        facets = {"dataset": config["dataset"], "split": "test", "model": net.spec["name"],
+                  "n_examples": int(res["clean_correct"].numel())}
+        rows = [{"name": "clean_acc", "value": summ["clean_acc"], **facets}]
+        for (c, s), acc in summ["cells"].items():
+            rows.append({"name": "corruption_acc", "value": acc, "corruption": c, "severity": s, **facets})
+        for key in ("corruption_mean_acc", "corruption_mean_acc_all", "mce_unnormalized", "relative_mce"):
+            if summ.get(key) is not None:
+                rows.append({"name": key, "value": summ[key], **facets,
+                             "detail": {"reference": reference} if key == "relative_mce" else None})
+        store.log_metrics(run_id, rows)
+        _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
+        summary = {k: summ.get(k) for k in ("clean_acc", "corruption_mean_acc", "corruption_mean_acc_all",
+                                             "mce_unnormalized", "relative_mce")}
+        store.update_run(run_id, summary=summary)
+    return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
+            "n_examples": facets["n_examples"], **summary,
+            "cells": {f"{c}/{s}": v for (c, s), v in summ["cells"].items()}}
+
+
+def _corruption_result_of(store: Store, ref: str) -> dict:
+    """The newest corrupt run's per-cell accuracies for a run id or model name, for relative mCE."""
+    try:
+        run = store.get_run(ref)
+        runs = [run] if run["kind"] == "corrupt" else store.runs(kind="corrupt", status="finished",
+                                                                  model_run_id=run["id"], limit=1)
+    except NotFoundError:
+        runs = store.runs(kind="corrupt", status="finished", model=ref, limit=1)
+    if not runs:
+        raise NotFoundError(f"no finished corruption run for reference {ref!r}")
+    rows = store.metrics(runs[0]["id"], name="corruption_acc")
+    return {"cells": {(r["corruption"], r["severity"]): r["value"] for r in rows}, "run_id": runs[0]["id"]}
+
+
+def _save_corruption_artifacts(store: Store, run_id, res, names, severities, x_grid, seed) -> None:
+    from safetensors.torch import save_file
+    outcome = {"clean_correct": res["clean_correct"].to(torch.uint8).cpu()}
+    for (c, s), v in res["correct"].items():
+        outcome[f"{c}/{s}"] = v.to(torch.uint8).cpu()
+    store.write_artifact(run_id, "per-example", lambda p: save_file(outcome, str(p)), suffix=".safetensors")
+    if x_grid is not None:
+        from epcli import corruptions as C
+        from torchvision.utils import save_image
+        grid = C.sample_grid(x_grid, names, severities, seed)
+        store.write_artifact(run_id, "corruption-grid",
+                             lambda p: save_image(grid.float() / 255 if grid.dtype == torch.uint8 else grid,
+                                                  str(p)),
+                             suffix=".png", meta={"corruptions": names, "severities": severities})
+
+
+def export_corruptions(*, directory: str, names: list[str] | None = None, dataset: str | None = None,
+                       data_dir: str | None = None, n: int | None = None, seed: int = 0,
+                       store: Store) -> dict:
+    """Write a generated CIFAR-10-C-style set (.npy per corruption + labels.npy) to `directory`."""
+    from epcli import corruptions as C
+    names = list(names or C.CORRUPTIONS)
+    ds = load_dataset(dataset, data_dir=data_dir, cache_dir=store.cache_dir)
+    x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
+    C.export(directory, x, y, names=names, seed=seed)
+    return {"directory": str(directory), "corruptions": names, "n_examples": len(y), "seed": seed}
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+def report(*, store: Store, models: list[str] | None = None, runs: list[str] | None = None,
+           dataset: str | None = None, fmt: str = "table", out: str | None = None, figures: bool = False,
+           argv: list[str] | None = None) -> dict:
+    """Collect the store's results; render them; optionally write figures and a self-contained HTML file."""
+    from epcli import report as R
+    data = R.collect(store, models=models, runs=runs, dataset=dataset)
+    text = None if fmt == "table" else R.render(data, fmt)
+    written = []
+    if out or figures:
+        out_dir = Path(out or store.root / "reports")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = {"models": models, "runs": runs, "dataset": dataset, "format": fmt, "out": str(out_dir)}
+        with store.run("report", config, argv=argv) as run_id:
+            figs = R.figures(data, out_dir) if figures or fmt == "html" else []
+            files = list(figs)
+            if text is not None:
+                ext = {"robustbench": "json"}.get(fmt, fmt)
+                f = out_dir / f"report.{ext}"
+                f.write_text(text)
+                files.append(f)
+            if fmt == "html" or figures:
+                f = out_dir / "report.html"
+                f.write_text(R.html_report(data, figs))
+                files.append(f)
+            for f in files:
+                store.add_file(run_id, "report", f, name=f.name)
+                for row in getattr(data, "source_runs", []) or []:
+                    pass
+            for rid in _source_run_ids(data):
+                for a in store.artifacts_of(rid, role="output")[:1]:
+                    store.link(run_id, a["sha256"], "input", "source")
+            written = [str(f) for f in files]
+        return {"run_id": run_id, "files": written, "data": data, "text": text}
+    return {"run_id": None, "files": [], "data": data, "text": text}
+
+
+def _source_run_ids(data) -> list[str]:
+    ids = []
+    for row in getattr(data, "rows", []) or []:
+        rid = row.get("model_run_id") if isinstance(row, dict) else getattr(row, "model_run_id", None)
+        if rid:
+            ids.append(rid)
+    return ids
+
+
+# --- demo -----------------------------------------------------------------------------------------------
+
+DEMO = {
+    "models": [("ep-cnn-small", "demo-ep", "EP-CNN (small)"), ("cnn-small", "demo-cnn", "CNN (small)")],
+    "attacks": [("pgd", "linf", "1/255,2/255,4/255,8/255"), ("pgd", "l2", "0.125,0.25,0.5,1.0")],
+    "corruptions": ["gaussian_noise", "defocus_blur", "fog", "contrast", "jpeg_compression"],
+    "n_attack": 200,
+    "n_corrupt": 500,
+}
+
+
+def demo(*, store: Store, device: str | None = None, progress: Progress = _noop,
+         note: Callable[[str], None] = lambda m: None) -> dict:
+    """The study in miniature on the embedded real images: train, attack, corrupt, report."""
+    from epcli import report as R
+    runs = []
+    for model, recipe, label in DEMO["models"]:
+        note(f"[bold]train[/] {label} ({model}, recipe {recipe}) on the embedded CIFAR-10 images")
+        res = train(model=model, recipe=recipe, store=store, device=device, label=label, progress=progress,
+                    argv=["epcli", "demo"])
+        runs.append(res["run_id"])
+        note(f"  test accuracy {res['test_acc']:.3f}  (run {res['run_id']})")
+    for rid in runs:
+        for name, norm, eps in DEMO["attacks"]:
+            note(f"[bold]attack[/] {rid} with {name} {norm} eps {eps} on {DEMO['n_attack']} test images")
+            attack(model=rid, attack=name, norm=norm, eps=eps, n=DEMO["n_attack"], store=store, device=device,
+                   progress=progress, argv=["epcli", "demo"])
+        note(f"[bold]corrupt[/] {rid}: {', '.join(DEMO['corruptions'])} x 5 severities")
+        corrupt(model=rid, names=DEMO["corruptions"], n=DEMO["n_corrupt"], store=store, device=device,
+                progress=progress, argv=["epcli", "demo"])
+    data = R.collect(store, runs=runs)
+    return {"runs": runs, "store": str(store.root), "data": data}
