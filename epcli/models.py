@@ -199,8 +199,8 @@ def create_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
     model = entry.fn(num_classes, **overrides)
     if not isinstance(getattr(model, "spec", None), dict):  # builders may set a richer spec themselves
         kwargs = {k: (overrides[k] if k in overrides else p.default) for k, p in params.items()}
-        model.spec = {"name": name, "num_classes": num_classes, **_jsonable(kwargs)}
-    model.spec = {**model.spec, "name": name, "num_classes": num_classes}
+        _set_spec(model, {"name": name, "num_classes": num_classes, **_jsonable(kwargs)})
+    _set_spec(model, {**model.spec, "name": name, "num_classes": num_classes})
     json.dumps(model.spec)  # a spec that cannot travel in checkpoint metadata is a bug here, not a user error
     return model
 
@@ -218,6 +218,15 @@ def build_from_spec(spec: dict) -> nn.Module:
     if entry is not None and "ep" in entry.tags:
         return _ep_from_spec(name, num_classes, rest)
     return create_model(name, num_classes, **rest)
+
+
+def _set_spec(model: nn.Module, spec: dict) -> None:
+    """Attach a spec, unless the class computes its own (a read-only `spec` property, like EPCNN's)."""
+    if isinstance(getattr(type(model), "spec", None), property):
+        if model.spec.get("name") != spec.get("name") and hasattr(model, "name"):
+            model.name = spec["name"]
+        return
+    model.spec = spec
 
 
 def _jsonable(v):
@@ -255,8 +264,8 @@ def _ep_create(name: str, num_classes: int, overrides: dict) -> nn.Module:
         model = ep.EPCNN.preset(name, num_classes, **overrides)
     except TypeError as e:
         raise UsageError(f"model {name!r}: bad option ({e})") from None
-    spec = dict(getattr(model, "spec", None) or {})
-    model.spec = _jsonable({**spec, "name": name, "num_classes": num_classes})
+    _set_spec(model, _jsonable({**dict(getattr(model, "spec", None) or {}), "name": name,
+                                "num_classes": num_classes}))
     return model
 
 
@@ -267,7 +276,8 @@ def _ep_from_spec(name: str, num_classes: int, rest: dict) -> nn.Module:
         model = ep.EPCNN.from_spec(full)
     else:  # the preset with the spec's settings as overrides
         model = ep.EPCNN.preset(name, num_classes, **rest)
-    model.spec = _jsonable({**dict(getattr(model, "spec", None) or {}), "name": name, "num_classes": num_classes})
+    _set_spec(model, _jsonable({**dict(getattr(model, "spec", None) or {}), "name": name,
+                                "num_classes": num_classes}))
     return model
 
 
@@ -397,7 +407,6 @@ def _create_timm(arch: str, num_classes: int, overrides: dict) -> nn.Module:
     _check_32(model, name, num_classes)
     model.spec = _jsonable({"name": name, "num_classes": num_classes, "mean": mean, "std": std,
                             "cifar_stem": bool(stem), **overrides})
-    model.spec["cifar_stem"] = bool(stem)
     model.cifar_stem_adapted = adapted
     return model
 
