@@ -1,0 +1,190 @@
+"""The CLI end to end on real images: train -> attack -> corrupt -> report, and every bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from epcli.cli import app
+from epcli.store import Store
+
+runner = CliRunner()
+
+
+def invoke(*args, store=None):
+    argv = (["--store", str(store)] if store else []) + [str(a) for a in args]
+    return runner.invoke(app, argv, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, mini):
+    """A few hundred real CIFAR-10 images as an ImageFolder tree (PNG, lossless copies of the embedded JPEGs)."""
+    root = tmp_path_factory.mktemp("data") / "cifar-small"
+    for split, x, y, n in (("train", mini.train_x, mini.train_y, 40), ("test", mini.test_x, mini.test_y, 20)):
+        for c, name in enumerate(mini.classes):
+            (root / split / name).mkdir(parents=True)
+            idx = (y == c).nonzero().flatten()[:n]
+            for i in idx.tolist():
+                Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, small_data):
+    store = tmp_path_factory.mktemp("store")
+    r = invoke("train", "--model", "cnn-small", "--dataset", small_data, "--epochs", 2, "--json", "--device",
+               "cpu", store=store)
+    assert r.exit_code == 0, r.output
+    train = json.loads(r.stdout)
+    return store, small_data, train
+
+
+def test_help_lists_every_command():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("train", "attack", "corrupt", "report", "demo", "runs", "show", "trace", "models", "recipes"):
+        assert cmd in r.stdout
+        assert invoke(cmd, "--help").exit_code == 0
+
+
+def test_train_records_run_and_checkpoint(pipeline):
+    store, _, train = pipeline
+    s = Store(store)
+    run = s.get_run(train["run_id"])
+    assert run["status"] == "finished" and run["kind"] == "train" and run["model"] == "cnn-small"
+    assert len(s.metrics(run["id"], name="test_acc")) == 2  # one per epoch
+    ck = s.artifacts_of(run["id"], role="output", kind="checkpoint")
+    assert [a["name"] for a in ck] == ["final"]  # one checkpoint kept per run, the newest
+    from epcli import checkpoint
+    meta = checkpoint.read_metadata(s.artifact_path(ck[0]["sha256"]))
+    assert meta["run_id"] == run["id"] and meta["spec"]["name"] == "cnn-small"
+    assert meta["config_sha256"] == run["config_sha256"]
+
+
+def test_attack_corrupt_report_and_lineage(pipeline):
+    store, _, train = pipeline
+    r = invoke("attack", "--model", "cnn-small", "--eps", "2/255,8/255", "--n", 60, "--steps", 5, "--json",
+               store=store)
+    assert r.exit_code == 0, r.output
+    att = json.loads(r.stdout)
+    assert att["model_run_id"] == train["run_id"] and set(att["robust_acc"]) == {"2/255", "8/255"}
+    assert att["robust_acc"]["8/255"] <= att["robust_acc"]["2/255"] <= att["clean_acc"]
+    r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise", "-c", "contrast", "--n", 60,
+               "--json", store=store)
+    assert r.exit_code == 0, r.output
+    cor = json.loads(r.stdout)
+    assert set(cor["cells"]) == {f"{c}/{s}" for c in ("gaussian_noise", "contrast") for s in range(1, 6)}
+    s = Store(store)
+    # lineage: the attack read exactly the training run's checkpoint
+    ck = s.artifacts_of(train["run_id"], role="output", kind="checkpoint")[0]["sha256"]
+    assert [a["sha256"] for a in s.artifacts_of(att["run_id"], role="input")] == [ck]
+    derived = {d["id"] for d in s.derived_runs(train["run_id"])}
+    assert {att["run_id"], cor["run_id"]} <= derived
+    # the stored numbers are the printed ones
+    rows = s.metrics(att["run_id"], name="robust_acc")
+    assert sorted(round(r["value"], 6) for r in rows) == sorted(round(v, 6) for v in att["robust_acc"].values())
+    r = invoke("report", "--format", "csv", store=store)
+    assert r.exit_code == 0, r.output
+    assert "cnn-small" in r.stdout
+    r = invoke("trace", train["run_id"], store=store)
+    assert r.exit_code == 0 and att["run_id"] in r.stdout
+    assert invoke("show", att["run_id"], store=store).exit_code == 0
+    r = invoke("runs", "--json", store=store)
+    assert {x["id"] for x in json.loads(r.stdout)} >= {train["run_id"], att["run_id"], cor["run_id"]}
+
+
+def _count_runs(store):
+    return Store(store).db["runs"].count
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["train", "--model", "resnet-9000"], 3, "resnet-9000"),
+    (["train", "--model", "cnn-small", "--dataset", "/nonexistent/data"], 3, "not found"),
+    (["attack", "--model", "cnn-small", "--eps", "2"], 2, "outside [0, 1]"),
+    (["attack", "--model", "cnn-small", "--norm", "l7"], 2, "norm"),
+    (["attack", "--model", "cnn-small", "--attack", "deepfool9"], 2, "unknown attack"),
+    (["attack", "--model", "vit"], 3, "no finished training run"),
+    (["corrupt", "--model", "cnn-small", "-c", "lightning"], 2, "unknown corruption"),
+    (["corrupt", "--model", "cnn-small", "-s", "6"], 2, "severity"),
+    (["show", "zzzz"], 3, "no run"),
+])
+def test_bad_input_one_line_and_store_intact(pipeline, args, code, needle):
+    store, data, train = pipeline
+    before = _count_runs(store)
+    if "--dataset" not in args and args[0] in ("train",):
+        args = args + ["--dataset", str(data)]
+    r = invoke(*args, store=store)
+    assert r.exit_code == code, r.output
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.output
+    s = Store(store)
+    assert s.get_run(train["run_id"])["status"] == "finished"
+    assert s.db["runs"].count - before <= 1  # at most a failed run was recorded
+    assert all(r["status"] != "running" for r in s.runs())
+
+
+def test_wrong_checkpoint_shape(pipeline, tmp_path):
+    store, data, train = pipeline
+    s = Store(store)
+    src = s.artifact_path(s.artifacts_of(train["run_id"], kind="checkpoint")[0]["sha256"])
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    k = next(k for k in tensors if k.endswith("weight") and tensors[k].ndim == 4)
+    tensors[k] = tensors[k][:1].contiguous()  # a layer of the wrong shape
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    r = invoke("attack", "--model", bad, "--n", 10, store=store)
+    assert r.exit_code == 4 and "shape" in r.stderr and r.stderr.count("\n") == 1
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": tensors[k]}, str(foreign))
+    r = invoke("attack", "--model", foreign, "--n", 10, store=store)
+    assert r.exit_code == 4 and "not an epcli checkpoint" in r.stderr
+
+
+def test_corrupted_and_unwritable_store(tmp_path):
+    bad = tmp_path / "s"
+    bad.mkdir()
+    (bad / "epcli.db").write_bytes(b"\x00garbage" * 64)
+    r = invoke("runs", store=bad)
+    assert r.exit_code == 5 and "not a readable SQLite database" in r.stderr
+    assert (bad / "epcli.db").read_bytes() == b"\x00garbage" * 64
+    f = tmp_path / "afile"
+    f.write_text("x")
+    r = invoke("runs", store=f / "sub")
+    assert r.exit_code == 5 and r.stderr.startswith("error:")
+
+
+def test_interrupted_training_is_marked_and_keeps_the_store(pipeline, monkeypatch):
+    store, data, train = pipeline
+    import epcli.train as T
+
+    def interrupted_fit(model, dataset, recipe, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "fit", interrupted_fit)
+    r = invoke("train", "--model", "cnn-small", "--dataset", data, "--epochs", 1, store=store)
+    assert r.exit_code == 130
+    s = Store(store)
+    assert s.runs(kind="train", limit=1)[0]["status"] == "interrupted"
+    assert s.get_run(train["run_id"])["status"] == "finished"
+
+
+def test_installed_console_script(pipeline):
+    store, _, train = pipeline
+    exe = shutil.which("epcli", path=str(Path(sys.executable).parent))
+    assert exe, "the epcli console script is not installed next to this python"
+    out = subprocess.run([exe, "--store", str(store), "runs", "--kind", "train", "--json"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert train["run_id"] in {r["id"] for r in json.loads(out.stdout)}
+    out = subprocess.run([exe, "--store", str(store), "attack", "--model", "nope-model"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 3 and out.stderr.startswith("error:") and "Traceback" not in out.stderr

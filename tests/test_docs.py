@@ -1,0 +1,38 @@
+"""Docs cannot drift: every command, option and registry entry appears in docs/."""
+from pathlib import Path
+
+import click
+import typer
+
+from epcli.cli import app
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def test_cli_reference_covers_every_command_and_option():
+    text = (DOCS / "cli.md").read_text()
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        assert f"## epcli {name}" in text, f"docs/cli.md misses `epcli {name}`: run scripts/cli_reference.py"
+        assert cmd.help, f"`epcli {name}` has no help text"
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert p.opts[0] in text, f"docs/cli.md misses {name} {p.opts[0]}: run scripts/cli_reference.py"
+
+
+def test_every_model_is_documented():
+    from epcli.models import list_models
+    text = (DOCS / "models.md").read_text()
+    for name in list_models():
+        assert f"`{name}`" in text, f"docs/models.md does not mention `{name}`"
+
+
+def test_every_attack_and_corruption_is_documented():
+    from epcli.attacks import ATTACKS
+    from epcli.corruptions import CORRUPTIONS
+    attacks = (DOCS / "attacks.md").read_text()
+    for name in ATTACKS:
+        assert name in attacks, f"docs/attacks.md does not mention {name}"
+    corr = (DOCS / "corruptions.md").read_text()
+    for name in CORRUPTIONS:
+        assert name in corr, f"docs/corruptions.md does not mention {name}"
