@@ -1001,7 +1001,15 @@ def _inline_figure(path: Path) -> str:
     if path.suffix == ".svg":
         text = path.read_text()
         start = text.find("<svg")
-        return text[start:] if start >= 0 else ""
+        if start < 0:
+            return ""
+        # drop the RDF metadata block (namespace URLs only, but no external reference should remain)
+        svg = re.sub(r"<metadata>.*?</metadata>\s*", "", text[start:], flags=re.S)
+        # several figures share one page: make every element id (and every reference to one) unique
+        pre = re.sub(r"[^A-Za-z0-9_-]", "-", path.stem) + "-"
+        svg = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{pre}{m.group(1)}"', svg)
+        svg = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{pre}{m.group(1)}"', svg)
+        return re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{pre}{m.group(1)})", svg)
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{_h(path.stem)}" src="data:image/png;base64,{data}">'
 
