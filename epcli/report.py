@@ -433,9 +433,11 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
     reasons = []
     ds = (row.dataset or "").lower()
     if ds in ("cifar10-mini", "embedded"):
-        reasons.append("data: JPEG-recompressed mini CIFAR-10 (q75), paper: official CIFAR-10")
+        reasons.append("data: mini CIFAR-10, JPEG-recompressed (q75); paper: CIFAR-10")
     elif ds and paper.paper_dataset(ds) is None:
         reasons.append(f"data: {row.dataset}, paper: {fact.get('dataset')}")
+    if row.status == "running":
+        reasons.append("model still training")
     n_fact = fact.get("n_examples")
     n_ours = cell.n_examples if cell else None
     if fact.get("metric") in ("clean_acc",) and row.epochs and row.paper_key in PAPER_EPOCHS \
@@ -520,12 +522,21 @@ def _columns(data: ReportData, which: str) -> list[Column]:
     return data.headline_columns() or data.columns
 
 
+def _sub(cell: Cell, sep: str) -> str:
+    """The line under a value: example count, gradient mode (when the result has one), running."""
+    bits = [f"n={cell.n_examples if cell.n_examples is not None else '?'}"]
+    if cell.grad_mode:
+        bits.append(_grad(cell.grad_mode))
+    if cell.status == "running":
+        bits.append("running")
+    return sep.join(bits)
+
+
 def _cell_text(cell: Cell | None, *, markup: str = "plain") -> str:
     if cell is None or cell.value is None:
         return "—"
     flag = "⚠" if cell.unreliable else ""
-    running = " running" if cell.status == "running" else ""
-    sub = f"n={cell.n_examples if cell.n_examples is not None else '?'}, {_grad(cell.grad_mode)}{running}"
+    sub = _sub(cell, ", ")
     if markup == "md":
         return f"{cell.value:.2f}{flag} ({sub})"
     return f"{cell.value:.2f}{flag}\n{sub}"
@@ -794,11 +805,11 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         for ax in list(axes.flat)[len(cnames):]:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
-                   bbox_to_anchor=(0.5, -0.02))
         fig.supxlabel("severity")
         fig.supylabel("accuracy (%)")
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.2 * nrow)))
+        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,
+                   bbox_to_anchor=(0.5, 1.0), frameon=False)
         _save(fig, out_dir, "corruptions", paths)
 
     # accuracy vs relaxation steps
@@ -835,8 +846,15 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
             cmap = plt.get_cmap("viridis")
             for i, e in enumerate(epss):
                 pts = sorted((u["K"], u["value"]) for u in us if u["eps"] == e)
-                ax.plot(*zip(*pts), "o-", ms=3, color=cmap(i / max(1, len(epss) - 1)),
-                        label=f"ε={eps_label(e, norm)}")
+                color = cmap(i / max(1, len(epss) - 1))
+                ax.plot(*zip(*pts), "o-", ms=3, color=color, label=f"ε={eps_label(e, norm)}")
+                key = rows[rid].paper_key
+                facts = paper.paper_values(key, dataset=paper.paper_dataset(rows[rid].dataset) or "cifar10",
+                                           attack=attack, norm=norm, eps=e, variant="unroll-sweep") \
+                    if key and paper_curves else []
+                if facts:
+                    fx = sorted((int(f["grad_mode"].split(":")[1]), f["value"]) for f in facts)
+                    ax.plot(*zip(*fx), "--", color=color, alpha=0.5, lw=1, label=f"ε={eps_label(e, norm)} (paper)")
             ax.set_xlabel("attack unroll length K (truncated:K)")
             ax.set_ylabel("robust accuracy (%)")
             ax.set_ylim(0, 100)
@@ -975,12 +993,10 @@ def _html_cell(cell: Cell | None) -> str:
     cls = "num unreliable" if cell.unreliable else "num"
     title = f' title="unreliable: {_h(cell.reason)}"' if cell.unreliable else ""
     flag = " ⚠" if cell.unreliable else ""
-    running = " · running" if cell.status == "running" else ""
     paper_line = ""
     if cell.paper is not None:
         paper_line = f'<span class="sub">paper {cell.paper:.2f} ({cell.diff:+.2f})</span>'
-    return (f'<td class="{cls}"{title}>{cell.value:.2f}{flag}<span class="sub">n={_h(cell.n_examples)} · '
-            f'{_h(_grad(cell.grad_mode))}{running}</span>{paper_line}</td>')
+    return f'<td class="{cls}"{title}>{cell.value:.2f}{flag}<span class="sub">{_h(_sub(cell, " · "))}</span>{paper_line}</td>'
 
 
 def _html_leaderboard(data: ReportData, cols: list[Column], id_: str) -> str:
@@ -1079,7 +1095,7 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
                          for r in corr_rows) + "</tbody></table>")
     if chosen:
         parts.append("<h2>Figures</h2>")
-        for stem, f in sorted(chosen.items(), key=lambda kv: (not kv[0].startswith("robust"), kv[0])):
+        for stem, f in chosen.items():  # in the order figures() wrote them
             cap = _CAPTIONS.get(stem.split("-")[0] if stem.startswith("robust") else stem, "")
             parts.append(f'<figure id="fig-{_h(stem)}">{_inline_figure(f)}<figcaption>{_h(stem)}: {_h(cap)}'
                          f"</figcaption></figure>")

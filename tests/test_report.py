@@ -87,9 +87,8 @@ def _adv_artifact(store: Store, attack_run: str, eps: list[float], seed: int) ->
                                 meta={"eps": eps, "classes": CLASSES})
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store") / "s"
+def build_store(root: Path) -> tuple[Store, dict]:
+    """A small but complete store: 4 finished models + 1 still training, attacks, corruptions, artifacts."""
     store = Store(root)
     ids = {}
     ep, ep_ck = _train(store, "ep-cnn", {"label": "EP-CNN", "recipe": "ep-mini", "epochs": 3, "T": 250},
@@ -126,6 +125,12 @@ def built(tmp_path_factory):
     _attack(store, vit, vit_ck, "vit", "pgd", "linf", dict(zip(EPS_LINF, [0.4, 0.2, 0.1])))
     ids["ep_corrupt"] = _corrupt(store, ep, ep_ck, "ep-cnn", 0.75)
     _corrupt(store, at, at_ck, "cnn", 0.65)
+    return store, ids
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    store, ids = build_store(tmp_path_factory.mktemp("store") / "s")
     yield store, ids
     store.close()
 
