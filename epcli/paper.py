@@ -356,6 +356,14 @@ def build_facts(md: str) -> dict:
     }
 
 
+def dumps_facts(d: dict) -> str:
+    """The asset's text: null fields dropped, one fact per line (small, diffable)."""
+    head = {k: v for k, v in d.items() if k != "facts"}
+    lines = [json.dumps({k: v for k, v in f.items() if v is not None}, ensure_ascii=False) for f in d["facts"]]
+    body = json.dumps(head, indent=1, ensure_ascii=False)[:-2]
+    return body + ',\n "facts": [\n  ' + ",\n  ".join(lines) + "\n ]\n}"
+
+
 if __name__ == "__main__":  # pragma: no cover
     text = Path(sys.argv[1]).read_text() if len(sys.argv) > 1 else sys.stdin.read()
-    print(json.dumps(build_facts(text), indent=1, ensure_ascii=False))
+    print(dumps_facts(build_facts(text)))
