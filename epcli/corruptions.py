@@ -210,7 +210,7 @@ def glass_blur(x, severity, gen=None):
     sigma, delta, iters = PARAMS["glass_blur"][severity - 1]
     assert delta == 1  # the gather argument above needs sources not yet visited
     b, c, h, w = x.shape
-    y = torch.floor(_gaussian(x, sigma, "nearest") * 255).clamp(0, 255)
+    y = torch.floor(_gaussian(x.double(), sigma, "nearest") * 255).clamp(0, 255).to(x.dtype)  # float64 like numpy
     rows = torch.arange(h, device=x.device).view(h, 1).expand(h, w)
     cols = torch.arange(w, device=x.device).view(1, w).expand(h, w)
     inner = (rows > delta) & (cols > delta) & (rows <= h - delta) & (cols <= w - delta)
@@ -828,7 +828,7 @@ def evaluate(model, x_uint8: torch.Tensor, y: torch.Tensor, *, names: Iterable[s
 
 
 def _acc(t: torch.Tensor) -> float:
-    return 100.0 * float(t.float().mean()) if t.numel() else float("nan")
+    return 100.0 * float(t.double().mean()) if t.numel() else float("nan")
 
 
 def _mean(vals):
@@ -930,7 +930,7 @@ def load_official(directory, name: str) -> tuple[torch.Tensor, torch.Tensor]:
                            "e.g. (50000, 32, 32, 3), severities stacked 1..5")
     if lab.ndim != 1 or lab.shape[0] != arr.shape[0]:
         raise DatasetError(f"{lf} has shape {lab.shape}: expected ({arr.shape[0]},) to match {f.name}")
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+    x = torch.from_numpy(np.array(arr)).permute(0, 3, 1, 2).contiguous()  # copy out of the read-only memmap
     return x, torch.from_numpy(lab.astype(np.int64))
 
 
@@ -1008,7 +1008,7 @@ def export(directory, x_uint8: torch.Tensor, y: torch.Tensor, names: Iterable[st
                     on_batch({"name": name, "severity": sev, "done": e, "total": n})
         _atomic_save(d / f"{name}.npy", out)
         written.append(d / f"{name}.npy")
-    lab_dtype = np.uint8 if int(y.max(initial=0) if y.numel() else 0) < 256 else np.int64
+    lab_dtype = np.uint8 if (int(y.max()) if y.numel() else 0) < 256 else np.int64  # CIFAR-10/100: uint8
     _atomic_save(d / "labels.npy", np.tile(y.numpy(), 5).astype(lab_dtype))
     written.append(d / "labels.npy")
     return written
