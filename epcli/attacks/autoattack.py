@@ -1,0 +1,66 @@
+"""AutoAttack "standard" (Croce & Hein 2020, https://arxiv.org/abs/2003.01690): APGD-CE, APGD-T, FAB-T and
+Square run in that order, each only on the points still robust; the result is the worst case per example.
+
+Published defaults: APGD-CE 100 steps, 1 restart; APGD-T 100 steps, 9 target classes, 1 restart; FAB-T 100
+steps, 9 target classes, 1 restart; Square 5000 queries, p_init 0.8, schedule not rescaled. For L2 the same
+list. This is fra31's ensemble (not ART's, which swaps FAB-T/APGD-T for DeepFool/APGD-DLR, and not
+torchattacks' wrapper, which runs 10 steps): our own implementation, so numbers are "AutoAttack-standard
+(epcli)", comparable to but not bit-identical with fra31/auto-attack.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from epcli.attacks._common import check_eps, check_inputs, check_norm, eval_mode
+from epcli.attacks.apgd import apgd_ce, apgd_t
+from epcli.attacks.fab import fab_t
+from epcli.attacks.square import square
+from epcli.errors import UsageError
+
+MEMBERS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+               targeted: bool = False, generator: torch.Generator | None = None, version: str = "standard",
+               steps: int = 100, n_target_classes: int = 9, n_queries: int = 5000, p_init: float = 0.8,
+               on_member: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """AutoAttack standard; on_member(name, robust_mask) is called after each member with the points still
+    robust (BoolTensor over the batch). y are true labels; targeted=True is refused (APGD-T/FAB-T pick
+    their own targets)."""
+    norm, eps = check_norm(norm), check_eps(eps)
+    check_inputs(x, y)
+    if version != "standard":
+        raise UsageError(f"unknown AutoAttack version {version!r}: only 'standard' is implemented")
+    if targeted:
+        raise UsageError("autoattack is untargeted (its targeted members choose their own targets)")
+    x = x.detach().clamp(0, 1)
+    y = y.to(x.device)
+    out = x.clone()
+    members = {
+        "apgd-ce": lambda m, a, b: apgd_ce(m, a, b, eps=eps, norm=norm, generator=generator, steps=steps),
+        "apgd-t": lambda m, a, b: apgd_t(m, a, b, eps=eps, norm=norm, generator=generator, steps=steps,
+                                         n_target_classes=n_target_classes),
+        "fab-t": lambda m, a, b: fab_t(m, a, b, eps=eps, norm=norm, generator=generator, steps=steps,
+                                       n_target_classes=n_target_classes),
+        "square": lambda m, a, b: square(m, a, b, eps=eps, norm=norm, generator=generator, n_queries=n_queries,
+                                         p_init=p_init, rescale_schedule=False),
+    }
+    with eval_mode(model):
+        with torch.no_grad():
+            robust = model(x).argmax(1) == y
+        for name in MEMBERS:
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            if eps > 0:
+                adv = members[name](model, x[idx], y[idx])
+                with torch.no_grad():
+                    broken = model(adv).argmax(1) != y[idx]
+                out[idx[broken]] = adv[broken]
+                robust[idx[broken]] = False
+            if on_member is not None:
+                on_member(name, robust.clone())
+    return out

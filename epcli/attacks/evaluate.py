@@ -1,0 +1,217 @@
+"""Run one attack over a set of images for a list of eps values and return per-example outcomes.
+
+No store, no CLI: tensors in, a plain dict out, progress through a callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from typing import Callable
+
+import torch
+
+from epcli.attacks._common import check_eps, check_norm, eval_mode
+from epcli.errors import UsageError
+
+_FIXED = {"model", "x", "y", "eps", "norm", "targeted", "generator", "on_member"}
+
+
+def resolve_params(attack: str, params: dict | None = None) -> dict:
+    """The attack's keyword parameters with defaults filled in; unknown names are a UsageError."""
+    from epcli.attacks import get_attack
+    fn = get_attack(attack)
+    sig = inspect.signature(fn)
+    free = {k: p.default for k, p in sig.parameters.items() if k not in _FIXED and p.default is not p.empty}
+    params = dict(params or {})
+    bad = sorted(set(params) - set(free))
+    if bad:
+        raise UsageError(f"unknown parameter(s) {', '.join(bad)} for attack {attack!r}: "
+                         f"accepted: {', '.join(sorted(free)) or 'none'}")
+    free.update(params)
+    return free
+
+
+def _check_grad_mode(grad_mode: str) -> str:
+    g = str(grad_mode)
+    if g in ("bptt", "implicit", "ep") or g.startswith("transfer"):
+        return g
+    if g.startswith("truncated:") and g.split(":", 1)[1].isdigit() and int(g.split(":", 1)[1]) > 0:
+        return g
+    raise UsageError(f"unknown gradient mode {grad_mode!r}: use bptt, truncated:K, implicit, ep or "
+                     "transfer:<model>")
+
+
+@contextlib.contextmanager
+def _gradient_mode(model, mode: str):
+    """Apply an EP gradient mode to the model for the duration; plain models accept only bptt."""
+    if mode == "bptt" and not hasattr(model, "grad_mode"):
+        yield
+        return
+    if not hasattr(model, "grad_mode"):
+        raise UsageError(f"gradient mode {mode!r} needs an EP model; this model only supports 'bptt'")
+    try:
+        from epcli.ep import gradient_mode
+    except ImportError:
+        gradient_mode = None
+    if gradient_mode is not None:
+        with gradient_mode(model, mode):
+            yield
+        return
+    old = model.grad_mode
+    model.grad_mode = mode
+    try:
+        yield
+    finally:
+        model.grad_mode = old
+
+
+class _Counter:
+    """Counts examples passed through forward of the hooked modules."""
+
+    def __init__(self, *models):
+        self.n = 0
+        self.handles = [m.register_forward_hook(self._hook) for m in {id(m): m for m in models}.values()]
+
+    def _hook(self, module, inputs, output):
+        if inputs and torch.is_tensor(inputs[0]):
+            self.n += int(inputs[0].shape[0])
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, norm: str,
+             eps_list, batch_size: int | None = 256, device="cpu", seed: int = 0, params: dict | None = None,
+             grad_mode: str = "bptt", surrogate: torch.nn.Module | None = None, labels: str = "true",
+             keep_adv: int = 16, on_batch: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Attack `model` on (x, y) at each eps; see docs/attacks.md for the returned dict.
+
+    x: uint8 (converted /255) or float images, clipped to [0, 1]. labels="predicted" attacks the model's
+    clean predictions (the paper's ART setting); robustness is always scored against the true labels.
+    grad_mode: how gradients are taken ("bptt", "truncated:K", "implicit", "ep" on EP models) or
+    "transfer[:<name>]" with `surrogate`: the attack runs on the surrogate and is scored on `model`.
+    Only clean-correct examples are attacked (the others are not robust by definition; their x_adv is x).
+    batch_size=None starts at 256; on CUDA out-of-memory the batch is halved and retried.
+    """
+    from epcli.attacks import get_attack
+    fn = get_attack(attack)
+    attack = str(attack).strip().lower().replace("_", "-")
+    norm = check_norm(norm)
+    if attack == "cw" and norm != "l2":
+        raise UsageError("cw is an L2 attack: use norm='l2'")
+    eps_list = [check_eps(e) for e in (eps_list if isinstance(eps_list, (list, tuple)) else [eps_list])]
+    if not eps_list:
+        raise UsageError("eps_list is empty")
+    if labels not in ("true", "predicted"):
+        raise UsageError(f"labels must be 'true' or 'predicted', got {labels!r}")
+    grad_mode = _check_grad_mode(grad_mode)
+    transfer = grad_mode.startswith("transfer")
+    if transfer and surrogate is None:
+        raise UsageError(f"gradient mode {grad_mode!r} needs a surrogate model")
+    if surrogate is not None and not transfer:
+        raise UsageError("a surrogate model is only used with grad_mode='transfer:<model>'")
+    resolved = resolve_params(attack, params)
+    if x.dim() != 4 or y.dim() != 1 or len(x) != len(y):
+        raise UsageError(f"expected images (N, C, H, W) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+
+    device = torch.device(device)
+    n = len(y)
+    y = y.long().cpu()
+    model = model.to(device)
+    attacker = surrogate.to(device) if transfer else model
+    bs = int(batch_size or 256)
+    clean_pred = torch.empty(n, dtype=torch.long)
+    pred_adv = {e: torch.empty(n, dtype=torch.long) for e in eps_list}
+    x_keep = {e: [] for e in eps_list}
+    gens = {e: torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i, e in enumerate(eps_list)}
+    counter = _Counter(model, attacker)
+    attack_passes = 0
+    t0 = time.perf_counter()
+
+    def to_float(xb):
+        xb = xb.to(device)
+        xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+        return xb.clamp_(0, 1)
+
+    def run_batch(lo, hi):
+        nonlocal attack_passes
+        xb, yb = to_float(x[lo:hi]), y[lo:hi].to(device)
+        with eval_mode(model), torch.no_grad():
+            cp = model(xb).argmax(1)
+        target = cp if labels == "predicted" else yb
+        todo = (cp == yb).nonzero().squeeze(1)
+        outs = {}
+        for e in eps_list:
+            xa = xb.clone()
+            if todo.numel():
+                before = counter.n
+                mode = "bptt" if transfer else grad_mode
+                with _gradient_mode(attacker, mode):
+                    xa[todo] = fn(attacker, xb[todo], target[todo], eps=e, norm=norm, targeted=False,
+                                  generator=gens[e], **resolved).detach()
+                attack_passes += counter.n - before
+            with eval_mode(model), torch.no_grad():
+                pa = model(xa).argmax(1)
+            outs[e] = (pa.cpu(), xa)
+        return cp.cpu(), outs
+
+    try:
+        lo = 0
+        while lo < n:
+            hi = min(lo + bs, n)
+            try:
+                cp, outs = run_batch(lo, hi)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+                if not _is_oom(err) or bs == 1:
+                    raise
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                bs = max(1, bs // 2)
+                continue
+            clean_pred[lo:hi] = cp
+            for e, (pa, xa) in outs.items():
+                pred_adv[e][lo:hi] = pa
+                room = keep_adv - sum(len(t) for t in x_keep[e])
+                if room > 0:
+                    x_keep[e].append(xa[:room].detach().cpu())
+            lo = hi
+            if on_batch is not None:
+                on_batch(lo, n, {"batch_size": bs, "clean_correct": int((clean_pred[:lo] == y[:lo]).sum()),
+                                 "robust": {e: int(((pred_adv[e][:lo] == y[:lo]) & (clean_pred[:lo] == y[:lo]))
+                                                   .sum()) for e in eps_list}})
+    finally:
+        counter.close()
+    seconds = time.perf_counter() - t0
+    clean_correct = clean_pred == y
+    robust = {e: clean_correct & (pred_adv[e] == y) for e in eps_list}
+    return {
+        "attack": attack,
+        "norm": norm,
+        "eps_list": eps_list,
+        "params": resolved,
+        "grad_mode": grad_mode,
+        "labels": labels,
+        "seed": int(seed),
+        "n": n,
+        "y": y,
+        "clean_pred": clean_pred,
+        "clean_correct": clean_correct,
+        "clean_accuracy": float(clean_correct.float().mean()) if n else 0.0,
+        "robust": robust,
+        "robust_accuracy": {e: float(r.float().mean()) if n else 0.0 for e, r in robust.items()},
+        "pred_adv": pred_adv,
+        "x_adv": {e: (torch.cat(v) if v else torch.empty(0)) for e, v in x_keep.items()},
+        "forward_passes": counter.n,
+        "attack_forward_passes": attack_passes,
+        "queries": attack_passes,
+        "seconds": seconds,
+        "batch_size": bs,
+        "device": str(device),
+    }
