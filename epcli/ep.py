@@ -1,0 +1,579 @@
+"""The EP-CNN: energy, explicit relaxation, EP / BPTT learning rules and gradient modes (the hot path).
+
+One file, read top to bottom in the order things run (see docs/ep.md for the maths and the design notes):
+
+  presets & recipes -> EPCNN (couplings, spec) -> primitive Φ -> explicit ∂Φ/∂s -> relax (fixed-point loop)
+  -> forward (prediction + how it back-propagates: bptt | truncated:K | implicit | ep) -> ep_train_step
+
+Conventions (Laborieux et al. 2021; Mansingh et al. 2024):
+- Φ(x, s) = Σ_l <s_l, P_l(W_l ⋆ s_{l-1} + b_l)> (+ Σ <h_{j+1}, W_j vec(h_j) + b_j> for hidden linear layers),
+  s_0 = normalised x, P = 2x2 max/avg pool. Φ is *maximised*: one step is s_l <- σ(∂Φ^β/∂s_l), synchronous.
+- Φ^β = Φ - β·L(logits(s), y). With readout "ce" the logits W_o vec(s_N) + b_o sit outside Φ (only in the nudge);
+  with readout "mse" the last state is a num_classes-wide layer inside Φ and L = ½‖s_N - onehot(y)‖².
+- EP gradient (β -> 0): dL/dθ = -[∂Φ^β/∂θ(s^β) - ∂Φ/∂θ(s^0)]/β; symmetric: -[∂Φ^{+β}/∂θ(s^{+β}) - ∂Φ^{-β}/∂θ(s^{-β})]/(2β).
+This module imports no store, CLI or rich: tensors in, tensors and plain dicts out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from epcli.errors import CheckpointError, Diverged, UnknownModelError, UsageError
+
+__all__ = ["EPCNN", "PRESETS", "EP_RECIPES", "ACTIVATIONS", "gradient_mode", "parse_grad_mode"]
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets (architectures) and training recipes (plain dicts merged into epcli.train.RECIPES by the trainer)
+# ---------------------------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict] = {
+    # The paper's CIFAR-10 net (Laborieux's P_CNN): 128-256-512-512, k3, paddings 1,1,1,0, max-pool, CE read-out.
+    "ep-cnn": dict(channels=[128, 256, 512, 512], kernels=[3, 3, 3, 3], paddings=[1, 1, 1, 0], pools="mmmm",
+                   mean=list(CIFAR10_MEAN), std=[3 * s for s in CIFAR10_STD], T=250),
+    # CIFAR-100: conv4 widened to 1024, plain (not x3) CIFAR-100 statistics.
+    "ep-cnn-cifar100": dict(channels=[128, 256, 512, 1024], kernels=[3, 3, 3, 3], paddings=[1, 1, 1, 0],
+                            pools="mmmm", mean=list(CIFAR100_MEAN), std=list(CIFAR100_STD), T=250),
+    # CPU demo: three layers converge in a few dozen synchronous steps.
+    "ep-cnn-small": dict(channels=[16, 32, 64], kernels=[3, 3, 3], paddings=[1, 1, 1], pools="mmm",
+                         mean=list(CIFAR10_MEAN), std=[3 * s for s in CIFAR10_STD], T=40),
+    # Tests: two tiny layers.
+    "ep-cnn-tiny": dict(channels=[4, 8], kernels=[3, 3], paddings=[1, 1], pools="mm",
+                        mean=list(CIFAR10_MEAN), std=[3 * s for s in CIFAR10_STD], T=20),
+}
+
+_PAPER_OPT = dict(name="sgd", lr=0.05, lrs=[0.25, 0.15, 0.10, 0.08, 0.05], momentum=0.9, weight_decay=3e-4,
+                  nesterov=False)
+EP_RECIPES: dict[str, dict] = {
+    # Mansingh et al. / Laborieux et al.: 120 epochs, cosine T_max=100 stepped per epoch (last 20 epochs at 1e-5).
+    "paper-ep-cifar10": dict(model="ep-cnn", dataset="cifar10", epochs=120, batch_size=128,
+                             optimizer=dict(_PAPER_OPT),
+                             schedule=dict(name="cosine", t_max=100, eta_min=1e-5),
+                             augment="crop-flip", pad_mode="edge", label_smoothing=0.0,
+                             ep=dict(T1=250, T2=30, beta=0.5, rule="symmetric"), adv=None),
+    "paper-ep-cifar100": dict(model="ep-cnn-cifar100", dataset="cifar100", epochs=120, batch_size=128,
+                              optimizer=dict(_PAPER_OPT),
+                              schedule=dict(name="cosine", t_max=100, eta_min=1e-5),
+                              augment="crop-flip", pad_mode="reflect", label_smoothing=0.0,
+                              ep=dict(T1=250, T2=30, beta=1.0, rule="symmetric"), adv=None),
+    # CPU demo (embedded 5k images, 2 cores): short phases on the 3-layer net.
+    "demo-ep": dict(model="ep-cnn-small", dataset=None, epochs=2, batch_size=64,
+                    optimizer=dict(name="sgd", lr=0.05, lrs=[0.2, 0.12, 0.08, 0.05], momentum=0.9,
+                                   weight_decay=3e-4, nesterov=False),
+                    schedule=dict(name="cosine", t_max=2, eta_min=1e-3),
+                    augment="crop-flip", pad_mode="edge", label_smoothing=0.0,
+                    ep=dict(T1=30, T2=10, beta=0.5, rule="symmetric"), adv=None),
+    # A GUESS (unmeasured: no GPU in the session that wrote it) for >=87% in 10 min on one H100; see docs/ep.md.
+    "fast-ep": dict(model="ep-cnn", dataset="cifar10", epochs=12, batch_size=256,
+                    optimizer=dict(name="sgd", lr=0.1, lrs=[0.4, 0.25, 0.15, 0.12, 0.08], momentum=0.9,
+                                   weight_decay=3e-4, nesterov=True),
+                    schedule=dict(name="onecycle", warmup_epochs=1, eta_min=1e-4),
+                    augment="crop-flip", pad_mode="edge", label_smoothing=0.0,
+                    ep=dict(T1=150, T2=25, beta=0.5, rule="symmetric"), adv=None),
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activations σ (applied to every state) and gradient modes
+# ---------------------------------------------------------------------------------------------------------------
+
+ACTIVATIONS = {
+    "my_hard_sig": lambda u: (u * 0.5).clamp(0, 1),  # Laborieux's clip(u/2, 0, 1): the paper's σ
+    "hard_sigmoid": lambda u: u.clamp(0, 1),
+    "ctrd_hard_sig": lambda u: (u * 0.5).clamp(-0.5, 0.5),
+    "relu6": lambda u: u.clamp(0, 6),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+GRAD_MODES = ("bptt", "truncated:K", "implicit", "ep")
+
+
+def parse_grad_mode(mode: str) -> tuple[str, int | None]:
+    """'bptt' | 'implicit' | 'ep' | 'truncated:K' -> (kind, K). Anything else raises UsageError."""
+    if isinstance(mode, str):
+        if mode in ("bptt", "implicit", "ep"):
+            return mode, None
+        if mode.startswith("truncated:") and mode[10:].isdigit() and int(mode[10:]) > 0:
+            return "truncated", int(mode[10:])
+    raise UsageError(f"unknown gradient mode {mode!r}: use one of bptt, truncated:K (K>0), implicit, ep")
+
+
+@contextlib.contextmanager
+def gradient_mode(model: "EPCNN", mode: str):
+    """Temporarily set `model.grad_mode` (how forward back-propagates; the predicted value never changes)."""
+    parse_grad_mode(mode)
+    old, model.grad_mode = model.grad_mode, mode
+    try:
+        yield model
+    finally:
+        model.grad_mode = old
+
+
+def _pair(v, n, what):
+    v = [v] * n if isinstance(v, int) else list(v)
+    if len(v) != n:
+        raise UsageError(f"{what} has {len(v)} entries for {n} conv layers")
+    return v
+
+
+class EPCNN(nn.Module):
+    """Convolutional energy-based model relaxed to a fixed point of Φ; logits = read-out of the last state.
+
+    forward(x in [0,1], (B,C,H,W)) -> logits after T synchronous steps from zero states.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int | list = 32,
+                 channels=(128, 256, 512, 512), kernels=3, paddings=1, pools: str | None = None,
+                 fc=(), activation: str = "my_hard_sig", readout: str = "ce",
+                 mean=CIFAR10_MEAN, std=tuple(3 * s for s in CIFAR10_STD), T: int = 250,
+                 grad_mode: str = "bptt"):
+        super().__init__()
+        n = len(channels)
+        if n < 1 or not all(isinstance(c, int) and c > 0 for c in channels):
+            raise UsageError(f"channels must be a non-empty list of positive ints, got {channels!r}")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise UsageError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        kernels, paddings = _pair(kernels, n, "kernels"), _pair(paddings, n, "paddings")
+        pools = pools if pools is not None else "m" * n
+        if len(pools) != n or set(pools) - set("mai"):
+            raise UsageError(f"pools must be {n} letters from m (max), a (avg), i (none), got {pools!r}")
+        if activation not in ACTIVATIONS:
+            raise UsageError(f"unknown activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        if readout not in ("ce", "mse"):
+            raise UsageError(f"unknown readout {readout!r}: use 'ce' (outside the energy) or 'mse' (inside)")
+        hw = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
+        self.channels, self.kernels, self.paddings, self.pools = list(channels), kernels, paddings, pools
+        self.fc, self.activation, self.readout = list(fc), activation, readout
+        self._mean, self._std = [float(v) for v in mean], [float(v) for v in std]  # exact, for the spec
+        self.name = "ep-cnn-custom"
+        self.act = ACTIVATIONS[activation]
+
+        # Couplings l = 1..N map state l-1 -> state l. State shapes are checked here, once.
+        self.convs = nn.ModuleList()
+        self.shapes: list[tuple] = []  # per-sample state shapes
+        c, (h, w) = in_channels, hw
+        for cout, k, p, pool in zip(channels, kernels, paddings, pools):
+            self.convs.append(nn.Conv2d(c, cout, k, padding=p))
+            h, w = h + 2 * p - k + 1, w + 2 * p - k + 1
+            if pool != "i":
+                h, w = h // 2, w // 2
+            if h < 1 or w < 1:
+                raise UsageError(f"the conv stack {list(channels)} (kernels {kernels}, paddings {paddings}) "
+                                 f"does not fit {hw[0]}x{hw[1]} images: a feature map shrinks to nothing")
+            c = cout
+            self.shapes.append((c, h, w))
+        widths = list(fc) + ([num_classes] if readout == "mse" else [])
+        self.fcs = nn.ModuleList()
+        d = c * h * w
+        for width in widths:
+            self.fcs.append(nn.Linear(d, width))
+            d = width
+            self.shapes.append((width,))
+        self.out = nn.Linear(d, num_classes) if readout == "ce" else None  # read-out outside Φ
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        if self.mean.numel() != in_channels or self.std.numel() != in_channels or (self.std <= 0).any():
+            raise UsageError(f"mean/std need {in_channels} entries with std > 0")
+        self.T = T
+        self.grad_mode = grad_mode
+        # Runtime knobs (not architecture, so not in the spec).
+        self.relax_dtype: torch.dtype | None = None  # e.g. torch.float16 on CUDA: states & convs in 16 bit
+        self.tol: float | None = None                 # forward: stop early once max|Δs| < tol (cap T)
+        self.ep_beta, self.ep_steps = 0.1, None      # grad_mode "ep": nudge size, nudged steps (None: T)
+        self.implicit_tol, self.implicit_iters = 1e-6, None  # adjoint iteration for "implicit" (None: T)
+        self.last_steps = 0
+        self._step_fn = self._step
+
+    # -- spec, presets, validation ---------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Number of state layers: information from x needs this many synchronous steps to reach the read-out."""
+        return len(self.shapes)
+
+    @property
+    def T(self) -> int:
+        return self._T
+
+    @T.setter
+    def T(self, value):
+        self._T = self._check_T(value)
+
+    @property
+    def grad_mode(self) -> str:
+        return self._grad_mode
+
+    @grad_mode.setter
+    def grad_mode(self, mode):
+        parse_grad_mode(mode)
+        self._grad_mode = mode
+
+    def _check_T(self, T, what="T") -> int:
+        if not isinstance(T, int) or isinstance(T, bool):
+            raise UsageError(f"{what} must be an integer, got {T!r}")
+        if T < len(getattr(self, "shapes", [])):
+            raise UsageError(f"{what}={T} is smaller than the network depth {self.depth}: "
+                             f"the input cannot reach the read-out")
+        return T
+
+    @property
+    def spec(self) -> dict:
+        """JSON-serialisable; EPCNN.from_spec(spec) (or EPCNN(**spec minus 'name')) rebuilds the architecture."""
+        return dict(name=self.name, num_classes=self.num_classes, in_channels=self.in_channels,
+                    image_size=self.image_size, channels=list(self.channels), kernels=list(self.kernels),
+                    paddings=list(self.paddings), pools=self.pools, fc=list(self.fc),
+                    activation=self.activation, readout=self.readout,
+                    mean=list(self._mean), std=list(self._std), T=self.T, grad_mode=self.grad_mode)
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "EPCNN":
+        try:
+            kw = {k: v for k, v in spec.items() if k != "name"}
+            model = cls(**kw)
+        except TypeError as e:
+            raise CheckpointError(f"spec does not describe an EPCNN: {e}") from None
+        model.name = spec.get("name", model.name)
+        return model
+
+    @classmethod
+    def preset(cls, name: str, num_classes: int = 10, image_size: int = 32, **overrides) -> "EPCNN":
+        if name not in PRESETS:
+            raise UnknownModelError(f"unknown EP-CNN preset {name!r}: use one of {', '.join(PRESETS)}")
+        model = cls(**{**PRESETS[name], "num_classes": num_classes, "image_size": image_size, **overrides})
+        model.name = name
+        return model
+
+    def _check_input(self, x):
+        hw = [self.image_size] * 2 if isinstance(self.image_size, int) else list(self.image_size)
+        if x.dim() != 4 or list(x.shape[1:]) != [self.in_channels, *hw]:
+            raise UsageError(f"{self.name} expects images of shape (B, {self.in_channels}, {hw[0]}, {hw[1]}), "
+                             f"got {tuple(x.shape)}")
+
+    def layer_param_groups(self) -> list[list[nn.Parameter]]:
+        """[conv1, ..., convN, fc1, ..., readout]: one list per layer, for per-layer learning rates."""
+        mods = list(self.convs) + list(self.fcs) + ([self.out] if self.out is not None else [])
+        return [list(m.parameters()) for m in mods]
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, grad_mode={self.grad_mode!r}, activation={self.activation!r}, readout={self.readout!r}"
+
+    # -- the primitive function Φ and its explicit state gradient ----------------------------------------------
+    def _normalize(self, x):
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def _weights(self, dtype):
+        """(W, b) per coupling and for the read-out, cast once per relaxation when running in 16 bit."""
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+        ws = [(cast(m.weight), cast(m.bias)) for m in list(self.convs) + list(self.fcs)]
+        return ws, (None if self.out is None else (cast(self.out.weight), cast(self.out.bias)))
+
+    def _up(self, l, s_prev, W):
+        """Bottom-up term of state l: P(W_l ⋆ s_{l-1} + b_l), plus what the top-down pass needs (z, pool indices)."""
+        w, b = W[l]
+        if l >= len(self.convs):  # hidden / output linear coupling
+            return F.linear(s_prev.flatten(1), w, b), None, None
+        z = F.conv2d(s_prev, w, b, padding=self.paddings[l])
+        pool = self.pools[l]
+        if pool == "m":
+            u, idx = F.max_pool2d(z, 2, return_indices=True)
+            return u, z, idx
+        if pool == "a":
+            return F.avg_pool2d(z, 2), z, None
+        return z, z, None
+
+    def _down(self, l, s_l, z, idx, W, shape_prev):
+        """Top-down term of state l-1: ∂<s_l, P(W_l ⋆ s_{l-1} + b_l)>/∂s_{l-1} = W_lᵀ ⋆ Unpool(s_l)."""
+        w, _ = W[l]
+        if l >= len(self.convs):
+            return (s_l @ w).view(shape_prev)
+        pool = self.pools[l]
+        if pool == "m":  # unpool = max-pool backward: routes s_l to the arg-max positions of z
+            u = torch.ops.aten.max_pool2d_with_indices_backward(s_l, z, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+        elif pool == "a":
+            u = torch.ops.aten.avg_pool2d_backward(s_l, z, [2, 2], [2, 2], [0, 0], False, True, None)
+        else:
+            u = s_l
+        return F.conv_transpose2d(u, w, padding=self.paddings[l])
+
+    def logits(self, states):
+        """Read-out of the last state: W_o vec(s_N) + b_o ("ce"), or s_N itself ("mse")."""
+        if self.out is None:
+            return states[-1]
+        return self.out(states[-1].flatten(1).to(self.out.weight.dtype))
+
+    def _dloss(self, logits, y):
+        """dL/dlogits per sample. y: int labels (CE or MSE loss), or a float (B, C) tensor g for L = <g, logits>."""
+        if y.is_floating_point():
+            return y.to(logits.dtype)
+        onehot = F.one_hot(y, self.num_classes).to(logits.dtype)
+        return logits - onehot if self.readout == "mse" else torch.softmax(logits, 1) - onehot
+
+    def _loss(self, logits, y):
+        """Per-sample L(logits, y) (same conventions as _dloss)."""
+        if y.is_floating_point():
+            return (y.to(logits.dtype) * logits).sum(1)
+        if self.readout == "mse":
+            return 0.5 * ((logits - F.one_hot(y, self.num_classes).to(logits.dtype)) ** 2).sum(1)
+        return F.cross_entropy(logits, y, reduction="none")
+
+    def phi(self, x, states, beta=0.0, y=None):
+        """Per-sample primitive function Φ^β(x, s) = Σ_l <s_l, P(W_l ⋆ s_{l-1} + b_l)> - β·L (shape (B,))."""
+        W, _ = self._weights(None)
+        s_prev, total = self._normalize(x), 0.0
+        for l, s in enumerate(states):
+            s = s.to(W[l][0].dtype)
+            total = total + (s * self._up(l, s_prev, W)[0]).flatten(1).sum(1)
+            s_prev = s
+        if _nonzero(beta):
+            total = total - _col(beta, total) * self._loss(self.logits([s.to(W[0][0].dtype) for s in states]), y)
+        return total
+
+    def dphi_ds(self, x, states, beta=0.0, y=None):
+        """∂Φ^β/∂s_l for every layer, computed explicitly (what the dynamics apply σ to)."""
+        W, Wo = self._weights(None)
+        drive = self._up(0, self._normalize(x), W)[0]
+        return self._pre(drive, states, beta, y, W, Wo)
+
+    def _pre(self, drive, s, beta, y, W, Wo):
+        # Bottom-up terms (and pool indices) from the current states; the input term `drive` is cached.
+        ups = [(drive, None, None)] + [self._up(l, s[l - 1], W) for l in range(1, len(s))]
+        pre = []
+        for l in range(len(s)):
+            h = ups[l][0]
+            if l + 1 < len(s):
+                _, z, idx = ups[l + 1]
+                h = h + self._down(l + 1, s[l + 1], z, idx, W, s[l].shape)
+            pre.append(h)
+        if _nonzero(beta):  # nudge: -β ∂L/∂s_N = -β (dL/dlogits) W_o  (W_o = I for the mse read-out)
+            g = self._dloss(self.logits(s) if Wo is None else F.linear(s[-1].flatten(1), *Wo), y)
+            g = g if Wo is None else g @ Wo[0]
+            pre[-1] = pre[-1] - (_col(beta, g) * g).view(s[-1].shape).to(pre[-1].dtype)
+        return pre
+
+    def _step(self, drive, s, beta, y, W, Wo):
+        """One synchronous step s_l <- σ(∂Φ^β/∂s_l) for all layers at once."""
+        return [self.act(h) for h in self._pre(drive, s, beta, y, W, Wo)]
+
+    # -- relaxation ---------------------------------------------------------------------------------------------
+    def zero_states(self, batch, device=None, dtype=None):
+        return [torch.zeros(batch, *shape, device=device, dtype=dtype) for shape in self.shapes]
+
+    def relax(self, x, T, beta=0.0, y=None, states=None, tol=None):
+        """Run T synchronous steps of the (nudged) dynamics from zero states (or `states`: warm start).
+
+        With `tol`, stop as soon as max|s^{t+1} - s^t| < tol (T is then the cap). Returns (states, steps used).
+        A warm start may use any T >= 0. Gradients flow through every step when autograd is on and something requires grad (that is BPTT).
+        """
+        if states is None:
+            self._check_T(T)
+        elif not isinstance(T, int) or T < 0:
+            raise UsageError(f"T must be a non-negative integer, got {T!r}")
+        if _nonzero(beta) and y is None:
+            raise UsageError("a nudged relaxation (beta != 0) needs targets y")
+        dtype = self.relax_dtype if (self.relax_dtype is not None and x.device.type == "cuda") else None
+        W, Wo = self._weights(dtype)
+        xn = self._normalize(x)
+        if dtype is not None:
+            xn = xn.to(dtype)
+        drive = self._up(0, xn, W)[0]  # the input never changes: its conv is computed once
+        sdtype = dtype or W[0][0].dtype
+        s = self.zero_states(x.shape[0], x.device, sdtype) if states is None else [t.to(sdtype) for t in states]
+        return self._loop(drive, s, T, beta, y, W, Wo, tol)
+
+    def _loop(self, drive, s, T, beta, y, W, Wo, tol):
+        check_every = 1 if drive.device.type == "cpu" else 5  # every convergence check is a host sync on GPU
+        for t in range(1, T + 1):
+            new = self._step_fn(drive, s, beta, y, W, Wo)
+            if tol is not None and (t % check_every == 0 or t == T):
+                res = max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(new, s))
+                s = new
+                if res < tol:
+                    return s, t
+            else:
+                s = new
+        return s, T
+
+    # -- prediction and its gradient modes ---------------------------------------------------------------------
+    def forward(self, x, T: int | None = None):
+        """Logits after T free steps (default self.T). The value never depends on grad_mode; the gradient does."""
+        self._check_input(x)
+        T = self._check_T(self.T if T is None else T)
+        kind, K = parse_grad_mode(self.grad_mode)
+        track = torch.is_grad_enabled() and x.requires_grad
+        if track and kind == "bptt":  # exact: the same explicit steps, recorded by autograd
+            s, self.last_steps = self.relax(x, T, tol=self.tol)
+            return self.logits(s)
+        with torch.no_grad():
+            s, self.last_steps = self.relax(x, T, tol=self.tol)
+            full = self.logits(s)
+        if not track:
+            return full
+        if kind == "truncated":  # value: full-T logits; gradient: BPTT through a K-step unroll from zero
+            k = self.logits(self.relax(x, min(K, T))[0]) if K < T else None
+            return full if k is None else full + (k - k.detach())
+        if kind == "implicit":
+            k = self._implicit_logits(x, s)
+            return full + (k - k.detach())
+        return _EPGrad.apply(self, x, [t.detach() for t in s], full)  # "ep"
+
+    def _implicit_logits(self, x, s_star):
+        """One tracked step from the fixed point whose state gradient is replaced by the IFT adjoint (I-J)^-T g."""
+        W, Wo = self._weights(None)
+        drive = self._up(0, self._normalize(x), W)[0]
+        f = self._step(drive, [t.detach() for t in s_star], 0.0, None, W, Wo)
+        f = _Adjoint.apply(self, drive.detach(), [t.detach() for t in s_star], *f)
+        return self.logits(list(f))
+
+    # -- learning rules -------------------------------------------------------------------------------------------
+    def ep_train_step(self, x, y, T1: int, T2: int, beta: float, rule: str = "symmetric") -> dict:
+        """One batch of EP (or the BPTT control): ACCUMULATES into p.grad (like .backward()); no optimiser step.
+
+        rule "symmetric": free phase (T1), then +β and -β phases (T2 each, from the free state, one 2B batch);
+          grad = -[∂Φ^{+β}/∂θ(s^+) - ∂Φ^{-β}/∂θ(s^-)]/(2β), batch mean  (≈ ∂L/∂θ, L = mean loss).
+        rule "one-sided": free and +β phases; grad = -[∂Φ^β/∂θ(s^β) - ∂Φ/∂θ(s^0)]/β.
+        rule "bptt": back-propagate the loss through the last T2 steps of the T1-step free phase.
+        Returns dict(loss, logits (B,C, detached), steps, correct, rule).
+        """
+        self._check_input(x)
+        self._check_T(T1, "T1")
+        if rule not in ("symmetric", "one-sided", "bptt"):
+            raise UsageError(f"unknown learning rule {rule!r}: use symmetric, one-sided or bptt")
+        if not isinstance(T2, int) or T2 < 1:
+            raise UsageError(f"T2 must be a positive integer, got {T2!r}")
+        if rule != "bptt" and not beta:
+            raise UsageError("beta must be non-zero for EP (the update divides by beta)")
+        params = [p for g in self.layer_param_groups() for p in g]
+        B = x.shape[0]
+        if rule == "bptt":
+            with torch.no_grad():
+                s, _ = self.relax(x, T1 - min(T2, T1)) if T1 > T2 else (None, 0)
+            with torch.enable_grad():
+                s, _ = self.relax(x, min(T2, T1), states=s) if s is not None else self.relax(x, T1)
+                logits = self.logits([t.float() if t.dtype != torch.float64 else t for t in s])
+                loss = self._loss(logits, y).mean()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            steps = T1
+        else:
+            with torch.no_grad():
+                s0, steps = self.relax(x, T1)
+                logits = self.logits(s0)
+                loss = self._loss(logits, y).mean()
+                if rule == "symmetric":  # ±β phases as one batch of 2B
+                    betas = torch.cat([torch.full((B,), beta), torch.full((B,), -beta)]).to(x.device)
+                    s2, _ = self.relax(torch.cat([x, x]), T2, beta=betas, y=torch.cat([y, y]),
+                                       states=[torch.cat([t, t]) for t in s0])
+                    sa, sb = [t[:B] for t in s2], [t[B:] for t in s2]
+                    ba, bb, denom = beta, -beta, 2 * beta
+                else:
+                    sa, _ = self.relax(x, T2, beta=beta, y=y, states=s0)
+                    sb, ba, bb, denom = s0, beta, 0.0, beta
+            with torch.enable_grad():  # the update in full precision, whatever the relaxation dtype
+                f32 = lambda ss: [t.to(params[0].dtype) for t in ss]  # noqa: E731
+                dphi = (self.phi(x, f32(sa), ba, y) - self.phi(x, f32(sb), bb, y)).mean() / denom
+                grads = torch.autograd.grad(-dphi, params, allow_unused=True)
+        gnorm = sum(g.float().pow(2).sum() for g in grads if g is not None)
+        bad = torch.stack([loss.detach().float(), torch.as_tensor(gnorm, device=x.device).float()])
+        if not bool(torch.isfinite(bad).all()):  # one host sync per batch
+            raise Diverged(f"EP step diverged (loss {float(loss):.4g}): NaN or exploding states/gradients")
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g.detach().clone() if p.grad is None else p.grad + g
+        logits = logits.detach()
+        return dict(loss=float(loss), logits=logits, steps=int(steps), rule=rule,
+                    correct=int((logits.argmax(1) == y).sum()))
+
+    # -- speed switches (opt-in) ------------------------------------------------------------------------------
+    def accelerate(self, dtype: torch.dtype | None = torch.float16, channels_last: bool = True,
+                   compile: bool = False) -> "EPCNN":
+        """CUDA speed switches: 16-bit relaxation (fp16 keeps the lowest layer's EP signal better than bf16),
+        channels_last weights, torch.compile of the step. All of it is a no-op on CPU. Returns self."""
+        dev = next(self.parameters()).device
+        if dev.type != "cuda":
+            return self
+        self.relax_dtype = dtype
+        torch.backends.cudnn.allow_tf32 = True  # fp32 convs (the weight update) may use TF32 tensor cores
+        torch.backends.cudnn.benchmark = True
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        if compile:
+            self._step_fn = torch.compile(self._step, dynamic=False)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom autograd: implicit differentiation at the fixed point, and EP input gradients
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Adjoint(torch.autograd.Function):
+    """Identity on the states F(s*) in forward; in backward solves a = g + Jᵀa (J = ∂F/∂s at s*) by fixed-point
+    iteration, so the gradient reaching x and θ through the one tracked step is the IFT gradient. Memory O(1) in T."""
+
+    @staticmethod
+    def forward(ctx, model, drive, s_star, *f):
+        ctx.model, ctx.drive, ctx.s_star = model, drive, s_star
+        return tuple(t.clone() for t in f)
+
+    @staticmethod
+    def backward(ctx, *g):
+        model = ctx.model
+        g = [torch.zeros_like(s) if gi is None else gi for gi, s in zip(g, ctx.s_star)]
+        with torch.enable_grad():
+            W, Wo = model._weights(None)
+            W = [(w.detach(), b.detach()) for w, b in W]
+            s_req = [t.detach().requires_grad_() for t in ctx.s_star]
+            out = model._step(ctx.drive, s_req, 0.0, None, W, None)
+            a = list(g)
+            scale = max(float(t.abs().max()) for t in g) or 1.0
+            for _ in range(model.implicit_iters or model.T):
+                ja = torch.autograd.grad(out, s_req, a, retain_graph=True, allow_unused=True)
+                new = [gi + (torch.zeros_like(gi) if j is None else j) for gi, j in zip(g, ja)]
+                res = max(float((n - o).abs().max()) for n, o in zip(new, a))
+                a = new
+                if res < model.implicit_tol * scale:
+                    break
+        return (None, None, None, *a)
+
+
+class _EPGrad(torch.autograd.Function):
+    """Value: the free-phase logits. Gradient to x: EP with the linear loss L = <g, logits> nudged at ±β."""
+
+    @staticmethod
+    def forward(ctx, model, x, s_free, logits):
+        ctx.model, ctx.s_free = model, s_free
+        ctx.save_for_backward(x)
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        model, (x,) = ctx.model, ctx.saved_tensors
+        beta, B = model.ep_beta, x.shape[0]
+        if not beta:
+            raise UsageError("ep_beta must be non-zero for the 'ep' gradient mode")
+        c = g.abs().amax(1, keepdim=True).clamp_min(1e-30)  # nudge with g/|g|: the signal stays well above noise
+        with torch.no_grad():
+            betas = torch.cat([torch.full((B,), beta), torch.full((B,), -beta)]).to(x.device)
+            s2, _ = model.relax(torch.cat([x, x]), model.ep_steps or model.T, beta=betas,
+                                y=torch.cat([g / c, g / c]), states=[torch.cat([t, t]) for t in ctx.s_free])
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_()
+            dtype = model.convs[0].weight.dtype
+            d = model.phi(xr, [t[:B].to(dtype) for t in s2]) - model.phi(xr, [t[B:].to(dtype) for t in s2])
+            (dx,) = torch.autograd.grad(d.sum(), xr)
+        return None, -dx / (2 * beta) * c.view(B, 1, 1, 1).to(dx.dtype), None, None
+
+
+def _nonzero(beta) -> bool:
+    return bool(beta) if not torch.is_tensor(beta) else True
+
+
+def _col(beta, like):
+    """β as a scalar or a per-sample column broadcastable against `like` (B, ...)."""
+    if not torch.is_tensor(beta):
+        return beta
+    return beta.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
