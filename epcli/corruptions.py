@@ -510,8 +510,8 @@ def elastic_transform(x, severity, gen=None):
     sy = inv[:, 1, 0, None, None] * xx + inv[:, 1, 1, None, None] * yy + inv[:, 1, 2, None, None]
     sx, sy = torch.round(sx * 32) / 32, torch.round(sy * 32) / 32  # OpenCV's INTER_BITS = 5 sub-pixel grid
     warped = _bilinear(x, sy, sx, "reflect101")
-    fields = 2 * _rand((b, 2, h, w), gen, dev).double() - 1
-    fields = (_gaussian(fields, sigma, "symmetric", truncate=3.0) * alpha).float()
+    fields = (2 * _rand((b, 2, h, w), gen, dev).double() - 1).float()  # float32: torch's CPU float64 conv is slow
+    fields = _gaussian(fields, sigma, "symmetric", truncate=3.0) * alpha
     dx, dy = fields[:, 0], fields[:, 1]
     rows = yy.float()[None] + dy
     cols = xx.float()[None] + dx
@@ -588,8 +588,8 @@ def jpeg_compression(x, severity, gen=None):
 
 def _canny(img: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """OpenCV Canny (aperture 3, L1 gradient) on 8-bit images (B, 1, H, W) -> bool edges (B, 1, H, W)."""
-    sob = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=torch.float64)
-    f = img.double()
+    sob = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+    f = img.float()  # integer gradients, exact in float32
     dx = _conv2d_same(f, sob, "nearest")
     dy = _conv2d_same(f, sob.T.contiguous(), "nearest")
     mag = dx.abs() + dy.abs()
@@ -674,24 +674,24 @@ def _equalize_hist(u8: torch.Tensor) -> torch.Tensor:
 def spatter(x, severity, gen=None):
     loc, scale, sigma, thresh, inten, mode = PARAMS["spatter"][severity - 1]
     b, c, h, w = x.shape
-    liquid = (loc + scale * _randn((b, 1, h, w), gen, x.device)).double()
+    liquid = loc + scale * _randn((b, 1, h, w), gen, x.device)
     liquid = _gaussian(liquid, sigma, "nearest")
     liquid = torch.where(liquid < thresh, torch.zeros_like(liquid), liquid)
     if mode == 0:  # water
         lq = torch.floor(liquid * 255).clamp(0, 255)
         edges = _canny(lq, 50, 150)
-        dist = _distance_to_zero(edges, 20).clamp(max=20).double()
+        dist = _distance_to_zero(edges, 20).clamp(max=20)
         dist = torch.floor(_box3(dist) + 1e-9).clamp(0, 255)
         dist = _equalize_hist(dist)
-        ker = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=torch.float64)
-        dist = torch.round(_conv2d_same(dist, ker, "reflect101")).clamp(0, 255)
+        ker = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]])
+        dist = torch.round(_conv2d_same(dist.float(), ker, "reflect101")).clamp(0, 255)
         dist = torch.round(_box3(dist)).clamp(0, 255)
         m = lq * dist
         peak = m.amax(dim=(2, 3), keepdim=True)
         m = torch.where(peak > 0, m / peak.clamp(min=1e-12), torch.zeros_like(m)) * inten
-        color = torch.tensor([175, 238, 238], dtype=torch.float64, device=x.device).view(1, 3, 1, 1) / 255
+        color = torch.tensor([175, 238, 238], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 255
         return (x + (m * color).to(x.dtype)).clamp(0, 1)
-    m = (liquid > thresh).double()  # mud
+    m = (liquid > thresh).to(x.dtype)  # mud
     m = _gaussian(m, inten, "nearest")
     m = torch.where(m < 0.8, torch.zeros_like(m), m).to(x.dtype)
     color = torch.tensor([63, 42, 20], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 255
