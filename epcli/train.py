@@ -628,9 +628,10 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
                             target = fwd(xb).argmax(1)
                     else:
                         target = yb
-                    xb = pgd(model, xb, target, eps=adv["eps"], norm=adv["norm"], steps=int(adv["steps"]),
-                             step_size=adv.get("step_size"), random_start=bool(adv.get("random_start")),
-                             generator=adv_gen)  # pgd puts the model in eval mode and restores it
+                    with _autocast(device, amp):  # bf16 attack steps on CUDA when amp: 20 steps = 20 passes
+                        xb = pgd(model, xb, target, eps=adv["eps"], norm=adv["norm"], steps=int(adv["steps"]),
+                                 step_size=adv.get("step_size"), random_start=bool(adv.get("random_start")),
+                                 generator=adv_gen).float()  # pgd: eval mode inside, restored after
                     model.train()
                 with _autocast(device, amp):
                     logits = fwd(xb)
