@@ -485,7 +485,7 @@ class EPCNN(nn.Module):
             if g is not None:
                 p.grad = g.detach().clone() if p.grad is None else p.grad + g
         logits = logits.detach()
-        return dict(loss=float(loss), logits=logits, steps=int(steps), rule=rule,
+        return dict(loss=float(loss.detach()), logits=logits, steps=int(steps), rule=rule,
                     correct=int((logits.argmax(1) == y).sum()))
 
     # -- speed switches (opt-in) ------------------------------------------------------------------------------
