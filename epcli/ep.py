@@ -378,12 +378,12 @@ class EPCNN(nn.Module):
             raise UsageError("a nudged relaxation (beta != 0) needs targets y")
         dtype = self.relax_dtype if (self.relax_dtype is not None and x.device.type == "cuda") else None
         W, Wo = self._weights(dtype)
-        xn = self._normalize(x)
-        if dtype is not None:
-            xn = xn.to(dtype)
+        # channels_last: 3-7x faster convs and pools on CPU too (oneDNN), and the tensor-core layout on CUDA
+        xn = self._normalize(x).to(dtype or W[0][0].dtype).contiguous(memory_format=torch.channels_last)
         drive = self._up(0, xn, W)[0]  # the input never changes: its conv is computed once
         sdtype = dtype or W[0][0].dtype
         s = self.zero_states(x.shape[0], x.device, sdtype) if states is None else [t.to(sdtype) for t in states]
+        s = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in s]
         return self._loop(drive, s, T, beta, y, W, Wo, tol)
 
     def _loop(self, drive, s, T, beta, y, W, Wo, tol):
