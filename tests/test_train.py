@@ -296,7 +296,7 @@ def test_adversarial_training_buys_robustness(cifar):
     """Tiny binary problem, linear model: PGD-AT (L2, eps 0.5) beats clean training under PGD at that eps."""
     ds = _two_class(cifar)
     eps = 0.5
-    base = {"epochs": 4, "batch_size": 50, "augment": None, "optimizer.lr": 0.01, "schedule.name": "constant"}
+    base = {"epochs": 2, "batch_size": 50, "augment": None, "optimizer.lr": 0.01, "schedule.name": "constant"}
     x, y = ds.test_x.float() / 255, ds.test_y
     robust = {}
     for name, adv in (("clean", None), ("at", {"eps": eps, "steps": 5})):
@@ -307,7 +307,7 @@ def test_adversarial_training_buys_robustness(cifar):
         x_adv = epcli.attacks.pgd(model, x, y, eps=eps, norm="l2", steps=10)
         with torch.no_grad():
             robust[name] = (model(x_adv).argmax(1) == y).float().mean().item()
-    assert robust["at"] > robust["clean"] + 0.03, robust
+    assert robust["at"] > robust["clean"] + 0.05, robust  # measured: 0.775 vs 0.645
 
 
 def test_adversarial_training_needs_an_eps_and_a_backprop_model(cifar):
