@@ -132,9 +132,18 @@ def _load_model(store: Store, ref: str, dataset: str | None, device: str):
     return model, info
 
 
+def _dataset_ref(dataset: str | None) -> str | None:
+    """How to find the dataset again: a name, or an absolute path."""
+    if dataset and Path(dataset).exists():
+        return str(Path(dataset).resolve())
+    return dataset
+
+
 def _dataset_for(store: Store, info: dict, dataset: str | None, data_dir: str | None) -> Dataset:
-    name = dataset or (info["train_run"] or {}).get("config", {}).get("dataset") or info["meta"].get("dataset")
-    ds = load_dataset(name, data_dir=data_dir, cache_dir=store.cache_dir)
+    """The dataset to evaluate on: the one given, else the one the model was trained on."""
+    cfg = (info["train_run"] or {}).get("config") or info["meta"].get("config") or {}
+    name = dataset or cfg.get("dataset_ref") or cfg.get("dataset")
+    ds = load_dataset(name, data_dir=data_dir or cfg.get("data_dir"), cache_dir=store.cache_dir)
     want = info["meta"].get("num_classes") or info["meta"]["spec"].get("num_classes")
     if want and int(want) != ds.num_classes:
         raise UsageError(f"the model has {want} classes but dataset {ds.name} has {ds.num_classes}")
@@ -185,6 +194,7 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         rec.setdefault("name", rec_name)
     _check_fits(net, ds)
     config = {"model": model_name, "spec": net.spec, "dataset": ds.name, "dataset_sha256": ds.sha256,
+              "dataset_ref": _dataset_ref(dataset), "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
               "recipe": rec, "seed": seed, "label": label or _default_label(model_name, rec)}
     if resume_info:
         config["resumed_from"] = (resume_info["train_run"] or {}).get("id") or str(resume_info["path"])
@@ -336,10 +346,10 @@ def _save_attack_artifacts(store: Store, run_id: str, res: dict, x, y, idx, eps_
     from safetensors.torch import save_file
     outcome = {"index": idx.to(torch.int64), "label": y.to(torch.int64),
                "clean_correct": res["clean_correct"].to(torch.uint8).cpu()}
-    for i, e in enumerate(eps_list):
-        outcome[f"robust_{i}"] = res["robust"][e].to(torch.uint8).cpu()
+    for e in eps_list:
+        outcome[f"robust_{e!r}"] = res["robust"][e].to(torch.uint8).cpu()
         if "pred_adv" in res:
-            outcome[f"pred_{i}"] = res["pred_adv"][e].to(torch.int64).cpu()
+            outcome[f"pred_{e!r}"] = res["pred_adv"][e].to(torch.int64).cpu()
     meta = {"eps": str(eps_list)}
     store.write_artifact(run_id, "per-example", lambda p: save_file(outcome, str(p), metadata=meta),
                          suffix=".safetensors", meta={"eps": eps_list})
@@ -347,10 +357,10 @@ def _save_attack_artifacts(store: Store, run_id: str, res: dict, x, y, idx, eps_
         k = min(len(v) for v in res["x_adv"].values())
         ex = {"x": x[:k].float().div(255) if x.dtype == torch.uint8 else x[:k].float(),
               "label": y[:k].to(torch.int64)}
-        for i, e in enumerate(eps_list):
-            ex[f"x_adv_{i}"] = res["x_adv"][e][:k].float().cpu().contiguous()
+        for e in eps_list:
+            ex[f"x_adv_{e!r}"] = res["x_adv"][e][:k].float().cpu().contiguous()
             if "pred_adv" in res:
-                ex[f"pred_{i}"] = res["pred_adv"][e][:k].to(torch.int64).cpu()
+                ex[f"pred_{e!r}"] = res["pred_adv"][e][:k].to(torch.int64).cpu()
         meta = {"eps": str(eps_list), "classes": str(ds.classes).replace("'", '"')}
         store.write_artifact(run_id, "adversarial-examples",
                              lambda p: save_file({k2: v.contiguous() for k2, v in ex.items()}, str(p),
@@ -383,8 +393,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     train_run = info["train_run"] or {}
     ref_result = None
     if reference:
-        ref_run = store.get_run(reference) if not Path(reference).exists() else None
-        ref_result = _corruption_result_of(store, ref_run["id"] if ref_run else reference)
+        ref_result = _corruption_result_of(store, reference)
     ds = None if source else _dataset_for(store, info, dataset, data_dir)
     config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "corruptions": names,
               "severities": severities, "seed": seed, "n_examples": n, "source": source,
@@ -394,38 +403,53 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                    dataset=config["dataset"], model_run_id=train_run.get("id"),
                    device=describe_device(device)) as run_id:
         _link_model_input(store, run_id, info)
-        cb = lambda d, t, i: progress("corrupt", d, t, i)  # noqa: E731
+        def cb(info: dict) -> None:
+            what = f"{info['name']}/{info['severity']}" if info.get("name") else "clean"
+            progress(f"corrupt {what}", info["done"], info["total"], {})
+
         if source:
+            clean = None if ds is None else subset(ds.test_x, ds.test_y, n, seed)[:2]
             res = C.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
-                                      device=device, on_batch=cb, n=n)
+                                      device=device, on_batch=cb, clean=clean)
             x_grid = None
         else:
             x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
             res = C.evaluate(net, x, y, names=names, severities=severities, seed=seed, batch_size=batch_size,
                              device=device, on_batch=cb)
             x_grid = x[:4]
-        summ = C.summarize(res, reference=ref_result)
-        facets = {"dataset": config["dataset"], "split": "test", "model": net.spec["name"],
-                  "n_examples": int(res["clean_correct"].numel())}
-        rows = [{"name": "clean_acc", "value": summ["clean_acc"], **facets}]
-        for (c, s), acc in summ["cells"].items():
-            rows.append({"name": "corruption_acc", "value": acc, "corruption": c, "severity": s, **facets})
-        for key in ("corruption_mean_acc", "corruption_mean_acc_all", "mce_unnormalized", "relative_mce"):
-            if summ.get(key) is not None:
-                rows.append({"name": key, "value": summ[key], **facets,
-                             "detail": {"reference": reference} if key == "relative_mce" else None})
+        summ = C.summarize(res, reference=ref_result, reference_label=reference or "reference")
+        pct = lambda v: None if v is None else v / 100.0  # noqa: E731  (the store keeps fractions)
+        n_ex = int(next(iter(res["correct"].values())).numel())
+        facets = {"dataset": config["dataset"], "split": "test", "model": net.spec["name"], "n_examples": n_ex}
+        rows = []
+        if summ.get("clean_accuracy") is not None:
+            rows.append({"name": "clean_acc", "value": pct(summ["clean_accuracy"]), **facets})
+        cells = {(c, int(sv)): pct(a) for c, by_sev in summ["cells"].items() for sv, a in by_sev.items()}
+        for (c, sv), acc in cells.items():
+            rows.append({"name": "corruption_acc", "value": acc, "corruption": c, "severity": sv, **facets})
+        headline = {"clean_acc": pct(summ.get("clean_accuracy")),
+                    "corruption_mean_acc": pct(summ.get("mean_accuracy_benchmark")),
+                    "corruption_mean_acc_all": pct(summ.get("mean_accuracy_all")),
+                    "mce_unnormalized": pct(summ.get("mce_unnormalized")),
+                    "relative_mce": pct(summ.get("relative_mce_vs_reference")),
+                    "mce_vs_reference": pct(summ.get("mce_vs_reference"))}
+        for key, val in headline.items():
+            if key != "clean_acc" and val is not None:
+                rows.append({"name": key, "value": val, **facets,
+                             "detail": {"reference": reference} if "reference" in key or key == "relative_mce"
+                             else None})
         store.log_metrics(run_id, rows)
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
-        summary = {k: summ.get(k) for k in ("clean_acc", "corruption_mean_acc", "corruption_mean_acc_all",
-                                             "mce_unnormalized", "relative_mce")}
+        summary = {k: v for k, v in headline.items() if v is not None}
         store.update_run(run_id, summary=summary)
     return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
-            "n_examples": facets["n_examples"], **summary,
-            "cells": {f"{c}/{s}": v for (c, s), v in summ["cells"].items()}}
+            "n_examples": n_ex, "clean_acc": headline["clean_acc"], **summary,
+            "cells": {f"{c}/{sv}": v for (c, sv), v in cells.items()}}
 
 
 def _corruption_result_of(store: Store, ref: str) -> dict:
-    """The newest corrupt run's per-cell accuracies for a run id or model name, for relative mCE."""
+    """The newest corrupt run of a run id or model name, as per-example outcomes (for relative mCE)."""
+    from safetensors.torch import load_file
     try:
         run = store.get_run(ref)
         runs = [run] if run["kind"] == "corrupt" else store.runs(kind="corrupt", status="finished",
@@ -433,9 +457,17 @@ def _corruption_result_of(store: Store, ref: str) -> dict:
     except NotFoundError:
         runs = store.runs(kind="corrupt", status="finished", model=ref, limit=1)
     if not runs:
-        raise NotFoundError(f"no finished corruption run for reference {ref!r}")
-    rows = store.metrics(runs[0]["id"], name="corruption_acc")
-    return {"cells": {(r["corruption"], r["severity"]): r["value"] for r in rows}, "run_id": runs[0]["id"]}
+        raise NotFoundError(f"no finished corruption run for reference {ref!r} (run `epcli corrupt` on it first)")
+    arts = store.artifacts_of(runs[0]["id"], role="output", kind="per-example")
+    if not arts:
+        raise NotFoundError(f"corruption run {runs[0]['id']} has no per-example outcomes")
+    t = load_file(str(store.artifact_path(arts[0]["sha256"])))
+    correct = {}
+    for k, v in t.items():
+        if "/" in k:
+            c, sv = k.rsplit("/", 1)
+            correct[(c, int(sv))] = v.bool()
+    return {"clean_correct": t["clean_correct"].bool(), "correct": correct}
 
 
 def _save_corruption_artifacts(store: Store, run_id, res, names, severities, x_grid, seed) -> None:
@@ -494,8 +526,6 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
                 files.append(f)
             for f in files:
                 store.add_file(run_id, "report", f, name=f.name)
-                for row in getattr(data, "source_runs", []) or []:
-                    pass
             for rid in _source_run_ids(data):
                 for a in store.artifacts_of(rid, role="output")[:1]:
                     store.link(run_id, a["sha256"], "input", "source")
@@ -507,7 +537,7 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
 def _source_run_ids(data) -> list[str]:
     ids = []
     for row in getattr(data, "rows", []) or []:
-        rid = row.get("model_run_id") if isinstance(row, dict) else getattr(row, "model_run_id", None)
+        rid = getattr(row, "run_id", None)
         if rid:
             ids.append(rid)
     return ids

@@ -25,7 +25,17 @@ from rich.table import Table
 from epcli import __version__
 from epcli.errors import EpcliError
 
+def _typer_click_exceptions() -> list[type]:
+    try:  # Typer >= 0.24 vendors Click under typer._click
+        from typer._click import exceptions as tce
+        return [tce.ClickException, getattr(tce, "Abort", tce.ClickException)]
+    except ImportError:
+        return []
+
+
 err = Console(stderr=True)
+_PASS_THROUGH = tuple({typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException,
+                       click.exceptions.Abort, *_typer_click_exceptions()})
 
 
 class EpcliGroup(TyperGroup):
@@ -42,7 +52,7 @@ class EpcliGroup(TyperGroup):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/] (the run is marked interrupted; everything stored so far is kept)")
             raise typer.Exit(130)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except _PASS_THROUGH:  # exits, help, usage errors: Typer/Click handle them
             raise
         except Exception as e:  # anything else is a bug: still one line unless --debug
             if STATE.debug or os.environ.get("EPCLI_DEBUG"):
@@ -131,19 +141,24 @@ def _progress(enabled: bool = True):
     if STATE.quiet or not enabled:
         yield lambda *a: None
         return
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=False)
     tasks: dict[str, int] = {}
 
     def update(task: str, done: int, total: int, info: dict) -> None:
         text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                          (info or {}).items() if isinstance(v, (int, float, str)))
+        if not tasks:
+            bar.start()  # lazily: a command that fails early prints nothing but its error line
         if task not in tasks:
             tasks[task] = bar.add_task(task, total=total, info="")
         bar.update(tasks[task], completed=done, total=total, info=text[:80])
 
-    with bar:
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def _note(msg: str) -> None:
@@ -269,7 +284,7 @@ def attack(
                "paper-l2": "0.05,0.0788,0.1242,0.1957,0.3085,0.4862,0.7663,1.0,1.2077,1.9035,3.0"}
     eps = presets.get(eps, eps)
     params = {k: v for k, v in {"steps": steps, "step_size": step_size, "restarts": restarts,
-                                "random_start": random_start, "queries": queries,
+                                "random_start": random_start, "n_queries": queries,
                                 "targeted": targeted or None}.items() if v is not None}
     with _store() as store, _progress() as progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
