@@ -121,51 +121,19 @@ def _ep_recipes() -> dict:
     return dict(EP_RECIPES)
 
 
-class _Recipes(dict):
-    """BP presets merged with `epcli.ep.EP_RECIPES`, loaded on first use (no import of ep at import time)."""
-
-    _loaded = False
-
-    def _load(self):
-        if not self._loaded:
-            self._loaded = True
-            for k, v in _ep_recipes().items():
-                self.setdefault(k, v)
-
-    def __getitem__(self, k):
-        self._load()
-        return super().__getitem__(k)
-
-    def __contains__(self, k):
-        self._load()
-        return super().__contains__(k)
-
-    def __iter__(self):
-        self._load()
-        return super().__iter__()
-
-    def __len__(self):
-        self._load()
-        return super().__len__()
-
-    def keys(self):
-        self._load()
-        return super().keys()
-
-    def items(self):
-        self._load()
-        return super().items()
-
-    def values(self):
-        self._load()
-        return super().values()
-
-    def get(self, k, default=None):
-        self._load()
-        return super().get(k, default)
+def _recipes() -> dict[str, dict]:
+    """BP presets merged with `epcli.ep.EP_RECIPES`, built on first use and cached as the module's RECIPES."""
+    cached = globals().get("RECIPES")
+    if cached is None:
+        cached = {**_ep_recipes(), **BP_RECIPES}
+        globals()["RECIPES"] = cached
+    return cached
 
 
-RECIPES: dict[str, dict] = _Recipes(BP_RECIPES)
+def __getattr__(name):  # PEP 562: `from epcli.train import RECIPES` imports epcli.ep only then
+    if name == "RECIPES":
+        return _recipes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- recipes --------------------------------------------------------------------------------------------
@@ -209,13 +177,13 @@ def resolve_recipe(name: str | None, overrides: dict | None = None) -> dict:
     """
     if name is None:
         preset: dict = {}
-    elif name in RECIPES:
-        preset = RECIPES[name]
+    elif name in _recipes():
+        preset = _recipes()[name]
     else:
         import difflib
-        close = difflib.get_close_matches(str(name), list(RECIPES), n=3, cutoff=0.5)
+        close = difflib.get_close_matches(str(name), list(_recipes()), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UsageError(f"unknown recipe {name!r}: {hint}known: {', '.join(sorted(RECIPES))}")
+        raise UsageError(f"unknown recipe {name!r}: {hint}known: {', '.join(sorted(_recipes()))}")
     base = _merge(DEFAULTS, {k: v for k, v in preset.items() if k not in DEFAULTS}, "", False)  # ep extras
     recipe = _merge(base, _nested_defaults(preset), "", True)
     over = _unflatten({k: v for k, v in (overrides or {}).items()})
@@ -295,10 +263,10 @@ def default_recipe(model_name: str, dataset_name: str | None = None) -> str:
         ep_names = list(_ep_recipes())
         if model_name in ("ep-cnn-small", "ep-cnn-tiny") or mini:
             for n in ("demo-ep", *ep_names):
-                if n in RECIPES:
+                if n in _recipes():
                     return n
         want = "paper-ep-cifar100" if ("100" in ds or model_name.endswith("cifar100")) else "paper-ep-cifar10"
-        if want in RECIPES:
+        if want in _recipes():
             return want
         if ep_names:
             return ep_names[0]

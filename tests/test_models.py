@@ -62,7 +62,8 @@ def test_entry_builds_maps_to_logits_and_round_trips(name, real, tmp_path):
 
     # spec -> architecture; weights through a safetensors file
     path = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"spec": json.dumps(spec)})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"spec": json.dumps(spec)})
     clone = _prepare(build_from_spec(json.loads(json.dumps(spec))))
     clone.load_state_dict(load_file(str(path)))
     clone.eval()
