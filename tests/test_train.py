@@ -317,3 +317,21 @@ def test_adversarial_training_needs_an_eps_and_a_backprop_model(cifar):
     r = resolve_recipe("paper-cnn-at", {"epochs": 1, "adv.eps": 0.5, "ep": {"T1": 3}})
     with pytest.raises(UsageError, match="not the EP-CNN"):
         fit(_FakeEP(), ds, r)
+
+
+def test_resume_is_exact_with_random_start_pgd_and_policy_augmentation(cifar):
+    """The PGD generator and the global RNG (torchvision's policies) are part of the state too."""
+    ds = _small(cifar, 64, 20)
+    r = resolve_recipe("paper-cnn-at-linf", {"epochs": 2, "batch_size": 32, "adv.steps": 2,
+                                             "augment": "randaugment"})
+    torch.manual_seed(0)
+    init = copy.deepcopy(_linear_10().state_dict())
+    states = {}
+    full = _linear_10()
+    full.load_state_dict(init)
+    fit(full, ds, r, seed=3, on_epoch=lambda e, m, s: states.update({e: s}))
+    torch.manual_seed(99)
+    resumed = _linear_10()
+    fit(resumed, ds, r, seed=3, state=tensors_to_state(*state_to_tensors(states[1])))
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
