@@ -54,7 +54,7 @@ DEFAULTS: dict = {
     "pad_mode": "edge",
     "label_smoothing": 0.0,
     "grad_clip": None,  # max global gradient norm (None: no clipping)
-    "amp": False,  # bf16 autocast for backprop models on CUDA (ignored on CPU and for EP models)
+    "amp": False,  # CUDA only: bf16 autocast for backprop models; EP models get model.accelerate(float16)
     "channels_last": False,  # CUDA only
     "compile": False,  # torch.compile the forward for backprop models, CUDA only
     "ep": None,  # {T1, T2, beta, rule} for EP models
@@ -544,6 +544,9 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         torch.manual_seed(int(seed))
         if cuda:
             torch.cuda.manual_seed(int(seed))
+    if ep_mode and cuda and r.get("amp") and callable(getattr(model, "accelerate", None)):
+        # EP "amp": fp16 relaxation (bf16 states lose the first layer's EP signal; see timings.md), fp32 updates
+        model.accelerate(torch.float16, channels_last=True, compile=bool(r.get("compile")))
     fwd = model
     if cuda and r.get("compile") and not ep_mode:
         fwd = torch.compile(model)
