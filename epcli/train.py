@@ -440,7 +440,9 @@ def state_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, st
 
     def walk(obj, path):
         if torch.is_tensor(obj):
-            key = "/".join(path) or "_"
+            key = base = "/".join(path) or "_"
+            while key in tensors:  # keys with '/' in them could collide; the skeleton records the real key
+                key = f"{base}#{len(tensors)}"
             tensors[key] = obj.detach().to("cpu").contiguous().clone()
             return {"__tensor__": key}
         if isinstance(obj, dict):
