@@ -48,7 +48,8 @@ def _device_name(device: torch.device) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help=f"dataset name or ImageFolder path/tar (default {DEFAULT_DATA})")
-    p.add_argument("--cache-dir", default=os.environ.get("EPCLI_CACHE", ".cache/epcli"))
+    p.add_argument("--cache-dir", default=os.environ.get("EPCLI_CACHE", os.path.expanduser("~/.cache/epcli")),
+                   help="where the decoded dataset is cached (decoding the 60k-JPEG tar takes a while)")
     p.add_argument("--jobs", nargs="*", choices=list(JOBS), default=list(JOBS))
     p.add_argument("--preset", choices=["paper", "fast"], default="paper")
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epoch count")
