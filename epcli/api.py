@@ -9,6 +9,8 @@ callback so that the CLI can draw bars and scripts can stay silent.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 import warnings
 from fractions import Fraction
@@ -161,14 +163,37 @@ def _link_model_input(store: Store, run_id: str, info: dict) -> None:
 
 def train(*, model: str, dataset: str | None = None, data_dir: str | None = None, recipe: str | None = None,
           overrides: dict | None = None, model_options: dict | None = None, seed: int = 0,
-          device: str | None = None, store: Store, resume: str | None = None, label: str | None = None,
+          device: str | None = None, store: Store | None, resume: str | None = None, label: str | None = None,
           argv: list[str] | None = None, progress: Progress = _noop) -> dict:
-    """Train `model` on `dataset` with a recipe; checkpoint every epoch into the store."""
-    from epcli import train as training
-    from epcli.models import create_model
+    """Train `model` on `dataset` with a recipe; checkpoint every epoch into the store.
 
-    device = resolve_device(device)
-    ds = load_dataset(dataset, data_dir=data_dir, cache_dir=store.cache_dir)
+    Under torchrun every process calls this with the same arguments and trains one model data-parallel
+    (docs/distributed.md): only rank 0 uses `store` (others may pass None), resolves a resume and records the
+    run; the device is cuda:LOCAL_RANK for any CUDA request; every rank returns rank 0's result.
+    """
+    from epcli import distributed as dist
+    from epcli import train as training
+    from epcli.models import build_from_spec, create_model
+
+    device = dist.device_for(resolve_device(device))
+    distributed = dist.init(device)  # False outside torchrun
+    main = dist.is_main()
+    if main and store is None:
+        raise UsageError("train needs a store")
+    # rank 0 loads first (it may download or decode into the store's cache); the others then read that cache
+    cache_dir = dist.broadcast_object(str(store.cache_dir) if main else None)
+    ds = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir) if main else None
+    dist.barrier()
+    if not main:
+        ds = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir)
+    if dist.broadcast_object(ds.sha256) != ds.sha256:
+        raise UsageError(f"rank {dist.rank()} loaded a different {ds.name} than rank 0 (dataset_sha256 differs)")
+    if not main:  # rank 0 resolves the model, recipe and any resume state, and hands them over
+        plan = dist.broadcast_object(None)
+        net = build_from_spec(plan["spec"])
+        _check_fits(net, ds)
+        training.fit(net, ds, plan["recipe"], device=device, seed=plan["seed"], state=plan["state"])
+        return dist.broadcast_object(None)
     state, resume_info = None, None
     if resume:
         resume_info = resolve_model(store, resume, ds.name)
@@ -193,9 +218,12 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         rec = training.resolve_recipe(rec_name, overrides or {})
         rec.setdefault("name", rec_name)
     _check_fits(net, ds)
+    if distributed:
+        dist.broadcast_object({"spec": net.spec, "recipe": rec, "seed": seed, "state": state})
     config = {"model": model_name, "spec": net.spec, "dataset": ds.name, "dataset_sha256": ds.sha256,
               "dataset_ref": _dataset_ref(dataset), "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-              "recipe": rec, "seed": seed, "label": label or _default_label(model_name, rec)}
+              "recipe": rec, "seed": seed, "label": label or _default_label(model_name, rec),
+              "world_size": dist.world_size()}
     if resume_info:
         config["resumed_from"] = (resume_info["train_run"] or {}).get("id") or str(resume_info["path"])
     with store.run("train", config, argv=argv, seed=seed, model=model_name, dataset=ds.name,
@@ -233,8 +261,12 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         store.db["run_artifacts"].update((run_id, last_sha[0], "output"), {"name": "final"})
         summary = {"test_acc": history[-1].get("test_acc") if history else None, "epochs": len(history)}
         store.update_run(run_id, summary=summary)
-    return {"run_id": run_id, "model": model_name, "dataset": ds.name, "checkpoint": last_sha[0],
-            "test_acc": summary["test_acc"], "epochs": rec["epochs"], "label": config["label"]}
+    result = {"run_id": run_id, "model": model_name, "dataset": ds.name, "checkpoint": last_sha[0],
+              "test_acc": summary["test_acc"], "epochs": rec["epochs"], "label": config["label"]}
+    if distributed:
+        result["world_size"] = dist.world_size()
+        dist.broadcast_object(result)
+    return result
 
 
 def _drop_artifact(store: Store, run_id: str, sha: str) -> None:
@@ -252,9 +284,12 @@ def _check_fits(net: torch.nn.Module, ds: Dataset) -> None:
     n = net.spec.get("num_classes")
     if n is not None and n != ds.num_classes:
         raise UsageError(f"model {net.spec.get('name')} has {n} classes, dataset {ds.name} has {ds.num_classes}")
-    check = getattr(net, "check_input", None)
-    if check is not None:
-        check(ds.image_shape)
+    size = net.spec.get("image_size")
+    if size is not None:
+        want = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if tuple(ds.image_shape[1:]) != want:
+            raise UsageError(f"model {net.spec.get('name')} is built for {want[0]}x{want[1]} images but dataset "
+                             f"{ds.name} has {ds.image_shape[1]}x{ds.image_shape[2]}")
 
 
 def _default_label(model: str, recipe: dict) -> str:
@@ -275,9 +310,17 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
            dataset: str | None = None, data_dir: str | None = None, n: int | None = None, seed: int = 0,
            grad_mode: str = "bptt", batch_size: int | None = None, labels: str = "true",
            params: dict | None = None, T: int | None = None, device: str | None = None, store: Store,
-           argv: list[str] | None = None, checks: bool = True, progress: Progress = _noop) -> dict:
-    """Attack a stored model on the test split for every eps; record accuracy, outcomes and examples."""
+           argv: list[str] | None = None, checks: bool = True, strength: bool = True,
+           unroll_sweep: list[int] | None = None, chunk: int = 1000, progress: Progress = _noop) -> dict:
+    """Attack a stored model on the test split for every eps; record accuracy, outcomes and examples.
+
+    The set is attacked in chunks of `chunk` examples whose outcomes are kept under store/partial/ until the
+    run finishes, so re-running an interrupted attack with the same arguments resumes where it stopped.
+    Reliability checks (monotone in eps, large eps, PGD strength, white-box vs stored black-box results on
+    the same points, and the unroll-length sweep when asked) are stored with the result.
+    """
     from epcli import attacks
+    from epcli.store import config_hash
 
     device = resolve_device(device)
     eps_list = sorted(set(parse_eps(eps)))
@@ -286,6 +329,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         raise UsageError(f"unknown attack {attack!r}: choose from {', '.join(sorted(attacks.ATTACKS))}")
     if labels not in ("true", "predicted"):
         raise UsageError("labels must be 'true' or 'predicted'")
+    params = attacks.resolve_params(attack, params or {})
     net, info = _load_model(store, model, dataset, device)
     if T is not None:
         if not hasattr(net, "T"):
@@ -297,49 +341,253 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     elif grad_mode != "bptt" and not hasattr(net, "grad_mode"):
         raise UsageError(f"gradient mode {grad_mode!r} applies to relaxation models only; "
                          f"{net.spec['name']} supports bptt (plain backprop) and transfer:<model>")
+    sweep = sorted(set(int(k) for k in unroll_sweep or []))
+    if sweep and not hasattr(net, "grad_mode"):
+        raise UsageError("--unroll-sweep applies to relaxation models (EP-CNN) only")
+    if sweep and attack not in attacks.WHITE_BOX:
+        raise UsageError("--unroll-sweep needs a white-box attack (it varies the gradient's unroll length)")
     ds = _dataset_for(store, info, dataset, data_dir)
     x, y, idx = subset(ds.test_x, ds.test_y, n, seed)
     train_run = info["train_run"] or {}
     config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack, "norm": norm,
               "eps": eps_list, "dataset": ds.name, "n_examples": len(y), "seed": seed, "grad_mode": grad_mode,
-              "labels": labels, "params": params or {}, "T": getattr(net, "T", None), "batch_size": batch_size}
+              "labels": labels, "params": params, "T": getattr(net, "T", None), "batch_size": batch_size,
+              "unroll_sweep": sweep, "chunk": chunk, "checkpoint": info["sha256"] or str(info["path"])}
+    partial = store.root / "partial" / f"attack-{config_hash(config)[:20]}"
+    if partial.exists() and any(partial.rglob("*.safetensors")):
+        notes.append(f"resuming an interrupted attack with the same arguments ({partial.name})")
     for note in notes:
         warnings.warn(note)
+    modes = [grad_mode] + [f"truncated:{k}" for k in sweep if f"truncated:{k}" != grad_mode]
     with store.run("attack", config, argv=argv, seed=seed, model=net.spec["name"], dataset=ds.name,
                    model_run_id=train_run.get("id"), device=describe_device(device)) as run_id:
         _link_model_input(store, run_id, info)
         if surrogate_info:
             _link_model_input(store, run_id, surrogate_info)
         t0 = time.time()
-        res = attacks.evaluate(net, x, y, attack=attack, norm=norm, eps_list=eps_list,
-                               batch_size=batch_size or 256, device=device, seed=seed, params=params or {},
-                               grad_mode=grad_mode, surrogate=surrogate, labels=labels,
-                               on_batch=lambda d, t, i: progress("attack", d, t, i))
-        flags = attacks.check_reliability([res]) if checks else []
+        results = {}
+        for gm in modes:
+            results[gm] = _attack_in_chunks(
+                net, x, y, attack=attack, norm=norm, eps_list=eps_list, batch_size=batch_size or 256,
+                device=device, seed=seed, params=params, grad_mode=gm, surrogate=surrogate, labels=labels,
+                chunk=chunk, partial=partial / gm.replace(":", "-"),
+                progress=lambda d, t, i, gm=gm: progress("attack" if gm == grad_mode else gm, d, t, i))
+        res = results[grad_mode]
+        flags = []
+        if checks:
+            flags += [dict(f) for f in attacks.check_reliability([res])]
+            if strength and attack == "pgd" and len(y):
+                flags.append(_strength(attacks, net, x, y, res, norm, eps_list, params, seed, device, grad_mode,
+                                       surrogate, batch_size, labels))
+            flags += _cross_run_checks(store, run_id, train_run.get("id"), attack, norm, idx, y, res)
+            if sweep:
+                flags.append(_unroll_check(results, grad_mode, eps_list, len(y)))
+        for f in flags:
+            f.pop("result", None)
         bad = [f for f in flags if not f["passed"]]
         reason = "; ".join(f"{f['check']}: {f['detail']}" for f in bad)
         clean = res["clean_correct"].float().mean().item()
-        facets = {"dataset": ds.name, "split": "test", "model": net.spec["name"], "attack": attack,
-                  "norm": norm, "grad_mode": grad_mode, "n_examples": len(y)}
-        rows = [{"name": "clean_acc", "value": clean, **facets, "eps": 0.0}]
-        robust = {}
-        for e in eps_list:
-            acc = res["robust"][e].float().mean().item()
-            robust[eps_label(e)] = acc
-            rows.append({"name": "robust_acc", "value": acc, **facets, "eps": e, "unreliable": bool(bad),
-                         "detail": {"reason": reason, "forward_passes": res.get("forward_passes"),
-                                    "params": res.get("params"), "batch_size": res.get("batch_size")}})
+        base = {"dataset": ds.name, "split": "test", "model": net.spec["name"], "attack": attack, "norm": norm,
+                "n_examples": len(y)}
+        rows = [{"name": "clean_acc", "value": clean, **base, "grad_mode": grad_mode, "eps": 0.0}]
+        robust, sweep_out = {}, {}
+        for gm, r in results.items():
+            for e in eps_list:
+                acc = r["robust"][e].float().mean().item()
+                if gm == grad_mode:
+                    robust[eps_label(e)] = acc
+                else:
+                    sweep_out.setdefault(gm, {})[eps_label(e)] = acc
+                rows.append({"name": "robust_acc", "value": acc, **base, "grad_mode": gm, "eps": e,
+                             "unreliable": bool(bad) and gm == grad_mode,
+                             "detail": {"reason": reason if gm == grad_mode else "",
+                                        "forward_passes": r.get("forward_passes"), "params": r.get("params"),
+                                        "batch_size": r.get("batch_size"), "T": getattr(net, "T", None),
+                                        "labels": labels}})
         store.log_metrics(run_id, rows)
         store.log_checks(run_id, flags)
         _save_attack_artifacts(store, run_id, res, x, y, idx, eps_list, ds)
         seconds = time.time() - t0
         summary = {"clean_acc": clean, "robust_acc": robust, "unreliable": bool(bad), "reason": reason,
-                   "seconds": seconds}
+                   "seconds": seconds, **({"unroll_sweep": sweep_out} if sweep_out else {})}
         store.update_run(run_id, summary=summary)
+        shutil.rmtree(partial, ignore_errors=True)
     return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
             "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
-            "robust_acc": robust, "unreliable": bool(bad), "reason": reason, "seconds": round(seconds, 2),
-            "checks": flags, "notes": notes}
+            "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
+            "seconds": round(seconds, 2), "checks": flags, "notes": notes}
+
+
+def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, seed: int, **kw) -> dict:
+    """attacks.evaluate over consecutive chunks, each chunk's outcome saved so an interrupted run resumes."""
+    from safetensors.torch import load_file, save_file
+    from epcli import attacks
+    partial.mkdir(parents=True, exist_ok=True)
+    parts, total = [], len(y)
+    for k, start in enumerate(range(0, max(total, 1), chunk)):
+        f = partial / f"chunk-{k:05d}.safetensors"
+        if f.exists():
+            parts.append(_load_chunk(f, load_file))
+        else:
+            r = attacks.evaluate(net, x[start:start + chunk], y[start:start + chunk], seed=seed + 7919 * k,
+                                 keep_adv=16 if k == 0 else 0,
+                                 on_batch=lambda d, t, i, s=start: progress(s + d, total, i), **kw)
+            _save_chunk(f, r, save_file)
+            parts.append(r)
+        progress(min(start + chunk, total), total, {})
+    return _merge_chunks(parts)
+
+
+_CHUNK_TENSORS = ("clean_correct", "clean_pred", "y")
+
+
+def _save_chunk(path: Path, r: dict, save_file) -> None:
+    import json
+    t = {k: r[k].cpu().contiguous() for k in _CHUNK_TENSORS if isinstance(r.get(k), torch.Tensor)}
+    for e in r["robust"]:
+        t[f"robust/{e!r}"] = r["robust"][e].cpu().contiguous()
+        if e in r.get("pred_adv", {}):
+            t[f"pred_adv/{e!r}"] = r["pred_adv"][e].cpu().contiguous()
+        if e in r.get("x_adv", {}) and len(r["x_adv"][e]):
+            t[f"x_adv/{e!r}"] = r["x_adv"][e].cpu().float().contiguous()
+    scalars = {k: v for k, v in r.items() if isinstance(v, (int, float, str, list, dict)) and k not in
+               ("robust", "pred_adv", "x_adv", "robust_accuracy")}
+    tmp = path.with_suffix(".tmp")
+    save_file(t, str(tmp), metadata={"scalars": json.dumps(scalars, default=str)})
+    os.replace(tmp, path)
+
+
+def _load_chunk(path: Path, load_file) -> dict:
+    import json
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        scalars = json.loads((f.metadata() or {}).get("scalars", "{}"))
+    t = load_file(str(path))
+    r = dict(scalars)
+    for k, v in t.items():
+        if "/" in k:
+            group, e = k.split("/", 1)
+            r.setdefault(group, {})[float(e)] = v
+        else:
+            r[k] = v
+    r.setdefault("x_adv", {})
+    return r
+
+
+def _merge_chunks(parts: list[dict]) -> dict:
+    out = dict(parts[0])
+    for k in _CHUNK_TENSORS:
+        if isinstance(parts[0].get(k), torch.Tensor):
+            out[k] = torch.cat([p[k].cpu() for p in parts])
+    for group in ("robust", "pred_adv"):
+        if parts[0].get(group):
+            out[group] = {e: torch.cat([p[group][e].cpu() for p in parts]) for e in parts[0][group]}
+    out["x_adv"] = parts[0].get("x_adv", {})
+    out["n"] = int(out["clean_correct"].numel())
+    out["robust_accuracy"] = {e: float(v.float().mean()) for e, v in out["robust"].items()}
+    for k in ("forward_passes", "attack_forward_passes", "queries", "seconds"):
+        if all(isinstance(p.get(k), (int, float)) for p in parts):
+            out[k] = sum(p[k] for p in parts)
+    return out
+
+
+def _strength(attacks, net, x, y, res, norm, eps_list, params, seed, device, grad_mode, surrogate, batch_size,
+              labels) -> dict:
+    """PGD with 2x steps and restarts on a subset, at the eps whose robust accuracy is nearest half the clean."""
+    clean = float(res["clean_correct"].float().mean())
+    e = min(eps_list, key=lambda v: abs(res["robust_accuracy"][v] - clean / 2))
+    m = min(len(y), max(50, min(200, len(y) // 10)))
+    return dict(attacks.strength_check(net, x, y, norm=norm, eps=e, steps=params.get("steps", 20),
+                                       restarts=params.get("restarts", 1), n=m, seed=seed, device=device,
+                                       grad_mode=grad_mode, surrogate=surrogate, batch_size=batch_size or 256,
+                                       labels=labels))
+
+
+def _stored_outcomes(store: Store, run: dict) -> dict | None:
+    from safetensors.torch import load_file
+    arts = store.artifacts_of(run["id"], role="output", kind="per-example")
+    if not arts:
+        return None
+    t = load_file(str(store.artifact_path(arts[0]["sha256"])))
+    robust = {float(k[len("robust_"):]): v.bool() for k, v in t.items() if k.startswith("robust_")}
+    return {"attack": run["config"]["attack"], "norm": run["config"]["norm"], "index": t["index"],
+            "y": t["label"], "robust": robust, "run_id": run["id"]}
+
+
+def _cross_run_checks(store: Store, run_id: str, model_run_id: str | None, attack: str, norm: str, idx, y,
+                      res: dict) -> list[dict]:
+    """White-box vs black-box on the same points, against the stored runs of the same model.
+
+    When the black-box result beats a stored white-box one, the stored result is flagged as well.
+    """
+    from epcli.attacks import BLACK_BOX, WHITE_BOX, check_reliability
+    if not model_run_id:
+        return []
+    mine = {"attack": attack, "norm": norm, "index": idx, "y": y, "robust": res["robust"], "run_id": run_id}
+    out = []
+    for other in store.runs(kind="attack", status="finished", model_run_id=model_run_id):
+        cfg = other.get("config") or {}
+        if other["id"] == run_id or cfg.get("norm") != norm:
+            continue
+        pair = (attack in WHITE_BOX and cfg.get("attack") in BLACK_BOX,
+                attack in BLACK_BOX and cfg.get("attack") in WHITE_BOX)
+        if not any(pair):
+            continue
+        theirs = _stored_outcomes(store, other)
+        if theirs is None:
+            continue
+        common, ia, ib = _common_indices(mine["index"], theirs["index"])
+        if len(common) == 0:
+            continue
+        a, b = (_restrict(mine, ia), _restrict(theirs, ib))
+        for c in check_reliability([a, b]):
+            if c["check"] != "white-vs-black":
+                continue
+            c = dict(c)
+            c.pop("result", None)
+            c["detail"] += f" (vs run {other['id']})"
+            white = a if attack in WHITE_BOX else b
+            if not c["passed"] and white is b:  # the stored white-box result is the unreliable one
+                store.log_checks(other["id"], [c])
+                store.db.execute("UPDATE metrics SET unreliable = 1 WHERE run_id = ? AND name = 'robust_acc'",
+                                 [other["id"]])
+                c = {**c, "passed": True, "detail": c["detail"] + ": flagged that run"}
+            out.append(c)
+    return out
+
+
+def _common_indices(a: torch.Tensor, b: torch.Tensor):
+    pos_b = {int(v): i for i, v in enumerate(b.tolist())}
+    ia, ib = [], []
+    for i, v in enumerate(a.tolist()):
+        if int(v) in pos_b:
+            ia.append(i)
+            ib.append(pos_b[int(v)])
+    return ia, torch.tensor(ia, dtype=torch.long), torch.tensor(ib, dtype=torch.long)
+
+
+def _restrict(r: dict, sel: torch.Tensor) -> dict:
+    robust = {e: v.cpu()[sel] for e, v in r["robust"].items()}
+    return {"attack": r["attack"], "norm": r["norm"], "n": len(sel), "y": r["y"].cpu()[sel], "robust": robust,
+            "robust_accuracy": {e: float(v.float().mean()) for e, v in robust.items()}}
+
+
+def _unroll_check(results: dict, grad_mode: str, eps_list: list[float], n: int) -> dict:
+    """The paper's §9.1 check: a shorter unroll must not find a much stronger attack than the full gradient."""
+    import math
+    worst = []
+    for e in eps_list:
+        full = float(results[grad_mode]["robust"][e].float().mean())
+        best = min(float(r["robust"][e].float().mean()) for r in results.values())
+        slack = max(1.0 / max(n, 1), 2 * math.sqrt(max(full * (1 - full), 0) / max(n, 1)))
+        if full > best + slack:
+            worst.append((e, full, best))
+    accs = {gm: {f"{e:g}": round(float(r["robust"][e].float().mean()), 4) for e in eps_list}
+            for gm, r in results.items()}
+    return {"check": "unroll-sweep", "passed": not worst,
+            "detail": f"robust accuracy by gradient unroll: {accs}" +
+                      (f"; a shorter unroll is stronger than {grad_mode} at {[w[0] for w in worst]}"
+                       if worst else "")}
 
 
 def _save_attack_artifacts(store: Store, run_id: str, res: dict, x, y, idx, eps_list, ds: Dataset) -> None:
@@ -403,9 +651,15 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                    dataset=config["dataset"], model_run_id=train_run.get("id"),
                    device=describe_device(device)) as run_id:
         _link_model_input(store, run_id, info)
-        def cb(info: dict) -> None:
+        cells_total = 1 + len(names) * len(severities)
+        seen: list = []
+
+        def cb(info: dict) -> None:  # one bar over every (corruption, severity) cell
             what = f"{info['name']}/{info['severity']}" if info.get("name") else "clean"
-            progress(f"corrupt {what}", info["done"], info["total"], {})
+            if what not in seen:
+                seen.append(what)
+            done = (len(seen) - 1) * info["total"] + info["done"]
+            progress("corrupt", done, cells_total * info["total"], {"cell": what})
 
         if source:
             clean = None if ds is None else subset(ds.test_x, ds.test_y, n, seed)[:2]
@@ -551,6 +805,8 @@ DEMO = {
     "corruptions": ["gaussian_noise", "defocus_blur", "fog", "contrast", "jpeg_compression"],
     "n_attack": 200,
     "n_corrupt": 500,
+    "dataset": None,  # the embedded real CIFAR-10 subset
+    "overrides": {},  # recipe overrides for every demo model (tests shrink the epochs)
 }
 
 
@@ -562,7 +818,7 @@ def demo(*, store: Store, device: str | None = None, progress: Progress = _noop,
     for model, recipe, label in DEMO["models"]:
         note(f"[bold]train[/] {label} ({model}, recipe {recipe}) on the embedded CIFAR-10 images")
         res = train(model=model, recipe=recipe, store=store, device=device, label=label, progress=progress,
-                    argv=["epcli", "demo"])
+                    dataset=DEMO["dataset"], overrides=dict(DEMO["overrides"]), argv=["epcli", "demo"])
         runs.append(res["run_id"])
         note(f"  test accuracy {res['test_acc']:.3f}  (run {res['run_id']})")
     for rid in runs:

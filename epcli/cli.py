@@ -237,6 +237,11 @@ def train(
         eps_v = api.parse_eps(eps)[0]
         api.check_eps(norm, [eps_v])
         overrides["adv"] = {**overrides.get("adv", {}), "norm": norm, "eps": eps_v}
+    from epcli import distributed
+    if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
+        api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
+                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv)
+        return
     with _store() as store, _progress() as progress:
         res = api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
                         seed=seed, device=device, store=store, resume=resume, label=label, argv=sys.argv,
@@ -269,6 +274,12 @@ def attack(
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (backs off on OOM).")] = None,
     dataset: DataOpt = None,
     data_dir: DataDirOpt = None,
+    unroll_sweep: Annotated[Optional[str], typer.Option(
+        help="EP only: also attack with gradients through K-step unrolls, e.g. 10,15,20,25,29,60,70 (the paper's "
+             "obfuscation check); stored per K and checked.")] = None,
+    checks: Annotated[bool, typer.Option(help="Run the reliability checks (monotone, large eps, PGD strength, "
+                                         "white- vs black-box on stored runs).")] = True,
+    strength_check: Annotated[bool, typer.Option(help="PGD: re-run 2x steps and restarts on a subset.")] = True,
     strict: Annotated[bool, typer.Option(help="Exit 7 when a reliability check fails.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -291,7 +302,9 @@ def attack(
         res = api.attack(model=model, attack=attack_name, norm=norm, eps=eps, dataset=dataset,
                          data_dir=data_dir, n=n, seed=seed, grad_mode=grad_mode, batch_size=batch_size,
                          labels=labels, params=params, T=T, device=device, store=store, argv=sys.argv,
-                         progress=progress)
+                         checks=checks, strength=strength_check, progress=progress,
+                         unroll_sweep=[int(k) for k in unroll_sweep.split(",") if k.strip()] if unroll_sweep
+                         else None)
     for w in caught:
         _note(f"[yellow]warning:[/] {w.message}")
     if not STATE.quiet:
@@ -299,9 +312,12 @@ def attack(
                         f"grad {grad_mode})")
         t.add_column("eps")
         t.add_column("robust acc", justify="right")
-        t.add_row("clean", f"{res['clean_acc']:.4f}")
+        for gm in res.get("unroll_sweep") or {}:
+            t.add_column(gm, justify="right")
+        t.add_row("clean", f"{res['clean_acc']:.4f}", *["" for _ in res.get("unroll_sweep") or {}])
         for e, a in res["robust_acc"].items():
-            t.add_row(e, f"{a:.4f}" + (" !" if res["unreliable"] else ""))
+            t.add_row(e, f"{a:.4f}" + (" !" if res["unreliable"] else ""),
+                      *[f"{accs[e]:.4f}" for accs in (res.get("unroll_sweep") or {}).values()])
         err.print(t)
         if res["unreliable"]:
             err.print(f"[red]unreliable:[/] {res['reason']}")

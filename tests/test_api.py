@@ -1,0 +1,98 @@
+"""The Python API: resumable attacks, the unroll sweep, cross-run reliability checks, the demo pipeline."""
+import pytest
+import torch
+from PIL import Image
+
+from epcli import api
+from epcli.store import Store
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, mini):
+    root = tmp_path_factory.mktemp("api-data") / "small"
+    for split, x, y, n in (("train", mini.train_x, mini.train_y, 40), ("test", mini.test_x, mini.test_y, 12)):
+        for c, name in enumerate(mini.classes):
+            (root / split / name).mkdir(parents=True)
+            for i in (y == c).nonzero().flatten()[:n].tolist():
+                Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(root / split / name / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, folder):
+    s = Store(tmp_path_factory.mktemp("api-store"))
+    s.cnn = api.train(model="cnn-small", dataset=folder, overrides={"epochs": 2}, store=s, device="cpu")
+    s.ep = api.train(model="ep-cnn-tiny", dataset=folder, store=s, device="cpu",
+                     overrides={"epochs": 1, "optimizer": {"lrs": [0.2, 0.1, 0.05]}})
+    return s
+
+
+def test_interrupted_attack_resumes_where_it_stopped(store, monkeypatch):
+    import epcli.attacks as A
+    real = A.evaluate
+    calls, fail = [], [True]
+
+    def flaky(*a, **kw):
+        calls.append(len(a[2]))
+        if len(calls) == 2 and fail[0]:
+            fail[0] = False
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(A, "evaluate", flaky)
+    kw = dict(model=store.cnn["run_id"], eps="4/255,8/255", n=60, chunk=20, store=store, device="cpu",
+              params={"steps": 3}, strength=False)
+    with pytest.raises(KeyboardInterrupt):
+        api.attack(**kw)
+    assert store.runs(kind="attack", limit=1)[0]["status"] == "interrupted"
+    calls.clear()
+    resumed = api.attack(**kw)
+    assert len(calls) == 2  # chunk 0 came from disk, chunks 1 and 2 were attacked
+    monkeypatch.setattr(A, "evaluate", real)
+    fresh = api.attack(**kw)  # the partial files were removed on success: a full recomputation
+    assert fresh["robust_acc"] == resumed["robust_acc"] and fresh["clean_acc"] == resumed["clean_acc"]
+    assert not list((store.root / "partial").rglob("*.safetensors"))
+
+
+def test_unroll_sweep_is_stored_per_unroll(store):
+    res = api.attack(model=store.ep["run_id"], eps="8/255", n=24, unroll_sweep=[2, 6], store=store,
+                     device="cpu", params={"steps": 2}, strength=False)
+    modes = {m["grad_mode"] for m in store.metrics(res["run_id"], name="robust_acc")}
+    assert modes == {"bptt", "truncated:2", "truncated:6"}
+    assert set(res["unroll_sweep"]) == {"truncated:2", "truncated:6"}
+    assert [c["name"] for c in store.checks(res["run_id"])].count("unroll-sweep") == 1
+
+
+def test_square_beating_a_weak_pgd_flags_the_pgd_run(store):
+    weak = api.attack(model=store.cnn["run_id"], eps="8/255", n=60, store=store, device="cpu",
+                      params={"steps": 1, "step_size": 1e-4}, strength=False)
+    assert not weak["unreliable"]
+    sq = api.attack(model=store.cnn["run_id"], attack="square", eps="8/255", n=60, store=store, device="cpu",
+                    params={"n_queries": 300})
+    assert sq["robust_acc"]["8/255"] < weak["robust_acc"]["8/255"]
+    flagged = store.metrics(weak["run_id"], name="robust_acc")
+    assert all(m["unreliable"] == 1 for m in flagged)
+    assert any(c["name"] == "white-vs-black" and not c["passed"] for c in store.checks(weak["run_id"]))
+    from epcli import report
+    data = report.collect(store)
+    assert "⚠" in report.render(data, "md")
+
+
+def test_pgd_strength_check_is_stored(store):
+    res = api.attack(model=store.cnn["run_id"], eps="2/255,8/255", n=60, store=store, device="cpu",
+                     params={"steps": 5})
+    names = [c["name"] for c in store.checks(res["run_id"])]
+    assert "strength" in names and "monotone" in names
+
+
+def test_demo_pipeline_records_everything(tmp_path, folder, monkeypatch):
+    monkeypatch.setitem(api.DEMO, "dataset", folder)
+    monkeypatch.setitem(api.DEMO, "overrides", {"epochs": 1})
+    monkeypatch.setitem(api.DEMO, "n_attack", 20)
+    monkeypatch.setitem(api.DEMO, "n_corrupt", 20)
+    monkeypatch.setitem(api.DEMO, "corruptions", ["gaussian_noise", "fog", "contrast"])
+    s = Store(tmp_path / "demo")
+    res = api.demo(store=s, device="cpu")
+    kinds = [r["kind"] for r in s.runs()]
+    assert kinds.count("train") == 2 and kinds.count("attack") == 4 and kinds.count("corrupt") == 2
+    assert {r["status"] for r in s.runs()} == {"finished"}
+    assert len(res["data"].rows) == 2
