@@ -379,8 +379,9 @@ def report(
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model names (repeatable).")] = None,
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Training run ids (repeatable).")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Only this dataset.")] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json, md, html, robustbench, "
-                                     "paper (epcli beside the paper).")] = "table",
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="table, csv, json, md, html or robustbench. md and html include epcli beside the "
+                               "paper's numbers.")] = "table",
     out: Annotated[Optional[str], typer.Option(help="Write files (and figures) to this folder.")] = None,
     figures: Annotated[bool, typer.Option(help="Also draw the figures (PNG + SVG).")] = False,
     as_json: JsonOpt = False,
