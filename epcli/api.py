@@ -212,6 +212,7 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
             rec = {**rec, "epochs": overrides["epochs"]}
         seed = config.get("seed", seed)
     else:
+        torch.manual_seed(int(seed))  # the initial weights follow --seed too (rank 0's are broadcast)
         net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
         model_name = model
         rec_name = recipe or training.default_recipe(model, ds.name)

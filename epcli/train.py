@@ -10,6 +10,12 @@ After every epoch the test accuracy is measured and `on_epoch(epoch, metrics, st
 resumes training *exactly* (same final weights as an uninterrupted run): weights, optimiser, schedule position,
 epoch, history and every RNG (global CPU/CUDA and the data generator). `state_to_tensors` flattens it for a
 safetensors file. This module imports no store, CLI or rich: tensors in, tensors and plain dicts out.
+
+Under torchrun (`epcli.distributed`) `fit` trains one model data-parallel: `recipe["batch_size"]` is the
+*global* batch; every rank draws the same shuffled order and augmentation from the shared seed, takes its
+contiguous slice of each global batch (`distributed.shard_range`), and the gradients (backprop or EP) are
+averaged with one flattened all_reduce, weighted by slice size, so every rank steps with the gradient of the
+global batch. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -375,7 +381,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def _accuracy(model, x_u8, y, batch_size, device, amp=False, fwd=None, **fwd_kwargs) -> float:
+def _correct(model, x_u8, y, batch_size, device, amp=False, fwd=None, **fwd_kwargs) -> torch.Tensor:
+    """How many of the images the model classifies correctly (an int64 tensor on `device`), in eval mode."""
     from epcli.data import batches
     fwd = fwd or model
     was = model.training
@@ -388,7 +395,11 @@ def _accuracy(model, x_u8, y, batch_size, device, amp=False, fwd=None, **fwd_kwa
             correct += (logits.argmax(1) == yb).sum()
     finally:
         model.train(was)
-    return float(correct) / max(1, len(y))
+    return correct
+
+
+def _accuracy(model, x_u8, y, batch_size, device, amp=False, fwd=None, **fwd_kwargs) -> float:
+    return float(_correct(model, x_u8, y, batch_size, device, amp, fwd, **fwd_kwargs)) / max(1, len(y))
 
 
 def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
@@ -414,6 +425,24 @@ def _rng_state(device: torch.device, data_gen: torch.Generator, adv_gen: torch.G
 def _set_rng_state(rng: dict, device: torch.device, data_gen: torch.Generator, adv_gen: torch.Generator):
     torch.set_rng_state(rng["torch"].cpu())
     data_gen.set_state(rng["data"].cpu())
+    adv_gen.set_state(rng["adv"].cpu())
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+
+RANK_SEED_STRIDE = 10007  # rank r > 0 seeds its own streams (global RNG, PGD) with seed + r * this
+
+
+def _rank_rng(device: torch.device, adv_gen: torch.Generator) -> dict:
+    """The streams that differ between ranks (the data generator is shared)."""
+    rng = {"torch": torch.get_rng_state(), "adv": adv_gen.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rank_rng(rng: dict, device: torch.device, adv_gen: torch.Generator) -> None:
+    torch.set_rng_state(rng["torch"].cpu())
     adv_gen.set_state(rng["adv"].cpu())
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
@@ -490,6 +519,55 @@ def _is_ep(model: nn.Module) -> bool:
     return callable(getattr(model, "ep_train_step", None))
 
 
+def _sync_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers -> torch.nn.SyncBatchNorm, in place (same parameters and buffers, same state_dict)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+
+def _sync_grads(params: list, loss: torch.Tensor, n_local: int, n_global: int, world: int) -> torch.Tensor:
+    """Turn every rank's p.grad (of its slice's mean loss) into the gradient of the global batch's mean loss.
+
+    Each rank weighs its gradient by n_local * world / n_global (1 for equal slices), then one flattened
+    all_reduce (mean) per bucket. A parameter without a gradient on every rank keeps p.grad None, as in a
+    single process. Returns the global batch's mean loss (a tensor, the same on every rank).
+    """
+    from epcli import distributed as dist
+    w = n_local * world / max(n_global, 1)
+    have, missing = [], False
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+            have.append(0.0)
+            missing = True
+        else:
+            if w != 1.0:
+                p.grad.mul_(w)
+            have.append(1.0)
+    ref = params[0]
+    extra = torch.cat([torch.tensor(have, dtype=ref.dtype, device=ref.device),
+                       loss.detach().to(ref.device, ref.dtype).reshape(1) * w])
+    dist.all_reduce_mean_([p.grad for p in params] + [extra])
+    if missing:  # a host read only where this rank had no gradient for some parameter
+        for p, h in zip(params, extra[:-1].tolist()):
+            if h == 0.0:
+                p.grad = None
+    return extra[-1]
+
+
+def _crop_flip_slice(x: torch.Tensor, lo: int, n_global: int, pad_mode: str, generator, world: int):
+    """crop_flip of this rank's slice [lo, lo+len(x)) with the draws of the whole global batch (the shared
+    data generator stays in step on every rank, and every image gets the draw it gets in one process)."""
+    from epcli.data import crop_flip
+    if world == 1:
+        return crop_flip(x, pad=4, pad_mode=pad_mode, generator=generator)
+    full = x.new_zeros((n_global, *x.shape[1:]))
+    full[lo:lo + len(x)] = x
+    return crop_flip(full, pad=4, pad_mode=pad_mode, generator=generator)[lo:lo + len(x)]
+
+
 def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.device = "cpu", seed: int = 0,
         state: dict | None = None, on_epoch: Callable | None = None, on_batch: Callable | None = None,
         max_epochs: int | None = None) -> list[dict]:
@@ -505,15 +583,29 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         max_epochs: stop once this many epochs (in total, resumed ones included) are done; the schedule
             still follows recipe["epochs"], so a later resume continues the same run.
 
+    Under torchrun (several processes) every rank calls `fit` with the same arguments: the process group is
+    joined if needed, rank 0's weights are broadcast, each rank trains on its slice of every global batch
+    (recipe batch_size is global), gradients are averaged, BatchNorm becomes SyncBatchNorm on CUDA (on the
+    CPU it normalises per rank and rank 0's running statistics are broadcast after every epoch), metrics are
+    reduced over all ranks, and only rank 0 calls `on_epoch`/`on_batch` (they are ignored elsewhere). The
+    state also holds every rank's own RNG streams (`rng_ranks`), so a resume with the same number of
+    processes is exact.
+
     Raises:
         Diverged: the loss became NaN/inf.
     """
-    from epcli.data import batches, crop_flip
+    from epcli import distributed as dist
+    from epcli.data import batches
 
     if isinstance(recipe, str):
         recipe = resolve_recipe(recipe, {})
     r = recipe
-    device = torch.device(device)
+    device = torch.device(dist.device_for(str(device)))
+    if dist.launched():
+        dist.init(device)
+    world, rank = dist.world_size(), dist.rank()
+    if rank != 0:  # progress and checkpoints are rank 0's business
+        on_epoch = on_batch = None
     ep_mode = _is_ep(model)
     adv = r.get("adv")
     if ep_mode and adv:
@@ -529,11 +621,14 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
     cuda = device.type == "cuda"
 
     model.to(device)
+    if world > 1 and cuda:
+        _sync_batchnorm(model)
     if cuda and r.get("channels_last"):
         model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(model, r["optimizer"], device)
-    data_gen = torch.Generator().manual_seed(int(seed))
-    adv_gen = torch.Generator().manual_seed(int(seed) + 1)
+    rank_seed = int(seed) + RANK_SEED_STRIDE * rank  # rank 0: the single-process seed
+    data_gen = torch.Generator().manual_seed(int(seed))  # shared: the same order and augmentation everywhere
+    adv_gen = torch.Generator().manual_seed(rank_seed + 1)
     history: list[dict] = []
     start_epoch = 0
     if state is not None:
@@ -541,11 +636,22 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
         history = [dict(h) for h in state.get("history", [])]
-        _set_rng_state(state["rng"], device, data_gen, adv_gen)
+        _set_rng_state(state["rng"], device, data_gen, adv_gen)  # rank 0's streams and the shared data stream
+        if rank > 0:
+            ranks = state.get("rng_ranks") or []
+            if len(ranks) == world:
+                _set_rank_rng(ranks[rank], device, adv_gen)
+            else:  # resumed with another number of processes: deterministic, but not the original streams
+                torch.manual_seed(rank_seed + start_epoch)
+                if cuda:
+                    torch.cuda.manual_seed(rank_seed + start_epoch)
+                adv_gen.manual_seed(rank_seed + 1 + start_epoch)
     else:
-        torch.manual_seed(int(seed))
+        torch.manual_seed(rank_seed)
         if cuda:
-            torch.cuda.manual_seed(int(seed))
+            torch.cuda.manual_seed(rank_seed)
+    if world > 1:  # one model: every replica starts from rank 0's weights and buffers
+        dist.broadcast_(list(model.parameters()) + list(model.buffers()))
     if ep_mode and cuda and r.get("amp") and callable(getattr(model, "accelerate", None)):
         # EP "amp": fp16 relaxation (bf16 states lose the first layer's EP signal; see timings.md), fp32 updates
         model.accelerate(torch.float16, channels_last=True, compile=bool(r.get("compile")))
@@ -554,9 +660,12 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         fwd = torch.compile(model)
     amp = bool(r.get("amp")) and cuda and not ep_mode
 
-    # The whole split goes to the device once; batches are drawn there.
+    # The whole split goes to the device once; batches are drawn there. Each rank tests on its slice.
     train_x, train_y = dataset.train_x.to(device), dataset.train_y.to(device)
-    test_x, test_y = dataset.test_x.to(device), dataset.test_y.to(device)
+    t_lo, t_hi = dist.shard_range(len(dataset.test_y), rank, world)
+    test_x, test_y = dataset.test_x[t_lo:t_hi].to(device), dataset.test_y[t_lo:t_hi].to(device)
+    n_test = len(dataset.test_y)
+    params = [p for p in model.parameters() if p.requires_grad]
     n = len(train_y)
     bs = int(r["batch_size"])
     drop_last = bool(r.get("drop_last")) and n >= bs
@@ -579,15 +688,24 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         lr0 = _set_lr(optimizer, r["schedule"], epoch, 0.0, epochs)
         it = batches(train_x, train_y, bs, shuffle=True, augment="crop-flip" if aug and not policy else None,
                      pad_mode=r["pad_mode"], device=device, generator=data_gen, drop_last=drop_last)
-        for b, (xb, yb) in enumerate(it):
+        for b, (xb, yb) in enumerate(it):  # the global batch, the same on every rank
+            n_global = len(yb)
+            lo, hi = dist.shard_range(n_global, rank, world)
+            if world > 1:
+                xb, yb = xb[lo:hi], yb[lo:hi]
+            nb = len(yb)
             _set_lr(optimizer, r["schedule"], epoch, b / total, epochs)
             if policy is not None:
-                xb = crop_flip(_policy_augment(xb, policy, r.get("augment_group", 8)), pad=4,
-                               pad_mode=r["pad_mode"], generator=data_gen)
+                if nb:
+                    xb = _policy_augment(xb, policy, r.get("augment_group", 8))
+                xb = _crop_flip_slice(xb, lo, n_global, r["pad_mode"], data_gen, world)
             if cuda and r.get("channels_last"):
                 xb = xb.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
-            if ep_mode:
+            logits = None
+            if nb == 0:  # a last batch smaller than the world: this rank only joins the reduction
+                loss = torch.zeros((), dtype=torch.float64, device=device)
+            elif ep_mode:
                 out = model.ep_train_step(xb, yb, int(ep_cfg["T1"]), int(ep_cfg["T2"]), float(ep_cfg["beta"]),
                                           ep_cfg.get("rule", "symmetric"))
                 loss = torch.as_tensor(out["loss"], dtype=torch.float64, device=device)
@@ -610,36 +728,50 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
                     logits = fwd(xb)
                     loss = F.cross_entropy(logits.float(), yb, label_smoothing=smoothing)
                 loss.backward()
+            loss_d = loss.detach().to(torch.float64)
+            loss_g = _sync_grads(params, loss_d, nb, n_global, world) if world > 1 else loss_d
             if clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
             optimizer.step()
-            loss_d = loss.detach().to(torch.float64)
-            loss_sum += loss_d * len(yb)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(yb)
+            loss_sum += loss_d * nb
+            if logits is not None:
+                correct += (logits.detach().argmax(1) == yb).sum()
+            seen += nb
             if (b + 1) % progress_every == 0 or b + 1 == total:
-                lv = float(loss_d)  # one host sync every few batches (every batch on CPU)
+                lv = float(loss_g)  # one host sync every few batches (every batch on CPU); the same on all ranks
                 if not math.isfinite(lv):
                     raise Diverged(f"training diverged: loss {lv} at epoch {epoch + 1}, batch {b + 1}")
                 if on_batch is not None:
                     on_batch(b + 1, total, {"epoch": epoch + 1, "loss": lv})
         if cuda:
             torch.cuda.synchronize(device)
+        test_correct = _correct(model, test_x, test_y, int(r.get("eval_batch_size") or 500), device, amp=amp,
+                                fwd=fwd if not ep_mode else None)
+        if world > 1:  # sums over the ranks; replicas keep rank 0's BatchNorm running statistics
+            tot = dist.all_reduce_sum_([torch.stack([
+                loss_sum.to(torch.float64), correct.to(torch.float64), test_correct.to(torch.float64),
+                torch.tensor(float(seen), dtype=torch.float64, device=device),
+                torch.tensor(float(steps_sum), dtype=torch.float64, device=device)])])[0].tolist()
+            loss_sum, correct, test_correct, seen, steps_sum = tot[0], tot[1], tot[2], int(tot[3]), tot[4]
+            dist.broadcast_([bf for bf in model.buffers()])
         seconds = time.perf_counter() - t0
         train_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(train_loss):
             raise Diverged(f"training diverged: mean loss {train_loss} in epoch {epoch + 1}")
-        test_acc = _accuracy(model, test_x, test_y, int(r.get("eval_batch_size") or 500), device, amp=amp,
-                             fwd=fwd if not ep_mode else None)
+        test_acc = float(test_correct) / max(1, n_test)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": float(correct) / max(seen, 1),
                    "test_acc": test_acc, "seconds": seconds, "lr": lr0}
         if ep_mode:
             metrics["mean_steps"] = steps_sum / max(seen, 1)
         history.append(metrics)
+        rng_ranks = dist.all_gather_object(_cpu_clone(_rank_rng(device, adv_gen))) if world > 1 else None
         if on_epoch is not None:
             st = {"model": _cpu_clone(model.state_dict()), "optimizer": _cpu_clone(optimizer.state_dict()),
                   "scheduler": {"name": r["schedule"]["name"], "epoch": epoch + 1},
                   "epoch": epoch + 1, "seed": int(seed), "history": [dict(h) for h in history],
                   "rng": _cpu_clone(_rng_state(device, data_gen, adv_gen)), "recipe": copy.deepcopy(r)}
+            if rng_ranks is not None:
+                st["world_size"] = world
+                st["rng_ranks"] = rng_ranks
             on_epoch(epoch + 1, dict(metrics), st)
     return history
