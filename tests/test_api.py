@@ -1,7 +1,7 @@
 """The Python API: resumable attacks, the unroll sweep, cross-run reliability checks, the demo pipeline."""
 import pytest
 import torch
-from PIL import Image
+from conftest import write_imagefolder
 
 from epcli import api
 from epcli.store import Store
@@ -9,13 +9,7 @@ from epcli.store import Store
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, mini):
-    root = tmp_path_factory.mktemp("api-data") / "small"
-    for split, x, y, n in (("train", mini.train_x, mini.train_y, 40), ("test", mini.test_x, mini.test_y, 12)):
-        for c, name in enumerate(mini.classes):
-            (root / split / name).mkdir(parents=True)
-            for i in (y == c).nonzero().flatten()[:n].tolist():
-                Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(root / split / name / f"{i}.png")
-    return str(root)
+    return str(write_imagefolder(tmp_path_factory.mktemp("api-data") / "small", mini, 40, 12))
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import write_imagefolder
 from typer.testing import CliRunner
 
 from epcli.cli import app
@@ -25,14 +24,7 @@ def invoke(*args, store=None):
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, mini):
     """A few hundred real CIFAR-10 images as an ImageFolder tree (PNG, lossless copies of the embedded JPEGs)."""
-    root = tmp_path_factory.mktemp("data") / "cifar-small"
-    for split, x, y, n in (("train", mini.train_x, mini.train_y, 40), ("test", mini.test_x, mini.test_y, 20)):
-        for c, name in enumerate(mini.classes):
-            (root / split / name).mkdir(parents=True)
-            idx = (y == c).nonzero().flatten()[:n]
-            for i in idx.tolist():
-                Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(root / split / name / f"{i}.png")
-    return root
+    return write_imagefolder(tmp_path_factory.mktemp("data") / "cifar-small", mini, 40, 20)
 
 
 @pytest.fixture(scope="module")

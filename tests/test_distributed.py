@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from conftest import write_imagefolder
 from safetensors.torch import load_file
 
 from epcli import api, distributed
@@ -22,13 +22,7 @@ EP = ["--T1", "8", "--T2", "4", "--set", "optimizer.lrs=null"]
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, mini):
     """160 train + 100 test real CIFAR-10 images as an ImageFolder tree (lossless PNG copies)."""
-    root = tmp_path_factory.mktemp("data") / "cifar-tiny"
-    for split, x, y, n in (("train", mini.train_x, mini.train_y, 16), ("test", mini.test_x, mini.test_y, 10)):
-        for c, name in enumerate(mini.classes):
-            (root / split / name).mkdir(parents=True)
-            for i in (y == c).nonzero().flatten()[:n].tolist():
-                Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(root / split / name / f"{i}.png")
-    return root
+    return write_imagefolder(tmp_path_factory.mktemp("data") / "cifar-tiny", mini, 16, 10)
 
 
 def _torchrun(args, nproc=2, timeout=180):
