@@ -605,7 +605,7 @@ def _save_attack_artifacts(store: Store, run_id: str, res: dict, x, y, idx, eps_
     if res.get("x_adv"):
         k = min(len(v) for v in res["x_adv"].values())
         ex = {"x": x[:k].float().div(255) if x.dtype == torch.uint8 else x[:k].float(),
-              "label": y[:k].to(torch.int64)}
+              "labels": y[:k].to(torch.int64), "pred_clean": res["clean_pred"][:k].to(torch.int64).cpu()}
         for e in eps_list:
             ex[f"x_adv_{e!r}"] = res["x_adv"][e][:k].float().cpu().contiguous()
             if "pred_adv" in res:
@@ -770,7 +770,7 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
         with store.run("report", config, argv=argv) as run_id:
             figs = R.figures(data, out_dir) if figures or fmt == "html" else []
             files = list(figs)
-            if text is not None:
+            if text is not None and fmt != "html":  # the html page is written once, below, with figures
                 ext = {"robustbench": "json"}.get(fmt, fmt)
                 f = out_dir / f"report.{ext}"
                 f.write_text(text)

@@ -891,6 +891,19 @@ def _to_img(a):
     return np.clip(a, 0, 1).squeeze()
 
 
+def _first_correct_everywhere(loaded, default: int) -> int:
+    """The first test image every model classifies correctly when clean (an attack has something to do)."""
+    import numpy as np
+    ok = None
+    for _, t, _, _, _, _ in loaded:
+        if "pred_clean" not in t or "labels" not in t:
+            return default
+        good = np.asarray(t["pred_clean"]).reshape(-1) == np.asarray(t["labels"]).reshape(-1)
+        ok = good if ok is None else ok[: len(good)] & good[: len(ok)]
+    hits = np.flatnonzero(ok) if ok is not None else []
+    return int(hits[0]) if len(hits) else default
+
+
 def _adversarial_grid(data: ReportData, names: dict[str, str], image: int = 0):
     import numpy as np
     loaded = []
@@ -926,6 +939,7 @@ def _adversarial_grid(data: ReportData, names: dict[str, str], image: int = 0):
         loaded.append((a, tensors, pairs, classes, labels, eps_meta))
     if not loaded:
         return None
+    image = _first_correct_everywhere(loaded, image)
     plt = _plt()
     ncols = 1 + max(len(p) for _, _, p, _, _, _ in loaded)
     nrows = 2 * len(loaded)
