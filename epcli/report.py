@@ -776,7 +776,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                 if facts:
                     fx = sorted((f["eps"], f["value"]) for f in facts)
                     ax.plot(*zip(*fx), "--", color=colors[names[rid]], alpha=0.5, lw=1,
-                            label=f"{names[rid]} (paper)")
+                            label=f"paper: {row.paper_key}")
         ax.set_xscale("log")
         ax.set_ylim(0, 100)
         ax.set_xlabel(f"ε ({NORM_NAMES.get(norm, norm)})")
