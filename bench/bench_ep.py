@@ -1,6 +1,7 @@
 """Benchmark the EP core: training s/epoch (T1, T2, β, batch) and inference images/s (T and converged T).
 
-Prints one JSON line per measurement: device, date, command, what, value, unit and the settings.
+Prints first a "run" line (the exact command, the device, torch and thread count), then one JSON line per
+measurement: device, date, command, what, value, unit and the settings.
 GPU: `python bench/bench_ep.py` (the paper net, batch 128, T1=250, T2=30, β=0.5; add --dtype fp16 --compile).
 CPU: `python bench/bench_ep.py --small` (ep-cnn-small, short phases, a few batches).
 Random weights and random images: the step cost does not depend on them, but the *converged* T does
@@ -12,6 +13,7 @@ import datetime
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,8 @@ def main(argv=None):
     p.add_argument("--T2", type=int, default=None)
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--rule", default="symmetric")
+    p.add_argument("--update", choices=["sync", "alternate"], default=None,
+                   help="relaxation: synchronous (the paper) or alternating even/odd sweeps (default: the preset's)")
     p.add_argument("--iters", type=int, default=None, help="timed training batches (after 1 warm-up)")
     p.add_argument("--epoch-images", type=int, default=None, help="images per epoch (50k; 5k with --small)")
     p.add_argument("--tol", type=float, default=1e-3, help="convergence tolerance for the converged-T line")
@@ -51,16 +55,19 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     torch.manual_seed(0)
-    model = EPCNN.preset(preset).to(dev)
+    model = EPCNN.preset(preset, **({"update": a.update} if a.update else {})).to(dev)
     model.accelerate(DTYPES[a.dtype], channels_last=True, compile=a.compile)  # no-op on CPU
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads)"
+    command = " ".join(shlex.quote(v) for v in [Path(sys.executable).name, *sys.argv])
     base = dict(device=name, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                command=" ".join(["python"] + sys.argv), torch=torch.__version__, preset=preset, batch=B,
-                dtype=a.dtype, compile=a.compile)
+                command=command, torch=torch.__version__, preset=preset, batch=B,
+                dtype=a.dtype, compile=a.compile, update=model.update)
 
     def emit(**kw):
         print(json.dumps({**base, **kw}), flush=True)
+
+    emit(what="run", cuda=torch.version.cuda, threads=torch.get_num_threads(), cpu=platform.processor() or None)
 
     def sync():
         if dev.type == "cuda":

@@ -41,9 +41,11 @@ PRESETS: dict[str, dict] = {
     # CIFAR-100: conv4 widened to 1024, plain (not x3) CIFAR-100 statistics.
     "ep-cnn-cifar100": dict(channels=[128, 256, 512, 1024], kernels=[3, 3, 3, 3], paddings=[1, 1, 1, 0],
                             pools="mmmm", mean=list(CIFAR100_MEAN), std=list(CIFAR100_STD), T=250),
-    # CPU demo: three layers converge in a few dozen synchronous steps.
+    # CPU demo: three layers, alternating (even/odd) sweeps, weights x1.5 at init (the default init shrinks the
+    # states ~2x per layer under clamp(u/2, 0, 1): the read-out starts blind and EP learns slowly).
     "ep-cnn-small": dict(channels=[16, 32, 64], kernels=[3, 3, 3], paddings=[1, 1, 1], pools="mmm",
-                         mean=list(CIFAR10_MEAN), std=[3 * s for s in CIFAR10_STD], T=40),
+                         mean=list(CIFAR10_MEAN), std=[3 * s for s in CIFAR10_STD], T=20, update="alternate",
+                         init_gain=1.5),
     # Tests: two tiny layers.
     "ep-cnn-tiny": dict(channels=[4, 8], kernels=[3, 3], paddings=[1, 1], pools="mm",
                         mean=list(CIFAR10_MEAN), std=[3 * s for s in CIFAR10_STD], T=20),
@@ -63,14 +65,14 @@ EP_RECIPES: dict[str, dict] = {
                               schedule=dict(name="cosine", t_max=100, eta_min=1e-5),
                               augment="crop-flip", pad_mode="reflect", label_smoothing=0.0,
                               ep=dict(T1=250, T2=30, beta=1.0, rule="symmetric"), adv=None),
-    # CPU demo (embedded 5k images, 2 cores): short phases on the 3-layer net.
-    # Measured (1 CPU thread, shared box): 17.7 / 24.6 / 28.5% test after epochs 1-3, ~40 s per epoch.
-    "demo-ep": dict(model="ep-cnn-small", dataset=None, epochs=3, batch_size=64,
+    # CPU demo (embedded 5k images, 2 cores): short alternating phases on the 3-layer net, batch 32 (the cost
+    # per image is flat in the batch size on CPU, so smaller batches buy more updates). See docs/ep.md.
+    "demo-ep": dict(model="ep-cnn-small", dataset=None, epochs=8, batch_size=32,
                     optimizer=dict(name="sgd", lr=0.05, lrs=[0.2, 0.12, 0.08, 0.05], momentum=0.9,
                                    weight_decay=3e-4, nesterov=False),
-                    schedule=dict(name="cosine", t_max=3, eta_min=1e-3),
+                    schedule=dict(name="cosine", t_max=8, eta_min=1e-3),
                     augment="crop-flip", pad_mode="edge", label_smoothing=0.0,
-                    ep=dict(T1=30, T2=10, beta=0.5, rule="symmetric"), adv=None),
+                    ep=dict(T1=15, T2=6, beta=0.5, rule="symmetric"), adv=None),
     # A GUESS (unmeasured: no GPU in the session that wrote it) for >=87% in 10 min on one H100; see docs/ep.md.
     "fast-ep": dict(model="ep-cnn", dataset="cifar10", epochs=12, batch_size=256,
                     optimizer=dict(name="sgd", lr=0.1, lrs=[0.4, 0.25, 0.15, 0.12, 0.08], momentum=0.9,
@@ -133,7 +135,7 @@ class EPCNN(nn.Module):
                  channels=(128, 256, 512, 512), kernels=3, paddings=1, pools: str | None = None,
                  fc=(), activation: str = "my_hard_sig", readout: str = "ce",
                  mean=CIFAR10_MEAN, std=tuple(3 * s for s in CIFAR10_STD), T: int = 250,
-                 grad_mode: str = "bptt"):
+                 grad_mode: str = "bptt", update: str = "sync", init_gain: float = 1.0):
         super().__init__()
         n = len(channels)
         if n < 1 or not all(isinstance(c, int) and c > 0 for c in channels):
@@ -178,10 +180,18 @@ class EPCNN(nn.Module):
             d = width
             self.shapes.append((width,))
         self.out = nn.Linear(d, num_classes) if readout == "ce" else None  # read-out outside Φ
+        if not isinstance(init_gain, (int, float)) or isinstance(init_gain, bool) or not init_gain > 0:
+            raise UsageError(f"init_gain must be a positive number, got {init_gain!r}")
+        self.init_gain = float(init_gain)
+        if self.init_gain != 1.0:  # PyTorch's default init shrinks the states ~2x per layer under clamp(u/2)
+            with torch.no_grad():
+                for m in self._couplings():
+                    m.weight.mul_(self.init_gain)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
         if self.mean.numel() != in_channels or self.std.numel() != in_channels or (self.std <= 0).any():
             raise UsageError(f"mean/std need {in_channels} entries with std > 0")
+        self.update = update
         self.T = T
         self.grad_mode = grad_mode
         # Runtime knobs (not architecture, so not in the spec).
@@ -190,7 +200,7 @@ class EPCNN(nn.Module):
         self.ep_beta, self.ep_steps = 0.1, None      # grad_mode "ep": nudge size, nudged steps (None: T)
         self.implicit_tol, self.implicit_iters = 1e-6, None  # adjoint iteration for "implicit" (None: T)
         self.last_steps = 0
-        self._step_fn = self._step
+        self._step_fn, self._sweep_fn = self._step, self._sweep
 
     # -- spec, presets, validation ---------------------------------------------------------------------------
     @property
@@ -207,6 +217,19 @@ class EPCNN(nn.Module):
         self._T = self._check_T(value)
 
     @property
+    def update(self) -> str:
+        """How a relaxation step updates the layers: "sync" (all at once, the paper) or "alternate" (even/odd)."""
+        return self._update
+
+    @update.setter
+    def update(self, mode):
+        self._update = _check_update(mode)
+
+    def min_steps(self, update: str | None = None) -> int:
+        """Fewest steps for the input to reach the read-out: depth (sync), ceil(depth/2) (alternate)."""
+        return self.depth if (update or self.update) == "sync" else (self.depth + 1) // 2
+
+    @property
     def grad_mode(self) -> str:
         return self._grad_mode
 
@@ -215,12 +238,12 @@ class EPCNN(nn.Module):
         parse_grad_mode(mode)
         self._grad_mode = mode
 
-    def _check_T(self, T, what="T") -> int:
+    def _check_T(self, T, what="T", update=None) -> int:
         if not isinstance(T, int) or isinstance(T, bool):
             raise UsageError(f"{what} must be an integer, got {T!r}")
-        if T < len(getattr(self, "shapes", [])):
-            raise UsageError(f"{what}={T} is smaller than the network depth {self.depth}: "
-                             f"the input cannot reach the read-out")
+        if T < self.min_steps(update):
+            raise UsageError(f"{what}={T} is smaller than the {self.min_steps(update)} {update or self.update} "
+                             f"steps the input needs to reach the read-out (network depth {self.depth})")
         return T
 
     @property
@@ -230,7 +253,8 @@ class EPCNN(nn.Module):
                     image_size=self.image_size, channels=list(self.channels), kernels=list(self.kernels),
                     paddings=list(self.paddings), pools=self.pools, fc=list(self.fc),
                     activation=self.activation, readout=self.readout,
-                    mean=list(self._mean), std=list(self._std), T=self.T, grad_mode=self.grad_mode)
+                    mean=list(self._mean), std=list(self._std), T=self.T, grad_mode=self.grad_mode,
+                    update=self.update, init_gain=self.init_gain)
 
     @classmethod
     def from_spec(cls, spec: dict) -> "EPCNN":
@@ -256,13 +280,15 @@ class EPCNN(nn.Module):
             raise UsageError(f"{self.name} expects images of shape (B, {self.in_channels}, {hw[0]}, {hw[1]}), "
                              f"got {tuple(x.shape)}")
 
+    def _couplings(self) -> list[nn.Module]:
+        return list(self.convs) + list(self.fcs) + ([self.out] if self.out is not None else [])
+
     def layer_param_groups(self) -> list[list[nn.Parameter]]:
         """[conv1, ..., convN, fc1, ..., readout]: one list per layer, for per-layer learning rates."""
-        mods = list(self.convs) + list(self.fcs) + ([self.out] if self.out is not None else [])
-        return [list(m.parameters()) for m in mods]
+        return [list(m.parameters()) for m in self._couplings()]
 
     def extra_repr(self) -> str:
-        return f"T={self.T}, grad_mode={self.grad_mode!r}, activation={self.activation!r}, readout={self.readout!r}"
+        return f"T={self.T}, update={self.update!r}, grad_mode={self.grad_mode!r}, activation={self.activation!r}, readout={self.readout!r}"
 
     # -- the primitive function Φ and its explicit state gradient ----------------------------------------------
     def _normalize(self, x):
@@ -344,35 +370,63 @@ class EPCNN(nn.Module):
     def _pre(self, drive, s, beta, y, W, Wo):
         # Bottom-up terms (and pool indices) from the current states; the input term `drive` is cached.
         ups = [(drive, None, None)] + [self._up(l, s[l - 1], W) for l in range(1, len(s))]
-        pre = []
-        for l in range(len(s)):
-            h = ups[l][0]
-            if l + 1 < len(s):
-                _, z, idx = ups[l + 1]
-                h = h + self._down(l + 1, s[l + 1], z, idx, W, s[l].shape)
-            pre.append(h)
-        if _nonzero(beta):  # nudge: -β ∂L/∂s_N = -β (dL/dlogits) W_o  (W_o = I for the mse read-out)
+        return [self._pre_layer(l, s, ups, beta, y, W, Wo) for l in range(len(s))]
+
+    def _pre_layer(self, l, s, ups, beta, y, W, Wo):
+        """∂Φ^β/∂s_l from the bottom-up term ups[l] and the top-down term of s_{l+1} (pool indices in ups[l+1])."""
+        h = ups[l][0]
+        if l + 1 < len(s):
+            _, z, idx = ups[l + 1]
+            h = h + self._down(l + 1, s[l + 1], z, idx, W, s[l].shape)
+        if l == len(s) - 1 and _nonzero(beta):  # nudge: -β ∂L/∂s_N = -β (dL/dlogits) W_o  (W_o = I for mse)
             g = self._dloss(self.logits(s) if Wo is None else F.linear(s[-1].flatten(1), *Wo), y)
             g = g if Wo is None else g @ Wo[0]
-            pre[-1] = pre[-1] - (_col(beta, g) * g).view(s[-1].shape).to(pre[-1].dtype)
-        return pre
+            h = h - (_col(beta, g) * g).view(s[-1].shape).to(h.dtype)
+        return h
 
     def _step(self, drive, s, beta, y, W, Wo):
         """One synchronous step s_l <- σ(∂Φ^β/∂s_l) for all layers at once."""
         return [self.act(h) for h in self._pre(drive, s, beta, y, W, Wo)]
 
+    def _sweep(self, drive, s, beta, y, W, Wo, ups_odd=None):
+        """One alternating sweep (block Gauss-Seidel by layer parity): the even-indexed layers s_1, s_3, ...
+        (0-based l = 0, 2, ...) from the current odd ones, then the odd ones from the new even ones. Layers of
+        one parity do not interact, so each half is exact; the fixed point is the synchronous one.
+
+        Every coupling is computed once per sweep, as in a synchronous step: `ups_odd` (the bottom-up terms of
+        the odd layers, computed from the even states passed in) is returned for the next sweep to reuse.
+        Returns (new states, ups_odd)."""
+        n = len(s)
+        s, ups = list(s), [None] * n
+        ups[0] = (drive, None, None)
+        for l in range(2, n, 2):
+            ups[l] = self._up(l, s[l - 1], W)
+        for l in range(1, n, 2):
+            ups[l] = self._up(l, s[l - 1], W) if ups_odd is None else ups_odd[l // 2]
+        for l in range(0, n, 2):
+            s[l] = self.act(self._pre_layer(l, s, ups, beta, y, W, Wo))
+        for l in range(1, n, 2):
+            ups[l] = self._up(l, s[l - 1], W)
+        for l in range(1, n, 2):
+            s[l] = self.act(self._pre_layer(l, s, ups, beta, y, W, Wo))
+        return s, [ups[l] for l in range(1, n, 2)]
+
     # -- relaxation ---------------------------------------------------------------------------------------------
     def zero_states(self, batch, device=None, dtype=None):
         return [torch.zeros(batch, *shape, device=device, dtype=dtype) for shape in self.shapes]
 
-    def relax(self, x, T, beta=0.0, y=None, states=None, tol=None):
-        """Run T synchronous steps of the (nudged) dynamics from zero states (or `states`: warm start).
+    def relax(self, x, T, beta=0.0, y=None, states=None, tol=None, update=None):
+        """Run T steps of the (nudged) dynamics from zero states (or `states`: warm start).
 
+        update: "sync" (all layers at once) or "alternate" (even/odd sweeps; one sweep counts as one step and
+        costs the same convs); None: the model's `update`.
         With `tol`, stop as soon as max|s^{t+1} - s^t| < tol (T is then the cap). Returns (states, steps used).
-        A warm start may use any T >= 0. Gradients flow through every step when autograd is on and something requires grad (that is BPTT).
+        A warm start may use any T >= 0. Gradients flow through every step when autograd is on and something
+        requires grad (that is BPTT).
         """
+        update = self.update if update is None else _check_update(update)
         if states is None:
-            self._check_T(T)
+            self._check_T(T, update=update)
         elif not isinstance(T, int) or T < 0:
             raise UsageError(f"T must be a non-negative integer, got {T!r}")
         if _nonzero(beta) and y is None:
@@ -385,12 +439,16 @@ class EPCNN(nn.Module):
         sdtype = dtype or W[0][0].dtype
         s = self.zero_states(x.shape[0], x.device, sdtype) if states is None else [t.to(sdtype) for t in states]
         s = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in s]
-        return self._loop(drive, s, T, beta, y, W, Wo, tol)
+        return self._loop(drive, s, T, beta, y, W, Wo, tol, update)
 
-    def _loop(self, drive, s, T, beta, y, W, Wo, tol):
+    def _loop(self, drive, s, T, beta, y, W, Wo, tol, update="sync"):
         check_every = 1 if drive.device.type == "cpu" else 5  # every convergence check is a host sync on GPU
+        ups = None  # alternate: the odd layers' bottom-up terms, carried from one sweep to the next
         for t in range(1, T + 1):
-            new = self._step_fn(drive, s, beta, y, W, Wo)
+            if update == "alternate":
+                new, ups = self._sweep_fn(drive, s, beta, y, W, Wo, ups)
+            else:
+                new = self._step_fn(drive, s, beta, y, W, Wo)
             if tol is not None and (t % check_every == 0 or t == T):
                 res = max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(new, s))
                 s = new
@@ -427,22 +485,26 @@ class EPCNN(nn.Module):
         """One tracked step from the fixed point whose state gradient is replaced by the IFT adjoint (I-J)^-T g."""
         W, Wo = self._weights(None)
         drive = self._up(0, self._normalize(x), W)[0]
-        f = self._step(drive, [t.detach() for t in s_star], 0.0, None, W, Wo)
-        f = _Adjoint.apply(self, drive.detach(), [t.detach() for t in s_star], *f)
+        s_star = [t.detach().to(drive.dtype) for t in s_star]  # fp16 states (accelerate) -> the weights' dtype
+        f = self._step(drive, s_star, 0.0, None, W, Wo)
+        f = _Adjoint.apply(self, drive.detach(), s_star, *f)
         return self.logits(list(f))
 
     # -- learning rules -------------------------------------------------------------------------------------------
-    def ep_train_step(self, x, y, T1: int, T2: int, beta: float, rule: str = "symmetric") -> dict:
+    def ep_train_step(self, x, y, T1: int, T2: int, beta: float, rule: str = "symmetric",
+                      update: str | None = None) -> dict:
         """One batch of EP (or the BPTT control): ACCUMULATES into p.grad (like .backward()); no optimiser step.
 
         rule "symmetric": free phase (T1), then +β and -β phases (T2 each, from the free state, one 2B batch);
           grad = -[∂Φ^{+β}/∂θ(s^+) - ∂Φ^{-β}/∂θ(s^-)]/(2β), batch mean  (≈ ∂L/∂θ, L = mean loss).
         rule "one-sided": free and +β phases; grad = -[∂Φ^β/∂θ(s^β) - ∂Φ/∂θ(s^0)]/β.
         rule "bptt": back-propagate the loss through the last T2 steps of the T1-step free phase.
+        update: "sync" | "alternate" for every phase (None: the model's `update`).
         Returns dict(loss, logits (B,C, detached), steps, correct, rule).
         """
         self._check_input(x)
-        self._check_T(T1, "T1")
+        update = self.update if update is None else _check_update(update)
+        self._check_T(T1, "T1", update)
         if rule not in ("symmetric", "one-sided", "bptt"):
             raise UsageError(f"unknown learning rule {rule!r}: use symmetric, one-sided or bptt")
         if not isinstance(T2, int) or T2 < 1:
@@ -453,41 +515,46 @@ class EPCNN(nn.Module):
         B = x.shape[0]
         if rule == "bptt":
             with torch.no_grad():
-                s, _ = self.relax(x, T1 - min(T2, T1)) if T1 > T2 else (None, 0)
+                s = (self.relax(x, T1 - T2, states=self.zero_states(B, x.device), update=update)[0]
+                     if T1 > T2 else None)  # from zero: any length (T1 - T2 may be below the depth)
             with torch.enable_grad():
-                s, _ = self.relax(x, min(T2, T1), states=s) if s is not None else self.relax(x, T1)
+                s, _ = (self.relax(x, min(T2, T1), states=s, update=update) if s is not None
+                        else self.relax(x, T1, update=update))
                 logits = self.logits([t.float() if t.dtype != torch.float64 else t for t in s])
                 loss = self._loss(logits, y).mean()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             steps = T1
         else:
             with torch.no_grad():
-                s0, steps = self.relax(x, T1)
+                s0, steps = self.relax(x, T1, update=update)
                 logits = self.logits(s0)
                 loss = self._loss(logits, y).mean()
                 if rule == "symmetric":  # ±β phases as one batch of 2B
-                    betas = torch.cat([torch.full((B,), beta), torch.full((B,), -beta)]).to(x.device)
+                    # built on the device: a pageable host->device copy would stall the CUDA stream
+                    betas = torch.full((2 * B,), float(beta), device=x.device)
+                    betas[B:] = -float(beta)
                     s2, _ = self.relax(torch.cat([x, x]), T2, beta=betas, y=torch.cat([y, y]),
-                                       states=[torch.cat([t, t]) for t in s0])
+                                       states=[torch.cat([t, t]) for t in s0], update=update)
                     sa, sb = [t[:B] for t in s2], [t[B:] for t in s2]
                     ba, bb, denom = beta, -beta, 2 * beta
                 else:
-                    sa, _ = self.relax(x, T2, beta=beta, y=y, states=s0)
+                    sa, _ = self.relax(x, T2, beta=beta, y=y, states=s0, update=update)
                     sb, ba, bb, denom = s0, beta, 0.0, beta
             with torch.enable_grad():  # the update in full precision, whatever the relaxation dtype
                 f32 = lambda ss: [t.to(params[0].dtype) for t in ss]  # noqa: E731
                 dphi = (self.phi(x, f32(sa), ba, y) - self.phi(x, f32(sb), bb, y)).mean() / denom
                 grads = torch.autograd.grad(-dphi, params, allow_unused=True)
+        logits = logits.detach()
         gnorm = sum(g.float().pow(2).sum() for g in grads if g is not None)
-        bad = torch.stack([loss.detach().float(), torch.as_tensor(gnorm, device=x.device).float()])
-        if not bool(torch.isfinite(bad).all()):  # one host sync per batch
-            raise Diverged(f"EP step diverged (loss {float(loss):.4g}): NaN or exploding states/gradients")
+        # loss, gradient norm and #correct come back in one host transfer: the only sync of the batch
+        loss_v, gnorm_v, correct = torch.stack([loss.detach().double(), torch.as_tensor(gnorm).double().to(x.device),
+                                                (logits.argmax(1) == y).sum().double()]).tolist()
+        if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+            raise Diverged(f"EP step diverged (loss {loss_v:.4g}): NaN or exploding states/gradients")
         for p, g in zip(params, grads):
             if g is not None:
                 p.grad = g.detach().clone() if p.grad is None else p.grad + g
-        logits = logits.detach()
-        return dict(loss=float(loss.detach()), logits=logits, steps=int(steps), rule=rule,
-                    correct=int((logits.argmax(1) == y).sum()))
+        return dict(loss=loss_v, logits=logits, steps=int(steps), rule=rule, correct=int(correct))
 
     # -- speed switches (opt-in) ------------------------------------------------------------------------------
     def accelerate(self, dtype: torch.dtype | None = torch.float16, channels_last: bool = True,
@@ -504,6 +571,7 @@ class EPCNN(nn.Module):
             self.to(memory_format=torch.channels_last)
         if compile:
             self._step_fn = torch.compile(self._step, dynamic=False)
+            self._sweep_fn = torch.compile(self._sweep, dynamic=False)
         return self
 
 
@@ -558,7 +626,8 @@ class _EPGrad(torch.autograd.Function):
             raise UsageError("ep_beta must be non-zero for the 'ep' gradient mode")
         c = g.abs().amax(1, keepdim=True).clamp_min(1e-30)  # nudge with g/|g|: the signal stays well above noise
         with torch.no_grad():
-            betas = torch.cat([torch.full((B,), beta), torch.full((B,), -beta)]).to(x.device)
+            betas = torch.full((2 * B,), float(beta), device=x.device)
+            betas[B:] = -float(beta)
             s2, _ = model.relax(torch.cat([x, x]), model.ep_steps or model.T, beta=betas,
                                 y=torch.cat([g / c, g / c]), states=[torch.cat([t, t]) for t in ctx.s_free])
         with torch.enable_grad():
@@ -567,6 +636,15 @@ class _EPGrad(torch.autograd.Function):
             d = model.phi(xr, [t[:B].to(dtype) for t in s2]) - model.phi(xr, [t[B:].to(dtype) for t in s2])
             (dx,) = torch.autograd.grad(d.sum(), xr)
         return None, -dx / (2 * beta) * c.view(B, 1, 1, 1).to(dx.dtype), None, None
+
+
+UPDATES = ("sync", "alternate")
+
+
+def _check_update(mode) -> str:
+    if mode not in UPDATES:
+        raise UsageError(f"unknown update {mode!r}: use 'sync' (all layers at once) or 'alternate' (even/odd)")
+    return mode
 
 
 def _nonzero(beta) -> bool:
