@@ -208,6 +208,9 @@ def train(
     rule: Annotated[Optional[str], typer.Option(help="EP learning rule: symmetric, one-sided, bptt.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any recipe key: --set "
                                                       "optimizer.weight_decay=5e-4 (repeatable).")] = None,
+    model_set: Annotated[Optional[list[str]], typer.Option(
+        "--model-set", help="Any model option: --model-set update=alternate, --model-set T=60, "
+                            "--model-set channels=[64,128,256,256] (repeatable; see docs/models.md).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume exactly from a run id or checkpoint.")] = None,
     label: Annotated[Optional[str], typer.Option(help="Display name in reports.")] = None,
     seed: SeedOpt = 0,
@@ -244,6 +247,7 @@ def train(
         return
     with _store() as store, _progress() as progress:
         res = api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
+                        model_options=_parse_kv(model_set or []),
                         seed=seed, device=device, store=store, resume=resume, label=label, argv=sys.argv,
                         progress=progress)
     _note(f"[green]trained[/] {res['model']} on {res['dataset']}: test accuracy {res['test_acc']:.4f} "

@@ -99,7 +99,8 @@ store = Store(sys.argv[1]) if distributed.is_main() else None
 res = api.train(model="cnn", model_options={"channels": [8, 8, 8, 8], "batchnorm": False}, dataset=sys.argv[2],
                 overrides={"epochs": 1, "batch_size": 25, "augment": None}, seed=3, device="cpu", store=store)
 assert res["world_size"] == distributed.world_size() == 2, res
-print("rank", distributed.rank(), res["run_id"])
+sys.stdout.write(f"rank {distributed.rank()} {res['run_id']}\\n")  # one write: atomic on a pipe
+sys.stdout.flush()
 """
 
 
