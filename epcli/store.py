@@ -159,29 +159,34 @@ class Store:
             conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 60000")
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
                 from None
-        if tables and "runs" not in tables:
-            conn.close()
-            raise StoreError(f"{self.path} is a SQLite database but not an epcli store (tables: "
-                             f"{', '.join(sorted(tables)[:5])}); it was left untouched")
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            db = sqlite_utils.Database(conn)
-            if len(migrations.applied(db)) < MIGRATION_COUNT:
-                with self._lock():
+        # Inspect and migrate under a file lock, so that a second process never sees a half-created schema.
+        with self._lock():
+            try:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            except sqlite3.DatabaseError as e:
+                conn.close()
+                raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
+                    from None
+            if "runs" not in tables and not tables <= {"_sqlite_migrations"}:
+                conn.close()
+                raise StoreError(f"{self.path} is a SQLite database but not an epcli store (tables: "
+                                 f"{', '.join(sorted(tables)[:5])}); it was left untouched")
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                db = sqlite_utils.Database(conn)
+                if len(migrations.applied(db)) < MIGRATION_COUNT:
                     migrations.apply(db)
-                    db["schema_version"].upsert({"version": SCHEMA_VERSION, "applied_at": now()},
-                                                pk="version")
-            version = max((r["version"] for r in db["schema_version"].rows), default=0)
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema version {version}, newer than this epcli "
-                                 f"({SCHEMA_VERSION}); upgrade epcli")
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot use the store {self.path}: {e}") from None
+                    db["schema_version"].upsert({"version": SCHEMA_VERSION, "applied_at": now()}, pk="version")
+                version = max((r["version"] for r in db["schema_version"].rows), default=0)
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"cannot use the store {self.path}: {e}") from None
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {version}, newer than this epcli "
+                             f"({SCHEMA_VERSION}); upgrade epcli")
         self._mark_stale(db)
         return db
 
