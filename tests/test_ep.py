@@ -157,6 +157,23 @@ def test_ep_update_matches_bptt_at_convergence():
         assert (a - c).norm() < (b - c).norm()  # symmetric nudging has the smaller bias
 
 
+@pytest.mark.parametrize("pools", ["mm", "ai"])
+def test_bench_reference_style_implementation_agrees(pools):
+    # bench/bench_ep.py --reference times an autograd-of-Φ re-implementation of the reference approach: it must
+    # compute the same states, logits and symmetric-EP weight update as epcli (float64, sync). Agreement only.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_ep.py"
+    spec = importlib.util.spec_from_file_location("bench_ep", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    m = EPCNN.preset("ep-cnn-tiny", image_size=8, pools=pools)
+    x, y = data()
+    d = bench.agreement(m, x.float(), y, T1=12, T2=5, beta=0.5)
+    assert max(d.values()) < 1e-10, d
+
+
 def test_ep_step_accumulates_and_groups():
     m = tiny(fc=[6])
     groups = m.layer_param_groups()
