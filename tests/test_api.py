@@ -1,6 +1,5 @@
 """The Python API: resumable attacks, the unroll sweep, cross-run reliability checks, the demo pipeline."""
 import pytest
-import torch
 from conftest import write_imagefolder
 
 from epcli import api

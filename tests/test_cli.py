@@ -1,6 +1,5 @@
 """The CLI end to end on real images: train -> attack -> corrupt -> report, and every bad input."""
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from epcli.attacks._common import (check_eps, check_inputs, check_norm, eval_mode, flat_norm, margin_loss,
+from epcli.attacks._common import (check_eps, check_inputs, check_norm, eval_mode, margin_loss,
                                    project)
 from epcli.errors import UsageError
 
