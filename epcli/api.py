@@ -832,3 +832,47 @@ def demo(*, store: Store, device: str | None = None, progress: Progress = _noop,
                 progress=progress, argv=["epcli", "demo"])
     data = R.collect(store, runs=runs)
     return {"runs": runs, "store": str(store.root), "data": data}
+
+
+# --- paired comparison ----------------------------------------------------------------------------------
+
+def compare(*, store: Store, run_a: str, run_b: str) -> dict:
+    """Paired comparison of two attack runs on the test points both attacked, per shared eps.
+
+    Uses the stored per-example outcomes: counts of points robust under both, only A, only B, and the exact
+    two-sided McNemar p-value on the discordant pairs (is one model really more robust on the same points?).
+    """
+    a_run, b_run = store.get_run(run_a), store.get_run(run_b)
+    for r in (a_run, b_run):
+        if r["kind"] != "attack" or r["status"] != "finished":
+            raise UsageError(f"run {r['id']} is a {r['status']} {r['kind']} run; compare needs two finished "
+                             "attack runs")
+    a, b = _stored_outcomes(store, a_run), _stored_outcomes(store, b_run)
+    if a is None or b is None:
+        raise NotFoundError("one of the runs has no per-example outcomes stored")
+    if a_run["dataset"] != b_run["dataset"]:
+        raise UsageError(f"the runs attacked different datasets ({a_run['dataset']} vs {b_run['dataset']})")
+    _, ia, ib = _common_indices(a["index"], b["index"])
+    if len(ia) == 0:
+        raise UsageError("the two runs share no test points (use the same --seed and overlapping --n)")
+    rows = []
+    for e in sorted(set(a["robust"]) & set(b["robust"])):
+        ra, rb = a["robust"][e][ia], b["robust"][e][ib]
+        only_a, only_b = int((ra & ~rb).sum()), int((~ra & rb).sum())
+        rows.append({"eps": e, "eps_label": eps_label(e), "n": len(ia), "acc_a": float(ra.float().mean()),
+                     "acc_b": float(rb.float().mean()), "both": int((ra & rb).sum()), "only_a": only_a,
+                     "only_b": only_b, "mcnemar_p": mcnemar_p(only_a, only_b)})
+    if not rows:
+        raise UsageError("the two runs share no eps value")
+    return {"run_a": a_run["id"], "run_b": b_run["id"], "model_a": a_run["model"], "model_b": b_run["model"],
+            "attack_a": a["attack"], "attack_b": b["attack"], "norm_a": a["norm"], "norm_b": b["norm"],
+            "rows": rows}
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test: the discordant pairs are Binomial(only_a + only_b, 1/2) under H0."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

@@ -491,6 +491,30 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
 
 
 @app.command(rich_help_panel="Store")
+def compare(
+    run_a: Annotated[str, typer.Argument(help="An attack run id (or prefix).")],
+    run_b: Annotated[str, typer.Argument(help="Another attack run id, e.g. of another model.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Paired comparison of two attack runs on their common test points: who is robust where, and the exact
+    McNemar p-value per eps."""
+    from epcli import api
+    with _store() as store:
+        res = api.compare(store=store, run_a=run_a, run_b=run_b)
+    if as_json:
+        _emit(res, True)
+        return
+    t = Table(title=f"A = {res['model_a']} ({res['attack_a']} {res['norm_a']}, {res['run_a']})  vs  "
+                    f"B = {res['model_b']} ({res['attack_b']} {res['norm_b']}, {res['run_b']})")
+    for col in ("eps", "n", "robust A", "robust B", "both", "only A", "only B", "McNemar p"):
+        t.add_column(col, justify="right")
+    for r in res["rows"]:
+        t.add_row(r["eps_label"], str(r["n"]), f"{r['acc_a']:.4f}", f"{r['acc_b']:.4f}", str(r["both"]),
+                  str(r["only_a"]), str(r["only_b"]), f"{r['mcnemar_p']:.3g}")
+    Console().print(t)
+
+
+@app.command(rich_help_panel="Store")
 def trace(run_id: Annotated[str, typer.Argument(help="A training run id (or any run id).")]) -> None:
     """Lineage: everything derived from a run (attacks, corruptions, reports) as a tree."""
     from epcli import report as R

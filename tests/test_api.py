@@ -89,3 +89,25 @@ def test_demo_pipeline_records_everything(tmp_path, folder, monkeypatch):
     assert kinds.count("train") == 2 and kinds.count("attack") == 4 and kinds.count("corrupt") == 2
     assert {r["status"] for r in s.runs()} == {"finished"}
     assert len(res["data"].rows) == 2
+
+
+def test_mcnemar_exact_values():
+    assert api.mcnemar_p(0, 0) == 1.0
+    assert api.mcnemar_p(5, 5) == 1.0
+    assert api.mcnemar_p(0, 6) == pytest.approx(2 / 64)  # both tails of Binomial(6, 1/2)
+    assert api.mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024)
+
+
+def test_paired_comparison_of_two_models(store):
+    kw = dict(eps="2/255,8/255", n=48, store=store, device="cpu", params={"steps": 3}, strength=False)
+    a = api.attack(model=store.cnn["run_id"], **kw)
+    b = api.attack(model=store.ep["run_id"], **kw)
+    res = api.compare(store=store, run_a=a["run_id"], run_b=b["run_id"])
+    assert [r["eps_label"] for r in res["rows"]] == ["2/255", "8/255"]
+    for r in res["rows"]:
+        assert r["n"] == 48 and r["both"] + r["only_a"] == round(r["acc_a"] * 48)
+        assert r["acc_a"] == pytest.approx(a["robust_acc"][r["eps_label"]])
+        assert r["acc_b"] == pytest.approx(b["robust_acc"][r["eps_label"]])
+    from epcli.errors import UsageError
+    with pytest.raises(UsageError):
+        api.compare(store=store, run_a=a["run_id"], run_b=store.cnn["run_id"])
