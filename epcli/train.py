@@ -66,7 +66,7 @@ DEFAULTS: dict = {
     "ep": None,  # {T1, T2, beta, rule} for EP models
     "adv": None,  # {norm, eps, steps, step_size, random_start, labels: true|predicted} adversarial training
 }
-EP_DEFAULTS = {"T1": 250, "T2": 30, "beta": 0.5, "rule": "symmetric"}
+EP_DEFAULTS = {"T1": 250, "T2": 30, "beta": 0.5, "rule": "symmetric", "update": None}  # None: the model's own
 ADV_DEFAULTS = {"norm": "l2", "eps": None, "steps": 20, "step_size": None, "random_start": False,
                 "labels": "predicted"}
 
@@ -231,7 +231,9 @@ def _validate(r: dict) -> None:
                                                          "reflect or zeros")
     need(0.0 <= float(r["label_smoothing"]) < 1.0, f"label_smoothing must be in [0, 1), got {r['label_smoothing']}")
     if r["ep"] is not None:
-        need(isinstance(r["ep"], dict), "recipe ep must be a dict {T1, T2, beta, rule} or None")
+        need(isinstance(r["ep"], dict), "recipe ep must be a dict {T1, T2, beta, rule, update} or None")
+        need(r["ep"].get("update") in (None, "sync", "alternate"),
+             f"recipe ep.update must be sync or alternate, got {r['ep'].get('update')!r}")
     if r["adv"] is not None:
         a = r["adv"]
         need(isinstance(a, dict), "recipe adv must be a dict {norm, eps, steps, ...} or None")
@@ -706,8 +708,9 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
             if nb == 0:  # a last batch smaller than the world: this rank only joins the reduction
                 loss = torch.zeros((), dtype=torch.float64, device=device)
             elif ep_mode:
+                extra = {"update": ep_cfg["update"]} if ep_cfg.get("update") else {}  # sync | alternate
                 out = model.ep_train_step(xb, yb, int(ep_cfg["T1"]), int(ep_cfg["T2"]), float(ep_cfg["beta"]),
-                                          ep_cfg.get("rule", "symmetric"))
+                                          ep_cfg.get("rule", "symmetric"), **extra)
                 loss = torch.as_tensor(out["loss"], dtype=torch.float64, device=device)
                 logits = out["logits"]
                 steps_sum += int(out.get("steps", 0)) * len(yb)

@@ -337,3 +337,24 @@ def test_resume_is_exact_with_random_start_pgd_and_policy_augmentation(cifar):
     fit(resumed, ds, r, seed=3, state=tensors_to_state(*state_to_tensors(states[1])))
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAVE_EP, reason="epcli.ep not available")
+def test_recipe_ep_update_reaches_the_relaxation(cifar, monkeypatch):
+    """ep.update in a recipe (e.g. `--set ep.update=alternate`) is what ep_train_step receives."""
+    ds = _small(cifar, 32, 16)
+    model = create_model("ep-cnn-tiny")
+    seen = []
+    real = model.ep_train_step
+
+    def spy(*a, **kw):
+        seen.append(kw.get("update"))
+        return real(*a, **kw)
+    monkeypatch.setattr(model, "ep_train_step", spy)
+    r = resolve_recipe(default_recipe("ep-cnn-tiny", None), {"epochs": 1, "batch_size": 32, "ep.T1": 6,
+                                                             "ep.T2": 3, "ep.update": "alternate"})
+    r["optimizer"]["lrs"] = None
+    fit(model, ds, r)
+    assert seen == ["alternate"]
+    with pytest.raises(UsageError, match="ep.update"):
+        resolve_recipe("demo-ep", {"ep.update": "sideways"})
