@@ -50,6 +50,16 @@ def need_classes(num_classes: int, minimum: int, what: str) -> None:
                          f"this model has {num_classes}")
 
 
+def runner_up_targets(model, x: torch.Tensor, y: torch.Tensor, n_target_classes: int, what: str):
+    """For targeted attacks that pick their own targets (APGD-T, FAB-T): the classes ranked by the clean
+    logits (B, C), the number of target classes to try (<= C - 1) and the examples already misclassified."""
+    with torch.no_grad():
+        logits = model(x)
+    c = logits.shape[1]
+    need_classes(c, 3, what)
+    return logits.argsort(dim=1, descending=True), max(1, min(int(n_target_classes), c - 1)), logits.argmax(1) != y
+
+
 def flat_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-example norm of a (B, ...) tensor."""
     v = v.flatten(1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from epcli.attacks._common import (check_eps, check_inputs, check_norm, dlr_loss, dlr_targeted_loss,
                                    eval_mode, need_classes, normalize_grad, num_classes_of, project,
-                                   random_start)
+                                   random_start, runner_up_targets)
 from epcli.errors import UsageError
 
 
@@ -175,14 +175,9 @@ def apgd_t(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: flo
     if eps == 0:
         return x.clone()
     with eval_mode(model):
-        with torch.no_grad():
-            clean_logits = model(x)
-        c = clean_logits.shape[1]
-        need_classes(c, 3, "APGD-T (targeted DLR)")
-        n_t = max(1, min(int(n_target_classes), c - 1))
-        ranked = clean_logits.argsort(dim=1, descending=True)
+        ranked, n_t, done = runner_up_targets(model, x, y, n_target_classes, "APGD-T (targeted DLR)")
+        c = ranked.shape[1]
         out = x.clone()
-        done = clean_logits.argmax(1) != y
         first = True
         for k in range(n_t):
             def run(idx, r, k=k):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from epcli.attacks._common import (check_eps, check_inputs, check_norm, eval_mode, flat_norm, need_classes,
-                                   project, random_start)
+from epcli.attacks._common import (check_eps, check_inputs, check_norm, eval_mode, flat_norm,
+                                   project, random_start, runner_up_targets)
 from epcli.errors import UsageError
 
 
@@ -118,14 +118,9 @@ def fab_t(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     if eps == 0:
         return x.clone()
     with eval_mode(model):
-        with torch.no_grad():
-            clean = model(x)
-        c = clean.shape[1]
-        need_classes(c, 3, "FAB-T (targeted)")
-        n_t = max(1, min(int(n_target_classes), c - 1))
-        ranked = clean.argsort(1, descending=True)
+        ranked, n_t, done = runner_up_targets(model, x, y, n_target_classes, "FAB-T (targeted)")
+        c = ranked.shape[1]
         out = x.clone()
-        done = clean.argmax(1) != y
         for k in range(n_t):
             idx = (~done).nonzero().squeeze(1)
             if idx.numel() == 0:
