@@ -769,6 +769,8 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
         config = {"models": models, "runs": runs, "dataset": dataset, "format": fmt, "out": str(out_dir)}
         with store.run("report", config, argv=argv) as run_id:
             figs = R.figures(data, out_dir) if figures or fmt == "html" else []
+            if figs:
+                figs += _corruption_samples(store, data, out_dir)
             files = list(figs)
             if text is not None and fmt != "html":  # the html page is written once, below, with figures
                 ext = {"robustbench": "json"}.get(fmt, fmt)
@@ -787,6 +789,19 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
             written = [str(f) for f in files]
         return {"run_id": run_id, "files": written, "data": data, "text": text}
     return {"run_id": None, "files": [], "data": data, "text": text}
+
+
+def _corruption_samples(store: Store, data, out_dir: Path) -> list[Path]:
+    """The newest corruption sample grid among the reported models, copied next to the figures."""
+    import shutil
+    for rid in _source_run_ids(data):
+        for run in store.runs(kind="corrupt", status="finished", model_run_id=rid, limit=1):
+            arts = store.artifacts_of(run["id"], role="output", kind="corruption-grid")
+            if arts:
+                dest = out_dir / "corruption-samples.png"
+                shutil.copyfile(store.artifact_path(arts[-1]["sha256"]), dest)
+                return [dest]
+    return []
 
 
 def _source_run_ids(data) -> list[str]:

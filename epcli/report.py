@@ -1051,6 +1051,8 @@ _CAPTIONS = {
     "steps": "Accuracy vs number of relaxation steps T (EP convergence, 'characteristic time'); dashed: paper.",
     "unroll": "Robust accuracy vs the unroll length K of the attack gradient (truncated:K): a plateau for large "
               "K means the truncation does not mask the gradient.",
+    "corruption-samples": "Test images under each evaluated corruption, clean then severities 1-5 (seeded; the "
+                          "exact images the models were scored on).",
     "adversarial-examples": "The same test image attacked at growing ε: adversarial image (top, predicted class) "
                             "and amplified perturbation (bottom), per model.",
 }
