@@ -83,6 +83,14 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     r = invoke("report", "--format", "csv", store=store)
     assert r.exit_code == 0, r.output
     assert "cnn-small" in r.stdout
+    out = store / "html-report"
+    r = invoke("report", "--format", "html", "--out", out, store=store)
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text()
+    for fig in ("robust-pgd-linf", "corruption-samples", "adversarial-examples"):
+        assert (out / f"{fig}.png").exists() and fig in page
+    assert 'src="http' not in page and "src=\"file" not in page  # self-contained
+    assert any(a["kind"] == "report" for a in Store(store).artifacts_of(Store(store).runs(kind="report")[0]["id"]))
     r = invoke("trace", train["run_id"], store=store)
     assert r.exit_code == 0 and att["run_id"] in r.stdout
     assert invoke("show", att["run_id"], store=store).exit_code == 0
