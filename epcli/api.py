@@ -251,7 +251,7 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
                     for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             store.log_metrics(run_id, rows)
             history.append({"epoch": epoch, **metrics})
-            progress("epoch", epoch + 1, rec["epochs"], metrics)
+            progress("epoch", epoch, rec["epochs"], metrics)  # epochs are 1-based
 
         def on_batch(done: int, total: int, info: dict) -> None:
             progress("batch", done, total, info)

@@ -111,3 +111,24 @@ def test_paired_comparison_of_two_models(store):
     from epcli.errors import UsageError
     with pytest.raises(UsageError):
         api.compare(store=store, run_a=a["run_id"], run_b=store.cnn["run_id"])
+
+
+def test_diverged_training_is_failed_and_keeps_the_last_good_checkpoint(store, folder, monkeypatch):
+    import epcli.train as T
+    from epcli.errors import Diverged
+    real_fit = T.fit
+
+    def fit_then_diverge(model, dataset, recipe, **kw):
+        real_fit(model, dataset, {**recipe, "epochs": 1}, **kw)  # one good epoch, checkpointed
+        raise Diverged("loss became NaN at epoch 2")
+    monkeypatch.setattr(T, "fit", fit_then_diverge)
+    with pytest.raises(Diverged):
+        api.train(model="cnn-small", dataset=folder, overrides={"epochs": 3}, store=store, device="cpu")
+    run = store.runs(kind="train", limit=1)[0]
+    assert run["status"] == "failed" and "NaN" in run["error"]
+    ck = store.artifacts_of(run["id"], role="output", kind="checkpoint")
+    assert len(ck) == 1 and ck[0]["meta"]["epoch"] == 1 and store.artifact_path(ck[0]["sha256"]).exists()
+    monkeypatch.setattr(T, "fit", real_fit)
+    resumed = api.train(model="cnn-small", dataset=folder, resume=run["id"], store=store, device="cpu",
+                        overrides={"epochs": 2})
+    assert store.get_run(resumed["run_id"])["status"] == "finished" and resumed["epochs"] == 2
