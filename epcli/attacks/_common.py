@@ -37,11 +37,14 @@ def check_eps(eps) -> float:
     return value
 
 
-def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+def check_inputs(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes; return the images detached and clipped to [0, 1] and the labels on their device."""
     if x.dim() != 4:
         raise UsageError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise UsageError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    x = x.detach().clamp(0.0, 1.0)
+    return x, y.to(x.device)
 
 
 def need_classes(num_classes: int, minimum: int, what: str) -> None:

@@ -115,13 +115,11 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     run only on the examples not yet fooled.
     """
     norm, eps = check_norm(norm), check_eps(eps)
-    check_inputs(x, y)
+    x, y = check_inputs(x, y)
     if loss not in ("ce", "dlr"):
         raise UsageError(f"unknown APGD loss {loss!r}: use 'ce' or 'dlr'")
     if int(steps) < 1 or int(restarts) < 1:
         raise UsageError("steps and restarts must be >= 1")
-    x = x.detach().clamp(0, 1)
-    y = y.to(x.device)
     if eps == 0:
         return x.clone()
     with eval_mode(model):
@@ -167,11 +165,9 @@ def apgd_t(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: flo
     capped at num_classes - 1.
     """
     norm, eps = check_norm(norm), check_eps(eps)
-    check_inputs(x, y)
+    x, y = check_inputs(x, y)
     if targeted:
         raise UsageError("apgd-t picks its own target classes: pass the true labels with targeted=False")
-    x = x.detach().clamp(0, 1)
-    y = y.to(x.device)
     if eps == 0:
         return x.clone()
     with eval_mode(model):

@@ -31,13 +31,11 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     robust (BoolTensor over the batch). y are true labels; targeted=True is refused (APGD-T/FAB-T pick
     their own targets)."""
     norm, eps = check_norm(norm), check_eps(eps)
-    check_inputs(x, y)
+    x, y = check_inputs(x, y)
     if version != "standard":
         raise UsageError(f"unknown AutoAttack version {version!r}: only 'standard' is implemented")
     if targeted:
         raise UsageError("autoattack is untargeted (its targeted members choose their own targets)")
-    x = x.detach().clamp(0, 1)
-    y = y.to(x.device)
     out = x.clone()
     members = {
         "apgd-ce": lambda m, a, b: apgd_ce(m, a, b, eps=eps, norm=norm, generator=generator, steps=steps),

@@ -28,11 +28,9 @@ def cw(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
     norm, eps = check_norm(norm), check_eps(eps)
     if norm != "l2":
         raise UsageError("cw is an L2 attack: use norm='l2' (for L-inf use pgd or apgd)")
-    check_inputs(x, y)
+    x, y = check_inputs(x, y)
     if int(steps) < 1 or int(binary_search_steps) < 1:
         raise UsageError("cw needs steps >= 1 and binary_search_steps >= 1")
-    x = x.detach().clamp(0, 1)
-    y = y.to(x.device)
     if eps == 0:
         return x.clone()
     n = x.shape[0]

@@ -110,11 +110,9 @@ def fab_t(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     otherwise the clean image. Needs >= 3 classes, like the other targeted attacks.
     """
     norm, eps = check_norm(norm), check_eps(eps)
-    check_inputs(x, y)
+    x, y = check_inputs(x, y)
     if targeted:
         raise UsageError("fab-t picks its own target classes: pass the true labels with targeted=False")
-    x = x.detach().clamp(0, 1)
-    y = y.to(x.device)
     if eps == 0:
         return x.clone()
     with eval_mode(model):

@@ -55,13 +55,11 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     """
     norm = check_norm(norm)
     eps = check_eps(eps)
-    check_inputs(x, y)
+    x, y = check_inputs(x, y)
     steps, restarts = int(steps), int(restarts)
     if steps < 1 or restarts < 1:
         raise UsageError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
     step_size = 2.5 * eps / steps if step_size is None else float(step_size)
-    x = x.detach().clamp(0.0, 1.0)
-    y = y.to(x.device)
     if eps == 0:
         return x.clone()
     with eval_mode(model):

@@ -77,11 +77,9 @@ def square(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: flo
     AutoAttack runs it with rescale_schedule=False. Restarts run only on examples not yet fooled.
     """
     norm, eps = check_norm(norm), check_eps(eps)
-    check_inputs(x, y)
+    x, y = check_inputs(x, y)
     if int(n_queries) < 1 or int(restarts) < 1 or not 0 < p_init <= 1:
         raise UsageError("square needs n_queries >= 1, restarts >= 1 and 0 < p_init <= 1")
-    x = x.detach().clamp(0, 1)
-    y = y.to(x.device)
     if eps == 0:
         return x.clone()
     out = x.clone()
