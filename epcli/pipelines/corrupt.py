@@ -1,0 +1,154 @@
+"""`epcli corrupt`: a model on the CIFAR-10-C corruptions (generated or the official files)."""
+
+from __future__ import annotations
+
+import torch
+
+from epcli.data import load_dataset, subset
+from epcli.errors import NotFoundError, UsageError
+from epcli.pipelines.common import (
+    Progress,
+    dataset_for,
+    link_model_input,
+    load_model,
+    no_progress,
+    resolve_device,
+)
+from epcli.store import Store, describe_device
+
+
+def corrupt(*, model: str, names: list[str] | None = None, severities: list[int] | None = None,
+            dataset: str | None = None, data_dir: str | None = None, n: int | None = None, seed: int = 0,
+            source: str | None = None, reference: str | None = None, batch_size: int = 500,
+            T: int | None = None, device: str | None = None, store: Store, argv: list[str] | None = None,
+            progress: Progress = no_progress) -> dict:
+    """Evaluate a stored model on corruptions x severities (generated, or the official .npy files)."""
+    from epcli import corruptions as C
+
+    device = resolve_device(device)
+    names = list(names or C.CORRUPTIONS)
+    severities = list(severities or [1, 2, 3, 4, 5])
+    unknown = [c for c in names if c not in C.CORRUPTIONS]
+    if unknown:
+        raise UsageError(f"unknown corruption {unknown[0]!r}: choose from {', '.join(C.CORRUPTIONS)}")
+    bad = [s for s in severities if s not in (1, 2, 3, 4, 5)]
+    if bad:
+        raise UsageError(f"severity {bad[0]} is outside 1-5")
+    net, info = load_model(store, model, dataset, device)
+    if T is not None and hasattr(net, "T"):
+        net.T = int(T)
+    train_run = info["train_run"] or {}
+    ref_result = None
+    if reference:
+        ref_result = _corruption_result_of(store, reference)
+    ds = None if source else dataset_for(store, info, dataset, data_dir)
+    config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "corruptions": names,
+              "severities": severities, "seed": seed, "n_examples": n, "source": source,
+              "dataset": ds.name if ds else f"official:{source}", "reference": reference,
+              "T": getattr(net, "T", None)}
+    with store.run("corrupt", config, argv=argv, seed=seed, model=net.spec["name"],
+                   dataset=config["dataset"], model_run_id=train_run.get("id"),
+                   device=describe_device(device)) as run_id:
+        link_model_input(store, run_id, info)
+        cells_total = 1 + len(names) * len(severities)
+        seen: list = []
+
+        def cb(info: dict) -> None:  # one bar over every (corruption, severity) cell
+            what = f"{info['name']}/{info['severity']}" if info.get("name") else "clean"
+            if what not in seen:
+                seen.append(what)
+            done = (len(seen) - 1) * info["total"] + info["done"]
+            progress("corrupt", done, cells_total * info["total"], {"cell": what})
+
+        if source:
+            clean = None if ds is None else subset(ds.test_x, ds.test_y, n, seed)[:2]
+            res = C.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
+                                      device=device, on_batch=cb, clean=clean)
+            x_grid = None
+        else:
+            x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
+            res = C.evaluate(net, x, y, names=names, severities=severities, seed=seed, batch_size=batch_size,
+                             device=device, on_batch=cb)
+            x_grid = x[:4]
+        summ = C.summarize(res, reference=ref_result, reference_label=reference or "reference")
+        pct = lambda v: None if v is None else v / 100.0  # noqa: E731  (the store keeps fractions)
+        n_ex = int(next(iter(res["correct"].values())).numel())
+        facets = {"dataset": config["dataset"], "split": "test", "model": net.spec["name"], "n_examples": n_ex}
+        rows = []
+        if summ.get("clean_accuracy") is not None:
+            rows.append({"name": "clean_acc", "value": pct(summ["clean_accuracy"]), **facets})
+        cells = {(c, int(sv)): pct(a) for c, by_sev in summ["cells"].items() for sv, a in by_sev.items()}
+        for (c, sv), acc in cells.items():
+            rows.append({"name": "corruption_acc", "value": acc, "corruption": c, "severity": sv, **facets})
+        headline = {"clean_acc": pct(summ.get("clean_accuracy")),
+                    "corruption_mean_acc": pct(summ.get("mean_accuracy_benchmark")),
+                    "corruption_mean_acc_all": pct(summ.get("mean_accuracy_all")),
+                    "mce_unnormalized": pct(summ.get("mce_unnormalized")),
+                    "relative_mce": pct(summ.get("relative_mce_vs_reference")),
+                    "mce_vs_reference": pct(summ.get("mce_vs_reference"))}
+        for key, val in headline.items():
+            if key != "clean_acc" and val is not None:
+                rows.append({"name": key, "value": val, **facets,
+                             "detail": {"reference": reference} if "reference" in key or key == "relative_mce"
+                             else None})
+        store.log_metrics(run_id, rows)
+        _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
+        summary = {k: v for k, v in headline.items() if v is not None}
+        store.update_run(run_id, summary=summary)
+    return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
+            "n_examples": n_ex, "clean_acc": headline["clean_acc"], **summary,
+            "cells": {f"{c}/{sv}": v for (c, sv), v in cells.items()}}
+
+
+def _corruption_result_of(store: Store, ref: str) -> dict:
+    """The newest corrupt run of a run id or model name, as per-example outcomes (for relative mCE)."""
+    from safetensors.torch import load_file
+    try:
+        run = store.get_run(ref)
+        runs = [run] if run["kind"] == "corrupt" else store.runs(kind="corrupt", status="finished",
+                                                                  model_run_id=run["id"], limit=1)
+    except NotFoundError:
+        runs = store.runs(kind="corrupt", status="finished", model=ref, limit=1)
+    if not runs:
+        raise NotFoundError(f"no finished corruption run for reference {ref!r} (run `epcli corrupt` on it first)")
+    arts = store.artifacts_of(runs[0]["id"], role="output", kind="per-example")
+    if not arts:
+        raise NotFoundError(f"corruption run {runs[0]['id']} has no per-example outcomes")
+    t = load_file(str(store.artifact_path(arts[0]["sha256"])))
+    correct = {}
+    for k, v in t.items():
+        if "/" in k:
+            c, sv = k.rsplit("/", 1)
+            correct[(c, int(sv))] = v.bool()
+    return {"clean_correct": t["clean_correct"].bool(), "correct": correct}
+
+
+def _save_corruption_artifacts(store: Store, run_id, res, names, severities, x_grid, seed) -> None:
+    from safetensors.torch import save_file
+    outcome = {"clean_correct": res["clean_correct"].to(torch.uint8).cpu()}
+    for (c, s), v in res["correct"].items():
+        outcome[f"{c}/{s}"] = v.to(torch.uint8).cpu()
+    store.write_artifact(run_id, "per-example", lambda p: save_file(outcome, str(p)), suffix=".safetensors")
+    if x_grid is not None:
+        from torchvision.utils import save_image
+
+        from epcli import corruptions as C
+        grid = C.sample_grid(x_grid, names, severities, seed)
+        store.write_artifact(run_id, "corruption-grid",
+                             lambda p: save_image(grid.float() / 255 if grid.dtype == torch.uint8 else grid,
+                                                  str(p)),
+                             suffix=".png", meta={"corruptions": names, "severities": severities})
+
+
+def export_corruptions(*, directory: str, names: list[str] | None = None, dataset: str | None = None,
+                       data_dir: str | None = None, n: int | None = None, seed: int = 0,
+                       store: Store) -> dict:
+    """Write a generated CIFAR-10-C-style set (.npy per corruption + labels.npy) to `directory`."""
+    from epcli import corruptions as C
+    names = list(names or C.CORRUPTIONS)
+    ds = load_dataset(dataset, data_dir=data_dir, cache_dir=store.cache_dir)
+    x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
+    C.export(directory, x, y, names=names, seed=seed)
+    return {"directory": str(directory), "corruptions": names, "n_examples": len(y), "seed": seed}
+
+
