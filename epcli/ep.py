@@ -199,6 +199,10 @@ class EPCNN(nn.Module):
         self.tol: float | None = None                 # forward: stop early once max|Δs| < tol (cap T)
         self.ep_beta, self.ep_steps = 0.1, None      # grad_mode "ep": nudge size, nudged steps (None: T)
         self.implicit_tol, self.implicit_iters = 1e-6, None  # adjoint iteration for "implicit" (None: T)
+        # "implicit" needs a fixed point: relax on (up to implicit_max_steps, None: 10*T) until the relative
+        # residual max|F(s)-s| / max|s| is below implicit_residual_tol; what happened goes to implicit_stats
+        self.implicit_residual_tol, self.implicit_max_steps = 1e-3, None
+        self.implicit_stats = new_implicit_stats()
         self.last_steps = 0
         self._step_fn, self._sweep_fn = self._step, self._sweep
 
@@ -465,7 +469,10 @@ class EPCNN(nn.Module):
         T = self._check_T(self.T if T is None else T)
         kind, K = parse_grad_mode(self.grad_mode)
         track = torch.is_grad_enabled() and x.requires_grad
-        if track and kind == "bptt":  # exact: the same explicit steps, recorded by autograd
+        if track:  # the input gradient comes back in x's memory format, whatever layout the convs use
+            x = _InputGradLayout.apply(x)
+        if track and (kind == "bptt" or (kind == "truncated" and K >= T)):
+            # exact: the same explicit steps, recorded by autograd (a K >= T unroll is all T steps)
             s, self.last_steps = self.relax(x, T, tol=self.tol)
             return self.logits(s)
         with torch.no_grad():
@@ -473,13 +480,45 @@ class EPCNN(nn.Module):
             full = self.logits(s)
         if not track:
             return full
-        if kind == "truncated":  # value: full-T logits; gradient: BPTT through a K-step unroll from zero
-            k = self.logits(self.relax(x, min(K, T))[0]) if K < T else None
-            return full if k is None else full + (k - k.detach())
+        if kind == "truncated":  # value: full-T logits; gradient: BPTT through a K-step unroll from zero (K < T)
+            k = self.logits(self.relax(x, K)[0])
+            return full + (k - k.detach())
         if kind == "implicit":
-            k = self._implicit_logits(x, s)
+            k = self._implicit_logits(x, self._to_fixed_point(x, s, T))
             return full + (k - k.detach())
         return _EPGrad.apply(self, x, [t.detach() for t in s], full)  # "ep"
+
+    def relative_residual(self, x, s) -> float:
+        """max_l max|F(s)_l - s_l| / max_l max|s_l| for one synchronous step F: 0 exactly at a fixed point."""
+        with torch.no_grad():
+            W, Wo = self._weights(None)
+            drive = self._up(0, self._normalize(x), W)[0]
+            s = [t.detach().to(drive.dtype) for t in s]
+            f = self._step(drive, s, 0.0, None, W, Wo)
+            top = max(float((a - b).abs().max()) for a, b in zip(f, s))
+            return top / max(max(float(t.abs().max()) for t in s), 1e-30)
+
+    def _to_fixed_point(self, x, s, T):
+        """The state the implicit adjoint is applied at: s after T steps, relaxed further (in chunks of T steps,
+        up to implicit_max_steps) while its relative residual is above implicit_residual_tol. Recorded in
+        implicit_stats: the adjoint at a non-fixed point is not the gradient of anything."""
+        r0 = r = self.relative_residual(x, s)
+        extra, budget = 0, (10 * T if self.implicit_max_steps is None else int(self.implicit_max_steps))
+        while r > self.implicit_residual_tol and extra < budget:
+            n = min(T, budget - extra)
+            with torch.no_grad():
+                s, _ = self.relax(x, n, states=s)
+            extra += n
+            r = self.relative_residual(x, s)
+        self._adjoint_budget = T + extra  # the adjoint contracts like the relaxation: give it as many steps
+        st = self.implicit_stats
+        st["calls"] += 1
+        st["max_residual_at_T"] = max(st["max_residual_at_T"], r0)
+        st["max_residual"] = max(st["max_residual"], r)
+        st["max_extra_steps"] = max(st["max_extra_steps"], extra)
+        st["unconverged"] += int(r > self.implicit_residual_tol)
+        st["tol"] = self.implicit_residual_tol
+        return s
 
     def _implicit_logits(self, x, s_star):
         """One tracked step from the fixed point whose state gradient is replaced by the IFT adjoint (I-J)^-T g."""
@@ -599,7 +638,7 @@ class _Adjoint(torch.autograd.Function):
             out = model._step(ctx.drive, s_req, 0.0, None, W, None)
             a = list(g)
             scale = max(float(t.abs().max()) for t in g) or 1.0
-            for _ in range(model.implicit_iters or model.T):
+            for _ in range(model.implicit_iters or getattr(model, "_adjoint_budget", None) or model.T):
                 ja = torch.autograd.grad(out, s_req, a, retain_graph=True, allow_unused=True)
                 new = [gi + (torch.zeros_like(gi) if j is None else j) for gi, j in zip(g, ja)]
                 res = max(float((n - o).abs().max()) for n, o in zip(new, a))
@@ -607,6 +646,27 @@ class _Adjoint(torch.autograd.Function):
                 if res < model.implicit_tol * scale:
                     break
         return (None, None, None, *a)
+
+
+def new_implicit_stats() -> dict:
+    """Running record of the "implicit" mode's fixed points (reset it before an attack, read it after)."""
+    return {"calls": 0, "max_residual_at_T": 0.0, "max_residual": 0.0, "max_extra_steps": 0, "unconverged": 0,
+            "tol": None}
+
+
+class _InputGradLayout(torch.autograd.Function):
+    """Identity; its backward hands the input gradient back in the input's memory format (the relaxation runs
+    channels_last; libraries that call .view on the gradient need the layout they passed in)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.fmt = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+                   and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous(memory_format=ctx.fmt)
 
 
 class _EPGrad(torch.autograd.Function):
