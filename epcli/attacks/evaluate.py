@@ -234,7 +234,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     extra = {}
     if targeted:
         attacked = torch.ones_like(clean_correct) if labels == "predicted" else clean_correct
-        extra = {"targets": attack_labels, "target_hit": {e: (pred_adv[e] == attack_labels) & attacked
+        extra = {"targets": attack_labels.clone(), "target_hit": {e: (pred_adv[e] == attack_labels) & attacked
                                                          for e in eps_list}}
     return {**extra,
         "attack": attack,
