@@ -601,3 +601,69 @@ def test_percent_store(tmp_path):
     assert data.scale == "percent" and data.rows[0].clean_acc == 70.5
     assert data.rows[0].cells["pgd:linf:8/255"].value == 12.5
     store.close()
+
+
+def test_adversarial_image_choice(tmp_path):
+    """The grid shows a test image every shown model classifies correctly when clean, matched by test index
+    across artifacts stored in different orders; and says so when there is none."""
+    import numpy as np
+
+    def entry(index, labels, pred_clean, fooled_at_2):
+        t = {"x": np.zeros((len(index), 3, 4, 4), np.float32), "labels": np.array(labels),
+             "pred_clean": np.array(pred_clean), "x_adv_0.1": np.zeros((len(index), 3, 4, 4), np.float32),
+             "pred_0.1": np.where(np.arange(len(index)) == fooled_at_2, 9, np.array(labels))}
+        return {"t": t, "n": len(index), "labels": np.array(labels), "index": np.array(index),
+                "eps": [(0.1, "x_adv_0.1", "pred_0.1")]}
+
+    a = entry([10, 11, 12, 13], [1, 2, 3, 4], [0, 2, 3, 4], fooled_at_2=3)   # 10 misclassified clean
+    b = entry([13, 12, 11, 10], [4, 3, 2, 1], [4, 3, 9, 1], fooled_at_2=0)   # 11 misclassified clean
+    idx, pos = report.choose_image([a, b])
+    assert idx == 13 and pos == [3, 0]          # 12 and 13 qualify; 13 is the one both attacks changed
+    assert a["labels"][pos[0]] == a["t"]["pred_clean"][pos[0]] and b["labels"][pos[1]] == b["t"]["pred_clean"][pos[1]]
+    c = entry([10, 11], [1, 2], [0, 0], fooled_at_2=0)                         # nothing correct
+    assert report.choose_image([a, c]) == (None, [None, None])
+
+    # drawn from a store: the figure picks the test image both models got right (index 11 of the stored 10, 11)
+    store = Store(tmp_path / "s")
+    m1, k1 = _train(store, "cnn", {"label": "A"}, [0.8])
+    m2, k2 = _train(store, "cnn", {"label": "B"}, [0.8], seed=1)
+    r1 = _attack(store, m1, k1, "cnn", "pgd", "linf", {2 / 255: 0.5, 8 / 255: 0.0})
+    _adv_artifact(store, r1, [2 / 255, 8 / 255], 0, index=(10, 11), labels=(6, 1), pred_clean=(3, 1))
+    r2 = _attack(store, m2, k2, "cnn", "pgd", "l2", {0.5: 0.5})
+    _adv_artifact(store, r2, [0.5], 1, index=(11, 10), labels=(1, 6), pred_clean=(1, 6))
+    data = report.collect(store)
+    assert [a["norm"] for a in data.adversarial] == ["linf", "l2"]   # one row group per norm
+    entries = [report._load_adv_entry(a) for a in data.adversarial]
+    for e in entries:
+        idx, pos = report.choose_image([e])
+        assert idx == 11 if e["a"]["norm"] == "linf" else idx in (10, 11)
+    paths = report.figures(data, tmp_path / "fig")
+    assert any(p.name == "adversarial-examples.png" for p in paths)
+    store.close()
+
+
+def test_cli_report_json_and_robustbench(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from epcli.cli import app
+    store, ids = built
+    runner = CliRunner()
+    for fmt in ("md", "html", "csv", "table", "json"):
+        r = runner.invoke(app, ["--store", str(store.root), "report", "-f", fmt, "--json"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)                       # --json always prints JSON
+        assert {row["run_id"] for row in doc["rows"]} >= {ids["ep"], ids["cnn"]}
+    out = tmp_path / "rb"
+    r = runner.invoke(app, ["--store", str(store.root), "report", "-f", "robustbench", "--out", str(out)],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json"))
+    assert len(files) == 2 and all(f.startswith("cifar10/Linf/epcli_") for f in files)
+    for f in files:
+        _valid_robustbench(f, json.loads((out / f).read_text()))
+    empty = Store(tmp_path / "e")
+    rid, ck = _train(empty, "cnn", {}, [0.5])
+    empty.close()
+    r = runner.invoke(app, ["--store", str(tmp_path / "e"), "report", "-f", "robustbench"])
+    assert r.exit_code == NotFoundError.code
+    assert "nothing to export for RobustBench" in r.output and "Traceback" not in r.output
