@@ -1590,16 +1590,20 @@ def _inline_figure(path: Path) -> str:
 
 
 _CAPTIONS = {
-    "robust": "Robust accuracy vs ε (log scale), one line per model; dashed: the paper's curve for the matching "
-              "model; red ×: result marked unreliable.",
-    "corruptions": "Accuracy vs corruption severity (latest corrupt run per model).",
-    "steps": "Accuracy vs number of relaxation steps T (EP convergence, 'characteristic time'); dashed: paper.",
+    "robust": "Robust accuracy vs ε (linear axis; L∞ ticks at the measured k/255), one line per model with its n "
+              "and gradient mode; dashed: the paper's curve, only for a model comparable with the paper's; red ×: "
+              "result flagged unreliable.",
+    "corruptions": "Accuracy vs corruption severity (latest corrupt run per model); dotted: the model's clean "
+                   "accuracy on the same images. The y axis is fitted to the data.",
+    "steps": "Accuracy vs number of relaxation steps T (EP convergence, 'characteristic time'); dashed: paper "
+             "(comparable models only).",
     "unroll": "Robust accuracy vs the unroll length K of the attack gradient (truncated:K): a plateau for large "
               "K means the truncation does not mask the gradient.",
-    "corruption-samples": "Test images under each evaluated corruption, clean then severities 1-5 (seeded; the "
-                          "exact images the models were scored on).",
-    "adversarial-examples": "The same test image attacked at growing ε: adversarial image (top, predicted class) "
-                            "and amplified perturbation (bottom), per model.",
+    "corruption-samples": "Test images under each evaluated corruption (rows), clean then severities (columns); "
+                          "seeded: the exact images the model was scored on.",
+    "adversarial-examples": "Per norm, one test image every shown model classifies correctly when clean, attacked at "
+                            "growing ε: adversarial image with the predicted class (red: changed) and the "
+                            "perturbation amplified by the factor written above it.",
 }
 
 

@@ -667,3 +667,25 @@ def test_cli_report_json_and_robustbench(built, tmp_path):
     r = runner.invoke(app, ["--store", str(tmp_path / "e"), "report", "-f", "robustbench"])
     assert r.exit_code == NotFoundError.code
     assert "nothing to export for RobustBench" in r.output and "Traceback" not in r.output
+
+
+def test_equilibrium_and_selection_beside_the_model(tmp_path):
+    """EP-CNN rows carry the residual at prediction (issue 11's relax_residual rows) and the checkpoint
+    selection; runs without them show nothing."""
+    store = Store(tmp_path / "s")
+    ok, ck = _train(store, "ep-cnn-small", {"label": "EP ok", "select": "best-val"}, [0.5])
+    bad, ck2 = _train(store, "ep-cnn-small", {"label": "EP bad", "select": "best-test"}, [0.5], seed=1)
+    old, ck3 = _train(store, "ep-cnn-small", {"label": "EP old"}, [0.5], seed=2)
+    for rid, c, res in ((ok, ck, 2e-4), (bad, ck2, 0.05)):
+        a = _attack(store, rid, c, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.1})
+        store.log_metrics(a, [{"name": "relax_residual", "value": res, "detail": {"T": 20, "mean": res / 2,
+                                                                                  "tol": 1e-3}}])
+    _attack(store, old, ck3, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.1})
+    data = report.collect(store)
+    notes = {r.label: report.model_notes(r) for r in data.rows}
+    assert notes["EP ok"] == ["at equilibrium: residual 0.0002 at T=20", "checkpoint: best-val"]
+    assert notes["EP bad"][0] == "NOT converged: residual 0.05 at T=20 (tolerance 0.001)"
+    assert "chosen on the test set" in notes["EP bad"][1]
+    assert notes["EP old"] == []
+    assert "NOT converged" in report.render(data, "md") and "at equilibrium" in report.html_report(data, [])
+    store.close()
