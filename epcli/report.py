@@ -37,10 +37,11 @@ from epcli import paper
 from epcli.errors import NotFoundError, UsageError
 
 FORMATS = ("table", "csv", "json", "md", "html", "robustbench")
-ATTACK_ORDER = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
+ATTACK_ORDER = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack", "worst")
 ATTACK_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "cw": "C&W", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T",
-                "fab-t": "FAB-T", "square": "Square", "autoattack": "AutoAttack"}
-HEADLINE_ATTACKS = ("fgsm", "pgd", "cw", "square", "autoattack")
+                "fab-t": "FAB-T", "square": "Square", "autoattack": "AutoAttack",
+                "worst": "worst case over attacks"}
+HEADLINE_ATTACKS = ("fgsm", "pgd", "cw", "square", "autoattack", "worst")
 WHITE_BOX = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "autoattack")
 NORM_NAMES = {"linf": "L∞", "l2": "L2"}
 STANDARD_EPS = {"linf": 8 / 255, "l2": 0.5}
@@ -302,7 +303,8 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
                 unreliable=bool(flagged), reason=reason, run_id=base["run_id"], status=base["run_status"],
                 n_results=len(members), forward_passes=details[0].get("forward_passes"),
                 forward_passes_T=details[0].get("T"),
-                worst_of=[f"{m['run_id']} {m['grad_mode'] or '-'}" for m in members] if len(members) > 1 else [],
+                worst_of=[f"{m['run_id']} {m['attack']} {m['grad_mode'] or '-'}" for m in members]
+                if len(members) > 1 else [],
                 attack_clean=attack_clean_by_run.get(base["run_id"]))
 
 
@@ -530,6 +532,20 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
     for (mr, key), ms in groups.items():
         rows[mr].cells[key] = _cell(ms, k, columns[key].eps, run_info, per_example, loaded, failed_checks,
                                     attack_clean_by_run)
+    # the worst case over attacks, per norm and eps: exact per image, over results on the same images only
+    by_threat: dict[tuple, list[dict]] = {}
+    for (mr, key), ms in groups.items():
+        col = columns[key]
+        by_threat.setdefault((mr, col.norm, eps_label(col.eps, col.norm), col.eps), []).extend(ms)
+    for (mr, norm, el, eps), ms in by_threat.items():
+        if len({m["attack"] for m in ms}) < 2:
+            continue
+        cell = _cell(ms, k, eps, run_info, per_example, loaded, failed_checks, attack_clean_by_run)
+        if len({w.split()[1] for w in cell.worst_of}) < 2:
+            continue  # no two attacks on the same images: nothing exact to show
+        key = f"worst:{norm}:{el}"
+        columns.setdefault(key, Column(key, "worst", norm, float(eps), f"worst case {NORM_NAMES.get(norm, norm)} {el}"))
+        rows[mr].cells[key] = cell
     for row in rows.values():
         if row.clean_acc is None and row.run_id in attack_clean:
             row.clean_acc = attack_clean[row.run_id]
@@ -783,7 +799,10 @@ def _columns(data: ReportData, which: str) -> list[Column]:
 def _sub(cell: Cell, sep: str) -> str:
     """The line under a value: example count, gradient mode (when the result has one), running."""
     bits = [f"n={cell.n_examples if cell.n_examples is not None else '?'}"]
-    if cell.grad_mode:
+    attacks = list(dict.fromkeys(w.split()[1] for w in cell.worst_of if len(w.split()) > 2))
+    if len(attacks) > 1:
+        bits.append("worst of " + "+".join(ATTACK_NAMES.get(x, x) for x in attacks))
+    elif cell.grad_mode:
         bits.append(_grad(cell.grad_mode) if "+" not in cell.grad_mode else
                     "worst of " + "+".join(_grad(g) for g in cell.grad_mode.split("+")))
     elif cell.n_results > 1:
@@ -1220,7 +1239,8 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                                                          if r.corruption.get("clean") is not None]
         lo, hi = min(vals), max(vals)
         pad = max(2.0, 0.08 * (hi - lo))
-        fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, 2.3 * nrow), squeeze=False, sharey=True)
+        height = 2.5 * nrow + 0.75  # + a header (inches) for the title and the legend
+        fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, height), squeeze=False, sharey=True)
         for ax, cn in zip(axes.flat, cnames):
             for rid in names:
                 pts = sorted((c["severity"], c["value"]) for c in data.corruptions
@@ -1242,10 +1262,11 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         fig.supxlabel("severity")
         fig.supylabel("accuracy (%)")
         fig.suptitle("Accuracy under each corruption vs severity; dotted: the model's clean accuracy"
-                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else ""), fontsize=9, y=1.0)
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / (2.3 * nrow)))
+                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else ""), fontsize=9,
+                     y=1 - 0.05 / height, va="top")
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / height))
         fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,
-                   bbox_to_anchor=(0.5, 1 - 0.25 / (2.3 * nrow)), frameon=False)
+                   bbox_to_anchor=(0.5, 1 - 0.25 / height), frameon=False)
         _save(fig, out_dir, "corruptions", paths)
 
     # accuracy vs relaxation steps

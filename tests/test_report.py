@@ -468,6 +468,10 @@ def test_cell_policy(tmp_path):
     rd = _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.8}, grad_mode="bptt", n=4)     # other images, weaker
     _adv_artifact(store, rd, [e], 2, index=(0, 1, 2, 4), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
                   robust={e: np.array([1, 1, 1, 0], dtype=bool)})
+    sq = np.array([1, 1, 1, 0], dtype=bool)
+    rs = _attack(store, m1, ck, "cnn", "square", "linf", {e: sq.mean()}, n=4)                # same images
+    _adv_artifact(store, rs, [e], 3, index=(3, 5, 7, 9), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
+                  robust={e: sq})
     _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=2)                          # a tiny run
     _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=1000, status="interrupted")  # never used
     _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=1000, status="failed")
@@ -481,6 +485,11 @@ def test_cell_policy(tmp_path):
     assert cell.value == pytest.approx(100 * np.logical_and(a, c).mean())  # 50.0, lower than either run
     assert {w.split()[0] for w in cell.worst_of} == {ra, rc}
     assert "n=4" in report.render(data, "md") and "CNN · seed 2" in report.render(data, "md")
+    # the worst case over attacks (PGD x2 and Square on the same four images), exact per image
+    worst = next(r for r in data.rows if r.run_id == m1).cells["worst:linf:8/255"]
+    assert worst.value == pytest.approx(100 * (a & c & sq).mean()) and worst.n_results == 3
+    assert "worst of PGD+Square" in report.render(data, "md")
+    assert "worst:linf:8/255" not in next(r for r in data.rows if r.run_id == m2).cells
     store.close()
 
 
