@@ -213,6 +213,9 @@ def train(
                             "--model-set channels=[64,128,256,256] (repeatable; see docs/models.md).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume exactly from a run id or checkpoint.")] = None,
     label: Annotated[Optional[str], typer.Option(help="Display name in reports.")] = None,
+    select: Annotated[Optional[str], typer.Option(
+        help="Which epoch the run hands on: last (default), best-val (best on a seeded 10% of the training "
+             "set, held out) or best-test (the paper's: selected on the test set; labelled in reports).")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -243,13 +246,13 @@ def train(
     from epcli import distributed
     if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
         api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
-                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv)
+                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv, select=select)
         return
     with _store() as store, _progress() as progress:
         res = api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
                         model_options=_parse_kv(model_set or []),
                         seed=seed, device=device, store=store, resume=resume, label=label, argv=sys.argv,
-                        progress=progress)
+                        progress=progress, select=select)
     _note(f"[green]trained[/] {res['model']} on {res['dataset']}: test accuracy {res['test_acc']:.4f} "
           f"(run {res['run_id']})")
     _emit(res, as_json)
