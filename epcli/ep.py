@@ -495,7 +495,8 @@ class EPCNN(nn.Module):
         state mean what they mean for `_loop`. Under autograd the mixing weights are treated as constants."""
         m, lam = self.anderson_m, 1e-8
         B = drive.shape[0]
-        flat = lambda ss: torch.cat([t.reshape(B, -1).float() for t in ss], 1)  # noqa: E731
+        fdt = torch.float64 if s[0].dtype == torch.float64 else torch.float32  # mixing in >= fp32
+        flat = lambda ss: torch.cat([t.reshape(B, -1).to(fdt) for t in ss], 1)  # noqa: E731
         shapes = [t.shape for t in s]
 
         def unflat(v, like):

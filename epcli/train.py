@@ -760,9 +760,10 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
                 loss = torch.zeros((), dtype=torch.float64, device=device)
             elif ep_mode:
                 extra = {k: ep_cfg[k] for k in ("update", "solver", "tol", "tol_nudged") if ep_cfg.get(k)}
+                if bank is not None:
+                    extra["states"] = [t[ib] for t in bank]
                 out = model.ep_train_step(xb, yb, int(ep_cfg["T1"]), int(ep_cfg["T2"]), float(ep_cfg["beta"]),
-                                          ep_cfg.get("rule", "symmetric"),
-                                          states=None if bank is None else [t[ib] for t in bank], **extra)
+                                          ep_cfg.get("rule", "symmetric"), **extra)
                 loss = torch.as_tensor(out["loss"], dtype=torch.float64, device=device)
                 logits = out["logits"]
                 steps_sum += int(out.get("steps", 0)) * len(yb)
@@ -770,7 +771,7 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
                 for k in ("residual_free", "residual_nudged"):
                     res[k] = max(res[k], float(out.get(k, 0.0)))
                     res[k + "_mean"] += float(out.get(k + "_mean", 0.0)) * len(yb)
-                if bank is not None:
+                if bank is not None:  # this batch's free fixed points start its next epoch
                     for t, s in zip(bank, out["states"]):
                         t[ib] = s.to(t.dtype)
             else:

@@ -24,6 +24,7 @@ from epcli.pipelines.common import (
     parse_eps,
     resolve_device,
 )
+from epcli.pipelines.common import relax_residual_rows
 from epcli.store import Store, describe_device
 
 
@@ -125,6 +126,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
                                         "forward_passes": r.get("forward_passes"), "params": r.get("params"),
                                         "batch_size": r.get("batch_size"), "T": getattr(net, "T", None),
                                         "labels": labels}})
+        rows += relax_residual_rows(net, x, device, base)  # how far from equilibrium the predictions are
         store.log_metrics(run_id, rows)
         store.log_checks(run_id, flags)
         _save_attack_artifacts(store, run_id, res, x, y, idx, eps_list, ds)

@@ -14,6 +14,7 @@ from epcli.pipelines.common import (
     no_progress,
     resolve_device,
 )
+from epcli.pipelines.common import relax_residual_rows
 from epcli.store import Store, describe_device
 
 
@@ -91,6 +92,8 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                 rows.append({"name": key, "value": val, **facets,
                              "detail": {"reference": reference} if "reference" in key or key == "relative_mce"
                              else None})
+        if not source:
+            rows += relax_residual_rows(net, x, device, facets)  # how far from equilibrium the predictions are
         store.log_metrics(run_id, rows)
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
         summary = {k: v for k, v in headline.items() if v is not None}
