@@ -527,10 +527,13 @@ class EPCNN(nn.Module):
                 continue
             G = torch.stack(G_hist, 1)  # (B, k, D)
             H = G @ G.transpose(1, 2)  # (B, k, k)
-            H = H + lam * (H.diagonal(dim1=1, dim2=2).amax(1).clamp_min(1e-30)).view(B, 1, 1) * torch.eye(
-                k, device=H.device, dtype=H.dtype)
-            a = torch.linalg.solve(H, torch.ones(B, k, 1, device=H.device, dtype=H.dtype))
+            reg = (lam * H.diagonal(dim1=1, dim2=2).amax(1)).clamp_min(1e-20)  # converged rows: H = 0
+            H = H + reg.view(B, 1, 1) * torch.eye(k, device=H.device, dtype=H.dtype)
+            a, info = torch.linalg.solve_ex(H, torch.ones(B, k, 1, device=H.device, dtype=H.dtype))
             a = a / a.sum(1, keepdim=True)
+            plain = (info != 0) | ~torch.isfinite(a).all(1).squeeze(1)  # a failed solve: that sample takes F(x)
+            a = torch.where(plain.view(B, 1, 1), torch.zeros_like(a).index_fill_(1, torch.tensor([k - 1],
+                            device=a.device), 1.0), a)
             mixed = (a.transpose(1, 2) @ torch.stack(F_hist, 1)).squeeze(1)  # (B, D)
             if f[0].requires_grad:  # BPTT through the mixing: the latest F carries the gradient
                 s = [fi + (mi - fi).detach() for fi, mi in zip(f, unflat(mixed, f))]
