@@ -387,8 +387,9 @@ def report(
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Training run ids (repeatable).")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Only this dataset.")] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", "-f", help="table, csv, json, md, html or robustbench. md and html include epcli beside the "
-                               "paper's numbers.")] = "table",
+        "--format", "-f", help="table, csv, json, md, html or robustbench. md and html set the paper's numbers "
+                               "beside comparable results; robustbench with --out writes RobustBench's "
+                               "<dataset>/<threat_model>/<ModelID>.json files.")] = "table",
     out: Annotated[Optional[str], typer.Option(help="Write files (and figures) to this folder.")] = None,
     figures: Annotated[bool, typer.Option(help="Also draw the figures (PNG + SVG).")] = False,
     as_json: JsonOpt = False,
@@ -407,10 +408,14 @@ def report(
             Console().print(R.leaderboard_table(res["data"]))
         elif not as_json and res["text"] is not None and not out:
             typer.echo(res["text"])
+        # --json always prints JSON: the report itself (or, with --out, the files written); never md or html
+        doc = None
+        if as_json and not out:
+            doc = res["text"] if fmt in ("json", "table", "robustbench") else R.render(res["data"], "json")
     for f in res["files"]:
         _note(f"wrote {f}")
     if as_json:
-        typer.echo(res["text"] if not out else json.dumps({"run_id": res["run_id"], "files": res["files"]}))
+        typer.echo(doc if not out else json.dumps({"run_id": res["run_id"], "files": res["files"]}))
 
 
 @app.command(rich_help_panel="Pipeline")
