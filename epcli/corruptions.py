@@ -36,7 +36,7 @@ from epcli.errors import DatasetError, UsageError
 __all__ = [
     "CORRUPTIONS", "BENCHMARK_CORRUPTIONS", "EXTRA_CORRUPTIONS", "PARAMS", "corrupt", "corrupt_range",
     "corrupt_uint8", "corrupt_range_uint8", "chunk_generator", "evaluate", "summarize", "load_official",
-    "evaluate_official", "export", "sample_grid", "to_uint8",
+    "load_clean", "evaluate_official", "export", "sample_grid", "to_uint8",
 ]
 
 BENCHMARK_CORRUPTIONS = (
@@ -1105,39 +1105,63 @@ def load_official(directory, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(lab.astype(np.int64))
 
 
+def load_clean(directory) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The clean images of an exported directory (`clean.npy`, uint8 (N, H, W, 3), with labels.npy's first N
+    labels), or None when the directory has none (the official CIFAR-10-C folders do not)."""
+    d = Path(directory)
+    f = d / "clean.npy"
+    if not f.is_file():
+        return None
+    try:
+        arr = np.load(f, allow_pickle=False)
+        lab = np.load(d / "labels.npy", allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for a broken file
+        raise DatasetError(f"cannot read clean.npy or labels.npy in {d}: {exc}") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or lab.ndim != 1 or lab.shape[0] < arr.shape[0]:
+        raise DatasetError(f"{f} has {arr.dtype} {arr.shape}: expected uint8 (N, H, W, 3) with N <= {lab.shape}")
+    return (torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(lab[:arr.shape[0]].astype(np.int64)))
+
+
 def evaluate_official(model, directory, names: Iterable[str] | None = None, *,
                       severities: Iterable[int] = (1, 2, 3, 4, 5), batch_size: int = 500, device="cpu",
-                      clean: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      clean: tuple[torch.Tensor, torch.Tensor] | None = None, n: int | None = None,
                       on_batch: Callable[[dict], None] | None = None) -> dict:
     """Like `evaluate`, on the published (or exported) .npy files. names=None: every corruption file present.
 
-    clean: optional (x_uint8, y) of the clean test set; without it "clean_correct" is an empty tensor.
+    clean: optional (x_uint8, y) of the same clean images, in the files' order; without it "clean_correct" is an
+    empty tensor. n: only the first n examples of each severity (and of `clean`).
     """
     d = Path(directory)
     if names is None:
-        names = [n for n in CORRUPTIONS if (d / f"{n}.npy").is_file()]
+        names = [nm for nm in CORRUPTIONS if (d / f"{nm}.npy").is_file()]
         if not names:
             raise DatasetError(f"no CIFAR-10-C files (<name>.npy) in {d}")
     names, severities = _check_names(names), _check_severities(severities)
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be positive, got {batch_size}")
     t0 = time.perf_counter()
     clean_ok = torch.zeros(0, dtype=torch.bool)
     if clean is not None:
-        cx, cy = clean
-        clean_ok = torch.cat([_predict(model, cx[s:s + batch_size].to(device).float() / 255).cpu()
-                              == cy[s:s + batch_size].long() for s in range(0, len(cy), batch_size)])
+        cx, cy = clean[0][:n], torch.as_tensor(clean[1])[:n].long()
+        clean_ok = torch.cat([_predict(model, cx[s:s + batch_size].to(device).float().div_(255)).cpu()
+                              == cy[s:s + batch_size] for s in range(0, len(cy), batch_size)]) if len(cy) else clean_ok
+        if on_batch:
+            on_batch({"name": None, "severity": None, "done": len(cy), "total": len(cy)})
     correct = {}
     for name in names:
         x, y = load_official(d, name)
-        n = x.shape[0] // 5
+        rows = x.shape[0] // 5
+        m = rows if n is None else min(n, rows)
         for sev in severities:
-            ok = torch.zeros(n, dtype=torch.bool)
-            base = (sev - 1) * n
-            for s in range(0, n, batch_size):
-                e = min(s + batch_size, n)
+            ok = torch.zeros(m, dtype=torch.bool)
+            base = (sev - 1) * rows
+            for s in range(0, m, batch_size):
+                e = min(s + batch_size, m)
                 xb = x[base + s:base + e].to(device).float().div_(255)
                 ok[s:e] = _predict(model, xb).cpu() == y[base + s:base + e]
                 if on_batch:
-                    on_batch({"name": name, "severity": sev, "done": e, "total": n})
+                    on_batch({"name": name, "severity": sev, "done": e, "total": m})
             correct[(name, sev)] = ok
     return {"clean_correct": clean_ok, "correct": correct, "seconds": time.perf_counter() - t0}
 
@@ -1156,7 +1180,8 @@ def _atomic_save(path: Path, arr: np.ndarray) -> None:
 
 def export(directory, x_uint8: torch.Tensor, y: torch.Tensor, names: Iterable[str] = CORRUPTIONS, seed: int = 0,
            *, batch_size: int = 500, device="cpu", on_batch: Callable[[dict], None] | None = None) -> list[Path]:
-    """Write a generated set in the CIFAR-10-C layout: <name>.npy uint8 (5N, H, W, 3) and labels.npy (5N,).
+    """Write a generated set in the CIFAR-10-C layout: <name>.npy uint8 (5N, H, W, 3) and labels.npy (5N,), plus
+    clean.npy (N, H, W, 3), the clean images, so that evaluating the directory can report clean accuracy.
 
     Images are exactly those `evaluate` sees for the same seed (`corrupt_range_uint8`), so `evaluate_official` on
     the directory gives the same per-example outcomes. Each file is written to a temporary name in the directory
@@ -1184,6 +1209,8 @@ def export(directory, x_uint8: torch.Tensor, y: torch.Tensor, names: Iterable[st
     lab_dtype = np.uint8 if (int(y.max()) if y.numel() else 0) < 256 else np.int64  # CIFAR-10/100: uint8
     _atomic_save(d / "labels.npy", np.tile(y.numpy(), 5).astype(lab_dtype))
     written.append(d / "labels.npy")
+    _atomic_save(d / "clean.npy", x_uint8.permute(0, 2, 3, 1).contiguous().numpy())  # epcli's addition
+    written.append(d / "clean.npy")
     return written
 
 
