@@ -371,7 +371,22 @@ def corrupt(
                           data_dir=data_dir, n=n, seed=seed, source=source, reference=reference,
                           batch_size=batch_size, T=T, device=device, store=store, argv=sys.argv,
                           progress=progress)
-    _note(f"{res['model']}: clean {res['clean_acc']:.4f}, corruption mean (15) "
+    clean = "n/a (no clean images for this source)" if res["clean_acc"] is None else f"{res['clean_acc']:.4f}"
+    if not STATE.quiet:
+        by: dict[str, dict[str, float]] = {}
+        for cell, acc in res["cells"].items():
+            c, sv = cell.rsplit("/", 1)
+            by.setdefault(c, {})[sv] = acc
+        sevs = sorted({sv for v in by.values() for sv in v})
+        t = Table(title=f"corruption accuracy, {res['model']} ({res['n_examples']} images"
+                        + (f", from {res['source']}" if res.get("source") else "") + f"; clean {clean})")
+        t.add_column("corruption")
+        for sv in sevs:
+            t.add_column(f"s{sv}", justify="right")
+        for c, v in by.items():
+            t.add_row(c, *[f"{v[sv]:.4f}" if sv in v else "" for sv in sevs])
+        err.print(t)
+    _note(f"{res['model']}: clean {clean}, corruption mean (15) "
           f"{_fmt(res.get('corruption_mean_acc'))}, all 19 {_fmt(res.get('corruption_mean_acc_all'))}, "
           f"mCE (unnormalised) {_fmt(res.get('mce_unnormalized'))} (run {res['run_id']})")
     _emit(res, as_json)
