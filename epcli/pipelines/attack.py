@@ -16,6 +16,7 @@ from epcli.errors import NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
     check_eps,
+    check_numbers,
     dataset_for,
     eps_label,
     link_model_input,
@@ -44,6 +45,9 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     from epcli import attacks
     from epcli.store import config_hash
 
+    check_numbers(n=n, seed=seed, batch_size=batch_size, T=T, chunk=chunk, unroll=unroll_sweep,
+                  **{k: v for k, v in (params or {}).items() if k in ("steps", "restarts", "step_size",
+                                                                      "n_queries")})
     device = resolve_device(device)
     eps_list = sorted(set(parse_eps(eps)))
     notes = check_eps(norm, eps_list)

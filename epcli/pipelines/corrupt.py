@@ -8,6 +8,7 @@ from epcli.data import load_dataset, subset
 from epcli.errors import EpcliError, NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
+    check_numbers,
     dataset_for,
     link_model_input,
     load_model,
@@ -26,6 +27,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     """Evaluate a stored model on corruptions x severities (generated, or the official .npy files)."""
     from epcli import corruptions as C
 
+    check_numbers(n=n, seed=seed, batch_size=batch_size, T=T)
     device = resolve_device(device)
     names = list(names or C.CORRUPTIONS)
     severities = list(severities or [1, 2, 3, 4, 5])

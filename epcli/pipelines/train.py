@@ -12,6 +12,7 @@ from epcli.data import Dataset, load_dataset
 from epcli.errors import CheckpointError, EpcliError, UsageError
 from epcli.pipelines.common import (
     Progress,
+    check_numbers,
     dataset_ref,
     drop_artifact,
     link_model_input,
@@ -43,6 +44,7 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
 
     if select is not None and select not in training.SELECTS:
         raise UsageError(f"unknown --select {select!r}: use {', '.join(training.SELECTS)}")
+    check_numbers(seed=seed, **_numeric_overrides(overrides or {}, model_options or {}))
     device = dist.device_for(resolve_device(device))
     distributed = dist.init(device)  # False outside torchrun
     main = dist.is_main()
@@ -178,6 +180,16 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         result["world_size"] = dist.world_size()
         dist.broadcast_object(result)
     return result
+
+
+def _numeric_overrides(overrides: dict, model_options: dict) -> dict:
+    """The numeric recipe and model options a user can set, for check_numbers (NaN, <= 0, wrong type)."""
+    ep = overrides.get("ep") if isinstance(overrides.get("ep"), dict) else {}
+    opt = overrides.get("optimizer") if isinstance(overrides.get("optimizer"), dict) else {}
+    out = {k: overrides.get(k) for k in ("epochs", "batch_size", "eval_batch_size")}
+    out.update({"lr": opt.get("lr"), "T1": ep.get("T1"), "T2": ep.get("T2"), "beta": ep.get("beta"),
+                "T": model_options.get("T")})
+    return out
 
 
 def _check_fits(net: torch.nn.Module, ds: Dataset) -> None:
