@@ -12,6 +12,9 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
            argv: list[str] | None = None) -> dict:
     """Collect the store's results; render them; optionally write figures and a self-contained HTML file."""
     from epcli import report as R
+    from epcli.errors import UsageError
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the report and its figures")
     data = R.collect(store, models=models, runs=runs, dataset=dataset)
     text = None if fmt == "table" else R.render(data, fmt)
     written = []
