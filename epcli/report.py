@@ -208,11 +208,15 @@ def _abs(store, path: str) -> str:
     return str(p if p.is_absolute() else Path(store.root) / p)
 
 
-def _selection(cfg: dict) -> str | None:
-    """The training run's checkpoint selection (last | best-val | best-test), when it recorded one."""
+def _selection(cfg: dict, summary: Any = None) -> str | None:
+    """The training run's checkpoint selection (last | best-val | best-test, with the epoch), when recorded."""
     recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
-    sel = cfg.get("select") or recipe.get("select")
-    return str(sel) if sel else None
+    summary = summary if isinstance(summary, dict) else {}
+    sel = summary.get("select") or cfg.get("select") or recipe.get("select")
+    if not sel:
+        return None
+    epoch = summary.get("selected_epoch")
+    return f"{sel} (epoch {epoch})" if epoch is not None and sel != "last" else str(sel)
 
 
 def _name_rows(rows: list["Row"]) -> None:
@@ -489,7 +493,10 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                             clean_acc=None if test_acc.get(r["id"]) is None else test_acc[r["id"]] * k,
                             epochs=_epochs(r["config"]), config=r["config"],
                             failed_checks=list(failed_checks.get(r["id"], [])), seed=r.get("seed"),
-                            selection=_selection(r["config"]))
+                            selection=_selection(r["config"], _json(r.get("summary"))))
+        summ = _json(r.get("summary"))
+        if isinstance(summ, dict) and summ.get("select") and isinstance(summ.get("test_acc"), (int, float)):
+            rows[r["id"]].clean_acc = summ["test_acc"] * k  # the selected epoch's, not the last epoch's
     _name_rows(list(rows.values()))
     for row in rows.values():
         row.not_compared = model_not_comparable(row)
@@ -498,7 +505,8 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
             d = _json(m["detail"]) if m["detail"] else {}
             d = d if isinstance(d, dict) else {}
             rows[m["model_run_id"]].equilibrium = {"residual": m["value"], "T": d.get("T"), "mean": d.get("mean"),
-                                                   "tol": d.get("tol", d.get("tolerance")), "run_id": m["run_id"]}
+                                                   "tol": d.get("tol", d.get("tolerance")), "run_id": m["run_id"],
+                                                   "at_equilibrium": d.get("at_equilibrium")}
     for d in derived:
         if d["status"] == "running" and d["model_run_id"] in rows:
             rows[d["model_run_id"]].derived_running += 1
@@ -830,7 +838,7 @@ def _residual_tol(eq: dict) -> float | None:
         return float(eq["tol"])
     import sys
     ep = sys.modules.get("epcli.ep")  # only when already loaded: a report never imports torch itself
-    for name in ("RESIDUAL_TOL", "RESIDUAL_TOLERANCE", "RELAX_TOL", "EQUILIBRIUM_TOL"):
+    for name in ("EQUILIBRIUM_TOL",):
         if ep is not None and isinstance(getattr(ep, name, None), (int, float)):
             return float(getattr(ep, name))
     return None
@@ -843,13 +851,13 @@ def model_notes(row: Row) -> list[str]:
     if eq.get("residual") is not None:
         t = f" at T={eq['T']}" if eq.get("T") is not None else ""
         tol = _residual_tol(eq)
-        if tol is not None and eq["residual"] > tol:
-            notes.append(f"NOT converged: residual {eq['residual']:.2g}{t} (tolerance {tol:g})")
+        if eq.get("at_equilibrium") is False or (tol is not None and eq["residual"] > tol):
+            notes.append(f"NOT converged: residual {eq['residual']:.2g}{t}" + (f" (tolerance {tol:g})" if tol else ""))
         else:
             notes.append(f"at equilibrium: residual {eq['residual']:.2g}{t}")
     if row.selection:
-        notes.append(f"checkpoint: {row.selection}" + (" (chosen on the test set)" if row.selection == "best-test"
-                                                        else ""))
+        notes.append(f"checkpoint: {row.selection}" + (" chosen on the test set"
+                                                        if row.selection.startswith("best-test") else ""))
     return notes
 
 
@@ -1259,12 +1267,15 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
         n_ex = sorted({r.corruption.get("n_examples") for r in data.rows if r.corruption.get("n_examples")})
-        fig.supxlabel("severity")
-        fig.supylabel("accuracy (%)")
+        for i, ax in enumerate(axes.flat):
+            if i % ncol == 0:
+                ax.set_ylabel("accuracy (%)")
+            if i >= len(cnames) - ncol:
+                ax.set_xlabel("severity")
         fig.suptitle("Accuracy under each corruption vs severity; dotted: the model's clean accuracy"
                      + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else ""), fontsize=9,
                      y=1 - 0.05 / height, va="top")
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / height))
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
         fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,
                    bbox_to_anchor=(0.5, 1 - 0.25 / height), frameon=False)
         _save(fig, out_dir, "corruptions", paths)
@@ -1437,7 +1448,8 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
     ncols = 1 + max(len(e["eps"]) for e in entries)
     nrows = sum(2 * len(g) for _, g in groups)
     plt = _plt()
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.7 * ncols, 1.85 * nrows + 0.6), squeeze=False)
+    height = 1.85 * nrows + 0.6
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.7 * ncols, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     r0 = 0
@@ -1486,8 +1498,8 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
                 axes[r0 + 1][j].set_title(f"×{k:.0f}" if m > 0 else "no change", fontsize=6.5)
             r0 += 2
     fig.suptitle("Adversarial examples: one test image every shown model classifies correctly when clean, attacked "
-                 "at growing ε (red: the prediction changed)", fontsize=8.5)
-    fig.tight_layout()
+                 "at growing ε (red: the prediction changed)", fontsize=8.5, y=1 - 0.1 / height, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
     return fig
 
 
@@ -1633,7 +1645,7 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
     figs = [Path(f) for f in (figures or [])]
     chosen: dict[str, Path] = {}
     for f in figs:  # prefer SVG for line charts, PNG for the image grid (smaller, crisp enough)
-        want_svg = f.stem != "adversarial-examples"
+        want_svg = f.stem not in ("adversarial-examples", "corruption-samples")  # image grids: PNG
         cur = chosen.get(f.stem)
         if cur is None or (f.suffix == ".svg") == want_svg:
             chosen[f.stem] = f

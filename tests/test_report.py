@@ -695,6 +695,10 @@ def test_equilibrium_and_selection_beside_the_model(tmp_path):
     assert notes["EP ok"] == ["at equilibrium: residual 0.0002 at T=20", "checkpoint: best-val"]
     assert notes["EP bad"][0] == "NOT converged: residual 0.05 at T=20 (tolerance 0.001)"
     assert "chosen on the test set" in notes["EP bad"][1]
+    # the training pipeline's summary names the selected epoch; its test accuracy is the clean one shown
+    store.update_run(ok, summary={"test_acc": 0.42, "select": "best-val", "selected_epoch": 1})
+    row = next(r for r in report.collect(store).rows if r.run_id == ok)
+    assert row.clean_acc == pytest.approx(42.0) and report.model_notes(row)[1] == "checkpoint: best-val (epoch 1)"
     assert notes["EP old"] == []
     assert "NOT converged" in report.render(data, "md") and "at equilibrium" in report.html_report(data, [])
     store.close()
