@@ -1098,11 +1098,13 @@ def robustbench_files(data: ReportData) -> tuple[dict[str, dict], list[str]]:
             files[f"{ds}/corruptions/{robustbench_id(row)}.json"] = {
                 **common, "eps": None, "clean_acc": _fmt(corr.get("clean", row.clean_acc)), "reported": "",
                 "corruptions_acc": _fmt(corr["mean"]), "footnote": ". ".join(n for n in notes if n) + "."}
-        elif corr.get("mean") is not None:
-            skipped.append(f"{name}: corruptions not written ({corr.get('mean_label')}; RobustBench's is over all "
-                           f"15 × 5)")
         if not found:
-            skipped.append(f"{name}: no AutoAttack result at L∞ 8/255 or L2 0.5 and no complete corruption run")
+            why = "no AutoAttack result at L∞ 8/255 or L2 0.5"
+            if corr.get("mean") is not None:
+                why += f", corruptions only a {corr.get('mean_label')}"
+            skipped.append(f"{name}: {why}")
+        elif corr.get("mean") is not None and not cov.get("complete15"):
+            skipped.append(f"{name}: no corruptions file ({corr.get('mean_label')}; RobustBench's is 15 × 5)")
     return files, skipped
 
 
@@ -1110,9 +1112,9 @@ def robustbench_json(data: ReportData) -> dict[str, dict]:
     """The RobustBench files as one JSON object {relative path: record}; NotFoundError when none qualifies."""
     files, skipped = robustbench_files(data)
     if not files:
-        raise NotFoundError("nothing to export for RobustBench: it needs an AutoAttack run at L∞ 8/255 or L2 0.5 "
-                            "(`epcli attack -a autoattack`) or a corruption run over all 15 benchmark corruptions "
-                            f"× 5 severities ({'; '.join(skipped) or 'no models'})")
+        raise NotFoundError("nothing to export for RobustBench, which needs an AutoAttack result at L∞ 8/255 or L2 "
+                            "0.5 (`epcli attack -a autoattack --eps 8/255`) or a corruption run over all 15 "
+                            f"benchmark corruptions × 5 severities. {'; '.join(skipped) or 'No models'}.")
     return files
 
 

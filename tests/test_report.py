@@ -335,7 +335,7 @@ def test_robustbench_nothing_qualifies(tmp_path):
     store = Store(tmp_path / "s")
     rid, ck = _train(store, "cnn", {}, [0.5])
     _attack(store, rid, ck, "cnn", "autoattack", "linf", {4 / 255: 0.2})  # not RobustBench's eps
-    with pytest.raises(NotFoundError, match="nothing to export for RobustBench.*no AutoAttack result at L∞ 8/255"):
+    with pytest.raises(NotFoundError, match="nothing to export for RobustBench.*cnn: no AutoAttack result at L∞ 8/255"):
         report.robustbench_json(report.collect(store))
     store.close()
 
