@@ -11,12 +11,14 @@ Everything here reads the store only (no recomputation; no torch, no models, no 
 Conventions:
 - Accuracies are shown in percent. The store's accuracy metrics are fractions in [0, 1]; a store whose
   accuracy values exceed 1 is taken to hold percent already (`ReportData.scale` records which).
-- A leaderboard cell (model x attack x norm x eps) is the worst case (minimum) over every result the store
-  holds for it: several gradient modes, unroll lengths, transfer sources or repeated runs. The cell keeps
-  the gradient mode, example count and run of that minimum, and how many results it was taken over.
-- A cell is flagged unreliable when the result it shows was logged with unreliable=1 (reason from its
+- A leaderboard cell (model x attack x norm x eps) is the result on the largest n (ties: the strongest), then
+  the exact per-image worst case over the other results on the same test images (per-example outcomes);
+  results on other images are never mixed in. Failed and interrupted runs never contribute.
+- A cell is flagged unreliable when a result it rests on was logged with unreliable=1 (reason from its
   detail, or from the run's failed checks).
-- The CIFAR-C numbers come from the latest corrupt run of a model.
+- The comparability rule: a paper number stands beside epcli's only when model, dataset, threat model, n and
+  gradient mode are comparable; otherwise the place says why (docs/report.md).
+- The CIFAR-C numbers come from the latest corrupt run of a model; every mean says what it was taken over.
 """
 
 from __future__ import annotations
@@ -1772,6 +1774,8 @@ def lineage_tree(store, run_id: str):
     return root
 
 
-__all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "collect", "eps_label", "figures",
-           "html_report", "leaderboard_table", "lineage_tree", "protocol_reasons", "render", "robustbench_json",
-           "to_dict"]
+__all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
+           "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label", "figures",
+           "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable", "model_notes",
+           "protocol_reasons", "render", "robustbench_files", "robustbench_id", "robustbench_json", "to_dict",
+           "write_robustbench"]
