@@ -1055,9 +1055,10 @@ def robustbench_files(data: ReportData) -> tuple[dict[str, dict], list[str]]:
         if ds is None:
             skipped.append(f"{name}: dataset {row.dataset} is not one of RobustBench's")
             continue
-        common = {"link": PAPER_LINK if row.paper_key else "",
+        papers_model = bool(row.paper_key) and _paper_registry(row.paper_key) == row.model  # not a demo net
+        common = {"link": PAPER_LINK if papers_model else "",
                   "name": f"{row.label} (epcli run {row.run_id})",
-                  "authors": PAPER_AUTHORS if row.paper_key else "",
+                  "authors": PAPER_AUTHORS if papers_model else "",
                   "additional_data": False, "number_forward_passes": _forward_passes(row), "dataset": ds,
                   "venue": "epcli", "architecture": row.model}
         data_note = ("data: the embedded mini CIFAR-10 (real CIFAR-10 test images, JPEG q75), not the full test "

@@ -324,6 +324,7 @@ def test_robustbench_files(built, tmp_path):
     assert ep["reported"] == ""                # the paper's full-scale number is not comparable to this run
     cnn = next(rec for rel, rec in files.items() if ids["cnn"] in rel)
     assert cnn["number_forward_passes"] == 1 and cnn["unreliable"] is False and cnn["clean_acc"] == "80.00"
+    assert ep["link"] == report.PAPER_LINK and "Mansingh" in ep["authors"]  # the paper's architecture, ep-cnn
     written = report.write_robustbench(data, tmp_path / "rb")
     assert sorted(str(p.relative_to(tmp_path / "rb")) for p in written) == sorted(files)
     for p in written:
