@@ -1196,6 +1196,8 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
     # robust accuracy vs eps, one panel per attack x norm
     for attack, norm in sorted({(c["attack"], c["norm"]) for c in data.curves},
                                key=lambda an: (ATTACK_ORDER.index(an[0]) if an[0] in ATTACK_ORDER else 99, an[1])):
+        if len({c["eps"] for c in data.curves if (c["attack"], c["norm"]) == (attack, norm)}) < 2:
+            continue  # a single eps is no curve: the number is in the tables
         fig, ax = plt.subplots(figsize=(6.8, 4.4))
         all_eps, drawn_paper, datasets = set(), set(), set()
         for rid in names:
@@ -1230,11 +1232,11 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                             label=f"paper: {info.get('label', row.paper_key)}"
                                   + (f" (n={nf[-1]:,})" if nf else ""))
         ticks = sorted(all_eps)
-        ax.set_xlim(0, max(ticks) * 1.05 if ticks else 1)
+        ax.set_xlim(0, max(ticks) * 1.06 if ticks else 1)
         if norm == "linf" and ticks:
             ax.set_xticks(ticks)
             ax.set_xticklabels([eps_label(e, "linf") for e in ticks], fontsize=8)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(-2, 100)  # a point at 0 % stays visible
         ax.set_xlabel(f"ε ({NORM_NAMES.get(norm, norm)}" + (", pixel scale /255" if norm == "linf" else "") + ")")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on {', '.join(sorted(datasets))}:"

@@ -526,7 +526,8 @@ def test_figures_and_html(built, tmp_path):
     data = report.collect(store)
     paths = report.figures(data, tmp_path / "fig")
     names = {p.name for p in paths}
-    for stem in ("robust-pgd-linf", "robust-pgd-l2", "robust-autoattack-linf", "corruptions", "steps", "unroll",
+    assert "robust-autoattack-linf.png" not in {p.name for p in paths}  # one eps only: no curve to draw
+    for stem in ("robust-pgd-linf", "robust-pgd-l2", "corruptions", "steps", "unroll",
                  "adversarial-examples"):
         assert f"{stem}.png" in names and f"{stem}.svg" in names, stem
     for p in paths:
@@ -557,6 +558,8 @@ def test_figures_skip_absent_data(tmp_path):
     rid, ck = _train(store, "cnn", {}, [0.5])
     assert report.figures(report.collect(store), tmp_path / "f0") == []  # no results at all: nothing to draw
     _attack(store, rid, ck, "cnn", "pgd", "linf", {8 / 255: 0.1})
+    assert report.figures(report.collect(store), tmp_path / "f1") == []  # a single eps is no curve
+    _attack(store, rid, ck, "cnn", "pgd", "linf", {4 / 255: 0.3})
     data = report.collect(store)
     assert {p.stem for p in report.figures(data, tmp_path / "f")} == {"robust-pgd-linf"}
     page = report.html_report(data, [])
