@@ -8,12 +8,14 @@ from epcli.data import load_dataset, subset
 from epcli.errors import EpcliError, NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
+    check_numbers,
     dataset_for,
     link_model_input,
     load_model,
     no_progress,
     resolve_device,
 )
+from epcli.pipelines.common import relax_residual_rows
 from epcli.store import Store, describe_device
 
 
@@ -25,6 +27,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     """Evaluate a stored model on corruptions x severities (generated, or the official .npy files)."""
     from epcli import corruptions as C
 
+    check_numbers(n=n, seed=seed, batch_size=batch_size, T=T)
     device = resolve_device(device)
     if source and not names:  # every corruption file the folder has
         names = _source_names(source)
@@ -96,6 +99,8 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                 rows.append({"name": key, "value": val, **facets,
                              "detail": {"reference": reference} if "reference" in key or key == "relative_mce"
                              else None})
+        if not source:
+            rows += relax_residual_rows(net, x, device, facets)  # how far from equilibrium the predictions are
         store.log_metrics(run_id, rows)
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
         summary = {k: v for k, v in headline.items() if v is not None}
