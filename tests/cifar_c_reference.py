@@ -331,7 +331,7 @@ def spatter(img, s, d):
     liquid[liquid < c[3]] = 0
     if c[5] == 0:
         with np.errstate(invalid="ignore"):
-            liquid = (liquid * 255).astype(np.int64).astype(np.uint8)  # what x86's float -> uint8 cast does
+            liquid = (liquid * 255).astype(np.uint8)  # wraps above 255 on x86
         dist = 255 - cv2.Canny(liquid, 50, 150)
         dist = cv2.distanceTransform(dist, cv2.DIST_L2, 5)
         _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
