@@ -137,28 +137,14 @@ def _jsonable(o):
 
 @contextmanager
 def _progress(enabled: bool = True):
-    """A rich progress bar on stderr; yields a callback(task, done, total, info)."""
+    """Named stages on stderr (epcli/progress.py): live bars on a terminal, one plain line per finished stage
+    otherwise; yields the callback(task, done, total, info) the pipelines call."""
     if STATE.quiet or not enabled:
         yield lambda *a: None
         return
-    bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=False)
-    tasks: dict[str, int] = {}
-
-    def update(task: str, done: int, total: int, info: dict) -> None:
-        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
-                         (info or {}).items() if isinstance(v, (int, float, str)))
-        if not tasks:
-            bar.start()  # lazily: a command that fails early prints nothing but its error line
-        if task not in tasks:
-            tasks[task] = bar.add_task(task, total=total, info="")
-        bar.update(tasks[task], completed=done, total=total, info=text[:80])
-
-    try:
-        yield update
-    finally:
-        if tasks:
-            bar.stop()
+    from epcli.progress import StageProgress
+    with StageProgress() as sink:
+        yield sink
 
 
 def _note(msg: str) -> None:
