@@ -143,7 +143,9 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
             "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
             "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
-            "seconds": round(seconds, 2), "checks": flags, "notes": notes}
+            "seconds": round(seconds, 2), "checks": flags, "notes": notes, "eps": eps_list, "labels": labels,
+            "params": res.get("params") or params, "forward_passes": res.get("forward_passes"),
+            "attack_forward_passes": res.get("attack_forward_passes")}
 
 
 def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress: Progress, task: str, seed: int,

@@ -145,7 +145,8 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         summary = {"test_acc": history[-1].get("test_acc") if history else None, "epochs": len(history)}
         store.update_run(run_id, summary=summary)
     result = {"run_id": run_id, "model": model_name, "dataset": ds.name, "checkpoint": last_sha[0],
-              "test_acc": summary["test_acc"], "epochs": rec["epochs"], "label": config["label"]}
+              "test_acc": summary["test_acc"], "epochs": rec["epochs"], "label": config["label"],
+              "history": history}
     if distributed:
         result["world_size"] = dist.world_size()
         dist.broadcast_object(result)
