@@ -38,8 +38,29 @@ _PASS_THROUGH = tuple({typer.Exit, typer.Abort, click.exceptions.Exit, click.Cli
                        click.exceptions.Abort, *_typer_click_exceptions()})
 
 
+def _flag_metavars(params: list) -> list:
+    """In --help a flag takes no value, so it gets no "<bool>" type."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+def _plain_flags(cmd) -> None:
+    get_params = cmd.get_params
+    cmd.get_params = lambda ctx: _flag_metavars(get_params(ctx))
+
+
 class EpcliGroup(TyperGroup):
     """Maps expected failures to one line on stderr and a documented exit code (CliRunner sees it too)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for cmd in self.commands.values():
+            _plain_flags(cmd)
+
+    def get_params(self, ctx):
+        return _flag_metavars(super().get_params(ctx))
 
     def invoke(self, ctx):
         try:
@@ -844,6 +865,17 @@ def recipes(name: Annotated[Optional[str], typer.Argument(help="Show one recipe 
         _emit({"command": "recipes", "recipes": sorted(RECIPES)}, True)
     else:
         typer.echo("\n".join(sorted(RECIPES)))
+
+
+def _unwrap(doc: str) -> str:
+    """A docstring as help text: paragraphs kept, the source's line breaks inside a paragraph joined."""
+    import inspect
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _c in app.registered_commands:
+    if _c.help is None and _c.callback is not None and _c.callback.__doc__:
+        _c.help = _unwrap(_c.callback.__doc__)
 
 
 def main() -> None:

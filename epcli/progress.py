@@ -97,8 +97,11 @@ class StageProgress:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         now = time.monotonic()
-        for name in list(self._tasks):  # stages cut short (error, Ctrl-C): say where they stopped
-            t = self._tasks[name]
+        for name in list(self._tasks):  # stages cut short: say where they stopped, unless it was at once
+            t = self._tasks[name]        # (a bad argument's one-line error then stands alone)
+            if exc_type is not None and exc_type is not KeyboardInterrupt and now - t["start"] < 2.0:
+                self._drop(name)
+                continue
             self._emit(f"{name}  stopped at {_count(t['done'], t['total'])} after "
                        f"{format_seconds(now - t['start'])}" + (f"  {t['info']}" if t["info"] else ""))
             self._drop(name)

@@ -331,3 +331,56 @@ _NODE = _obj({"run_id": _RUN_ID, "kind": _S, "status": _S, "model": _SN, "result
               "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}})
 SCHEMAS["trace"]["$defs"] = {"node": _NODE}
 SCHEMAS["tag"]["description"] = "epcli tag and epcli note"
+
+
+# --- the schema as documentation (docs/cli.md, written by scripts/cli_reference.py) --------------------------
+
+def _type_text(s: dict) -> str:
+    if "const" in s:
+        return f'`"{s["const"]}"`'
+    if "enum" in s:
+        return " \\| ".join(f"`{v}`" for v in s["enum"])
+    if "$ref" in s:
+        return "node (the same fields, recursively)"
+    if "anyOf" in s:
+        return " or ".join(_type_text(x) for x in s["anyOf"])
+    if s.get("pattern") == _RUN_ID["pattern"]:
+        return "run id"
+    t = s.get("type")
+    types = t if isinstance(t, list) else [t] if t else ["any"]
+    if s.get("minimum") == 0 and s.get("maximum") == 1 and "number" in types:
+        types = ["fraction" if x == "number" else x for x in types]
+    return " or ".join(types)
+
+
+def _fields(s: dict, prefix: str = "") -> list[tuple[str, str, bool]]:
+    out = []
+    req = set(s.get("required", []))
+    for k, v in s.get("properties", {}).items():
+        name = prefix + k
+        if v.get("type") == "array" and isinstance(v.get("items"), dict) and v["items"].get("properties"):
+            out.append((name + "[]", "list of objects", k in req))
+            out += _fields(v["items"], name + "[].")
+        elif v.get("type") == "object" and v.get("properties"):
+            out.append((name, "object", k in req))
+            out += _fields(v, name + ".")
+        elif v.get("type") == "array":
+            out.append((name, "list of " + _type_text(v.get("items") or {}), k in req))
+        else:
+            out.append((name, _type_text(v), k in req))
+    return out
+
+
+def markdown() -> str:
+    """The schema as Markdown tables, one per command (the JSON Schema itself: `epcli.schema.SCHEMAS`)."""
+    lines = []
+    for name, s in SCHEMAS.items():
+        variants = s.get("oneOf", [s])
+        for i, v in enumerate(variants):
+            kind = v["properties"].get("kind", {}).get("const")
+            title = f"`{name}`" + (f" ({kind} runs)" if kind and len(variants) > 1 else "")
+            lines += [f"#### {title}", "", "| field | type |", "|---|---|"]
+            for field, typ, required in _fields(v):
+                lines.append(f"| `{field}` | {typ}{'' if required else ' (optional)'} |")
+            lines.append("")
+    return "\n".join(lines)

@@ -64,13 +64,15 @@ def test_attack_corrupt_report_and_lineage(pipeline):
                store=store)
     assert r.exit_code == 0, r.output
     att = json.loads(r.stdout)
-    assert att["model_run_id"] == train["run_id"] and set(att["robust_acc"]) == {"2/255", "8/255"}
-    assert att["robust_acc"]["8/255"] <= att["robust_acc"]["2/255"] <= att["clean_acc"]
+    robust = {r["eps_label"]: r["robust_acc"] for r in att["results"]}
+    assert att["model_run_id"] == train["run_id"] and set(robust) == {"2/255", "8/255"}
+    assert robust["8/255"] <= robust["2/255"] <= att["clean_acc"]
     r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise", "-c", "contrast", "--n", 60,
                "--json", store=store)
     assert r.exit_code == 0, r.output
     cor = json.loads(r.stdout)
-    assert set(cor["cells"]) == {f"{c}/{s}" for c in ("gaussian_noise", "contrast") for s in range(1, 6)}
+    assert {(c["corruption"], c["severity"]) for c in cor["cells"]} == \
+        {(c, s) for c in ("gaussian_noise", "contrast") for s in range(1, 6)}
     s = Store(store)
     # lineage: the attack read exactly the training run's checkpoint
     ck = s.artifacts_of(train["run_id"], role="output", kind="checkpoint")[0]["sha256"]
@@ -79,7 +81,7 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     assert {att["run_id"], cor["run_id"]} <= derived
     # the stored numbers are the printed ones
     rows = s.metrics(att["run_id"], name="robust_acc")
-    assert sorted(round(r["value"], 6) for r in rows) == sorted(round(v, 6) for v in att["robust_acc"].values())
+    assert sorted(round(r["value"], 4) for r in rows) == sorted(robust.values())
     r = invoke("report", "--format", "csv", store=store)
     assert r.exit_code == 0, r.output
     assert "cnn-small" in r.stdout
@@ -95,7 +97,7 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     assert r.exit_code == 0 and att["run_id"] in r.stdout
     assert invoke("show", att["run_id"], store=store).exit_code == 0
     r = invoke("runs", "--json", store=store)
-    assert {x["id"] for x in json.loads(r.stdout)} >= {train["run_id"], att["run_id"], cor["run_id"]}
+    assert {x["run_id"] for x in json.loads(r.stdout)["runs"]} >= {train["run_id"], att["run_id"], cor["run_id"]}
 
 
 def _count_runs(store):
@@ -183,7 +185,7 @@ def test_installed_console_script(pipeline):
     out = subprocess.run([exe, "--store", str(store), "runs", "--kind", "train", "--json"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert train["run_id"] in {r["id"] for r in json.loads(out.stdout)}
+    assert train["run_id"] in {r["run_id"] for r in json.loads(out.stdout)["runs"]}
     out = subprocess.run([exe, "--store", str(store), "attack", "--model", "nope-model"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 3 and out.stderr.startswith("error:") and "Traceback" not in out.stderr

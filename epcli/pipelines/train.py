@@ -42,6 +42,10 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         raise UsageError("train needs a store")
     # rank 0 loads first (it may download or decode into the store's cache); the others then read that cache
     cache_dir = dist.broadcast_object(str(store.cache_dir) if main else None)
+    if main and not resume and not model.startswith("timm:"):
+        from epcli.models import list_models
+        if model not in list_models():
+            create_model(model)  # an unknown name fails here, before any data is read
     if main:
         progress("load", 0, 1, {"dataset": dataset or "cifar10-mini"})
     ds = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir) if main else None
