@@ -8,6 +8,7 @@ so `RUN=$(epcli train --model cnn --json | jq -r .run_id)` works. Expected failu
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -18,8 +19,6 @@ import click
 import typer
 from typer.core import TyperGroup
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
 from rich.table import Table
 
 from epcli import __version__
@@ -49,6 +48,24 @@ def _flag_metavars(params: list) -> list:
 def _plain_flags(cmd) -> None:
     get_params = cmd.get_params
     cmd.get_params = lambda ctx: _flag_metavars(get_params(ctx))
+def print_error(message: str, *, hint: str = "") -> None:
+    """The one error printer: `error: <message>` on stderr, user text escaped so it is never read as markup."""
+    from rich.markup import escape
+    line = " ".join(str(message).split())  # one line, whatever the message carried
+    err.print(f"[red]error:[/] {escape(line)}{hint}", highlight=False, soft_wrap=True, markup=True)
+
+
+def _failure_code(e: BaseException) -> int | None:
+    """Exit code for failures that are not EpcliErrors but have a documented code (disk full, database)."""
+    import errno
+    import sqlite3
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return 5
+    if isinstance(e, sqlite3.Error):
+        return 5
+    if "No space left on device" in str(e) or "disk is full" in str(e):
+        return 5  # safetensors and sqlite report a full disk as their own exception types
+    return None
 
 
 class EpcliGroup(TyperGroup):
@@ -68,7 +85,7 @@ class EpcliGroup(TyperGroup):
         except EpcliError as e:
             if STATE.debug:
                 raise
-            err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            print_error(str(e))
             raise typer.Exit(e.code)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/] (the run is marked interrupted; everything stored so far is kept)")
@@ -78,8 +95,11 @@ class EpcliGroup(TyperGroup):
         except Exception as e:  # anything else is a bug: still one line unless --debug
             if STATE.debug or os.environ.get("EPCLI_DEBUG"):
                 raise
-            err.print(f"[red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                      highlight=False, soft_wrap=True)
+            code = _failure_code(e)
+            if code is not None:
+                print_error(f"{e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}")
+                raise typer.Exit(code)
+            print_error(f"{type(e).__name__}: {e}", hint=" (rerun with --debug for the traceback)")
             raise typer.Exit(1)
 
 
@@ -136,9 +156,19 @@ def main_callback(
     STATE.quiet = quiet
 
 
-def _store(path: Optional[str] = None):
+def _store(path: Optional[str] = None, write: bool = True):
+    """The store. Commands that only read never create one (a typo in --store is an error, not a new empty
+    store), and open a store they cannot write read-only."""
     from epcli.store import Store
-    return Store(path or STATE.store_path)
+    store = Store(path or STATE.store_path, create=write)
+    if store.created:
+        _note(f"[dim]created a new store at {_escape(str(store.root))}[/]")
+    return store
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+    return escape(text)
 
 
 def _emit(result, as_json: bool) -> None:
@@ -176,23 +206,37 @@ def _note(msg: str) -> None:
         err.print(msg)
 
 
-def _parse_kv(pairs: list[str]) -> dict:
+def _parse_kv(pairs: list[str], option: str = "--set") -> dict:
     """--set key=value (dotted keys for nesting, values parsed as JSON when possible)."""
     out: dict = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise EpcliError(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
+        key, sep, raw = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise UsageError(f"{option} expects key=value (dotted keys allowed), got {pair!r}")
         try:
             val = json.loads(raw)
         except ValueError:
             val = raw
+        if isinstance(val, float) and not math.isfinite(val):
+            raise UsageError(f"{option} {key}: {raw} is not a finite number")
         node = out
-        parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"{option} {key}: {p!r} is already set to a value, not a group of keys")
         node[parts[-1]] = val
     return out
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    """'10,15,20' -> [10, 15, 20]; anything else is a usage error naming the option."""
+    if not text:
+        return None
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise UsageError(f"{option} expects comma-separated integers, e.g. 10,15,20; got {text!r}") from None
 
 
 # --- commands -------------------------------------------------------------------------------------------
@@ -223,6 +267,9 @@ def train(
                             "--model-set channels=[64,128,256,256] (repeatable; see docs/models.md).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume exactly from a run id or checkpoint.")] = None,
     label: Annotated[Optional[str], typer.Option(help="Display name in reports.")] = None,
+    select: Annotated[Optional[str], typer.Option(
+        help="Which epoch the run hands on: last (default), best-val (best on a seeded 10% of the training "
+             "set, held out) or best-test (the paper's: selected on the test set; labelled in reports).")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -247,7 +294,7 @@ def train(
         overrides["ep"] = {**overrides.get("ep", {}), **ep}
     if adv_train:
         if ":" not in adv_train:
-            raise EpcliError("--adv-train expects NORM:EPS, e.g. l2:0.5 or linf:8/255")
+            raise UsageError("--adv-train expects NORM:EPS, e.g. l2:0.5 or linf:8/255")
         norm, eps = adv_train.split(":", 1)
         eps_v = api.parse_eps(eps)[0]
         api.check_eps(norm, [eps_v])
@@ -255,14 +302,15 @@ def train(
     from epcli import distributed
     if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
         api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
-                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv)
+                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv, select=select)
         return
     with _store() as store, _progress() as progress:
         res = api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
-                        model_options=_parse_kv(model_set or []),
+                        model_options=_parse_kv(model_set or [], "--model-set"),
                         seed=seed, device=device, store=store, resume=resume, label=label, argv=sys.argv,
-                        progress=progress)
-    _note(f"[green]trained[/] {res['model']} on {res['dataset']}: test accuracy {_pct(res['test_acc'])}% "
+                        progress=progress, select=select)
+    _note(f"[green]trained[/] {_escape(res['model'])} on {_escape(res['dataset'])}: test accuracy "
+          f"{_pct(res['test_acc'])}% "
           f"(run {res['run_id']})")
     from epcli import schema
     _emit(schema.train(res, res.get("history")), as_json)
@@ -322,10 +370,9 @@ def attack(
                          data_dir=data_dir, n=n, seed=seed, grad_mode=grad_mode, batch_size=batch_size,
                          labels=labels, params=params, T=T, device=device, store=store, argv=sys.argv,
                          checks=checks, strength=strength_check, progress=progress,
-                         unroll_sweep=[int(k) for k in unroll_sweep.split(",") if k.strip()] if unroll_sweep
-                         else None)
+                         unroll_sweep=_int_list(unroll_sweep, "--unroll-sweep"))
     for w in caught:
-        _note(f"[yellow]warning:[/] {w.message}")
+        _note(f"[yellow]warning:[/] {_escape(str(w.message))}")
     from epcli import schema
     out = schema.attack(res)
     if not STATE.quiet:
@@ -344,7 +391,7 @@ def attack(
                       *[_pct(accs.get(e)) for accs in sweep.values()])
         err.print(t)
         if res["unreliable"]:
-            err.print(f"[red]unreliable:[/] {res['reason']}", highlight=False)
+            err.print(f"[red]unreliable:[/] {_escape(res['reason'])}", highlight=False)
     _emit(out, as_json)
     if strict and res["unreliable"]:
         raise typer.Exit(7)
@@ -383,14 +430,29 @@ def corrupt(
         if export:
             res = api.export_corruptions(directory=export, names=corruption, dataset=dataset,
                                          data_dir=data_dir, n=n, seed=seed, store=store)
-            _note(f"wrote {len(res['corruptions'])} corruptions x 5 severities to {export}")
+            _note(f"wrote {len(res['corruptions'])} corruptions x 5 severities to {_escape(export)}")
             _emit(schema.corrupt_export(res), as_json)
             return
         res = api.corrupt(model=model, names=corruption, severities=severity, dataset=dataset,
                           data_dir=data_dir, n=n, seed=seed, source=source, reference=reference,
                           batch_size=batch_size, T=T, device=device, store=store, argv=sys.argv,
                           progress=progress)
-    _note(f"{res['model']}: clean {_pct(res['clean_acc'])}%, corruption mean (15) "
+    clean = "n/a (no clean images for this source)" if res["clean_acc"] is None else f"{_pct(res['clean_acc'])}%"
+    if not STATE.quiet:
+        by: dict[str, dict[str, float]] = {}
+        for cell, acc in res["cells"].items():
+            c, sv = cell.rsplit("/", 1)
+            by.setdefault(c, {})[sv] = acc
+        sevs = sorted({sv for v in by.values() for sv in v})
+        t = Table(title=f"corruption accuracy (%), {_escape(res['model'])} ({res['n_examples']} images"
+                        + (f", from {res['source']}" if res.get("source") else "") + f"; clean {clean})")
+        t.add_column("corruption")
+        for sv in sevs:
+            t.add_column(f"s{sv}", justify="right")
+        for c, v in by.items():
+            t.add_row(c, *[_pct(v[sv]) if sv in v else "" for sv in sevs])
+        err.print(t)
+    _note(f"{_escape(res['model'])}: clean {clean}, corruption mean (15) "
           f"{_pct(res.get('corruption_mean_acc'))}%, all 19 {_pct(res.get('corruption_mean_acc_all'))}%, "
           f"mCE (unnormalised) {_pct(res.get('mce_unnormalized'))}% (run {res['run_id']})")
     _emit(schema.corrupt(res), as_json)
@@ -407,8 +469,9 @@ def report(
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Training run ids (repeatable).")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Only this dataset.")] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", "-f", help="table, csv, json, md, html or robustbench. md and html include epcli beside the "
-                               "paper's numbers.")] = "table",
+        "--format", "-f", help="table, csv, json, md, html or robustbench. md and html set the paper's numbers "
+                               "beside comparable results; robustbench with --out writes RobustBench's "
+                               "<dataset>/<threat_model>/<ModelID>.json files.")] = "table",
     out: Annotated[Optional[str], typer.Option(help="Write files (and figures) to this folder.")] = None,
     figures: Annotated[bool, typer.Option(help="Also draw the figures (PNG + SVG).")] = False,
     curves: Annotated[bool, typer.Option(
@@ -425,7 +488,7 @@ def report(
     from epcli import api, schema
     from epcli import report as R
     if curves:
-        with _store() as store:
+        with _store(write=False) as store:
             ids = list(run or []) + [store.latest_train_run(m, dataset)["id"] for m in model or []]
             if not ids:
                 ids = [r["id"] for r in store.runs(kind="train", status="finished", dataset=dataset, limit=5)]
@@ -437,7 +500,7 @@ def report(
         _emit({"command": "report", "run_id": None, "files": [str(f) for f in files], "generated_at":
                _now(), "rows": [], "notes": [f"training curves of {', '.join(ids)}"]}, as_json)
         return
-    with _store() as store:
+    with _store(write=bool(out or figures)) as store:
         res = api.report(store=store, models=model, runs=run, dataset=dataset,
                          fmt="json" if as_json and fmt == "table" else fmt, out=out, figures=figures,
                          argv=sys.argv)
@@ -445,8 +508,9 @@ def report(
             Console().print(R.leaderboard_table(res["data"]))
         elif not as_json and res["text"] is not None and not out:
             typer.echo(res["text"])
+        # --json always prints the JSON document of the schema, whatever --format wrote
     for f in res["files"]:
-        _note(f"wrote {f}")
+        _note(f"wrote {_escape(str(f))}")
     if as_json:
         _emit(schema.report(res), True)
 
@@ -472,7 +536,7 @@ def demo(
     from epcli import report as R
     if not STATE.quiet:
         err.print(R.leaderboard_table(res["data"]))
-    _note(f"store: {st.root}  -  try `epcli runs`, `epcli trace {res['runs'][0]}`, `epcli report -f md`")
+    _note(f"store: {_escape(str(st.root))}  -  try `epcli runs`, `epcli trace {res['runs'][0]}`, `epcli report -f md`")
     _emit({"command": "demo", "run_ids": list(res["runs"]), "store": str(res["store"])}, as_json)
 
 
@@ -509,7 +573,7 @@ def list_runs(
         raise UsageError(f"unknown run kind {kind!r}: use {', '.join(RUN_KINDS)}")
     if status and status not in STATUSES:
         raise UsageError(f"unknown status {status!r}: use {', '.join(STATUSES)}")
-    with _store() as store:
+    with _store(write=False) as store:
         rows = store.find_runs(kind=kind, status=status, model=model, dataset=dataset, since=since, tag=tag,
                                where=where, sort=sort, limit=limit or None)
         sort_vals = {r["id"]: store.run_value(r, sort.lstrip("-")) for r in rows} if sort else {}
@@ -576,7 +640,7 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
          ) -> None:
     """Show one run: status, duration, command line, versions, config, metrics, checks and artifacts."""
     from epcli import schema
-    with _store() as store:
+    with _store(write=False) as store:
         run = store.get_run(run_id)
         arts = store.artifacts_of(run["id"])
         mets = store.metrics(run["id"])
@@ -661,7 +725,7 @@ def compare(
     McNemar p-value per eps). Training runs: the config keys that differ and the final metrics side by side."""
     from epcli import api, schema
     from epcli import report as R
-    with _store() as store:
+    with _store(write=False) as store:
         kinds = {store.get_run(run_a)["kind"], store.get_run(run_b)["kind"]}
         if kinds == {"train"}:
             doc = schema.compare_training(R.training_diff(store, run_a, run_b))
@@ -709,7 +773,7 @@ def compare(
 def trace(run_id: Annotated[str, typer.Argument(help="A training run id (or any run id).")],
           as_json: JsonOpt = False) -> None:
     """Lineage: everything derived from a run (attacks, corruptions, reports) as a tree, each with its result."""
-    with _store() as store:
+    with _store(write=False) as store:
         run = store.get_run(run_id)
         tree = _trace_tree(store, run["id"])
         if as_json:
@@ -779,7 +843,7 @@ def tag(
     """
     add = [t for t in tags or [] if not t.startswith("-")]
     remove = [t[1:] for t in tags or [] if t.startswith("-")]
-    with _store() as store:
+    with _store(write=False) as store:
         new = store.tag_run(run_id, add, remove)
         run = store.get_run(run_id)
     _note(f"{run['id']}: tags {' '.join(new) or '(none)'}")
@@ -796,7 +860,7 @@ def note(
 
     Example: `epcli note RUN "lr too high; rerun with 0.01"`.
     """
-    with _store() as store:
+    with _store(write=False) as store:
         store.note_run(run_id, text)
         run = store.get_run(run_id)
     _note(f"{run['id']}: note {'set' if run.get('note') else 'cleared'}")
@@ -817,7 +881,7 @@ def rm(
 
     Example: `epcli rm RUN --cascade --dry-run`.
     """
-    with _store() as store:
+    with _store(write=False) as store:
         res = store.remove_runs(run_ids, cascade=cascade, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     _note(f"{verb} {len(res['removed'])} run(s) ({' '.join(res['removed'])}) and {res['files_removed']} file(s), "
@@ -834,7 +898,7 @@ def gc(
 
     Afterwards every artifact row has its file and every file its row.
     """
-    with _store() as store:
+    with _store(write=False) as store:
         res = store.gc(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     _note(f"{verb} {res['artifacts_removed']} artifact row(s) and {res['files_removed']} file(s), "

@@ -106,7 +106,7 @@ def corrupt(res: dict) -> dict:
             "corruption_mean_acc_all": acc(res.get("corruption_mean_acc_all"), n),
             "mce_unnormalized": acc(res.get("mce_unnormalized"), n),
             "relative_mce": sig(res.get("relative_mce"), 4), "mce_vs_reference": sig(res.get("mce_vs_reference"), 4),
-            "cells": cells}
+            "source": res.get("source"), "clean_from": res.get("clean_from"), "cells": cells}
 
 
 def corrupt_export(res: dict) -> dict:
@@ -274,7 +274,7 @@ SCHEMAS: dict[str, dict] = {
     "corrupt": _cmd("corrupt", {
         "run_id": _RUN_ID, "model": _S, "model_run_id": _RUN_IDN, "n_examples": _I, "clean_acc": _ACCN,
         "corruption_mean_acc": _ACCN, "corruption_mean_acc_all": _ACCN, "mce_unnormalized": _ACCN,
-        "relative_mce": _NN, "mce_vs_reference": _NN,
+        "relative_mce": _NN, "mce_vs_reference": _NN, "source": _SN, "clean_from": _SN,
         "cells": {"type": "array", "items": _obj({"corruption": _S, "severity": {"type": "integer", "minimum": 1,
                                                                                   "maximum": 5}, "acc": _ACC})}}),
     "corrupt-export": _cmd("corrupt-export", {
