@@ -632,7 +632,8 @@ def _result_text(run: dict) -> str:
         text = f"mean {_pct(s.get('corruption_mean_acc'))}%, clean {_pct(s.get('clean_acc'))}%" if s else ""
     else:
         text = ""
-    return (text + ("  " + tags if tags else "") + (f"  ({run['note']})" if run.get("note") else "")).strip()
+    # tags first: they are short and chosen by the user; the note last, it may be long
+    return ((tags + "  " if tags else "") + text + (f"  ({run['note']})" if run.get("note") else "")).strip()
 
 
 @app.command(rich_help_panel="Runs")
