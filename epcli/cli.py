@@ -377,9 +377,11 @@ def attack(
     out = schema.attack(res)
     if not STATE.quiet:
         sweep = res.get("unroll_sweep") or {}
-        t = Table(title=f"{attack_name} {norm}, {res['model']}, {res['n_examples']} images, grad {grad_mode}",
-                  caption=f"run {res['run_id']}  ·  {out['attack_forward_passes'] or 0:,} attack forward passes",
-                  title_justify="left", caption_justify="left")
+        # title and caption as lines of their own: a table's title wraps to the (narrow) table's width
+        err.print(_escape(f"{attack_name} {norm}, {res['model']}, {res['n_examples']} images, grad {grad_mode}, "
+                          f"run {res['run_id']}, {out['attack_forward_passes'] or 0:,} attack forward passes"),
+                  highlight=False)
+        t = Table()
         t.add_column("eps", no_wrap=True)
         t.add_column("robust %", justify="right", no_wrap=True)
         for gm in sweep:

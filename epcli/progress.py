@@ -66,6 +66,7 @@ class StageProgress:
         self.console = console or Console(file=self.stream, stderr=self.stream is sys.stderr)
         self._bar: Progress | None = None
         self._tasks: dict[str, dict[str, Any]] = {}  # name -> {id, start, done, total, info}
+        self._finished: set[str] = set()  # a repeated final call for these is not a new stage
         self.lines: list[str] = []  # every finished-stage line, in order (also for tests)
 
     # the callback
@@ -73,6 +74,10 @@ class StageProgress:
         now = time.monotonic()
         t = self._tasks.get(task)
         total = max(float(total or 0), 0.0)
+        if task in self._finished:
+            if total and done >= total:
+                return
+            self._finished.discard(task)
         if t is not None and done < t["done"]:  # the same name again from the start: a new stage
             self._drop(task)
             t = None
@@ -121,6 +126,7 @@ class StageProgress:
 
     def _finish(self, name: str, now: float) -> None:
         t = self._tasks[name]
+        self._finished.add(name)
         self._emit(f"{name}  {_count(t['done'], t['total'])}  {format_seconds(now - t['start'])}"
                    + (f"  {t['info']}" if t["info"] else ""))
         self._drop(name)
