@@ -558,8 +558,9 @@ def list_runs(
                                                  "within an age (30m, 12h, 7d).")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Only runs with this tag.")] = None,
     where: Annotated[Optional[list[str]], typer.Option(
-        help="NAME OP VALUE on a metric, summary value, run column or config key, e.g. test_acc>0.5, "
-             "robust_acc<0.2, seed=1, config.recipe.epochs>=20 (repeatable; all must hold).")] = None,
+        help="NAME OP VALUE on a metric, summary value, run column or config key, e.g. 'test_acc>0.5', "
+             "'robust_acc<0.2', seed=1, 'config.recipe.epochs>=20' (repeatable; all must hold; quote > and <).")
+    ] = None,
     sort: Annotated[Optional[str], typer.Option(help="Sort by NAME (any --where name); -NAME for "
                                                 "descending. Default: newest first.")] = None,
     limit: Annotated[int, typer.Option(help="At most N runs (0: all).")] = 30,
@@ -567,7 +568,8 @@ def list_runs(
 ) -> None:
     """List runs, newest first, filtered and sorted.
 
-    Examples: `epcli runs --kind train --where test_acc>0.5 --sort -test_acc`, `epcli runs --since 12h`.
+    Examples: `epcli runs --kind train --where 'test_acc>0.5' --sort -test_acc`, `epcli runs --since 12h`
+    (quote conditions with > or <: the shell reads them as redirections).
     """
     from epcli import schema
     from epcli.store import RUN_KINDS, STATUSES
