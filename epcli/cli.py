@@ -446,8 +446,10 @@ def corrupt(
             c, sv = cell.rsplit("/", 1)
             by.setdefault(c, {})[sv] = acc
         sevs = sorted({sv for v in by.values() for sv in v})
-        t = Table(title=f"corruption accuracy (%), {_escape(res['model'])} ({res['n_examples']} images"
-                        + (f", from {res['source']}" if res.get("source") else "") + f"; clean {clean})")
+        err.print(f"corruption accuracy (%), {_escape(res['model'])} ({res['n_examples']} images"
+                  + (f", from {_escape(str(res['source']))}" if res.get("source") else "") + f"; clean {clean})",
+                  highlight=False)
+        t = Table()
         t.add_column("corruption")
         for sv in sevs:
             t.add_column(f"s{sv}", justify="right")

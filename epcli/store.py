@@ -198,8 +198,10 @@ RUNS_COLUMNS = {"id", "kind", "status", "config", "started_at", "model_run_id"}
 @migrations()
 def m003_tags_and_notes(db: sqlite_utils.Database) -> None:
     """Run management after the fact: free-form tags (JSON list) and a note per run."""
-    db["runs"].add_column("tags", str)
-    db["runs"].add_column("note", str)
+    have = set(db["runs"].columns_dict)
+    for col in ("tags", "note"):
+        if col not in have:  # idempotent: a store may already have them from a development build
+            db["runs"].add_column(col, str)
 
 
 MIGRATION_COUNT = len(migrations._migrations)
