@@ -269,3 +269,25 @@ def test_redirected_logs_hold_one_line_per_stage_and_epoch(pipeline):
     r = invoke("attack", "--model", "cnn-small", "--eps", "8/255", "--n", 10, "--steps", 1, "--quiet",
                store=store)
     assert r.exit_code == 0 and r.stderr == ""  # -q after the command works too
+
+
+def test_tables_fit_80_columns(pipeline):
+    store, _, train = pipeline
+    r = invoke("attack", "--model", train["run_id"], "--eps", "8/255", "--n", 20, "--steps", 2, "--json",
+               store=store)
+    att = json.loads(r.stdout)
+    narrow = {"COLUMNS": "80"}
+    r = runner.invoke(app, ["--store", str(store), "runs", "--limit", 0], env=narrow, catch_exceptions=False)
+    lines = r.stdout.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    for rid in (train["run_id"], att["run_id"]):  # run ids are never shortened
+        assert any(ln.startswith(rid + " ") for ln in lines), r.stdout
+    r = runner.invoke(app, ["--store", str(store), "show", att["run_id"]], env=narrow, catch_exceptions=False)
+    head = r.stdout.split("config")[0]
+    for field in ("finished", "duration", "command", "git commit", "versions", "epcli"):
+        assert field in head, head
+    assert "robust_acc" in r.stdout and "8/255" in r.stdout and "…" not in r.stdout.split("artifacts")[0]
+    r = runner.invoke(app, ["--store", str(store), "trace", train["run_id"]], env=narrow, catch_exceptions=False)
+    node = " ".join(ln.strip(" │├└─") for ln in r.stdout.split(att["run_id"])[1].splitlines()[:2])
+    acc = att["results"][0]["robust_acc"]
+    assert f"8/255 {100 * acc:.2f}%" in node, r.stdout  # the attack node shows its robust accuracy
