@@ -51,6 +51,8 @@ class Check:
         self.figures = out / "figures.jsonl"
         self.log = out / "device_check.log"
         self.failed: list[str] = []
+        for f in (self.figures, self.log):  # one run per folder: a rerun replaces it
+            f.unlink(missing_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix="epcli-device-check-"))
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "EPCLI_CACHE": str(self.work / "cache"),
                     "PYTHONUNBUFFERED": "1"}

@@ -54,6 +54,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
+def _backends():
+    # EPCNN.accelerate turns TF32 and cudnn.benchmark on for the process: keep that inside the test that asked
+    b = torch.backends
+    old = (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic)
+    yield
+    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic = old
+
+
+@pytest.fixture(autouse=True)
 def _threads():
     # the CPU halves are the slow ones: on the GPU machine (16 cores) device_check sets EPCLI_TEST_THREADS
     n = torch.get_num_threads()
