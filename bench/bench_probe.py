@@ -50,6 +50,30 @@ def plan_epochs(recipe_epochs: int, warmup: int, elapsed: float, last_epoch: flo
     return max(warmup, min(recipe_epochs, warmup + more))
 
 
+def warmup_epochs(recipe: dict) -> int:
+    """Epochs whose learning rates do not depend on the epoch count: the warm-up (at least the first epoch)."""
+    return min(int(recipe["epochs"]), max(1, math.ceil(float(recipe["schedule"].get("warmup_epochs") or 0))))
+
+
+def train_planned(model, ds, recipe: dict, device, seed: int, on_epoch, decide):
+    """Train the warm-up epochs, then `decide(history, elapsed seconds)` -> the run's epoch count, and continue
+    (resumed exactly) as `recipe` with that many epochs. Returns (history, epochs)."""
+    warmup, states = warmup_epochs(recipe), {}
+
+    def keep(epoch, metrics, state):
+        states["last"] = state
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, state)
+
+    t0 = time.perf_counter()
+    hist = fit(model, ds, recipe, device=device, seed=seed, on_epoch=keep, max_epochs=warmup)
+    planned = int(decide(hist, time.perf_counter() - t0))
+    if planned > warmup:
+        hist = fit(model, ds, {**recipe, "epochs": planned}, device=device, seed=seed, state=states["last"],
+                   on_epoch=keep)
+    return hist, max(planned, warmup)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -82,20 +106,15 @@ def main(argv=None) -> int:
     model = create_model(a.model, ds.num_classes)
 
     epochs = int(recipe["epochs"])
-    warmup = min(epochs, max(1, math.ceil(float(recipe["schedule"].get("warmup_epochs") or 0))))
-    states = {}
+    warmup = warmup_epochs(recipe)
 
     def keep(epoch, metrics, state):
-        states["last"] = state
         print(f"{a.recipe} epoch {epoch}: test {metrics['test_acc']:.4f} {metrics['seconds']:.1f}s", file=sys.stderr,
               flush=True)
 
     t0 = time.perf_counter()
-    hist = fit(model, ds, recipe, device=device, seed=a.seed, on_epoch=keep, max_epochs=warmup)
-    planned = plan_epochs(epochs, warmup, time.perf_counter() - t0, hist[-1]["seconds"], a.budget)
-    if planned > warmup:
-        recipe = {**recipe, "epochs": planned}
-        hist = fit(model, ds, recipe, device=device, seed=a.seed, state=states["last"], on_epoch=keep)
+    hist, planned = train_planned(model, ds, recipe, device, a.seed, keep, lambda h, elapsed: plan_epochs(
+        epochs, warmup, elapsed, h[-1]["seconds"], a.budget))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
