@@ -8,6 +8,7 @@ so `RUN=$(epcli train --model cnn --json | jq -r .run_id)` works. Expected failu
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -23,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from epcli import __version__
-from epcli.errors import EpcliError
+from epcli.errors import EpcliError, UsageError
 
 def _typer_click_exceptions() -> list[type]:
     try:  # Typer >= 0.24 vendors Click under typer._click
@@ -38,6 +39,26 @@ _PASS_THROUGH = tuple({typer.Exit, typer.Abort, click.exceptions.Exit, click.Cli
                        click.exceptions.Abort, *_typer_click_exceptions()})
 
 
+def print_error(message: str, *, hint: str = "") -> None:
+    """The one error printer: `error: <message>` on stderr, user text escaped so it is never read as markup."""
+    from rich.markup import escape
+    line = " ".join(str(message).split())  # one line, whatever the message carried
+    err.print(f"[red]error:[/] {escape(line)}{hint}", highlight=False, soft_wrap=True, markup=True)
+
+
+def _failure_code(e: BaseException) -> int | None:
+    """Exit code for failures that are not EpcliErrors but have a documented code (disk full, database)."""
+    import errno
+    import sqlite3
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return 5
+    if isinstance(e, sqlite3.Error):
+        return 5
+    if "No space left on device" in str(e) or "disk is full" in str(e):
+        return 5  # safetensors and sqlite report a full disk as their own exception types
+    return None
+
+
 class EpcliGroup(TyperGroup):
     """Maps expected failures to one line on stderr and a documented exit code (CliRunner sees it too)."""
 
@@ -47,7 +68,7 @@ class EpcliGroup(TyperGroup):
         except EpcliError as e:
             if STATE.debug:
                 raise
-            err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            print_error(str(e))
             raise typer.Exit(e.code)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/] (the run is marked interrupted; everything stored so far is kept)")
@@ -57,8 +78,11 @@ class EpcliGroup(TyperGroup):
         except Exception as e:  # anything else is a bug: still one line unless --debug
             if STATE.debug or os.environ.get("EPCLI_DEBUG"):
                 raise
-            err.print(f"[red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                      highlight=False, soft_wrap=True)
+            code = _failure_code(e)
+            if code is not None:
+                print_error(f"{e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}")
+                raise typer.Exit(code)
+            print_error(f"{type(e).__name__}: {e}", hint=" (rerun with --debug for the traceback)")
             raise typer.Exit(1)
 
 
@@ -113,9 +137,19 @@ def main_callback(
     STATE.quiet = quiet
 
 
-def _store(path: Optional[str] = None):
+def _store(path: Optional[str] = None, write: bool = True):
+    """The store. Commands that only read never create one (a typo in --store is an error, not a new empty
+    store), and open a store they cannot write read-only."""
     from epcli.store import Store
-    return Store(path or STATE.store_path)
+    store = Store(path or STATE.store_path, create=write)
+    if store.created:
+        _note(f"[dim]created a new store at {_escape(str(store.root))}[/]")
+    return store
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+    return escape(text)
 
 
 def _emit(result, as_json: bool) -> None:
@@ -166,23 +200,37 @@ def _note(msg: str) -> None:
         err.print(msg)
 
 
-def _parse_kv(pairs: list[str]) -> dict:
+def _parse_kv(pairs: list[str], option: str = "--set") -> dict:
     """--set key=value (dotted keys for nesting, values parsed as JSON when possible)."""
     out: dict = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise EpcliError(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
+        key, sep, raw = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise UsageError(f"{option} expects key=value (dotted keys allowed), got {pair!r}")
         try:
             val = json.loads(raw)
         except ValueError:
             val = raw
+        if isinstance(val, float) and not math.isfinite(val):
+            raise UsageError(f"{option} {key}: {raw} is not a finite number")
         node = out
-        parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"{option} {key}: {p!r} is already set to a value, not a group of keys")
         node[parts[-1]] = val
     return out
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    """'10,15,20' -> [10, 15, 20]; anything else is a usage error naming the option."""
+    if not text:
+        return None
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise UsageError(f"{option} expects comma-separated integers, e.g. 10,15,20; got {text!r}") from None
 
 
 # --- commands -------------------------------------------------------------------------------------------
@@ -213,6 +261,9 @@ def train(
                             "--model-set channels=[64,128,256,256] (repeatable; see docs/models.md).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume exactly from a run id or checkpoint.")] = None,
     label: Annotated[Optional[str], typer.Option(help="Display name in reports.")] = None,
+    select: Annotated[Optional[str], typer.Option(
+        help="Which epoch the run hands on: last (default), best-val (best on a seeded 10% of the training "
+             "set, held out) or best-test (the paper's: selected on the test set; labelled in reports).")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -235,7 +286,7 @@ def train(
         overrides["ep"] = {**overrides.get("ep", {}), **ep}
     if adv_train:
         if ":" not in adv_train:
-            raise EpcliError("--adv-train expects NORM:EPS, e.g. l2:0.5 or linf:8/255")
+            raise UsageError("--adv-train expects NORM:EPS, e.g. l2:0.5 or linf:8/255")
         norm, eps = adv_train.split(":", 1)
         eps_v = api.parse_eps(eps)[0]
         api.check_eps(norm, [eps_v])
@@ -243,14 +294,14 @@ def train(
     from epcli import distributed
     if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
         api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
-                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv)
+                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv, select=select)
         return
     with _store() as store, _progress() as progress:
         res = api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
-                        model_options=_parse_kv(model_set or []),
+                        model_options=_parse_kv(model_set or [], "--model-set"),
                         seed=seed, device=device, store=store, resume=resume, label=label, argv=sys.argv,
-                        progress=progress)
-    _note(f"[green]trained[/] {res['model']} on {res['dataset']}: test accuracy {res['test_acc']:.4f} "
+                        progress=progress, select=select)
+    _note(f"[green]trained[/] {_escape(res['model'])} on {_escape(res['dataset'])}: test accuracy {res['test_acc']:.4f} "
           f"(run {res['run_id']})")
     _emit(res, as_json)
 
@@ -307,13 +358,12 @@ def attack(
                          data_dir=data_dir, n=n, seed=seed, grad_mode=grad_mode, batch_size=batch_size,
                          labels=labels, params=params, T=T, device=device, store=store, argv=sys.argv,
                          checks=checks, strength=strength_check, progress=progress,
-                         unroll_sweep=[int(k) for k in unroll_sweep.split(",") if k.strip()] if unroll_sweep
-                         else None)
+                         unroll_sweep=_int_list(unroll_sweep, "--unroll-sweep"))
     for w in caught:
-        _note(f"[yellow]warning:[/] {w.message}")
+        _note(f"[yellow]warning:[/] {_escape(str(w.message))}")
     if not STATE.quiet:
-        t = Table(title=f"{attack_name} {norm} on {res['model']} ({res['n_examples']} images, "
-                        f"grad {grad_mode})")
+        t = Table(title=_escape(f"{attack_name} {norm} on {res['model']} ({res['n_examples']} images, "
+                        f"grad {grad_mode})"))
         t.add_column("eps")
         t.add_column("robust acc", justify="right")
         for gm in res.get("unroll_sweep") or {}:
@@ -324,7 +374,7 @@ def attack(
                       *[f"{accs[e]:.4f}" for accs in (res.get("unroll_sweep") or {}).values()])
         err.print(t)
         if res["unreliable"]:
-            err.print(f"[red]unreliable:[/] {res['reason']}")
+            err.print(f"[red]unreliable:[/] {_escape(res['reason'])}")
     _emit(res, as_json)
     if strict and res["unreliable"]:
         raise typer.Exit(7)
@@ -361,14 +411,29 @@ def corrupt(
         if export:
             res = api.export_corruptions(directory=export, names=corruption, dataset=dataset,
                                          data_dir=data_dir, n=n, seed=seed, store=store)
-            _note(f"wrote {len(res['corruptions'])} corruptions x 5 severities to {export}")
+            _note(f"wrote {len(res['corruptions'])} corruptions x 5 severities to {_escape(export)}")
             _emit(res, as_json)
             return
         res = api.corrupt(model=model, names=corruption, severities=severity, dataset=dataset,
                           data_dir=data_dir, n=n, seed=seed, source=source, reference=reference,
                           batch_size=batch_size, T=T, device=device, store=store, argv=sys.argv,
                           progress=progress)
-    _note(f"{res['model']}: clean {res['clean_acc']:.4f}, corruption mean (15) "
+    clean = "n/a (no clean images for this source)" if res["clean_acc"] is None else f"{res['clean_acc']:.4f}"
+    if not STATE.quiet:
+        by: dict[str, dict[str, float]] = {}
+        for cell, acc in res["cells"].items():
+            c, sv = cell.rsplit("/", 1)
+            by.setdefault(c, {})[sv] = acc
+        sevs = sorted({sv for v in by.values() for sv in v})
+        t = Table(title=f"corruption accuracy, {_escape(res['model'])} ({res['n_examples']} images"
+                        + (f", from {res['source']}" if res.get("source") else "") + f"; clean {clean})")
+        t.add_column("corruption")
+        for sv in sevs:
+            t.add_column(f"s{sv}", justify="right")
+        for c, v in by.items():
+            t.add_row(c, *[f"{v[sv]:.4f}" if sv in v else "" for sv in sevs])
+        err.print(t)
+    _note(f"{_escape(res['model'])}: clean {clean}, corruption mean (15) "
           f"{_fmt(res.get('corruption_mean_acc'))}, all 19 {_fmt(res.get('corruption_mean_acc_all'))}, "
           f"mCE (unnormalised) {_fmt(res.get('mce_unnormalized'))} (run {res['run_id']})")
     _emit(res, as_json)
@@ -384,8 +449,9 @@ def report(
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Training run ids (repeatable).")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Only this dataset.")] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", "-f", help="table, csv, json, md, html or robustbench. md and html include epcli beside the "
-                               "paper's numbers.")] = "table",
+        "--format", "-f", help="table, csv, json, md, html or robustbench. md and html set the paper's numbers "
+                               "beside comparable results; robustbench with --out writes RobustBench's "
+                               "<dataset>/<threat_model>/<ModelID>.json files.")] = "table",
     out: Annotated[Optional[str], typer.Option(help="Write files (and figures) to this folder.")] = None,
     figures: Annotated[bool, typer.Option(help="Also draw the figures (PNG + SVG).")] = False,
     as_json: JsonOpt = False,
@@ -396,7 +462,7 @@ def report(
     """
     from epcli import api
     from epcli import report as R
-    with _store() as store:
+    with _store(write=bool(out or figures)) as store:
         res = api.report(store=store, models=model, runs=run, dataset=dataset,
                          fmt="json" if as_json and fmt == "table" else fmt, out=out, figures=figures,
                          argv=sys.argv)
@@ -404,10 +470,14 @@ def report(
             Console().print(R.leaderboard_table(res["data"]))
         elif not as_json and res["text"] is not None and not out:
             typer.echo(res["text"])
+        # --json always prints JSON: the report itself (or, with --out, the files written); never md or html
+        doc = None
+        if as_json and not out:
+            doc = res["text"] if fmt in ("json", "table", "robustbench") else R.render(res["data"], "json")
     for f in res["files"]:
-        _note(f"wrote {f}")
+        _note(f"wrote {_escape(str(f))}")
     if as_json:
-        typer.echo(res["text"] if not out else json.dumps({"run_id": res["run_id"], "files": res["files"]}))
+        typer.echo(doc if not out else json.dumps({"run_id": res["run_id"], "files": res["files"]}))
 
 
 @app.command(rich_help_panel="Pipeline")
@@ -423,7 +493,7 @@ def demo(
         res = api.demo(store=st, device=device, progress=progress, note=_note)
     from epcli import report as R
     err.print(R.leaderboard_table(res["data"]))
-    _note(f"store: {st.root}  -  try `epcli runs`, `epcli trace {res['runs'][0]}`, `epcli report -f md`")
+    _note(f"store: {_escape(str(st.root))}  -  try `epcli runs`, `epcli trace {res['runs'][0]}`, `epcli report -f md`")
     res.pop("data", None)
     _emit(res, as_json)
 
@@ -439,12 +509,12 @@ def list_runs(
     as_json: JsonOpt = False,
 ) -> None:
     """List runs, newest first."""
-    with _store() as store:
+    with _store(write=False) as store:
         rows = store.runs(kind=kind, status=status, model=model, limit=limit)
     if as_json:
         _emit(rows, True)
         return
-    t = Table(title=f"runs in {STATE.store_path or 'store'}")
+    t = Table(title=_escape(f"runs in {STATE.store_path or 'store'}"))
     for c in ("id", "kind", "status", "model", "dataset", "started", "summary"):
         t.add_column(c)
     for r in rows:
@@ -452,7 +522,7 @@ def list_runs(
         brief = ", ".join(f"{k}={v:.4g}" for k, v in summ.items() if isinstance(v, float))[:60] \
             if isinstance(summ, dict) else ""
         color = {"finished": "green", "failed": "red", "interrupted": "yellow"}.get(r["status"], "cyan")
-        t.add_row(r["id"], r["kind"], f"[{color}]{r['status']}[/]", r["model"] or "", r["dataset"] or "",
+        t.add_row(r["id"], r["kind"], f"[{color}]{r['status']}[/]", _escape(r["model"] or ""), _escape(r["dataset"] or ""),
                   (r["started_at"] or "")[:19], brief)
     Console().print(t)
 
@@ -461,7 +531,7 @@ def list_runs(
 def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")], as_json: JsonOpt = False
          ) -> None:
     """Show one run: config, status, metrics, checks and artifacts."""
-    with _store() as store:
+    with _store(write=False) as store:
         run = store.get_run(run_id)
         arts = store.artifacts_of(run["id"])
         mets = store.metrics(run["id"])
@@ -470,9 +540,10 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
         _emit({"run": run, "artifacts": arts, "metrics": mets, "checks": checks}, True)
         return
     c = Console()
-    c.print(f"[bold]{run['id']}[/] {run['kind']} [{run['status']}] {run['model'] or ''} {run['dataset'] or ''}")
+    c.print(f"[bold]{_escape(run['id'])}[/] {run['kind']} \\[{run['status']}] {_escape(run['model'] or '')} "
+            f"{_escape(run['dataset'] or '')}")
     if run.get("error"):
-        c.print(f"[red]error:[/] {run['error']}")
+        c.print(f"[red]error:[/] {_escape(run['error'])}")
     c.print_json(json.dumps(run["config"], default=str))
     if mets:
         t = Table(title="metrics")
@@ -485,9 +556,9 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
                                   "severity", "n_examples", "unreliable")])
         c.print(t)
     for ch in checks:
-        c.print(f"check {ch['name']}: {'[green]passed' if ch['passed'] else '[red]FAILED'}[/] {ch['detail']}")
+        c.print(f"check {ch['name']}: {'[green]passed' if ch['passed'] else '[red]FAILED'}[/] {_escape(ch['detail'] or '')}")
     for a in arts:
-        c.print(f"{a['role']:6} {a['kind']:22} {a['sha256'][:12]} {a['size']:>10} {a['path']}")
+        c.print(_escape(f"{a['role']:6} {a['kind']:22} {a['sha256'][:12]} {a['size']:>10} {a['path']}"))
 
 
 @app.command(rich_help_panel="Store")
@@ -499,13 +570,13 @@ def compare(
     """Paired comparison of two attack runs on their common test points: who is robust where, and the exact
     McNemar p-value per eps."""
     from epcli import api
-    with _store() as store:
+    with _store(write=False) as store:
         res = api.compare(store=store, run_a=run_a, run_b=run_b)
     if as_json:
         _emit(res, True)
         return
-    t = Table(title=f"A = {res['model_a']} ({res['attack_a']} {res['norm_a']}, {res['run_a']})  vs  "
-                    f"B = {res['model_b']} ({res['attack_b']} {res['norm_b']}, {res['run_b']})")
+    t = Table(title=_escape(f"A = {res['model_a']} ({res['attack_a']} {res['norm_a']}, {res['run_a']})  vs  "
+                    f"B = {res['model_b']} ({res['attack_b']} {res['norm_b']}, {res['run_b']})"))
     for col in ("eps", "n", "robust A", "robust B", "both", "only A", "only B", "McNemar p"):
         t.add_column(col, justify="right")
     for r in res["rows"]:
@@ -518,7 +589,7 @@ def compare(
 def trace(run_id: Annotated[str, typer.Argument(help="A training run id (or any run id).")]) -> None:
     """Lineage: everything derived from a run (attacks, corruptions, reports) as a tree."""
     from epcli import report as R
-    with _store() as store:
+    with _store(write=False) as store:
         run = store.get_run(run_id)
         Console().print(R.lineage_tree(store, run["id"]))
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from epcli.errors import NotFoundError, StoreError
+from epcli.errors import NotFoundError, StoreError, UsageError
 
 DB_NAME = "epcli.db"
 SCHEMA_VERSION = 1
@@ -63,7 +63,25 @@ def new_run_id() -> str:
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    """Sorted-key compact JSON that is always valid JSON: NaN and infinities become null, since a single
+    NaN in a JSON column breaks `json_extract` over the whole table."""
+    return json.dumps(finite_json(obj), sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (recursively through dicts, lists and tuples)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def like_prefix(text: str) -> str:
+    """A LIKE pattern matching strings that start with `text` literally (use with ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def config_hash(config: dict) -> str:
@@ -127,33 +145,139 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         FROM runs t WHERE t.kind = 'train' AND t.status = 'finished'""")
 
 
+@migrations()
+def m002_linear_leaderboard(db: sqlite_utils.Database) -> None:
+    """The leaderboard as one grouped pass over metrics (m001's per-row subqueries grew quadratically)."""
+    db["runs"].create_index(["model_run_id", "kind"], if_not_exists=True)
+    db["metrics"].create_index(["run_id", "name", "step"], if_not_exists=True)
+    db["checks"].create_index(["run_id"], if_not_exists=True)
+    db.execute("DROP VIEW IF EXISTS leaderboard")
+    db.execute(LEADERBOARD_SQL)
+
+
+# One row per finished training run: the headline numbers of the study (the worst value over all runs for
+# each robust cell). Full detail: the `results` view.
+LEADERBOARD_SQL = """CREATE VIEW leaderboard AS
+    WITH per_model AS (
+      SELECT r.model_run_id AS mid,
+        MIN(CASE WHEN m.name = 'robust_acc' AND m.attack = 'pgd' AND m.norm = 'linf'
+                  AND ABS(m.eps - 8.0/255) < 1e-4 THEN m.value END) AS pgd_linf_8_255,
+        MIN(CASE WHEN m.name = 'robust_acc' AND m.attack = 'pgd' AND m.norm = 'l2'
+                  AND ABS(m.eps - 0.5) < 1e-3 THEN m.value END) AS pgd_l2_0_5,
+        MIN(CASE WHEN m.name = 'robust_acc' AND m.attack = 'autoattack' AND m.norm = 'linf'
+                  AND ABS(m.eps - 8.0/255) < 1e-4 THEN m.value END) AS autoattack_linf_8_255,
+        MIN(CASE WHEN m.name = 'robust_acc' AND m.attack = 'square' AND m.norm = 'linf'
+                  AND ABS(m.eps - 8.0/255) < 1e-4 THEN m.value END) AS square_linf_8_255,
+        SUM(CASE WHEN m.unreliable = 1 THEN 1 ELSE 0 END) AS unreliable_results
+      FROM metrics m JOIN runs r ON r.id = m.run_id
+      WHERE r.model_run_id IS NOT NULL
+      GROUP BY r.model_run_id),
+    clean AS (
+      SELECT run_id, value, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY step DESC, id DESC) AS k
+      FROM metrics WHERE name = 'test_acc'),
+    corr AS (
+      SELECT r.model_run_id AS mid, m.value,
+             ROW_NUMBER() OVER (PARTITION BY r.model_run_id ORDER BY r.started_at DESC, m.id DESC) AS k
+      FROM metrics m JOIN runs r ON r.id = m.run_id WHERE m.name = 'corruption_mean_acc')
+    SELECT t.id AS model_run_id, t.model, t.dataset, clean.value AS clean_acc, p.pgd_linf_8_255,
+           p.pgd_l2_0_5, p.autoattack_linf_8_255, p.square_linf_8_255, corr.value AS corruption_mean_acc,
+           COALESCE(p.unreliable_results, 0) AS unreliable_results
+    FROM runs t
+    LEFT JOIN per_model p ON p.mid = t.id
+    LEFT JOIN clean ON clean.run_id = t.id AND clean.k = 1
+    LEFT JOIN corr ON corr.mid = t.id AND corr.k = 1
+    WHERE t.kind = 'train' AND t.status = 'finished'"""
+
+# What an epcli store holds: a database with other tables, or a `runs` table without these columns, is
+# someone else's file and is never written to.
+EPCLI_TABLES = {"runs", "artifacts", "run_artifacts", "metrics", "checks", "schema_version",
+                "_sqlite_migrations", "sqlite_sequence", "sqlite_stat1", "sqlite_stat4"}
+RUNS_COLUMNS = {"id", "kind", "status", "config", "started_at", "model_run_id"}
+
 MIGRATION_COUNT = len(migrations._migrations)
 
 
 # --- the store ------------------------------------------------------------------------------------------
 
 class Store:
-    """An epcli store folder. Opening it creates or upgrades the schema; every method is one transaction."""
+    """An epcli store folder. Opening it creates or upgrades the schema; every method is one transaction.
 
-    def __init__(self, root: str | os.PathLike | None = None, create: bool = True):
+    `create=False` (commands that only read) refuses a folder without a store instead of creating one.
+    A store the process cannot write (read-only folder or file, or `readonly=True`) opens read-only:
+    reading works, any write is a StoreError.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, create: bool = True,
+                 readonly: bool | None = None):
         self.root = Path(root) if root is not None else default_root()
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {self.root} is a file, not a store folder (give the folder that holds "
                              f"{DB_NAME})")
         self.path = self.root / DB_NAME
-        if not create and not self.path.exists():
-            raise StoreError(f"no epcli store at {self.root} (run `epcli train` first, or pass --store)")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.root, os.W_OK):
-                raise PermissionError(f"no write permission on {self.root}")
-        except OSError as e:
-            raise StoreError(f"cannot create or write the store folder {self.root}: {e.strerror or e}") from None
+        exists = self.path.is_file() and self.path.stat().st_size > 0
+        if not create and not exists:
+            raise StoreError(f"no epcli store at {self.root} (commands that write - train, attack, corrupt, "
+                             "demo - create one; check --store / $EPCLI_STORE)")
+        if readonly is None:
+            readonly = exists and not (os.access(self.root, os.W_OK) and os.access(self.path, os.W_OK))
+        self.readonly = bool(readonly)
+        self.created = not exists and not self.readonly
+        if exists:
+            self._inspect()  # before anything is written: refuse foreign or damaged files untouched
+        if not self.readonly:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if not os.access(self.root, os.W_OK):
+                    raise PermissionError(f"no write permission on {self.root}")
+            except OSError as e:
+                raise StoreError(f"cannot create or write the store folder {self.root}: "
+                                 f"{e.strerror or e}") from None
         self.artifacts_dir = self.root / "artifacts"
         self.cache_dir = self.root / "cache"
-        self.db = self._open()
+        self.db = self._open_readonly() if self.readonly else self._open()
 
     # connection and schema
+    def _inspect(self) -> None:
+        """Look at an existing database through a read-only connection; refuse it unless it is an epcli
+        store this epcli can read. Nothing is written (no WAL switch, no migrations table)."""
+        try:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
+                from None
+        try:
+            conn.execute("PRAGMA busy_timeout = 60000")
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            runs_cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")} if "runs" in tables else set()
+            version = 0
+            if "schema_version" in tables:
+                version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
+                from None
+        finally:
+            conn.close()
+        foreign = sorted(tables - EPCLI_TABLES)
+        if foreign or ("runs" in tables and not RUNS_COLUMNS <= runs_cols) or \
+                (tables and "runs" not in tables and tables - {"_sqlite_migrations"}):
+            shown = foreign or sorted(tables)
+            raise StoreError(f"{self.path} is a SQLite database but not an epcli store (tables: "
+                             f"{', '.join(shown[:5])}); it was left untouched")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {version}, newer than this epcli "
+                             f"({SCHEMA_VERSION}); upgrade epcli")
+
+    def _open_readonly(self) -> sqlite_utils.Database:
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 60000")
+            conn.execute("SELECT COUNT(*) FROM runs").fetchone()
+        except sqlite3.DatabaseError:
+            # a WAL database in a folder we cannot write: read the file as it is (nobody can be writing it)
+            conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        return sqlite_utils.Database(conn)
+
     def _open(self) -> sqlite_utils.Database:
         try:
             conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None,
@@ -162,18 +286,8 @@ class Store:
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
                 from None
-        # Inspect and migrate under a file lock, so that a second process never sees a half-created schema.
+        # Migrate under a file lock, so that a second process never sees a half-created schema.
         with self._lock():
-            try:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            except sqlite3.DatabaseError as e:
-                conn.close()
-                raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
-                    from None
-            if "runs" not in tables and not tables <= {"_sqlite_migrations"}:
-                conn.close()
-                raise StoreError(f"{self.path} is a SQLite database but not an epcli store (tables: "
-                                 f"{', '.join(sorted(tables)[:5])}); it was left untouched")
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA foreign_keys = ON")
@@ -183,12 +297,19 @@ class Store:
                     db["schema_version"].upsert({"version": SCHEMA_VERSION, "applied_at": now()}, pk="version")
                 version = max((r["version"] for r in db["schema_version"].rows), default=0)
             except sqlite3.DatabaseError as e:
+                conn.close()
                 raise StoreError(f"cannot use the store {self.path}: {e}") from None
         if version > SCHEMA_VERSION:
+            conn.close()
             raise StoreError(f"{self.path} has schema version {version}, newer than this epcli "
                              f"({SCHEMA_VERSION}); upgrade epcli")
         self._mark_stale(db)
         return db
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"the store {self.root} is read-only here (no write permission); commands that "
+                             "only read (runs, show, report, trace, compare) work on it")
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -207,6 +328,18 @@ class Store:
                 db.execute("UPDATE runs SET status = 'interrupted', ended_at = ?, error = ? "
                            "WHERE id = ? AND status = 'running'",
                            [now(), "process ended without closing the run", r["id"]])
+                self._clean_after(db, r["id"])
+
+    def _clean_after(self, db: sqlite_utils.Database, run_id: str) -> None:
+        """A killed run's temp files, and an artifact file renamed into place whose row was never added."""
+        tmp_dir = self.root / "tmp"
+        for intent in sorted(tmp_dir.glob(f"{run_id}-*.intent")):
+            sha = intent.read_text().strip()
+            if sha and not list(db.query("SELECT 1 FROM artifacts WHERE sha256 = ?", [sha])):
+                for f in (self.artifacts_dir / sha[:2]).glob(f"{sha}*"):
+                    f.unlink(missing_ok=True)
+        for f in tmp_dir.glob(f"{run_id}-*"):
+            f.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -223,6 +356,7 @@ class Store:
                   device: str | None = None) -> str:
         if kind not in RUN_KINDS:
             raise ValueError(f"unknown run kind {kind!r}")
+        self._writable()
         run_id = new_run_id()
         row = {
             "id": run_id, "kind": kind, "status": "running", "error": None,
@@ -268,8 +402,8 @@ class Store:
 
     def get_run(self, run_id: str) -> dict:
         """A run by id or by a unique id prefix."""
-        rows = list(self.db.query("SELECT * FROM runs WHERE id = ? OR id LIKE ? ORDER BY id LIMIT 2",
-                                  [run_id, run_id + "%"]))
+        rows = list(self.db.query("SELECT * FROM runs WHERE id = ? OR id LIKE ? ESCAPE '\\' ORDER BY id "
+                                  "LIMIT 2", [run_id, like_prefix(run_id)]))
         exact = [r for r in rows if r["id"] == run_id]
         if exact:
             return _decode_run(exact[0])
@@ -282,6 +416,12 @@ class Store:
     def runs(self, kind: str | None = None, status: str | None = None, model: str | None = None,
              dataset: str | None = None, model_run_id: str | None = None,
              limit: int | None = None) -> list[dict]:
+        if kind is not None and kind not in RUN_KINDS:
+            raise UsageError(f"unknown run kind {kind!r}: use {', '.join(RUN_KINDS)}")
+        if status is not None and status not in STATUSES:
+            raise UsageError(f"unknown status {status!r}: use {', '.join(STATUSES)}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise UsageError(f"limit must be a positive integer, got {limit!r}")
         where, args = [], []
         for col, val in (("kind", kind), ("status", status), ("model", model), ("dataset", dataset),
                          ("model_run_id", model_run_id)):
@@ -305,23 +445,38 @@ class Store:
     def write_artifact(self, run_id: str, kind: str, write: Callable[[Path], None], *, suffix: str = "",
                        name: str | None = None, meta: dict | None = None) -> str:
         """Call `write(tmp_path)`, hash the file, move it to its content address. Returns the sha256."""
+        self._writable()
         tmp_dir = self.root / "tmp"
-        tmp_dir.mkdir(exist_ok=True)
-        tmp = tmp_dir / f"{run_id}-{secrets.token_hex(4)}{suffix}"
+        token = secrets.token_hex(4)
+        tmp = tmp_dir / f"{run_id}-{token}{suffix}"
+        intent = tmp_dir / f"{run_id}-{token}.intent"  # names the file being renamed, for crash cleanup
         try:
+            tmp_dir.mkdir(exist_ok=True)
             write(tmp)
             sha = _sha256_file(tmp)
             dest = self.artifacts_dir / sha[:2] / f"{sha}{suffix}"
             dest.parent.mkdir(parents=True, exist_ok=True)
+            intent.write_text(sha)
             os.replace(tmp, dest)  # atomic; an identical file already there is simply replaced
+            size = dest.stat().st_size
+        except OSError as e:
+            raise StoreError(f"cannot write a {kind} artifact into the store {self.root}: "
+                             f"{e.strerror or e}") from None
+        except Exception as e:
+            if "No space left on device" in str(e):  # safetensors reports a full disk as its own error
+                raise StoreError(f"cannot write a {kind} artifact into the store {self.root}: no space left "
+                                 "on device") from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         rel = str(dest.relative_to(self.root))
-        self.db["artifacts"].insert({
-            "sha256": sha, "path": rel, "size": dest.stat().st_size, "kind": kind, "run_id": run_id,
-            "created_at": now(), "meta": canonical_json(meta or {}),
-        }, ignore=True)
-        self.link(run_id, sha, "output", name or kind)
+        with self.db.atomic():  # row and lineage edge together: a kill never leaves an unlinked artifact
+            self.db["artifacts"].insert({
+                "sha256": sha, "path": rel, "size": size, "kind": kind, "run_id": run_id,
+                "created_at": now(), "meta": canonical_json(meta or {}),
+            }, ignore=True)
+            self.link(run_id, sha, "output", name or kind)
+        intent.unlink(missing_ok=True)
         return sha
 
     def add_file(self, run_id: str, kind: str, src: str | os.PathLike, *, name: str | None = None,
@@ -346,8 +501,8 @@ class Store:
                                         replace=True)
 
     def artifact(self, sha256: str) -> dict:
-        rows = list(self.db.query("SELECT * FROM artifacts WHERE sha256 = ? OR sha256 LIKE ? LIMIT 2",
-                                  [sha256, sha256 + "%"]))
+        rows = list(self.db.query("SELECT * FROM artifacts WHERE sha256 = ? OR sha256 LIKE ? ESCAPE '\\' "
+                                  "LIMIT 2", [sha256, like_prefix(sha256)]))
         if len(rows) != 1:
             raise NotFoundError(f"no artifact {sha256!r} in the store")
         row = rows[0]

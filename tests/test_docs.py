@@ -36,3 +36,32 @@ def test_every_attack_and_corruption_is_documented():
     corr = (DOCS / "corruptions.md").read_text()
     for name in CORRUPTIONS:
         assert name in corr, f"docs/corruptions.md does not mention {name}"
+
+
+def test_readme_report_commands_run_as_written(tmp_path):
+    """Every `epcli report ...` the README shows runs on a store with results, and every format it lists exists."""
+    import re
+    import shlex
+
+    from test_report import build_store
+    from typer.testing import CliRunner
+
+    from epcli import report
+    readme = (DOCS.parent / "README.md").read_text()
+    commands = set()
+    for line in readme.splitlines():
+        for m in re.finditer(r"(?:^|`|\.venv/bin/)(epcli report[^`#\n]*)", line):
+            commands.add(m.group(1).strip())
+        listed = re.search(r"epcli report.*#.*-f ([\w|]+)", line)
+        if listed:
+            for fmt in listed.group(1).split("|"):
+                assert fmt in report.FORMATS, f"README lists report format {fmt!r}, which does not exist"
+    assert len(commands) >= 3, commands
+    store, _ = build_store(tmp_path / "store")
+    store.close()
+    runner = CliRunner()
+    for cmd in sorted(commands):
+        argv = shlex.split(cmd)[1:]
+        argv = [str(tmp_path / a) if a.endswith("/") else a for a in argv]  # output folders under tmp
+        r = runner.invoke(app, ["--store", str(tmp_path / "store")] + argv)
+        assert r.exit_code == 0, f"README command `{cmd}` failed: {r.output[-500:]}"

@@ -16,6 +16,7 @@ from epcli.errors import NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
     check_eps,
+    check_numbers,
     dataset_for,
     eps_label,
     link_model_input,
@@ -24,6 +25,7 @@ from epcli.pipelines.common import (
     parse_eps,
     resolve_device,
 )
+from epcli.pipelines.common import relax_residual_rows
 from epcli.store import Store, describe_device
 
 
@@ -43,6 +45,9 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     from epcli import attacks
     from epcli.store import config_hash
 
+    check_numbers(n=n, seed=seed, batch_size=batch_size, T=T, chunk=chunk, unroll=unroll_sweep,
+                  **{k: v for k, v in (params or {}).items() if k in ("steps", "restarts", "step_size",
+                                                                      "n_queries")})
     device = resolve_device(device)
     eps_list = sorted(set(parse_eps(eps)))
     notes = check_eps(norm, eps_list)
@@ -125,6 +130,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
                                         "forward_passes": r.get("forward_passes"), "params": r.get("params"),
                                         "batch_size": r.get("batch_size"), "T": getattr(net, "T", None),
                                         "labels": labels}})
+        rows += relax_residual_rows(net, x, device, base)  # how far from equilibrium the predictions are
         store.log_metrics(run_id, rows)
         store.log_checks(run_id, flags)
         _save_attack_artifacts(store, run_id, res, x, y, idx, eps_list, ds)
