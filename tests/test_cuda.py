@@ -267,9 +267,9 @@ DETERMINISTIC = [n for n in C.CORRUPTIONS if n not in C.RANDOM_CORRUPTIONS]
 def test_deterministic_corruptions_bit_identical(name, mini):
     x = mini.test_x[:32]
     for sev in range(1, 6):
-        a = C.to_uint8(C.corrupt_range(x, name, sev, 0, 0, len(x), "cpu"))
-        b = C.to_uint8(C.corrupt_range(x, name, sev, 0, 0, len(x), GPU)).cpu()
-        assert torch.equal(a, b), (name, sev, int((a != b).sum()))
+        a = C.corrupt_range_uint8(x, name, sev, 0, 0, len(x), "cpu")
+        b = C.corrupt_range_uint8(x, name, sev, 0, 0, len(x), GPU).cpu()
+        assert a.dtype == torch.uint8 and torch.equal(a, b), (name, sev, int((a != b).sum()))
 
 
 def histogram(u8):
@@ -280,8 +280,8 @@ def histogram(u8):
 def test_random_corruptions_same_distribution(name, mini):
     x = mini.test_x[:64]
     for sev in (1, 3, 5):
-        a = C.to_uint8(C.corrupt_range(x, name, sev, 0, 0, len(x), "cpu"))
-        b = C.to_uint8(C.corrupt_range(x, name, sev, 0, 0, len(x), GPU)).cpu()
+        a = C.corrupt_range_uint8(x, name, sev, 0, 0, len(x), "cpu")
+        b = C.corrupt_range_uint8(x, name, sev, 0, 0, len(x), GPU).cpu()
         tv = 0.5 * float((histogram(a) - histogram(b)).abs().sum())
         assert tv <= 0.01, (name, sev, tv)
         assert abs(float(a.double().mean() - b.double().mean())) <= 0.5  # gray levels
