@@ -64,7 +64,10 @@ def test_targeted_from_the_cli(store):
                                  "--device", "cpu"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["targeted"] and 0 <= out["target_hit"]["8/255"] <= 1
+    assert out["targeted"] and [h["eps_label"] for h in out["target_hit"]] == ["8/255"]
+    from epcli.schema import SCHEMAS
+    import jsonschema
+    jsonschema.validate(out, SCHEMAS["attack"])
     r = CliRunner().invoke(app, ["--store", str(store.root), "attack", "-m", store.cnn["run_id"], "-a", "apgd-t",
                                  "--targeted", "--n", "4", "--device", "cpu"])
     assert r.exit_code == 2 and "picks its own target" in r.output

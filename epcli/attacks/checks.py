@@ -159,24 +159,27 @@ def strength_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                    steps: int = 20, restarts: int = 1, n: int = 500, factor: int = 2, alpha: float = ALPHA,
                    seed: int = 0, device="cpu", grad_mode: str = "bptt", surrogate=None,
                    batch_size: int = 256, labels: str = "true", params: dict | None = None,
-                   base_robust: torch.Tensor | None = None) -> dict:
+                   base_robust: torch.Tensor | None = None, on_step=None) -> dict:
     """Re-run PGD on the first n examples with factor x steps and factor x restarts (random starts) and
     compare with the base PGD (steps, restarts) point by point. Fails when the stronger attack breaks
     significantly more points than it leaves (exact one-sided McNemar on the discordant points, p < alpha):
     the base attack had not converged. base_robust: the base attack's per-example outcome on these points
-    when already known (it is then not re-run). params: other PGD parameters shared by both runs."""
+    when already known (it is then not re-run). params: other PGD parameters shared by both runs.
+    on_step: evaluate()'s progress callback, its info tagged with phase "base" or "strong"."""
     from epcli.attacks.evaluate import evaluate
     xs, ys = x[:n], y[:n]
     m = len(ys)
     extra = {k: v for k, v in (params or {}).items() if k not in ("steps", "restarts", "random_start")}
     common = dict(attack="pgd", norm=norm, eps_list=[eps], batch_size=batch_size, device=device, seed=seed,
                   grad_mode=grad_mode, surrogate=surrogate, labels=labels, keep_adv=0)
+    tag = (lambda phase: (lambda info: on_step({**info, "phase": phase}))) if on_step else (lambda phase: None)
     if base_robust is None:
         base_robust = evaluate(model, xs, ys, params={**extra, "steps": steps, "restarts": restarts},
-                               **common)["robust"][float(eps)]
+                               on_step=tag("base"), **common)["robust"][float(eps)]
     base_robust = base_robust[:m].bool().cpu()
     strong = evaluate(model, xs, ys, params={**extra, "steps": factor * steps, "restarts": factor * max(restarts, 1),
-                                             "random_start": True}, **common)["robust"][float(eps)].bool().cpu()
+                                             "random_start": True}, on_step=tag("strong"),
+                      **common)["robust"][float(eps)].bool().cpu()
     only_strong, only_base = int((base_robust & ~strong).sum()), int((~base_robust & strong).sum())
     p = more_p(only_strong, only_base)
     a, b = float(base_robust.float().mean()), float(strong.float().mean())
