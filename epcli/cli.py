@@ -536,7 +536,8 @@ def demo(
     from epcli import api
     STATE.quiet = STATE.quiet or quiet
     with _store(store) as st, _progress() as progress:
-        res = api.demo(store=st, device=device, progress=progress, note=_note)
+        say = getattr(progress, "note", None) or _note  # notes go through the live display while it runs
+        res = api.demo(store=st, device=device, progress=progress, note=say)
     from epcli import report as R
     if not STATE.quiet:
         err.print(R.leaderboard_table(res["data"]))
