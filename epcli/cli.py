@@ -407,8 +407,9 @@ def corrupt(
     severity: Annotated[Optional[list[int]], typer.Option("--severity", "-s",
                                                           help="1-5 (repeatable; default all).")] = None,
     n: Annotated[Optional[int], typer.Option("--n", help="Seeded subset of n test images.")] = None,
-    source: Annotated[Optional[str], typer.Option(help="Evaluate the official CIFAR-10-C/100-C .npy files in "
-                                                  "this folder instead of generating.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Evaluate the official CIFAR-10-C/100-C .npy files (or an "
+                                                  "--export folder) in this folder instead of generating; "
+                                                  "--n takes the first n of each severity.")] = None,
     reference: Annotated[Optional[str], typer.Option(help="Model/run for relative mCE.")] = None,
     export: Annotated[Optional[str], typer.Option(help="Only write a generated set in the official .npy "
                                                  "layout to this folder (no model needed).")] = None,

@@ -29,6 +29,8 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
 
     check_numbers(n=n, seed=seed, batch_size=batch_size, T=T)
     device = resolve_device(device)
+    if source and not names:  # every corruption file the folder has
+        names = _source_names(source)
     names = list(names or C.CORRUPTIONS)
     severities = list(severities or [1, 2, 3, 4, 5])
     unknown = [c for c in names if c not in C.CORRUPTIONS]
@@ -37,6 +39,9 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     bad = [s for s in severities if s not in (1, 2, 3, 4, 5)]
     if bad:
         raise UsageError(f"severity {bad[0]} is outside 1-5")
+    if source:
+        for c in names:  # fail before the run starts, not after the clean pass
+            _check_source_file(source, c)
     progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
     if T is not None and hasattr(net, "T"):
@@ -108,6 +113,30 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     if source:
         out.update({"source": str(source), "clean_from": clean_from})
     return out
+
+
+def _source_names(source: str) -> list[str]:
+    from pathlib import Path
+
+    from epcli import corruptions as C
+    from epcli.errors import DatasetError
+    d = Path(source)
+    if not d.is_dir():
+        raise DatasetError(f"corruption directory {d} not found (expected CIFAR-10-C's <name>.npy + labels.npy)")
+    found = [c for c in C.CORRUPTIONS if (d / f"{c}.npy").is_file()]
+    if not found:
+        raise DatasetError(f"no CIFAR-10-C files (<name>.npy) in {d}")
+    return found
+
+
+def _check_source_file(source: str, name: str) -> None:
+    from pathlib import Path
+
+    from epcli.errors import DatasetError
+    d = Path(source)
+    for f in (d / f"{name}.npy", d / "labels.npy"):
+        if not f.is_file():
+            raise DatasetError(f"{f} not found: expected the CIFAR-10-C layout (<name>.npy and labels.npy)")
 
 
 def _source_clean(store: Store, info: dict, source: str, dataset: str | None, data_dir: str | None):
