@@ -87,7 +87,7 @@ def ep_update(m, x, y, beta, tau, update, solver, init, cap):
 
 
 def cos(a, b):
-    return float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), 0))
+    return float(F.cosine_similarity(a.detach().double().flatten(), b.detach().double().flatten(), 0))
 
 
 def layer_cos(ga, gb, m):
@@ -107,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--cap", type=int, default=1000)
-    ap.add_argument("--taus", default="1e-1,3e-2,1e-2,1e-3,1e-4")
+    ap.add_argument("--taus", default="1e-2,1e-3,1e-4", help="'' : steps to the residuals only, no EP update")
     ap.add_argument("--methods", default=",".join(n for n, *_ in METHODS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-bptt", type=int, default=0, help="also BPTT through this many plain sync steps")
@@ -129,14 +129,14 @@ def main(argv=None):
     print(json.dumps({"what": "run", "argv": sys.argv, "net": m.name, "weights": weights, "batch": a.batch,
                       "threads": a.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                       "date": time.strftime("%Y-%m-%d")}), flush=True)
+    taus = [float(t) for t in a.taus.split(",") if t]
     t0 = time.time()
-    ref = reference_grads(m, x, y, a.cap)
+    ref = reference_grads(m, x, y, a.cap) if taus else None
     print(json.dumps({"what": "reference", "seconds": round(time.time() - t0, 1)}), flush=True)
     if a.check_bptt:
         bp = bptt_grads(m, x, y, a.check_bptt)
         print(json.dumps({"what": "bptt-vs-reference", "T": a.check_bptt,
                           "cos": [round(c, 5) for c in layer_cos(bp, ref, m)]}), flush=True)
-    taus = [float(t) for t in a.taus.split(",")]
     rows = []
     wanted = a.methods.split(",")
     for name, update, solver, warm in METHODS:
