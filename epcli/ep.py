@@ -100,6 +100,8 @@ ACTIVATIONS = {
     "tanh": torch.tanh,
 }
 GRAD_MODES = ("bptt", "truncated:K", "implicit", "ep")
+ACTIVATION_RANGES = {"my_hard_sig": (0.0, 1.0), "hard_sigmoid": (0.0, 1.0), "ctrd_hard_sig": (-0.5, 0.5),
+                     "relu6": (0.0, 6.0), "sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
 
 
 def parse_grad_mode(mode: str) -> tuple[str, int | None]:
@@ -493,7 +495,7 @@ class EPCNN(nn.Module):
         iterates, α = argmin ‖Σ α_i (F(x_i) − x_i)‖ with Σ α_i = 1 (a small regularised solve per sample).
         Same fixed points as the plain iteration; the returned state is the last F(x), so the residual and the
         state mean what they mean for `_loop`. Under autograd the mixing weights are treated as constants."""
-        m, lam = self.anderson_m, 1e-8
+        m, lam = self.anderson_m, 1e-10
         B = drive.shape[0]
         fdt = torch.float64 if s[0].dtype == torch.float64 else torch.float32  # mixing in >= fp32
         flat = lambda ss: torch.cat([t.reshape(B, -1).to(fdt) for t in ss], 1)  # noqa: E731
@@ -510,6 +512,9 @@ class EPCNN(nn.Module):
 
         F_hist, G_hist = [], []
         res = torch.zeros(B, device=drive.device)
+        prev = torch.full((B,), float("inf"), device=drive.device)
+        cool = torch.zeros(B, dtype=torch.long, device=drive.device)  # plain steps left after a setback
+        lo, hi = ACTIVATION_RANGES.get(self.activation, (-math.inf, math.inf))
         for t in range(1, T + 1):
             f = (self._sweep_fn(drive, s, beta, y, W, Wo, None)[0] if update == "alternate"
                  else self._step_fn(drive, s, beta, y, W, Wo))
@@ -526,15 +531,20 @@ class EPCNN(nn.Module):
                 s = f
                 continue
             G = torch.stack(G_hist, 1)  # (B, k, D)
-            H = G @ G.transpose(1, 2)  # (B, k, k)
+            H = (G @ G.transpose(1, 2)).double()  # (B, k, k); solved in fp64: near s* the g_i are almost parallel
             reg = (lam * H.diagonal(dim1=1, dim2=2).amax(1)).clamp_min(1e-20)  # converged rows: H = 0
             H = H + reg.view(B, 1, 1) * torch.eye(k, device=H.device, dtype=H.dtype)
             a, info = torch.linalg.solve_ex(H, torch.ones(B, k, 1, device=H.device, dtype=H.dtype))
-            a = a / a.sum(1, keepdim=True)
-            plain = (info != 0) | ~torch.isfinite(a).all(1).squeeze(1)  # a failed solve: that sample takes F(x)
+            a = (a / a.sum(1, keepdim=True)).to(fdt)
+            # a failed solve, or a residual that grew (the map is only piecewise smooth: pool switches, clamps):
+            # that sample takes plain steps F(x) until its history holds only plain steps again
+            cool = torch.where(res > prev, torch.full_like(cool, m), (cool - 1).clamp_min(0))
+            plain = (info != 0) | ~torch.isfinite(a).all(1).squeeze(1) | (cool > 0)
+            prev = res
             a = torch.where(plain.view(B, 1, 1), torch.zeros_like(a).index_fill_(1, torch.tensor([k - 1],
                             device=a.device), 1.0), a)
-            mixed = (a.transpose(1, 2) @ torch.stack(F_hist, 1)).squeeze(1)  # (B, D)
+            # every fixed point lies in σ's range: project the mix back into it
+            mixed = (a.transpose(1, 2) @ torch.stack(F_hist, 1)).squeeze(1).clamp(lo, hi)  # (B, D)
             if f[0].requires_grad:  # BPTT through the mixing: the latest F carries the gradient
                 s = [fi + (mi - fi).detach() for fi, mi in zip(f, unflat(mixed, f))]
             else:
