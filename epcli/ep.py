@@ -445,7 +445,8 @@ class EPCNN(nn.Module):
         costs the same convs); None: the model's `update`.
         solver: "plain" (iterate the step) or "anderson" (Anderson mixing of the last `anderson_m` steps, same
         fixed point, fewer steps); None: the model's `solver`.
-        With `tol`, stop as soon as the relative residual (see `relative_residual`) of every sample is below
+        With `tol`, stop as soon as (but not before `min_steps(update)` steps: a nudge must reach every layer) the
+        relative residual (see `relative_residual`) of every sample is below
         `tol` (T is then the cap). Returns (states, steps used); `self.last_residual` holds the per-sample
         relative residual of the last step (B,), detached. A warm start may use any T >= 0. Gradients flow
         through every step when autograd is on and something requires grad (that is BPTT).
@@ -466,11 +467,13 @@ class EPCNN(nn.Module):
         sdtype = dtype or W[0][0].dtype
         s = self.zero_states(x.shape[0], x.device, sdtype) if states is None else [t.to(sdtype) for t in states]
         s = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in s]
+        # with tol, never stop before the input (or a nudge) has crossed the whole network
+        t_min = self.min_steps(update)
         if solver == "anderson":
-            return self._anderson(drive, s, T, beta, y, W, Wo, tol, update)
-        return self._loop(drive, s, T, beta, y, W, Wo, tol, update)
+            return self._anderson(drive, s, T, beta, y, W, Wo, tol, update, t_min)
+        return self._loop(drive, s, T, beta, y, W, Wo, tol, update, t_min)
 
-    def _loop(self, drive, s, T, beta, y, W, Wo, tol, update="sync"):
+    def _loop(self, drive, s, T, beta, y, W, Wo, tol, update="sync", t_min=1):
         check_every = 1 if drive.device.type == "cpu" else 5  # every convergence check is a host sync on GPU
         ups = None  # alternate: the odd layers' bottom-up terms, carried from one sweep to the next
         res = None
@@ -482,7 +485,7 @@ class EPCNN(nn.Module):
             if t == T or (tol is not None and t % check_every == 0):
                 res = relative_residual(new, s)
                 s = new
-                if tol is not None and float(res.max()) < tol:
+                if tol is not None and t >= t_min and float(res.max()) < tol:
                     self.last_residual = res
                     return s, t
             else:
@@ -490,7 +493,7 @@ class EPCNN(nn.Module):
         self.last_residual = res if res is not None else torch.zeros(drive.shape[0], device=drive.device)
         return s, T
 
-    def _anderson(self, drive, s, T, beta, y, W, Wo, tol, update="sync"):
+    def _anderson(self, drive, s, T, beta, y, W, Wo, tol, update="sync", t_min=1):
         """Anderson mixing (type II, per sample) on the step map F: x_{k+1} = Σ_i α_i F(x_i) over the last m
         iterates, α = argmin ‖Σ α_i (F(x_i) − x_i)‖ with Σ α_i = 1 (a small regularised solve per sample).
         Same fixed points as the plain iteration; the returned state is the last F(x), so the residual and the
@@ -519,7 +522,7 @@ class EPCNN(nn.Module):
             f = (self._sweep_fn(drive, s, beta, y, W, Wo, None)[0] if update == "alternate"
                  else self._step_fn(drive, s, beta, y, W, Wo))
             res = relative_residual(f, s)
-            if t == T or (tol is not None and float(res.max()) < tol):
+            if t == T or (tol is not None and t >= t_min and float(res.max()) < tol):
                 self.last_residual = res
                 return f, t
             fv = flat(f).detach()
