@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -33,11 +34,12 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
            grad_mode: str = "bptt", batch_size: int | None = None, labels: str = "true",
            params: dict | None = None, T: int | None = None, device: str | None = None, store: Store,
            argv: list[str] | None = None, checks: bool = True, strength: bool = True,
-           unroll_sweep: list[int] | None = None, chunk: int = 1000, progress: Progress = no_progress) -> dict:
+           unroll_sweep: list[int] | None = None, chunk: int | None = None, progress: Progress = no_progress) -> dict:
     """Attack a stored model on the test split for every eps; record accuracy, outcomes and examples.
 
-    The set is attacked in chunks of `chunk` examples whose outcomes are kept under store/partial/ until the
-    run finishes, so re-running an interrupted attack with the same arguments resumes where it stopped.
+    The set is attacked in chunks of `chunk` examples (default: `attack_chunk(n, batch_size)`) whose outcomes
+    are kept under store/partial/<config>-<run id>/ until the run finishes, so re-running an interrupted attack
+    with the same arguments takes over its folder and resumes where it stopped.
     Reliability checks (monotone in eps, large eps, PGD strength, white-box vs stored black-box results on
     the same points, and the unroll-length sweep when asked) are stored with the result.
     """
@@ -73,19 +75,21 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         raise UsageError("--unroll-sweep needs a white-box attack (it varies the gradient's unroll length)")
     ds = dataset_for(store, info, dataset, data_dir)
     x, y, idx = subset(ds.test_x, ds.test_y, n, seed)
+    chunk = chunk or attack_chunk(len(y), batch_size or 256)
     train_run = info["train_run"] or {}
     config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack, "norm": norm,
               "eps": eps_list, "dataset": ds.name, "n_examples": len(y), "seed": seed, "grad_mode": grad_mode,
               "labels": labels, "params": params, "T": getattr(net, "T", None), "batch_size": batch_size,
               "unroll_sweep": sweep, "chunk": chunk, "checkpoint": info["sha256"] or str(info["path"])}
-    partial = store.root / "partial" / f"attack-{config_hash(config)[:20]}"
-    if partial.exists() and any(partial.rglob("*.safetensors")):
-        notes.append(f"resuming an interrupted attack with the same arguments ({partial.name})")
-    for note in notes:
-        warnings.warn(note)
+    prefix = f"attack-{config_hash(config)[:20]}"
     modes = [grad_mode] + [f"truncated:{k}" for k in sweep if f"truncated:{k}" != grad_mode]
     with store.run("attack", config, argv=argv, seed=seed, model=net.spec["name"], dataset=ds.name,
                    model_run_id=train_run.get("id"), device=describe_device(device)) as run_id:
+        partial = _partial_folder(store, prefix, run_id)
+        if any(partial.rglob("*.safetensors")):
+            notes.append(f"resuming an interrupted attack with the same arguments ({partial.name})")
+        for note in notes:
+            warnings.warn(note)
         link_model_input(store, run_id, info)
         if surrogate_info:
             link_model_input(store, run_id, surrogate_info)
@@ -137,10 +141,42 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
                    "seconds": seconds, **({"unroll_sweep": sweep_out} if sweep_out else {})}
         store.update_run(run_id, summary=summary)
         shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            partial.parent.rmdir()  # only when no other attack is in progress
     return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
             "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
             "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
             "seconds": round(seconds, 2), "checks": flags, "notes": notes}
+
+
+def attack_chunk(n: int, batch_size: int) -> int:
+    """Images per resumable chunk: about an eighth of the set (a killed attack keeps most of its work), at
+    most 1,000, a whole number of batches when a chunk holds more than one. It depends only on n and the batch
+    size, never on the number of processes, so a sharded attack computes exactly the same chunks."""
+    per = min(1000, math.ceil(max(n, 1) / 8))
+    return per if per < batch_size else batch_size * (per // batch_size)
+
+
+def _partial_folder(store: Store, prefix: str, run_id: str) -> Path:
+    """This run's own partial folder. An interrupted or failed run with the same config left its chunks in
+    `<prefix>-<its run id>`: take that folder over (a rename, so two identical attacks never share one)."""
+    root = store.root / "partial"
+    mine = root / f"{prefix}-{run_id}"
+    for old in sorted(root.glob(f"{prefix}-*"), reverse=True):
+        other = old.name[len(prefix) + 1:]
+        try:
+            status = store.get_run(other)["status"] if other else None
+        except NotFoundError:
+            status = None  # a folder whose run is gone (or the pre-run-id layout): nobody owns it
+        if status == "running":
+            continue  # an identical attack in progress right now: leave its folder alone
+        try:
+            old.rename(mine)
+            return mine
+        except OSError:
+            continue  # another process took it over first
+    mine.mkdir(parents=True, exist_ok=True)
+    return mine
 
 
 def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, seed: int, **kw) -> dict:
@@ -253,6 +289,8 @@ def _cross_run_checks(store: Store, run_id: str, model_run_id: str | None, attac
     mine = {"attack": attack, "norm": norm, "index": idx, "y": y, "robust": res["robust"], "run_id": run_id}
     out = []
     for other in store.runs(kind="attack", status="finished", model_run_id=model_run_id):
+        if len(out) >= MAX_CROSS_CHECKS:  # the newest few: check rows stay bounded however many runs exist
+            break
         cfg = other.get("config") or {}
         if other["id"] == run_id or cfg.get("norm") != norm:
             continue
@@ -281,6 +319,9 @@ def _cross_run_checks(store: Store, run_id: str, model_run_id: str | None, attac
                 c = {**c, "passed": True, "detail": c["detail"] + ": flagged that run"}
             out.append(c)
     return out
+
+
+MAX_CROSS_CHECKS = 5
 
 
 def _common_indices(a: torch.Tensor, b: torch.Tensor):

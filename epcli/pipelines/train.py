@@ -119,6 +119,8 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
             progress("batch", done, total, info)
 
         training.fit(net, ds, rec, device=device, seed=seed, state=state, on_epoch=on_epoch, on_batch=on_batch)
+        if not last_sha and resume_info:  # killed after its last epoch's checkpoint: that checkpoint is final
+            last_sha[:] = [_adopt_final(store, run_id, resume_info, history)]
         if not last_sha:
             raise EpcliError("training ran no epoch (epochs must be >= 1, or the checkpoint was already final)")
         store.db["run_artifacts"].update((run_id, last_sha[0], "output"), {"name": "final"})
@@ -130,6 +132,19 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         result["world_size"] = dist.world_size()
         dist.broadcast_object(result)
     return result
+
+
+def _adopt_final(store: Store, run_id: str, resume_info: dict, history: list[dict]) -> str:
+    """Resuming a checkpoint that already holds every epoch: record it as this run's final output (with the
+    test accuracy its run logged) instead of failing with nothing to do."""
+    sha = resume_info["sha256"] or store.register_external(run_id, "checkpoint", resume_info["path"], "input",
+                                                            "checkpoint")
+    store.link(run_id, sha, "output", "final")
+    source = (resume_info["train_run"] or {}).get("id")
+    accs = store.metrics(source, name="test_acc") if source else []
+    epoch = resume_info["meta"].get("epoch")
+    history.append({"epoch": epoch, **({"test_acc": accs[-1]["value"]} if accs else {})})
+    return sha
 
 
 def _numeric_overrides(overrides: dict, model_options: dict) -> dict:
