@@ -75,7 +75,10 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         seed = config.get("seed", seed)
     else:
         torch.manual_seed(int(seed))  # the initial weights follow --seed too (rank 0's are broadcast)
-        net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
+        try:
+            net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
+        except (TypeError, ValueError) as e:  # a --model-set value the constructor cannot use
+            raise UsageError(f"model {model!r}: bad option value ({e})") from None
         model_name = model
         rec_name = recipe or training.default_recipe(model, ds.name)
         rec = training.resolve_recipe(rec_name, overrides or {})
