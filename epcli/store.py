@@ -430,8 +430,8 @@ class Store:
             raise UsageError(f"unknown run kind {kind!r}: use {', '.join(RUN_KINDS)}")
         if status is not None and status not in STATUSES:
             raise UsageError(f"unknown status {status!r}: use {', '.join(STATUSES)}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise UsageError(f"limit must be a positive integer, got {limit!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"--limit must be a whole number >= 0 (0: all), got {limit!r}")
         where, args = [], []
         for col, val in (("kind", kind), ("status", status), ("model", model), ("dataset", dataset),
                          ("model_run_id", model_run_id)):
@@ -598,6 +598,8 @@ class Store:
         summary or metric value (the run's last value of that metric: test_acc, robust_acc (the worst over
         eps), clean_acc...), or a config key (config.recipe.epochs). `sort`: any such NAME, `-NAME` for
         descending; default newest first. Runs without the NAME never match a condition and sort last."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"--limit must be a whole number >= 0 (0: all), got {limit!r}")
         conds = [parse_condition(w) for w in where or []]
         rows = self.runs(kind=kind, status=status, model=model, dataset=dataset)
         if since:

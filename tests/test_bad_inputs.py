@@ -204,8 +204,9 @@ CASES = [
     # store commands
     (["runs", "--kind", "nope"], 2, "unknown run kind 'nope'"),
     (["runs", "--status", "weird"], 2, "unknown status 'weird'"),
-    (["runs", "--limit", "-1"], 2, "limit must be a positive integer"),
-    (["runs", "--limit", "0"], 2, "limit must be a positive integer"),
+    (["runs", "--limit", "-1"], 2, "--limit must be a whole number >= 0"),
+    (["runs", "--where", "nonsense"], 2, "cannot read the condition 'nonsense'"),
+    (["runs", "--since", "[/]"], 2, "cannot read --since '[/]'"),
     (["show", "zzzz"], 3, "no run 'zzzz'"),
     (["show", "%"], 3, "no run '%'"),
     (["show", "_"], 3, "no run '_'"),
@@ -228,7 +229,8 @@ def test_bad_input(world, args, code, needle):
         "--device" not in args else invoke(*args, store=store)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == code, r.output
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    errors = [ln for ln in lines if ln.startswith("error")]  # progress lines of finished stages may precede it
+    assert errors == lines[-1:] and errors[0].startswith("error: ") and needle in errors[0], r.stderr
     assert "Traceback" not in r.output
     assert checksum(store) == before
     assert not (files / "PWNED").exists()  # the crafted pickle never ran
