@@ -615,14 +615,15 @@ def list_runs(
     if width - fixed < 20 and widths[3] > 10:  # the model column gives way before the result
         fixed -= widths[3] - 10
         widths[3] = 10
-    t = Table(title=f"runs in {STATE.store_path or 'store'} ({len(rows)})", title_justify="left", box=None,
+    t = Table(title=_escape(f"runs in {STATE.store_path or 'store'} ({len(rows)})"), title_justify="left", box=None,
               pad_edge=False, header_style="bold")
     for i, h in enumerate(heads):
         last = i == len(heads) - 1
-        t.add_column(h, no_wrap=True, overflow="ellipsis", justify="right" if sort and i == 5 else "left",
+        t.add_column(_escape(h), no_wrap=True, overflow="ellipsis", justify="right" if sort and i == 5 else "left",
                      width=max(8, width - fixed) if last else widths[i])
     colors = {"finished": "green", "failed": "red", "interrupted": "yellow"}
     for d in data:
+        d = [_escape(str(x)) for x in d]  # models, datasets, errors and tags are user text, never markup
         d[2] = f"[{colors.get(d[2], 'cyan')}]{d[2]}[/]"
         t.add_row(*d)
     Console().print(t)
