@@ -46,8 +46,6 @@ BUDGETS = {
 class Check:
     def __init__(self, out: Path, smoke: bool, budget: float, python: str, scale: float = 1.0):
         self.out, self.smoke, self.python, self.scale = out, smoke, python, scale
-        self.start = time.monotonic()
-        self.deadline = self.start + budget
         self.figures = out / "figures.jsonl"
         self.log = out / "device_check.log"
         self.failed: list[str] = []
@@ -57,6 +55,8 @@ class Check:
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "EPCLI_CACHE": str(self.work / "cache"),
                     "PYTHONUNBUFFERED": "1"}
         self.card, self.torch = _card()
+        self.start = time.monotonic()  # the budget counts from here (importing torch above can take a while)
+        self.deadline = self.start + budget
         self.date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
     # -- output ----------------------------------------------------------------------------------------------
