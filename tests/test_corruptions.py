@@ -119,7 +119,8 @@ def test_spatter_water_wraps_like_numpy_uint8_cast(imgs, ref):
     ours = C.corrupt_uint8(xu8, "spatter", 3, C.chunk_generator(1, "spatter", 3, 0)).numpy()
     theirs = ref.reference_batch("spatter", 3, xu8, C.chunk_generator(1, "spatter", 3, 0))
     assert mismatch(ours, theirs) == (0.0, 0)
-    np.testing.assert_equal(np.uint8(np.array([255.0, 256.0, 300.9]).astype(np.int64)), [255, 0, 44])
+    with np.errstate(invalid="ignore"):  # the premise: numpy's float -> uint8 cast wraps (x86)
+        np.testing.assert_equal(np.array([255.0, 256.0, 300.9]).astype(np.uint8), [255, 0, 44])
 
 
 def test_elastic_positions_are_opencv_fixed_point(imgs, ref):
