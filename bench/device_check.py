@@ -38,7 +38,7 @@ ARCHIVE = "cifar10-jpeg.tar.xz"
 BUDGETS = {
     "install": (30, 30), "data": (60, 30), "cuda-tests": (75, 40),
     "ep-fp32-b128": (50, 30), "ep-fp32-b256": (35, 20), "ep-fp16-b128": (25, 20), "ep-fp16-b256": (35, 20),
-    "probe-fast-ep": (205, 40), "attack-pgd-bptt": (30, 20), "attack-pgd-implicit": (25, 20),
+    "fp16-cosine": (20, 20), "probe-fast-ep": (205, 40), "attack-pgd-bptt": (30, 20), "attack-pgd-implicit": (25, 20),
     "attack-square": (25, 20), "corruptions": (60, 30), "baselines": (70, 40), "probe-fast-cnn": (80, 40),
 }
 
@@ -241,6 +241,20 @@ def ep_bench(c: Check) -> None:
                          **{k: v for k, v in d.items() if k.startswith(("fp64_", "T1_", "steps_"))}, **common)
 
 
+def fp16_cosine(c: Check, data: str | None) -> None:
+    """The fp16 relaxation's EP update against fp32 states, per layer, on the paper net at T1=250, T2=30."""
+    size = ["--preset", "ep-cnn-tiny", "--T1", "8", "--T2", "3", "--batch", "8"] if c.smoke else ["--data", data]
+    argv = c.py("bench/bench_fp16.py", *size)
+    lines, _, _ = c.run("fp16-cosine", argv, "cosine")
+    for d in lines:
+        if d.get("bench") == "fp16":
+            c.figure("fp16 EP update cosine vs fp32 (min over layers)", d["min_cosine"], "cosine", " ".join(argv),
+                     per_layer=d["cosines"], passes_099=d["passes_0.99"], preset=d["preset"], T1=d["T1"], T2=d["T2"],
+                     batch=d["batch"], relax_dtype=d["relax_dtype"],
+                     **({"note": "fp16 relaxation is CUDA only: on the CPU both sides ran in fp32"}
+                        if c.card.startswith("cpu") else {}))
+
+
 def probe(c: Check, step: str, data: str | None, model: str, recipe: str, save: Path | None) -> None:
     real = {"probe-fast-ep": 180, "probe-fast-cnn": 60}[step]
     if c.smoke:
@@ -348,6 +362,8 @@ def main(argv=None) -> int:
             cuda_tests(c)
         if want("ep", "ep-fp32-b128", "ep-fp32-b256", "ep-fp16-b128", "ep-fp16-b256"):
             ep_bench(c)
+        if want("fp16-cosine"):
+            fp16_cosine(c, name)
         ckpt = c.work / "probe-fast-ep.safetensors"
         if want("probes", "probe-fast-ep"):
             probe(c, "probe-fast-ep", name, "ep-cnn", "fast-ep", ckpt)
