@@ -322,6 +322,7 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
 # paper's model, however its family.
 PAPER_REGISTRY = {"ep-cnn": "ep-cnn", "cnn": "cnn", "vit": "vit"}
 PAPER_DATASETS = ("cifar10", "cifar100")
+PAPER_EP_CHANNELS = (128, 256, 512, 512)  # the paper's EP-CNN (paper_facts.json "architecture")
 MIN_N = 1000  # below the paper's own n, at least this many examples (binomial std error <= 1.6 points)
 
 # corrupt.py's names (report.py never imports torch); tests pin them to epcli.corruptions
@@ -353,6 +354,11 @@ def model_not_comparable(row: "Row") -> str | None:
         why.append(f"{kind} {row.model}: the paper compares {what}")
     elif overrides:
         why.append(f"model {row.model} with changed architecture ({overrides}): the paper compares {what}")
+    else:
+        spec = row.config.get("spec") if isinstance(row.config.get("spec"), dict) else {}
+        if want == "ep-cnn" and spec.get("channels") and list(spec["channels"]) != list(PAPER_EP_CHANNELS):
+            why.append(f"model ep-cnn with channels {'-'.join(str(c) for c in spec['channels'])}: the paper "
+                       f"compares {what}")
     ds = (row.dataset or "").lower()
     if ds not in PAPER_DATASETS:
         why.append(f"data {row.dataset or '?'}: the paper evaluates on the full "
