@@ -551,7 +551,8 @@ def demo(
     from epcli import api
     STATE.quiet = STATE.quiet or quiet
     with _store(store) as st, _progress() as progress:
-        res = api.demo(store=st, device=device, progress=progress, note=_note)
+        say = getattr(progress, "note", None) or _note  # notes go through the live display while it runs
+        res = api.demo(store=st, device=device, progress=progress, note=say)
     from epcli import report as R
     if not STATE.quiet:
         err.print(R.leaderboard_table(res["data"]))
@@ -694,15 +695,6 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
         if v not in (None, ""):
             info.add_row(k, escape(str(v)))
     c.print(info)
-    if run.get("config"):
-        c.print("[bold]config[/]")
-        cfg = Table.grid(padding=(0, 2))
-        cfg.add_column(no_wrap=True, style="dim")
-        cfg.add_column(overflow="fold")
-        from epcli.report import _flatten
-        for k, v in _flatten(schema.clean_value(run["config"])).items():
-            cfg.add_row("  " + k, escape(json.dumps(v) if not isinstance(v, str) else v))
-        c.print(cfg)
     if doc["metrics"]:
         c.print("[bold]metrics[/]")
         m = Table.grid(padding=(0, 2))
@@ -726,6 +718,15 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
     for ch in doc["checks"]:
         c.print(f"check {ch['check']}: {'[green]passed' if ch['passed'] else '[red]FAILED'}[/] "
                 f"{escape(ch['detail'])}")
+    if run.get("config"):
+        c.print("[bold]config[/]")
+        cfg = Table.grid(padding=(0, 2))
+        cfg.add_column(no_wrap=True, style="dim")
+        cfg.add_column(overflow="fold")
+        from epcli.report import _flatten
+        for k, v in _flatten(schema.clean_value(run["config"])).items():
+            cfg.add_row("  " + k, escape(json.dumps(v) if not isinstance(v, str) else v))
+        c.print(cfg)
     if doc["artifacts"]:
         c.print("[bold]artifacts[/]")
         for a in doc["artifacts"]:

@@ -240,9 +240,9 @@ def test_train_pipeline_selects_the_best_epoch_and_resumes_from_the_newest(tmp_p
     store = Store(tmp_path / "store")
     seen = {}
 
-    def progress(task, done, total, info):
-        if task == "epoch":
-            seen[done] = dict(info)
+    def progress(task, done, total, info):  # stage "epoch k/N" ends (done == total) with the epoch's metrics
+        if task.startswith("epoch ") and done == total:
+            seen[int(task.split()[1].split("/")[0])] = dict(info)
 
     over = {"epochs": 4, "batch_size": 8, "optimizer": {"lrs": [0.4, 0.2, 0.1]}, "ep": {"T1": 6, "T2": 3}}
     res = api.train(model="ep-cnn-tiny", dataset=folder, store=store, device="cpu", overrides=over,
