@@ -709,3 +709,13 @@ def test_equilibrium_and_selection_beside_the_model(tmp_path):
     assert notes["EP old"] == []
     assert "NOT converged" in report.render(data, "md") and "at equilibrium" in report.html_report(data, [])
     store.close()
+
+
+def test_adversarial_grid_uses_one_attack_per_norm():
+    """Per norm the grid shows the same attack for every model (the most eps, then n, then newest)."""
+    def cand(model, attack, n_eps, n, tag):
+        return {"run_id": model, "norm": "linf", "attack": attack, "n_eps": n_eps, "n": n, "tag": tag}
+    newest_first = [cand("ep", "pgd", 1, 32, "ep-tiny"), cand("cnn", "autoattack", 1, 100, "cnn-aa"),
+                    cand("ep", "pgd", 4, 200, "ep-demo"), cand("cnn", "pgd", 4, 200, "cnn-demo"),
+                    cand("cnn", "pgd", 4, 200, "cnn-older")]
+    assert [c["tag"] for c in report._pick_adversarial(newest_first)] == ["cnn-demo", "ep-demo"]
