@@ -1,9 +1,10 @@
 """The 19 CIFAR-10-C corruptions in torch, batched, seeded; the official .npy loader and exporter; metrics.
 
-Every corruption takes float images (B, 3, H, W) in [0, 1] on any device and returns the same shape, with the
-CIFAR-10-C severity parameters of Hendrycks & Dietterich (hendrycks/robustness, `make_cifar_c.py`; see
-docs/corruptions.md for the table and the fidelity notes). Random draws come from a `torch.Generator`; when it
-lives on the CPU the draws are made there and moved, so the same seed gives the same images on every device.
+`corrupt_uint8` takes uint8 images (B, 3, H, W) on any device and returns the corrupted uint8 images (`corrupt`:
+the same for float images on the 8-bit grid), with the CIFAR-10-C severity parameters of Hendrycks & Dietterich
+(hendrycks/robustness, `make_cifar_c.py`; see docs/corruptions.md for the table and the measured fidelity). Random
+draws come from a `torch.Generator`; when it lives on the CPU the draws are made there and moved, so the same seed
+gives the same draws on every device.
 
 The reference itself set no seed, so random corruptions can be matched in distribution only; given the same
 draws, every corruption follows the reference maths step by step in the reference's own precision (float64,

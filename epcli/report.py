@@ -1807,8 +1807,87 @@ def lineage_tree(store, run_id: str):
     return root
 
 
+# --- training runs: curves and comparison (run management, issue 15) ------------------------------------------
+
+CURVE_METRICS = ("train_loss", "train_acc", "test_acc")
+
+
+def training_history(store, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch metrics of a training run from the store: {name: [(epoch, value), ...]} (last write wins)."""
+    out: dict[str, dict[int, float]] = {}
+    for m in store.db.query("SELECT name, step, value FROM metrics WHERE run_id = ? AND step IS NOT NULL "
+                            "ORDER BY id", [run_id]):
+        out.setdefault(m["name"], {})[int(m["step"])] = m["value"]
+    return {k: sorted(v.items()) for k, v in out.items()}
+
+
+def training_curves(store, run_ids: list[str], out_dir: str | Path) -> list[Path]:
+    """Training curves (train loss, train and test accuracy vs epoch), one line per training run, drawn from
+    the per-epoch metrics in the store; PNG and SVG. Raises UsageError for a run that is not a training run
+    or has no per-epoch metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    runs = [store.get_run(r) for r in run_ids]
+    hist = {}
+    for r in runs:
+        if r["kind"] != "train":
+            raise UsageError(f"run {r['id']} is a {r['kind']} run; --curves draws training runs")
+        hist[r["id"]] = training_history(store, r["id"])
+        if not any(hist[r["id"]].get(k) for k in CURVE_METRICS):
+            raise UsageError(f"training run {r['id']} has no per-epoch metrics")
+    labels = {r["id"]: f"{_label(r)} {_short(r['id'])[:6]}" for r in runs}
+    colors = _colors(list(labels.values()))
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.4))
+    for ax, name in zip(axes, CURVE_METRICS):
+        for r in runs:
+            pts = hist[r["id"]].get(name) or []
+            if pts:
+                ax.plot([e for e, _ in pts], [v * 100 if name.endswith("_acc") else v for _, v in pts],
+                        marker="o", ms=3, color=colors[labels[r["id"]]], label=labels[r["id"]])
+        ax.set_xlabel("epoch")
+        ax.set_title(name.replace("_", " ") + (" (%)" if name.endswith("_acc") else ""))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths: list[Path] = []
+    _save(fig, out_dir, "training-curves", paths)
+    return paths
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def training_diff(store, run_a: str, run_b: str) -> dict:
+    """Two training runs side by side: every config key that differs, and the final value of every
+    per-epoch metric (b - a as diff)."""
+    a, b = store.get_run(run_a), store.get_run(run_b)
+    for r in (a, b):
+        if r["kind"] != "train":
+            raise UsageError(f"run {r['id']} is a {r['kind']} run; compare two training runs or two attack runs")
+    fa, fb = _flatten(a.get("config") or {}), _flatten(b.get("config") or {})
+    diff = [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k)]
+    ha, hb = training_history(store, a["id"]), training_history(store, b["id"])
+    metrics = []
+    for name in sorted((set(ha) | set(hb)) - {"epoch"}):
+        va = ha[name][-1][1] if ha.get(name) else None
+        vb = hb[name][-1][1] if hb.get(name) else None
+        metrics.append({"name": name, "a": va, "b": vb,
+                        "diff": None if va is None or vb is None else vb - va})
+    side = lambda r: {"run_id": r["id"], "model": r.get("model"), "dataset": r.get("dataset"),  # noqa: E731
+                      "status": r["status"]}
+    return {"a": side(a), "b": side(b), "config_diff": diff, "metrics": metrics}
+
+
 __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
            "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label", "figures",
            "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable", "model_notes",
            "protocol_reasons", "render", "robustbench_files", "robustbench_id", "robustbench_json", "to_dict",
-           "write_robustbench"]
+           "training_curves", "training_diff", "training_history", "write_robustbench"]

@@ -331,7 +331,7 @@ def spatter(img, s, d):
     liquid[liquid < c[3]] = 0
     if c[5] == 0:
         with np.errstate(invalid="ignore"):
-            liquid = (liquid * 255).astype(np.int64).astype(np.uint8)  # what x86's float -> uint8 cast does
+            liquid = (liquid * 255).astype(np.uint8)  # wraps above 255 on x86
         dist = 255 - cv2.Canny(liquid, 50, 150)
         dist = cv2.distanceTransform(dist, cv2.DIST_L2, 5)
         _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
@@ -368,8 +368,9 @@ DEFINITIONS = {f.__name__: f for f in (
 
 def reference_uint8(name, img_hwc_u8, severity, draws):
     """The reference's saved image: np.uint8 of what its function returned."""
+    img = np.ascontiguousarray(img_hwc_u8)  # what np.array(pil_image) gives; numpy's reductions follow the layout
     with np.errstate(invalid="ignore"):
-        return np.uint8(DEFINITIONS[name](img_hwc_u8, severity, draws))
+        return np.uint8(DEFINITIONS[name](img, severity, draws))
 
 
 # ------------------------------------------------------------------------------------------ replaying epcli's draws
@@ -429,6 +430,6 @@ def replay_draws(name, severity, x_uint8, gen):
 def reference_batch(name, severity, x_uint8, gen):
     """uint8 (B, 3, H, W) numpy: the reference applied image by image with epcli's replayed draws."""
     draws = replay_draws(name, severity, x_uint8, gen)
-    imgs = x_uint8.permute(0, 2, 3, 1).numpy()
+    imgs = np.ascontiguousarray(x_uint8.permute(0, 2, 3, 1).numpy())
     return np.stack([reference_uint8(name, imgs[i], severity, draws[i]) for i in range(len(imgs))]).transpose(
         0, 3, 1, 2)

@@ -119,7 +119,8 @@ def test_spatter_water_wraps_like_numpy_uint8_cast(imgs, ref):
     ours = C.corrupt_uint8(xu8, "spatter", 3, C.chunk_generator(1, "spatter", 3, 0)).numpy()
     theirs = ref.reference_batch("spatter", 3, xu8, C.chunk_generator(1, "spatter", 3, 0))
     assert mismatch(ours, theirs) == (0.0, 0)
-    np.testing.assert_equal(np.uint8(np.array([255.0, 256.0, 300.9]).astype(np.int64)), [255, 0, 44])
+    with np.errstate(invalid="ignore"):  # the premise: numpy's float -> uint8 cast wraps (x86)
+        np.testing.assert_equal(np.array([255.0, 256.0, 300.9]).astype(np.uint8), [255, 0, 44])
 
 
 def test_elastic_positions_are_opencv_fixed_point(imgs, ref):
@@ -215,8 +216,8 @@ def test_saturate_follows_its_parameters(x):
     assert ch[1] > ch[0] > ch[2] and ch[2] < ch[3] < ch[4], ch
 
 
-def test_all_outputs_in_range_and_deterministic(x):
-    xs = x[:8]
+def test_all_outputs_in_range_and_deterministic(x, device):
+    xs = x[:8].to(device)
     for name in C.CORRUPTIONS:
         for sev in (1, 5):
             a = C.corrupt(xs, name, sev, gen(0))

@@ -29,6 +29,8 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
 
     check_numbers(n=n, seed=seed, batch_size=batch_size, T=T)
     device = resolve_device(device)
+    if source and not names:  # every corruption file the folder has
+        names = _source_names(source)
     names = list(names or C.CORRUPTIONS)
     severities = list(severities or [1, 2, 3, 4, 5])
     unknown = [c for c in names if c not in C.CORRUPTIONS]
@@ -37,6 +39,10 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     bad = [s for s in severities if s not in (1, 2, 3, 4, 5)]
     if bad:
         raise UsageError(f"severity {bad[0]} is outside 1-5")
+    if source:
+        for c in names:  # fail before the run starts, not after the clean pass
+            _check_source_file(source, c)
+    progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
     if T is not None and hasattr(net, "T"):
         net.T = int(T)
@@ -46,6 +52,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         ref_result = _corruption_result_of(store, reference)
     ds = None if source else dataset_for(store, info, dataset, data_dir)
     clean, clean_from = (_source_clean(store, info, source, dataset, data_dir) if source else (None, None))
+    progress("load", 1, 1, {"model": net.spec["name"], "dataset": ds.name if ds else f"official:{source}"})
     config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "corruptions": names,
               "severities": severities, "seed": seed, "n_examples": n, "source": source,
               "dataset": ds.name if ds else f"official:{source}", "reference": reference,
@@ -54,15 +61,13 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                    dataset=config["dataset"], model_run_id=train_run.get("id"),
                    device=describe_device(device)) as run_id:
         link_model_input(store, run_id, info)
-        cells_total = 1 + len(names) * len(severities)
-        seen: list = []
-
-        def cb(info: dict) -> None:  # one bar over every (corruption, severity) cell
-            what = f"{info['name']}/{info['severity']}" if info.get("name") else "clean"
-            if what not in seen:
-                seen.append(what)
-            done = (len(seen) - 1) * info["total"] + info["done"]
-            progress("corrupt", done, cells_total * info["total"], {"cell": what})
+        def cb(info: dict) -> None:  # one task per corruption, over its severities, counted in images
+            if not info.get("name"):
+                progress("clean", info["done"], info["total"], {})
+                return
+            k = severities.index(info["severity"]) if info["severity"] in severities else 0
+            progress(info["name"], k * info["total"] + info["done"], len(severities) * info["total"],
+                     {"severity": info["severity"]})
 
         if source:
             res = C.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
@@ -96,8 +101,10 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                              else None})
         if not source:
             rows += relax_residual_rows(net, x, device, facets)  # how far from equilibrium the predictions are
+        progress("save", 0, 1, {})
         store.log_metrics(run_id, rows)
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
+        progress("save", 1, 1, {"run_id": run_id, "mean_acc": headline["corruption_mean_acc"]})
         summary = {k: v for k, v in headline.items() if v is not None}
         store.update_run(run_id, summary=summary)
     out = {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
@@ -106,6 +113,30 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     if source:
         out.update({"source": str(source), "clean_from": clean_from})
     return out
+
+
+def _source_names(source: str) -> list[str]:
+    from pathlib import Path
+
+    from epcli import corruptions as C
+    from epcli.errors import DatasetError
+    d = Path(source)
+    if not d.is_dir():
+        raise DatasetError(f"corruption directory {d} not found (expected CIFAR-10-C's <name>.npy + labels.npy)")
+    found = [c for c in C.CORRUPTIONS if (d / f"{c}.npy").is_file()]
+    if not found:
+        raise DatasetError(f"no CIFAR-10-C files (<name>.npy) in {d}")
+    return found
+
+
+def _check_source_file(source: str, name: str) -> None:
+    from pathlib import Path
+
+    from epcli.errors import DatasetError
+    d = Path(source)
+    for f in (d / f"{name}.npy", d / "labels.npy"):
+        if not f.is_file():
+            raise DatasetError(f"{f} not found: expected the CIFAR-10-C layout (<name>.npy and labels.npy)")
 
 
 def _source_clean(store: Store, info: dict, source: str, dataset: str | None, data_dir: str | None):
