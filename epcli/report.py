@@ -635,19 +635,19 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                            "value": cell.value, "unreliable": cell.unreliable, "n": cell.n_examples,
                            "grad_mode": cell.grad_mode})
 
-    adversarial = []
-    seen_adv = set()
-    for a in reversed(adv_rows):  # latest first; one artifact per model and norm
+    candidates = []
+    for a in reversed(adv_rows):  # latest first
         cfg = run_info.get(a["run_id"], {}).get("config", {})
-        norm = cfg.get("norm") or "linf"
-        if (a["model_run_id"], norm) in seen_adv or a["model_run_id"] not in rows:
+        if a["model_run_id"] not in rows:
             continue
-        seen_adv.add((a["model_run_id"], norm))
-        adversarial.append({"run_id": a["model_run_id"], "attack_run_id": a["run_id"],
-                            "label": rows[a["model_run_id"]].label, "sha256": a["sha256"],
-                            "path": _abs(store, a["path"]), "per_example": per_example.get(a["run_id"]),
-                            "norm": norm, "attack": cfg.get("attack"), "grad_mode": cfg.get("grad_mode"),
-                            "meta": _json(a["meta"]) or {}, "config": cfg})
+        eps = cfg.get("eps") if isinstance(cfg.get("eps"), list) else []
+        candidates.append({"run_id": a["model_run_id"], "attack_run_id": a["run_id"],
+                           "label": rows[a["model_run_id"]].label, "sha256": a["sha256"],
+                           "path": _abs(store, a["path"]), "per_example": per_example.get(a["run_id"]),
+                           "norm": cfg.get("norm") or "linf", "attack": cfg.get("attack"),
+                           "grad_mode": cfg.get("grad_mode"), "n_eps": len(eps), "n": cfg.get("n_examples"),
+                           "meta": _json(a["meta"]) or {}, "config": cfg})
+    adversarial = _pick_adversarial(candidates)
     adversarial.sort(key=lambda a: (0 if a["norm"] == "linf" else 1, a["run_id"]))
 
     row_list = list(rows.values())
@@ -664,6 +664,24 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                       unroll=unroll, adversarial=adversarial, comparisons=comparisons, store_root=str(store.root),
                       generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), filters=filters,
                       scale=scale, notes=notes)
+
+
+def _pick_adversarial(candidates: list[dict]) -> list[dict]:
+    """Per norm, one adversarial-examples artifact per model, all from the same attack where possible (the one
+    most models have; PGD first), each the one with the most eps values, then the largest n, then the newest."""
+    out = []
+    for norm in sorted({c["norm"] for c in candidates}, key=lambda n: (n != "linf", n)):
+        cs = [c for c in candidates if c["norm"] == norm]
+        models = {c["run_id"] for c in cs}
+        attacks = {c["attack"] for c in cs}
+        attack = max(attacks, key=lambda at: (len({c["run_id"] for c in cs if c["attack"] == at}), at == "pgd",
+                                              str(at)))
+        for m in sorted(models):
+            mine = [c for c in cs if c["run_id"] == m]
+            same = [c for c in mine if c["attack"] == attack] or mine
+            # candidates are newest first; max keeps the first of equals
+            out.append(max(same, key=lambda c: (c["n_eps"], c["n"] or 0)))
+    return out
 
 
 def _corruption_means(c: dict) -> None:
