@@ -11,12 +11,14 @@ Everything here reads the store only (no recomputation; no torch, no models, no 
 Conventions:
 - Accuracies are shown in percent. The store's accuracy metrics are fractions in [0, 1]; a store whose
   accuracy values exceed 1 is taken to hold percent already (`ReportData.scale` records which).
-- A leaderboard cell (model x attack x norm x eps) is the worst case (minimum) over every result the store
-  holds for it: several gradient modes, unroll lengths, transfer sources or repeated runs. The cell keeps
-  the gradient mode, example count and run of that minimum, and how many results it was taken over.
-- A cell is flagged unreliable when the result it shows was logged with unreliable=1 (reason from its
+- A leaderboard cell (model x attack x norm x eps) is the result on the largest n (ties: the strongest), then
+  the exact per-image worst case over the other results on the same test images (per-example outcomes);
+  results on other images are never mixed in. Failed and interrupted runs never contribute.
+- A cell is flagged unreliable when a result it rests on was logged with unreliable=1 (reason from its
   detail, or from the run's failed checks).
-- The CIFAR-C numbers come from the latest corrupt run of a model.
+- The comparability rule: a paper number stands beside epcli's only when model, dataset, threat model, n and
+  gradient mode are comparable; otherwise the place says why (docs/report.md).
+- The CIFAR-C numbers come from the latest corrupt run of a model; every mean says what it was taken over.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from epcli import paper
 from epcli.errors import NotFoundError, UsageError
 
 FORMATS = ("table", "csv", "json", "md", "html", "robustbench")
-ATTACK_ORDER = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
+ATTACK_ORDER = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack", "worst")
 ATTACK_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "cw": "C&W", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T",
-                "fab-t": "FAB-T", "square": "Square", "autoattack": "AutoAttack"}
-HEADLINE_ATTACKS = ("fgsm", "pgd", "cw", "square", "autoattack")
+                "fab-t": "FAB-T", "square": "Square", "autoattack": "AutoAttack",
+                "worst": "worst case over attacks"}
+HEADLINE_ATTACKS = ("fgsm", "pgd", "cw", "square", "autoattack", "worst")
 WHITE_BOX = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "autoattack")
 NORM_NAMES = {"linf": "L∞", "l2": "L2"}
 STANDARD_EPS = {"linf": 8 / 255, "l2": 0.5}
@@ -207,11 +210,15 @@ def _abs(store, path: str) -> str:
     return str(p if p.is_absolute() else Path(store.root) / p)
 
 
-def _selection(cfg: dict) -> str | None:
-    """The training run's checkpoint selection (last | best-val | best-test), when it recorded one."""
+def _selection(cfg: dict, summary: Any = None) -> str | None:
+    """The training run's checkpoint selection (last | best-val | best-test, with the epoch), when recorded."""
     recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
-    sel = cfg.get("select") or recipe.get("select")
-    return str(sel) if sel else None
+    summary = summary if isinstance(summary, dict) else {}
+    sel = summary.get("select") or cfg.get("select") or recipe.get("select")
+    if not sel:
+        return None
+    epoch = summary.get("selected_epoch")
+    return f"{sel} (epoch {epoch})" if epoch is not None and sel != "last" else str(sel)
 
 
 def _name_rows(rows: list["Row"]) -> None:
@@ -302,7 +309,8 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
                 unreliable=bool(flagged), reason=reason, run_id=base["run_id"], status=base["run_status"],
                 n_results=len(members), forward_passes=details[0].get("forward_passes"),
                 forward_passes_T=details[0].get("T"),
-                worst_of=[f"{m['run_id']} {m['grad_mode'] or '-'}" for m in members] if len(members) > 1 else [],
+                worst_of=[f"{m['run_id']} {m['attack']} {m['grad_mode'] or '-'}" for m in members]
+                if len(members) > 1 else [],
                 attack_clean=attack_clean_by_run.get(base["run_id"]))
 
 
@@ -314,6 +322,7 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
 # paper's model, however its family.
 PAPER_REGISTRY = {"ep-cnn": "ep-cnn", "cnn": "cnn", "vit": "vit"}
 PAPER_DATASETS = ("cifar10", "cifar100")
+PAPER_EP_CHANNELS = (128, 256, 512, 512)  # the paper's EP-CNN (paper_facts.json "architecture")
 MIN_N = 1000  # below the paper's own n, at least this many examples (binomial std error <= 1.6 points)
 
 # corrupt.py's names (report.py never imports torch); tests pin them to epcli.corruptions
@@ -345,6 +354,11 @@ def model_not_comparable(row: "Row") -> str | None:
         why.append(f"{kind} {row.model}: the paper compares {what}")
     elif overrides:
         why.append(f"model {row.model} with changed architecture ({overrides}): the paper compares {what}")
+    else:
+        spec = row.config.get("spec") if isinstance(row.config.get("spec"), dict) else {}
+        if want == "ep-cnn" and spec.get("channels") and list(spec["channels"]) != list(PAPER_EP_CHANNELS):
+            why.append(f"model ep-cnn with channels {'-'.join(str(c) for c in spec['channels'])}: the paper "
+                       f"compares {what}")
     ds = (row.dataset or "").lower()
     if ds not in PAPER_DATASETS:
         why.append(f"data {row.dataset or '?'}: the paper evaluates on the full "
@@ -487,7 +501,10 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                             clean_acc=None if test_acc.get(r["id"]) is None else test_acc[r["id"]] * k,
                             epochs=_epochs(r["config"]), config=r["config"],
                             failed_checks=list(failed_checks.get(r["id"], [])), seed=r.get("seed"),
-                            selection=_selection(r["config"]))
+                            selection=_selection(r["config"], _json(r.get("summary"))))
+        summ = _json(r.get("summary"))
+        if isinstance(summ, dict) and summ.get("select") and isinstance(summ.get("test_acc"), (int, float)):
+            rows[r["id"]].clean_acc = summ["test_acc"] * k  # the selected epoch's, not the last epoch's
     _name_rows(list(rows.values()))
     for row in rows.values():
         row.not_compared = model_not_comparable(row)
@@ -496,7 +513,8 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
             d = _json(m["detail"]) if m["detail"] else {}
             d = d if isinstance(d, dict) else {}
             rows[m["model_run_id"]].equilibrium = {"residual": m["value"], "T": d.get("T"), "mean": d.get("mean"),
-                                                   "tol": d.get("tol", d.get("tolerance")), "run_id": m["run_id"]}
+                                                   "tol": d.get("tol", d.get("tolerance")), "run_id": m["run_id"],
+                                                   "at_equilibrium": d.get("at_equilibrium")}
     for d in derived:
         if d["status"] == "running" and d["model_run_id"] in rows:
             rows[d["model_run_id"]].derived_running += 1
@@ -530,6 +548,20 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
     for (mr, key), ms in groups.items():
         rows[mr].cells[key] = _cell(ms, k, columns[key].eps, run_info, per_example, loaded, failed_checks,
                                     attack_clean_by_run)
+    # the worst case over attacks, per norm and eps: exact per image, over results on the same images only
+    by_threat: dict[tuple, list[dict]] = {}
+    for (mr, key), ms in groups.items():
+        col = columns[key]
+        by_threat.setdefault((mr, col.norm, eps_label(col.eps, col.norm), col.eps), []).extend(ms)
+    for (mr, norm, el, eps), ms in by_threat.items():
+        if len({m["attack"] for m in ms}) < 2:
+            continue
+        cell = _cell(ms, k, eps, run_info, per_example, loaded, failed_checks, attack_clean_by_run)
+        if len({w.split()[1] for w in cell.worst_of}) < 2:
+            continue  # no two attacks on the same images: nothing exact to show
+        key = f"worst:{norm}:{el}"
+        columns.setdefault(key, Column(key, "worst", norm, float(eps), f"worst case {NORM_NAMES.get(norm, norm)} {el}"))
+        rows[mr].cells[key] = cell
     for row in rows.values():
         if row.clean_acc is None and row.run_id in attack_clean:
             row.clean_acc = attack_clean[row.run_id]
@@ -587,7 +619,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
             except ValueError:
                 continue
             unroll.append({"run_id": mr, "label": row.label, "attack": m["attack"], "norm": m["norm"] or "linf",
-                           "eps": float(m["eps"]), "K": kk, "value": m["value"] * k})
+                           "eps": float(m["eps"]), "K": kk, "value": m["value"] * k, "n": m["n_examples"]})
     for row in rows.values():
         _corruption_means(row.corruption)
     # keep only (model, attack, norm) groups with at least two unroll lengths
@@ -783,7 +815,10 @@ def _columns(data: ReportData, which: str) -> list[Column]:
 def _sub(cell: Cell, sep: str) -> str:
     """The line under a value: example count, gradient mode (when the result has one), running."""
     bits = [f"n={cell.n_examples if cell.n_examples is not None else '?'}"]
-    if cell.grad_mode:
+    attacks = list(dict.fromkeys(w.split()[1] for w in cell.worst_of if len(w.split()) > 2))
+    if len(attacks) > 1:
+        bits.append("worst of " + "+".join(ATTACK_NAMES.get(x, x) for x in attacks))
+    elif cell.grad_mode:
         bits.append(_grad(cell.grad_mode) if "+" not in cell.grad_mode else
                     "worst of " + "+".join(_grad(g) for g in cell.grad_mode.split("+")))
     elif cell.n_results > 1:
@@ -811,7 +846,7 @@ def _residual_tol(eq: dict) -> float | None:
         return float(eq["tol"])
     import sys
     ep = sys.modules.get("epcli.ep")  # only when already loaded: a report never imports torch itself
-    for name in ("RESIDUAL_TOL", "RESIDUAL_TOLERANCE", "RELAX_TOL", "EQUILIBRIUM_TOL"):
+    for name in ("EQUILIBRIUM_TOL",):
         if ep is not None and isinstance(getattr(ep, name, None), (int, float)):
             return float(getattr(ep, name))
     return None
@@ -824,13 +859,13 @@ def model_notes(row: Row) -> list[str]:
     if eq.get("residual") is not None:
         t = f" at T={eq['T']}" if eq.get("T") is not None else ""
         tol = _residual_tol(eq)
-        if tol is not None and eq["residual"] > tol:
-            notes.append(f"NOT converged: residual {eq['residual']:.2g}{t} (tolerance {tol:g})")
+        if eq.get("at_equilibrium") is False or (tol is not None and eq["residual"] > tol):
+            notes.append(f"NOT converged: residual {eq['residual']:.2g}{t}" + (f" (tolerance {tol:g})" if tol else ""))
         else:
             notes.append(f"at equilibrium: residual {eq['residual']:.2g}{t}")
     if row.selection:
-        notes.append(f"checkpoint: {row.selection}" + (" (chosen on the test set)" if row.selection == "best-test"
-                                                        else ""))
+        notes.append(f"checkpoint: {row.selection}" + (" chosen on the test set"
+                                                        if row.selection.startswith("best-test") else ""))
     return notes
 
 
@@ -1026,9 +1061,10 @@ def robustbench_files(data: ReportData) -> tuple[dict[str, dict], list[str]]:
         if ds is None:
             skipped.append(f"{name}: dataset {row.dataset} is not one of RobustBench's")
             continue
-        common = {"link": PAPER_LINK if row.paper_key else "",
+        papers_model = bool(row.paper_key) and _paper_registry(row.paper_key) == row.model  # not a demo net
+        common = {"link": PAPER_LINK if papers_model else "",
                   "name": f"{row.label} (epcli run {row.run_id})",
-                  "authors": PAPER_AUTHORS if row.paper_key else "",
+                  "authors": PAPER_AUTHORS if papers_model else "",
                   "additional_data": False, "number_forward_passes": _forward_passes(row), "dataset": ds,
                   "venue": "epcli", "architecture": row.model}
         data_note = ("data: the embedded mini CIFAR-10 (real CIFAR-10 test images, JPEG q75), not the full test "
@@ -1071,11 +1107,13 @@ def robustbench_files(data: ReportData) -> tuple[dict[str, dict], list[str]]:
             files[f"{ds}/corruptions/{robustbench_id(row)}.json"] = {
                 **common, "eps": None, "clean_acc": _fmt(corr.get("clean", row.clean_acc)), "reported": "",
                 "corruptions_acc": _fmt(corr["mean"]), "footnote": ". ".join(n for n in notes if n) + "."}
-        elif corr.get("mean") is not None:
-            skipped.append(f"{name}: corruptions not written ({corr.get('mean_label')}; RobustBench's is over all "
-                           f"15 × 5)")
         if not found:
-            skipped.append(f"{name}: no AutoAttack result at L∞ 8/255 or L2 0.5 and no complete corruption run")
+            why = "no AutoAttack result at L∞ 8/255 or L2 0.5"
+            if corr.get("mean") is not None:
+                why += f", corruptions only a {corr.get('mean_label')}"
+            skipped.append(f"{name}: {why}")
+        elif corr.get("mean") is not None and not cov.get("complete15"):
+            skipped.append(f"{name}: no corruptions file ({corr.get('mean_label')}; RobustBench's is 15 × 5)")
     return files, skipped
 
 
@@ -1083,9 +1121,9 @@ def robustbench_json(data: ReportData) -> dict[str, dict]:
     """The RobustBench files as one JSON object {relative path: record}; NotFoundError when none qualifies."""
     files, skipped = robustbench_files(data)
     if not files:
-        raise NotFoundError("nothing to export for RobustBench: it needs an AutoAttack run at L∞ 8/255 or L2 0.5 "
-                            "(`epcli attack -a autoattack`) or a corruption run over all 15 benchmark corruptions "
-                            f"× 5 severities ({'; '.join(skipped) or 'no models'})")
+        raise NotFoundError("nothing to export for RobustBench, which needs an AutoAttack result at L∞ 8/255 or L2 "
+                            "0.5 (`epcli attack -a autoattack --eps 8/255`) or a corruption run over all 15 "
+                            f"benchmark corruptions × 5 severities. {'; '.join(skipped) or 'No models'}.")
     return files
 
 
@@ -1164,6 +1202,8 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
     # robust accuracy vs eps, one panel per attack x norm
     for attack, norm in sorted({(c["attack"], c["norm"]) for c in data.curves},
                                key=lambda an: (ATTACK_ORDER.index(an[0]) if an[0] in ATTACK_ORDER else 99, an[1])):
+        if len({c["eps"] for c in data.curves if (c["attack"], c["norm"]) == (attack, norm)}) < 2:
+            continue  # a single eps is no curve: the number is in the tables
         fig, ax = plt.subplots(figsize=(6.8, 4.4))
         all_eps, drawn_paper, datasets = set(), set(), set()
         for rid in names:
@@ -1198,11 +1238,11 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                             label=f"paper: {info.get('label', row.paper_key)}"
                                   + (f" (n={nf[-1]:,})" if nf else ""))
         ticks = sorted(all_eps)
-        ax.set_xlim(0, max(ticks) * 1.05 if ticks else 1)
+        ax.set_xlim(0, max(ticks) * 1.06 if ticks else 1)
         if norm == "linf" and ticks:
             ax.set_xticks(ticks)
             ax.set_xticklabels([eps_label(e, "linf") for e in ticks], fontsize=8)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(-2, 100)  # a point at 0 % stays visible
         ax.set_xlabel(f"ε ({NORM_NAMES.get(norm, norm)}" + (", pixel scale /255" if norm == "linf" else "") + ")")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on {', '.join(sorted(datasets))}:"
@@ -1220,7 +1260,8 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                                                          if r.corruption.get("clean") is not None]
         lo, hi = min(vals), max(vals)
         pad = max(2.0, 0.08 * (hi - lo))
-        fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, 2.3 * nrow), squeeze=False, sharey=True)
+        height = 2.5 * nrow + 0.75  # + a header (inches) for the title and the legend
+        fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, height), squeeze=False, sharey=True)
         for ax, cn in zip(axes.flat, cnames):
             for rid in names:
                 pts = sorted((c["severity"], c["value"]) for c in data.corruptions
@@ -1239,13 +1280,17 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
         n_ex = sorted({r.corruption.get("n_examples") for r in data.rows if r.corruption.get("n_examples")})
-        fig.supxlabel("severity")
-        fig.supylabel("accuracy (%)")
+        for i, ax in enumerate(axes.flat):
+            if i % ncol == 0:
+                ax.set_ylabel("accuracy (%)")
+            if i >= len(cnames) - ncol:
+                ax.set_xlabel("severity")
         fig.suptitle("Accuracy under each corruption vs severity; dotted: the model's clean accuracy"
-                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else ""), fontsize=9, y=1.0)
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / (2.3 * nrow)))
+                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else ""), fontsize=9,
+                     y=1 - 0.05 / height, va="top")
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
         fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,
-                   bbox_to_anchor=(0.5, 1 - 0.25 / (2.3 * nrow)), frameon=False)
+                   bbox_to_anchor=(0.5, 1 - 0.25 / height), frameon=False)
         _save(fig, out_dir, "corruptions", paths)
 
     # accuracy vs relaxation steps
@@ -1264,10 +1309,15 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                 ax.plot(*zip(*sorted((f["T"], f["value"]) for f in facts)), "--", color="gray",
                         label=f"paper ({paper.load_facts()['models'][key]['label']}, CIFAR-10)")
         ax.set_xscale("log")
+        ts = sorted({s["T"] for s in data.steps})
+        ax.set_xticks(ts)
+        ax.set_xticklabels([str(t) for t in ts], fontsize=8)
+        ax.minorticks_off()
         ax.set_ylim(0, 100)
-        ax.set_xlabel("relaxation steps T")
+        ax.set_xlabel("relaxation steps T (log scale)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title("EP convergence: accuracy vs relaxation steps")
+        ax.set_title("EP convergence: test accuracy vs relaxation steps T ("
+                     + ", ".join(sorted({rows[s["run_id"]].dataset or "?" for s in data.steps})) + ")")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         _save(fig, out_dir, "steps", paths)
@@ -1294,8 +1344,9 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
             ax.set_xlabel("attack unroll length K (truncated:K)")
             ax.set_ylabel("robust accuracy (%)")
             ax.set_ylim(0, 100)
-            ax.set_title(f"{names[rid]}: {ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)}",
-                         fontsize=10)
+            ns = sorted({u.get("n") for u in us if u.get("n")})
+            ax.set_title(f"{names[rid]}: {ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on "
+                         f"{rows[rid].dataset}" + (f", n={ns[-1]:,}" if len(ns) == 1 else ""), fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -1416,7 +1467,8 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
     ncols = 1 + max(len(e["eps"]) for e in entries)
     nrows = sum(2 * len(g) for _, g in groups)
     plt = _plt()
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.7 * ncols, 1.85 * nrows + 0.6), squeeze=False)
+    height = 1.85 * nrows + 0.6
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.7 * ncols, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     r0 = 0
@@ -1465,8 +1517,8 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
                 axes[r0 + 1][j].set_title(f"×{k:.0f}" if m > 0 else "no change", fontsize=6.5)
             r0 += 2
     fig.suptitle("Adversarial examples: one test image every shown model classifies correctly when clean, attacked "
-                 "at growing ε (red: the prediction changed)", fontsize=8.5)
-    fig.tight_layout()
+                 "at growing ε (red: the prediction changed)", fontsize=8.5, y=1 - 0.1 / height, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
     return fig
 
 
@@ -1590,16 +1642,20 @@ def _inline_figure(path: Path) -> str:
 
 
 _CAPTIONS = {
-    "robust": "Robust accuracy vs ε (log scale), one line per model; dashed: the paper's curve for the matching "
-              "model; red ×: result marked unreliable.",
-    "corruptions": "Accuracy vs corruption severity (latest corrupt run per model).",
-    "steps": "Accuracy vs number of relaxation steps T (EP convergence, 'characteristic time'); dashed: paper.",
+    "robust": "Robust accuracy vs ε (linear axis; L∞ ticks at the measured k/255), one line per model with its n "
+              "and gradient mode; dashed: the paper's curve, only for a model comparable with the paper's; red ×: "
+              "result flagged unreliable.",
+    "corruptions": "Accuracy vs corruption severity (latest corrupt run per model); dotted: the model's clean "
+                   "accuracy on the same images. The y axis is fitted to the data.",
+    "steps": "Accuracy vs number of relaxation steps T (EP convergence, 'characteristic time'); dashed: paper "
+             "(comparable models only).",
     "unroll": "Robust accuracy vs the unroll length K of the attack gradient (truncated:K): a plateau for large "
               "K means the truncation does not mask the gradient.",
-    "corruption-samples": "Test images under each evaluated corruption, clean then severities 1-5 (seeded; the "
-                          "exact images the models were scored on).",
-    "adversarial-examples": "The same test image attacked at growing ε: adversarial image (top, predicted class) "
-                            "and amplified perturbation (bottom), per model.",
+    "corruption-samples": "Test images under each evaluated corruption (rows), clean then severities (columns); "
+                          "seeded: the exact images the model was scored on.",
+    "adversarial-examples": "Per norm, one test image every shown model classifies correctly when clean, attacked at "
+                            "growing ε: adversarial image with the predicted class (red: changed) and the "
+                            "perturbation amplified by the factor written above it.",
 }
 
 
@@ -1608,7 +1664,7 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
     figs = [Path(f) for f in (figures or [])]
     chosen: dict[str, Path] = {}
     for f in figs:  # prefer SVG for line charts, PNG for the image grid (smaller, crisp enough)
-        want_svg = f.stem != "adversarial-examples"
+        want_svg = f.stem not in ("adversarial-examples", "corruption-samples")  # image grids: PNG
         cur = chosen.get(f.stem)
         if cur is None or (f.suffix == ".svg") == want_svg:
             chosen[f.stem] = f
@@ -1733,6 +1789,87 @@ def lineage_tree(store, run_id: str):
     return root
 
 
-__all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "collect", "eps_label", "figures",
-           "html_report", "leaderboard_table", "lineage_tree", "protocol_reasons", "render", "robustbench_json",
-           "to_dict"]
+# --- training runs: curves and comparison (run management, issue 15) ------------------------------------------
+
+CURVE_METRICS = ("train_loss", "train_acc", "test_acc")
+
+
+def training_history(store, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch metrics of a training run from the store: {name: [(epoch, value), ...]} (last write wins)."""
+    out: dict[str, dict[int, float]] = {}
+    for m in store.db.query("SELECT name, step, value FROM metrics WHERE run_id = ? AND step IS NOT NULL "
+                            "ORDER BY id", [run_id]):
+        out.setdefault(m["name"], {})[int(m["step"])] = m["value"]
+    return {k: sorted(v.items()) for k, v in out.items()}
+
+
+def training_curves(store, run_ids: list[str], out_dir: str | Path) -> list[Path]:
+    """Training curves (train loss, train and test accuracy vs epoch), one line per training run, drawn from
+    the per-epoch metrics in the store; PNG and SVG. Raises UsageError for a run that is not a training run
+    or has no per-epoch metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    runs = [store.get_run(r) for r in run_ids]
+    hist = {}
+    for r in runs:
+        if r["kind"] != "train":
+            raise UsageError(f"run {r['id']} is a {r['kind']} run; --curves draws training runs")
+        hist[r["id"]] = training_history(store, r["id"])
+        if not any(hist[r["id"]].get(k) for k in CURVE_METRICS):
+            raise UsageError(f"training run {r['id']} has no per-epoch metrics")
+    labels = {r["id"]: f"{_label(r)} {_short(r['id'])[:6]}" for r in runs}
+    colors = _colors(list(labels.values()))
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.4))
+    for ax, name in zip(axes, CURVE_METRICS):
+        for r in runs:
+            pts = hist[r["id"]].get(name) or []
+            if pts:
+                ax.plot([e for e, _ in pts], [v * 100 if name.endswith("_acc") else v for _, v in pts],
+                        marker="o", ms=3, color=colors[labels[r["id"]]], label=labels[r["id"]])
+        ax.set_xlabel("epoch")
+        ax.set_title(name.replace("_", " ") + (" (%)" if name.endswith("_acc") else ""))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths: list[Path] = []
+    _save(fig, out_dir, "training-curves", paths)
+    return paths
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def training_diff(store, run_a: str, run_b: str) -> dict:
+    """Two training runs side by side: every config key that differs, and the final value of every
+    per-epoch metric (b - a as diff)."""
+    a, b = store.get_run(run_a), store.get_run(run_b)
+    for r in (a, b):
+        if r["kind"] != "train":
+            raise UsageError(f"run {r['id']} is a {r['kind']} run; compare two training runs or two attack runs")
+    fa, fb = _flatten(a.get("config") or {}), _flatten(b.get("config") or {})
+    diff = [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k)]
+    ha, hb = training_history(store, a["id"]), training_history(store, b["id"])
+    metrics = []
+    for name in sorted((set(ha) | set(hb)) - {"epoch"}):
+        va = ha[name][-1][1] if ha.get(name) else None
+        vb = hb[name][-1][1] if hb.get(name) else None
+        metrics.append({"name": name, "a": va, "b": vb,
+                        "diff": None if va is None or vb is None else vb - va})
+    side = lambda r: {"run_id": r["id"], "model": r.get("model"), "dataset": r.get("dataset"),  # noqa: E731
+                      "status": r["status"]}
+    return {"a": side(a), "b": side(b), "config_diff": diff, "metrics": metrics}
+
+
+__all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
+           "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label", "figures",
+           "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable", "model_notes",
+           "protocol_reasons", "render", "robustbench_files", "robustbench_id", "robustbench_json", "to_dict",
+           "training_curves", "training_diff", "training_history", "write_robustbench"]

@@ -35,7 +35,7 @@ from sqlite_utils.migrations import Migrations
 from epcli.errors import NotFoundError, StoreError, UsageError
 
 DB_NAME = "epcli.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUN_KINDS = ("train", "attack", "corrupt", "report")
 STATUSES = ("running", "finished", "failed", "interrupted")
 FACETS = ("dataset", "split", "model", "attack", "norm", "eps", "grad_mode", "corruption", "severity",
@@ -172,20 +172,20 @@ LEADERBOARD_SQL = """CREATE VIEW leaderboard AS
       FROM metrics m JOIN runs r ON r.id = m.run_id
       WHERE r.model_run_id IS NOT NULL
       GROUP BY r.model_run_id),
-    clean AS (
-      SELECT run_id, value, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY step DESC, id DESC) AS k
-      FROM metrics WHERE name = 'test_acc'),
-    corr AS (
-      SELECT r.model_run_id AS mid, m.value,
-             ROW_NUMBER() OVER (PARTITION BY r.model_run_id ORDER BY r.started_at DESC, m.id DESC) AS k
-      FROM metrics m JOIN runs r ON r.id = m.run_id WHERE m.name = 'corruption_mean_acc')
+    clean AS (  -- the test accuracy of the last epoch (SQLite: a bare column comes from the MAX row)
+      SELECT run_id, value, MAX(step) AS last_step
+      FROM metrics WHERE name = 'test_acc' GROUP BY run_id),
+    corr AS (  -- the newest corruption run's mean accuracy
+      SELECT r.model_run_id AS mid, m.value, MAX(r.started_at) AS newest
+      FROM metrics m JOIN runs r ON r.id = m.run_id WHERE m.name = 'corruption_mean_acc'
+      GROUP BY r.model_run_id)
     SELECT t.id AS model_run_id, t.model, t.dataset, clean.value AS clean_acc, p.pgd_linf_8_255,
            p.pgd_l2_0_5, p.autoattack_linf_8_255, p.square_linf_8_255, corr.value AS corruption_mean_acc,
            COALESCE(p.unreliable_results, 0) AS unreliable_results
     FROM runs t
     LEFT JOIN per_model p ON p.mid = t.id
-    LEFT JOIN clean ON clean.run_id = t.id AND clean.k = 1
-    LEFT JOIN corr ON corr.mid = t.id AND corr.k = 1
+    LEFT JOIN clean ON clean.run_id = t.id
+    LEFT JOIN corr ON corr.mid = t.id
     WHERE t.kind = 'train' AND t.status = 'finished'"""
 
 # What an epcli store holds: a database with other tables, or a `runs` table without these columns, is
@@ -193,6 +193,16 @@ LEADERBOARD_SQL = """CREATE VIEW leaderboard AS
 EPCLI_TABLES = {"runs", "artifacts", "run_artifacts", "metrics", "checks", "schema_version",
                 "_sqlite_migrations", "sqlite_sequence", "sqlite_stat1", "sqlite_stat4"}
 RUNS_COLUMNS = {"id", "kind", "status", "config", "started_at", "model_run_id"}
+
+
+@migrations()
+def m003_tags_and_notes(db: sqlite_utils.Database) -> None:
+    """Run management after the fact: free-form tags (JSON list) and a note per run."""
+    have = set(db["runs"].columns_dict)
+    for col in ("tags", "note"):
+        if col not in have:  # idempotent: a store may already have them from a development build
+            db["runs"].add_column(col, str)
+
 
 MIGRATION_COUNT = len(migrations._migrations)
 
@@ -420,8 +430,8 @@ class Store:
             raise UsageError(f"unknown run kind {kind!r}: use {', '.join(RUN_KINDS)}")
         if status is not None and status not in STATUSES:
             raise UsageError(f"unknown status {status!r}: use {', '.join(STATUSES)}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise UsageError(f"limit must be a positive integer, got {limit!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"--limit must be a whole number >= 0 (0: all), got {limit!r}")
         where, args = [], []
         for col, val in (("kind", kind), ("status", status), ("model", model), ("dataset", dataset),
                          ("model_run_id", model_run_id)):
@@ -579,17 +589,274 @@ class Store:
         return list(self.db.query("SELECT * FROM checks WHERE run_id = ? ORDER BY id", [run_id]))
 
 
+    # run management: find, tag, note, remove, collect garbage
+    def find_runs(self, *, kind: str | None = None, status: str | None = None, model: str | None = None,
+                  dataset: str | None = None, since: str | None = None, tag: str | None = None,
+                  where: list[str] | None = None, sort: str | None = None, limit: int | None = None) -> list[dict]:
+        """Runs matching every filter. `since`: an ISO date/time or an age like 30m, 12h, 7d. `where`:
+        conditions NAME OP VALUE (OP one of >=, <=, !=, =, >, <) on a run column (seed, device...), a
+        summary or metric value (the run's last value of that metric: test_acc, robust_acc (the worst over
+        eps), clean_acc...), or a config key (config.recipe.epochs). `sort`: any such NAME, `-NAME` for
+        descending; default newest first. Runs without the NAME never match a condition and sort last."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"--limit must be a whole number >= 0 (0: all), got {limit!r}")
+        conds = [parse_condition(w) for w in where or []]
+        rows = self.runs(kind=kind, status=status, model=model, dataset=dataset)
+        if since:
+            cutoff = parse_since(since)
+            rows = [r for r in rows if (r.get("started_at") or "") >= cutoff]
+        if tag:
+            rows = [r for r in rows if tag in (r.get("tags") or [])]
+        names = {c[0] for c in conds} | ({sort.lstrip("-")} if sort else set())
+        values = {r["id"]: {n: self.run_value(r, n) for n in names} for r in rows} if names else {}
+        rows = [r for r in rows if all(_compare(values[r["id"]][n], op, v) for n, op, v in conds)]
+        if sort:
+            key, desc = sort.lstrip("-"), sort.startswith("-")
+            have = [r for r in rows if values[r["id"]][key] is not None]
+            none = [r for r in rows if values[r["id"]][key] is None]
+            have.sort(key=lambda r: _sort_key(values[r["id"]][key]), reverse=desc)
+            rows = have + none
+        return rows[:limit] if limit else rows
+
+    def run_value(self, run: dict, name: str) -> Any:
+        """The value of NAME for a run: a column, config.KEY, a summary scalar, or its last metric value
+        (the minimum over eps for robust_acc)."""
+        if name in run and name not in ("config", "summary", "argv"):
+            return run[name]
+        if name.startswith("config."):
+            node: Any = run.get("config") or {}
+            for part in name.split(".")[1:]:
+                node = node.get(part) if isinstance(node, dict) else None
+            return node
+        summ = run.get("summary") if isinstance(run.get("summary"), dict) else {}
+        if isinstance(summ.get(name), (int, float, str)) and not isinstance(summ.get(name), bool):
+            return summ[name]
+        agg = "MIN(value)" if name == "robust_acc" else "value"
+        sql = f"SELECT {agg} AS v FROM metrics WHERE run_id = ? AND name = ?" + \
+            ("" if name == "robust_acc" else " ORDER BY step DESC, id DESC LIMIT 1")
+        got = list(self.db.query(sql, [run["id"], name]))
+        return got[0]["v"] if got else None
+
+    def tag_run(self, run_id: str, add: list[str] = (), remove: list[str] = ()) -> list[str]:
+        """Add and remove tags of a run (kept sorted, unique); returns the new tags."""
+        run = self.get_run(run_id)
+        tags = sorted((set(run.get("tags") or []) | {t for t in add if t}) - set(remove))
+        self.db["runs"].update(run["id"], {"tags": json.dumps(tags)})
+        return tags
+
+    def note_run(self, run_id: str, note: str | None) -> None:
+        """Set (or with None clear) a run's note."""
+        self.db["runs"].update(self.get_run(run_id)["id"], {"note": note or None})
+
+    def dependents(self, run_ids: list[str]) -> list[dict]:
+        """Every run outside `run_ids` that depends on one of them: it read one of their artifacts (lineage,
+        recursively) or evaluates a training run among them (model_run_id)."""
+        ids, out, frontier = set(run_ids), [], list(run_ids)
+        while frontier:
+            rid = frontier.pop(0)
+            kids = [d for d in self.derived_runs(rid)] + self.runs(model_run_id=rid)
+            for d in kids:
+                if d["id"] not in ids:
+                    ids.add(d["id"])
+                    out.append(d)
+                    frontier.append(d["id"])
+        return out
+
+    def remove_runs(self, run_ids: list[str], *, cascade: bool = False, dry_run: bool = False) -> dict:
+        """Delete runs with their metrics, checks, lineage edges and the artifacts no remaining run uses.
+
+        A run others depend on (see `dependents`) is refused with a UsageError unless `cascade`, which
+        removes the dependents too. A running run is refused. The database changes are one transaction; the
+        files are deleted after it commits (a crash in between leaves files that `gc` removes). Files
+        outside the store (checkpoints registered by path) are never deleted, only forgotten.
+        Returns {removed: [run ids], files_removed, bytes_freed, dry_run}."""
+        from epcli.errors import UsageError
+        runs = [self.get_run(r) for r in run_ids]
+        ids = list(dict.fromkeys(r["id"] for r in runs))
+        deps = self.dependents(ids)
+        if deps and not cascade:
+            shown = ", ".join(f"{d['id']} ({d['kind']})" for d in deps[:5]) + (" ..." if len(deps) > 5 else "")
+            raise UsageError(f"{len(deps)} run(s) depend on {', '.join(ids)}: {shown}; pass --cascade to remove "
+                             "them too")
+        ids += [d["id"] for d in deps]
+        running = [r for r in [self.get_run(i) for i in ids] if r["status"] == "running"]
+        if running:
+            raise UsageError(f"run {running[0]['id']} is still running; stop it first")
+        marks = ",".join("?" * len(ids))
+        files: list[Path] = []
+        freed = 0
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            arts = list(self.db.query(
+                f"SELECT DISTINCT a.* FROM artifacts a JOIN run_artifacts ra ON ra.sha256 = a.sha256 "
+                f"WHERE ra.run_id IN ({marks})", ids))
+            for a in arts:
+                others = list(self.db.query(
+                    f"SELECT run_id, role FROM run_artifacts WHERE sha256 = ? AND run_id NOT IN ({marks})",
+                    [a["sha256"], *ids]))
+                if others:  # still used: keep it, and give it a producer that still exists
+                    if a["run_id"] in ids:
+                        outs = [o["run_id"] for o in others if o["role"] == "output"]
+                        self.db.execute("UPDATE artifacts SET run_id = ? WHERE sha256 = ?",
+                                        [outs[0] if outs else None, a["sha256"]])
+                    continue
+                self.db.execute("DELETE FROM run_artifacts WHERE sha256 = ?", [a["sha256"]])
+                self.db.execute("DELETE FROM artifacts WHERE sha256 = ?", [a["sha256"]])
+                if not Path(a["path"]).is_absolute():
+                    files.append(self.root / a["path"])
+                    freed += int(a["size"] or 0)
+            # artifacts produced by a removed run that no run links any more
+            for a in list(self.db.query(f"SELECT * FROM artifacts WHERE run_id IN ({marks})", ids)):
+                self.db.execute("DELETE FROM artifacts WHERE sha256 = ?", [a["sha256"]])
+                if not Path(a["path"]).is_absolute():
+                    files.append(self.root / a["path"])
+                    freed += int(a["size"] or 0)
+            for table in ("run_artifacts", "metrics", "checks"):
+                self.db.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
+            self.db.execute(f"DELETE FROM runs WHERE id IN ({marks})", ids)
+            self.db.execute("ROLLBACK" if dry_run else "COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if not dry_run:
+            for f in files:
+                f.unlink(missing_ok=True)
+        return {"removed": ids, "files_removed": len(files), "bytes_freed": freed, "dry_run": dry_run}
+
+    def gc(self, *, dry_run: bool = False, grace_seconds: float | None = None) -> dict:
+        """Make every artifact row have its file and every file its row: delete artifact rows no run links
+        (and their files), rows whose file inside the store is gone (with their links), and files under
+        artifacts/ and tmp/ without a row. A file younger than `grace_seconds` may belong to a write in
+        progress and is kept (default: 10 minutes while any run is running, else 0).
+        Returns {artifacts_removed, files_removed, bytes_freed, dry_run}."""
+        if grace_seconds is None:
+            busy = list(self.db.query("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1"))
+            grace_seconds = 600.0 if busy else 0.0
+        cutoff = time.time() - grace_seconds
+        files: list[Path] = []
+        freed, rows_removed = 0, 0
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for a in list(self.db.query("SELECT * FROM artifacts")):
+                inside = not Path(a["path"]).is_absolute()
+                path = self.root / a["path"] if inside else Path(a["path"])
+                linked = list(self.db.query("SELECT 1 FROM run_artifacts WHERE sha256 = ? LIMIT 1", [a["sha256"]]))
+                missing = inside and not path.exists()
+                if linked and not missing:
+                    continue
+                self.db.execute("DELETE FROM run_artifacts WHERE sha256 = ?", [a["sha256"]])
+                self.db.execute("DELETE FROM artifacts WHERE sha256 = ?", [a["sha256"]])
+                rows_removed += 1
+                if inside and not missing:
+                    files.append(path)
+                    freed += path.stat().st_size
+            known = {str(self.root / r["path"]) for r in self.db.query("SELECT path FROM artifacts")}
+            for folder in (self.artifacts_dir, self.root / "tmp"):
+                for f in folder.rglob("*") if folder.exists() else []:
+                    if f.is_file() and str(f) not in known and f not in files and f.stat().st_mtime <= cutoff:
+                        files.append(f)
+                        freed += f.stat().st_size
+            self.db.execute("ROLLBACK" if dry_run else "COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if not dry_run:
+            for f in files:
+                f.unlink(missing_ok=True)
+            for d in sorted(self.artifacts_dir.glob("*"), reverse=True) if self.artifacts_dir.exists() else []:
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+        return {"artifacts_removed": rows_removed, "files_removed": len(files), "bytes_freed": freed,
+                "dry_run": dry_run}
+
+    def check_invariants(self) -> list[str]:
+        """Problems with the store's files: artifact rows without their file, files without a row, links to
+        missing artifacts. Empty when the store is consistent."""
+        problems = []
+        known = set()
+        for a in self.db.query("SELECT sha256, path FROM artifacts"):
+            p = Path(a["path"])
+            if not p.is_absolute():
+                known.add(str(self.root / p))
+                if not (self.root / p).is_file():
+                    problems.append(f"artifact {a['sha256'][:12]} has no file {a['path']}")
+        if self.artifacts_dir.exists():
+            for f in self.artifacts_dir.rglob("*"):
+                if f.is_file() and str(f) not in known:
+                    problems.append(f"file {f.relative_to(self.root)} has no artifact row")
+        for r in self.db.query("SELECT ra.run_id, ra.sha256 FROM run_artifacts ra LEFT JOIN artifacts a "
+                               "ON a.sha256 = ra.sha256 WHERE a.sha256 IS NULL"):
+            problems.append(f"run {r['run_id']} links a missing artifact {r['sha256'][:12]}")
+        return problems
+
 # --- helpers --------------------------------------------------------------------------------------------
 
 def _decode_run(row: dict) -> dict:
     row = dict(row)
-    for k in ("argv", "config", "summary"):
+    for k in ("argv", "config", "summary", "tags"):
         if row.get(k):
             try:
                 row[k] = json.loads(row[k])
             except (TypeError, ValueError):
                 pass
     return row
+
+
+_OPS = (">=", "<=", "!=", "=", ">", "<")
+
+
+def parse_condition(text: str) -> tuple[str, str, Any]:
+    """'test_acc>0.5' -> ('test_acc', '>', 0.5); the value is a number when it reads as one."""
+    from epcli.errors import UsageError
+    for op in _OPS:
+        if op in text:
+            name, raw = text.split(op, 1)
+            name, raw = name.strip(), raw.strip()
+            if name and raw:
+                try:
+                    return name, op, float(raw)
+                except ValueError:
+                    return name, op, raw
+    raise UsageError(f"cannot read the condition {text!r}: use NAME OP VALUE with OP one of "
+                     f"{' '.join(_OPS)}, e.g. test_acc>0.5 or config.recipe.epochs=20")
+
+
+def parse_since(text: str) -> str:
+    """An ISO date/time, or an age (30m, 12h, 7d, 2w) -> an ISO UTC timestamp to compare started_at with."""
+    from datetime import timedelta
+
+    from epcli.errors import UsageError
+    t = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if t[:-1].replace(".", "", 1).isdigit() and t[-1:] in units:
+        return (datetime.now(timezone.utc) - timedelta(seconds=float(t[:-1]) * units[t[-1]])).isoformat(
+            timespec="milliseconds")
+    try:
+        d = datetime.fromisoformat(t)
+    except ValueError:
+        raise UsageError(f"cannot read --since {text!r}: use a date like 2026-11-29, a time like "
+                         "2026-11-29T14:00, or an age like 30m, 12h, 7d") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=timezone.utc)
+    return d.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _compare(value: Any, op: str, want: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(want, float):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return False
+    else:
+        value = str(value)
+    return {">=": value >= want, "<=": value <= want, "!=": value != want, "=": value == want,
+            ">": value > want, "<": value < want}[op]
+
+
+def _sort_key(v: Any):
+    return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
 
 
 def _sha256_file(path: Path) -> str:

@@ -216,8 +216,8 @@ def test_saturate_follows_its_parameters(x):
     assert ch[1] > ch[0] > ch[2] and ch[2] < ch[3] < ch[4], ch
 
 
-def test_all_outputs_in_range_and_deterministic(x):
-    xs = x[:8]
+def test_all_outputs_in_range_and_deterministic(x, device):
+    xs = x[:8].to(device)
     for name in C.CORRUPTIONS:
         for sev in (1, 5):
             a = C.corrupt(xs, name, sev, gen(0))

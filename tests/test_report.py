@@ -324,6 +324,7 @@ def test_robustbench_files(built, tmp_path):
     assert ep["reported"] == ""                # the paper's full-scale number is not comparable to this run
     cnn = next(rec for rel, rec in files.items() if ids["cnn"] in rel)
     assert cnn["number_forward_passes"] == 1 and cnn["unreliable"] is False and cnn["clean_acc"] == "80.00"
+    assert ep["link"] == report.PAPER_LINK and "Mansingh" in ep["authors"]  # the paper's architecture, ep-cnn
     written = report.write_robustbench(data, tmp_path / "rb")
     assert sorted(str(p.relative_to(tmp_path / "rb")) for p in written) == sorted(files)
     for p in written:
@@ -335,7 +336,7 @@ def test_robustbench_nothing_qualifies(tmp_path):
     store = Store(tmp_path / "s")
     rid, ck = _train(store, "cnn", {}, [0.5])
     _attack(store, rid, ck, "cnn", "autoattack", "linf", {4 / 255: 0.2})  # not RobustBench's eps
-    with pytest.raises(NotFoundError, match="nothing to export for RobustBench.*no AutoAttack result at L∞ 8/255"):
+    with pytest.raises(NotFoundError, match="nothing to export for RobustBench.*cnn: no AutoAttack result at L∞ 8/255"):
         report.robustbench_json(report.collect(store))
     store.close()
 
@@ -414,8 +415,11 @@ def test_comparability_rule(tmp_path):
     small, ck2 = _train(store, "ep-cnn-small", {"label": "EP small", "recipe": "demo-ep"}, [0.45], dataset="cifar10")
     _attack(store, small, ck2, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.05}, grad_mode="truncated:70", n=10000,
             dataset="cifar10")
+    narrow, ck4 = _train(store, "ep-cnn", {"label": "EP narrow", "spec": {"name": "ep-cnn", "channels": [64, 128]}},
+                         [0.8], dataset="cifar10")
     data = report.collect(store)
     comp = {(c.run_id, c.what): c for c in data.comparisons}
+    assert "channels 64-128" in comp[(narrow, "clean")].not_compared
     ok = comp[(ep, "PGD L∞ 8/255")]
     assert ok.not_compared is None and ok.paper == 11.96 and ok.diff == pytest.approx(10.0 - 11.96)
     assert comp[(ep, "clean")].paper == 88.11 and comp[(ep, "clean")].diff == pytest.approx(87.0 - 88.11)
@@ -468,6 +472,10 @@ def test_cell_policy(tmp_path):
     rd = _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.8}, grad_mode="bptt", n=4)     # other images, weaker
     _adv_artifact(store, rd, [e], 2, index=(0, 1, 2, 4), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
                   robust={e: np.array([1, 1, 1, 0], dtype=bool)})
+    sq = np.array([1, 1, 1, 0], dtype=bool)
+    rs = _attack(store, m1, ck, "cnn", "square", "linf", {e: sq.mean()}, n=4)                # same images
+    _adv_artifact(store, rs, [e], 3, index=(3, 5, 7, 9), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
+                  robust={e: sq})
     _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=2)                          # a tiny run
     _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=1000, status="interrupted")  # never used
     _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=1000, status="failed")
@@ -481,6 +489,11 @@ def test_cell_policy(tmp_path):
     assert cell.value == pytest.approx(100 * np.logical_and(a, c).mean())  # 50.0, lower than either run
     assert {w.split()[0] for w in cell.worst_of} == {ra, rc}
     assert "n=4" in report.render(data, "md") and "CNN · seed 2" in report.render(data, "md")
+    # the worst case over attacks (PGD x2 and Square on the same four images), exact per image
+    worst = next(r for r in data.rows if r.run_id == m1).cells["worst:linf:8/255"]
+    assert worst.value == pytest.approx(100 * (a & c & sq).mean()) and worst.n_results == 3
+    assert "worst of PGD+Square" in report.render(data, "md")
+    assert "worst:linf:8/255" not in next(r for r in data.rows if r.run_id == m2).cells
     store.close()
 
 
@@ -516,7 +529,8 @@ def test_figures_and_html(built, tmp_path):
     data = report.collect(store)
     paths = report.figures(data, tmp_path / "fig")
     names = {p.name for p in paths}
-    for stem in ("robust-pgd-linf", "robust-pgd-l2", "robust-autoattack-linf", "corruptions", "steps", "unroll",
+    assert "robust-autoattack-linf.png" not in {p.name for p in paths}  # one eps only: no curve to draw
+    for stem in ("robust-pgd-linf", "robust-pgd-l2", "corruptions", "steps", "unroll",
                  "adversarial-examples"):
         assert f"{stem}.png" in names and f"{stem}.svg" in names, stem
     for p in paths:
@@ -547,6 +561,8 @@ def test_figures_skip_absent_data(tmp_path):
     rid, ck = _train(store, "cnn", {}, [0.5])
     assert report.figures(report.collect(store), tmp_path / "f0") == []  # no results at all: nothing to draw
     _attack(store, rid, ck, "cnn", "pgd", "linf", {8 / 255: 0.1})
+    assert report.figures(report.collect(store), tmp_path / "f1") == []  # a single eps is no curve
+    _attack(store, rid, ck, "cnn", "pgd", "linf", {4 / 255: 0.3})
     data = report.collect(store)
     assert {p.stem for p in report.figures(data, tmp_path / "f")} == {"robust-pgd-linf"}
     page = report.html_report(data, [])
@@ -667,3 +683,29 @@ def test_cli_report_json_and_robustbench(built, tmp_path):
     r = runner.invoke(app, ["--store", str(tmp_path / "e"), "report", "-f", "robustbench"])
     assert r.exit_code == NotFoundError.code
     assert "nothing to export for RobustBench" in r.output and "Traceback" not in r.output
+
+
+def test_equilibrium_and_selection_beside_the_model(tmp_path):
+    """EP-CNN rows carry the residual at prediction (issue 11's relax_residual rows) and the checkpoint
+    selection; runs without them show nothing."""
+    store = Store(tmp_path / "s")
+    ok, ck = _train(store, "ep-cnn-small", {"label": "EP ok", "select": "best-val"}, [0.5])
+    bad, ck2 = _train(store, "ep-cnn-small", {"label": "EP bad", "select": "best-test"}, [0.5], seed=1)
+    old, ck3 = _train(store, "ep-cnn-small", {"label": "EP old"}, [0.5], seed=2)
+    for rid, c, res in ((ok, ck, 2e-4), (bad, ck2, 0.05)):
+        a = _attack(store, rid, c, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.1})
+        store.log_metrics(a, [{"name": "relax_residual", "value": res, "detail": {"T": 20, "mean": res / 2,
+                                                                                  "tol": 1e-3}}])
+    _attack(store, old, ck3, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.1})
+    data = report.collect(store)
+    notes = {r.label: report.model_notes(r) for r in data.rows}
+    assert notes["EP ok"] == ["at equilibrium: residual 0.0002 at T=20", "checkpoint: best-val"]
+    assert notes["EP bad"][0] == "NOT converged: residual 0.05 at T=20 (tolerance 0.001)"
+    assert "chosen on the test set" in notes["EP bad"][1]
+    # the training pipeline's summary names the selected epoch; its test accuracy is the clean one shown
+    store.update_run(ok, summary={"test_acc": 0.42, "select": "best-val", "selected_epoch": 1})
+    row = next(r for r in report.collect(store).rows if r.run_id == ok)
+    assert row.clean_acc == pytest.approx(42.0) and report.model_notes(row)[1] == "checkpoint: best-val (epoch 1)"
+    assert notes["EP old"] == []
+    assert "NOT converged" in report.render(data, "md") and "at equilibrium" in report.html_report(data, [])
+    store.close()

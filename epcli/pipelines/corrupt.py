@@ -42,6 +42,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     if source:
         for c in names:  # fail before the run starts, not after the clean pass
             _check_source_file(source, c)
+    progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
     if T is not None and hasattr(net, "T"):
         net.T = int(T)
@@ -51,6 +52,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         ref_result = _corruption_result_of(store, reference)
     ds = None if source else dataset_for(store, info, dataset, data_dir)
     clean, clean_from = (_source_clean(store, info, source, dataset, data_dir) if source else (None, None))
+    progress("load", 1, 1, {"model": net.spec["name"], "dataset": ds.name if ds else f"official:{source}"})
     config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "corruptions": names,
               "severities": severities, "seed": seed, "n_examples": n, "source": source,
               "dataset": ds.name if ds else f"official:{source}", "reference": reference,
@@ -59,15 +61,13 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                    dataset=config["dataset"], model_run_id=train_run.get("id"),
                    device=describe_device(device)) as run_id:
         link_model_input(store, run_id, info)
-        cells_total = 1 + len(names) * len(severities)
-        seen: list = []
-
-        def cb(info: dict) -> None:  # one bar over every (corruption, severity) cell
-            what = f"{info['name']}/{info['severity']}" if info.get("name") else "clean"
-            if what not in seen:
-                seen.append(what)
-            done = (len(seen) - 1) * info["total"] + info["done"]
-            progress("corrupt", done, cells_total * info["total"], {"cell": what})
+        def cb(info: dict) -> None:  # one task per corruption, over its severities, counted in images
+            if not info.get("name"):
+                progress("clean", info["done"], info["total"], {})
+                return
+            k = severities.index(info["severity"]) if info["severity"] in severities else 0
+            progress(info["name"], k * info["total"] + info["done"], len(severities) * info["total"],
+                     {"severity": info["severity"]})
 
         if source:
             res = C.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
@@ -101,8 +101,10 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                              else None})
         if not source:
             rows += relax_residual_rows(net, x, device, facets)  # how far from equilibrium the predictions are
+        progress("save", 0, 1, {})
         store.log_metrics(run_id, rows)
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
+        progress("save", 1, 1, {"run_id": run_id, "mean_acc": headline["corruption_mean_acc"]})
         summary = {k: v for k, v in headline.items() if v is not None}
         store.update_run(run_id, summary=summary)
     out = {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),

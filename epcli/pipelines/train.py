@@ -52,7 +52,15 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         raise UsageError("train needs a store")
     # rank 0 loads first (it may download or decode into the store's cache); the others then read that cache
     cache_dir = dist.broadcast_object(str(store.cache_dir) if main else None)
+    if main and not resume and not model.startswith("timm:"):
+        from epcli.models import list_models
+        if model not in list_models():
+            create_model(model)  # an unknown name fails here, before any data is read
+    if main:
+        progress("load", 0, 1, {"dataset": dataset or "cifar10-mini"})
     ds = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir) if main else None
+    if main:
+        progress("load", 1, 1, {"dataset": ds.name, "train": len(ds.train_y), "test": len(ds.test_y)})
     dist.barrier()
     if not main:
         ds = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir)
@@ -95,7 +103,10 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         select = config.get("select", "last")
     else:
         torch.manual_seed(int(seed))  # the initial weights follow --seed too (rank 0's are broadcast)
-        net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
+        try:
+            net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
+        except (TypeError, ValueError) as e:  # a --model-set value the constructor cannot use
+            raise UsageError(f"model {model!r}: bad option value ({e})") from None
         model_name = model
         rec_name = recipe or training.default_recipe(model, ds.name)
         rec = training.resolve_recipe(rec_name, overrides or {})
@@ -149,13 +160,33 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
                     for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             store.log_metrics(run_id, rows)
             history.append({"epoch": epoch, **metrics})
-            progress("epoch", epoch, rec["epochs"], metrics)  # epochs are 1-based
+            # the epoch's last step (its test evaluation) ends with its metrics; then the next epoch starts
+            steps = per_epoch[0] + 1
+            shown = {k: v for k, v in metrics.items() if k not in ("epoch", "seconds")}
+            progress(f"epoch {epoch}/{n_epochs}", steps, steps, shown)
+            progress("training", epoch - first, n_epochs - first, {"test_acc": metrics.get("test_acc")})
+            if epoch < n_epochs:
+                progress(f"epoch {epoch + 1}/{n_epochs}", 0, steps, {})
+
+        # Progress: "training" counts epochs (fractions within one, so the ETA is the whole run's); each
+        # "epoch k/N" counts its batches plus one step for the test evaluation.
+        n_epochs, first = int(rec["epochs"]), int((state or {}).get("epoch", 0))
+        per_epoch = [_batches_per_epoch(rec, len(ds.train_y))]
 
         def on_batch(done: int, total: int, info: dict) -> None:
-            progress("batch", done, total, info)
+            per_epoch[0] = total
+            e = int(info.get("epoch", first + 1))
+            extra = {"status": "testing"} if done >= total else {}
+            progress(f"epoch {e}/{n_epochs}", done, total + 1, {"loss": info.get("loss"), **extra})
+            progress("training", e - 1 - first + done / (total + 1), n_epochs - first, {})
 
+        if first < n_epochs:
+            progress("training", 0, n_epochs - first, {})
+            progress(f"epoch {first + 1}/{n_epochs}", 0, per_epoch[0] + 1, {})
         training.fit(net, ds, rec, device=device, seed=seed, state=state, on_epoch=on_epoch, on_batch=on_batch,
                      select=select)
+        if not last_sha and resume_info:  # killed after its last epoch's checkpoint: that checkpoint is final
+            last_sha[:] = [_adopt_final(store, run_id, resume_info, history)]
         if not last_sha:
             raise EpcliError("training ran no epoch (epochs must be >= 1, or the checkpoint was already final)")
         final_sha = best["sha"] if score_key else last_sha[0]
@@ -175,11 +206,31 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         store.update_run(run_id, summary=summary)
     result = {"run_id": run_id, "model": model_name, "dataset": ds.name, "checkpoint": final_sha,
               "test_acc": summary["test_acc"], "epochs": rec["epochs"], "label": config["label"],
-              "select": select, "selected_epoch": final_epoch}
+              "select": select, "selected_epoch": final_epoch, "history": history}
     if distributed:
         result["world_size"] = dist.world_size()
         dist.broadcast_object(result)
     return result
+
+
+def _adopt_final(store: Store, run_id: str, resume_info: dict, history: list[dict]) -> str:
+    """Resuming a checkpoint that already holds every epoch: record it as this run's final output (with the
+    test accuracy its run logged) instead of failing with nothing to do."""
+    sha = resume_info["sha256"] or store.register_external(run_id, "checkpoint", resume_info["path"], "input",
+                                                            "checkpoint")
+    store.link(run_id, sha, "output", "final")
+    source = (resume_info["train_run"] or {}).get("id")
+    accs = store.metrics(source, name="test_acc") if source else []
+    epoch = resume_info["meta"].get("epoch")
+    history.append({"epoch": epoch, **({"test_acc": accs[-1]["value"]} if accs else {})})
+    return sha
+
+
+def _batches_per_epoch(rec: dict, n: int) -> int:
+    """The batch count fit() will report (used only to size the first progress bar before it starts)."""
+    import math
+    bs = max(1, int(rec.get("batch_size") or 1))
+    return n // bs if rec.get("drop_last") and n >= bs else math.ceil(n / bs)
 
 
 def _numeric_overrides(overrides: dict, model_options: dict) -> dict:
