@@ -238,15 +238,12 @@ def test_train_pipeline_selects_the_best_epoch_and_resumes_from_the_newest(tmp_p
     from epcli.store import Store
     folder = str(write_imagefolder(tmp_path / "data", mini, 4, 3))
     store = Store(tmp_path / "store")
-    seen = {}
-
-    def progress(task, done, total, info):
-        if task == "epoch":
-            seen[done] = dict(info)
-
     over = {"epochs": 4, "batch_size": 8, "optimizer": {"lrs": [0.4, 0.2, 0.1]}, "ep": {"T1": 6, "T2": 3}}
     res = api.train(model="ep-cnn-tiny", dataset=folder, store=store, device="cpu", overrides=over,
-                    select="best-val", progress=progress)
+                    select="best-val")
+    seen: dict = {}
+    for r in store.db["metrics"].rows_where("run_id = ?", [res["run_id"]]):
+        seen.setdefault(r["step"], {})[r["name"]] = r["value"]
     assert set(seen) == {1, 2, 3, 4} and all("val_acc" in m and "residual_free" in m for m in seen.values())
     best = max(seen, key=lambda e: (seen[e]["val_acc"], -e))  # the first epoch with the best val_acc
     run = store.get_run(res["run_id"])
