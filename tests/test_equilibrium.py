@@ -211,11 +211,12 @@ def test_fit_best_val_holds_out_and_records_residuals(cifar):
     vx, vy, _ = subset(cifar.test_x, cifar.test_y, 20, seed=0)
     ds = Dataset("small", cifar.classes, tx, ty, vx, vy)
     m = EPCNN.preset("ep-cnn-tiny")
-    seen = []
+    seen, warm = [], []
     orig = m.ep_train_step
 
     def spy(x, y, *a, **k):
         seen.append(len(y))
+        warm.append(sum(float(t.abs().sum()) for t in k["states"]))
         return orig(x, y, *a, **k)
 
     m.ep_train_step = spy
@@ -223,12 +224,19 @@ def test_fit_best_val_holds_out_and_records_residuals(cifar):
                                      "ep": {"T1": 4, "T2": 2, "warm_start": True}})
     hist = fit(m, ds, rec, select="best-val")
     assert sum(seen) == 2 * 36  # 4 of the 40 images held out, every epoch
+    assert all(w == 0 for w in warm[:3]) and all(w > 0 for w in warm[3:])  # epoch 2 starts from the bank
     for h in hist:
         assert 0.0 <= h["val_acc"] <= 1.0 and h["val_acc"] * 4 == round(h["val_acc"] * 4)
         assert h["residual_free"] > 0 and h["residual_nudged"] > 0
         assert h["residual_free_mean"] <= h["residual_free"] and h["mean_steps"] == 4
     with pytest.raises(UsageError):
         fit(m, ds, rec, select="best-train")
+    # a tolerance stop in the free phase: T1 becomes a cap
+    m2 = EPCNN.preset("ep-cnn-tiny")
+    rec2 = resolve_recipe("demo-ep", {"epochs": 1, "batch_size": 20, "optimizer": {"lrs": None},
+                                      "ep": {"T1": 300, "T2": 3, "tol": 1e-2}})
+    h = fit(m2, ds, rec2)[0]
+    assert h["residual_free"] < 1e-2 and h["mean_steps"] < 300
 
 
 def test_train_pipeline_selects_the_best_epoch_and_resumes_from_the_newest(tmp_path, mini):
