@@ -1001,9 +1001,9 @@ def _md(data: ReportData, columns: str = "headline") -> str:
             if cell is not None and cell.unreliable:
                 flags.append(f"- ⚠ {name}, {c.label}: {cell.reason}")
         line += [_corr_text(row.corruption), _fmt(row.corruption.get("mce"))]
-        out.append("| " + " | ".join(x.replace("|", "\\|") for x in line) + " |")
+        out.append("| " + " | ".join(_md_safe(x).replace("|", "\\|") for x in line) + " |")
     if flags:
-        out += ["", "Unreliable results:", ""] + flags
+        out += ["", "Unreliable results:", ""] + [_md_safe(f) for f in flags]
     if data.comparisons:
         out += ["", "## The paper beside the results", "", _PAPER_NOTE]
         shown = [c for c in data.comparisons if c.not_compared is None]
@@ -1011,12 +1011,19 @@ def _md(data: ReportData, columns: str = "headline") -> str:
             out += ["", "| model | metric | epcli | paper | diff | protocol differences |", "|---|---|---:|---:|---:|---|"]
             for c in shown:
                 p = f"{c.paper:.2f}" + (f" ± {c.paper_std:.2f}" if c.paper_std is not None else "")
-                out.append(f"| {c.label} | {c.what} | {c.epcli:.2f} | {p} | {c.diff:+.2f} | "
+                out.append(f"| {_md_safe(c.label)} | {c.what} | {c.epcli:.2f} | {p} | {c.diff:+.2f} | "
                            f"{'; '.join(c.reasons) or '—'} |")
         out += [""] + [f"- {line}" for line in _not_compared_lines(data)]
     if data.notes:
-        out += ["", "Notes:", ""] + [f"- {n}" for n in data.notes]
+        out += ["", "Notes:", ""] + [f"- {_md_safe(n)}" for n in data.notes]
     return "\n".join(out) + "\n"
+
+
+def _md_safe(text: str) -> str:
+    """Store text (labels, model and dataset names, reasons) as inert Markdown: no raw HTML (<script>,
+    <img onerror>) and no link or image syntax (javascript: URLs) reaches a renderer."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("[", "\\[").replace("]", "\\]")
 
 
 _PAPER_NOTE = ("A paper number (Mansingh et al. 2024, from the authors' logs, mean ± std over seeds) stands beside "
