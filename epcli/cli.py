@@ -551,7 +551,8 @@ def demo(
     from epcli import api
     STATE.quiet = STATE.quiet or quiet
     with _store(store) as st, _progress() as progress:
-        res = api.demo(store=st, device=device, progress=progress, note=_note)
+        say = getattr(progress, "note", None) or _note  # notes go through the live display while it runs
+        res = api.demo(store=st, device=device, progress=progress, note=say)
     from epcli import report as R
     if not STATE.quiet:
         err.print(R.leaderboard_table(res["data"]))
@@ -615,14 +616,15 @@ def list_runs(
     if width - fixed < 20 and widths[3] > 10:  # the model column gives way before the result
         fixed -= widths[3] - 10
         widths[3] = 10
-    t = Table(title=f"runs in {STATE.store_path or 'store'} ({len(rows)})", title_justify="left", box=None,
+    t = Table(title=_escape(f"runs in {STATE.store_path or 'store'} ({len(rows)})"), title_justify="left", box=None,
               pad_edge=False, header_style="bold")
     for i, h in enumerate(heads):
         last = i == len(heads) - 1
-        t.add_column(h, no_wrap=True, overflow="ellipsis", justify="right" if sort and i == 5 else "left",
+        t.add_column(_escape(h), no_wrap=True, overflow="ellipsis", justify="right" if sort and i == 5 else "left",
                      width=max(8, width - fixed) if last else widths[i])
     colors = {"finished": "green", "failed": "red", "interrupted": "yellow"}
     for d in data:
+        d = [_escape(str(x)) for x in d]  # models, datasets, errors and tags are user text, never markup
         d[2] = f"[{colors.get(d[2], 'cyan')}]{d[2]}[/]"
         t.add_row(*d)
     Console().print(t)
@@ -693,15 +695,6 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
         if v not in (None, ""):
             info.add_row(k, escape(str(v)))
     c.print(info)
-    if run.get("config"):
-        c.print("[bold]config[/]")
-        cfg = Table.grid(padding=(0, 2))
-        cfg.add_column(no_wrap=True, style="dim")
-        cfg.add_column(overflow="fold")
-        from epcli.report import _flatten
-        for k, v in _flatten(schema.clean_value(run["config"])).items():
-            cfg.add_row("  " + k, escape(json.dumps(v) if not isinstance(v, str) else v))
-        c.print(cfg)
     if doc["metrics"]:
         c.print("[bold]metrics[/]")
         m = Table.grid(padding=(0, 2))
@@ -725,6 +718,15 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
     for ch in doc["checks"]:
         c.print(f"check {ch['check']}: {'[green]passed' if ch['passed'] else '[red]FAILED'}[/] "
                 f"{escape(ch['detail'])}")
+    if run.get("config"):
+        c.print("[bold]config[/]")
+        cfg = Table.grid(padding=(0, 2))
+        cfg.add_column(no_wrap=True, style="dim")
+        cfg.add_column(overflow="fold")
+        from epcli.report import _flatten
+        for k, v in _flatten(schema.clean_value(run["config"])).items():
+            cfg.add_row("  " + k, escape(json.dumps(v) if not isinstance(v, str) else v))
+        c.print(cfg)
     if doc["artifacts"]:
         c.print("[bold]artifacts[/]")
         for a in doc["artifacts"]:

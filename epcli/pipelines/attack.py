@@ -63,12 +63,13 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
            grad_mode: str = "bptt", batch_size: int | None = None, labels: str = "true",
            params: dict | None = None, T: int | None = None, device: str | None = None, store: Store,
            argv: list[str] | None = None, checks: bool = True, strength: bool = True,
-           unroll_sweep: list[int] | None = None, chunk: int = 1000, progress: Progress = no_progress,
+           unroll_sweep: list[int] | None = None, chunk: int | None = None, progress: Progress = no_progress,
            targeted: bool = False, protocol: str = "epcli", select: str | None = None) -> dict:
     """Attack a stored model on the test split for every eps; record accuracy, outcomes and examples.
 
-    The set is attacked in chunks of `chunk` examples whose outcomes are kept under store/partial/ until the
-    run finishes, so re-running an interrupted attack with the same arguments resumes where it stopped.
+    The set is attacked in chunks of `chunk` examples (default: `attack_chunk(n, batch_size)`) whose outcomes
+    are kept under store/partial/<config>-<run id>/ until the run finishes, so re-running an interrupted attack
+    with the same arguments takes over its folder and resumes where it stopped.
     Reliability checks (monotone in eps, large eps, PGD strength, white-box vs stored black-box results on
     the same points, and the unroll-length sweep when asked) are stored with the result.
     select: "random" (a seeded subset of n, the default) or "first" (the first n test images).
@@ -123,6 +124,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         x, y, idx = ds.test_x[:k], ds.test_y[:k], torch.arange(k)
     else:
         x, y, idx = subset(ds.test_x, ds.test_y, n, seed)
+    chunk = chunk or attack_chunk(len(y), batch_size or 256)
     progress("load", 1, 1, {"model": net.spec["name"], "dataset": ds.name, "images": len(y)})
     train_run = info["train_run"] or {}
     T_main = getattr(net, "T", None)
@@ -138,14 +140,15 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
               "unroll_sweep": sweep, "chunk": chunk, "checkpoint": info["sha256"] or str(info["path"]),
               "targeted": bool(targeted), "protocol": protocol, "select": select,
               **({"unroll_sweep_T": raised} if raised else {})}
-    partial = store.root / "partial" / f"attack-{config_hash(config)[:20]}"
-    if partial.exists() and any(partial.rglob("*.safetensors")):
-        notes.append(f"resuming an interrupted attack with the same arguments ({partial.name})")
-    for note in notes:
-        warnings.warn(note)
+    prefix = f"attack-{config_hash(config)[:20]}"
     modes = [grad_mode] + [f"truncated:{k}" for k in sweep if f"truncated:{k}" != grad_mode]
     with store.run("attack", config, argv=argv, seed=seed, model=net.spec["name"], dataset=ds.name,
                    model_run_id=train_run.get("id"), device=describe_device(device)) as run_id:
+        partial = _partial_folder(store, prefix, run_id)
+        if any(partial.rglob("*.safetensors")):
+            notes.append(f"resuming an interrupted attack with the same arguments ({partial.name})")
+        for note in notes:
+            warnings.warn(note)
         link_model_input(store, run_id, info)
         if surrogate_info:
             link_model_input(store, run_id, surrogate_info)
@@ -219,6 +222,8 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
                    **({"target_hit": target_hit} if target_hit else {})}
         store.update_run(run_id, summary=summary)
         shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            partial.parent.rmdir()  # only when no other attack is in progress
     return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
             "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
             "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
@@ -252,6 +257,36 @@ def _implicit_check(stats: dict, T) -> dict:
                       f"residual then up to {stats['max_residual']:.3g} (tolerance {stats['tol']:g}); "
                       f"{stats['unconverged']} of {stats['calls']} gradient calls not at a fixed point" +
                       ("" if ok else ": the adjoint there is not the gradient of the prediction")}
+
+
+def attack_chunk(n: int, batch_size: int) -> int:
+    """Images per resumable chunk: about an eighth of the set (a killed attack keeps most of its work), at
+    most 1,000, a whole number of batches when a chunk holds more than one. It depends only on n and the batch
+    size, never on the number of processes, so a sharded attack computes exactly the same chunks."""
+    per = min(1000, math.ceil(max(n, 1) / 8))
+    return per if per < batch_size else batch_size * (per // batch_size)
+
+
+def _partial_folder(store: Store, prefix: str, run_id: str) -> Path:
+    """This run's own partial folder. An interrupted or failed run with the same config left its chunks in
+    `<prefix>-<its run id>`: take that folder over (a rename, so two identical attacks never share one)."""
+    root = store.root / "partial"
+    mine = root / f"{prefix}-{run_id}"
+    for old in sorted(root.glob(f"{prefix}-*"), reverse=True):
+        other = old.name[len(prefix) + 1:]
+        try:
+            status = store.get_run(other)["status"] if other else None
+        except NotFoundError:
+            status = None  # a folder whose run is gone (or the pre-run-id layout): nobody owns it
+        if status == "running":
+            continue  # an identical attack in progress right now: leave its folder alone
+        try:
+            old.rename(mine)
+            return mine
+        except OSError:
+            continue  # another process took it over first
+    mine.mkdir(parents=True, exist_ok=True)
+    return mine
 
 
 def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress: Progress, task: str, seed: int,
@@ -406,6 +441,8 @@ def _cross_run_checks(store: Store, run_id: str, model_run_id: str | None, attac
     mine = {"attack": attack, "norm": norm, "index": idx, "y": y, "robust": res["robust"], "run_id": run_id}
     stored = []
     for other in store.runs(kind="attack", status="finished", model_run_id=model_run_id):
+        if len(stored) >= MAX_CROSS_CHECKS:  # the newest few: check rows stay bounded however many runs exist
+            break
         cfg = other.get("config") or {}
         if other["id"] == run_id or cfg.get("norm") != norm or cfg.get("attack") not in (*WHITE_BOX, *BLACK_BOX):
             continue
@@ -448,6 +485,9 @@ def _aligned(r: dict, at: torch.Tensor) -> dict:
         full[have] = v.cpu().bool()[sel[have]]
         robust[e] = full
     return {"attack": r["attack"], "norm": r["norm"], "robust": robust}
+
+
+MAX_CROSS_CHECKS = 5
 
 
 def _common_indices(a: torch.Tensor, b: torch.Tensor):
