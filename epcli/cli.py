@@ -285,6 +285,9 @@ def attack(
                                          "white- vs black-box on stored runs).")] = True,
     strength_check: Annotated[bool, typer.Option(help="PGD: re-run 2x steps and restarts on a subset.")] = True,
     strict: Annotated[bool, typer.Option(help="Exit 7 when a reliability check fails.")] = False,
+    chunk: Annotated[Optional[int], typer.Option(
+        help="Images per resumable chunk (saved as it finishes; the unit each torchrun process attacks). "
+             "Part of the result: chunk k is seeded from --seed and k.")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -301,12 +304,17 @@ def attack(
     params = {k: v for k, v in {"steps": steps, "step_size": step_size, "restarts": restarts,
                                 "random_start": random_start, "n_queries": queries,
                                 "targeted": targeted or None}.items() if v is not None}
+    from epcli import distributed
+    if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
+        api.attack(model=model, device=device, store=None)
+        return
     with _store() as store, _progress() as progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = api.attack(model=model, attack=attack_name, norm=norm, eps=eps, dataset=dataset,
                          data_dir=data_dir, n=n, seed=seed, grad_mode=grad_mode, batch_size=batch_size,
                          labels=labels, params=params, T=T, device=device, store=store, argv=sys.argv,
                          checks=checks, strength=strength_check, progress=progress,
+                         **({"chunk": chunk} if chunk is not None else {}),
                          unroll_sweep=[int(k) for k in unroll_sweep.split(",") if k.strip()] if unroll_sweep
                          else None)
     for w in caught:
@@ -356,7 +364,11 @@ def corrupt(
     Examples: `epcli corrupt --model ep-cnn`, `epcli corrupt -m cnn -c fog -c contrast -s 5`,
     `epcli corrupt --export cifar10c/ --dataset cifar10`.
     """
-    from epcli import api
+    from epcli import api, distributed
+    if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
+        if not export:
+            api.corrupt(model=model, device=device, store=None)
+        return
     with _store() as store, _progress() as progress:
         if export:
             res = api.export_corruptions(directory=export, names=corruption, dataset=dataset,

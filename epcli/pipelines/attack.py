@@ -41,15 +41,21 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     the same points, and the unroll-length sweep when asked) are stored with the result.
     """
     from epcli import attacks
+    from epcli import distributed as dist
+    from epcli.pipelines import shard
     from epcli.store import config_hash
 
-    device = resolve_device(device)
+    device = dist.device_for(resolve_device(device))
+    if shard.worker(device):  # a torchrun rank > 0: attacks the chunks rank 0 hands out (docs/distributed.md)
+        return shard.serve(device)
     eps_list = sorted(set(parse_eps(eps)))
     notes = check_eps(norm, eps_list)
     if attack not in attacks.ATTACKS:
         raise UsageError(f"unknown attack {attack!r}: choose from {', '.join(sorted(attacks.ATTACKS))}")
     if labels not in ("true", "predicted"):
         raise UsageError("labels must be 'true' or 'predicted'")
+    if int(chunk) < 1:
+        raise UsageError(f"chunk must be at least 1 image, got {chunk}")
     params = attacks.resolve_params(attack, params or {})
     net, info = load_model(store, model, dataset, device)
     if T is not None:
@@ -129,35 +135,56 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         store.log_checks(run_id, flags)
         _save_attack_artifacts(store, run_id, res, x, y, idx, eps_list, ds)
         seconds = time.time() - t0
+        shards = {"shards": res["shards"]} if "shards" in res else {}  # torchrun: who attacked what
         summary = {"clean_acc": clean, "robust_acc": robust, "unreliable": bool(bad), "reason": reason,
-                   "seconds": seconds, **({"unroll_sweep": sweep_out} if sweep_out else {})}
+                   "seconds": seconds, **({"unroll_sweep": sweep_out} if sweep_out else {}), **shards}
         store.update_run(run_id, summary=summary)
         shutil.rmtree(partial, ignore_errors=True)
-    return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
-            "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
-            "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
-            "seconds": round(seconds, 2), "checks": flags, "notes": notes}
+    result = {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
+              "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
+              "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
+              "seconds": round(seconds, 2), "checks": flags, "notes": notes, **shards}
+    return shard.finish(result)
 
 
 def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, seed: int, **kw) -> dict:
     """attacks.evaluate over consecutive chunks, each chunk's outcome saved so an interrupted run resumes."""
     from safetensors.torch import load_file, save_file
 
-    from epcli import attacks
+    from epcli.pipelines import shard
+    if shard.sharded():  # under torchrun: the ranks share the chunks, rank 0 keeps the chunk files
+        return shard.attack_in_chunks(net, x, y, chunk=chunk, partial=partial, progress=progress, seed=seed, **kw)
     partial.mkdir(parents=True, exist_ok=True)
     parts, total = [], len(y)
-    for k, start in enumerate(range(0, max(total, 1), chunk)):
-        f = partial / f"chunk-{k:05d}.safetensors"
+    for k, (start, stop) in enumerate(_chunks(total, chunk)):
+        f = _chunk_file(partial, k)
         if f.exists():
             parts.append(_load_chunk(f, load_file))
         else:
-            r = attacks.evaluate(net, x[start:start + chunk], y[start:start + chunk], seed=seed + 7919 * k,
-                                 keep_adv=16 if k == 0 else 0,
-                                 on_batch=lambda d, t, i, s=start: progress(s + d, total, i), **kw)
+            r = _attack_chunk(net, x, y, k, (start, stop), seed=seed,
+                              on_batch=lambda d, t, i, s=start: progress(s + d, total, i), **kw)
             _save_chunk(f, r, save_file)
             parts.append(r)
-        progress(min(start + chunk, total), total, {})
+        progress(stop, total, {})
     return _merge_chunks(parts)
+
+
+def _chunks(total: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) of every chunk: set by n and the chunk size alone, never by the number of processes."""
+    return [(start, min(start + chunk, total)) for start in range(0, max(total, 1), chunk)]
+
+
+def _chunk_file(partial: Path, k: int) -> Path:
+    return partial / f"chunk-{k:05d}.safetensors"
+
+
+def _attack_chunk(net, x, y, k: int, bounds: tuple[int, int], *, seed: int, on_batch=None, **kw) -> dict:
+    """Chunk k's outcome: it depends only on the chunk's images, the batch size and the run seed, so any process
+    may compute it (epcli.pipelines.shard hands whole chunks to torchrun ranks)."""
+    from epcli import attacks
+    start, stop = bounds
+    return attacks.evaluate(net, x[start:stop], y[start:stop], seed=seed + 7919 * k,
+                            keep_adv=16 if k == 0 else 0, on_batch=on_batch, **kw)
 
 
 _CHUNK_TENSORS = ("clean_correct", "clean_pred", "y")

@@ -24,8 +24,12 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
             progress: Progress = no_progress) -> dict:
     """Evaluate a stored model on corruptions x severities (generated, or the official .npy files)."""
     from epcli import corruptions as C
+    from epcli import distributed as dist
+    from epcli.pipelines import shard
 
-    device = resolve_device(device)
+    device = dist.device_for(resolve_device(device))
+    if shard.worker(device):  # a torchrun rank > 0: evaluates the share rank 0 hands out (docs/distributed.md)
+        return shard.serve(device)
     names = list(names or C.CORRUPTIONS)
     severities = list(severities or [1, 2, 3, 4, 5])
     unknown = [c for c in names if c not in C.CORRUPTIONS]
@@ -62,13 +66,13 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
 
         if source:
             clean = None if ds is None else subset(ds.test_x, ds.test_y, n, seed)[:2]
-            res = C.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
-                                      device=device, on_batch=cb, clean=clean)
+            res = shard.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
+                                          device=device, on_batch=cb, clean=clean)
             x_grid = None
         else:
             x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
-            res = C.evaluate(net, x, y, names=names, severities=severities, seed=seed, batch_size=batch_size,
-                             device=device, on_batch=cb)
+            res = shard.evaluate_corruptions(net, x, y, names=names, severities=severities, seed=seed,
+                                             batch_size=batch_size, device=device, on_batch=cb)
             x_grid = x[:4]
         summ = C.summarize(res, reference=ref_result, reference_label=reference or "reference")
         pct = lambda v: None if v is None else v / 100.0  # noqa: E731  (the store keeps fractions)
@@ -95,9 +99,10 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
         summary = {k: v for k, v in headline.items() if v is not None}
         store.update_run(run_id, summary=summary)
-    return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
-            "n_examples": n_ex, "clean_acc": headline["clean_acc"], **summary,
-            "cells": {f"{c}/{sv}": v for (c, sv), v in cells.items()}}
+    return shard.finish({"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
+                         "n_examples": n_ex, "clean_acc": headline["clean_acc"], **summary,
+                         "cells": {f"{c}/{sv}": v for (c, sv), v in cells.items()},
+                         **({"shards": res["shards"]} if "shards" in res else {})})
 
 
 def _corruption_result_of(store: Store, ref: str) -> dict:
