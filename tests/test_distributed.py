@@ -236,6 +236,7 @@ if distributed.is_main():
 """
 
 
+@pytest.mark.slow
 def test_torchrun_attacks_and_corruptions_equal_one_process(tmp_path, eval_store):
     """PGD, APGD-CE, Square and a corruption sweep (generated and from .npy files) on 2 gloo processes: every
     per-example outcome equals one process's, and both ranks did part of the work."""
@@ -276,6 +277,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_torchrun_cli_attack_equals_one_process(tmp_path, eval_store, one_thread):
     """The issue's command: `torchrun --nproc_per_node 2 -m epcli attack -m ep-cnn-small --n 64 --device cpu`
     gives the per-example results of the same command in one process. Chunks of 16 so that both ranks attack
@@ -320,6 +322,7 @@ sys.stdout.write(json.dumps({"rank": distributed.rank(), "calls": calls, "result
 """
 
 
+@pytest.mark.slow
 def test_interrupted_sharded_attack_resumes_to_the_same_result(tmp_path, eval_store, one_thread):
     """Rank 0 stops in the second round: the first round's chunks (one per rank) are on disk in rank 0's
     partial folder; the re-run attacks only the other two chunks and ends with the 1-process result."""
