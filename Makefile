@@ -4,6 +4,7 @@ PY ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/pip
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+SHARED ?= ../shared
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean device-data device-smoke
 setup: $(VENV)/.installed
 
 demo: setup
@@ -20,6 +21,16 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# The device check (docs/benchmarks.md). device-data fills the git-ignored .data/ with what a bare GPU machine
+# lacks (the wheels, the CIFAR-10 archive): carry it there. device-smoke runs every step on the CPU (CI).
+device-data:
+	mkdir -p .data/wheels
+	cp $(SHARED)/wheels/*.whl .data/wheels/
+	cp $(SHARED)/datasets/cifar10-jpeg.tar.xz .data/
+
+device-smoke: setup
+	$(VENV)/bin/python bench/device_check.py build/device-smoke --smoke
 
 clean:
 	rm -rf $(VENV) build *.egg-info

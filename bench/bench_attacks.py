@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 import time
 
@@ -58,9 +59,11 @@ def main(argv=None):
     p.add_argument("--grad-mode", default="bptt")
     p.add_argument("--only", nargs="*", choices=["pgd", "square", "autoattack"])
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--n", type=int, default=None, help="images per benchmark (default: 10k PGD/AA, 1k Square)")
+    p.add_argument("--square-queries", type=int, default=None, help="Square's query budget (default 5000)")
     args = p.parse_args(argv)
 
-    d = load_dataset(args.dataset, data_dir=args.data_dir)
+    d = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=os.environ.get("EPCLI_CACHE"))
     x, y = d.test_x, d.test_y
     model = _load_model(args, d.num_classes)
     device = torch.device(args.device)
@@ -81,6 +84,11 @@ def main(argv=None):
         plan = [("pgd", plan[0][1], 64),
                 ("square", dict(plan[1][1], params={"n_queries": 50}), 16),
                 ("autoattack", dict(plan[2][1], params={"steps": 5, "n_target_classes": 2, "n_queries": 20}), 16)]
+    if args.square_queries:
+        plan = [(nm, dict(kw, params={**kw["params"], "n_queries": args.square_queries}) if nm == "square" else kw,
+                 n) for nm, kw, n in plan]
+    if args.n:
+        plan = [(nm, kw, min(args.n, len(y))) for nm, kw, _ in plan]
     model = model.to(device).eval()
     for name, kw, n in plan:
         if args.only and name not in args.only:

@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: embedded set, 256 images, one epoch")
+    p.add_argument("--smoke-images", type=int, nargs=2, default=[256, 200], metavar=("TRAIN", "TEST"),
+                   help="--smoke: how many train and test images")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -64,8 +66,8 @@ def main(argv=None) -> int:
     t_load = time.perf_counter()
     ds = load_dataset(data_arg, cache_dir=args.cache_dir)
     if args.smoke:
-        tx, ty, _ = subset(ds.train_x, ds.train_y, 256, seed=0)
-        vx, vy, _ = subset(ds.test_x, ds.test_y, 200, seed=0)
+        tx, ty, _ = subset(ds.train_x, ds.train_y, args.smoke_images[0], seed=0)
+        vx, vy, _ = subset(ds.test_x, ds.test_y, args.smoke_images[1], seed=0)
         ds = Dataset(ds.name + "-smoke", ds.classes, tx, ty, vx, vy, source=ds.source, sha256=ds.sha256)
     print(f"data {ds.name}: {len(ds.train_y)} train / {len(ds.test_y)} test, loaded in "
           f"{time.perf_counter() - t_load:.1f}s", file=sys.stderr)

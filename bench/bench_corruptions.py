@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import sys
@@ -49,7 +50,7 @@ def main() -> None:
 
     names = [s for s in args.names.split(",") if s]
     sevs = [int(s) for s in args.severities.split(",")]
-    d = load_dataset(args.data)
+    d = load_dataset(args.data, cache_dir=os.environ.get("EPCLI_CACHE"))  # decoded once per machine
     x, y = d.test_x, d.test_y
     if args.n:
         x, y = x[:args.n], y[:args.n]

@@ -118,6 +118,14 @@ class RefStyleEP(nn.Module):
         return self.logits(s).detach()
 
 
+def peak_mib(dev) -> float:
+    """Peak memory so far: CUDA memory allocated (since the last reset) on CUDA, the process's max RSS on CPU."""
+    if dev.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 def max_diff(a, b):
     return max(float((u.detach().double() - v.detach().double()).abs().max()) for u, v in zip(a, b))
 
@@ -262,11 +270,15 @@ def main(argv=None):
             raise SystemExit("--reference times the symmetric rule (the reference's --thirdphase)")
         impls.append(("reference-style", ref_train, lambda: ref.predict(x, T1)))
     res = {(n, w): [] for n, _, _ in impls for w in ("train", "infer")}
+    peak = {}  # MiB: CUDA memory allocated at the peak of each implementation's timings (CPU: process max RSS)
     for _ in range(a.repeat):  # interleaved, so that a load change on a shared box hits both
         for n, train, infer in impls:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
             res[n, "train"].append(time_it(train, iters))
             with torch.no_grad() if n == "epcli" else torch.enable_grad():
                 res[n, "infer"].append(time_it(infer, n_inf))
+            peak[n] = max(peak.get(n, 0.0), peak_mib(dev))
     batches = math.ceil(epoch_images / B)
     med = {k: statistics.median(v) for k, v in res.items()}
     for n, _, _ in impls:
@@ -274,6 +286,7 @@ def main(argv=None):
         emit(impl=n, what="train", value=round(med[n, "train"] * batches, 2), unit="s/epoch",
              values=[round(v * batches, 2) for v in res[n, "train"]], s_per_batch=round(med[n, "train"], 4),
              T1=T1, T2=T2, beta=a.beta, rule=a.rule, epoch_images=epoch_images, iters=iters, **extra,
+             peak_mib=peak[n], peak_memory="cuda max allocated" if dev.type == "cuda" else "process max RSS",
              note="training only (no test pass, no data loading)")
         emit(impl=n, what="inference", value=round(B / med[n, "infer"], 1), unit="images/s",
              values=[round(B / v, 1) for v in res[n, "infer"]], T=T1, converged=False, **extra)

@@ -113,7 +113,7 @@ def main(argv=None):
                 "n_images": res.get("n_examples"), "seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
                 "images_per_s": round(res.get("n_examples", args.n) / seconds, 2) if seconds else None,
                 "speedup_vs_first": round(base_seconds / seconds, 3) if seconds else None,
-                "shards": res.get("shards"), "identical_to_first": digest == base_digest,
+                "shards": (run.get("summary") or {}).get("shards"), "identical_to_first": digest == base_digest,
                 "run_id": res["run_id"], "cpu_count": os.cpu_count(),
                 "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

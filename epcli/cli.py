@@ -8,6 +8,7 @@ so `RUN=$(epcli train --model cnn --json | jq -r .run_id)` works. Expected failu
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -18,12 +19,10 @@ import click
 import typer
 from typer.core import TyperGroup
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
 from rich.table import Table
 
 from epcli import __version__
-from epcli.errors import EpcliError
+from epcli.errors import EpcliError, NotFoundError, UsageError
 
 def _typer_click_exceptions() -> list[type]:
     try:  # Typer >= 0.24 vendors Click under typer._click
@@ -38,8 +37,47 @@ _PASS_THROUGH = tuple({typer.Exit, typer.Abort, click.exceptions.Exit, click.Cli
                        click.exceptions.Abort, *_typer_click_exceptions()})
 
 
+def _flag_metavars(params: list) -> list:
+    """In --help a flag takes no value, so it gets no "<bool>" type."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+def _plain_flags(cmd) -> None:
+    get_params = cmd.get_params
+    cmd.get_params = lambda ctx: _flag_metavars(get_params(ctx))
+def print_error(message: str, *, hint: str = "") -> None:
+    """The one error printer: `error: <message>` on stderr, user text escaped so it is never read as markup."""
+    from rich.markup import escape
+    line = " ".join(str(message).split())  # one line, whatever the message carried
+    err.print(f"[red]error:[/] {escape(line)}{hint}", highlight=False, soft_wrap=True, markup=True)
+
+
+def _failure_code(e: BaseException) -> int | None:
+    """Exit code for failures that are not EpcliErrors but have a documented code (disk full, database)."""
+    import errno
+    import sqlite3
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return 5
+    if isinstance(e, sqlite3.Error):
+        return 5
+    if "No space left on device" in str(e) or "disk is full" in str(e):
+        return 5  # safetensors and sqlite report a full disk as their own exception types
+    return None
+
+
 class EpcliGroup(TyperGroup):
     """Maps expected failures to one line on stderr and a documented exit code (CliRunner sees it too)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for cmd in self.commands.values():
+            _plain_flags(cmd)
+
+    def get_params(self, ctx):
+        return _flag_metavars(super().get_params(ctx))
 
     def invoke(self, ctx):
         try:
@@ -47,7 +85,7 @@ class EpcliGroup(TyperGroup):
         except EpcliError as e:
             if STATE.debug:
                 raise
-            err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            print_error(str(e))
             raise typer.Exit(e.code)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/] (the run is marked interrupted; everything stored so far is kept)")
@@ -57,8 +95,11 @@ class EpcliGroup(TyperGroup):
         except Exception as e:  # anything else is a bug: still one line unless --debug
             if STATE.debug or os.environ.get("EPCLI_DEBUG"):
                 raise
-            err.print(f"[red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                      highlight=False, soft_wrap=True)
+            code = _failure_code(e)
+            if code is not None:
+                print_error(f"{e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}")
+                raise typer.Exit(code)
+            print_error(f"{type(e).__name__}: {e}", hint=" (rerun with --debug for the traceback)")
             raise typer.Exit(1)
 
 
@@ -89,6 +130,8 @@ DataOpt = Annotated[Optional[str], typer.Option(
                             "folder/.tar/.tar.xz. Attack/corrupt default: the model's training dataset.")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", envvar="EPCLI_DATA_DIR",
                                                    help="Where cifar10/cifar100 live (torchvision layout).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr (same as the "
+                                                                  "global -q).")]
 ModelRefOpt = Annotated[str, typer.Option(
     "--model", "-m", help="A model name (the newest finished training run of it), a run id, or a "
                           "checkpoint .safetensors path.")]
@@ -113,14 +156,25 @@ def main_callback(
     STATE.quiet = quiet
 
 
-def _store(path: Optional[str] = None):
+def _store(path: Optional[str] = None, write: bool = True):
+    """The store. Commands that only read never create one (a typo in --store is an error, not a new empty
+    store), and open a store they cannot write read-only."""
     from epcli.store import Store
-    return Store(path or STATE.store_path)
+    store = Store(path or STATE.store_path, create=write)
+    if store.created:
+        _note(f"[dim]created a new store at {_escape(str(store.root))}[/]")
+    return store
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+    return escape(text)
 
 
 def _emit(result, as_json: bool) -> None:
+    """Print one JSON document on stdout (already shaped by epcli.schema: the documented contract)."""
     if as_json:
-        typer.echo(json.dumps(result, default=_jsonable, indent=2))
+        typer.echo(json.dumps(result, default=_jsonable, indent=2, ensure_ascii=False))
 
 
 def _jsonable(o):
@@ -137,28 +191,14 @@ def _jsonable(o):
 
 @contextmanager
 def _progress(enabled: bool = True):
-    """A rich progress bar on stderr; yields a callback(task, done, total, info)."""
+    """Named stages on stderr (epcli/progress.py): live bars on a terminal, one plain line per finished stage
+    otherwise; yields the callback(task, done, total, info) the pipelines call."""
     if STATE.quiet or not enabled:
         yield lambda *a: None
         return
-    bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=False)
-    tasks: dict[str, int] = {}
-
-    def update(task: str, done: int, total: int, info: dict) -> None:
-        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
-                         (info or {}).items() if isinstance(v, (int, float, str)))
-        if not tasks:
-            bar.start()  # lazily: a command that fails early prints nothing but its error line
-        if task not in tasks:
-            tasks[task] = bar.add_task(task, total=total, info="")
-        bar.update(tasks[task], completed=done, total=total, info=text[:80])
-
-    try:
-        yield update
-    finally:
-        if tasks:
-            bar.stop()
+    from epcli.progress import StageProgress
+    with StageProgress() as sink:
+        yield sink
 
 
 def _note(msg: str) -> None:
@@ -166,23 +206,37 @@ def _note(msg: str) -> None:
         err.print(msg)
 
 
-def _parse_kv(pairs: list[str]) -> dict:
+def _parse_kv(pairs: list[str], option: str = "--set") -> dict:
     """--set key=value (dotted keys for nesting, values parsed as JSON when possible)."""
     out: dict = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise EpcliError(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
+        key, sep, raw = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise UsageError(f"{option} expects key=value (dotted keys allowed), got {pair!r}")
         try:
             val = json.loads(raw)
         except ValueError:
             val = raw
+        if isinstance(val, float) and not math.isfinite(val):
+            raise UsageError(f"{option} {key}: {raw} is not a finite number")
         node = out
-        parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"{option} {key}: {p!r} is already set to a value, not a group of keys")
         node[parts[-1]] = val
     return out
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    """'10,15,20' -> [10, 15, 20]; anything else is a usage error naming the option."""
+    if not text:
+        return None
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise UsageError(f"{option} expects comma-separated integers, e.g. 10,15,20; got {text!r}") from None
 
 
 # --- commands -------------------------------------------------------------------------------------------
@@ -213,9 +267,13 @@ def train(
                             "--model-set channels=[64,128,256,256] (repeatable; see docs/models.md).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume exactly from a run id or checkpoint.")] = None,
     label: Annotated[Optional[str], typer.Option(help="Display name in reports.")] = None,
+    select: Annotated[Optional[str], typer.Option(
+        help="Which epoch the run hands on: last (default), best-val (best on a seeded 10% of the training "
+             "set, held out) or best-test (the paper's: selected on the test set; labelled in reports).")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train a model (EP-CNN by Equilibrium Propagation, or a baseline by backprop) and checkpoint it.
 
@@ -223,6 +281,7 @@ def train(
     `epcli train --model cnn --adv-train l2:0.5`, `epcli train --resume <run-id>`.
     """
     from epcli import api
+    STATE.quiet = STATE.quiet or quiet
     overrides = _parse_kv(set_ or [])
     if epochs is not None:
         overrides["epochs"] = epochs
@@ -235,7 +294,7 @@ def train(
         overrides["ep"] = {**overrides.get("ep", {}), **ep}
     if adv_train:
         if ":" not in adv_train:
-            raise EpcliError("--adv-train expects NORM:EPS, e.g. l2:0.5 or linf:8/255")
+            raise UsageError("--adv-train expects NORM:EPS, e.g. l2:0.5 or linf:8/255")
         norm, eps = adv_train.split(":", 1)
         eps_v = api.parse_eps(eps)[0]
         api.check_eps(norm, [eps_v])
@@ -243,16 +302,18 @@ def train(
     from epcli import distributed
     if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
         api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
-                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv)
+                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv, select=select)
         return
     with _store() as store, _progress() as progress:
         res = api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
-                        model_options=_parse_kv(model_set or []),
+                        model_options=_parse_kv(model_set or [], "--model-set"),
                         seed=seed, device=device, store=store, resume=resume, label=label, argv=sys.argv,
-                        progress=progress)
-    _note(f"[green]trained[/] {res['model']} on {res['dataset']}: test accuracy {res['test_acc']:.4f} "
+                        progress=progress, select=select)
+    _note(f"[green]trained[/] {_escape(res['model'])} on {_escape(res['dataset'])}: test accuracy "
+          f"{_pct(res['test_acc'])}% "
           f"(run {res['run_id']})")
-    _emit(res, as_json)
+    from epcli import schema
+    _emit(schema.train(res, res.get("history")), as_json)
 
 
 @app.command(rich_help_panel="Pipeline")
@@ -291,6 +352,7 @@ def attack(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Attack a trained model on the test set for every eps; checks reliability and stores everything.
 
@@ -298,6 +360,7 @@ def attack(
     `epcli attack -m ep-cnn -a autoattack --eps 8/255`, `epcli attack -m ep-cnn --grad-mode truncated:70`.
     """
     from epcli import api
+    STATE.quiet = STATE.quiet or quiet
     presets = {"paper-linf": "0.0001,0.000215,0.000464,0.001,0.002154,0.004642,0.01,0.021544,8/255,0.046416,0.1",
                "paper-l2": "0.05,0.0788,0.1242,0.1957,0.3085,0.4862,0.7663,1.0,1.2077,1.9035,3.0"}
     eps = presets.get(eps, eps)
@@ -315,25 +378,31 @@ def attack(
                          labels=labels, params=params, T=T, device=device, store=store, argv=sys.argv,
                          checks=checks, strength=strength_check, progress=progress,
                          **({"chunk": chunk} if chunk is not None else {}),
-                         unroll_sweep=[int(k) for k in unroll_sweep.split(",") if k.strip()] if unroll_sweep
-                         else None)
+                         unroll_sweep=_int_list(unroll_sweep, "--unroll-sweep"))
     for w in caught:
-        _note(f"[yellow]warning:[/] {w.message}")
+        _note(f"[yellow]warning:[/] {_escape(str(w.message))}")
+    from epcli import schema
+    out = schema.attack(res)
     if not STATE.quiet:
-        t = Table(title=f"{attack_name} {norm} on {res['model']} ({res['n_examples']} images, "
-                        f"grad {grad_mode})")
-        t.add_column("eps")
-        t.add_column("robust acc", justify="right")
-        for gm in res.get("unroll_sweep") or {}:
+        sweep = res.get("unroll_sweep") or {}
+        # title and caption as lines of their own: a table's title wraps to the (narrow) table's width
+        err.print(_escape(f"{attack_name} {norm}, {res['model']}, {res['n_examples']} images, grad {grad_mode}, "
+                          f"run {res['run_id']}, {out['attack_forward_passes'] or 0:,} attack forward passes"),
+                  highlight=False)
+        t = Table()
+        t.add_column("eps", no_wrap=True)
+        t.add_column("robust %", justify="right", no_wrap=True)
+        for gm in sweep:
             t.add_column(gm, justify="right")
-        t.add_row("clean", f"{res['clean_acc']:.4f}", *["" for _ in res.get("unroll_sweep") or {}])
-        for e, a in res["robust_acc"].items():
-            t.add_row(e, f"{a:.4f}" + (" !" if res["unreliable"] else ""),
-                      *[f"{accs[e]:.4f}" for accs in (res.get("unroll_sweep") or {}).values()])
+        t.add_row("clean", _pct(res["clean_acc"]), *["" for _ in sweep])
+        for r in out["results"]:
+            e = r["eps_label"]
+            t.add_row(e, _pct(r["robust_acc"]) + (" !" if res["unreliable"] else ""),
+                      *[_pct(accs.get(e)) for accs in sweep.values()])
         err.print(t)
         if res["unreliable"]:
-            err.print(f"[red]unreliable:[/] {res['reason']}")
-    _emit(res, as_json)
+            err.print(f"[red]unreliable:[/] {_escape(res['reason'])}", highlight=False)
+    _emit(out, as_json)
     if strict and res["unreliable"]:
         raise typer.Exit(7)
 
@@ -346,8 +415,9 @@ def corrupt(
     severity: Annotated[Optional[list[int]], typer.Option("--severity", "-s",
                                                           help="1-5 (repeatable; default all).")] = None,
     n: Annotated[Optional[int], typer.Option("--n", help="Seeded subset of n test images.")] = None,
-    source: Annotated[Optional[str], typer.Option(help="Evaluate the official CIFAR-10-C/100-C .npy files in "
-                                                  "this folder instead of generating.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Evaluate the official CIFAR-10-C/100-C .npy files (or an "
+                                                  "--export folder) in this folder instead of generating; "
+                                                  "--n takes the first n of each severity.")] = None,
     reference: Annotated[Optional[str], typer.Option(help="Model/run for relative mCE.")] = None,
     export: Annotated[Optional[str], typer.Option(help="Only write a generated set in the official .npy "
                                                  "layout to this folder (no model needed).")] = None,
@@ -358,36 +428,56 @@ def corrupt(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a trained model under CIFAR-10-C natural corruptions (19 x 5 severities), seeded.
 
     Examples: `epcli corrupt --model ep-cnn`, `epcli corrupt -m cnn -c fog -c contrast -s 5`,
     `epcli corrupt --export cifar10c/ --dataset cifar10`.
     """
-    from epcli import api, distributed
+    from epcli import api, distributed, schema
     if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
         if not export:
             api.corrupt(model=model, device=device, store=None)
         return
+    STATE.quiet = STATE.quiet or quiet
     with _store() as store, _progress() as progress:
         if export:
             res = api.export_corruptions(directory=export, names=corruption, dataset=dataset,
                                          data_dir=data_dir, n=n, seed=seed, store=store)
-            _note(f"wrote {len(res['corruptions'])} corruptions x 5 severities to {export}")
-            _emit(res, as_json)
+            _note(f"wrote {len(res['corruptions'])} corruptions x 5 severities to {_escape(export)}")
+            _emit(schema.corrupt_export(res), as_json)
             return
         res = api.corrupt(model=model, names=corruption, severities=severity, dataset=dataset,
                           data_dir=data_dir, n=n, seed=seed, source=source, reference=reference,
                           batch_size=batch_size, T=T, device=device, store=store, argv=sys.argv,
                           progress=progress)
-    _note(f"{res['model']}: clean {res['clean_acc']:.4f}, corruption mean (15) "
-          f"{_fmt(res.get('corruption_mean_acc'))}, all 19 {_fmt(res.get('corruption_mean_acc_all'))}, "
-          f"mCE (unnormalised) {_fmt(res.get('mce_unnormalized'))} (run {res['run_id']})")
-    _emit(res, as_json)
+    clean = "n/a (no clean images for this source)" if res["clean_acc"] is None else f"{_pct(res['clean_acc'])}%"
+    if not STATE.quiet:
+        by: dict[str, dict[str, float]] = {}
+        for cell, acc in res["cells"].items():
+            c, sv = cell.rsplit("/", 1)
+            by.setdefault(c, {})[sv] = acc
+        sevs = sorted({sv for v in by.values() for sv in v})
+        err.print(f"corruption accuracy (%), {_escape(res['model'])} ({res['n_examples']} images"
+                  + (f", from {_escape(str(res['source']))}" if res.get("source") else "") + f"; clean {clean})",
+                  highlight=False)
+        t = Table()
+        t.add_column("corruption")
+        for sv in sevs:
+            t.add_column(f"s{sv}", justify="right")
+        for c, v in by.items():
+            t.add_row(c, *[_pct(v[sv]) if sv in v else "" for sv in sevs])
+        err.print(t)
+    _note(f"{_escape(res['model'])}: clean {clean}, corruption mean (15) "
+          f"{_pct(res.get('corruption_mean_acc'))}%, all 19 {_pct(res.get('corruption_mean_acc_all'))}%, "
+          f"mCE (unnormalised) {_pct(res.get('mce_unnormalized'))}% (run {res['run_id']})")
+    _emit(schema.corrupt(res), as_json)
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def _pct(v) -> str:
+    """An accuracy fraction as a percent for people (JSON keeps fractions)."""
+    return "-" if v is None else f"{100 * v:.2f}"
 
 
 @app.command(rich_help_panel="Pipeline")
@@ -396,19 +486,38 @@ def report(
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Training run ids (repeatable).")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Only this dataset.")] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", "-f", help="table, csv, json, md, html or robustbench. md and html include epcli beside the "
-                               "paper's numbers.")] = "table",
+        "--format", "-f", help="table, csv, json, md, html or robustbench. md and html set the paper's numbers "
+                               "beside comparable results; robustbench with --out writes RobustBench's "
+                               "<dataset>/<threat_model>/<ModelID>.json files.")] = "table",
     out: Annotated[Optional[str], typer.Option(help="Write files (and figures) to this folder.")] = None,
     figures: Annotated[bool, typer.Option(help="Also draw the figures (PNG + SVG).")] = False,
+    curves: Annotated[bool, typer.Option(
+        "--curves", help="Draw training curves (loss, train and test accuracy per epoch) of the --run ids, or "
+                         "of the newest finished training run of each --model, to --out (default "
+                         "store/reports).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare every model under every threat, from the store alone (no recomputation).
 
-    Examples: `epcli report`, `epcli report -f md`, `epcli report -f html --out reports/`.
+    Examples: `epcli report`, `epcli report -f md`, `epcli report -f html --out reports/`,
+    `epcli report --curves --run RUN_A --run RUN_B`.
     """
-    from epcli import api
+    from epcli import api, schema
     from epcli import report as R
-    with _store() as store:
+    if curves:
+        with _store(write=False) as store:
+            ids = list(run or []) + [store.latest_train_run(m, dataset)["id"] for m in model or []]
+            if not ids:
+                ids = [r["id"] for r in store.runs(kind="train", status="finished", dataset=dataset, limit=5)]
+            if not ids:
+                raise NotFoundError("no training run to draw (train one, or pass --run)")
+            files = R.training_curves(store, ids, out or store.root / "reports")
+        for f in files:
+            _note(f"wrote {f}")
+        _emit({"command": "report", "run_id": None, "files": [str(f) for f in files], "generated_at":
+               _now(), "rows": [], "notes": [f"training curves of {', '.join(ids)}"]}, as_json)
+        return
+    with _store(write=bool(out or figures)) as store:
         res = api.report(store=store, models=model, runs=run, dataset=dataset,
                          fmt="json" if as_json and fmt == "table" else fmt, out=out, figures=figures,
                          argv=sys.argv)
@@ -416,10 +525,16 @@ def report(
             Console().print(R.leaderboard_table(res["data"]))
         elif not as_json and res["text"] is not None and not out:
             typer.echo(res["text"])
+        # --json always prints the JSON document of the schema, whatever --format wrote
     for f in res["files"]:
-        _note(f"wrote {f}")
+        _note(f"wrote {_escape(str(f))}")
     if as_json:
-        typer.echo(res["text"] if not out else json.dumps({"run_id": res["run_id"], "files": res["files"]}))
+        _emit(schema.report(res), True)
+
+
+def _now() -> str:
+    from epcli.store import now
+    return now()
 
 
 @app.command(rich_help_panel="Pipeline")
@@ -427,112 +542,388 @@ def demo(
     device: DeviceOpt = "auto",
     store: StoreOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """The whole study in miniature on the embedded real CIFAR-10 images: train a small EP-CNN and a small
-    CNN, attack both (PGD L-inf and L2), corrupt both, and print the comparison (minutes on a laptop CPU)."""
+    """The whole study in miniature on the embedded real CIFAR-10 images: train a small EP-CNN and a small CNN,
+    attack both (PGD L-inf and L2), corrupt both, and print the comparison (minutes on a laptop CPU)."""
     from epcli import api
+    STATE.quiet = STATE.quiet or quiet
     with _store(store) as st, _progress() as progress:
         res = api.demo(store=st, device=device, progress=progress, note=_note)
     from epcli import report as R
-    err.print(R.leaderboard_table(res["data"]))
-    _note(f"store: {st.root}  -  try `epcli runs`, `epcli trace {res['runs'][0]}`, `epcli report -f md`")
-    res.pop("data", None)
-    _emit(res, as_json)
+    if not STATE.quiet:
+        err.print(R.leaderboard_table(res["data"]))
+    _note(f"store: {_escape(str(st.root))}  -  try `epcli runs`, `epcli trace {res['runs'][0]}`, `epcli report -f md`")
+    _emit({"command": "demo", "run_ids": list(res["runs"]), "store": str(res["store"])}, as_json)
 
 
-# --- store inspection -----------------------------------------------------------------------------------
+# --- store inspection and run management --------------------------------------------------------------------
 
-@app.command("runs", rich_help_panel="Store")
+def _width() -> int:
+    return Console().width
+
+
+@app.command("runs", rich_help_panel="Runs")
 def list_runs(
     kind: Annotated[Optional[str], typer.Option(help="train, attack, corrupt or report.")] = None,
     status: Annotated[Optional[str], typer.Option(help="running, finished, failed, interrupted.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m")] = None,
-    limit: Annotated[int, typer.Option(help="Newest N.")] = 30,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset name.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Started after a date (2026-11-29, 2026-11-29T14:00) or "
+                                                 "within an age (30m, 12h, 7d).")] = None,
+    tag: Annotated[Optional[str], typer.Option(help="Only runs with this tag.")] = None,
+    where: Annotated[Optional[list[str]], typer.Option(
+        help="NAME OP VALUE on a metric, summary value, run column or config key, e.g. 'test_acc>0.5', "
+             "'robust_acc<0.2', seed=1, 'config.recipe.epochs>=20' (repeatable; all must hold; quote > and <).")
+    ] = None,
+    sort: Annotated[Optional[str], typer.Option(help="Sort by NAME (any --where name); -NAME for "
+                                                "descending. Default: newest first.")] = None,
+    limit: Annotated[int, typer.Option(help="At most N runs (0: all).")] = 30,
     as_json: JsonOpt = False,
 ) -> None:
-    """List runs, newest first."""
-    with _store() as store:
-        rows = store.runs(kind=kind, status=status, model=model, limit=limit)
+    """List runs, newest first, filtered and sorted.
+
+    Examples: `epcli runs --kind train --where 'test_acc>0.5' --sort -test_acc`, `epcli runs --since 12h`
+    (quote conditions with > or <: the shell reads them as redirections).
+    """
+    from epcli import schema
+    from epcli.store import RUN_KINDS, STATUSES
+    if kind and kind not in RUN_KINDS:
+        raise UsageError(f"unknown run kind {kind!r}: use {', '.join(RUN_KINDS)}")
+    if status and status not in STATUSES:
+        raise UsageError(f"unknown status {status!r}: use {', '.join(STATUSES)}")
+    with _store(write=False) as store:
+        rows = store.find_runs(kind=kind, status=status, model=model, dataset=dataset, since=since, tag=tag,
+                               where=where, sort=sort, limit=limit or None)
+        sort_vals = {r["id"]: store.run_value(r, sort.lstrip("-")) for r in rows} if sort else {}
     if as_json:
-        _emit(rows, True)
+        _emit(schema.runs(rows), True)
         return
-    t = Table(title=f"runs in {STATE.store_path or 'store'}")
-    for c in ("id", "kind", "status", "model", "dataset", "started", "summary"):
-        t.add_column(c)
+    # Fixed columns as wide as their widest value; the run id is never shortened, the result column takes
+    # what is left (cut with an ellipsis), then the model column gives way.
+    data = []
     for r in rows:
-        summ = r.get("summary") or {}
-        brief = ", ".join(f"{k}={v:.4g}" for k, v in summ.items() if isinstance(v, float))[:60] \
-            if isinstance(summ, dict) else ""
-        color = {"finished": "green", "failed": "red", "interrupted": "yellow"}.get(r["status"], "cyan")
-        t.add_row(r["id"], r["kind"], f"[{color}]{r['status']}[/]", r["model"] or "", r["dataset"] or "",
-                  (r["started_at"] or "")[:19], brief)
+        extra = [_value_text(sort_vals.get(r["id"]))] if sort else []
+        data.append([r["id"], r["kind"], r["status"], r["model"] or "",
+                     (r["started_at"] or "")[5:16].replace("T", " "), *extra, _result_text(r)])
+    heads = ["run id", "kind", "status", "model", "started"] + ([sort.lstrip("-")] if sort else []) + ["result"]
+    widths = [max([len(h)] + [len(d[i]) for d in data]) for i, h in enumerate(heads)]
+    width = _width()
+    fixed = sum(widths[:-1]) + 2 * (len(heads) - 1)
+    if width - fixed < 20 and widths[3] > 10:  # the model column gives way before the result
+        fixed -= widths[3] - 10
+        widths[3] = 10
+    t = Table(title=f"runs in {STATE.store_path or 'store'} ({len(rows)})", title_justify="left", box=None,
+              pad_edge=False, header_style="bold")
+    for i, h in enumerate(heads):
+        last = i == len(heads) - 1
+        t.add_column(h, no_wrap=True, overflow="ellipsis", justify="right" if sort and i == 5 else "left",
+                     width=max(8, width - fixed) if last else widths[i])
+    colors = {"finished": "green", "failed": "red", "interrupted": "yellow"}
+    for d in data:
+        d[2] = f"[{colors.get(d[2], 'cyan')}]{d[2]}[/]"
+        t.add_row(*d)
     Console().print(t)
 
 
-@app.command(rich_help_panel="Store")
+def _value_text(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _result_text(run: dict) -> str:
+    """The result that matters for the run's kind, short: test accuracy, robust accuracy per eps, mCE."""
+    s = run.get("summary") if isinstance(run.get("summary"), dict) else {}
+    tags = " ".join(f"#{t}" for t in run.get("tags") or [])
+    if run["status"] == "failed":
+        text = (run.get("error") or "")[:60]
+    elif run["kind"] == "train":
+        text = f"test {_pct(s.get('test_acc'))}%, {s.get('epochs', '?')} ep" if s else ""
+    elif run["kind"] == "attack":
+        cfg = run.get("config") or {}
+        robust = s.get("robust_acc") or {}
+        text = f"{cfg.get('attack', '')} {cfg.get('norm', '')}"
+        if s:
+            text += " robust " + ", ".join(f"{e} {_pct(a)}%" for e, a in robust.items()) + \
+                f" (clean {_pct(s.get('clean_acc'))}%)" + (" UNRELIABLE" if s.get("unreliable") else "")
+    elif run["kind"] == "corrupt":
+        text = f"mean {_pct(s.get('corruption_mean_acc'))}%, clean {_pct(s.get('clean_acc'))}%" if s else ""
+    else:
+        text = ""
+    # tags first: they are short and chosen by the user; the note last, it may be long
+    return ((tags + "  " if tags else "") + text + (f"  ({run['note']})" if run.get("note") else "")).strip()
+
+
+@app.command(rich_help_panel="Runs")
 def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")], as_json: JsonOpt = False
          ) -> None:
-    """Show one run: config, status, metrics, checks and artifacts."""
-    with _store() as store:
+    """Show one run: status, duration, command line, versions, config, metrics, checks and artifacts."""
+    from epcli import schema
+    with _store(write=False) as store:
         run = store.get_run(run_id)
         arts = store.artifacts_of(run["id"])
         mets = store.metrics(run["id"])
         checks = store.checks(run["id"])
+    doc = schema.show(run, mets, checks, arts)
     if as_json:
-        _emit({"run": run, "artifacts": arts, "metrics": mets, "checks": checks}, True)
+        _emit(doc, True)
         return
+    from rich.markup import escape
     c = Console()
-    c.print(f"[bold]{run['id']}[/] {run['kind']} [{run['status']}] {run['model'] or ''} {run['dataset'] or ''}")
-    if run.get("error"):
-        c.print(f"[red]error:[/] {run['error']}")
-    c.print_json(json.dumps(run["config"], default=str))
-    if mets:
-        t = Table(title="metrics")
-        for col in ("name", "value", "step", "attack", "norm", "eps", "grad_mode", "corruption", "severity",
-                    "n_examples", "unreliable"):
-            t.add_column(col)
-        for m in mets[:200]:
-            t.add_row(*["" if m.get(k) is None else (f"{m[k]:.4g}" if isinstance(m[k], float) else str(m[k]))
-                        for k in ("name", "value", "step", "attack", "norm", "eps", "grad_mode", "corruption",
-                                  "severity", "n_examples", "unreliable")])
-        c.print(t)
-    for ch in checks:
-        c.print(f"check {ch['name']}: {'[green]passed' if ch['passed'] else '[red]FAILED'}[/] {ch['detail']}")
-    for a in arts:
-        c.print(f"{a['role']:6} {a['kind']:22} {a['sha256'][:12]} {a['size']:>10} {a['path']}")
+    r = doc["run"]
+    color = {"finished": "green", "failed": "red", "interrupted": "yellow"}.get(r["status"], "cyan")
+    c.print(f"[bold]{r['run_id']}[/]  {r['kind']}  [{color}]{r['status']}[/]")
+    info = Table.grid(padding=(0, 2))
+    info.add_column(style="bold", no_wrap=True)
+    info.add_column(overflow="fold")
+    argv = r.get("argv")
+    rows = [("model", r["model"]), ("dataset", r["dataset"]), ("model run", r["model_run_id"]
+                                                               if r["model_run_id"] != r["run_id"] else None),
+            ("started", r["started_at"]), ("duration", None if r["duration_s"] is None else
+                                           _secs(r["duration_s"])),
+            ("command", " ".join(argv) if isinstance(argv, list) else argv),
+            ("git commit", r["git_commit"]), ("versions", f"epcli {r['epcli_version']}, torch {r['torch_version']}"
+                                              + (f", cuda {r['cuda_version']}" if r["cuda_version"] else "")),
+            ("device", r["device"]), ("seed", r["seed"]), ("tags", " ".join(r["tags"]) or None),
+            ("note", r["note"]), ("error", r["error"])]
+    for k, v in rows:
+        if v not in (None, ""):
+            info.add_row(k, escape(str(v)))
+    c.print(info)
+    if run.get("config"):
+        c.print("[bold]config[/]")
+        cfg = Table.grid(padding=(0, 2))
+        cfg.add_column(no_wrap=True, style="dim")
+        cfg.add_column(overflow="fold")
+        from epcli.report import _flatten
+        for k, v in _flatten(schema.clean_value(run["config"])).items():
+            cfg.add_row("  " + k, escape(json.dumps(v) if not isinstance(v, str) else v))
+        c.print(cfg)
+    if doc["metrics"]:
+        c.print("[bold]metrics[/]")
+        m = Table.grid(padding=(0, 2))
+        m.add_column(no_wrap=True)
+        m.add_column(justify="right", no_wrap=True)
+        m.add_column(overflow="fold")
+        for row in doc["metrics"][:200]:
+            facets = " ".join(str(row[k]) for k in ("attack", "norm", "eps_label", "corruption", "severity")
+                              if row.get(k) is not None)
+            if row.get("step") is not None:
+                facets = f"epoch {row['step']} {facets}".strip()
+            if row.get("grad_mode") and row["grad_mode"] != "bptt":
+                facets += f" grad {row['grad_mode']}"
+            if row.get("n_examples"):
+                facets += f" (n={row['n_examples']})"
+            val = row["value"]
+            shown = ("-" if val is None else f"{100 * val:.2f}%" if row["name"].endswith("_acc")
+                     else f"{val:.4g}")
+            m.add_row("  " + row["name"], shown + (" !" if row["unreliable"] else ""), escape(facets))
+        c.print(m)
+    for ch in doc["checks"]:
+        c.print(f"check {ch['check']}: {'[green]passed' if ch['passed'] else '[red]FAILED'}[/] "
+                f"{escape(ch['detail'])}")
+    if doc["artifacts"]:
+        c.print("[bold]artifacts[/]")
+        for a in doc["artifacts"]:
+            c.print(f"  {a['role']:6} {a['kind']:20} {a['sha256'][:12]} {a['size']:>10,}  {escape(a['path'])}",
+                    highlight=False, soft_wrap=True)
 
 
-@app.command(rich_help_panel="Store")
+def _secs(s: float) -> str:
+    from epcli.progress import format_seconds
+    return format_seconds(s)
+
+
+@app.command(rich_help_panel="Runs")
 def compare(
-    run_a: Annotated[str, typer.Argument(help="An attack run id (or prefix).")],
-    run_b: Annotated[str, typer.Argument(help="Another attack run id, e.g. of another model.")],
+    run_a: Annotated[str, typer.Argument(help="An attack or training run id (or prefix).")],
+    run_b: Annotated[str, typer.Argument(help="Another run of the same kind, e.g. of another model.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Paired comparison of two attack runs on their common test points: who is robust where, and the exact
-    McNemar p-value per eps."""
-    from epcli import api
-    with _store() as store:
-        res = api.compare(store=store, run_a=run_a, run_b=run_b)
-    if as_json:
-        _emit(res, True)
-        return
-    t = Table(title=f"A = {res['model_a']} ({res['attack_a']} {res['norm_a']}, {res['run_a']})  vs  "
-                    f"B = {res['model_b']} ({res['attack_b']} {res['norm_b']}, {res['run_b']})")
-    for col in ("eps", "n", "robust A", "robust B", "both", "only A", "only B", "McNemar p"):
-        t.add_column(col, justify="right")
-    for r in res["rows"]:
-        t.add_row(r["eps_label"], str(r["n"]), f"{r['acc_a']:.4f}", f"{r['acc_b']:.4f}", str(r["both"]),
-                  str(r["only_a"]), str(r["only_b"]), f"{r['mcnemar_p']:.3g}")
-    Console().print(t)
-
-
-@app.command(rich_help_panel="Store")
-def trace(run_id: Annotated[str, typer.Argument(help="A training run id (or any run id).")]) -> None:
-    """Lineage: everything derived from a run (attacks, corruptions, reports) as a tree."""
+    """Compare two runs. Attack runs: paired comparison on their common test points (who is robust where, exact
+    McNemar p-value per eps). Training runs: the config keys that differ and the final metrics side by side."""
+    from epcli import api, schema
     from epcli import report as R
-    with _store() as store:
+    with _store(write=False) as store:
+        kinds = {store.get_run(run_a)["kind"], store.get_run(run_b)["kind"]}
+        if kinds == {"train"}:
+            doc = schema.compare_training(R.training_diff(store, run_a, run_b))
+        else:
+            doc = schema.compare_attacks(api.compare(store=store, run_a=run_a, run_b=run_b))
+    if as_json:
+        _emit(doc, True)
+        return
+    a, b = doc["a"], doc["b"]
+    c = Console()
+    if doc["kind"] == "train":
+        c.print(f"A = {a['run_id']} ({a['model']} on {a['dataset']})\nB = {b['run_id']} ({b['model']} on "
+                f"{b['dataset']})", highlight=False)
+        t = Table(title="config differences", title_justify="left")
+        for col in ("key", "A", "B"):
+            t.add_column(col, overflow="fold")
+        for d in doc["config_diff"]:
+            t.add_row(d["key"], json.dumps(d["a"]), json.dumps(d["b"]))
+        if not doc["config_diff"]:
+            t.add_row("(identical)", "", "")
+        c.print(t)
+        t = Table(title="final metrics", title_justify="left")
+        for col in ("metric", "A", "B", "B - A"):
+            t.add_column(col, justify="right" if col != "metric" else "left", no_wrap=True)
+        for m in doc["metrics"]:
+            pct = m["name"].endswith("_acc")
+            f = (lambda v: "-" if v is None else f"{100 * v:.2f}%") if pct else \
+                (lambda v: "-" if v is None else f"{v:.4g}")
+            t.add_row(m["name"], f(m["a"]), f(m["b"]), "-" if m["diff"] is None else
+                      (f"{100 * m['diff']:+.2f} pt" if pct else f"{m['diff']:+.4g}"))
+        c.print(t)
+        return
+    c.print(f"A = {a['run_id']} ({a['model']}, {a['attack']} {a['norm']})\n"
+            f"B = {b['run_id']} ({b['model']}, {b['attack']} {b['norm']})", highlight=False)
+    t = Table(title="robust accuracy on the common points (%)", title_justify="left")
+    for col in ("eps", "n", "A", "B", "both", "only A", "only B", "McNemar p"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in doc["rows"]:
+        t.add_row(r["eps_label"], str(r["n"]), _pct(r["robust_acc_a"]), _pct(r["robust_acc_b"]), str(r["both"]),
+                  str(r["only_a"]), str(r["only_b"]), f"{r['mcnemar_p']:.3g}")
+    c.print(t)
+
+
+@app.command(rich_help_panel="Runs")
+def trace(run_id: Annotated[str, typer.Argument(help="A training run id (or any run id).")],
+          as_json: JsonOpt = False) -> None:
+    """Lineage: everything derived from a run (attacks, corruptions, reports) as a tree, each with its result."""
+    with _store(write=False) as store:
         run = store.get_run(run_id)
-        Console().print(R.lineage_tree(store, run["id"]))
+        tree = _trace_tree(store, run["id"])
+        if as_json:
+            _emit({"command": "trace", "run_id": run["id"], "tree": _strip_private(tree)}, True)
+            return
+        Console().print(_trace_render(store, tree))
+
+
+def _trace_tree(store, run_id: str) -> dict:
+    from epcli import schema
+    root = store.get_run(run_id)
+    if root["kind"] != "train" and root.get("model_run_id"):
+        root = store.get_run(root["model_run_id"])
+
+    def node(r: dict) -> dict:
+        return {"run_id": r["id"], "kind": r["kind"], "status": r["status"], "model": r.get("model"),
+                "result": schema.run_result(r), "children": [], "_run": r}
+
+    nodes = {root["id"]: node(root)}
+    for d in store.derived_runs(root["id"]):
+        nodes[d["id"]] = node(d)
+        nodes.get(d["parent"], nodes[root["id"]])["children"].append(nodes[d["id"]])
+    for d in store.runs(model_run_id=root["id"]):
+        if d["id"] not in nodes:
+            nodes[d["id"]] = node(d)
+            nodes[root["id"]]["children"].append(nodes[d["id"]])
+    return nodes[root["id"]]
+
+
+def _strip_private(node: dict) -> dict:
+    return {k: ([_strip_private(c) for c in v] if k == "children" else v) for k, v in node.items()
+            if not k.startswith("_")}
+
+
+def _trace_render(store, tree: dict):
+    """The lineage as a rich Tree; each node shows the result that matters for its kind."""
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    def label(node: dict) -> str:
+        r = node["_run"]
+        color = {"finished": "green", "failed": "red", "interrupted": "yellow"}.get(r["status"], "cyan")
+        what = f"{r.get('model')} on {r.get('dataset')}" if r["kind"] == "train" else ""
+        return (f"[bold]{r['kind']}[/] {r['id']} [{color}]{r['status']}[/] {escape(what)} "
+                f"{escape(_result_text(r))}").replace("  ", " ").strip()
+
+    def grow(parent, node: dict) -> None:
+        for child in node["children"]:
+            grow(parent.add(label(child)), child)
+
+    root = Tree(label(tree))
+    for a in store.artifacts_of(tree["run_id"], role="output"):
+        root.add(f"[dim]{a['kind']} {a['name'] or ''} {a['sha256'][:12]}[/dim]")
+    grow(root, tree)
+    return root
+
+
+@app.command(context_settings={"ignore_unknown_options": True}, rich_help_panel="Runs")
+def tag(
+    run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")],
+    tags: Annotated[Optional[list[str]], typer.Argument(help="Tags to add; -TAG removes one.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add or remove tags of a run (`epcli runs --tag T` filters by them).
+
+    Example: `epcli tag RUN baseline paper -draft`.
+    """
+    add = [t for t in tags or [] if not t.startswith("-")]
+    remove = [t[1:] for t in tags or [] if t.startswith("-")]
+    with _store(write=False) as store:
+        new = store.tag_run(run_id, add, remove)
+        run = store.get_run(run_id)
+    _note(f"{run['id']}: tags {' '.join(new) or '(none)'}")
+    _emit({"command": "tag", "run_id": run["id"], "tags": new, "note": run.get("note")}, as_json)
+
+
+@app.command(rich_help_panel="Runs")
+def note(
+    run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")],
+    text: Annotated[Optional[str], typer.Argument(help="The note; empty to clear it.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Attach a note to a run (shown by `runs` and `show`).
+
+    Example: `epcli note RUN "lr too high; rerun with 0.01"`.
+    """
+    with _store(write=False) as store:
+        store.note_run(run_id, text)
+        run = store.get_run(run_id)
+    _note(f"{run['id']}: note {'set' if run.get('note') else 'cleared'}")
+    _emit({"command": "tag", "run_id": run["id"], "tags": list(run.get("tags") or []), "note": run.get("note")},
+          as_json)
+
+
+@app.command(rich_help_panel="Runs")
+def rm(
+    run_ids: Annotated[list[str], typer.Argument(help="Run ids (or unique prefixes).")],
+    cascade: Annotated[bool, typer.Option("--cascade", help="Also remove every run that depends on them "
+                                          "(attacks of a trained model, reports...).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove runs with their metrics, checks and the artifacts nothing else uses. A run that others depend on is
+    refused unless --cascade.
+
+    Example: `epcli rm RUN --cascade --dry-run`.
+    """
+    with _store(write=False) as store:
+        res = store.remove_runs(run_ids, cascade=cascade, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    _note(f"{verb} {len(res['removed'])} run(s) ({' '.join(res['removed'])}) and {res['files_removed']} file(s), "
+          f"{res['bytes_freed']:,} bytes")
+    _emit({"command": "rm", **res}, as_json)
+
+
+@app.command(rich_help_panel="Runs")
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Garbage-collect the store: artifacts no run uses, rows whose file is gone, and files without a row.
+
+    Afterwards every artifact row has its file and every file its row.
+    """
+    with _store(write=False) as store:
+        res = store.gc(dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    _note(f"{verb} {res['artifacts_removed']} artifact row(s) and {res['files_removed']} file(s), "
+          f"{res['bytes_freed']:,} bytes")
+    _emit({"command": "gc", **res}, as_json)
 
 
 @app.command(rich_help_panel="Store")
@@ -541,7 +932,7 @@ def models(as_json: JsonOpt = False) -> None:
     from epcli.models import list_models
     names = list_models()
     if as_json:
-        _emit(names, True)
+        _emit({"command": "models", "models": names}, True)
     else:
         typer.echo("\n".join(names))
 
@@ -549,14 +940,26 @@ def models(as_json: JsonOpt = False) -> None:
 @app.command(rich_help_panel="Store")
 def recipes(name: Annotated[Optional[str], typer.Argument(help="Show one recipe in full.")] = None,
             as_json: JsonOpt = False) -> None:
-    """List the training presets, or show one."""
+    """List the training presets, or show one (as JSON)."""
     from epcli.train import RECIPES, resolve_recipe
     if name:
-        _emit(resolve_recipe(name, {}), True)
+        cfg = resolve_recipe(name, {})
+        _emit({"command": "recipes", "recipe": name, "config": cfg} if as_json else cfg, True)
     elif as_json:
-        _emit(sorted(RECIPES), True)
+        _emit({"command": "recipes", "recipes": sorted(RECIPES)}, True)
     else:
         typer.echo("\n".join(sorted(RECIPES)))
+
+
+def _unwrap(doc: str) -> str:
+    """A docstring as help text: paragraphs kept, the source's line breaks inside a paragraph joined."""
+    import inspect
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _c in app.registered_commands:
+    if _c.help is None and _c.callback is not None and _c.callback.__doc__:
+        _c.help = _unwrap(_c.callback.__doc__)
 
 
 def main() -> None:

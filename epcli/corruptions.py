@@ -1,14 +1,16 @@
 """The 19 CIFAR-10-C corruptions in torch, batched, seeded; the official .npy loader and exporter; metrics.
 
-Every corruption takes float images (B, 3, H, W) in [0, 1] on any device and returns the same shape, with the
-CIFAR-10-C severity parameters of Hendrycks & Dietterich (hendrycks/robustness, `make_cifar_c.py`; see
-docs/corruptions.md for the table and the fidelity notes). Random draws come from a `torch.Generator`; when it
-lives on the CPU the draws are made there and moved, so the same seed gives the same images on every device.
+`corrupt_uint8` takes uint8 images (B, 3, H, W) on any device and returns the corrupted uint8 images (`corrupt`:
+the same for float images on the 8-bit grid), with the CIFAR-10-C severity parameters of Hendrycks & Dietterich
+(hendrycks/robustness, `make_cifar_c.py`; see docs/corruptions.md for the table and the measured fidelity). Random
+draws come from a `torch.Generator`; when it lives on the CPU the draws are made there and moved, so the same seed
+gives the same draws on every device.
 
-The reference itself set no seed, so random corruptions can be matched in distribution only; the deterministic
-ones (blurs, brightness, contrast, saturate, pixelate, JPEG) follow the reference maths step by step, including
-its 8-bit round trips (PIL / ImageMagick) where it had them. Saved images use the reference's conversion,
-`uint8(value * 255)` (truncation, not rounding).
+The reference itself set no seed, so random corruptions can be matched in distribution only; given the same
+draws, every corruption follows the reference maths step by step in the reference's own precision (float64,
+float32 or 8-bit, as numpy, OpenCV, PIL and ImageMagick computed it) and ends with its `np.uint8(...)`
+truncation. Every corrupted image is therefore an 8-bit image, the same one whether it is generated, exported or
+read back from the exported files. docs/corruptions.md has the measured fidelity table.
 
 Only torch, numpy and Pillow are used; the module never imports the store, the CLI or rich.
 """
@@ -34,7 +36,8 @@ from epcli.errors import DatasetError, UsageError
 
 __all__ = [
     "CORRUPTIONS", "BENCHMARK_CORRUPTIONS", "EXTRA_CORRUPTIONS", "PARAMS", "corrupt", "corrupt_range",
-    "evaluate", "summarize", "load_official", "evaluate_official", "export", "sample_grid", "to_uint8",
+    "corrupt_uint8", "corrupt_range_uint8", "chunk_generator", "evaluate", "summarize", "load_official",
+    "load_clean", "evaluate_official", "export", "sample_grid", "to_uint8",
 ]
 
 BENCHMARK_CORRUPTIONS = (
@@ -100,18 +103,32 @@ def _randint(low, high, shape, gen, device) -> torch.Tensor:
     return torch.randint(low, high, shape, generator=gen, device=_gdev(gen)).to(device)
 
 
-# ----------------------------------------------------------------------------------------------- filters
+# ----------------------------------------------------------------------------------------------- arithmetic
+#
+# Every corruption below takes `u`, the images as float64 8-bit levels (B, 3, H, W) (what the reference's
+# np.array(pil_image) holds), and returns the reference's value *before* its final np.uint8(...) on the 0..255
+# scale, as float64, computed with the reference's own precision and operation order: float64 where numpy
+# worked in float64, float32 where it worked in float32 (snow, spatter, elastic, zoom), integers where a library
+# returned 8-bit images (motion blur, pixelate, JPEG). `_truncate` then does what np.uint8 did.
 
-def _quantize(x: torch.Tensor) -> torch.Tensor:
-    """Round to the 8-bit grid, as the reference's PIL / ImageMagick / PNG round trips do."""
-    return torch.round(x.clamp(0, 1) * 255) / 255
+F32, F64 = torch.float32, torch.float64
+
+
+def _out(x: torch.Tensor) -> torch.Tensor:
+    """np.clip(x, 0, 1) * 255 in x's own precision, returned as float64 (exact)."""
+    return (x.clamp(0, 1) * 255).double()
+
+
+def _f32(v: float) -> torch.Tensor:
+    """A Python constant as numpy uses it against a float32 array (cast to float32 first)."""
+    return torch.tensor(v, dtype=F32)
 
 
 def _pad_index(n: int, r: int, mode: str, device) -> torch.Tensor:
     """Indices into an axis of length n, extended by r on both sides with a border rule.
 
     nearest: edge replication (scipy 'nearest', ImageMagick edge); symmetric: d c b a | a b c d (scipy
-    'reflect'); reflect101: d c b | a b c d (OpenCV BORDER_REFLECT_101, torch 'reflect').
+    'reflect'); reflect101: d c b | a b c d (OpenCV BORDER_REFLECT_101, scipy 'mirror').
     """
     i = torch.arange(-r, n + r, device=device)
     if mode == "nearest":
@@ -127,30 +144,32 @@ def _pad_index(n: int, r: int, mode: str, device) -> torch.Tensor:
 
 
 def _gauss1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
-    """scipy.ndimage / skimage Gaussian weights: radius int(truncate*sigma + 0.5), normalised."""
-    r = int(truncate * sigma + 0.5)
-    if sigma <= 0 or r == 0:
-        return np.ones(1)
-    t = np.arange(-r, r + 1, dtype=np.float64)
-    w = np.exp(-0.5 * (t / sigma) ** 2)
+    """scipy.ndimage's Gaussian weights, same formula and rounding: radius int(truncate*sigma + 0.5),
+    exp(-0.5 / sigma^2 * t^2), divided by their sum."""
+    r = int(truncate * float(sigma) + 0.5)
+    t = np.arange(-r, r + 1)
+    w = np.exp(-0.5 / (sigma * sigma) * t ** 2)
     return w / w.sum()
 
 
-def _sep_filter(x: torch.Tensor, k: np.ndarray, mode: str) -> torch.Tensor:
-    """Apply a symmetric 1-D kernel along H and W of (B, C, H, W) with a given border rule."""
-    r = len(k) // 2
-    if r == 0:
-        return x.clone()
-    b, c, h, w = x.shape
-    kt = torch.as_tensor(k, dtype=x.dtype, device=x.device)
-    xp = x.index_select(3, _pad_index(w, r, mode, x.device))
-    xp = F.conv2d(xp.reshape(b * c, 1, h, -1), kt.view(1, 1, 1, -1)).view(b, c, h, w)
-    xp = xp.index_select(2, _pad_index(h, r, mode, x.device))
-    return F.conv2d(xp.reshape(b * c, 1, -1, w), kt.view(1, 1, -1, 1)).view(b, c, h, w)
+def _correlate_sym(x: torch.Tensor, w: np.ndarray, dim: int, mode: str) -> torch.Tensor:
+    """scipy.ndimage.correlate1d with a symmetric kernel, in x's precision and scipy's order: the centre tap
+    times x, then (left + right) * weight for the pairs from the farthest inwards."""
+    r = len(w) // 2
+    n = x.shape[dim]
+    xp = x.index_select(dim, _pad_index(n, r, mode, x.device))
+    out = xp.narrow(dim, r, n) * float(w[r])
+    for j in range(r, 0, -1):
+        out = out + (xp.narrow(dim, r - j, n) + xp.narrow(dim, r + j, n)) * float(w[r - j])
+    return out
 
 
 def _gaussian(x: torch.Tensor, sigma: float, mode: str = "nearest", truncate: float = 4.0) -> torch.Tensor:
-    return _sep_filter(x, _gauss1d(sigma, truncate), mode)
+    """scipy.ndimage.gaussian_filter (and skimage.filters.gaussian) over H then W: bit-identical in float64."""
+    if sigma <= 1e-15:  # scipy skips such axes
+        return x.clone()
+    w = _gauss1d(sigma, truncate)
+    return _correlate_sym(_correlate_sym(x, w, x.dim() - 2, mode), w, x.dim() - 1, mode)
 
 
 def _conv2d_same(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
@@ -161,46 +180,54 @@ def _conv2d_same(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tens
     return F.conv2d(xp.reshape(b * c, 1, h + 2 * r, w + 2 * r), kernel.to(x)[None, None]).view(b, c, h, w)
 
 
-def _box3(x: torch.Tensor) -> torch.Tensor:
-    """cv2.blur(., (3, 3)): mean over 3 x 3 with BORDER_REFLECT_101."""
-    return _conv2d_same(x, torch.full((3, 3), 1.0 / 9), "reflect101")
+def _box3_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over 3 x 3 with BORDER_REFLECT_101 (cv2.blur before its scale), in x's precision."""
+    b, c, h, w = x.shape
+    xp = x.index_select(3, _pad_index(w, 1, "reflect101", x.device)).index_select(
+        2, _pad_index(h, 1, "reflect101", x.device))
+    out = torch.zeros_like(x)
+    for i in range(3):
+        for j in range(3):
+            out = out + xp[..., i:i + h, j:j + w]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- noise
 
-def gaussian_noise(x, severity, gen=None):
+def gaussian_noise(u, severity, gen=None):
     c = PARAMS["gaussian_noise"][severity - 1]
-    return (x + c * _randn(x.shape, gen, x.device)).clamp(0, 1)
+    return _out(u / 255 + c * _randn(u.shape, gen, u.device).double())
 
 
-def shot_noise(x, severity, gen=None):
+def shot_noise(u, severity, gen=None):
     c = PARAMS["shot_noise"][severity - 1]
-    counts = torch.poisson((x * c).to(_gdev(gen)), generator=gen).to(x.device)
-    return (counts / c).clamp(0, 1)
+    counts = torch.poisson((u / 255 * c).to(_gdev(gen)), generator=gen).to(u.device)
+    return _out(counts / c)
 
 
-def impulse_noise(x, severity, gen=None):
+def impulse_noise(u, severity, gen=None):
     """skimage random_noise(mode='s&p'): each channel value flips with probability `amount`, half to 1, half to 0."""
     c = PARAMS["impulse_noise"][severity - 1]
-    u = _rand((2,) + tuple(x.shape), gen, x.device)
-    flip = u[0] < c
-    salt = u[1] < 0.5
-    return torch.where(flip, salt.to(x.dtype), x).clamp(0, 1)
+    d = _rand((2,) + tuple(u.shape), gen, u.device)
+    flip = d[0] < c
+    salt = d[1] < 0.5
+    return _out(torch.where(flip, salt.double(), u / 255))
 
 
-def speckle_noise(x, severity, gen=None):
+def speckle_noise(u, severity, gen=None):
     c = PARAMS["speckle_noise"][severity - 1]
-    return (x + x * c * _randn(x.shape, gen, x.device)).clamp(0, 1)
+    x = u / 255
+    return _out(x + x * (c * _randn(u.shape, gen, u.device).double()))
 
 
 # ----------------------------------------------------------------------------------------------- blurs
 
-def gaussian_blur(x, severity, gen=None):
-    return _gaussian(x, PARAMS["gaussian_blur"][severity - 1], "nearest").clamp(0, 1)
+def gaussian_blur(u, severity, gen=None):
+    return _out(_gaussian(u / 255, PARAMS["gaussian_blur"][severity - 1], "nearest"))
 
 
-def glass_blur(x, severity, gen=None):
-    """Blur, 8-bit truncation, local pixel 'swaps', blur again.
+def glass_blur(u, severity, gen=None):
+    """Blur, 8-bit truncation, local pixel 'swaps', blur again, all in float64 like the reference.
 
     The reference walks h, w from H-1 down to delta+1 and assigns x[h, w], x[h', w'] = x[h', w'], x[h, w] with
     numpy views, which copies x[h', w'] into x[h, w] and leaves x[h', w'] as it was. With delta = 1 the offsets
@@ -209,72 +236,105 @@ def glass_blur(x, severity, gen=None):
     """
     sigma, delta, iters = PARAMS["glass_blur"][severity - 1]
     assert delta == 1  # the gather argument above needs sources not yet visited
-    b, c, h, w = x.shape
-    y = torch.floor(_gaussian(x.double(), sigma, "nearest") * 255).clamp(0, 255).to(x.dtype)  # float64 like numpy
-    rows = torch.arange(h, device=x.device).view(h, 1).expand(h, w)
-    cols = torch.arange(w, device=x.device).view(1, w).expand(h, w)
+    b, c, h, w = u.shape
+    y = torch.floor(_gaussian(u / 255, sigma, "nearest") * 255).clamp(0, 255)
+    rows = torch.arange(h, device=u.device).view(h, 1).expand(h, w)
+    cols = torch.arange(w, device=u.device).view(1, w).expand(h, w)
     inner = (rows > delta) & (cols > delta) & (rows <= h - delta) & (cols <= w - delta)
     for _ in range(iters):
-        d = _randint(-delta, delta, (b, 2, h, w), gen, x.device)  # (dx, dy) per pixel, all channels alike
+        d = _randint(-delta, delta, (b, 2, h, w), gen, u.device)  # (dx, dy) per pixel, all channels alike
         src = (rows + d[:, 1] * inner) * w + (cols + d[:, 0] * inner)  # (B, H, W)
         y = y.flatten(2).gather(2, src.flatten(1)[:, None, :].expand(b, c, h * w)).view(b, c, h, w)
-    return _gaussian(y / 255, sigma, "nearest").clamp(0, 1)
+    return _out(_gaussian(y / 255, sigma, "nearest"))
 
 
 @lru_cache(maxsize=None)
-def _disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
-    """The reference's disk: grid -8..8, (X^2 + Y^2 <= r^2) normalised, then a 3 x 3 Gaussian (OpenCV
-    GaussianBlur, BORDER_REFLECT_101) of sigma alias_blur; cropped to its non-zero 5 x 5 support."""
+def _disk_taps(radius: float, alias_blur: float) -> tuple[tuple[int, int, float], ...]:
+    """The reference's float32 disk kernel: grid -8..8, (X^2 + Y^2 <= r^2) / count in float32, then OpenCV's
+    3 x 3 GaussianBlur (float32 taps normalised in double, BORDER_REFLECT_101). Returns its non-zero taps
+    (row offset, column offset, weight) in row-major order, the order cv2.filter2D sums them."""
     t = np.arange(-8, 9)
     xx, yy = np.meshgrid(t, t)
-    disk = ((xx ** 2 + yy ** 2) <= radius ** 2).astype(np.float64)
-    disk /= disk.sum()
-    g = np.exp(-0.5 * (np.arange(-1, 2) / alias_blur) ** 2)
-    g /= g.sum()
-    blurred = _sep_filter(torch.as_tensor(disk)[None, None], g, "reflect101")[0, 0]
-    assert float(blurred[:6].abs().sum() + blurred[11:].abs().sum()) == 0.0
-    return blurred[6:11, 6:11].float()
+    disk = ((xx ** 2 + yy ** 2) <= radius ** 2).astype(np.float32)
+    disk /= np.sum(disk)
+    g = np.exp((-0.5 / (alias_blur * alias_blur)) * np.arange(-1.0, 2.0) ** 2).astype(np.float32)
+    g = (g.astype(np.float64) * (1.0 / float(g.astype(np.float64).sum()))).astype(np.float32).astype(np.float64)
+    p = np.pad(disk.astype(np.float64), 1, mode="reflect")  # numpy 'reflect' = BORDER_REFLECT_101
+    rows = (p[:, :-2] * g[0] + p[:, 1:-1] * g[1] + p[:, 2:] * g[2]).astype(np.float32).astype(np.float64)
+    k = (rows[:-2] * g[0] + rows[1:-1] * g[1] + rows[2:] * g[2]).astype(np.float32)
+    return tuple((i - 8, j - 8, float(k[i, j])) for i in range(17) for j in range(17) if k[i, j] != 0)
 
 
-def defocus_blur(x, severity, gen=None):
+def defocus_blur(u, severity, gen=None):
+    """cv2.filter2D(x, -1, disk) per channel in float64: non-zero taps summed in row-major order from 0."""
     radius, alias = PARAMS["defocus_blur"][severity - 1]
-    return _conv2d_same(x, _disk_kernel(radius, alias), "reflect101").clamp(0, 1)
+    taps = _disk_taps(radius, alias)
+    r = max(max(abs(a), abs(b)) for a, b, _ in taps)
+    _, _, h, w = u.shape
+    x = u / 255
+    xp = x.index_select(3, _pad_index(w, r, "reflect101", x.device)).index_select(
+        2, _pad_index(h, r, "reflect101", x.device))
+    acc = torch.zeros_like(x)
+    for di, dj, k in taps:
+        acc = acc + xp[..., r + di:r + di + h, r + dj:r + dj + w] * k
+    return _out(acc)
 
 
-def _motion_taps(radius: float, sigma: float, angle_deg: torch.Tensor):
-    """ImageMagick MotionBlurImage: width = 2*ceil(radius)+1 taps on a one-sided line, weights
-    exp(-i^2 / (2 sigma^2)) normalised, tap i at offset (ceil(i cos a - 0.5), ceil(i sin a - 0.5)) in (x, y)."""
-    width = int(2 * math.ceil(radius) + 1)
-    i = np.arange(width, dtype=np.float64)
-    k = np.exp(-(i ** 2) / (2 * sigma * sigma))
-    k = k / k.sum()
-    a = angle_deg.double() * (math.pi / 180)
-    ii = torch.arange(width, dtype=torch.float64, device=a.device)
-    ox = torch.ceil(ii[None] * torch.cos(a)[:, None] - 0.5).long()  # (B, width)
-    oy = torch.ceil(ii[None] * torch.sin(a)[:, None] - 0.5).long()
+_MAGICK_SQ2PI = 2.50662827463100024161235523934010416269302368164062  # MagickSQ2PI
+
+
+def _magick_motion_taps(radius: float, sigma: float, angles: list[float]):
+    """ImageMagick 6 MotionBlurImage's kernel and offsets: width 2*ceil(radius)+1, weights
+    exp(-i^2 / (2 sigma^2)) / (sqrt(2 pi) sigma) normalised by their running sum, tap i at
+    (ceil(i*py/hypot - 0.5), ceil(i*px/hypot - 0.5)) with (px, py) = width * (sin a, cos a). Python's math is
+    C's libm, as ImageMagick's."""
+    width = int(2.0 * math.ceil(radius) + 1.0)
+    k = [math.exp(-(float(i) * i) / (2.0 * sigma * sigma)) / (_MAGICK_SQ2PI * sigma) for i in range(width)]
+    total = 0.0
+    for v in k:
+        total += v
+    k = [v / total for v in k]
+    ox, oy = [], []
+    for a in angles:
+        rad = math.pi * a / 180.0
+        px, py = width * math.sin(rad), width * math.cos(rad)
+        hyp = math.hypot(px, py)
+        ox.append([math.ceil((i * py) / hyp - 0.5) for i in range(width)])
+        oy.append([math.ceil((i * px) / hyp - 0.5) for i in range(width)])
     return k, ox, oy
 
 
-def _motion_blur_u8(x: torch.Tensor, radius: float, sigma: float, angle_deg: torch.Tensor) -> torch.Tensor:
-    """One-sided Gaussian line blur, edge virtual pixels, result rounded to 8 bits (x on the 8-bit grid)."""
-    b, c, h, w = x.shape
-    k, ox, oy = _motion_taps(radius, sigma, angle_deg.to(x.device))
-    rows = torch.arange(h, device=x.device)
-    cols = torch.arange(w, device=x.device)
-    bidx = torch.arange(b, device=x.device)[:, None, None]
-    xc = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-    out = torch.zeros_like(xc)
+def _magick_motion_blur(levels: torch.Tensor, radius: float, sigma: float, angles: torch.Tensor) -> torch.Tensor:
+    """MotionBlurImage on an 8-bit image read into ImageMagick 6 Q16 (value * 257) and written back as 8-bit PNG.
+
+    Per pixel: sum of weight * quantum in double over the taps in order (edge virtual pixels), ClampToQuantum
+    (clip, then +0.5 and truncate: round half up), ScaleQuantumToChar ((q + 128 - ((q + 128) >> 8)) >> 8).
+    Input and output are float64 levels (B, C, H, W).
+    """
+    b, c, h, w = levels.shape
+    dev = levels.device
+    k, ox, oy = _magick_motion_taps(radius, sigma, [float(a) for a in angles.double().cpu()])
+    ox_t = torch.tensor(ox, dtype=torch.long, device=dev)  # (B, width)
+    oy_t = torch.tensor(oy, dtype=torch.long, device=dev)
+    rows = torch.arange(h, device=dev)
+    cols = torch.arange(w, device=dev)
+    bidx = torch.arange(b, device=dev)[:, None, None]
+    q16 = (levels * 257).permute(0, 2, 3, 1)  # (B, H, W, C)
+    acc = torch.zeros_like(q16)
     for t in range(len(k)):
-        r = (rows[None] + oy[:, t:t + 1]).clamp(0, h - 1)  # (B, H)
-        q = (cols[None] + ox[:, t:t + 1]).clamp(0, w - 1)  # (B, W)
-        out += float(k[t]) * xc[bidx, r[:, :, None], q[:, None, :]]
-    return _quantize(out.permute(0, 3, 1, 2))
+        r = (rows[None] + oy_t[:, t:t + 1]).clamp(0, h - 1)  # (B, H)
+        cc = (cols[None] + ox_t[:, t:t + 1]).clamp(0, w - 1)  # (B, W)
+        acc = acc + k[t] * q16[bidx, r[:, :, None], cc[:, None, :]]
+    q = torch.where(acc <= 0, torch.zeros_like(acc),
+                    torch.where(acc >= 65535, torch.full_like(acc, 65535), torch.floor(acc + 0.5)))
+    q = q.long() + 128
+    return ((q - (q >> 8)) >> 8).double().permute(0, 3, 1, 2)
 
 
-def motion_blur(x, severity, gen=None):
+def motion_blur(u, severity, gen=None):
     radius, sigma = PARAMS["motion_blur"][severity - 1]
-    angle = _rand((x.shape[0],), gen, x.device) * 90 - 45
-    return _motion_blur_u8(_quantize(x), radius, sigma, angle)
+    angle = -45 + 90 * _rand((u.shape[0],), gen, u.device).double()  # numpy uniform(-45, 45)
+    return _magick_motion_blur(u, radius, sigma, angle)
 
 
 @lru_cache(maxsize=None)
@@ -301,38 +361,39 @@ def _zoom_factors(stop: float) -> np.ndarray:
     return np.arange(1, stop, 0.01)  # float64 like the reference: 1.06 -> 7 factors (1.0 ... 1.06)
 
 
-@lru_cache(maxsize=None)
-def _zoom_blur_operator(severity: int, n: int) -> torch.Tensor:
-    """(n*n, n*n) operator: (x + sum_z Z_z x Z_z^T) / (len(z) + 1) on a flattened channel."""
-    zs = _zoom_factors(PARAMS["zoom_blur"][severity - 1])
-    op = np.eye(n * n)
-    for z in zs:
-        a = _zoom_matrix(n, float(z))
-        op += np.kron(a, a)
-    return torch.as_tensor(op / (len(zs) + 1), dtype=torch.float32)
-
-
-def zoom_blur(x, severity, gen=None):
-    b, c, h, w = x.shape
-    op = _zoom_blur_operator(severity, h).to(x.device)
-    return (x.reshape(b * c, h * w) @ op.T).view(b, c, h, w).clamp(0, 1)
+def zoom_blur(u, severity, gen=None):
+    """float32 like the reference: each clipped_zoom is computed in float64 and stored as float32 (scipy's
+    output dtype), accumulated in float32, averaged in float32."""
+    _, _, h, _ = u.shape
+    x32 = (u / 255).float()
+    x64 = x32.double()
+    out = torch.zeros_like(x32)
+    for z in _zoom_factors(PARAMS["zoom_blur"][severity - 1]):
+        a = torch.as_tensor(_zoom_matrix(h, float(z)), dtype=F64, device=u.device)
+        out = out + (a @ x64 @ a.T).float()
+    return _out((x32 + out) / (len(_zoom_factors(PARAMS["zoom_blur"][severity - 1])) + 1))
 
 
 # ----------------------------------------------------------------------------------------------- weather
 
-def snow(x, severity, gen=None):
+def _gray32(x32: torch.Tensor) -> torch.Tensor:
+    """cv2.cvtColor(float32 RGB, COLOR_RGB2GRAY) as OpenCV 3.4 computed it: (R*.299f + G*.587f) + B*.114f."""
+    return (x32[:, 0:1] * _f32(0.299) + x32[:, 1:2] * _f32(0.587)) + x32[:, 2:3] * _f32(0.114)
+
+
+def snow(u, severity, gen=None):
     loc, scale, zoom, thresh, radius, sigma, keep = PARAMS["snow"][severity - 1]
-    b, c, h, w = x.shape
-    layer = loc + scale * _randn((b, 1, h, w), gen, x.device)
-    a = torch.as_tensor(_zoom_matrix(h, float(zoom)), dtype=x.dtype, device=x.device)
+    b, c, h, w = u.shape
+    layer = loc + scale * _randn((b, 1, h, w), gen, u.device).double()  # numpy normal(loc, scale)
+    a = torch.as_tensor(_zoom_matrix(h, float(zoom)), dtype=F64, device=u.device)
     layer = a @ layer @ a.T
     layer = torch.where(layer < thresh, torch.zeros_like(layer), layer)
-    layer = torch.floor(layer.clamp(0, 1) * 255) / 255  # PIL 'L' image via astype(uint8)
-    angle = _rand((b,), gen, x.device) * 90 - 135
-    layer = _motion_blur_u8(layer, radius, sigma, angle)
-    gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-    x = keep * x + (1 - keep) * torch.maximum(x, gray * 1.5 + 0.5)
-    return (x + layer + layer.flip(2, 3)).clamp(0, 1)
+    layer = torch.floor(layer.clamp(0, 1) * 255)  # PIL 'L' image via astype(uint8)
+    angle = -135 + 90 * _rand((b,), gen, u.device).double()  # numpy uniform(-135, -45)
+    layer = _magick_motion_blur(layer, radius, sigma, angle) / 255
+    x32 = u.float() / 255  # np.array(x, dtype=np.float32) / 255.
+    x32 = _f32(keep) * x32 + _f32(1 - keep) * torch.maximum(x32, _gray32(x32) * 1.5 + 0.5)
+    return _out(x32.double() + layer + layer.flip(2, 3))
 
 
 @lru_cache(maxsize=None)
@@ -358,28 +419,35 @@ def _frost_bank() -> tuple[torch.Tensor, torch.Tensor]:
     return bank, sizes
 
 
-def frost(x, severity, gen=None):
+def _frost_draws(b: int, h: int, w: int, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(photo index, crop row, crop column) per image, from three uniforms each."""
+    _, sizes = _frost_bank()
+    d = _rand((b, 3), gen, "cpu").double()
+    idx = (d[:, 0] * len(FROST_FILES)).long().clamp(max=len(FROST_FILES) - 1)
+    r0 = (d[:, 1] * (sizes[idx, 0] - h)).long()
+    c0 = (d[:, 2] * (sizes[idx, 1] - w)).long()
+    return idx, r0, c0
+
+
+def frost(u, severity, gen=None):
     keep, weight = PARAMS["frost"][severity - 1]
-    b, c, h, w = x.shape
-    bank, sizes = _frost_bank()
-    u = _rand((b, 3), gen, "cpu").double()
-    idx = (u[:, 0] * len(FROST_FILES)).long().clamp(max=len(FROST_FILES) - 1)
-    hs, ws = sizes[idx, 0], sizes[idx, 1]
-    r0 = (u[:, 1] * (hs - h)).long()
-    c0 = (u[:, 2] * (ws - w)).long()
+    b, c, h, w = u.shape
+    bank, _ = _frost_bank()
+    idx, r0, c0 = _frost_draws(b, h, w, gen)
     rr = (r0[:, None] + torch.arange(h))[:, :, None]
     cc = (c0[:, None] + torch.arange(w))[:, None, :]
     crops = bank.permute(0, 2, 3, 1)[idx[:, None, None], rr, cc].permute(0, 3, 1, 2)  # (B, 3, h, w) uint8
-    return (keep * x + weight * crops.to(x.device, x.dtype) / 255).clamp(0, 1)
+    return (keep * u + weight * crops.to(u.device, F64)).clamp(0, 255)  # already on the 0..255 scale
 
 
 def _plasma(b: int, n: int, decay: float, gen, device) -> torch.Tensor:
-    """Diamond-square height maps (B, n, n) in [0, 1], the reference's algorithm with wibble starting at 100."""
-    m = torch.zeros(b, n, n, dtype=torch.float64, device=device)
+    """Diamond-square height maps (B, n, n) in [0, 1]: the reference's algorithm and float64 arithmetic, with
+    its wibble draws uniform(-wibble, wibble) = -wibble + 2*wibble*U."""
+    m = torch.zeros(b, n, n, dtype=F64, device=device)
     step, wibble = n, 100.0
 
     def wibbled(a):
-        return a / 4 + wibble * (wibble * (2 * _rand(a.shape, gen, device).double() - 1))
+        return a / 4 + wibble * (-wibble + (wibble - -wibble) * _rand(a.shape, gen, device).double())
 
     while step >= 2:
         half = step // 2
@@ -389,41 +457,44 @@ def _plasma(b: int, n: int, decay: float, gen, device) -> torch.Tensor:
         m[:, half:n:step, half:n:step] = wibbled(sq)
         dr = m[:, half:n:step, half:n:step]
         ul = m[:, 0:n:step, 0:n:step]
-        m[:, 0:n:step, half:n:step] = wibbled(dr + torch.roll(dr, 1, 1) + ul + torch.roll(ul, -1, 2))
-        m[:, half:n:step, 0:n:step] = wibbled(dr + torch.roll(dr, 1, 2) + ul + torch.roll(ul, -1, 1))
+        m[:, 0:n:step, half:n:step] = wibbled((dr + torch.roll(dr, 1, 1)) + (ul + torch.roll(ul, -1, 2)))
+        m[:, half:n:step, 0:n:step] = wibbled((dr + torch.roll(dr, 1, 2)) + (ul + torch.roll(ul, -1, 1)))
         step //= 2
         wibble /= decay
     m = m - m.amin(dim=(1, 2), keepdim=True)
     return m / m.amax(dim=(1, 2), keepdim=True)
 
 
-def fog(x, severity, gen=None):
+def fog(u, severity, gen=None):
     weight, decay = PARAMS["fog"][severity - 1]
-    b, c, h, w = x.shape
+    b, c, h, w = u.shape
     n = 1 << (max(h, w, 2) - 1).bit_length()  # the reference's map is 32 for 32 x 32
-    plasma = _plasma(b, n, decay, gen, x.device)[:, None, :h, :w].to(x.dtype)
+    x = u / 255
     peak = x.amax(dim=(1, 2, 3), keepdim=True)
-    return ((x + weight * plasma) * peak / (peak + weight)).clamp(0, 1)
+    x = x + weight * _plasma(b, n, decay, gen, u.device)[:, None, :h, :w]
+    return _out(x * peak / (peak + weight))
 
 
 # ----------------------------------------------------------------------------------------------- digital
 
 def _rgb_to_hsv(x):
+    """skimage.color.rgb2hsv in float64, its operation order and hue precedence (blue, then green, then red)."""
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     v, _ = x.max(dim=1)
     mn, _ = x.min(dim=1)
     delta = v - mn
-    s = torch.where(v > 0, delta / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    s = torch.where(delta > 0, delta / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     hr = (g - b) / safe
     hg = 2 + (b - r) / safe
     hb = 4 + (r - g) / safe
-    hue = torch.where(b == v, hb, torch.where(g == v, hg, hr))  # skimage's precedence: blue, green, red
+    hue = torch.where(b == v, hb, torch.where(g == v, hg, hr))
     hue = torch.where(delta > 0, (hue / 6) % 1, torch.zeros_like(hue))
     return hue, s, v
 
 
 def _hsv_to_rgb(hue, s, v):
+    """skimage.color.hsv2rgb in float64."""
     h6 = hue * 6
     i = torch.floor(h6)
     f = h6 - i
@@ -436,50 +507,32 @@ def _hsv_to_rgb(hue, s, v):
     return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1))[0]
 
 
-def brightness(x, severity, gen=None):
+def brightness(u, severity, gen=None):
     c = PARAMS["brightness"][severity - 1]
-    hue, s, v = _rgb_to_hsv(x)
-    return _hsv_to_rgb(hue, s, (v + c).clamp(0, 1)).clamp(0, 1)
+    hue, s, v = _rgb_to_hsv(u / 255)
+    return _out(_hsv_to_rgb(hue, s, (v + c).clamp(0, 1)))
 
 
-def saturate(x, severity, gen=None):
+def saturate(u, severity, gen=None):
     a, b = PARAMS["saturate"][severity - 1]
-    hue, s, v = _rgb_to_hsv(x)
-    return _hsv_to_rgb(hue, (s * a + b).clamp(0, 1), v).clamp(0, 1)
+    hue, s, v = _rgb_to_hsv(u / 255)
+    return _out(_hsv_to_rgb(hue, (s * a + b).clamp(0, 1), v))
 
 
-def contrast(x, severity, gen=None):
+def _sequential_mean_hw(x: torch.Tensor) -> torch.Tensor:
+    """np.mean(hwc, axis=(0, 1)): numpy adds the pixels one after another per channel, then divides."""
+    flat = x.flatten(2)
+    acc = flat[..., 0].clone()
+    for i in range(1, flat.shape[-1]):
+        acc = acc + flat[..., i]
+    return (acc / flat.shape[-1])[..., None, None]
+
+
+def contrast(u, severity, gen=None):
     c = PARAMS["contrast"][severity - 1]
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    return ((x - mean) * c + mean).clamp(0, 1)
-
-
-def _bilinear(img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mode: str) -> torch.Tensor:
-    """Sample (B, C, H, W) at float positions (B, H, W) bilinearly; neighbours outside follow `mode`."""
-    b, c, h, w = img.shape
-    r0 = torch.floor(rows)
-    c0 = torch.floor(cols)
-    fr = (rows - r0).to(img.dtype)[:, None]
-    fc = (cols - c0).to(img.dtype)[:, None]
-    r0, c0 = r0.long(), c0.long()
-
-    def fold(i, n):
-        if mode == "symmetric":
-            m = i % (2 * n)
-            return torch.where(m >= n, 2 * n - 1 - m, m)
-        p = 2 * n - 2  # reflect101
-        m = i % p
-        return torch.where(m >= n, p - m, m)
-
-    flat = img.flatten(2)
-
-    def at(ri, ci):
-        idx = (fold(ri, h) * w + fold(ci, w)).flatten(1)[:, None, :].expand(b, c, -1)
-        return flat.gather(2, idx).view(b, c, h, w)
-
-    top = at(r0, c0) * (1 - fc) + at(r0, c0 + 1) * fc
-    bot = at(r0 + 1, c0) * (1 - fc) + at(r0 + 1, c0 + 1) * fc
-    return top * (1 - fr) + bot * fr
+    x = u / 255
+    mean = _sequential_mean_hw(x)
+    return _out((x - mean) * c + mean)
 
 
 def _affine_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -489,33 +542,101 @@ def _affine_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(a, dst).transpose(1, 2)
 
 
-def elastic_transform(x, severity, gen=None):
-    """Random affine (cv2.warpAffine, bilinear with 1/32-pixel positions, BORDER_REFLECT_101), then a smooth
-    random displacement (uniform(-1, 1) fields, Gaussian sigma truncated at 3, times alpha) sampled bilinearly
-    with symmetric borders (scipy map_coordinates order=1, mode='reflect')."""
+def _invert_affine(m: torch.Tensor) -> torch.Tensor:
+    """cv2.invertAffineTransform, same formula (double)."""
+    m0, m1, m2 = m[:, 0, 0], m[:, 0, 1], m[:, 0, 2]
+    m3, m4, m5 = m[:, 1, 0], m[:, 1, 1], m[:, 1, 2]
+    d = m0 * m4 - m1 * m3
+    d = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    a11, a22, a12, a21 = m4 * d, m0 * d, m1 * -d, m3 * -d
+    b1 = -a11 * m2 - a12 * m5
+    b2 = -a21 * m2 - a22 * m5
+    return torch.stack([torch.stack([a11, a12, b1], 1), torch.stack([a21, a22, b2], 1)], 1)
+
+
+def _warp_affine_f32(img: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """cv2.warpAffine(float32 img, M, INTER_LINEAR, BORDER_REFLECT_101) as OpenCV <= 4.10 computes it.
+
+    Source positions are fixed point: round(A x * 1024) + round((B y + C) * 1024) + 16, shifted down to 1/32
+    pixel (OpenCV's AB_BITS = 10 then INTER_BITS = 5); the bilinear weights come from its float32 table
+    ((1 - fy)(1 - fx), (1 - fy) fx, fy (1 - fx), fy fx) and the four products are summed left to right in float32.
+    """
+    b, c, h, w = img.shape
+    dev = img.device
+    inv = _invert_affine(m)
+    xs = torch.arange(w, dtype=F64, device=dev)
+    ys = torch.arange(h, dtype=F64, device=dev)
+    adelta = torch.round(inv[:, 0, 0, None] * xs * 1024).long()  # (B, W)
+    bdelta = torch.round(inv[:, 1, 0, None] * xs * 1024).long()
+    x0 = torch.round((inv[:, 0, 1, None] * ys + inv[:, 0, 2, None]) * 1024).long() + 16  # (B, H)
+    y0 = torch.round((inv[:, 1, 1, None] * ys + inv[:, 1, 2, None]) * 1024).long() + 16
+    xx = (x0[:, :, None] + adelta[:, None, :]) >> 5  # (B, H, W) in 1/32 pixel
+    yy = (y0[:, :, None] + bdelta[:, None, :]) >> 5
+    sx, fx = xx >> 5, (xx & 31).float() / 32
+    sy, fy = yy >> 5, (yy & 31).float() / 32
+    w00, w01 = (1 - fy) * (1 - fx), (1 - fy) * fx
+    w10, w11 = fy * (1 - fx), fy * fx
+    flat = img.flatten(2)
+
+    def at(ri, ci):
+        ri = _fold(ri, h, "reflect101")
+        ci = _fold(ci, w, "reflect101")
+        return flat.gather(2, (ri * w + ci).flatten(1)[:, None, :].expand(b, c, -1)).view(b, c, h, w)
+
+    return (((at(sy, sx) * w00[:, None] + at(sy, sx + 1) * w01[:, None]) + at(sy + 1, sx) * w10[:, None])
+            + at(sy + 1, sx + 1) * w11[:, None])
+
+
+def _fold(i: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    if mode == "symmetric":
+        m = i % (2 * n)
+        return torch.where(m >= n, 2 * n - 1 - m, m)
+    p = max(2 * n - 2, 1)  # reflect101
+    m = i % p
+    return torch.where(m >= n, p - m, m)
+
+
+def _map_coordinates_f32(img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """scipy.ndimage.map_coordinates(float32 img, order=1, mode='reflect') at float64 positions (B, H, W):
+    bilinear in float64 with symmetric borders, stored as float32 (scipy's output dtype)."""
+    b, c, h, w = img.shape
+    r0, c0 = torch.floor(rows), torch.floor(cols)
+    fr, fc = (rows - r0)[:, None], (cols - c0)[:, None]
+    r0, c0 = r0.long(), c0.long()
+    flat = img.double().flatten(2)
+
+    def at(ri, ci):
+        idx = (_fold(ri, h, "symmetric") * w + _fold(ci, w, "symmetric")).flatten(1)[:, None, :].expand(b, c, -1)
+        return flat.gather(2, idx).view(b, c, h, w)
+
+    top = at(r0, c0) * (1 - fc) + at(r0, c0 + 1) * fc
+    bot = at(r0 + 1, c0) * (1 - fc) + at(r0 + 1, c0 + 1) * fc
+    return (top * (1 - fr) + bot * fr).float()
+
+
+def elastic_transform(u, severity, gen=None):
+    """float32 like the reference: random affine (cv2.getAffineTransform + warpAffine, OpenCV's fixed-point
+    positions and float32 bilinear table), then smooth uniform(-1, 1) displacement fields (skimage gaussian,
+    mode reflect, truncate 3, float64, times alpha, stored float32) sampled by map_coordinates (order 1,
+    mode reflect)."""
     alpha, sigma, jitter = PARAMS["elastic_transform"][severity - 1]
-    b, c, h, w = x.shape
-    dev = x.device
+    b, c, h, w = u.shape
+    dev = u.device
+    img = u.float() / 255  # np.array(image, dtype=np.float32) / 255.
     centre = np.float32([h, w]) // 2
     sq = min(h, w) // 3
     pts1 = np.float32([centre + sq, [centre[0] + sq, centre[1] - sq], centre - sq])
-    src = torch.as_tensor(pts1, dtype=torch.float64, device=dev).expand(b, 3, 2)
-    dst = src + (jitter * (2 * _rand((b, 3, 2), gen, dev).double() - 1)).float().double()
-    m = _affine_from_points(src, dst)  # maps (x=col, y=row) source -> destination
-    full = torch.cat([m, torch.tensor([[[0.0, 0.0, 1.0]]], dtype=m.dtype, device=dev).expand(b, 1, 3)], 1)
-    inv = torch.linalg.inv(full)[:, :2]  # dst -> src, what warpAffine samples with
-    yy, xx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float64),
-                            torch.arange(w, device=dev, dtype=torch.float64), indexing="ij")
-    sx = inv[:, 0, 0, None, None] * xx + inv[:, 0, 1, None, None] * yy + inv[:, 0, 2, None, None]
-    sy = inv[:, 1, 0, None, None] * xx + inv[:, 1, 1, None, None] * yy + inv[:, 1, 2, None, None]
-    sx, sy = torch.round(sx * 32) / 32, torch.round(sy * 32) / 32  # OpenCV's INTER_BITS = 5 sub-pixel grid
-    warped = _bilinear(x, sy, sx, "reflect101")
-    fields = (2 * _rand((b, 2, h, w), gen, dev).double() - 1).float()  # float32: torch's CPU float64 conv is slow
-    fields = _gaussian(fields, sigma, "symmetric", truncate=3.0) * alpha
-    dx, dy = fields[:, 0], fields[:, 1]
-    rows = yy.float()[None] + dy
-    cols = xx.float()[None] + dx
-    return _bilinear(warped, rows, cols, "symmetric").clamp(0, 1)
+    src = torch.as_tensor(pts1, dtype=F32, device=dev).expand(b, 3, 2)
+    jit = (-jitter + (jitter - -jitter) * _rand((b, 3, 2), gen, dev).double()).float()  # uniform(-c, c) as float32
+    dst = src + jit  # float32 sum, like pts1 + jitter in the reference
+    warped = _warp_affine_f32(img, _affine_from_points(src.double(), dst.double()))
+    fields = -1 + (1 - -1) * _rand((b, 2, h, w), gen, dev).double()  # uniform(-1, 1): dx's field, dy's field
+    disp = (_gaussian(fields, sigma, "symmetric", truncate=3.0) * alpha).float()
+    yy, xx = torch.meshgrid(torch.arange(h, device=dev, dtype=F64), torch.arange(w, device=dev, dtype=F64),
+                            indexing="ij")
+    rows = yy[None] + disp[:, 1].double()
+    cols = xx[None] + disp[:, 0].double()
+    return _out(_map_coordinates_f32(warped, rows, cols))
 
 
 @lru_cache(maxsize=None)
@@ -552,12 +673,10 @@ def _pil_resize_u8(x255: torch.Tensor, size: int) -> torch.Tensor:
     return torch.floor((wv @ t + half) / (1 << 22)).clamp(0, 255)
 
 
-def pixelate(x, severity, gen=None):
+def pixelate(u, severity, gen=None):
     c = PARAMS["pixelate"][severity - 1]
-    h = x.shape[-1]
-    small = int(h * c)
-    x255 = torch.round(x.clamp(0, 1) * 255)
-    return (_pil_resize_u8(_pil_resize_u8(x255, small), h) / 255).to(x.dtype)
+    h = u.shape[-1]
+    return _pil_resize_u8(_pil_resize_u8(u, int(h * c)), h)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -573,15 +692,15 @@ def _jpeg_one(img: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def jpeg_compression(x, severity, gen=None):
+def jpeg_compression(u, severity, gen=None):
     """PIL JPEG round trip at the reference quality, on the CPU, one image per task in a thread pool."""
     global _POOL
     q = PARAMS["jpeg_compression"][severity - 1]
-    u8 = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    u8 = u.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     out = np.stack(list(_POOL.map(lambda a: _jpeg_one(a, q), u8)))
-    return (torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(u.device, F64)
 
 
 # ----------------------------------------------------------------------------------------------- spatter
@@ -621,81 +740,90 @@ def _canny(img: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return edges
 
 
+_CHAMFER_FIX = (65536, 91750, 143978)  # OpenCV DIST_L2 5x5 steps 1, 1.4, 2.1969 as cvRound(step * 2^16)
+
+
 def _chamfer_weights() -> torch.Tensor:
-    """OpenCV DIST_L2 with a 5 x 5 mask: steps 1 (axis), 1.4 (diagonal), 2.1969 (knight); inf elsewhere."""
-    w = torch.full((5, 5), float("inf"))
+    """The 5 x 5 chamfer steps in OpenCV's 16.16 fixed point (axis, diagonal, knight); inf elsewhere."""
+    w = torch.full((5, 5), float("inf"), dtype=F64)
     for i in range(5):
         for j in range(5):
             di, dj = abs(i - 2), abs(j - 2)
             if (di, dj) == (0, 0):
                 w[i, j] = 0
             elif di + dj == 1:
-                w[i, j] = 1.0
+                w[i, j] = _CHAMFER_FIX[0]
             elif (di, dj) == (1, 1):
-                w[i, j] = 1.4
+                w[i, j] = _CHAMFER_FIX[1]
             elif {di, dj} == {1, 2}:
-                w[i, j] = 2.1969
+                w[i, j] = _CHAMFER_FIX[2]
     return w.flatten()
 
 
 def _distance_to_zero(mask_zero: torch.Tensor, cap: float) -> torch.Tensor:
-    """Chamfer distance (B, 1, H, W) to the nearest True pixel, exact up to `cap` (min-plus relaxation)."""
+    """cv2.distanceTransform(DIST_L2, 5) (B, 1, H, W) float32 to the nearest True pixel, exact up to `cap`: integer
+    16.16 chamfer distances by min-plus relaxation, then times 2^-16 in float32 like OpenCV."""
     b, _, h, w = mask_zero.shape
-    big = 1e6
-    d = torch.where(mask_zero, 0.0, big).float()
+    big = float(1 << 40)
+    d = torch.where(mask_zero, 0.0, big).to(F64)
     wts = _chamfer_weights().to(d.device)[None, :, None]
-    for _ in range(int(cap) + 1):
+    for _ in range(int(cap) + 2):
         p = F.pad(d, (2, 2, 2, 2), value=big)
         nd = (F.unfold(p, 5) + wts).amin(dim=1).view(b, 1, h, w)
         if torch.equal(nd, d):
             break
         d = nd
-    return d
+    return (d.clamp(max=float(1 << 30)) / 65536).float()
 
 
 def _equalize_hist(u8: torch.Tensor) -> torch.Tensor:
-    """cv2.equalizeHist per image on (B, 1, H, W) values 0..255."""
+    """cv2.equalizeHist per image on (B, 1, H, W) values 0..255: lut = round(cdf * (255.f / (total - first)))
+    in float32, first bin -> 0."""
     b = u8.shape[0]
     v = u8.long().flatten(1)
-    hist = torch.zeros(b, 256, dtype=torch.float64, device=u8.device).scatter_add_(
-        1, v, torch.ones_like(v, dtype=torch.float64))
+    hist = torch.zeros(b, 256, dtype=F64, device=u8.device).scatter_add_(1, v, torch.ones_like(v, dtype=F64))
     total = v.shape[1]
     first = (hist > 0).double().argmax(1)  # first non-empty bin
     h0 = hist.gather(1, first[:, None])
-    cdf = hist.cumsum(1) - h0  # sum of bins after the first up to i
-    denom = (total - h0).clamp(min=1)
-    lut = torch.round(cdf * (255.0 / denom)).clamp(0, 255)
+    cdf = (hist.cumsum(1) - h0).float()  # sum of bins after the first up to i (exact integers)
+    scale = torch.tensor(255.0, dtype=F32) / (total - h0).clamp(min=1).float()
+    lut = torch.round(cdf * scale).clamp(0, 255).double()
     bins = torch.arange(256, device=u8.device)[None]
     lut = torch.where(bins <= first[:, None], torch.zeros_like(lut), lut)
     lut = torch.where(h0 == total, first[:, None].double().expand(-1, 256), lut)
     return lut.gather(1, v).view_as(u8).to(u8.dtype)
 
 
-def spatter(x, severity, gen=None):
+def spatter(u, severity, gen=None):
     loc, scale, sigma, thresh, inten, mode = PARAMS["spatter"][severity - 1]
-    b, c, h, w = x.shape
-    liquid = loc + scale * _randn((b, 1, h, w), gen, x.device)
+    b, c, h, w = u.shape
+    dev = u.device
+    x32 = u.float() / 255  # np.array(x, dtype=np.float32) / 255.
+    liquid = loc + scale * _randn((b, 1, h, w), gen, dev).double()  # numpy normal(loc, scale)
     liquid = _gaussian(liquid, sigma, "nearest")
     liquid = torch.where(liquid < thresh, torch.zeros_like(liquid), liquid)
     if mode == 0:  # water
-        lq = torch.floor(liquid * 255).clamp(0, 255)
+        lq = torch.remainder(torch.floor(liquid * 255), 256)  # astype(np.uint8) wraps values above 255
         edges = _canny(lq, 50, 150)
-        dist = _distance_to_zero(edges, 20).clamp(max=20)
-        dist = torch.floor(_box3(dist) + 1e-9).clamp(0, 255)
+        dist = _distance_to_zero(edges, 20).clamp(max=20)  # distanceTransform, THRESH_TRUNC at 20
+        dist = torch.floor((_box3_sum(dist.double()) * (1.0 / 9)).float())  # cv2.blur (float32) .astype(uint8)
         dist = _equalize_hist(dist)
         ker = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]])
-        dist = torch.round(_conv2d_same(dist.float(), ker, "reflect101")).clamp(0, 255)
-        dist = torch.round(_box3(dist)).clamp(0, 255)
-        m = lq * dist
+        dist = _conv2d_same(dist.float(), ker, "reflect101").clamp(0, 255)  # filter2D CV_8U (integer sums)
+        dist = torch.round(_box3_sum(dist.double()) * (1.0 / 9)).float()  # cv2.blur on uint8, .astype(float32)
+        m = lq.float() * dist
         peak = m.amax(dim=(2, 3), keepdim=True)
-        m = torch.where(peak > 0, m / peak.clamp(min=1e-12), torch.zeros_like(m)) * inten
-        color = torch.tensor([175, 238, 238], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 255
-        return (x + (m * color).to(x.dtype)).clamp(0, 1)
-    m = (liquid > thresh).to(x.dtype)  # mud
+        m = (m / peak) * _f32(inten)  # 0 / 0 = NaN when there is no liquid, as in the reference
+        color = torch.stack([_f32(175 / 255.), _f32(238 / 255.), _f32(238 / 255.)]).to(dev).view(1, 3, 1, 1)
+        out = _out(x32 + m * color)
+        return torch.where(peak > 0, out, torch.zeros_like(out))  # np.uint8(NaN) is 0 on x86
+    m = (liquid > thresh).double()  # mud; skimage 0.14's gaussian works in float64
     m = _gaussian(m, inten, "nearest")
-    m = torch.where(m < 0.8, torch.zeros_like(m), m).to(x.dtype)
-    color = torch.tensor([63, 42, 20], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 255
-    return (x * (1 - m) + color * m).clamp(0, 1)
+    m = torch.where(m < 0.8, torch.zeros_like(m), m)
+    color = torch.stack([_f32(63 / 255.), _f32(42 / 255.), _f32(20 / 255.)]).to(dev).view(1, 3, 1, 1)
+    color = (color.double() * m).float()  # color *= m (float32 array, float64 factor)
+    x32 = (x32.double() * (1 - m)).float()  # x *= 1 - m
+    return _out(x32 + color)
 
 
 # ----------------------------------------------------------------------------------------------- front door
@@ -719,22 +847,56 @@ def _check(name: str, severity) -> None:
         raise UsageError(f"severity must be an integer from 1 to 5, got {severity!r}")
 
 
+def _truncate(y255: torch.Tensor) -> torch.Tensor:
+    """The reference's np.uint8(value) on its 0..255 float values: truncation (values are already in range)."""
+    return torch.floor(y255).clamp(0, 255).to(torch.uint8)
+
+
+def _levels(x: torch.Tensor) -> torch.Tensor:
+    """float64 8-bit levels of images in [0, 1] (exact for uint8 / 255): the reference's np.array(pil_image)."""
+    return torch.round(x.double().clamp(0, 1) * 255)
+
+
+def _check_images(x) -> None:
+    if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise UsageError(f"corrupt expects images of shape (B, 3, H, W), got {shape}")
+
+
+def corrupt_uint8(x_uint8: torch.Tensor, name: str, severity: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Corrupt uint8 images (B, 3, H, W) exactly as the reference made CIFAR-10-C: returns uint8, same shape.
+
+    Runs on x's device. Random corruptions draw from `generator` (the global RNG when None); a CPU generator
+    gives the same draws on every device.
+    """
+    _check(name, severity)
+    _check_images(x_uint8)
+    if x_uint8.dtype != torch.uint8:
+        raise UsageError(f"corrupt_uint8 expects uint8 images, got dtype {x_uint8.dtype}")
+    if x_uint8.shape[0] == 0:
+        return x_uint8.clone()
+    with torch.no_grad():
+        return _truncate(_FUNCS[name](x_uint8.double(), int(severity), generator))
+
+
 def corrupt(x: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Corrupt float images (B, 3, H, W) in [0, 1] with CIFAR-10-C `name` at `severity` (1..5).
 
-    Runs on x's device. Random corruptions draw from `generator` (the global RNG when None); a CPU generator
-    gives identical images on every device. Returns a new float tensor in [0, 1], same shape and dtype.
+    The images are taken on the 8-bit grid (rounded to levels / 255, as the reference's PIL images were) and
+    the result is the 8-bit image the reference would have saved, divided by 255: a new float tensor in [0, 1]
+    with x's shape and dtype, on x's device. Random corruptions draw from `generator` (the global RNG when None);
+    a CPU generator gives identical images on every device.
     """
     _check(name, severity)
-    if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3:
-        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise UsageError(f"corrupt expects float images of shape (B, 3, H, W), got {shape}")
+    _check_images(x)
     if not x.is_floating_point():
-        raise UsageError(f"corrupt expects float images in [0, 1], got dtype {x.dtype} (divide uint8 by 255)")
+        raise UsageError(f"corrupt expects float images in [0, 1], got dtype {x.dtype} (divide uint8 by 255, "
+                         "or use corrupt_uint8)")
     if x.shape[0] == 0:
         return x.clone()
     with torch.no_grad():
-        return _FUNCS[name](x, int(severity), generator).to(x.dtype)
+        return (_truncate(_FUNCS[name](_levels(x), int(severity), generator)).to(x.dtype) / 255)
 
 
 def _chunk_seed(seed: int, name: str, severity: int, chunk: int) -> int:
@@ -742,9 +904,14 @@ def _chunk_seed(seed: int, name: str, severity: int, chunk: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def corrupt_range(x_uint8: torch.Tensor, name: str, severity: int, seed: int, start: int, stop: int,
-                  device="cpu") -> torch.Tensor:
-    """Corrupted float images for examples [start, stop) of a uint8 set, on `device`.
+def chunk_generator(seed: int, name: str, severity: int, chunk: int) -> torch.Generator:
+    """The CPU generator that draws chunk `chunk` (examples chunk*CHUNK ...) of (name, severity) for `seed`."""
+    return torch.Generator().manual_seed(_chunk_seed(seed, name, severity, chunk))
+
+
+def corrupt_range_uint8(x_uint8: torch.Tensor, name: str, severity: int, seed: int, start: int, stop: int,
+                        device="cpu") -> torch.Tensor:
+    """Corrupted uint8 images for examples [start, stop) of a uint8 set, computed on `device`.
 
     Examples are corrupted in fixed chunks of CHUNK, each with its own generator seeded from (seed, name,
     severity, chunk index), so an example's image never depends on how the caller batches the set.
@@ -756,17 +923,22 @@ def corrupt_range(x_uint8: torch.Tensor, name: str, severity: int, seed: int, st
     parts = []
     for s in range(c0, c1, CHUNK):
         e = min(s + CHUNK, n)
-        xb = x_uint8[s:e].to(device).float().div_(255)
-        g = torch.Generator().manual_seed(_chunk_seed(seed, name, severity, s // CHUNK))
-        parts.append(corrupt(xb, name, severity, g))
+        parts.append(corrupt_uint8(x_uint8[s:e].to(device), name, severity, chunk_generator(seed, name, severity,
+                                                                                            s // CHUNK)))
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
     return out[start - c0:stop - c0]
 
 
+def corrupt_range(x_uint8: torch.Tensor, name: str, severity: int, seed: int, start: int, stop: int,
+                  device="cpu") -> torch.Tensor:
+    """What the model sees for examples [start, stop): the uint8 images of `corrupt_range_uint8` as float32 / 255
+    on `device`, exactly as `evaluate_official` feeds the same images read from .npy files."""
+    return corrupt_range_uint8(x_uint8, name, severity, seed, start, stop, device).to(device).float().div_(255)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """The reference's export, np.uint8(value * 255): truncation. A 1e-3 gray-level guard keeps values that are
-    exact integers in the reference's float64 (e.g. 8-bit round trips) from dropping a level in float32."""
-    return torch.floor(x.float() * 255 + 1e-3).clamp(0, 255).to(torch.uint8)
+    """Float images on the 8-bit grid (what `corrupt` returns) back to uint8: round(x * 255)."""
+    return torch.round(x.double().clamp(0, 1) * 255).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -941,39 +1113,63 @@ def load_official(directory, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(lab.astype(np.int64))
 
 
+def load_clean(directory) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The clean images of an exported directory (`clean.npy`, uint8 (N, H, W, 3), with labels.npy's first N
+    labels), or None when the directory has none (the official CIFAR-10-C folders do not)."""
+    d = Path(directory)
+    f = d / "clean.npy"
+    if not f.is_file():
+        return None
+    try:
+        arr = np.load(f, allow_pickle=False)
+        lab = np.load(d / "labels.npy", allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for a broken file
+        raise DatasetError(f"cannot read clean.npy or labels.npy in {d}: {exc}") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or lab.ndim != 1 or lab.shape[0] < arr.shape[0]:
+        raise DatasetError(f"{f} has {arr.dtype} {arr.shape}: expected uint8 (N, H, W, 3) with N <= {lab.shape}")
+    return (torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(lab[:arr.shape[0]].astype(np.int64)))
+
+
 def evaluate_official(model, directory, names: Iterable[str] | None = None, *,
                       severities: Iterable[int] = (1, 2, 3, 4, 5), batch_size: int = 500, device="cpu",
-                      clean: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      clean: tuple[torch.Tensor, torch.Tensor] | None = None, n: int | None = None,
                       on_batch: Callable[[dict], None] | None = None) -> dict:
     """Like `evaluate`, on the published (or exported) .npy files. names=None: every corruption file present.
 
-    clean: optional (x_uint8, y) of the clean test set; without it "clean_correct" is an empty tensor.
+    clean: optional (x_uint8, y) of the same clean images, in the files' order; without it "clean_correct" is an
+    empty tensor. n: only the first n examples of each severity (and of `clean`).
     """
     d = Path(directory)
     if names is None:
-        names = [n for n in CORRUPTIONS if (d / f"{n}.npy").is_file()]
+        names = [nm for nm in CORRUPTIONS if (d / f"{nm}.npy").is_file()]
         if not names:
             raise DatasetError(f"no CIFAR-10-C files (<name>.npy) in {d}")
     names, severities = _check_names(names), _check_severities(severities)
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be positive, got {batch_size}")
     t0 = time.perf_counter()
     clean_ok = torch.zeros(0, dtype=torch.bool)
     if clean is not None:
-        cx, cy = clean
-        clean_ok = torch.cat([_predict(model, cx[s:s + batch_size].to(device).float() / 255).cpu()
-                              == cy[s:s + batch_size].long() for s in range(0, len(cy), batch_size)])
+        cx, cy = clean[0][:n], torch.as_tensor(clean[1])[:n].long()
+        clean_ok = torch.cat([_predict(model, cx[s:s + batch_size].to(device).float().div_(255)).cpu()
+                              == cy[s:s + batch_size] for s in range(0, len(cy), batch_size)]) if len(cy) else clean_ok
+        if on_batch:
+            on_batch({"name": None, "severity": None, "done": len(cy), "total": len(cy)})
     correct = {}
     for name in names:
         x, y = load_official(d, name)
-        n = x.shape[0] // 5
+        rows = x.shape[0] // 5
+        m = rows if n is None else min(n, rows)
         for sev in severities:
-            ok = torch.zeros(n, dtype=torch.bool)
-            base = (sev - 1) * n
-            for s in range(0, n, batch_size):
-                e = min(s + batch_size, n)
+            ok = torch.zeros(m, dtype=torch.bool)
+            base = (sev - 1) * rows
+            for s in range(0, m, batch_size):
+                e = min(s + batch_size, m)
                 xb = x[base + s:base + e].to(device).float().div_(255)
                 ok[s:e] = _predict(model, xb).cpu() == y[base + s:base + e]
                 if on_batch:
-                    on_batch({"name": name, "severity": sev, "done": e, "total": n})
+                    on_batch({"name": name, "severity": sev, "done": e, "total": m})
             correct[(name, sev)] = ok
     return {"clean_correct": clean_ok, "correct": correct, "seconds": time.perf_counter() - t0}
 
@@ -983,6 +1179,7 @@ def _atomic_save(path: Path, arr: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data sets are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -991,10 +1188,12 @@ def _atomic_save(path: Path, arr: np.ndarray) -> None:
 
 def export(directory, x_uint8: torch.Tensor, y: torch.Tensor, names: Iterable[str] = CORRUPTIONS, seed: int = 0,
            *, batch_size: int = 500, device="cpu", on_batch: Callable[[dict], None] | None = None) -> list[Path]:
-    """Write a generated set in the CIFAR-10-C layout: <name>.npy uint8 (5N, H, W, 3) and labels.npy (5N,).
+    """Write a generated set in the CIFAR-10-C layout: <name>.npy uint8 (5N, H, W, 3) and labels.npy (5N,), plus
+    clean.npy (N, H, W, 3), the clean images, so that evaluating the directory can report clean accuracy.
 
-    Images are exactly those `evaluate` sees for the same seed. Each file is written to a temporary name in
-    the directory and renamed into place. Returns the written paths.
+    Images are exactly those `evaluate` sees for the same seed (`corrupt_range_uint8`), so `evaluate_official` on
+    the directory gives the same per-example outcomes. Each file is written to a temporary name in the directory
+    and renamed into place, mode 0644. Returns the written paths.
     """
     names = _check_names(names)
     if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
@@ -1009,7 +1208,7 @@ def export(directory, x_uint8: torch.Tensor, y: torch.Tensor, names: Iterable[st
         for sev in range(1, 6):
             for s in range(0, n, batch_size):
                 e = min(s + batch_size, n)
-                xb = to_uint8(corrupt_range(x_uint8, name, sev, seed, s, e, device))
+                xb = corrupt_range_uint8(x_uint8, name, sev, seed, s, e, device)
                 out[(sev - 1) * n + s:(sev - 1) * n + e] = xb.permute(0, 2, 3, 1).cpu().numpy()
                 if on_batch:
                     on_batch({"name": name, "severity": sev, "done": e, "total": n})
@@ -1018,6 +1217,8 @@ def export(directory, x_uint8: torch.Tensor, y: torch.Tensor, names: Iterable[st
     lab_dtype = np.uint8 if (int(y.max()) if y.numel() else 0) < 256 else np.int64  # CIFAR-10/100: uint8
     _atomic_save(d / "labels.npy", np.tile(y.numpy(), 5).astype(lab_dtype))
     written.append(d / "labels.npy")
+    _atomic_save(d / "clean.npy", x_uint8.permute(0, 2, 3, 1).contiguous().numpy())  # epcli's addition
+    written.append(d / "clean.npy")
     return written
 
 
@@ -1031,7 +1232,7 @@ def sample_grid(x_uint8_few: torch.Tensor, names: Iterable[str] = CORRUPTIONS,
         for name in names:
             row = [x_uint8_few[i]]
             for sev in severities:
-                row.append(to_uint8(corrupt_range(x_uint8_few, name, sev, seed, i, i + 1))[0])
+                row.append(corrupt_range_uint8(x_uint8_few, name, sev, seed, i, i + 1)[0])
             tiles.append(row)
     cols = 1 + len(severities)
     grid = torch.full((3, len(tiles) * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)

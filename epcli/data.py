@@ -191,41 +191,101 @@ def _read_imagefolder(path: Path) -> dict:
     return out
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python batches without running code: the only callables a pickle may name are the ones
+    that rebuild a numpy array (and `_codecs.encode`, which protocol-2 pickles use for bytes). Anything
+    else - os.system, builtins.eval, any class - is refused, so a crafted batch file cannot execute."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a CIFAR batch holds only dicts, "
+                                         "lists, bytes and numpy arrays)")
+        return super().find_class(module, name)
+
+
+def _plain(obj, depth: int = 0) -> bool:
+    """True for the structure of a CIFAR batch: dicts / lists of bytes, str, ints and numeric arrays."""
+    if depth > 4:
+        return False
+    if isinstance(obj, np.ndarray):
+        return obj.dtype != object
+    if isinstance(obj, dict):
+        return all(isinstance(k, (bytes, str)) and _plain(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in obj)
+    return isinstance(obj, (bytes, str, int, float)) and not isinstance(obj, bool) or obj is None
+
+
 def _read_torchvision(name: str, folder: Path) -> dict:
     def unpickle(p: Path) -> dict:
         try:
             with open(p, "rb") as f:
-                return pickle.load(f, encoding="bytes")
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise DatasetError(f"{p} is missing or not a CIFAR python batch ({e}); expected "
-                               f"{TORCHVISION_LAYOUT[name]}") from None
+                d = _CifarUnpickler(f, encoding="bytes").load()
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                KeyError, MemoryError, RecursionError) as e:
+            raise DatasetError(f"{p} is missing or not a CIFAR python batch ({' '.join(str(e).split())[:160]}); "
+                               f"expected {TORCHVISION_LAYOUT[name]}") from None
+        if not isinstance(d, dict) or not _plain(d):
+            raise DatasetError(f"{p} is not a CIFAR python batch (expected a dict of bytes, lists and arrays)")
+        return d
 
     def to_x(d: dict, p: Path) -> torch.Tensor:
-        data = np.asarray(d.get(b"data", []), dtype=np.uint8)
+        raw = d.get(b"data", [])
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
+            raise DatasetError(f"{p}: 'data' must be a uint8 numpy array")
+        data = raw
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DatasetError(f"{p}: 'data' must be an (N, 3072) uint8 array, got {data.shape}")
         return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
 
+    def names(meta: dict, key: bytes, p: Path) -> list[str]:
+        raw = meta.get(key, [])
+        if not isinstance(raw, list) or not all(isinstance(c, (bytes, str)) for c in raw):
+            raise DatasetError(f"{p}: {key.decode()!r} must be a list of class names")
+        return [c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in raw]
+
+    def to_y(d: dict, key: bytes, x: torch.Tensor, p: Path, num_classes: int) -> torch.Tensor:
+        raw = d.get(key)
+        try:
+            y = torch.as_tensor(np.asarray(raw, dtype=np.int64).reshape(-1))
+        except (TypeError, ValueError, OverflowError):
+            raise DatasetError(f"{p}: {key.decode()!r} must be a list of integer labels") from None
+        if raw is None or len(y) != len(x):
+            raise DatasetError(f"{p}: {key.decode()!r} has {0 if raw is None else len(y)} labels for {len(x)} "
+                               "images")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise DatasetError(f"{p}: labels must be in 0..{num_classes - 1}, found {int(y.min())}.."
+                               f"{int(y.max())}")
+        return y
+
     if name == "cifar10":
-        train = [unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
+        files = [folder / f"data_batch_{i}" for i in range(1, 6)]
+        train = [unpickle(f) for f in files]
         test = unpickle(folder / "test_batch")
-        meta = unpickle(folder / "batches.meta")
-        classes = [c.decode() for c in meta.get(b"label_names", [])] or CIFAR10_CLASSES
+        classes = names(unpickle(folder / "batches.meta"), b"label_names", folder / "batches.meta") \
+            or CIFAR10_CLASSES
         key = b"labels"
-        tx = torch.cat([to_x(d, folder) for d in train])
-        ty = torch.cat([torch.tensor(d[key], dtype=torch.int64) for d in train])
+        xs = [to_x(d, f) for d, f in zip(train, files)]
+        tx = torch.cat(xs)
+        ty = torch.cat([to_y(d, key, x, f, len(classes)) for d, x, f in zip(train, xs, files)])
+        test_file = folder / "test_batch"
     else:
         tr = unpickle(folder / "train")
         test = unpickle(folder / "test")
-        meta = unpickle(folder / "meta")
-        classes = [c.decode() for c in meta.get(b"fine_label_names", [])]
+        classes = names(unpickle(folder / "meta"), b"fine_label_names", folder / "meta")
+        if not classes:
+            raise DatasetError(f"{folder / 'meta'}: no 'fine_label_names'")
         key = b"fine_labels"
-        tx, ty = to_x(tr, folder), torch.tensor(tr[key], dtype=torch.int64)
-    try:
-        test_y = torch.tensor(test[key], dtype=torch.int64)
-    except KeyError:
-        raise DatasetError(f"{folder}: test file has no {key.decode()!r}") from None
-    return {"classes": classes, "train_x": tx, "train_y": ty, "test_x": to_x(test, folder), "test_y": test_y}
+        tx = to_x(tr, folder / "train")
+        ty = to_y(tr, key, tx, folder / "train", len(classes))
+        test_file = folder / "test"
+    test_x = to_x(test, test_file)
+    test_y = to_y(test, key, test_x, test_file, len(classes))
+    return {"classes": classes, "train_x": tx, "train_y": ty, "test_x": test_x, "test_y": test_y}
 
 
 def _try_download(name: str, root: Path, allowed: bool) -> None:
@@ -280,13 +340,35 @@ def _cached(path: Path, name: str, cache_dir, read) -> Dataset:
         d = read()
         sha = _content_sha(d)
         if cache is not None:
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(f".tmp{os.getpid()}")
+                _remove_stale_temp(cache.parent)
                 tensors = {k: v.contiguous() for k, v in d.items() if k != "classes"}
                 save_file(tensors, str(tmp), metadata={"classes": json.dumps(d["classes"]), "sha256": sha})
                 os.replace(tmp, cache)
-            except OSError:
-                pass  # caching is an optimisation; an unwritable cache folder is not an error
+            except Exception:  # a full disk, an unwritable folder: caching is an optimisation, not the command
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
     return Dataset(name=name, classes=list(d["classes"]), train_x=d["train_x"], train_y=d["train_y"],
                    test_x=d["test_x"], test_y=d["test_y"], source=str(path), sha256=sha)
+
+
+def _remove_stale_temp(folder: Path) -> None:
+    """Half-written cache files (`<name>.tmp<pid>`) of processes that no longer run: a killed decode."""
+    for f in folder.glob("*.tmp*"):
+        pid = f.suffix[len(".tmp"):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            f.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True

@@ -25,7 +25,12 @@ import torch.nn.functional as F
 
 from epcli.errors import CheckpointError, Diverged, UnknownModelError, UsageError
 
-__all__ = ["EPCNN", "PRESETS", "EP_RECIPES", "ACTIVATIONS", "gradient_mode", "parse_grad_mode"]
+__all__ = ["EPCNN", "PRESETS", "EP_RECIPES", "ACTIVATIONS", "gradient_mode", "parse_grad_mode", "EQUILIBRIUM_TOL",
+           "relative_residual", "prediction_residual"]
+
+# A prediction counts as "at equilibrium" when its relative residual (`relative_residual`: the last step moved
+# every layer of every sample by less than this fraction of its norm) is at most this. The report flags the rest.
+EQUILIBRIUM_TOL = 1e-3
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -135,7 +140,8 @@ class EPCNN(nn.Module):
                  channels=(128, 256, 512, 512), kernels=3, paddings=1, pools: str | None = None,
                  fc=(), activation: str = "my_hard_sig", readout: str = "ce",
                  mean=CIFAR10_MEAN, std=tuple(3 * s for s in CIFAR10_STD), T: int = 250,
-                 grad_mode: str = "bptt", update: str = "sync", init_gain: float = 1.0):
+                 grad_mode: str = "bptt", update: str = "sync", init_gain: float = 1.0, solver: str = "plain",
+                 tol: float | None = None):
         super().__init__()
         n = len(channels)
         if n < 1 or not all(isinstance(c, int) and c > 0 for c in channels):
@@ -192,11 +198,14 @@ class EPCNN(nn.Module):
         if self.mean.numel() != in_channels or self.std.numel() != in_channels or (self.std <= 0).any():
             raise UsageError(f"mean/std need {in_channels} entries with std > 0")
         self.update = update
+        self.solver = solver
         self.T = T
         self.grad_mode = grad_mode
         # Runtime knobs (not architecture, so not in the spec).
         self.relax_dtype: torch.dtype | None = None  # e.g. torch.float16 on CUDA: states & convs in 16 bit
-        self.tol: float | None = None                 # forward: stop early once max|Δs| < tol (cap T)
+        self.tol = _check_tol(tol)  # forward: stop once every relative residual < tol (T the cap); in the spec
+        self.anderson_m = 5  # solver "anderson": how many past steps are mixed
+        self.last_residual: torch.Tensor | None = None  # per-sample relative residual of the last relax
         self.ep_beta, self.ep_steps = 0.1, None      # grad_mode "ep": nudge size, nudged steps (None: T)
         self.implicit_tol, self.implicit_iters = 1e-6, None  # adjoint iteration for "implicit" (None: T)
         self.last_steps = 0
@@ -230,6 +239,15 @@ class EPCNN(nn.Module):
         return self.depth if (update or self.update) == "sync" else (self.depth + 1) // 2
 
     @property
+    def solver(self) -> str:
+        """How a relaxation reaches the fixed point: "plain" (iterate the step) or "anderson" (mixing)."""
+        return self._solver
+
+    @solver.setter
+    def solver(self, mode):
+        self._solver = _check_solver(mode)
+
+    @property
     def grad_mode(self) -> str:
         return self._grad_mode
 
@@ -254,7 +272,7 @@ class EPCNN(nn.Module):
                     paddings=list(self.paddings), pools=self.pools, fc=list(self.fc),
                     activation=self.activation, readout=self.readout,
                     mean=list(self._mean), std=list(self._std), T=self.T, grad_mode=self.grad_mode,
-                    update=self.update, init_gain=self.init_gain)
+                    update=self.update, init_gain=self.init_gain, solver=self.solver, tol=self.tol)
 
     @classmethod
     def from_spec(cls, spec: dict) -> "EPCNN":
@@ -319,14 +337,17 @@ class EPCNN(nn.Module):
         w, _ = W[l]
         if l >= len(self.convs):
             return (s_l @ w).view(shape_prev)
+        return F.conv_transpose2d(self._unpool(l, s_l, z, idx), w, padding=self.paddings[l])
+
+    def _unpool(self, l, s_l, z, idx):
+        """∂<s_l, P(z)>/∂z for conv coupling l: s_l routed back through the pooling P of that layer."""
         pool = self.pools[l]
         if pool == "m":  # unpool = max-pool backward: routes s_l to the arg-max positions of z
-            u = torch.ops.aten.max_pool2d_with_indices_backward(s_l, z, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
-        elif pool == "a":
-            u = torch.ops.aten.avg_pool2d_backward(s_l, z, [2, 2], [2, 2], [0, 0], False, True, None)
-        else:
-            u = s_l
-        return F.conv_transpose2d(u, w, padding=self.paddings[l])
+            return torch.ops.aten.max_pool2d_with_indices_backward(s_l, z, [2, 2], [2, 2], [0, 0], [1, 1], False,
+                                                                   idx)
+        if pool == "a":
+            return torch.ops.aten.avg_pool2d_backward(s_l, z, [2, 2], [2, 2], [0, 0], False, True, None)
+        return s_l
 
     def logits(self, states):
         """Read-out of the last state: W_o vec(s_N) + b_o ("ce"), or s_N itself ("mse")."""
@@ -415,16 +436,20 @@ class EPCNN(nn.Module):
     def zero_states(self, batch, device=None, dtype=None):
         return [torch.zeros(batch, *shape, device=device, dtype=dtype) for shape in self.shapes]
 
-    def relax(self, x, T, beta=0.0, y=None, states=None, tol=None, update=None):
+    def relax(self, x, T, beta=0.0, y=None, states=None, tol=None, update=None, solver=None):
         """Run T steps of the (nudged) dynamics from zero states (or `states`: warm start).
 
         update: "sync" (all layers at once) or "alternate" (even/odd sweeps; one sweep counts as one step and
         costs the same convs); None: the model's `update`.
-        With `tol`, stop as soon as max|s^{t+1} - s^t| < tol (T is then the cap). Returns (states, steps used).
-        A warm start may use any T >= 0. Gradients flow through every step when autograd is on and something
-        requires grad (that is BPTT).
+        solver: "plain" (iterate the step) or "anderson" (Anderson mixing of the last `anderson_m` steps, same
+        fixed point, fewer steps); None: the model's `solver`.
+        With `tol`, stop as soon as the relative residual (see `relative_residual`) of every sample is below
+        `tol` (T is then the cap). Returns (states, steps used); `self.last_residual` holds the per-sample
+        relative residual of the last step (B,), detached. A warm start may use any T >= 0. Gradients flow
+        through every step when autograd is on and something requires grad (that is BPTT).
         """
         update = self.update if update is None else _check_update(update)
+        solver = self.solver if solver is None else _check_solver(solver)
         if states is None:
             self._check_T(T, update=update)
         elif not isinstance(T, int) or T < 0:
@@ -439,23 +464,82 @@ class EPCNN(nn.Module):
         sdtype = dtype or W[0][0].dtype
         s = self.zero_states(x.shape[0], x.device, sdtype) if states is None else [t.to(sdtype) for t in states]
         s = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in s]
+        if solver == "anderson":
+            return self._anderson(drive, s, T, beta, y, W, Wo, tol, update)
         return self._loop(drive, s, T, beta, y, W, Wo, tol, update)
 
     def _loop(self, drive, s, T, beta, y, W, Wo, tol, update="sync"):
         check_every = 1 if drive.device.type == "cpu" else 5  # every convergence check is a host sync on GPU
         ups = None  # alternate: the odd layers' bottom-up terms, carried from one sweep to the next
+        res = None
         for t in range(1, T + 1):
             if update == "alternate":
                 new, ups = self._sweep_fn(drive, s, beta, y, W, Wo, ups)
             else:
                 new = self._step_fn(drive, s, beta, y, W, Wo)
-            if tol is not None and (t % check_every == 0 or t == T):
-                res = max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(new, s))
+            if t == T or (tol is not None and t % check_every == 0):
+                res = relative_residual(new, s)
                 s = new
-                if res < tol:
+                if tol is not None and float(res.max()) < tol:
+                    self.last_residual = res
                     return s, t
             else:
                 s = new
+        self.last_residual = res if res is not None else torch.zeros(drive.shape[0], device=drive.device)
+        return s, T
+
+    def _anderson(self, drive, s, T, beta, y, W, Wo, tol, update="sync"):
+        """Anderson mixing (type II, per sample) on the step map F: x_{k+1} = Σ_i α_i F(x_i) over the last m
+        iterates, α = argmin ‖Σ α_i (F(x_i) − x_i)‖ with Σ α_i = 1 (a small regularised solve per sample).
+        Same fixed points as the plain iteration; the returned state is the last F(x), so the residual and the
+        state mean what they mean for `_loop`. Under autograd the mixing weights are treated as constants."""
+        m, lam = self.anderson_m, 1e-8
+        B = drive.shape[0]
+        fdt = torch.float64 if s[0].dtype == torch.float64 else torch.float32  # mixing in >= fp32
+        flat = lambda ss: torch.cat([t.reshape(B, -1).to(fdt) for t in ss], 1)  # noqa: E731
+        shapes = [t.shape for t in s]
+
+        def unflat(v, like):
+            out, i = [], 0
+            for sh, t in zip(shapes, like):
+                k = math.prod(sh[1:])
+                out.append(v[:, i:i + k].reshape(sh).to(t.dtype).contiguous(
+                    memory_format=torch.channels_last) if len(sh) == 4 else v[:, i:i + k].reshape(sh).to(t.dtype))
+                i += k
+            return out
+
+        F_hist, G_hist = [], []
+        res = torch.zeros(B, device=drive.device)
+        for t in range(1, T + 1):
+            f = (self._sweep_fn(drive, s, beta, y, W, Wo, None)[0] if update == "alternate"
+                 else self._step_fn(drive, s, beta, y, W, Wo))
+            res = relative_residual(f, s)
+            if t == T or (tol is not None and float(res.max()) < tol):
+                self.last_residual = res
+                return f, t
+            fv = flat(f).detach()
+            F_hist.append(fv)
+            G_hist.append(fv - flat(s).detach())
+            F_hist, G_hist = F_hist[-m:], G_hist[-m:]
+            k = len(G_hist)
+            if k == 1:
+                s = f
+                continue
+            G = torch.stack(G_hist, 1)  # (B, k, D)
+            H = G @ G.transpose(1, 2)  # (B, k, k)
+            reg = (lam * H.diagonal(dim1=1, dim2=2).amax(1)).clamp_min(1e-20)  # converged rows: H = 0
+            H = H + reg.view(B, 1, 1) * torch.eye(k, device=H.device, dtype=H.dtype)
+            a, info = torch.linalg.solve_ex(H, torch.ones(B, k, 1, device=H.device, dtype=H.dtype))
+            a = a / a.sum(1, keepdim=True)
+            plain = (info != 0) | ~torch.isfinite(a).all(1).squeeze(1)  # a failed solve: that sample takes F(x)
+            a = torch.where(plain.view(B, 1, 1), torch.zeros_like(a).index_fill_(1, torch.tensor([k - 1],
+                            device=a.device), 1.0), a)
+            mixed = (a.transpose(1, 2) @ torch.stack(F_hist, 1)).squeeze(1)  # (B, D)
+            if f[0].requires_grad:  # BPTT through the mixing: the latest F carries the gradient
+                s = [fi + (mi - fi).detach() for fi, mi in zip(f, unflat(mixed, f))]
+            else:
+                s = unflat(mixed, f)
+        self.last_residual = res
         return s, T
 
     # -- prediction and its gradient modes ---------------------------------------------------------------------
@@ -492,15 +576,23 @@ class EPCNN(nn.Module):
 
     # -- learning rules -------------------------------------------------------------------------------------------
     def ep_train_step(self, x, y, T1: int, T2: int, beta: float, rule: str = "symmetric",
-                      update: str | None = None) -> dict:
+                      update: str | None = None, tol: float | None = None, tol_nudged: float | None = None,
+                      states=None, solver: str | None = None) -> dict:
         """One batch of EP (or the BPTT control): ACCUMULATES into p.grad (like .backward()); no optimiser step.
 
         rule "symmetric": free phase (T1), then +β and -β phases (T2 each, from the free state, one 2B batch);
           grad = -[∂Φ^{+β}/∂θ(s^+) - ∂Φ^{-β}/∂θ(s^-)]/(2β), batch mean  (≈ ∂L/∂θ, L = mean loss).
         rule "one-sided": free and +β phases; grad = -[∂Φ^β/∂θ(s^β) - ∂Φ/∂θ(s^0)]/β.
         rule "bptt": back-propagate the loss through the last T2 steps of the T1-step free phase.
-        update: "sync" | "alternate" for every phase (None: the model's `update`).
-        Returns dict(loss, logits (B,C, detached), steps, correct, rule).
+        update: "sync" | "alternate" for every phase (None: the model's `update`); solver: "plain" | "anderson"
+        for every phase (None: the model's `solver`).
+        tol / tol_nudged: stop the free / nudged phases once every sample's relative residual is below it (T1 /
+        T2 are then caps). states: warm start of the free phase (e.g. this batch's fixed points from the last
+        epoch); then T1 may be any cap >= 1.
+        Returns dict(loss, logits (B,C, detached), steps (free phase), steps_nudged, correct, rule,
+        residual_free / residual_nudged (max over the batch of the per-sample relative residual at the end of
+        the phase, see `relative_residual`), residual_free_mean / residual_nudged_mean, states (the free
+        phase's end states, detached)).
         """
         self._check_input(x)
         update = self.update if update is None else _check_update(update)
@@ -511,50 +603,105 @@ class EPCNN(nn.Module):
             raise UsageError(f"T2 must be a positive integer, got {T2!r}")
         if rule != "bptt" and not beta:
             raise UsageError("beta must be non-zero for EP (the update divides by beta)")
+        tol, tol_nudged = _check_tol(tol), _check_tol(tol_nudged)
         params = [p for g in self.layer_param_groups() for p in g]
         B = x.shape[0]
+        if states is not None and (not isinstance(T1, int) or T1 < 1):
+            raise UsageError(f"T1 must be a positive integer, got {T1!r}")
+        kw = dict(update=update, solver=solver)
         if rule == "bptt":
             with torch.no_grad():
-                s = (self.relax(x, T1 - T2, states=self.zero_states(B, x.device), update=update)[0]
+                s = (self.relax(x, T1 - T2, states=self.zero_states(B, x.device), **kw)[0]
                      if T1 > T2 else None)  # from zero: any length (T1 - T2 may be below the depth)
             with torch.enable_grad():
-                s, _ = (self.relax(x, min(T2, T1), states=s, update=update) if s is not None
-                        else self.relax(x, T1, update=update))
+                s, _ = (self.relax(x, min(T2, T1), states=s, **kw) if s is not None
+                        else self.relax(x, T1, **kw))
+                res_free = self.last_residual
                 logits = self.logits([t.float() if t.dtype != torch.float64 else t for t in s])
                 loss = self._loss(logits, y).mean()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-            steps = T1
+            steps, steps2, res_nudged, s0 = T1, 0, torch.zeros_like(res_free), [t.detach() for t in s]
         else:
             with torch.no_grad():
-                s0, steps = self.relax(x, T1, update=update)
+                s0, steps = self.relax(x, T1, states=states, tol=tol, **kw)
+                res_free = self.last_residual
                 logits = self.logits(s0)
                 loss = self._loss(logits, y).mean()
                 if rule == "symmetric":  # ±β phases as one batch of 2B
                     # built on the device: a pageable host->device copy would stall the CUDA stream
                     betas = torch.full((2 * B,), float(beta), device=x.device)
                     betas[B:] = -float(beta)
-                    s2, _ = self.relax(torch.cat([x, x]), T2, beta=betas, y=torch.cat([y, y]),
-                                       states=[torch.cat([t, t]) for t in s0], update=update)
+                    s2, steps2 = self.relax(torch.cat([x, x]), T2, beta=betas, y=torch.cat([y, y]),
+                                            states=[torch.cat([t, t]) for t in s0], tol=tol_nudged, **kw)
                     sa, sb = [t[:B] for t in s2], [t[B:] for t in s2]
                     ba, bb, denom = beta, -beta, 2 * beta
                 else:
-                    sa, _ = self.relax(x, T2, beta=beta, y=y, states=s0, update=update)
+                    sa, steps2 = self.relax(x, T2, beta=beta, y=y, states=s0, tol=tol_nudged, **kw)
                     sb, ba, bb, denom = s0, beta, 0.0, beta
-            with torch.enable_grad():  # the update in full precision, whatever the relaxation dtype
-                f32 = lambda ss: [t.to(params[0].dtype) for t in ss]  # noqa: E731
-                dphi = (self.phi(x, f32(sa), ba, y) - self.phi(x, f32(sb), bb, y)).mean() / denom
-                grads = torch.autograd.grad(-dphi, params, allow_unused=True)
+                res_nudged = self.last_residual
+            grads = self.ep_update(x, sa, ba, sb, bb, y, denom)  # full precision, from state differences
         logits = logits.detach()
         gnorm = sum(g.float().pow(2).sum() for g in grads if g is not None)
-        # loss, gradient norm and #correct come back in one host transfer: the only sync of the batch
-        loss_v, gnorm_v, correct = torch.stack([loss.detach().double(), torch.as_tensor(gnorm).double().to(x.device),
-                                                (logits.argmax(1) == y).sum().double()]).tolist()
+        # loss, gradient norm, #correct and the residuals come back in one host transfer: the only sync of the batch
+        dev = x.device
+        loss_v, gnorm_v, correct, rf, rfm, rn, rnm = torch.stack([
+            loss.detach().double(), torch.as_tensor(gnorm).double().to(dev), (logits.argmax(1) == y).sum().double(),
+            res_free.max().double(), res_free.mean().double(), res_nudged.max().double(),
+            res_nudged.mean().double()]).tolist()
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
             raise Diverged(f"EP step diverged (loss {loss_v:.4g}): NaN or exploding states/gradients")
         for p, g in zip(params, grads):
             if g is not None:
                 p.grad = g.detach().clone() if p.grad is None else p.grad + g
-        return dict(loss=loss_v, logits=logits, steps=int(steps), rule=rule, correct=int(correct))
+        return dict(loss=loss_v, logits=logits, steps=int(steps), steps_nudged=int(steps2), rule=rule,
+                    correct=int(correct), residual_free=rf, residual_free_mean=rfm, residual_nudged=rn,
+                    residual_nudged_mean=rnm, states=[t.detach() for t in s0])
+
+    def ep_update(self, x, sa, ba, sb, bb, y, denom) -> list[torch.Tensor]:
+        """−[∂Φ^{ba}/∂θ(sa) − ∂Φ^{bb}/∂θ(sb)] / denom, batch mean, one tensor per parameter in the order of
+        `layer_param_groups()` (W1, b1, ..., W_o, b_o), computed without subtracting two large numbers.
+
+        ∂Φ/∂W_l of the coupling ⟨s_l, P(W_l ⋆ s_{l−1} + b_l)⟩ is a bilinear G(u_l, s_{l−1}) of the unpooled
+        state u_l = Unpool(s_l) (routed by each phase's own pool indices) and the state below, so
+        G(u⁺, b⁺) − G(u⁻, b⁻) = ½[G(u⁺ − u⁻, b⁺ + b⁻) + G(u⁺ + u⁻, b⁺ − b⁻)]: the small differences are formed
+        first, exactly (fp16 states are exact in fp32), and the convs see them. Bias: Σ(u⁺ − u⁻). The read-out
+        (outside Φ) only enters through the nudge terms, which are added, not subtracted: autograd there."""
+        W, Wo = self._weights(None)
+        dt, B = W[0][0].dtype, x.shape[0]
+        sa, sb = [t.to(dt) for t in sa], [t.to(dt) for t in sb]
+        xn = self._normalize(x).to(dt)
+        scale = -1.0 / (B * denom)
+        grads: list[torch.Tensor] = []
+        for l in range(len(sa)):
+            w, bias = W[l]
+            bp, bm = (xn, None) if l == 0 else (sa[l - 1], sb[l - 1])  # the input is the same in both phases
+            if l >= len(self.convs):  # linear coupling: ∂/∂W = s_l vec(s_{l-1})ᵀ
+                up, um = sa[l].flatten(1), sb[l].flatten(1)
+                bp = bp.flatten(1)
+                bm = bp if bm is None else bm.flatten(1)
+                du, db = up - um, bp - bm
+                gw = 0.5 * (du.t() @ (bp + bm) + (up + um).t() @ db)
+            else:
+                zp_, zm_ = self._up(l, bp, W), self._up(l, bp if bm is None else bm, W)
+                up = self._unpool(l, sa[l], zp_[1], zp_[2])
+                um = self._unpool(l, sb[l], zm_[1], zm_[2])
+                du = up - um
+                pad = self.paddings[l]
+                if bm is None:
+                    gw = _conv_weight_grad(bp, w.shape, du, pad)
+                else:
+                    gw = 0.5 * (_conv_weight_grad(bp + bm, w.shape, du, pad)
+                                + _conv_weight_grad(bp - bm, w.shape, up + um, pad))
+            gb = du.sum(0) if du.dim() == 2 else du.sum((0, 2, 3))
+            grads += [scale * gw.reshape(w.shape), scale * gb]
+        if self.out is not None:  # −[−ba·L(sa) + bb·L(sb)] / denom: a sum of two losses, no cancellation
+            with torch.enable_grad():
+                la = self._loss(self.out(sa[-1].flatten(1)), y)
+                lb = self._loss(self.out(sb[-1].flatten(1)), y)
+                ba_, bb_ = _col(ba, la), _col(bb, lb)
+                term = (ba_ * la - bb_ * lb).mean() / denom
+                grads += list(torch.autograd.grad(term, [self.out.weight, self.out.bias]))
+        return grads
 
     # -- speed switches (opt-in) ------------------------------------------------------------------------------
     def accelerate(self, dtype: torch.dtype | None = torch.float16, channels_last: bool = True,
@@ -639,12 +786,60 @@ class _EPGrad(torch.autograd.Function):
 
 
 UPDATES = ("sync", "alternate")
+SOLVERS = ("plain", "anderson")
+
+
+def _check_solver(mode) -> str:
+    if mode not in SOLVERS:
+        raise UsageError(f"unknown solver {mode!r}: use 'plain' (iterate the step) or 'anderson' (mixing)")
+    return mode
+
+
+def _check_tol(tol):
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0 or not math.isfinite(tol):
+        raise UsageError(f"tol must be a positive number or None, got {tol!r}")
+    return float(tol)
+
+
+def relative_residual(new, old) -> torch.Tensor:
+    """Per-sample relative residual of one relaxation step s -> F(s): max over layers l of
+    ‖F(s)_l − s_l‖₂ / max(‖F(s)_l‖₂, 1e-8), norms over each sample's layer (B,), in float32, detached.
+    For plain iteration this is |s_T − s_{T−1}| / |s_T| at the last step; 0 exactly at a fixed point."""
+    out = None
+    for a, b in zip(new, old):
+        a, b = a.detach().float(), b.detach().float()
+        r = (a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-8)
+        out = r if out is None else torch.maximum(out, r)
+    return out
+
+
+@torch.no_grad()
+def prediction_residual(model, x, batch_size: int = 256) -> dict:
+    """How far from equilibrium the model's predictions on images x are: relax exactly as forward does (T, tol,
+    update, solver) and return {"max", "mean", "T", "steps", "at_equilibrium"} of the per-image relative
+    residual of the last step; at_equilibrium is max <= EQUILIBRIUM_TOL."""
+    res, steps = [], 0
+    for i in range(0, x.shape[0], batch_size):
+        _, n = model.relax(x[i:i + batch_size], model.T, tol=model.tol)
+        res.append(model.last_residual.float().cpu())
+        steps = max(steps, n)
+    r = torch.cat(res) if res else torch.zeros(0)
+    mx = float(r.max()) if r.numel() else 0.0
+    return {"max": mx, "mean": float(r.mean()) if r.numel() else 0.0, "T": int(model.T), "steps": int(steps),
+            "at_equilibrium": mx <= EQUILIBRIUM_TOL}
 
 
 def _check_update(mode) -> str:
     if mode not in UPDATES:
         raise UsageError(f"unknown update {mode!r}: use 'sync' (all layers at once) or 'alternate' (even/odd)")
     return mode
+
+
+def _conv_weight_grad(inp, weight_shape, grad_out, padding):
+    """∂/∂W of Σ grad_out · conv2d(inp, W) (stride 1): the weight-gradient half of a conv backward."""
+    return torch.nn.grad.conv2d_weight(inp, weight_shape, grad_out, padding=padding)
 
 
 def _nonzero(beta) -> bool:

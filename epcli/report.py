@@ -11,12 +11,14 @@ Everything here reads the store only (no recomputation; no torch, no models, no 
 Conventions:
 - Accuracies are shown in percent. The store's accuracy metrics are fractions in [0, 1]; a store whose
   accuracy values exceed 1 is taken to hold percent already (`ReportData.scale` records which).
-- A leaderboard cell (model x attack x norm x eps) is the worst case (minimum) over every result the store
-  holds for it: several gradient modes, unroll lengths, transfer sources or repeated runs. The cell keeps
-  the gradient mode, example count and run of that minimum, and how many results it was taken over.
-- A cell is flagged unreliable when the result it shows was logged with unreliable=1 (reason from its
+- A leaderboard cell (model x attack x norm x eps) is the result on the largest n (ties: the strongest), then
+  the exact per-image worst case over the other results on the same test images (per-example outcomes);
+  results on other images are never mixed in. Failed and interrupted runs never contribute.
+- A cell is flagged unreliable when a result it rests on was logged with unreliable=1 (reason from its
   detail, or from the run's failed checks).
-- The CIFAR-C numbers come from the latest corrupt run of a model.
+- The comparability rule: a paper number stands beside epcli's only when model, dataset, threat model, n and
+  gradient mode are comparable; otherwise the place says why (docs/report.md).
+- The CIFAR-C numbers come from the latest corrupt run of a model; every mean says what it was taken over.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from epcli import paper
 from epcli.errors import NotFoundError, UsageError
 
 FORMATS = ("table", "csv", "json", "md", "html", "robustbench")
-ATTACK_ORDER = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
+ATTACK_ORDER = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack", "worst")
 ATTACK_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "cw": "C&W", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T",
-                "fab-t": "FAB-T", "square": "Square", "autoattack": "AutoAttack"}
-HEADLINE_ATTACKS = ("fgsm", "pgd", "cw", "square", "autoattack")
+                "fab-t": "FAB-T", "square": "Square", "autoattack": "AutoAttack",
+                "worst": "worst case over attacks"}
+HEADLINE_ATTACKS = ("fgsm", "pgd", "cw", "square", "autoattack", "worst")
 WHITE_BOX = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "autoattack")
 NORM_NAMES = {"linf": "L∞", "l2": "L2"}
 STANDARD_EPS = {"linf": 8 / 255, "l2": 0.5}
@@ -73,9 +76,13 @@ class Cell:
     n_results: int = 1           # how many results the minimum was taken over
     paper: float | None = None   # the paper's number for this cell (percent)
     paper_std: float | None = None
-    forward_passes: int | None = None  # from the result's detail, when the attack logged it
+    forward_passes: int | None = None  # from the result's detail, when the attack logged it (whole attack)
+    forward_passes_T: int | None = None  # the relaxation steps T the attacked model predicted with (detail "T")
     diff: float | None = None    # epcli - paper, percentage points
     reasons: list[str] = field(default_factory=list)  # protocol differences vs the paper
+    not_compared: str | None = None  # why the paper's number is not set beside this one (comparability rule)
+    worst_of: list[str] = field(default_factory=list)  # "run_id grad_mode" of each result the minimum is exact over
+    attack_clean: float | None = None  # clean accuracy (percent) on the images this result attacked
 
 
 @dataclass
@@ -93,6 +100,11 @@ class Row:
     corruption: dict[str, Any] = field(default_factory=dict)  # mean, mean_all, mce, relative_mce, run_id, ...
     failed_checks: list[str] = field(default_factory=list)
     derived_running: int = 0     # attack/corrupt runs of this model still running
+    seed: int | None = None
+    name: str = ""               # unique display name (label, plus seed or run id when labels repeat)
+    not_compared: str | None = None  # why no paper number is set beside this model's (model or data differ)
+    equilibrium: dict[str, Any] = field(default_factory=dict)  # relax_residual at prediction (EP-CNNs)
+    selection: str | None = None  # checkpoint selection: last, best-val, best-test
 
     @property
     def unreliable(self) -> bool:
@@ -106,12 +118,13 @@ class Comparison:
     paper_key: str
     what: str                    # "clean", "PGD L∞ 8/255", "CIFAR-C mean"
     epcli: float
-    paper: float
+    paper: float | None          # None when not comparable (see not_compared)
     paper_std: float | None
-    diff: float
+    diff: float | None
     n_examples: int | None
     reasons: list[str]
     section: str | None
+    not_compared: str | None = None
 
 
 @dataclass
@@ -192,6 +205,198 @@ def _placeholders(values: list) -> str:
     return ",".join("?" * len(values))
 
 
+def _abs(store, path: str) -> str:
+    p = Path(path)
+    return str(p if p.is_absolute() else Path(store.root) / p)
+
+
+def _selection(cfg: dict, summary: Any = None) -> str | None:
+    """The training run's checkpoint selection (last | best-val | best-test, with the epoch), when recorded."""
+    recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
+    summary = summary if isinstance(summary, dict) else {}
+    sel = summary.get("select") or cfg.get("select") or recipe.get("select")
+    if not sel:
+        return None
+    epoch = summary.get("selected_epoch")
+    return f"{sel} (epoch {epoch})" if epoch is not None and sel != "last" else str(sel)
+
+
+def _name_rows(rows: list["Row"]) -> None:
+    """Unique display names: the label, plus the seed (or the run id) when several runs share a label."""
+    by_label: dict[str, list] = {}
+    for r in rows:
+        by_label.setdefault(r.label, []).append(r)
+    for label, rs in by_label.items():
+        seeds = [r.seed for r in rs]
+        for r in rs:
+            if len(rs) == 1:
+                r.name = label
+            elif None not in seeds and len(set(seeds)) == len(seeds):
+                r.name = f"{label} · seed {r.seed}"
+            else:
+                r.name = f"{label} · {_short(r.run_id)}"
+
+
+def _eps_key(e: float) -> str:
+    return f"{float(e):.9g}"
+
+
+def _load_per_example(path: str | None) -> dict | None:
+    """An attack run's per-example outcomes: test indices and robust flags per eps (numpy), or None."""
+    if not path:
+        return None
+    try:
+        from safetensors.numpy import load_file
+        t = load_file(path)
+    except Exception:  # a missing or unreadable file: that result cannot join an exact worst case
+        return None
+    if "index" not in t:
+        return None
+    robust = {}
+    for name, v in t.items():
+        if name.startswith("robust_"):
+            try:
+                robust[_eps_key(float(name[len("robust_"):]))] = v.astype(bool)
+            except ValueError:
+                continue
+    return {"index": t["index"].astype("int64"), "robust": robust}
+
+
+def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dict, loaded: dict,
+          failed_checks: dict, attack_clean_by_run: dict) -> "Cell":
+    """One leaderboard cell from every result for it: the largest n (ties: the strongest result), then the
+    exact per-image worst case over the other results on the same images (per-example outcomes)."""
+    import numpy as np
+    base = max(ms, key=lambda m: (m["n_examples"] or 0, -m["value"]))
+
+    def outcome(m: dict):
+        cfg = run_info.get(m["run_id"], {}).get("config", {})
+        if (m["grad_mode"] or None) != (cfg.get("grad_mode") or m["grad_mode"] or None):
+            return None  # an unroll-sweep result: the run stored per-example outcomes for its main mode only
+        if m["run_id"] not in loaded:
+            loaded[m["run_id"]] = _load_per_example(per_example.get(m["run_id"]))
+        pe = loaded[m["run_id"]]
+        if pe is None:
+            return None
+        v = pe["robust"].get(_eps_key(eps))
+        return None if v is None else (pe["index"], v)
+
+    members, value = [base], base["value"] * k
+    b = outcome(base) if len(ms) > 1 else None
+    if b is not None:
+        robust = b[1].copy()
+        for m in ms:
+            if m is base:
+                continue
+            o = outcome(m)
+            if o is not None and len(o[0]) == len(b[0]) and np.array_equal(o[0], b[0]):
+                robust &= o[1]
+                members.append(m)
+        if len(members) > 1:
+            value = float(robust.mean()) * 100.0
+    details = [(_json(m["detail"]) if m["detail"] else {}) for m in members]
+    details = [d if isinstance(d, dict) else {} for d in details]
+    flagged = [(m, d) for m, d in zip(members, details) if m["unreliable"]]
+    reason = None
+    if flagged:
+        m, d = flagged[0]
+        reason = d.get("reason") or "; ".join(failed_checks.get(m["run_id"], [])) or "marked unreliable"
+    modes = []
+    for m in members:
+        if m["grad_mode"] and m["grad_mode"] not in modes:
+            modes.append(m["grad_mode"])
+    return Cell(value=value, n_examples=base["n_examples"], grad_mode="+".join(modes) or None,
+                unreliable=bool(flagged), reason=reason, run_id=base["run_id"], status=base["run_status"],
+                n_results=len(members), forward_passes=details[0].get("forward_passes"),
+                forward_passes_T=details[0].get("T"),
+                worst_of=[f"{m['run_id']} {m['attack']} {m['grad_mode'] or '-'}" for m in members]
+                if len(members) > 1 else [],
+                attack_clean=attack_clean_by_run.get(base["run_id"]))
+
+
+# --- comparability ------------------------------------------------------------------------------------------
+# A number is set beside another (the paper's, or another run's) only when model, dataset, threat model, n and
+# gradient mode are comparable; otherwise the place says why not. docs/report.md states the rule.
+
+# The paper's models are epcli registry names: a differently sized net (ep-cnn-small, a demo) is not the
+# paper's model, however its family.
+PAPER_REGISTRY = {"ep-cnn": "ep-cnn", "cnn": "cnn", "vit": "vit"}
+PAPER_DATASETS = ("cifar10", "cifar100")
+MIN_N = 1000  # below the paper's own n, at least this many examples (binomial std error <= 1.6 points)
+
+# corrupt.py's names (report.py never imports torch); tests pin them to epcli.corruptions
+BENCHMARK_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+                         "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+                         "elastic_transform", "pixelate", "jpeg_compression")
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+def _paper_registry(paper_key: str | None) -> str | None:
+    if not paper_key:
+        return None
+    return "cnn" if paper_key.startswith("cnn-at-") else PAPER_REGISTRY.get(paper_key)
+
+
+def model_not_comparable(row: "Row") -> str | None:
+    """Why this training run cannot stand beside the paper's numbers at all (model or data), or None."""
+    if not row.paper_key:
+        return None
+    why = []
+    info = paper.load_facts()["models"].get(row.paper_key, {})
+    what = f"{info.get('label', row.paper_key)}: {info.get('architecture', '?')}"
+    want = _paper_registry(row.paper_key)
+    recipe = str(row.config.get("recipe") or "") if not isinstance(row.config.get("recipe"), dict) else ""
+    overrides = row.config.get("model_overrides") or row.config.get("model_set")
+    if want and row.model != want:
+        kind = "demo model" if recipe.startswith("demo") or row.model.endswith("-small") else "another model"
+        why.append(f"{kind} {row.model}: the paper compares {what}")
+    elif overrides:
+        why.append(f"model {row.model} with changed architecture ({overrides}): the paper compares {what}")
+    ds = (row.dataset or "").lower()
+    if ds not in PAPER_DATASETS:
+        why.append(f"data {row.dataset or '?'}: the paper evaluates on the full "
+                   f"{paper.paper_dataset(ds) or 'CIFAR-10'} test set")
+    return "; ".join(why) or None
+
+
+def cell_not_comparable(cell: "Cell", fact: dict, paper_key: str | None) -> str | None:
+    """Why one result cannot stand beside the paper's number for the same threat (n, gradient mode), or None."""
+    why = []
+    n_fact, n = fact.get("n_examples"), cell.n_examples
+    if n_fact and (n or 0) < min(n_fact, MIN_N):
+        why.append(f"n={n or '?'}: the paper's number is over {n_fact:,} images (need ≥ {min(n_fact, MIN_N):,})")
+    pg = fact.get("grad_mode")
+    if paper_key == "ep-cnn" and fact.get("attack") in WHITE_BOX and pg and cell.grad_mode != pg:
+        why.append(f"gradient {_grad(cell.grad_mode)}: the paper's attack used {pg}")
+    return "; ".join(why) or None
+
+
+def corruption_coverage(cells: dict[str, set]) -> dict:
+    """Which corruptions x severities a corrupt run covered, and whether the 15-, 18- and 19-means exist."""
+    def full(names) -> bool:
+        return all(c in cells and set(SEVERITIES) <= set(cells[c]) for c in names)
+    allc = BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
+    bench = [c for c in BENCHMARK_CORRUPTIONS if c in cells]
+    sevs = [set(cells[c]) for c in bench] or [set()]
+    return {"benchmark": bench, "extra": [c for c in EXTRA_CORRUPTIONS if c in cells],
+            "severities": sorted(set.intersection(*sevs)), "uniform": all(v == sevs[0] for v in sevs),
+            "complete15": full(BENCHMARK_CORRUPTIONS), "complete19": full(allc),
+            "complete18": full([c for c in allc if c != "frost"])}
+
+
+def corruption_mean_label(cov: dict) -> str:
+    """"mean of 5/15 benchmark corruptions × 5 severities" (the set a mean was taken over)."""
+    sev = cov.get("severities") or []
+    if not cov.get("uniform", True):
+        s = "uneven severities"
+    elif sev == list(SEVERITIES):
+        s = "5 severities"
+    else:
+        s = f"severit{'y' if len(sev) == 1 else 'ies'} {','.join(str(x) for x in sev)}"
+    return f"mean of {len(cov.get('benchmark') or [])}/15 benchmark corruptions × {s}"
+
+
 # --- collect -----------------------------------------------------------------------------------------------
 
 def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | None = None,
@@ -203,7 +408,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
     filters = {"models": models or None, "runs": runs or None, "dataset": dataset}
 
     all_train = [dict(r) for r in db.query(
-        "SELECT id, kind, status, model, dataset, config, summary, started_at FROM runs WHERE kind = 'train' "
+        "SELECT id, kind, status, model, dataset, config, summary, started_at, seed FROM runs WHERE kind = 'train' "
         "ORDER BY id")]
     if not all_train:
         raise NotFoundError(f"the store {store.root} has no training runs yet (train one with `epcli train`)")
@@ -220,7 +425,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
             wanted.add(run["id"] if run["kind"] == "train" else run.get("model_run_id"))
         selected = [r for r in all_train if r["id"] in wanted]
     else:
-        selected = [r for r in all_train if r["status"] != "failed"]
+        selected = [r for r in all_train if r["status"] not in ("failed", "interrupted")]
     if models:
         known = {}
         for r in all_train:
@@ -254,7 +459,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
     metric_rows = [dict(m) for m in db.query(
         f"SELECT m.*, r.kind AS run_kind, r.status AS run_status, r.model_run_id, r.started_at "
         f"FROM metrics m JOIN runs r ON r.id = m.run_id WHERE r.model_run_id IN ({ph}) AND m.name IN ({names}) "
-        f"ORDER BY m.id", ids + list(ACC_METRICS))]
+        f"AND r.status NOT IN ('failed', 'interrupted') ORDER BY m.id", ids + list(ACC_METRICS))]
     test_acc = {r["run_id"]: r["value"] for r in db.query(
         f"SELECT run_id, value, MAX(COALESCE(step, -1)) FROM metrics WHERE name = 'test_acc' "
         f"AND run_id IN ({ph}) GROUP BY run_id", ids)}
@@ -263,9 +468,19 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                       f"ON r.id = c.run_id WHERE c.passed = 0 AND r.model_run_id IN ({ph})", ids):
         failed_checks.setdefault(c["run_id"], []).append(c["name"] + (f": {c['detail']}" if c["detail"] else ""))
     adv_rows = [dict(a) for a in db.query(
-        f"SELECT a.sha256, a.path, a.meta, a.run_id, r.model_run_id, r.started_at FROM artifacts a JOIN runs r "
-        f"ON r.id = a.run_id WHERE a.kind = 'adversarial-examples' AND r.model_run_id IN ({ph}) "
-        f"ORDER BY r.started_at", ids)]
+        f"SELECT a.sha256, a.path, a.meta, ra.run_id, r.model_run_id, r.started_at FROM run_artifacts ra "
+        f"JOIN artifacts a ON a.sha256 = ra.sha256 JOIN runs r ON r.id = ra.run_id "
+        f"WHERE ra.role = 'output' AND a.kind = 'adversarial-examples' AND r.model_run_id IN ({ph}) "
+        f"AND r.status = 'finished' ORDER BY r.started_at", ids)]
+    # content-addressed: two runs with identical outcomes share one artifact, so go through run_artifacts
+    per_example = {a["run_id"]: _abs(store, a["path"]) for a in db.query(
+        f"SELECT a.path, ra.run_id FROM run_artifacts ra JOIN artifacts a ON a.sha256 = ra.sha256 JOIN runs r "
+        f"ON r.id = ra.run_id WHERE ra.role = 'output' AND a.kind = 'per-example' AND r.kind = 'attack' "
+        f"AND r.status = 'finished' AND r.model_run_id IN ({ph})", ids)}
+    residuals = [dict(m) for m in db.query(
+        f"SELECT m.value, m.detail, m.run_id, r.model_run_id, r.started_at FROM metrics m JOIN runs r "
+        f"ON r.id = m.run_id WHERE m.name = 'relax_residual' AND r.model_run_id IN ({ph}) "
+        f"AND r.status = 'finished' ORDER BY r.started_at, m.id", ids)]
 
     # percent or fraction?
     acc_values = [m["value"] for m in metric_rows if m["name"] in ("clean_acc", "robust_acc", "corruption_acc")
@@ -279,7 +494,21 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                             status=r["status"], paper_key=paper.paper_key_for(r),
                             clean_acc=None if test_acc.get(r["id"]) is None else test_acc[r["id"]] * k,
                             epochs=_epochs(r["config"]), config=r["config"],
-                            failed_checks=list(failed_checks.get(r["id"], [])))
+                            failed_checks=list(failed_checks.get(r["id"], [])), seed=r.get("seed"),
+                            selection=_selection(r["config"], _json(r.get("summary"))))
+        summ = _json(r.get("summary"))
+        if isinstance(summ, dict) and summ.get("select") and isinstance(summ.get("test_acc"), (int, float)):
+            rows[r["id"]].clean_acc = summ["test_acc"] * k  # the selected epoch's, not the last epoch's
+    _name_rows(list(rows.values()))
+    for row in rows.values():
+        row.not_compared = model_not_comparable(row)
+    for m in residuals:  # the latest evaluation's residual at prediction
+        if m["model_run_id"] in rows and m["value"] is not None:
+            d = _json(m["detail"]) if m["detail"] else {}
+            d = d if isinstance(d, dict) else {}
+            rows[m["model_run_id"]].equilibrium = {"residual": m["value"], "T": d.get("T"), "mean": d.get("mean"),
+                                                   "tol": d.get("tol", d.get("tolerance")), "run_id": m["run_id"],
+                                                   "at_equilibrium": d.get("at_equilibrium")}
     for d in derived:
         if d["status"] == "running" and d["model_run_id"] in rows:
             rows[d["model_run_id"]].derived_running += 1
@@ -291,6 +520,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
     groups: dict[tuple, list[dict]] = {}
     columns: dict[str, Column] = {}
     attack_clean: dict[str, float] = {}
+    attack_clean_by_run: dict[str, float] = {}
     corr_latest: dict[str, str] = {}
     for m in metric_rows:
         mr = m["model_run_id"]
@@ -304,20 +534,28 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
             groups.setdefault((mr, key), []).append(m)
         elif m["name"] == "clean_acc" and m["run_kind"] == "attack" and m["value"] is not None:
             attack_clean[mr] = m["value"] * k
+            attack_clean_by_run[m["run_id"]] = m["value"] * k
         if m["run_kind"] == "corrupt" and m["name"].startswith(("corruption", "mce", "relative")):
             if mr not in corr_latest or (m["started_at"], m["run_id"]) > corr_latest[mr]:
                 corr_latest[mr] = (m["started_at"], m["run_id"])
+    loaded: dict[str, dict | None] = {}
     for (mr, key), ms in groups.items():
-        best = min(ms, key=lambda m: (m["value"], -(m["n_examples"] or 0)))
-        detail = _json(best["detail"]) if best["detail"] else {}
-        reason = None
-        if best["unreliable"]:
-            reason = (detail.get("reason") if isinstance(detail, dict) else None) or \
-                "; ".join(failed_checks.get(best["run_id"], [])) or "marked unreliable"
-        rows[mr].cells[key] = Cell(value=best["value"] * k, n_examples=best["n_examples"],
-                                   grad_mode=best["grad_mode"], unreliable=bool(best["unreliable"]), reason=reason,
-                                   run_id=best["run_id"], status=best["run_status"], n_results=len(ms),
-                                   forward_passes=detail.get("forward_passes") if isinstance(detail, dict) else None)
+        rows[mr].cells[key] = _cell(ms, k, columns[key].eps, run_info, per_example, loaded, failed_checks,
+                                    attack_clean_by_run)
+    # the worst case over attacks, per norm and eps: exact per image, over results on the same images only
+    by_threat: dict[tuple, list[dict]] = {}
+    for (mr, key), ms in groups.items():
+        col = columns[key]
+        by_threat.setdefault((mr, col.norm, eps_label(col.eps, col.norm), col.eps), []).extend(ms)
+    for (mr, norm, el, eps), ms in by_threat.items():
+        if len({m["attack"] for m in ms}) < 2:
+            continue
+        cell = _cell(ms, k, eps, run_info, per_example, loaded, failed_checks, attack_clean_by_run)
+        if len({w.split()[1] for w in cell.worst_of}) < 2:
+            continue  # no two attacks on the same images: nothing exact to show
+        key = f"worst:{norm}:{el}"
+        columns.setdefault(key, Column(key, "worst", norm, float(eps), f"worst case {NORM_NAMES.get(norm, norm)} {el}"))
+        rows[mr].cells[key] = cell
     for row in rows.values():
         if row.clean_acc is None and row.run_id in attack_clean:
             row.clean_acc = attack_clean[row.run_id]
@@ -346,6 +584,8 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
             if m["name"] == "corruption_acc":
                 corruptions.append({"run_id": mr, "label": row.label, "corruption": m["corruption"],
                                     "severity": m["severity"], "value": m["value"] * k})
+                if m["corruption"] and m["severity"] is not None:
+                    c.setdefault("_cells", {}).setdefault(m["corruption"], {})[int(m["severity"])] = m["value"] * k
             elif m["name"] == "corruption_mean_acc":
                 c["mean"] = m["value"] * k
                 c["n_examples"] = m["n_examples"]
@@ -374,6 +614,8 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                 continue
             unroll.append({"run_id": mr, "label": row.label, "attack": m["attack"], "norm": m["norm"] or "linf",
                            "eps": float(m["eps"]), "K": kk, "value": m["value"] * k})
+    for row in rows.values():
+        _corruption_means(row.corruption)
     # keep only (model, attack, norm) groups with at least two unroll lengths
     ks: dict[tuple, set] = {}
     for u in unroll:
@@ -384,21 +626,23 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
             col = columns[key]
             curves.append({"run_id": row.run_id, "label": row.label, "paper_key": row.paper_key,
                            "dataset": row.dataset, "attack": col.attack, "norm": col.norm, "eps": col.eps,
-                           "value": cell.value, "unreliable": cell.unreliable})
+                           "value": cell.value, "unreliable": cell.unreliable, "n": cell.n_examples,
+                           "grad_mode": cell.grad_mode})
 
     adversarial = []
     seen_adv = set()
-    for a in reversed(adv_rows):  # latest first; one artifact per model
-        if a["model_run_id"] in seen_adv or a["model_run_id"] not in rows:
+    for a in reversed(adv_rows):  # latest first; one artifact per model and norm
+        cfg = run_info.get(a["run_id"], {}).get("config", {})
+        norm = cfg.get("norm") or "linf"
+        if (a["model_run_id"], norm) in seen_adv or a["model_run_id"] not in rows:
             continue
-        seen_adv.add(a["model_run_id"])
-        p = Path(a["path"])
+        seen_adv.add((a["model_run_id"], norm))
         adversarial.append({"run_id": a["model_run_id"], "attack_run_id": a["run_id"],
                             "label": rows[a["model_run_id"]].label, "sha256": a["sha256"],
-                            "path": str(p if p.is_absolute() else Path(store.root) / p),
-                            "meta": _json(a["meta"]) or {},
-                            "config": run_info.get(a["run_id"], {}).get("config", {})})
-    adversarial.sort(key=lambda a: a["run_id"])
+                            "path": _abs(store, a["path"]), "per_example": per_example.get(a["run_id"]),
+                            "norm": norm, "attack": cfg.get("attack"), "grad_mode": cfg.get("grad_mode"),
+                            "meta": _json(a["meta"]) or {}, "config": cfg})
+    adversarial.sort(key=lambda a: (0 if a["norm"] == "linf" else 1, a["run_id"]))
 
     row_list = list(rows.values())
     comparisons = _compare(row_list, {c.key: c for c in cols}, run_info)
@@ -414,6 +658,28 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                       unroll=unroll, adversarial=adversarial, comparisons=comparisons, store_root=str(store.root),
                       generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), filters=filters,
                       scale=scale, notes=notes)
+
+
+def _corruption_means(c: dict) -> None:
+    """Means over exactly the corruptions x severities that were run, each labelled with that set; the 15- and
+    19-corruption means (and mCE) only when that set is complete, the paper's 18 (no frost) likewise."""
+    cells = c.pop("_cells", None)
+    if not cells:
+        return
+    cov = corruption_coverage({n: set(v) for n, v in cells.items()})
+    bench = [a for n in cov["benchmark"] for a in cells[n].values()]
+    c["coverage"] = {k: cov[k] for k in ("benchmark", "extra", "severities", "complete15", "complete19")}
+    c["mean_label"] = corruption_mean_label(cov)
+    c["mean"] = sum(bench) / len(bench) if bench else None
+    everything = [a for v in cells.values() for a in v.values()]
+    c["mean_all"] = sum(everything) / len(everything) if cov["complete19"] else None
+    no_frost = [a for n, v in cells.items() if n != "frost" for a in v.values()]
+    c["mean18"] = sum(no_frost) / len(no_frost) if cov["complete18"] else None
+    if not cov["complete15"]:
+        for key in ("mce", "relative_mce"):
+            if c.get(key) is not None:
+                c[key] = None
+                c.setdefault("withheld", []).append(key)
 
 
 # --- the paper beside the results -----------------------------------------------------------------------------
@@ -467,14 +733,24 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
             if q and int(q) != 1000:
                 reasons.append(f"Square: {int(q)} iterations, paper 1000")
     if fact.get("metric") == "corruption_mean_acc":
-        reasons.append("corruptions: epcli mean over the 15 benchmark corruptions, paper over 18 (no frost)")
+        reasons.append("corruptions: epcli generates them (seeded) unless --source gave the official files")
     if fact.get("eps") is not None and eps is not None and not math.isclose(fact["eps"], eps, rel_tol=1e-3):
         reasons.append(f"eps: paper {fact['eps']:g}")
     return reasons
 
 
 def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, dict]) -> list[Comparison]:
+    """Every (model, metric) the paper also logged. The paper's number is set beside epcli's only under the
+    comparability rule; otherwise the comparison carries `not_compared` (why) and no paper number or diff."""
     out = []
+
+    def add(row, what, value, fact, n, reasons, why):
+        ok = why is None
+        out.append(Comparison(row.run_id, row.name or row.label, row.paper_key, what, value,
+                              fact["value"] if ok else None, fact.get("std") if ok else None,
+                              value - fact["value"] if ok else None, n, reasons if ok else [],
+                              fact.get("section"), why))
+
     for row in rows:
         if not row.paper_key:
             continue
@@ -483,9 +759,7 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
             continue
         fact = paper.paper_value(row.paper_key, dataset=ds, metric="clean_acc")
         if fact and row.clean_acc is not None:
-            out.append(Comparison(row.run_id, row.label, row.paper_key, "clean", row.clean_acc, fact["value"],
-                                  fact.get("std"), row.clean_acc - fact["value"], None,
-                                  protocol_reasons(row, None, fact), fact.get("section")))
+            add(row, "clean", row.clean_acc, fact, None, protocol_reasons(row, None, fact), row.not_compared)
         for key, cell in row.cells.items():
             col = columns[key]
             facts = paper.paper_values(row.paper_key, dataset=ds, metric="robust_acc", attack=col.attack,
@@ -498,19 +772,29 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
             if fact is None:
                 continue
             cfg = run_info.get(cell.run_id or "", {}).get("config", {})
-            cell.paper, cell.paper_std = fact["value"], fact.get("std")
-            cell.diff = cell.value - fact["value"]
-            cell.reasons = protocol_reasons(row, cell, fact, cfg, eps=col.eps)
+            why = row.not_compared or cell_not_comparable(cell, fact, row.paper_key)
+            reasons = protocol_reasons(row, cell, fact, cfg, eps=col.eps)
             if fact.get("variant"):
-                cell.reasons.insert(0, f"paper run: {fact['variant']}")
-            out.append(Comparison(row.run_id, row.label, row.paper_key, col.label, cell.value, fact["value"],
-                                  fact.get("std"), cell.diff, cell.n_examples, cell.reasons, fact.get("section")))
-        mean = row.corruption.get("mean")
+                reasons.insert(0, f"paper run: {fact['variant']}")
+            if why is None:
+                cell.paper, cell.paper_std = fact["value"], fact.get("std")
+                cell.diff = cell.value - fact["value"]
+                cell.reasons = reasons
+            else:
+                cell.not_compared = why
+            add(row, col.label, cell.value, fact, cell.n_examples, reasons, why)
         fact = paper.paper_value(row.paper_key, dataset=ds, metric="corruption_mean_acc")
-        if fact and mean is not None:
-            out.append(Comparison(row.run_id, row.label, row.paper_key, "CIFAR-C mean", mean, fact["value"],
-                                  fact.get("std"), mean - fact["value"], row.corruption.get("n_examples"),
-                                  protocol_reasons(row, None, fact), fact.get("section")))
+        corr = row.corruption
+        if fact and corr.get("mean") is not None:
+            # the paper's mean is over 18 corruptions (all but frost) x 5 severities: only that mean compares
+            mean18 = corr.get("mean18")
+            why = row.not_compared or (None if mean18 is not None else
+                                       f"corruptions: epcli ran {corr.get('mean_label', '?')}; the paper's mean "
+                                       f"is over 18 corruptions (all but frost) × 5 severities")
+            value = mean18 if mean18 is not None else corr["mean"]
+            add(row, "CIFAR-C mean (18 corruptions × 5 severities)" if mean18 is not None else
+                f"CIFAR-C {corr.get('mean_label', 'mean')}", value, fact, corr.get("n_examples"),
+                protocol_reasons(row, None, fact), why)
     return out
 
 
@@ -525,11 +809,58 @@ def _columns(data: ReportData, which: str) -> list[Column]:
 def _sub(cell: Cell, sep: str) -> str:
     """The line under a value: example count, gradient mode (when the result has one), running."""
     bits = [f"n={cell.n_examples if cell.n_examples is not None else '?'}"]
-    if cell.grad_mode:
-        bits.append(_grad(cell.grad_mode))
+    attacks = list(dict.fromkeys(w.split()[1] for w in cell.worst_of if len(w.split()) > 2))
+    if len(attacks) > 1:
+        bits.append("worst of " + "+".join(ATTACK_NAMES.get(x, x) for x in attacks))
+    elif cell.grad_mode:
+        bits.append(_grad(cell.grad_mode) if "+" not in cell.grad_mode else
+                    "worst of " + "+".join(_grad(g) for g in cell.grad_mode.split("+")))
+    elif cell.n_results > 1:
+        bits.append(f"worst of {cell.n_results}")
     if cell.status == "running":
         bits.append("running")
     return sep.join(bits)
+
+
+def _corr_text(corr: dict, unit: str = "") -> str:
+    """The CIFAR-C mean with the set it was taken over ("40.00 (5/15 × 5 sev.)"), or — ."""
+    if corr.get("mean") is None:
+        return "—"
+    cov = corr.get("coverage")
+    if not cov:
+        return f"{corr['mean']:.2f}"
+    if cov.get("complete15"):
+        return f"{corr['mean']:.2f} (15 × 5 sev.)"
+    sev = cov.get("severities") or []
+    return f"{corr['mean']:.2f} ({len(cov['benchmark'])}/15 × {len(sev)} sev.)"
+
+
+def _residual_tol(eq: dict) -> float | None:
+    if eq.get("tol") is not None:
+        return float(eq["tol"])
+    import sys
+    ep = sys.modules.get("epcli.ep")  # only when already loaded: a report never imports torch itself
+    for name in ("EQUILIBRIUM_TOL",):
+        if ep is not None and isinstance(getattr(ep, name, None), (int, float)):
+            return float(getattr(ep, name))
+    return None
+
+
+def model_notes(row: Row) -> list[str]:
+    """What a reader must know beside a model's numbers: equilibrium residual, checkpoint selection."""
+    notes = []
+    eq = row.equilibrium
+    if eq.get("residual") is not None:
+        t = f" at T={eq['T']}" if eq.get("T") is not None else ""
+        tol = _residual_tol(eq)
+        if eq.get("at_equilibrium") is False or (tol is not None and eq["residual"] > tol):
+            notes.append(f"NOT converged: residual {eq['residual']:.2g}{t}" + (f" (tolerance {tol:g})" if tol else ""))
+        else:
+            notes.append(f"at equilibrium: residual {eq['residual']:.2g}{t}")
+    if row.selection:
+        notes.append(f"checkpoint: {row.selection}" + (" chosen on the test set"
+                                                        if row.selection.startswith("best-test") else ""))
+    return notes
 
 
 def _cell_text(cell: Cell | None, *, markup: str = "plain") -> str:
@@ -549,14 +880,16 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
 
     cols = _columns(data, columns)
     t = Table(title=f"epcli leaderboard — accuracy % ({data.store_root})", show_lines=True,
-              caption="cells: worst case over results; n = examples, then gradient mode. ⚠ = unreliable")
+              caption="cells: the result on the most images (n), then the exact worst case over other results on "
+                      "those images; n = examples, then gradient mode. ⚠ = unreliable. CIFAR-C: mean of k/15 "
+                      "benchmark corruptions × severities run")
     t.add_column("model", style="bold")
     t.add_column("run")
     t.add_column("data")
     t.add_column("clean", justify="right")
     for c in cols:
         t.add_column(c.label, justify="right")
-    t.add_column("CIFAR-C mean", justify="right")
+    t.add_column("CIFAR-C", justify="right")
     t.add_column("mCE", justify="right")
     for row in data.rows:
         status = "" if row.status == "finished" else f"\n{row.status}"
@@ -568,8 +901,9 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
                 txt.stylize("red")
             cells.append(txt)
         corr = row.corruption
-        t.add_row(Text(row.label + status), _short(row.run_id), row.dataset or "—",
-                  _fmt(row.clean_acc), *cells, _fmt(corr.get("mean")), _fmt(corr.get("mce")))
+        notes = "".join(f"\n{n}" for n in model_notes(row))
+        t.add_row(Text((row.name or row.label) + status + notes), _short(row.run_id), row.dataset or "—",
+                  _fmt(row.clean_acc), *cells, _corr_text(corr), _fmt(corr.get("mce")))
     return t
 
 
@@ -586,7 +920,8 @@ def _csv(data: ReportData) -> str:
     head = ["run_id", "model", "label", "dataset", "status", "paper_key", "clean_acc"]
     for c in data.columns:
         head += [c.key, f"{c.key}:n", f"{c.key}:grad_mode", f"{c.key}:unreliable", f"{c.key}:paper"]
-    head += ["corruption_mean_acc", "corruption_mean_acc_all", "mce_unnormalized", "relative_mce"]
+    head += ["corruption_mean_acc", "corruption_mean_over", "corruption_mean_acc_all", "mce_unnormalized",
+             "relative_mce"]
     w.writerow(head)
     for row in data.rows:
         line = [row.run_id, row.model, row.label, row.dataset or "", row.status, row.paper_key or "",
@@ -597,10 +932,12 @@ def _csv(data: ReportData) -> str:
                 line += ["", "", "", "", ""]
             else:
                 line += [repr(cell.value), cell.n_examples if cell.n_examples is not None else "",
-                         cell.grad_mode or "", int(cell.unreliable), "" if cell.paper is None else cell.paper]
-        for k in ("mean", "mean_all", "mce", "relative_mce"):
+                         cell.grad_mode or "", int(cell.unreliable),
+                         cell.paper if cell.paper is not None else (f"not compared: {cell.not_compared}"
+                                                                    if cell.not_compared else "")]
+        for k in ("mean", "mean_label", "mean_all", "mce", "relative_mce"):
             v = row.corruption.get(k)
-            line.append("" if v is None else repr(v))
+            line.append("" if v is None else (v if isinstance(v, str) else repr(v)))
         w.writerow(line)
     return buf.getvalue()
 
@@ -622,76 +959,177 @@ def to_dict(data: ReportData) -> dict:
 def _md(data: ReportData, columns: str = "headline") -> str:
     cols = _columns(data, columns)
     out = ["# epcli leaderboard", "",
-           f"Accuracy in %. Store `{data.store_root}`, generated {data.generated_at}. Cells: worst case over "
-           "results (n = examples, gradient mode); ⚠ = unreliable (see notes).", ""]
-    head = ["model", "run", "data", "status", "clean"] + [c.label for c in cols] + ["CIFAR-C mean", "mCE"]
+           f"Accuracy in %. Store `{data.store_root}`, generated {data.generated_at}. Cells: the result on the most "
+           "images, then the exact worst case over the other results on the same images (n = examples, gradient "
+           "mode); ⚠ = unreliable (see notes). CIFAR-C: mean over the corruptions × severities that were run.", ""]
+    head = ["model", "run", "data", "status", "clean"] + [c.label for c in cols] + ["CIFAR-C", "mCE"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
     flags = []
     for row in data.rows:
-        line = [row.label, f"`{_short(row.run_id)}`", row.dataset or "—", row.status, _fmt(row.clean_acc)]
+        name = row.name or row.label
+        notes = model_notes(row)
+        line = [name + (f" ({'; '.join(notes)})" if notes else ""), f"`{_short(row.run_id)}`", row.dataset or "—",
+                row.status, _fmt(row.clean_acc)]
         for c in cols:
             cell = row.cells.get(c.key)
             line.append(_cell_text(cell, markup="md"))
             if cell is not None and cell.unreliable:
-                flags.append(f"- ⚠ {row.label}, {c.label}: {cell.reason}")
-        line += [_fmt(row.corruption.get("mean")), _fmt(row.corruption.get("mce"))]
+                flags.append(f"- ⚠ {name}, {c.label}: {cell.reason}")
+        line += [_corr_text(row.corruption), _fmt(row.corruption.get("mce"))]
         out.append("| " + " | ".join(x.replace("|", "\\|") for x in line) + " |")
     if flags:
         out += ["", "Unreliable results:", ""] + flags
     if data.comparisons:
-        out += ["", "## The paper beside the results", "",
-                "| model | metric | epcli | paper | diff | protocol differences |", "|---|---|---:|---:|---:|---|"]
-        for c in data.comparisons:
-            p = f"{c.paper:.2f}" + (f" ± {c.paper_std:.2f}" if c.paper_std is not None else "")
-            out.append(f"| {c.label} | {c.what} | {c.epcli:.2f} | {p} | {c.diff:+.2f} | "
-                       f"{'; '.join(c.reasons) or '—'} |")
+        out += ["", "## The paper beside the results", "", _PAPER_NOTE]
+        shown = [c for c in data.comparisons if c.not_compared is None]
+        if shown:
+            out += ["", "| model | metric | epcli | paper | diff | protocol differences |", "|---|---|---:|---:|---:|---|"]
+            for c in shown:
+                p = f"{c.paper:.2f}" + (f" ± {c.paper_std:.2f}" if c.paper_std is not None else "")
+                out.append(f"| {c.label} | {c.what} | {c.epcli:.2f} | {p} | {c.diff:+.2f} | "
+                           f"{'; '.join(c.reasons) or '—'} |")
+        out += [""] + [f"- {line}" for line in _not_compared_lines(data)]
     if data.notes:
         out += ["", "Notes:", ""] + [f"- {n}" for n in data.notes]
     return "\n".join(out) + "\n"
 
 
-def robustbench_json(data: ReportData) -> list[dict]:
-    """RobustBench-style records, one per (model, threat model) with an AutoAttack result."""
-    out = []
+_PAPER_NOTE = ("A paper number (Mansingh et al. 2024, from the authors' logs, mean ± std over seeds) stands beside "
+               "epcli's only when model, dataset, threat model, n and gradient mode are comparable; diff = epcli − "
+               "paper, in points.")
+
+
+def _not_compared_lines(data: ReportData) -> list[str]:
+    """One line per model that cannot be compared at all, one per other result that cannot."""
+    lines, done = [], set()
+    for c in data.comparisons:
+        if c.not_compared is None:
+            continue
+        row = next((r for r in data.rows if r.run_id == c.run_id), None)
+        if row is not None and row.not_compared and c.not_compared == row.not_compared:
+            if c.run_id not in done:
+                done.add(c.run_id)
+                lines.append(f"{c.label}: not compared with the paper ({c.not_compared})")
+        else:
+            lines.append(f"{c.label}, {c.what}: not compared ({c.not_compared})")
+    return lines
+
+
+# RobustBench's model_info/<dataset>/<threat_model>/<ModelID>.json: field names and meanings as in its repository
+# (strings for accuracies in percent, eps as "8/255" or "0.5", null for corruptions).
+ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar10-mini": "cifar10", "cifar100": "cifar100",
+                        "imagenet": "imagenet"}
+ROBUSTBENCH_EPS = {"linf": 8 / 255, "l2": 0.5}
+PAPER_LINK = "https://arxiv.org/abs/2401.11543"
+PAPER_AUTHORS = "Siddharth Mansingh, Michal Kucer, Garrett Kenyon, Juston Moore, Michael Teti"
+
+
+def robustbench_id(row: Row) -> str:
+    """A RobustBench-style model id: epcli_<label>_<run id>, with only letters, digits, - and _."""
+    label = re.sub(r"[^A-Za-z0-9]+", "_", row.label).strip("_") or row.model
+    return f"epcli_{label}_{row.run_id}"
+
+
+def _forward_passes(row: Row, cell: Cell | None = None) -> int:
+    """RobustBench's number_forward_passes: network evaluations per prediction (an EP-CNN relaxes T steps)."""
+    t = None
+    if cell is not None and isinstance(cell.forward_passes_T, (int, float)):
+        t = cell.forward_passes_T
+    for d in (row.config, row.config.get("recipe") if isinstance(row.config.get("recipe"), dict) else {},
+              row.config.get("spec") if isinstance(row.config.get("spec"), dict) else {}):
+        if t is None and isinstance(d, dict) and isinstance(d.get("T"), (int, float)):
+            t = d["T"]
+    if t is None and row.equilibrium.get("T") is not None:
+        t = row.equilibrium["T"]
+    return int(t) if t else 1
+
+
+def robustbench_files(data: ReportData) -> tuple[dict[str, dict], list[str]]:
+    """{"<dataset>/<threat_model>/<ModelID>.json": record} for every model with an AutoAttack result at
+    RobustBench's eps (Linf 8/255, L2 0.5) or a complete 15-corruption run; and why each other model is absent."""
+    files, skipped = {}, []
     for row in data.rows:
-        for norm in ("linf", "l2"):
-            aa = [c for c in data.columns if c.attack == "autoattack" and c.norm == norm and c.key in row.cells]
-            if not aa:
+        ds = ROBUSTBENCH_DATASETS.get(str(row.dataset).lower())
+        name = row.name or row.label
+        if ds is None:
+            skipped.append(f"{name}: dataset {row.dataset} is not one of RobustBench's")
+            continue
+        papers_model = bool(row.paper_key) and _paper_registry(row.paper_key) == row.model  # not a demo net
+        common = {"link": PAPER_LINK if papers_model else "",
+                  "name": f"{row.label} (epcli run {row.run_id})",
+                  "authors": PAPER_AUTHORS if papers_model else "",
+                  "additional_data": False, "number_forward_passes": _forward_passes(row), "dataset": ds,
+                  "venue": "epcli", "architecture": row.model}
+        data_note = ("data: the embedded mini CIFAR-10 (real CIFAR-10 test images, JPEG q75), not the full test "
+                     "set" if str(row.dataset).lower() == "cifar10-mini" else "")
+        relax = ("the EP-CNN relaxes to an energy minimum at inference (an optimization loop), so it is outside "
+                 "RobustBench's standardized track" if str(row.model).startswith("ep") else "")
+        found = False
+        for norm, threat in (("linf", "Linf"), ("l2", "L2")):
+            col = next((c for c in data.columns if c.attack == "autoattack" and c.norm == norm and c.key in row.cells
+                        and math.isclose(c.eps, ROBUSTBENCH_EPS[norm], rel_tol=1e-3)), None)
+            if col is None:
                 continue
-            std = STANDARD_EPS[norm]
-            col = min(aa, key=lambda c: abs(math.log(c.eps / std)) if c.eps > 0 else 1e9)
+            found = True
             cell = row.cells[col.key]
             others = [row.cells[c.key] for c in data.columns if c.norm == norm and c.key in row.cells
-                      and c.attack != "autoattack" and math.isclose(c.eps, col.eps, rel_tol=1e-6)]
+                      and c.attack != "autoattack" and math.isclose(c.eps, col.eps, rel_tol=1e-6)
+                      and row.cells[c.key].n_examples == cell.n_examples]
             ext = min(others, key=lambda c: c.value) if others else None
-            fp = cell.forward_passes or row.config.get("T")
-            notes = [f"AutoAttack on {cell.n_examples or '?'} test examples, gradient mode {_grad(cell.grad_mode)}"]
-            if row.paper_key == "ep-cnn" or str(row.model).startswith("ep"):
-                notes.append("the EP-CNN relaxes to an energy minimum at inference (an optimization loop), so it "
-                             "is outside RobustBench's standardized track")
+            notes = [f"AutoAttack on {cell.n_examples or '?'} test images (clean accuracy on the same images), "
+                     f"gradient mode {_grad(cell.grad_mode)}", data_note, relax]
             if cell.unreliable:
                 notes.append(f"unreliable: {cell.reason}")
             if ext is not None and ext.value < cell.value:
-                notes.append(f"external = worst other attack at this eps ({_grad(ext.grad_mode)}, "
-                             f"n={ext.n_examples})")
-            fact = paper.paper_value(row.paper_key, dataset=paper.paper_dataset(row.dataset) or "cifar10",
-                                     metric="robust_acc", attack="autoattack", norm=norm, eps=col.eps) \
-                if row.paper_key else None
-            rec = {
-                "link": "", "name": row.label, "authors": "", "venue": "epcli",
-                "architecture": row.model, "dataset": row.dataset, "threat_model": "Linf" if norm == "linf" else "L2",
-                "eps": eps_label(col.eps, norm), "additional_data": False,
-                "number_forward_passes": int(fp) if isinstance(fp, (int, float)) else 1,
-                "clean_acc": _fmt(row.clean_acc), "reported": _fmt(fact["value"]) if fact else "",
-                "autoattack_acc": _fmt(cell.value),
-                "unreliable": bool(cell.unreliable), "footnote": "; ".join(notes), "run_id": row.run_id,
-                "n_examples": cell.n_examples,
-            }
+                notes.append(f"external: a stronger attack on the same number of images ({_grad(ext.grad_mode)})")
+            rec = {**common, "number_forward_passes": _forward_passes(row, cell),
+                   "eps": eps_label(col.eps, norm),
+                   "clean_acc": _fmt(cell.attack_clean if cell.attack_clean is not None else row.clean_acc),
+                   "reported": _fmt(cell.paper) if cell.paper is not None else "",
+                   "autoattack_acc": _fmt(cell.value), "footnote": ". ".join(n for n in notes if n) + ".",
+                   "unreliable": bool(cell.unreliable)}
             if ext is not None and ext.value < cell.value:
                 rec["external"] = _fmt(ext.value)
-            out.append(rec)
-    return out
+            files[f"{ds}/{threat}/{robustbench_id(row)}.json"] = rec
+        corr = row.corruption
+        cov = corr.get("coverage") or {}
+        if cov.get("complete15") and corr.get("mean") is not None:
+            found = True
+            notes = [f"mean of the 15 CIFAR-10-C benchmark corruptions × 5 severities on "
+                     f"{corr.get('n_examples') or '?'} test images", data_note, relax]
+            files[f"{ds}/corruptions/{robustbench_id(row)}.json"] = {
+                **common, "eps": None, "clean_acc": _fmt(corr.get("clean", row.clean_acc)), "reported": "",
+                "corruptions_acc": _fmt(corr["mean"]), "footnote": ". ".join(n for n in notes if n) + "."}
+        if not found:
+            why = "no AutoAttack result at L∞ 8/255 or L2 0.5"
+            if corr.get("mean") is not None:
+                why += f", corruptions only a {corr.get('mean_label')}"
+            skipped.append(f"{name}: {why}")
+        elif corr.get("mean") is not None and not cov.get("complete15"):
+            skipped.append(f"{name}: no corruptions file ({corr.get('mean_label')}; RobustBench's is 15 × 5)")
+    return files, skipped
+
+
+def robustbench_json(data: ReportData) -> dict[str, dict]:
+    """The RobustBench files as one JSON object {relative path: record}; NotFoundError when none qualifies."""
+    files, skipped = robustbench_files(data)
+    if not files:
+        raise NotFoundError("nothing to export for RobustBench, which needs an AutoAttack result at L∞ 8/255 or L2 "
+                            "0.5 (`epcli attack -a autoattack --eps 8/255`) or a corruption run over all 15 "
+                            f"benchmark corruptions × 5 severities. {'; '.join(skipped) or 'No models'}.")
+    return files
+
+
+def write_robustbench(data: ReportData, out_dir: str | Path) -> list[Path]:
+    """Write RobustBench's layout under out_dir: <dataset>/<threat_model>/<ModelID>.json, one per record."""
+    paths = []
+    for rel, rec in robustbench_json(data).items():
+        p = Path(out_dir) / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(rec, indent=2, ensure_ascii=False) + "\n")
+        paths.append(p)
+    return paths
 
 
 def render(data: ReportData, fmt: str = "table", columns: str | None = None) -> str:
@@ -758,58 +1196,95 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
     # robust accuracy vs eps, one panel per attack x norm
     for attack, norm in sorted({(c["attack"], c["norm"]) for c in data.curves},
                                key=lambda an: (ATTACK_ORDER.index(an[0]) if an[0] in ATTACK_ORDER else 99, an[1])):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        if len({c["eps"] for c in data.curves if (c["attack"], c["norm"]) == (attack, norm)}) < 2:
+            continue  # a single eps is no curve: the number is in the tables
+        fig, ax = plt.subplots(figsize=(6.8, 4.4))
+        all_eps, drawn_paper, datasets = set(), set(), set()
         for rid in names:
-            pts = sorted((c["eps"], c["value"], c["unreliable"]) for c in data.curves
+            pts = sorted((c["eps"], c["value"], c["unreliable"], c.get("n"), c.get("grad_mode")) for c in data.curves
                          if c["run_id"] == rid and c["attack"] == attack and c["norm"] == norm)
             if not pts:
                 continue
+            row = rows[rid]
+            datasets.add(row.dataset or "?")
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, "o-", color=colors[names[rid]], label=names[rid])
+            all_eps.update(xs)
+            ns = sorted({p[3] for p in pts if p[3]})
+            modes = sorted({_grad(p[4]) for p in pts if p[4]})
+            n_txt = "n=?" if not ns else (f"n={ns[0]:,}" if len(ns) == 1 else f"n={ns[0]:,}–{ns[-1]:,}")
+            ax.plot(xs, ys, "o-", color=colors[names[rid]],
+                    label=f"{names[rid]} ({n_txt}" + (f", {'/'.join(modes)}" if modes else "") + ")")
             bad = [(p[0], p[1]) for p in pts if p[2]]
             if bad:
-                ax.plot(*zip(*bad), "x", color="red", markersize=10, mew=2)
-            row = rows[rid]
-            if paper_curves and row.paper_key:
+                ax.plot(*zip(*bad), "x", color="red", markersize=10, mew=2,
+                        label="unreliable (flagged)" if "unreliable" not in drawn_paper else None)
+                drawn_paper.add("unreliable")
+            # the paper's curve only for a comparable model (same architecture and data), once per paper model
+            if paper_curves and row.paper_key and row.not_compared is None and row.paper_key not in drawn_paper:
                 facts = paper.paper_values(row.paper_key, dataset=paper.paper_dataset(row.dataset) or "cifar10",
                                            metric="robust_acc", attack=attack, norm=norm, variant=False)
                 if facts:
+                    drawn_paper.add(row.paper_key)
                     fx = sorted((f["eps"], f["value"]) for f in facts)
-                    ax.plot(*zip(*fx), "--", color=colors[names[rid]], alpha=0.5, lw=1,
-                            label=f"paper: {row.paper_key}")
-        ax.set_xscale("log")
-        ax.set_ylim(0, 100)
-        ax.set_xlabel(f"ε ({NORM_NAMES.get(norm, norm)})")
+                    nf = sorted({f.get("n_examples") for f in facts if f.get("n_examples")})
+                    info = paper.load_facts()["models"].get(row.paper_key, {})
+                    ax.plot(*zip(*fx), "--", color=colors[names[rid]], alpha=0.6, lw=1,
+                            label=f"paper: {info.get('label', row.paper_key)}"
+                                  + (f" (n={nf[-1]:,})" if nf else ""))
+        ticks = sorted(all_eps)
+        ax.set_xlim(0, max(ticks) * 1.06 if ticks else 1)
+        if norm == "linf" and ticks:
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([eps_label(e, "linf") for e in ticks], fontsize=8)
+        ax.set_ylim(-2, 100)  # a point at 0 % stays visible
+        ax.set_xlabel(f"ε ({NORM_NAMES.get(norm, norm)}" + (", pixel scale /255" if norm == "linf" else "") + ")")
         ax.set_ylabel("robust accuracy (%)")
-        ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)}: accuracy vs ε")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on {', '.join(sorted(datasets))}:"
+                     f" robust accuracy vs ε", fontsize=10)
+        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         _save(fig, out_dir, f"robust-{attack}-{norm}", paths)
 
-    # accuracy vs severity per corruption
+    # accuracy vs severity per corruption, the clean accuracy as a dotted reference line
     if data.corruptions:
         cnames = sorted({c["corruption"] for c in data.corruptions})
         ncol = min(5, len(cnames))
         nrow = math.ceil(len(cnames) / ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.2 * nrow), squeeze=False, sharey=True)
+        vals = [c["value"] for c in data.corruptions] + [r.corruption["clean"] for r in data.rows
+                                                         if r.corruption.get("clean") is not None]
+        lo, hi = min(vals), max(vals)
+        pad = max(2.0, 0.08 * (hi - lo))
+        height = 2.5 * nrow + 0.75  # + a header (inches) for the title and the legend
+        fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, height), squeeze=False, sharey=True)
         for ax, cn in zip(axes.flat, cnames):
             for rid in names:
                 pts = sorted((c["severity"], c["value"]) for c in data.corruptions
                              if c["run_id"] == rid and c["corruption"] == cn and c["severity"] is not None)
                 if pts:
                     ax.plot(*zip(*pts), "o-", ms=3, color=colors[names[rid]], label=names[rid])
+                    clean = rows[rid].corruption.get("clean")
+                    if clean is not None:
+                        ax.axhline(clean, ls=":", lw=1, color=colors[names[rid]],
+                                   label=f"{names[rid]}: clean")
             ax.set_title(cn.replace("_", " "), fontsize=9)
             ax.set_xticks([1, 2, 3, 4, 5])
-            ax.set_ylim(0, 100)
+            ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
             ax.grid(True, alpha=0.3)
         for ax in list(axes.flat)[len(cnames):]:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.supxlabel("severity")
-        fig.supylabel("accuracy (%)")
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.2 * nrow)))
+        n_ex = sorted({r.corruption.get("n_examples") for r in data.rows if r.corruption.get("n_examples")})
+        for i, ax in enumerate(axes.flat):
+            if i % ncol == 0:
+                ax.set_ylabel("accuracy (%)")
+            if i >= len(cnames) - ncol:
+                ax.set_xlabel("severity")
+        fig.suptitle("Accuracy under each corruption vs severity; dotted: the model's clean accuracy"
+                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else ""), fontsize=9,
+                     y=1 - 0.05 / height, va="top")
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
         fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,
-                   bbox_to_anchor=(0.5, 1.0), frameon=False)
+                   bbox_to_anchor=(0.5, 1 - 0.25 / height), frameon=False)
         _save(fig, out_dir, "corruptions", paths)
 
     # accuracy vs relaxation steps
@@ -820,7 +1295,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
             pts = sorted((s["T"], s["value"]) for s in data.steps if s["run_id"] == rid)
             if pts:
                 ax.plot(*zip(*pts), "o-", ms=3, color=colors[names[rid]], label=names[rid])
-                if rows[rid].paper_key:
+                if rows[rid].paper_key and rows[rid].not_compared is None:  # comparability rule
                     keys.add(rows[rid].paper_key)
         for key in sorted(keys):
             facts = paper.paper_values(key, metric="accuracy_vs_steps")
@@ -851,7 +1326,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                 key = rows[rid].paper_key
                 facts = paper.paper_values(key, dataset=paper.paper_dataset(rows[rid].dataset) or "cifar10",
                                            attack=attack, norm=norm, eps=e, variant="unroll-sweep") \
-                    if key and paper_curves else []
+                    if key and paper_curves and rows[rid].not_compared is None else []
                 if facts:
                     fx = sorted((int(f["grad_mode"].split(":")[1]), f["value"]) for f in facts)
                     ax.plot(*zip(*fx), "--", color=color, alpha=0.5, lw=1, label=f"ε={eps_label(e, norm)} (paper)")
@@ -891,94 +1366,199 @@ def _to_img(a):
     return np.clip(a, 0, 1).squeeze()
 
 
-def _first_correct_everywhere(loaded, default: int) -> int:
-    """The first test image every model classifies correctly when clean (an attack has something to do)."""
-    import numpy as np
-    ok = None
-    for _, t, _, _, _, _ in loaded:
-        if "pred_clean" not in t or "labels" not in t:
-            return default
-        good = np.asarray(t["pred_clean"]).reshape(-1) == np.asarray(t["labels"]).reshape(-1)
-        ok = good if ok is None else ok[: len(good)] & good[: len(ok)]
-    hits = np.flatnonzero(ok) if ok is not None else []
-    return int(hits[0]) if len(hits) else default
-
-
-def _adversarial_grid(data: ReportData, names: dict[str, str], image: int = 0):
-    import numpy as np
-    loaded = []
-    for a in data.adversarial:
-        got = _load_adv(a["path"])
-        if got is None:
-            continue
-        tensors, meta = got
-        if "x" not in tensors:
-            continue
-        eps_meta = _json(meta.get("eps")) or a["meta"].get("eps") or []
-        classes = _json(meta.get("classes")) or a["meta"].get("classes") or []
-        labels = _json(meta.get("labels")) or a["meta"].get("labels")
-        pairs = []
-        for k in tensors:
-            if not k.startswith("x_adv_"):
-                continue
-            suffix = k[len("x_adv_"):]
+def _eps_of(suffix: str) -> float | None:
+    try:
+        return float(suffix)
+    except ValueError:
+        if "/" in suffix:
             try:
-                e = float(suffix)
+                num, den = suffix.split("/")
+                return float(num) / float(den)
             except ValueError:
-                e = None
-                if "/" in suffix:
-                    try:
-                        num, den = suffix.split("/")
-                        e = float(num) / float(den)
-                    except ValueError:
-                        pass
-            pairs.append((e if e is not None else float("nan"), k, "pred_" + suffix))
-        if not pairs:
-            continue
-        pairs.sort(key=lambda p: (math.isnan(p[0]), p[0]))
-        loaded.append((a, tensors, pairs, classes, labels, eps_meta))
-    if not loaded:
+                return None
+    return None
+
+
+def _load_adv_entry(a: dict) -> dict | None:
+    """One adversarial-examples artifact: images, predictions per eps, labels, and the test indices (from the
+    same attack run's per-example outcomes, whose first entries are these images)."""
+    import numpy as np
+    got = _load_adv(a["path"])
+    if got is None:
         return None
-    image = _first_correct_everywhere(loaded, image)
+    t, meta = got
+    if "x" not in t:
+        return None
+    n = t["x"].shape[0] if t["x"].ndim == 4 else 1
+    classes = _json(meta.get("classes")) or a["meta"].get("classes") or []
+    labels = t.get("labels")
+    if labels is None:
+        lab = _json(meta.get("labels"))
+        labels = np.asarray(lab) if isinstance(lab, list) else None
+    eps = []
+    for k in t:
+        if k.startswith("x_adv_"):
+            e = _eps_of(k[len("x_adv_"):])
+            if e is not None:
+                eps.append((e, k, "pred_" + k[len("x_adv_"):]))
+    if not eps:
+        return None
+    eps.sort()
+    index = None
+    if a.get("per_example"):
+        pe = _load_per_example(a["per_example"])
+        if pe is not None and len(pe["index"]) >= n:
+            index = pe["index"][:n]
+    return {"a": a, "t": t, "n": n, "eps": eps, "classes": classes,
+            "labels": None if labels is None else np.asarray(labels).reshape(-1)[:n],
+            "index": index if index is not None else np.arange(n), "indexed": index is not None}
+
+
+def choose_image(entries: list[dict]) -> tuple[int | None, list[int | None]]:
+    """A test image every shown model classifies correctly when clean (the attack had something to do), by
+    test-set index when the artifacts carry it; preferring one whose prediction some attack changed.
+    Returns (test index or None, the row of that image in each entry)."""
+    import numpy as np
+    candidates = None
+    for e in entries:
+        if e["labels"] is None or "pred_clean" not in e["t"]:
+            return None, [None] * len(entries)
+        ok = np.asarray(e["t"]["pred_clean"]).reshape(-1)[: e["n"]] == e["labels"]
+        good = {int(i) for i, g in zip(e["index"], ok) if g}
+        candidates = good if candidates is None else candidates & good
+    if not candidates:
+        return None, [None] * len(entries)
+
+    def fooled(idx: int) -> int:  # how many models some eps fooled on this image
+        total = 0
+        for e in entries:
+            r = int(np.flatnonzero(e["index"] == idx)[0])
+            preds = [np.asarray(e["t"][kp]).reshape(-1)[r] for _, _, kp in e["eps"] if kp in e["t"]]
+            total += any(int(p) != int(e["labels"][r]) for p in preds)
+        return total
+
+    best = max(sorted(candidates), key=lambda i: (fooled(i), -i))
+    return best, [int(np.flatnonzero(e["index"] == best)[0]) for e in entries]
+
+
+def _adversarial_grid(data: ReportData, names: dict[str, str]):
+    """Per norm, one row group per model: the chosen clean image and its adversarial versions per eps (prediction
+    above, red when it changed), and below the perturbation amplified by a factor written on each panel (one
+    factor per eps, shared by the models so their perturbations compare)."""
+    import numpy as np
+    entries = [e for e in (_load_adv_entry(a) for a in data.adversarial) if e is not None]
+    if not entries:
+        return None
+    norms = [n for n in ("linf", "l2") if any(e["a"]["norm"] == n for e in entries)]
+    norms += sorted({e["a"]["norm"] for e in entries} - set(norms))
+    groups = [(n, [e for e in entries if e["a"]["norm"] == n]) for n in norms]
+    ncols = 1 + max(len(e["eps"]) for e in entries)
+    nrows = sum(2 * len(g) for _, g in groups)
     plt = _plt()
-    ncols = 1 + max(len(p) for _, _, p, _, _, _ in loaded)
-    nrows = 2 * len(loaded)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.75 * nrows), squeeze=False)
+    height = 1.85 * nrows + 0.6
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.7 * ncols, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    norm = (data.adversarial[0]["config"] or {}).get("norm")
-    for i, (a, t, pairs, classes, labels, _) in enumerate(loaded):
-        x = t["x"][image] if t["x"].ndim == 4 else t["x"]
-        truth = None
-        if isinstance(labels, list) and len(labels) > image:
-            truth = labels[image]
-        elif "labels" in t:
-            truth = int(np.asarray(t["labels"]).reshape(-1)[image])
-        cname = lambda c: classes[int(c)] if isinstance(classes, list) and 0 <= int(c) < len(classes) else str(c)
-        ax = axes[2 * i][0]
-        ax.imshow(_to_img(x))
-        ax.set_title(f"{names.get(a['run_id'], a['label'])}\noriginal" + (f": {cname(truth)}" if truth is not None
-                                                                            else ""), fontsize=7)
-        axes[2 * i + 1][0].text(0.5, 0.5, "perturbation\n(amplified)", ha="center", va="center", fontsize=7)
-        for j, (e, kx, kp) in enumerate(pairs, start=1):
-            xa = t[kx][image] if t[kx].ndim == 4 else t[kx]
-            pred = ""
-            if kp in t:
-                pv = np.asarray(t[kp]).reshape(-1)
-                if pv.size > image:
-                    pred = cname(pv[image])
-            wrong = truth is not None and pred != "" and pred != cname(truth)
-            ax = axes[2 * i][j]
-            ax.imshow(_to_img(xa))
-            ax.set_title(f"ε={eps_label(e, norm) if not math.isnan(e) else kx[6:]}\n→ {pred}", fontsize=7,
-                         color="crimson" if wrong else "black")
-            d = np.asarray(xa, dtype=np.float32) - np.asarray(x, dtype=np.float32)
-            m = float(np.abs(d).max()) or 1.0
-            axes[2 * i + 1][j].imshow(_to_img(0.5 + d / (2 * m)))
-    fig.suptitle("Adversarial examples: the same test image under each model's attack at growing ε "
-                 "(red = prediction changed)", fontsize=9)
-    fig.tight_layout()
+    r0 = 0
+    for norm, group in groups:
+        idx, pos = choose_image(group)
+        nname = NORM_NAMES.get(norm, norm)
+        # one amplification per eps, shared across models
+        amp = {}
+        if idx is not None:
+            for e, p in zip(group, pos):
+                x = e["t"]["x"][p]
+                for ev, kx, _ in e["eps"]:
+                    d = float(np.abs(np.asarray(e["t"][kx][p], dtype=np.float32) - x).max())
+                    amp[round(ev, 9)] = max(amp.get(round(ev, 9), 0.0), d)
+        for gi, (e, p) in enumerate(zip(group, pos)):
+            a, t = e["a"], e["t"]
+            ax0 = axes[r0][0]
+            who = names.get(a["run_id"], a["label"])
+            if p is None:
+                if gi == 0:
+                    ax0.text(0.0, 0.5, f"{nname}: no test image that every shown model classifies correctly when "
+                             f"clean among the {e['n']} stored examples, so none is shown", fontsize=7, va="center")
+                r0 += 2
+                continue
+            cname = (lambda c: e["classes"][int(c)] if isinstance(e["classes"], list)
+                     and 0 <= int(c) < len(e["classes"]) else str(int(c)))
+            truth = int(e["labels"][p])
+            x = np.asarray(t["x"][p], dtype=np.float32)
+            ax0.imshow(_to_img(x))
+            ax0.set_title(f"{who}\n{nname} {ATTACK_NAMES.get(a.get('attack') or '', a.get('attack') or '')}"
+                          f"{' · ' + _grad(a.get('grad_mode')) if a.get('grad_mode') else ''}\n"
+                          f"clean → {cname(truth)}", fontsize=6.5)
+            axes[r0 + 1][0].text(0.5, 0.5, "perturbation\n(amplified ×k,\ngrey = 0)", ha="center", va="center",
+                                 fontsize=7)
+            for j, (ev, kx, kp) in enumerate(e["eps"], start=1):
+                xa = np.asarray(t[kx][p], dtype=np.float32)
+                pred = cname(np.asarray(t[kp]).reshape(-1)[p]) if kp in t else "?"
+                changed = pred != cname(truth)
+                ax = axes[r0][j]
+                ax.imshow(_to_img(xa))
+                ax.set_title(f"ε={eps_label(ev, norm)}\n→ {pred}", fontsize=7,
+                             color="crimson" if changed else "black")
+                m = amp.get(round(ev, 9)) or 0.0
+                k = 0.5 / m if m > 0 else 1.0
+                axes[r0 + 1][j].imshow(_to_img(0.5 + (xa - x) * k))
+                axes[r0 + 1][j].set_title(f"×{k:.0f}" if m > 0 else "no change", fontsize=6.5)
+            r0 += 2
+    fig.suptitle("Adversarial examples: one test image every shown model classifies correctly when clean, attacked "
+                 "at growing ε (red: the prediction changed)", fontsize=8.5, y=1 - 0.1 / height, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
     return fig
+
+
+def corruption_samples(grid_png: str | Path, corruptions: list[str], severities: list[int], out_dir: str | Path,
+                       label: str | None = None, images: int = 2) -> list[Path]:
+    """The corrupt run's sample grid (rows: image x corruption, columns: clean then each severity; 2-pixel
+    gaps) redrawn with its labels: one row per corruption for the first `images` test images."""
+    import matplotlib.image as mpimg
+    import numpy as np
+    try:
+        grid = mpimg.imread(str(grid_png))
+    except (OSError, ValueError, SyntaxError):  # an unreadable grid: no figure, never a failed report
+        return []
+    if grid.dtype != np.float32 or grid.max() > 1.0:
+        grid = grid.astype(np.float32) / 255.0
+    pad, cols, rows_total = 2, 1 + len(severities), None
+    per_image = len(corruptions)
+    h = None
+    for k in range(1, 65):  # the number of images k: rows = k * corruptions
+        rows_total = k * per_image
+        hh = (grid.shape[0] - pad) / rows_total - pad
+        if hh == int(hh) and hh > 0 and (grid.shape[1] - pad) / cols - pad == hh:
+            h = int(hh)
+            break
+    if h is None or not corruptions:
+        return []
+    k_images = rows_total // per_image
+    shown = min(images, k_images)
+    plt = _plt()
+    fig, axes = plt.subplots(shown * per_image, cols, figsize=(1.15 * cols + 1.4, 1.15 * shown * per_image + 0.5),
+                             squeeze=False)
+    for i in range(shown):
+        for c, name in enumerate(corruptions):
+            r = i * per_image + c
+            for j in range(cols):
+                y0, x0 = pad + r * (h + pad), pad + j * (h + pad)
+                ax = axes[i * per_image + c][j]
+                ax.imshow(grid[y0:y0 + h, x0:x0 + h, :3], interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i * per_image + c == 0 or (c == 0 and i > 0):
+                    ax.set_title("clean" if j == 0 else f"severity {severities[j - 1]}", fontsize=7)
+                if j == 0:
+                    ax.set_ylabel(f"image {i + 1}\n{name.replace('_', ' ')}", fontsize=7)
+    fig.suptitle("Corruption samples" + (f" ({label})" if label else "") + ": the seeded images the model was "
+                 "scored on", fontsize=8.5)
+    fig.tight_layout()
+    paths: list[Path] = []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save(fig, out, "corruption-samples", paths)
+    return [p for p in paths if p.suffix == ".png"] + [p for p in paths if p.suffix != ".png"]
 
 
 # --- HTML ------------------------------------------------------------------------------------------------------
@@ -1010,18 +1590,23 @@ def _html_cell(cell: Cell | None) -> str:
     paper_line = ""
     if cell.paper is not None:
         paper_line = f'<span class="sub">paper {cell.paper:.2f} ({cell.diff:+.2f})</span>'
+    elif cell.not_compared:
+        title = title or f' title="not compared with the paper: {_h(cell.not_compared)}"'
     return f'<td class="{cls}"{title}>{cell.value:.2f}{flag}<span class="sub">{_h(_sub(cell, " · "))}</span>{paper_line}</td>'
 
 
 def _html_leaderboard(data: ReportData, cols: list[Column], id_: str) -> str:
     head = "".join(f"<th>{_h(c)}</th>" for c in ["model", "run", "data", "clean"] + [c.label for c in cols]
-                   + ["CIFAR-C mean", "mCE (unnorm.)", "rel. mCE"])
+                   + ["CIFAR-C", "mCE (unnorm.)", "rel. mCE"])
     body = []
     for row in data.rows:
         status = "" if row.status == "finished" else f' <span class="status">{_h(row.status)}</span>'
         corr = row.corruption
-        cc = "".join(f'<td class="num">{_fmt(corr.get(k))}</td>' for k in ("mean", "mce", "relative_mce"))
-        body.append(f"<tr><td>{_h(row.label)}{status}</td><td><code>{_h(_short(row.run_id))}</code></td>"
+        cc = f'<td class="num">{_h(_corr_text(corr))}</td>' + "".join(
+            f'<td class="num">{_fmt(corr.get(k))}</td>' for k in ("mce", "relative_mce"))
+        notes = "".join(f'<span class="sub">{_h(n)}</span>' for n in model_notes(row))
+        body.append(f"<tr><td>{_h(row.name or row.label)}{status}{notes}</td>"
+                    f"<td><code>{_h(_short(row.run_id))}</code></td>"
                     f"<td>{_h(row.dataset)}</td><td class=\"num\">{_fmt(row.clean_acc)}</td>"
                     + "".join(_html_cell(row.cells.get(c.key)) for c in cols) + cc + "</tr>")
     return f'<table id="{id_}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
@@ -1045,16 +1630,20 @@ def _inline_figure(path: Path) -> str:
 
 
 _CAPTIONS = {
-    "robust": "Robust accuracy vs ε (log scale), one line per model; dashed: the paper's curve for the matching "
-              "model; red ×: result marked unreliable.",
-    "corruptions": "Accuracy vs corruption severity (latest corrupt run per model).",
-    "steps": "Accuracy vs number of relaxation steps T (EP convergence, 'characteristic time'); dashed: paper.",
+    "robust": "Robust accuracy vs ε (linear axis; L∞ ticks at the measured k/255), one line per model with its n "
+              "and gradient mode; dashed: the paper's curve, only for a model comparable with the paper's; red ×: "
+              "result flagged unreliable.",
+    "corruptions": "Accuracy vs corruption severity (latest corrupt run per model); dotted: the model's clean "
+                   "accuracy on the same images. The y axis is fitted to the data.",
+    "steps": "Accuracy vs number of relaxation steps T (EP convergence, 'characteristic time'); dashed: paper "
+             "(comparable models only).",
     "unroll": "Robust accuracy vs the unroll length K of the attack gradient (truncated:K): a plateau for large "
               "K means the truncation does not mask the gradient.",
-    "corruption-samples": "Test images under each evaluated corruption, clean then severities 1-5 (seeded; the "
-                          "exact images the models were scored on).",
-    "adversarial-examples": "The same test image attacked at growing ε: adversarial image (top, predicted class) "
-                            "and amplified perturbation (bottom), per model.",
+    "corruption-samples": "Test images under each evaluated corruption (rows), clean then severities (columns); "
+                          "seeded: the exact images the model was scored on.",
+    "adversarial-examples": "Per norm, one test image every shown model classifies correctly when clean, attacked at "
+                            "growing ε: adversarial image with the predicted class (red: changed) and the "
+                            "perturbation amplified by the factor written above it.",
 }
 
 
@@ -1063,7 +1652,7 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
     figs = [Path(f) for f in (figures or [])]
     chosen: dict[str, Path] = {}
     for f in figs:  # prefer SVG for line charts, PNG for the image grid (smaller, crisp enough)
-        want_svg = f.stem != "adversarial-examples"
+        want_svg = f.stem not in ("adversarial-examples", "corruption-samples")  # image grids: PNG
         cur = chosen.get(f.stem)
         if cur is None or (f.suffix == ".svg") == want_svg:
             chosen[f.stem] = f
@@ -1071,8 +1660,10 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
              f"<style>{_CSS}</style></head><body>",
              "<h1>epcli report: how robust are EP-trained energy-based models?</h1>",
              f'<p class="muted">Store <code>{_h(data.store_root)}</code> · generated {_h(data.generated_at)} · '
-             f'{len(data.rows)} model(s) · accuracies in %. Each cell is the worst case over the results stored '
-             f'for it; below the value: example count and gradient mode.</p>']
+             f'{len(data.rows)} model(s) · accuracies in %. Each cell is the result on the most images (n), then '
+             f'the exact worst case over the other results on those same images; below the value: example count '
+             f'and gradient mode. A paper number stands beside a result only when model, dataset, threat model, '
+             f'n and gradient mode are comparable.</p>']
     if data.notes:
         parts.append("<ul>" + "".join(f"<li>{_h(n)}</li>" for n in data.notes) + "</ul>")
     parts.append("<h2>Leaderboard</h2>")
@@ -1084,29 +1675,36 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
                if c.key in r.cells and r.cells[c.key].unreliable]
     if flagged:
         parts.append("<h2>Unreliable results</h2><ul>" + "".join(
-            f"<li>{_h(r.label)} · {_h(c.label)}: {_h(cell.reason)} (run <code>{_h(_short(cell.run_id))}"
+            f"<li>{_h(r.name or r.label)} · {_h(c.label)}: {_h(cell.reason)} (run <code>{_h(_short(cell.run_id))}"
             f"</code>)</li>" for r, c, cell in flagged) + "</ul>")
     if data.comparisons:
         rows = []
         for c in data.comparisons:
+            if c.not_compared is not None:
+                continue
             p = f"{c.paper:.2f}" + (f" ± {c.paper_std:.2f}" if c.paper_std is not None else "")
             cls = "pos" if c.diff >= 0 else "neg"
             rows.append(f"<tr><td>{_h(c.label)}</td><td>{_h(c.what)}</td><td class=\"num\">{c.epcli:.2f}</td>"
                         f"<td class=\"num\">{p}</td><td class=\"num {cls}\">{c.diff:+.2f}</td>"
                         f"<td>{_h('; '.join(c.reasons) or '—')}</td><td>{_h(c.section)}</td></tr>")
-        parts.append("<h2>The paper beside the results</h2><p class=\"muted\">Paper: Mansingh et al. 2024, numbers "
-                     "from the authors' logs (mean ± std over seeds). diff = epcli − paper, in points.</p>"
-                     "<table id=\"paper\"><thead><tr><th>model</th><th>metric</th><th>epcli</th><th>paper</th>"
-                     "<th>diff</th><th>protocol differences</th><th>paper §</th></tr></thead><tbody>"
-                     + "".join(rows) + "</tbody></table>")
+        parts.append(f"<h2>The paper beside the results</h2><p class=\"muted\">{_h(_PAPER_NOTE)}</p>")
+        if rows:
+            parts.append("<table id=\"paper\"><thead><tr><th>model</th><th>metric</th><th>epcli</th><th>paper</th>"
+                         "<th>diff</th><th>protocol differences</th><th>paper §</th></tr></thead><tbody>"
+                         + "".join(rows) + "</tbody></table>")
+        lines = _not_compared_lines(data)
+        if lines:
+            parts.append('<ul id="not-compared">' + "".join(f"<li>{_h(x)}</li>" for x in lines) + "</ul>")
     corr_rows = [r for r in data.rows if r.corruption]
     if corr_rows:
         parts.append("<h2>Natural corruptions (CIFAR-10-C)</h2><table id=\"corruptions\"><thead><tr><th>model</th>"
-                     "<th>clean (corrupt run)</th><th>mean, 15 benchmark</th><th>mean, all 19</th>"
+                     "<th>clean (corrupt run)</th><th>benchmark mean</th><th>taken over</th><th>mean, all 19</th>"
                      "<th>mCE (unnormalized)</th><th>relative mCE</th><th>run</th></tr></thead><tbody>" + "".join(
-                         f"<tr><td>{_h(r.label)}</td>" + "".join(
+                         f"<tr><td>{_h(r.name or r.label)}</td>" + "".join(
+                             f'<td class="num">{_fmt(r.corruption.get(k))}</td>' for k in ("clean", "mean"))
+                         + f"<td>{_h(r.corruption.get('mean_label', '—'))}</td>" + "".join(
                              f'<td class="num">{_fmt(r.corruption.get(k))}</td>'
-                             for k in ("clean", "mean", "mean_all", "mce", "relative_mce"))
+                             for k in ("mean_all", "mce", "relative_mce"))
                          + f"<td><code>{_h(_short(r.corruption.get('run_id')))}</code></td></tr>"
                          for r in corr_rows) + "</tbody></table>")
     if chosen:
@@ -1179,6 +1777,87 @@ def lineage_tree(store, run_id: str):
     return root
 
 
-__all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "collect", "eps_label", "figures",
-           "html_report", "leaderboard_table", "lineage_tree", "protocol_reasons", "render", "robustbench_json",
-           "to_dict"]
+# --- training runs: curves and comparison (run management, issue 15) ------------------------------------------
+
+CURVE_METRICS = ("train_loss", "train_acc", "test_acc")
+
+
+def training_history(store, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch metrics of a training run from the store: {name: [(epoch, value), ...]} (last write wins)."""
+    out: dict[str, dict[int, float]] = {}
+    for m in store.db.query("SELECT name, step, value FROM metrics WHERE run_id = ? AND step IS NOT NULL "
+                            "ORDER BY id", [run_id]):
+        out.setdefault(m["name"], {})[int(m["step"])] = m["value"]
+    return {k: sorted(v.items()) for k, v in out.items()}
+
+
+def training_curves(store, run_ids: list[str], out_dir: str | Path) -> list[Path]:
+    """Training curves (train loss, train and test accuracy vs epoch), one line per training run, drawn from
+    the per-epoch metrics in the store; PNG and SVG. Raises UsageError for a run that is not a training run
+    or has no per-epoch metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    runs = [store.get_run(r) for r in run_ids]
+    hist = {}
+    for r in runs:
+        if r["kind"] != "train":
+            raise UsageError(f"run {r['id']} is a {r['kind']} run; --curves draws training runs")
+        hist[r["id"]] = training_history(store, r["id"])
+        if not any(hist[r["id"]].get(k) for k in CURVE_METRICS):
+            raise UsageError(f"training run {r['id']} has no per-epoch metrics")
+    labels = {r["id"]: f"{_label(r)} {_short(r['id'])[:6]}" for r in runs}
+    colors = _colors(list(labels.values()))
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.4))
+    for ax, name in zip(axes, CURVE_METRICS):
+        for r in runs:
+            pts = hist[r["id"]].get(name) or []
+            if pts:
+                ax.plot([e for e, _ in pts], [v * 100 if name.endswith("_acc") else v for _, v in pts],
+                        marker="o", ms=3, color=colors[labels[r["id"]]], label=labels[r["id"]])
+        ax.set_xlabel("epoch")
+        ax.set_title(name.replace("_", " ") + (" (%)" if name.endswith("_acc") else ""))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths: list[Path] = []
+    _save(fig, out_dir, "training-curves", paths)
+    return paths
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def training_diff(store, run_a: str, run_b: str) -> dict:
+    """Two training runs side by side: every config key that differs, and the final value of every
+    per-epoch metric (b - a as diff)."""
+    a, b = store.get_run(run_a), store.get_run(run_b)
+    for r in (a, b):
+        if r["kind"] != "train":
+            raise UsageError(f"run {r['id']} is a {r['kind']} run; compare two training runs or two attack runs")
+    fa, fb = _flatten(a.get("config") or {}), _flatten(b.get("config") or {})
+    diff = [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k)]
+    ha, hb = training_history(store, a["id"]), training_history(store, b["id"])
+    metrics = []
+    for name in sorted((set(ha) | set(hb)) - {"epoch"}):
+        va = ha[name][-1][1] if ha.get(name) else None
+        vb = hb[name][-1][1] if hb.get(name) else None
+        metrics.append({"name": name, "a": va, "b": vb,
+                        "diff": None if va is None or vb is None else vb - va})
+    side = lambda r: {"run_id": r["id"], "model": r.get("model"), "dataset": r.get("dataset"),  # noqa: E731
+                      "status": r["status"]}
+    return {"a": side(a), "b": side(b), "config_diff": diff, "metrics": metrics}
+
+
+__all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
+           "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label", "figures",
+           "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable", "model_notes",
+           "protocol_reasons", "render", "robustbench_files", "robustbench_id", "robustbench_json", "to_dict",
+           "training_curves", "training_diff", "training_history", "write_robustbench"]

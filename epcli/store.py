@@ -32,10 +32,10 @@ from typing import Any, Callable, Iterator
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from epcli.errors import NotFoundError, StoreError
+from epcli.errors import NotFoundError, StoreError, UsageError
 
 DB_NAME = "epcli.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUN_KINDS = ("train", "attack", "corrupt", "report")
 STATUSES = ("running", "finished", "failed", "interrupted")
 FACETS = ("dataset", "split", "model", "attack", "norm", "eps", "grad_mode", "corruption", "severity",
@@ -63,7 +63,25 @@ def new_run_id() -> str:
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    """Sorted-key compact JSON that is always valid JSON: NaN and infinities become null, since a single
+    NaN in a JSON column breaks `json_extract` over the whole table."""
+    return json.dumps(finite_json(obj), sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (recursively through dicts, lists and tuples)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def like_prefix(text: str) -> str:
+    """A LIKE pattern matching strings that start with `text` literally (use with ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def config_hash(config: dict) -> str:
@@ -127,33 +145,149 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         FROM runs t WHERE t.kind = 'train' AND t.status = 'finished'""")
 
 
+@migrations()
+def m002_linear_leaderboard(db: sqlite_utils.Database) -> None:
+    """The leaderboard as one grouped pass over metrics (m001's per-row subqueries grew quadratically)."""
+    db["runs"].create_index(["model_run_id", "kind"], if_not_exists=True)
+    db["metrics"].create_index(["run_id", "name", "step"], if_not_exists=True)
+    db["checks"].create_index(["run_id"], if_not_exists=True)
+    db.execute("DROP VIEW IF EXISTS leaderboard")
+    db.execute(LEADERBOARD_SQL)
+
+
+# One row per finished training run: the headline numbers of the study (the worst value over all runs for
+# each robust cell). Full detail: the `results` view.
+LEADERBOARD_SQL = """CREATE VIEW leaderboard AS
+    WITH per_model AS (
+      SELECT r.model_run_id AS mid,
+        MIN(CASE WHEN m.name = 'robust_acc' AND m.attack = 'pgd' AND m.norm = 'linf'
+                  AND ABS(m.eps - 8.0/255) < 1e-4 THEN m.value END) AS pgd_linf_8_255,
+        MIN(CASE WHEN m.name = 'robust_acc' AND m.attack = 'pgd' AND m.norm = 'l2'
+                  AND ABS(m.eps - 0.5) < 1e-3 THEN m.value END) AS pgd_l2_0_5,
+        MIN(CASE WHEN m.name = 'robust_acc' AND m.attack = 'autoattack' AND m.norm = 'linf'
+                  AND ABS(m.eps - 8.0/255) < 1e-4 THEN m.value END) AS autoattack_linf_8_255,
+        MIN(CASE WHEN m.name = 'robust_acc' AND m.attack = 'square' AND m.norm = 'linf'
+                  AND ABS(m.eps - 8.0/255) < 1e-4 THEN m.value END) AS square_linf_8_255,
+        SUM(CASE WHEN m.unreliable = 1 THEN 1 ELSE 0 END) AS unreliable_results
+      FROM metrics m JOIN runs r ON r.id = m.run_id
+      WHERE r.model_run_id IS NOT NULL
+      GROUP BY r.model_run_id),
+    clean AS (
+      SELECT run_id, value, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY step DESC, id DESC) AS k
+      FROM metrics WHERE name = 'test_acc'),
+    corr AS (
+      SELECT r.model_run_id AS mid, m.value,
+             ROW_NUMBER() OVER (PARTITION BY r.model_run_id ORDER BY r.started_at DESC, m.id DESC) AS k
+      FROM metrics m JOIN runs r ON r.id = m.run_id WHERE m.name = 'corruption_mean_acc')
+    SELECT t.id AS model_run_id, t.model, t.dataset, clean.value AS clean_acc, p.pgd_linf_8_255,
+           p.pgd_l2_0_5, p.autoattack_linf_8_255, p.square_linf_8_255, corr.value AS corruption_mean_acc,
+           COALESCE(p.unreliable_results, 0) AS unreliable_results
+    FROM runs t
+    LEFT JOIN per_model p ON p.mid = t.id
+    LEFT JOIN clean ON clean.run_id = t.id AND clean.k = 1
+    LEFT JOIN corr ON corr.mid = t.id AND corr.k = 1
+    WHERE t.kind = 'train' AND t.status = 'finished'"""
+
+# What an epcli store holds: a database with other tables, or a `runs` table without these columns, is
+# someone else's file and is never written to.
+EPCLI_TABLES = {"runs", "artifacts", "run_artifacts", "metrics", "checks", "schema_version",
+                "_sqlite_migrations", "sqlite_sequence", "sqlite_stat1", "sqlite_stat4"}
+RUNS_COLUMNS = {"id", "kind", "status", "config", "started_at", "model_run_id"}
+
+
+@migrations()
+def m003_tags_and_notes(db: sqlite_utils.Database) -> None:
+    """Run management after the fact: free-form tags (JSON list) and a note per run."""
+    have = set(db["runs"].columns_dict)
+    for col in ("tags", "note"):
+        if col not in have:  # idempotent: a store may already have them from a development build
+            db["runs"].add_column(col, str)
+
+
 MIGRATION_COUNT = len(migrations._migrations)
 
 
 # --- the store ------------------------------------------------------------------------------------------
 
 class Store:
-    """An epcli store folder. Opening it creates or upgrades the schema; every method is one transaction."""
+    """An epcli store folder. Opening it creates or upgrades the schema; every method is one transaction.
 
-    def __init__(self, root: str | os.PathLike | None = None, create: bool = True):
+    `create=False` (commands that only read) refuses a folder without a store instead of creating one.
+    A store the process cannot write (read-only folder or file, or `readonly=True`) opens read-only:
+    reading works, any write is a StoreError.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, create: bool = True,
+                 readonly: bool | None = None):
         self.root = Path(root) if root is not None else default_root()
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {self.root} is a file, not a store folder (give the folder that holds "
                              f"{DB_NAME})")
         self.path = self.root / DB_NAME
-        if not create and not self.path.exists():
-            raise StoreError(f"no epcli store at {self.root} (run `epcli train` first, or pass --store)")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.root, os.W_OK):
-                raise PermissionError(f"no write permission on {self.root}")
-        except OSError as e:
-            raise StoreError(f"cannot create or write the store folder {self.root}: {e.strerror or e}") from None
+        exists = self.path.is_file() and self.path.stat().st_size > 0
+        if not create and not exists:
+            raise StoreError(f"no epcli store at {self.root} (commands that write - train, attack, corrupt, "
+                             "demo - create one; check --store / $EPCLI_STORE)")
+        if readonly is None:
+            readonly = exists and not (os.access(self.root, os.W_OK) and os.access(self.path, os.W_OK))
+        self.readonly = bool(readonly)
+        self.created = not exists and not self.readonly
+        if exists:
+            self._inspect()  # before anything is written: refuse foreign or damaged files untouched
+        if not self.readonly:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if not os.access(self.root, os.W_OK):
+                    raise PermissionError(f"no write permission on {self.root}")
+            except OSError as e:
+                raise StoreError(f"cannot create or write the store folder {self.root}: "
+                                 f"{e.strerror or e}") from None
         self.artifacts_dir = self.root / "artifacts"
         self.cache_dir = self.root / "cache"
-        self.db = self._open()
+        self.db = self._open_readonly() if self.readonly else self._open()
 
     # connection and schema
+    def _inspect(self) -> None:
+        """Look at an existing database through a read-only connection; refuse it unless it is an epcli
+        store this epcli can read. Nothing is written (no WAL switch, no migrations table)."""
+        try:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
+                from None
+        try:
+            conn.execute("PRAGMA busy_timeout = 60000")
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            runs_cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")} if "runs" in tables else set()
+            version = 0
+            if "schema_version" in tables:
+                version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
+                from None
+        finally:
+            conn.close()
+        foreign = sorted(tables - EPCLI_TABLES)
+        if foreign or ("runs" in tables and not RUNS_COLUMNS <= runs_cols) or \
+                (tables and "runs" not in tables and tables - {"_sqlite_migrations"}):
+            shown = foreign or sorted(tables)
+            raise StoreError(f"{self.path} is a SQLite database but not an epcli store (tables: "
+                             f"{', '.join(shown[:5])}); it was left untouched")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {version}, newer than this epcli "
+                             f"({SCHEMA_VERSION}); upgrade epcli")
+
+    def _open_readonly(self) -> sqlite_utils.Database:
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 60000")
+            conn.execute("SELECT COUNT(*) FROM runs").fetchone()
+        except sqlite3.DatabaseError:
+            # a WAL database in a folder we cannot write: read the file as it is (nobody can be writing it)
+            conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        return sqlite_utils.Database(conn)
+
     def _open(self) -> sqlite_utils.Database:
         try:
             conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None,
@@ -162,18 +296,8 @@ class Store:
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
                 from None
-        # Inspect and migrate under a file lock, so that a second process never sees a half-created schema.
+        # Migrate under a file lock, so that a second process never sees a half-created schema.
         with self._lock():
-            try:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            except sqlite3.DatabaseError as e:
-                conn.close()
-                raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
-                    from None
-            if "runs" not in tables and not tables <= {"_sqlite_migrations"}:
-                conn.close()
-                raise StoreError(f"{self.path} is a SQLite database but not an epcli store (tables: "
-                                 f"{', '.join(sorted(tables)[:5])}); it was left untouched")
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA foreign_keys = ON")
@@ -183,12 +307,19 @@ class Store:
                     db["schema_version"].upsert({"version": SCHEMA_VERSION, "applied_at": now()}, pk="version")
                 version = max((r["version"] for r in db["schema_version"].rows), default=0)
             except sqlite3.DatabaseError as e:
+                conn.close()
                 raise StoreError(f"cannot use the store {self.path}: {e}") from None
         if version > SCHEMA_VERSION:
+            conn.close()
             raise StoreError(f"{self.path} has schema version {version}, newer than this epcli "
                              f"({SCHEMA_VERSION}); upgrade epcli")
         self._mark_stale(db)
         return db
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"the store {self.root} is read-only here (no write permission); commands that "
+                             "only read (runs, show, report, trace, compare) work on it")
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -207,6 +338,18 @@ class Store:
                 db.execute("UPDATE runs SET status = 'interrupted', ended_at = ?, error = ? "
                            "WHERE id = ? AND status = 'running'",
                            [now(), "process ended without closing the run", r["id"]])
+                self._clean_after(db, r["id"])
+
+    def _clean_after(self, db: sqlite_utils.Database, run_id: str) -> None:
+        """A killed run's temp files, and an artifact file renamed into place whose row was never added."""
+        tmp_dir = self.root / "tmp"
+        for intent in sorted(tmp_dir.glob(f"{run_id}-*.intent")):
+            sha = intent.read_text().strip()
+            if sha and not list(db.query("SELECT 1 FROM artifacts WHERE sha256 = ?", [sha])):
+                for f in (self.artifacts_dir / sha[:2]).glob(f"{sha}*"):
+                    f.unlink(missing_ok=True)
+        for f in tmp_dir.glob(f"{run_id}-*"):
+            f.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -223,6 +366,7 @@ class Store:
                   device: str | None = None) -> str:
         if kind not in RUN_KINDS:
             raise ValueError(f"unknown run kind {kind!r}")
+        self._writable()
         run_id = new_run_id()
         row = {
             "id": run_id, "kind": kind, "status": "running", "error": None,
@@ -268,8 +412,8 @@ class Store:
 
     def get_run(self, run_id: str) -> dict:
         """A run by id or by a unique id prefix."""
-        rows = list(self.db.query("SELECT * FROM runs WHERE id = ? OR id LIKE ? ORDER BY id LIMIT 2",
-                                  [run_id, run_id + "%"]))
+        rows = list(self.db.query("SELECT * FROM runs WHERE id = ? OR id LIKE ? ESCAPE '\\' ORDER BY id "
+                                  "LIMIT 2", [run_id, like_prefix(run_id)]))
         exact = [r for r in rows if r["id"] == run_id]
         if exact:
             return _decode_run(exact[0])
@@ -282,6 +426,12 @@ class Store:
     def runs(self, kind: str | None = None, status: str | None = None, model: str | None = None,
              dataset: str | None = None, model_run_id: str | None = None,
              limit: int | None = None) -> list[dict]:
+        if kind is not None and kind not in RUN_KINDS:
+            raise UsageError(f"unknown run kind {kind!r}: use {', '.join(RUN_KINDS)}")
+        if status is not None and status not in STATUSES:
+            raise UsageError(f"unknown status {status!r}: use {', '.join(STATUSES)}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise UsageError(f"limit must be a positive integer, got {limit!r}")
         where, args = [], []
         for col, val in (("kind", kind), ("status", status), ("model", model), ("dataset", dataset),
                          ("model_run_id", model_run_id)):
@@ -305,23 +455,38 @@ class Store:
     def write_artifact(self, run_id: str, kind: str, write: Callable[[Path], None], *, suffix: str = "",
                        name: str | None = None, meta: dict | None = None) -> str:
         """Call `write(tmp_path)`, hash the file, move it to its content address. Returns the sha256."""
+        self._writable()
         tmp_dir = self.root / "tmp"
-        tmp_dir.mkdir(exist_ok=True)
-        tmp = tmp_dir / f"{run_id}-{secrets.token_hex(4)}{suffix}"
+        token = secrets.token_hex(4)
+        tmp = tmp_dir / f"{run_id}-{token}{suffix}"
+        intent = tmp_dir / f"{run_id}-{token}.intent"  # names the file being renamed, for crash cleanup
         try:
+            tmp_dir.mkdir(exist_ok=True)
             write(tmp)
             sha = _sha256_file(tmp)
             dest = self.artifacts_dir / sha[:2] / f"{sha}{suffix}"
             dest.parent.mkdir(parents=True, exist_ok=True)
+            intent.write_text(sha)
             os.replace(tmp, dest)  # atomic; an identical file already there is simply replaced
+            size = dest.stat().st_size
+        except OSError as e:
+            raise StoreError(f"cannot write a {kind} artifact into the store {self.root}: "
+                             f"{e.strerror or e}") from None
+        except Exception as e:
+            if "No space left on device" in str(e):  # safetensors reports a full disk as its own error
+                raise StoreError(f"cannot write a {kind} artifact into the store {self.root}: no space left "
+                                 "on device") from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         rel = str(dest.relative_to(self.root))
-        self.db["artifacts"].insert({
-            "sha256": sha, "path": rel, "size": dest.stat().st_size, "kind": kind, "run_id": run_id,
-            "created_at": now(), "meta": canonical_json(meta or {}),
-        }, ignore=True)
-        self.link(run_id, sha, "output", name or kind)
+        with self.db.atomic():  # row and lineage edge together: a kill never leaves an unlinked artifact
+            self.db["artifacts"].insert({
+                "sha256": sha, "path": rel, "size": size, "kind": kind, "run_id": run_id,
+                "created_at": now(), "meta": canonical_json(meta or {}),
+            }, ignore=True)
+            self.link(run_id, sha, "output", name or kind)
+        intent.unlink(missing_ok=True)
         return sha
 
     def add_file(self, run_id: str, kind: str, src: str | os.PathLike, *, name: str | None = None,
@@ -346,8 +511,8 @@ class Store:
                                         replace=True)
 
     def artifact(self, sha256: str) -> dict:
-        rows = list(self.db.query("SELECT * FROM artifacts WHERE sha256 = ? OR sha256 LIKE ? LIMIT 2",
-                                  [sha256, sha256 + "%"]))
+        rows = list(self.db.query("SELECT * FROM artifacts WHERE sha256 = ? OR sha256 LIKE ? ESCAPE '\\' "
+                                  "LIMIT 2", [sha256, like_prefix(sha256)]))
         if len(rows) != 1:
             raise NotFoundError(f"no artifact {sha256!r} in the store")
         row = rows[0]
@@ -424,17 +589,272 @@ class Store:
         return list(self.db.query("SELECT * FROM checks WHERE run_id = ? ORDER BY id", [run_id]))
 
 
+    # run management: find, tag, note, remove, collect garbage
+    def find_runs(self, *, kind: str | None = None, status: str | None = None, model: str | None = None,
+                  dataset: str | None = None, since: str | None = None, tag: str | None = None,
+                  where: list[str] | None = None, sort: str | None = None, limit: int | None = None) -> list[dict]:
+        """Runs matching every filter. `since`: an ISO date/time or an age like 30m, 12h, 7d. `where`:
+        conditions NAME OP VALUE (OP one of >=, <=, !=, =, >, <) on a run column (seed, device...), a
+        summary or metric value (the run's last value of that metric: test_acc, robust_acc (the worst over
+        eps), clean_acc...), or a config key (config.recipe.epochs). `sort`: any such NAME, `-NAME` for
+        descending; default newest first. Runs without the NAME never match a condition and sort last."""
+        conds = [parse_condition(w) for w in where or []]
+        rows = self.runs(kind=kind, status=status, model=model, dataset=dataset)
+        if since:
+            cutoff = parse_since(since)
+            rows = [r for r in rows if (r.get("started_at") or "") >= cutoff]
+        if tag:
+            rows = [r for r in rows if tag in (r.get("tags") or [])]
+        names = {c[0] for c in conds} | ({sort.lstrip("-")} if sort else set())
+        values = {r["id"]: {n: self.run_value(r, n) for n in names} for r in rows} if names else {}
+        rows = [r for r in rows if all(_compare(values[r["id"]][n], op, v) for n, op, v in conds)]
+        if sort:
+            key, desc = sort.lstrip("-"), sort.startswith("-")
+            have = [r for r in rows if values[r["id"]][key] is not None]
+            none = [r for r in rows if values[r["id"]][key] is None]
+            have.sort(key=lambda r: _sort_key(values[r["id"]][key]), reverse=desc)
+            rows = have + none
+        return rows[:limit] if limit else rows
+
+    def run_value(self, run: dict, name: str) -> Any:
+        """The value of NAME for a run: a column, config.KEY, a summary scalar, or its last metric value
+        (the minimum over eps for robust_acc)."""
+        if name in run and name not in ("config", "summary", "argv"):
+            return run[name]
+        if name.startswith("config."):
+            node: Any = run.get("config") or {}
+            for part in name.split(".")[1:]:
+                node = node.get(part) if isinstance(node, dict) else None
+            return node
+        summ = run.get("summary") if isinstance(run.get("summary"), dict) else {}
+        if isinstance(summ.get(name), (int, float, str)) and not isinstance(summ.get(name), bool):
+            return summ[name]
+        agg = "MIN(value)" if name == "robust_acc" else "value"
+        sql = f"SELECT {agg} AS v FROM metrics WHERE run_id = ? AND name = ?" + \
+            ("" if name == "robust_acc" else " ORDER BY step DESC, id DESC LIMIT 1")
+        got = list(self.db.query(sql, [run["id"], name]))
+        return got[0]["v"] if got else None
+
+    def tag_run(self, run_id: str, add: list[str] = (), remove: list[str] = ()) -> list[str]:
+        """Add and remove tags of a run (kept sorted, unique); returns the new tags."""
+        run = self.get_run(run_id)
+        tags = sorted((set(run.get("tags") or []) | {t for t in add if t}) - set(remove))
+        self.db["runs"].update(run["id"], {"tags": json.dumps(tags)})
+        return tags
+
+    def note_run(self, run_id: str, note: str | None) -> None:
+        """Set (or with None clear) a run's note."""
+        self.db["runs"].update(self.get_run(run_id)["id"], {"note": note or None})
+
+    def dependents(self, run_ids: list[str]) -> list[dict]:
+        """Every run outside `run_ids` that depends on one of them: it read one of their artifacts (lineage,
+        recursively) or evaluates a training run among them (model_run_id)."""
+        ids, out, frontier = set(run_ids), [], list(run_ids)
+        while frontier:
+            rid = frontier.pop(0)
+            kids = [d for d in self.derived_runs(rid)] + self.runs(model_run_id=rid)
+            for d in kids:
+                if d["id"] not in ids:
+                    ids.add(d["id"])
+                    out.append(d)
+                    frontier.append(d["id"])
+        return out
+
+    def remove_runs(self, run_ids: list[str], *, cascade: bool = False, dry_run: bool = False) -> dict:
+        """Delete runs with their metrics, checks, lineage edges and the artifacts no remaining run uses.
+
+        A run others depend on (see `dependents`) is refused with a UsageError unless `cascade`, which
+        removes the dependents too. A running run is refused. The database changes are one transaction; the
+        files are deleted after it commits (a crash in between leaves files that `gc` removes). Files
+        outside the store (checkpoints registered by path) are never deleted, only forgotten.
+        Returns {removed: [run ids], files_removed, bytes_freed, dry_run}."""
+        from epcli.errors import UsageError
+        runs = [self.get_run(r) for r in run_ids]
+        ids = list(dict.fromkeys(r["id"] for r in runs))
+        deps = self.dependents(ids)
+        if deps and not cascade:
+            shown = ", ".join(f"{d['id']} ({d['kind']})" for d in deps[:5]) + (" ..." if len(deps) > 5 else "")
+            raise UsageError(f"{len(deps)} run(s) depend on {', '.join(ids)}: {shown}; pass --cascade to remove "
+                             "them too")
+        ids += [d["id"] for d in deps]
+        running = [r for r in [self.get_run(i) for i in ids] if r["status"] == "running"]
+        if running:
+            raise UsageError(f"run {running[0]['id']} is still running; stop it first")
+        marks = ",".join("?" * len(ids))
+        files: list[Path] = []
+        freed = 0
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            arts = list(self.db.query(
+                f"SELECT DISTINCT a.* FROM artifacts a JOIN run_artifacts ra ON ra.sha256 = a.sha256 "
+                f"WHERE ra.run_id IN ({marks})", ids))
+            for a in arts:
+                others = list(self.db.query(
+                    f"SELECT run_id, role FROM run_artifacts WHERE sha256 = ? AND run_id NOT IN ({marks})",
+                    [a["sha256"], *ids]))
+                if others:  # still used: keep it, and give it a producer that still exists
+                    if a["run_id"] in ids:
+                        outs = [o["run_id"] for o in others if o["role"] == "output"]
+                        self.db.execute("UPDATE artifacts SET run_id = ? WHERE sha256 = ?",
+                                        [outs[0] if outs else None, a["sha256"]])
+                    continue
+                self.db.execute("DELETE FROM run_artifacts WHERE sha256 = ?", [a["sha256"]])
+                self.db.execute("DELETE FROM artifacts WHERE sha256 = ?", [a["sha256"]])
+                if not Path(a["path"]).is_absolute():
+                    files.append(self.root / a["path"])
+                    freed += int(a["size"] or 0)
+            # artifacts produced by a removed run that no run links any more
+            for a in list(self.db.query(f"SELECT * FROM artifacts WHERE run_id IN ({marks})", ids)):
+                self.db.execute("DELETE FROM artifacts WHERE sha256 = ?", [a["sha256"]])
+                if not Path(a["path"]).is_absolute():
+                    files.append(self.root / a["path"])
+                    freed += int(a["size"] or 0)
+            for table in ("run_artifacts", "metrics", "checks"):
+                self.db.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
+            self.db.execute(f"DELETE FROM runs WHERE id IN ({marks})", ids)
+            self.db.execute("ROLLBACK" if dry_run else "COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if not dry_run:
+            for f in files:
+                f.unlink(missing_ok=True)
+        return {"removed": ids, "files_removed": len(files), "bytes_freed": freed, "dry_run": dry_run}
+
+    def gc(self, *, dry_run: bool = False, grace_seconds: float | None = None) -> dict:
+        """Make every artifact row have its file and every file its row: delete artifact rows no run links
+        (and their files), rows whose file inside the store is gone (with their links), and files under
+        artifacts/ and tmp/ without a row. A file younger than `grace_seconds` may belong to a write in
+        progress and is kept (default: 10 minutes while any run is running, else 0).
+        Returns {artifacts_removed, files_removed, bytes_freed, dry_run}."""
+        if grace_seconds is None:
+            busy = list(self.db.query("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1"))
+            grace_seconds = 600.0 if busy else 0.0
+        cutoff = time.time() - grace_seconds
+        files: list[Path] = []
+        freed, rows_removed = 0, 0
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for a in list(self.db.query("SELECT * FROM artifacts")):
+                inside = not Path(a["path"]).is_absolute()
+                path = self.root / a["path"] if inside else Path(a["path"])
+                linked = list(self.db.query("SELECT 1 FROM run_artifacts WHERE sha256 = ? LIMIT 1", [a["sha256"]]))
+                missing = inside and not path.exists()
+                if linked and not missing:
+                    continue
+                self.db.execute("DELETE FROM run_artifacts WHERE sha256 = ?", [a["sha256"]])
+                self.db.execute("DELETE FROM artifacts WHERE sha256 = ?", [a["sha256"]])
+                rows_removed += 1
+                if inside and not missing:
+                    files.append(path)
+                    freed += path.stat().st_size
+            known = {str(self.root / r["path"]) for r in self.db.query("SELECT path FROM artifacts")}
+            for folder in (self.artifacts_dir, self.root / "tmp"):
+                for f in folder.rglob("*") if folder.exists() else []:
+                    if f.is_file() and str(f) not in known and f not in files and f.stat().st_mtime <= cutoff:
+                        files.append(f)
+                        freed += f.stat().st_size
+            self.db.execute("ROLLBACK" if dry_run else "COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if not dry_run:
+            for f in files:
+                f.unlink(missing_ok=True)
+            for d in sorted(self.artifacts_dir.glob("*"), reverse=True) if self.artifacts_dir.exists() else []:
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+        return {"artifacts_removed": rows_removed, "files_removed": len(files), "bytes_freed": freed,
+                "dry_run": dry_run}
+
+    def check_invariants(self) -> list[str]:
+        """Problems with the store's files: artifact rows without their file, files without a row, links to
+        missing artifacts. Empty when the store is consistent."""
+        problems = []
+        known = set()
+        for a in self.db.query("SELECT sha256, path FROM artifacts"):
+            p = Path(a["path"])
+            if not p.is_absolute():
+                known.add(str(self.root / p))
+                if not (self.root / p).is_file():
+                    problems.append(f"artifact {a['sha256'][:12]} has no file {a['path']}")
+        if self.artifacts_dir.exists():
+            for f in self.artifacts_dir.rglob("*"):
+                if f.is_file() and str(f) not in known:
+                    problems.append(f"file {f.relative_to(self.root)} has no artifact row")
+        for r in self.db.query("SELECT ra.run_id, ra.sha256 FROM run_artifacts ra LEFT JOIN artifacts a "
+                               "ON a.sha256 = ra.sha256 WHERE a.sha256 IS NULL"):
+            problems.append(f"run {r['run_id']} links a missing artifact {r['sha256'][:12]}")
+        return problems
+
 # --- helpers --------------------------------------------------------------------------------------------
 
 def _decode_run(row: dict) -> dict:
     row = dict(row)
-    for k in ("argv", "config", "summary"):
+    for k in ("argv", "config", "summary", "tags"):
         if row.get(k):
             try:
                 row[k] = json.loads(row[k])
             except (TypeError, ValueError):
                 pass
     return row
+
+
+_OPS = (">=", "<=", "!=", "=", ">", "<")
+
+
+def parse_condition(text: str) -> tuple[str, str, Any]:
+    """'test_acc>0.5' -> ('test_acc', '>', 0.5); the value is a number when it reads as one."""
+    from epcli.errors import UsageError
+    for op in _OPS:
+        if op in text:
+            name, raw = text.split(op, 1)
+            name, raw = name.strip(), raw.strip()
+            if name and raw:
+                try:
+                    return name, op, float(raw)
+                except ValueError:
+                    return name, op, raw
+    raise UsageError(f"cannot read the condition {text!r}: use NAME OP VALUE with OP one of "
+                     f"{' '.join(_OPS)}, e.g. test_acc>0.5 or config.recipe.epochs=20")
+
+
+def parse_since(text: str) -> str:
+    """An ISO date/time, or an age (30m, 12h, 7d, 2w) -> an ISO UTC timestamp to compare started_at with."""
+    from datetime import timedelta
+
+    from epcli.errors import UsageError
+    t = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if t[:-1].replace(".", "", 1).isdigit() and t[-1:] in units:
+        return (datetime.now(timezone.utc) - timedelta(seconds=float(t[:-1]) * units[t[-1]])).isoformat(
+            timespec="milliseconds")
+    try:
+        d = datetime.fromisoformat(t)
+    except ValueError:
+        raise UsageError(f"cannot read --since {text!r}: use a date like 2026-11-29, a time like "
+                         "2026-11-29T14:00, or an age like 30m, 12h, 7d") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=timezone.utc)
+    return d.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _compare(value: Any, op: str, want: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(want, float):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return False
+    else:
+        value = str(value)
+    return {">=": value >= want, "<=": value <= want, "!=": value != want, "=": value == want,
+            ">": value > want, "<": value < want}[op]
+
+
+def _sort_key(v: Any):
+    return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
 
 
 def _sha256_file(path: Path) -> str:

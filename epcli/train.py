@@ -34,7 +34,8 @@ from torch import nn
 from epcli.errors import Diverged, UsageError
 
 __all__ = ["RECIPES", "BP_RECIPES", "DEFAULTS", "resolve_recipe", "default_recipe", "fit", "evaluate",
-           "check_adv_eps", "lr_factor", "state_to_tensors", "tensors_to_state", "PAPER_AT_EPS"]
+           "check_adv_eps", "lr_factor", "state_to_tensors", "tensors_to_state", "PAPER_AT_EPS",
+           "SELECTS", "validation_split"]
 
 PAPER_AT_EPS = (0.05, 0.5, 0.75, 1.0)  # the paper's L2 adversarial-training budgets
 SCHEDULES = ("constant", "step", "cosine", "warmup-cosine", "onecycle")
@@ -66,7 +67,12 @@ DEFAULTS: dict = {
     "ep": None,  # {T1, T2, beta, rule} for EP models
     "adv": None,  # {norm, eps, steps, step_size, random_start, labels: true|predicted} adversarial training
 }
-EP_DEFAULTS = {"T1": 250, "T2": 30, "beta": 0.5, "rule": "symmetric", "update": None}  # None: the model's own
+# update / solver None: the model's own. tol / tol_nudged: stop a phase once every sample's relative residual is
+# below it (T1 / T2 the caps). warm_start: start each example's free phase from its fixed point of the last epoch.
+EP_DEFAULTS = {"T1": 250, "T2": 30, "beta": 0.5, "rule": "symmetric", "update": None, "solver": None,
+               "tol": None, "tol_nudged": None, "warm_start": False}
+SELECTS = ("last", "best-val", "best-test")  # which epoch's weights a training run hands on
+VAL_FRACTION = 0.1  # --select best-val holds out this fraction of the training set (seeded)
 ADV_DEFAULTS = {"norm": "l2", "eps": None, "steps": 20, "step_size": None, "random_start": False,
                 "labels": "predicted"}
 
@@ -234,6 +240,14 @@ def _validate(r: dict) -> None:
         need(isinstance(r["ep"], dict), "recipe ep must be a dict {T1, T2, beta, rule, update} or None")
         need(r["ep"].get("update") in (None, "sync", "alternate"),
              f"recipe ep.update must be sync or alternate, got {r['ep'].get('update')!r}")
+        need(r["ep"].get("solver") in (None, "plain", "anderson"),
+             f"recipe ep.solver must be plain or anderson, got {r['ep'].get('solver')!r}")
+        for k in ("tol", "tol_nudged"):
+            v = r["ep"].get(k)
+            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+                 f"recipe ep.{k} must be a positive number or null, got {v!r}")
+        need(isinstance(r["ep"].get("warm_start", False), bool),
+             f"recipe ep.warm_start must be true or false, got {r['ep'].get('warm_start')!r}")
     if r["adv"] is not None:
         a = r["adv"]
         need(isinstance(a, dict), "recipe adv must be a dict {norm, eps, steps, ...} or None")
@@ -570,9 +584,18 @@ def _crop_flip_slice(x: torch.Tensor, lo: int, n_global: int, pad_mode: str, gen
     return crop_flip(full, pad=4, pad_mode=pad_mode, generator=generator)[lo:lo + len(x)]
 
 
+def validation_split(n: int, seed: int, fraction: float = VAL_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) of an n-image training set: a seeded random `fraction` (at least one
+    image) held out, both sorted. The same seed gives the same split (resume, reruns)."""
+    g = torch.Generator().manual_seed(int(seed) + 7919)  # its own stream: the data order is untouched
+    perm = torch.randperm(n, generator=g)
+    k = min(n - 1, max(1, round(n * fraction)))
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
 def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.device = "cpu", seed: int = 0,
         state: dict | None = None, on_epoch: Callable | None = None, on_batch: Callable | None = None,
-        max_epochs: int | None = None) -> list[dict]:
+        max_epochs: int | None = None, select: str = "last") -> list[dict]:
     """Train `model` on `dataset` (an `epcli.data.Dataset`) with `recipe`; return one metrics dict per epoch.
 
     Args:
@@ -584,6 +607,16 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         on_batch: `on_batch(done, total, info)` for progress (info: epoch, loss of the batch).
         max_epochs: stop once this many epochs (in total, resumed ones included) are done; the schedule
             still follows recipe["epochs"], so a later resume continues the same run.
+        select: "best-val" holds out a seeded `validation_split` of the training set (not trained on) and adds
+            val_acc to the metrics; "last" and "best-test" train on everything. Which epoch is kept is the
+            caller's business (`on_epoch` sees every epoch's metrics).
+
+    EP models also get, per epoch: mean_steps / mean_steps_nudged (steps per example of the free / nudged
+    phases), residual_free / residual_nudged (the largest per-example relative residual at the end of the
+    phase, `epcli.ep.relative_residual`) and residual_free_mean / residual_nudged_mean. With recipe
+    ep.warm_start each example's free phase starts from its own end state of the previous epoch (a bank of
+    states on the device, fp16 on CUDA, zeros at first); the bank is not part of `state`, so a resumed run
+    restarts it from zeros (the only way such a resume differs from an uninterrupted run).
 
     Under torchrun (several processes) every rank calls `fit` with the same arguments: the process group is
     joined if needed, rank 0's weights are broadcast, each rank trains on its slice of every global batch
@@ -618,6 +651,8 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
     if adv:
         adv = {**adv, "eps": check_adv_eps(adv["eps"], adv["norm"])}
     ep_cfg = {**EP_DEFAULTS, **(r.get("ep") or {})} if ep_mode else None
+    if select not in SELECTS:
+        raise UsageError(f"unknown checkpoint selection {select!r}: use {', '.join(SELECTS)}")
     epochs = int(r["epochs"])
     stop = min(epochs, int(max_epochs)) if max_epochs is not None else epochs
     cuda = device.type == "cuda"
@@ -664,6 +699,15 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
 
     # The whole split goes to the device once; batches are drawn there. Each rank tests on its slice.
     train_x, train_y = dataset.train_x.to(device), dataset.train_y.to(device)
+    val_x = val_y = None
+    if select == "best-val":
+        if len(train_y) < 2:
+            raise UsageError("--select best-val needs at least 2 training images (one is held out)")
+        tr_idx, va_idx = validation_split(len(train_y), seed)
+        v_lo, v_hi = dist.shard_range(len(va_idx), rank, world)
+        val_x, val_y = train_x[va_idx[v_lo:v_hi].to(device)], train_y[va_idx[v_lo:v_hi].to(device)]
+        n_val = len(va_idx)
+        train_x, train_y = train_x[tr_idx.to(device)], train_y[tr_idx.to(device)]
     t_lo, t_hi = dist.shard_range(len(dataset.test_y), rank, world)
     test_x, test_y = dataset.test_x[t_lo:t_hi].to(device), dataset.test_y[t_lo:t_hi].to(device)
     n_test = len(dataset.test_y)
@@ -677,6 +721,11 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
     smoothing = float(r.get("label_smoothing") or 0.0)
     clip = r.get("grad_clip")
     progress_every = 20 if cuda else 1
+    index = torch.arange(n, device=device)  # batches() of the indices: the same draws as of the labels
+    bank = None  # warm starts: every training example's free-phase end state
+    if ep_mode and ep_cfg.get("warm_start"):
+        bank = [torch.zeros(n, *shape, dtype=torch.float16 if cuda else torch.float32, device=device)
+                for shape in model.shapes]
 
     if adv:
         from epcli.attacks import pgd  # lazily: the attacks package is the one PGD implementation
@@ -686,15 +735,17 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen, steps_sum = 0, 0
+        seen, steps_sum, steps2_sum = 0, 0, 0
+        res = {"residual_free": 0.0, "residual_nudged": 0.0, "residual_free_mean": 0.0, "residual_nudged_mean": 0.0}
         lr0 = _set_lr(optimizer, r["schedule"], epoch, 0.0, epochs)
-        it = batches(train_x, train_y, bs, shuffle=True, augment="crop-flip" if aug and not policy else None,
+        it = batches(train_x, index, bs, shuffle=True, augment="crop-flip" if aug and not policy else None,
                      pad_mode=r["pad_mode"], device=device, generator=data_gen, drop_last=drop_last)
-        for b, (xb, yb) in enumerate(it):  # the global batch, the same on every rank
-            n_global = len(yb)
+        for b, (xb, ib) in enumerate(it):  # the global batch, the same on every rank
+            n_global = len(ib)
             lo, hi = dist.shard_range(n_global, rank, world)
             if world > 1:
-                xb, yb = xb[lo:hi], yb[lo:hi]
+                xb, ib = xb[lo:hi], ib[lo:hi]
+            yb = train_y[ib]
             nb = len(yb)
             _set_lr(optimizer, r["schedule"], epoch, b / total, epochs)
             if policy is not None:
@@ -708,12 +759,21 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
             if nb == 0:  # a last batch smaller than the world: this rank only joins the reduction
                 loss = torch.zeros((), dtype=torch.float64, device=device)
             elif ep_mode:
-                extra = {"update": ep_cfg["update"]} if ep_cfg.get("update") else {}  # sync | alternate
+                extra = {k: ep_cfg[k] for k in ("update", "solver", "tol", "tol_nudged") if ep_cfg.get(k)}
+                if bank is not None:
+                    extra["states"] = [t[ib] for t in bank]
                 out = model.ep_train_step(xb, yb, int(ep_cfg["T1"]), int(ep_cfg["T2"]), float(ep_cfg["beta"]),
                                           ep_cfg.get("rule", "symmetric"), **extra)
                 loss = torch.as_tensor(out["loss"], dtype=torch.float64, device=device)
                 logits = out["logits"]
                 steps_sum += int(out.get("steps", 0)) * len(yb)
+                steps2_sum += int(out.get("steps_nudged", 0)) * len(yb)
+                for k in ("residual_free", "residual_nudged"):
+                    res[k] = max(res[k], float(out.get(k, 0.0)))
+                    res[k + "_mean"] += float(out.get(k + "_mean", 0.0)) * len(yb)
+                if bank is not None:  # this batch's free fixed points start its next epoch
+                    for t, s in zip(bank, out["states"]):
+                        t[ib] = s.to(t.dtype)
             else:
                 if adv:
                     if adv["labels"] == "predicted":  # ART's default: attack the model's own predictions
@@ -750,12 +810,17 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
             torch.cuda.synchronize(device)
         test_correct = _correct(model, test_x, test_y, int(r.get("eval_batch_size") or 500), device, amp=amp,
                                 fwd=fwd if not ep_mode else None)
+        val_correct = (_correct(model, val_x, val_y, int(r.get("eval_batch_size") or 500), device, amp=amp,
+                                fwd=fwd if not ep_mode else None) if val_x is not None else torch.zeros((), device=device))
         if world > 1:  # sums over the ranks; replicas keep rank 0's BatchNorm running statistics
+            f64 = lambda v: torch.as_tensor(float(v), dtype=torch.float64, device=device)  # noqa: E731
             tot = dist.all_reduce_sum_([torch.stack([
                 loss_sum.to(torch.float64), correct.to(torch.float64), test_correct.to(torch.float64),
-                torch.tensor(float(seen), dtype=torch.float64, device=device),
-                torch.tensor(float(steps_sum), dtype=torch.float64, device=device)])])[0].tolist()
+                f64(seen), f64(steps_sum), f64(steps2_sum), val_correct.to(torch.float64),
+                f64(res["residual_free_mean"]), f64(res["residual_nudged_mean"])])])[0].tolist()
             loss_sum, correct, test_correct, seen, steps_sum = tot[0], tot[1], tot[2], int(tot[3]), tot[4]
+            steps2_sum, val_correct = tot[5], tot[6]
+            res["residual_free_mean"], res["residual_nudged_mean"] = tot[7], tot[8]  # maxima: rank 0's slices
             dist.broadcast_([bf for bf in model.buffers()])
         seconds = time.perf_counter() - t0
         train_loss = float(loss_sum) / max(seen, 1)
@@ -764,8 +829,12 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         test_acc = float(test_correct) / max(1, n_test)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": float(correct) / max(seen, 1),
                    "test_acc": test_acc, "seconds": seconds, "lr": lr0}
+        if val_x is not None:
+            metrics["val_acc"] = float(val_correct) / max(1, n_val)
         if ep_mode:
             metrics["mean_steps"] = steps_sum / max(seen, 1)
+            metrics["mean_steps_nudged"] = steps2_sum / max(seen, 1)
+            metrics.update({k: (v / max(seen, 1) if k.endswith("_mean") else v) for k, v in res.items()})
         history.append(metrics)
         rng_ranks = dist.all_gather_object(_cpu_clone(_rank_rng(device, adv_gen))) if world > 1 else None
         if on_epoch is not None:

@@ -7,17 +7,51 @@ os.environ["TERM"] = "dumb"
 
 from typer.testing import CliRunner  # noqa: E402
 
+from epcli import schema  # noqa: E402
 from epcli.cli import app  # noqa: E402
+
+JSON_INTRO = """## JSON output
+
+Every `--json` document is an object whose `command` names its shape below; the JSON Schema (draft 2020-12)
+of each is `epcli.schema.SCHEMAS`, and the tests validate every command's output against it.
+Conventions: a run is always `run_id` (16 characters); accuracies are **fractions** in [0, 1] (percent only in
+the human tables), rounded to what their example count resolves (4 decimals up to 10,000 examples); every
+eps comes as `eps` (a number) and `eps_label` (`8/255` for multiples of 1/255, else the number); attack
+results carry the resolved attack `params` and forward-pass counts (`forward_passes`: every image through
+the model; `attack_forward_passes`: those made by the attack itself). `null` means not measured.
+"""
 
 INTRO = """# CLI reference
 
-`epcli` is a thin layer over `epcli.api`. Human output (tables, progress bars, notes) goes to **stderr**;
-`--json` prints one JSON document on **stdout**, so commands compose in pipelines:
+`epcli` is a thin layer over `epcli.api`.
+
+**Where output goes.** With `--json`, stdout holds exactly one JSON document (schema below) and nothing else,
+so commands compose in pipelines. Without it, the commands that show the store (`runs`, `show`, `trace`,
+`compare`, `report`, `models`, `recipes`) print their tables on stdout; the pipeline commands (`train`,
+`attack`, `corrupt`, `demo`) print progress, notes and their result table on stderr and nothing on stdout.
+Errors are one line `error: ...` on stderr.
 
 ```bash
 RUN=$(epcli train --model cnn-small --epochs 1 --json | jq -r .run_id)
-epcli attack --model "$RUN" --eps 2/255,8/255 --n 500 --json | jq .robust_acc
+epcli attack --model "$RUN" --eps 2/255,8/255 --n 500 --json | jq -c '.results[] | [.eps_label, .robust_acc]'
 ```
+
+**Progress.** Every stage (loading, each attack and eps, each check, saving; each training epoch and the whole
+training) is a named task. On a terminal it shows a bar with count, elapsed time and ETA, refreshed a few
+times a second, also inside a long attack batch (counted by the attack's forward passes). When stderr is a
+file or a pipe there are no bars: one plain line per finished stage or epoch, with its metrics, never cut:
+
+```
+load  1/1  0.0s  model=cnn-small  dataset=cifar10-mini  images=300
+pgd 2/255  300/300  2.9s  robust_acc=0.2333  fwd=3060
+pgd 8/255  300/300  3.2s  robust_acc=0.01333  fwd=3060
+check strength 2/255  100/100  1.8s  base=0.22  strong=0.22  passed=yes
+checks  1/1  1.8s  passed=2  failed=0
+save  1/1  0.0s  run_id=01m8mmdrjnd72163
+```
+
+An epoch's count is its batches plus one step for the test evaluation. `-q`/`--quiet` (before or after the
+command) silences progress and notes.
 
 Global options (`--store`, `--debug`, `--quiet`) go before the command. Environment variables:
 `EPCLI_STORE`, `EPCLI_DEVICE`, `EPCLI_SEED`, `EPCLI_DATA_DIR`, `EPCLI_DEBUG`.
@@ -51,6 +85,7 @@ def main():
     for cmd in app.registered_commands:
         name = cmd.name or cmd.callback.__name__.replace("_", "-")
         out += [f"## epcli {name}", "", "```", help_of([name]), "```", ""]
+    out += [JSON_INTRO, schema.markdown()]
     print("\n".join(out))
 
 

@@ -7,6 +7,41 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("EPCLI_DEVICE", "cpu")
 
+# CUDA: the `device` fixture runs a test on the CPU and, where a GPU is present, again on CUDA. Tests marked
+# `cuda` (tests/test_cuda.py, the cuda half of `device`) skip with a reason on machines without one.
+CUDA = torch.cuda.is_available()
+NO_CUDA = "no CUDA GPU here: bench/device_check.py runs these on one (docs/benchmarks.md)"
+# EPCLI_CUDA_TESTS_ON=cpu runs the CPU-vs-CUDA comparisons CPU-vs-CPU instead: checks the test code itself on a
+# machine without a GPU (the tests that need CUDA-only calls still skip).
+SECOND = os.environ.get("EPCLI_CUDA_TESTS_ON", "cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA or SECOND != "cuda":
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """torch.device("cpu"), then torch.device("cuda") where a GPU is present (else that half skips)."""
+    return torch.device(request.param if request.param == "cpu" else SECOND)
+
+
+@pytest.fixture
+def exact_cuda():
+    """fp32 on CUDA as on the CPU: no TF32 in convs or matmuls, deterministic cuDNN algorithms; restored after
+    (EPCNN.accelerate turns TF32 and cudnn.benchmark on for the whole process)."""
+    b = torch.backends
+    old = (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic)
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
+    b.cudnn.deterministic = True
+    yield
+    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic = old
+
 
 @pytest.fixture(scope="session")
 def mini(tmp_path_factory):

@@ -64,13 +64,15 @@ def test_attack_corrupt_report_and_lineage(pipeline):
                store=store)
     assert r.exit_code == 0, r.output
     att = json.loads(r.stdout)
-    assert att["model_run_id"] == train["run_id"] and set(att["robust_acc"]) == {"2/255", "8/255"}
-    assert att["robust_acc"]["8/255"] <= att["robust_acc"]["2/255"] <= att["clean_acc"]
+    robust = {r["eps_label"]: r["robust_acc"] for r in att["results"]}
+    assert att["model_run_id"] == train["run_id"] and set(robust) == {"2/255", "8/255"}
+    assert robust["8/255"] <= robust["2/255"] <= att["clean_acc"]
     r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise", "-c", "contrast", "--n", 60,
                "--json", store=store)
     assert r.exit_code == 0, r.output
     cor = json.loads(r.stdout)
-    assert set(cor["cells"]) == {f"{c}/{s}" for c in ("gaussian_noise", "contrast") for s in range(1, 6)}
+    assert {(c["corruption"], c["severity"]) for c in cor["cells"]} == \
+        {(c, s) for c in ("gaussian_noise", "contrast") for s in range(1, 6)}
     s = Store(store)
     # lineage: the attack read exactly the training run's checkpoint
     ck = s.artifacts_of(train["run_id"], role="output", kind="checkpoint")[0]["sha256"]
@@ -79,7 +81,7 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     assert {att["run_id"], cor["run_id"]} <= derived
     # the stored numbers are the printed ones
     rows = s.metrics(att["run_id"], name="robust_acc")
-    assert sorted(round(r["value"], 6) for r in rows) == sorted(round(v, 6) for v in att["robust_acc"].values())
+    assert sorted(round(r["value"], 4) for r in rows) == sorted(robust.values())
     r = invoke("report", "--format", "csv", store=store)
     assert r.exit_code == 0, r.output
     assert "cnn-small" in r.stdout
@@ -95,7 +97,7 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     assert r.exit_code == 0 and att["run_id"] in r.stdout
     assert invoke("show", att["run_id"], store=store).exit_code == 0
     r = invoke("runs", "--json", store=store)
-    assert {x["id"] for x in json.loads(r.stdout)} >= {train["run_id"], att["run_id"], cor["run_id"]}
+    assert {x["run_id"] for x in json.loads(r.stdout)["runs"]} >= {train["run_id"], att["run_id"], cor["run_id"]}
 
 
 def _count_runs(store):
@@ -183,7 +185,109 @@ def test_installed_console_script(pipeline):
     out = subprocess.run([exe, "--store", str(store), "runs", "--kind", "train", "--json"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert train["run_id"] in {r["id"] for r in json.loads(out.stdout)}
+    assert train["run_id"] in {r["run_id"] for r in json.loads(out.stdout)["runs"]}
     out = subprocess.run([exe, "--store", str(store), "attack", "--model", "nope-model"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 3 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
+
+
+# --- progress -------------------------------------------------------------------------------------------
+
+def test_stage_progress_plain_lines_are_whole_and_one_per_stage():
+    import io
+
+    from epcli.progress import StageProgress
+    buf = io.StringIO()
+    long_info = {f"metric_{i}": 0.123456789 * i for i in range(12)}  # far wider than 80 columns
+    with StageProgress(live=False, stream=buf) as p:
+        p("load", 0, 1, {})
+        p("load", 1, 1, {"images": 300})
+        for k in range(4):
+            p("epoch 1/2", k, 4, {"loss": 1.0 / (k + 1)})
+        p("epoch 1/2", 4, 4, long_info)
+        p("epoch 1/2", 4, 4, {})  # a repeated final call is not a new stage
+        p("epoch 2/2", 0, 4, {})
+        p("epoch 2/2", 2, 4, {"loss": 0.5})  # cut short: reported on exit, as stopped
+    lines = buf.getvalue().splitlines()
+    assert [ln.split("  ")[0] for ln in lines] == ["load", "epoch 1/2", "epoch 2/2"]
+    assert lines[0].startswith("load  1/1  ") and lines[0].endswith("images=300")
+    assert lines[1].startswith("epoch 1/2  4/4  ") and "metric_11=1.358" in lines[1] and len(lines[1]) > 120
+    assert "stopped at 2/4" in lines[2] and "loss=0.5" in lines[2]
+    assert "\r" not in buf.getvalue() and "\x1b" not in buf.getvalue()
+
+
+def test_stage_progress_live_shows_bars_then_lines():
+    import io
+
+    from rich.console import Console
+
+    from epcli.progress import StageProgress
+    buf = io.StringIO()
+    con = Console(file=buf, force_terminal=True, width=80)
+    with StageProgress(live=True, console=con) as p:
+        p("pgd 8/255", 0, 32, {})
+        p("pgd 8/255", 16.5, 32, {"robust_acc": 0.25})
+        p._bar.refresh()
+        during = buf.getvalue()
+        p("pgd 8/255", 32, 32, {"robust_acc": 0.25, "fwd": 640})
+    assert "pgd 8/255" in during and "16/32" in during and "eta" in during
+    assert p.lines == [p.lines[0]] and p.lines[0].startswith("pgd 8/255  32/32  ")
+    assert p.lines[0].endswith("robust_acc=0.25  fwd=640")
+
+
+def test_attack_inside_a_batch_reports_progress(mini):
+    from epcli.attacks import evaluate
+    from epcli.models import create_model
+    net = create_model("cnn-small").eval()
+    steps = []
+    evaluate(net, mini.test_x[:8], mini.test_y[:8], attack="pgd", norm="linf", eps_list=[2 / 255, 8 / 255],
+             params={"steps": 3}, batch_size=8, keep_adv=0, on_step=steps.append)
+    todo_eps = [s["eps"] for s in steps if s["fraction"] == 0.0]
+    ends = [s for s in steps if "robust" in s]
+    assert todo_eps == [2 / 255, 8 / 255] and [s["eps"] for s in ends] == [2 / 255, 8 / 255]
+    assert all(s["fraction"] == 1.0 and s["hi"] == 8 for s in ends)
+    assert all(0 <= s["robust"] <= 8 for s in ends)
+
+
+def test_redirected_logs_hold_one_line_per_stage_and_epoch(pipeline):
+    store, data, train = pipeline
+    r = invoke("train", "--model", "cnn-small", "--dataset", data, "--epochs", 2, "--device", "cpu", store=store)
+    assert r.exit_code == 0, r.output
+    names = [ln.split("  ")[0] for ln in r.stderr.splitlines()]
+    assert names[:4] == ["load", "epoch 1/2", "epoch 2/2", "training"], r.stderr
+    epoch_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ")]
+    assert all("test_acc=" in ln and "train_loss=" in ln for ln in epoch_lines)
+    assert r.stdout == ""  # without --json a pipeline command prints nothing on stdout
+    r = invoke("attack", "--model", "cnn-small", "--eps", "2/255,8/255", "--n", 40, "--steps", 3, store=store)
+    assert r.exit_code == 0, r.output
+    names = [ln.split("  ")[0] for ln in r.stderr.splitlines() if "  " in ln and not ln.startswith(("│", "┃"))]
+    stages = [n for n in names if n in ("load", "pgd 2/255", "pgd 8/255", "checks", "save")
+              or n.startswith("check strength")]
+    assert stages[:3] == ["load", "pgd 2/255", "pgd 8/255"] and stages[-2:] == ["checks", "save"]
+    assert len(stages) == 6 and stages[3].startswith("check strength")
+    assert "robust_acc=" in next(ln for ln in r.stderr.splitlines() if ln.startswith("pgd 8/255"))
+    r = invoke("attack", "--model", "cnn-small", "--eps", "8/255", "--n", 10, "--steps", 1, "--quiet",
+               store=store)
+    assert r.exit_code == 0 and r.stderr == ""  # -q after the command works too
+
+
+def test_tables_fit_80_columns(pipeline):
+    store, _, train = pipeline
+    r = invoke("attack", "--model", train["run_id"], "--eps", "8/255", "--n", 20, "--steps", 2, "--json",
+               store=store)
+    att = json.loads(r.stdout)
+    narrow = {"COLUMNS": "80"}
+    r = runner.invoke(app, ["--store", str(store), "runs", "--limit", 0], env=narrow, catch_exceptions=False)
+    lines = r.stdout.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    for rid in (train["run_id"], att["run_id"]):  # run ids are never shortened
+        assert any(ln.startswith(rid + " ") for ln in lines), r.stdout
+    r = runner.invoke(app, ["--store", str(store), "show", att["run_id"]], env=narrow, catch_exceptions=False)
+    head = r.stdout.split("config")[0]
+    for field in ("finished", "duration", "command", "git commit", "versions", "epcli"):
+        assert field in head, head
+    assert "robust_acc" in r.stdout and "8/255" in r.stdout and "…" not in r.stdout.split("artifacts")[0]
+    r = runner.invoke(app, ["--store", str(store), "trace", train["run_id"]], env=narrow, catch_exceptions=False)
+    node = " ".join(ln.strip(" │├└─") for ln in r.stdout.split(att["run_id"])[1].splitlines()[:2])
+    acc = att["results"][0]["robust_acc"]
+    assert f"8/255 {100 * acc:.2f}%" in node, r.stdout  # the attack node shows its robust accuracy

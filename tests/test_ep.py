@@ -143,9 +143,9 @@ def test_alternate_ep_matches_bptt_and_spec():
 
 # -- learning rules ----------------------------------------------------------------------------------------------
 
-def test_ep_update_matches_bptt_at_convergence():
-    m = tiny()
-    x, y = data()
+def test_ep_update_matches_bptt_at_convergence(device):
+    m = tiny().to(device)
+    x, y = [t.to(device) for t in data()]
     # the free phase converges in ~30 steps; small beta: a larger one can flip max-pool arg-maxes (kinks)
     gb, out = param_grads(m, x, y, T1=150, T2=80, beta=0.0, rule="bptt")
     assert out["loss"] > 0 and out["logits"].shape == (4, 10)
@@ -216,10 +216,10 @@ def test_bptt_input_grad_vs_finite_differences():
     assert abs(float((g * v).sum()) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))
 
 
-def test_gradient_modes_at_convergence():
-    m = tiny()
-    x, _ = data()
-    w = torch.randn(4, 10, dtype=torch.float64)
+def test_gradient_modes_at_convergence(device):
+    m = tiny().to(device)
+    x = data()[0].to(device)
+    w = torch.randn(4, 10, dtype=torch.float64).to(device)
     gb, vb = input_grad(m, x, "bptt", 80, w)
     gi, vi = input_grad(m, x, "implicit", 80, w)
     ge, ve = input_grad(m, x, "ep", 80, w)

@@ -25,8 +25,8 @@ CORRS = ["gaussian_noise", "fog", "frost"]
 
 
 def _train(store: Store, model: str, config: dict, accs: list[float], status: str = "finished",
-           dataset: str = "cifar10-mini") -> tuple[str, str]:
-    rid = store.start_run("train", {"model": model, **config}, model=model, dataset=dataset, seed=0)
+           dataset: str = "cifar10-mini", seed: int = 0) -> tuple[str, str]:
+    rid = store.start_run("train", {"model": model, **config}, model=model, dataset=dataset, seed=seed)
     store.log_metrics(rid, [{"name": "test_acc", "value": a, "step": i + 1, "dataset": dataset}
                             for i, a in enumerate(accs)])
     store.log_metrics(rid, [{"name": "train_loss", "value": 1.0 / (i + 1), "step": i + 1} for i in range(len(accs))])
@@ -39,9 +39,10 @@ def _train(store: Store, model: str, config: dict, accs: list[float], status: st
 
 def _attack(store: Store, model_run: str, ckpt: str, model: str, attack: str, norm: str, results: dict,
             grad_mode: str | None = None, n: int = 100, unreliable: dict | None = None,
-            config: dict | None = None, status: str = "finished") -> str:
-    cfg = {"attack": attack, "norm": norm, "eps": list(results), **(config or {})}
-    rid = store.start_run("attack", cfg, model=model, dataset="cifar10-mini", model_run_id=model_run)
+            config: dict | None = None, status: str = "finished", dataset: str = "cifar10-mini") -> str:
+    cfg = {"attack": attack, "norm": norm, "eps": list(results), **({"grad_mode": grad_mode} if grad_mode else {}),
+           **(config or {})}
+    rid = store.start_run("attack", cfg, model=model, dataset=dataset, model_run_id=model_run)
     store.link(rid, ckpt, "input", "checkpoint")
     rows = [{"name": "clean_acc", "value": 0.8, "attack": attack, "norm": norm, "n_examples": n,
              "grad_mode": grad_mode}]
@@ -52,20 +53,21 @@ def _attack(store: Store, model_run: str, ckpt: str, model: str, attack: str, no
                      "detail": {"reason": bad, "forward_passes": 250} if bad else {"steps": 20}})
     store.log_metrics(rid, rows)
     if status != "running":
-        store.finish_run(rid, summary={"robust_acc": min(results.values())})
+        store.finish_run(rid, status, summary={"robust_acc": min(results.values())})
     return rid
 
 
-def _corrupt(store: Store, model_run: str, ckpt: str, model: str, base: float) -> str:
-    rid = store.start_run("corrupt", {"corruptions": CORRS}, model=model, dataset="cifar10-mini",
+def _corrupt(store: Store, model_run: str, ckpt: str, model: str, base: float, corrs=CORRS,
+             dataset: str = "cifar10-mini") -> str:
+    rid = store.start_run("corrupt", {"corruptions": list(corrs)}, model=model, dataset=dataset,
                           model_run_id=model_run)
     store.link(rid, ckpt, "input", "checkpoint")
     rows = [{"name": "clean_acc", "value": base, "n_examples": 100}]
-    for c in CORRS:
+    for i, c in enumerate(corrs):
         for s in range(1, 6):
-            rows.append({"name": "corruption_acc", "value": base - 0.05 * s, "corruption": c, "severity": s,
-                         "n_examples": 100})
-    rows += [{"name": "corruption_mean_acc", "value": base - 0.15, "n_examples": 100},
+            rows.append({"name": "corruption_acc", "value": base - 0.05 * s - 0.01 * (i % 3), "corruption": c,
+                         "severity": s, "n_examples": 100})
+    rows += [{"name": "corruption_mean_acc", "value": base - 0.16, "n_examples": 100},
              {"name": "corruption_mean_acc_all", "value": base - 0.16},
              {"name": "mce_unnormalized", "value": 1 - (base - 0.15)}]
     store.log_metrics(rid, rows)
@@ -74,14 +76,24 @@ def _corrupt(store: Store, model_run: str, ckpt: str, model: str, base: float) -
     return rid
 
 
-def _adv_artifact(store: Store, attack_run: str, eps: list[float], seed: int) -> str:
+def _adv_artifact(store: Store, attack_run: str, eps: list[float], seed: int, index=(10, 11),
+                  labels=(6, 1), pred_clean=(6, 1), robust: dict | None = None) -> str:
+    """attack.py's two artifacts: per-example outcomes (test indices, robust flags) and the first images."""
     rng = np.random.default_rng(seed)
-    x = rng.random((2, 3, 32, 32), dtype=np.float32)
-    tensors = {"x": x}
+    k = len(index)
+    x = rng.random((k, 3, 32, 32), dtype=np.float32)
+    tensors = {"x": x, "labels": np.array(labels, dtype=np.int64), "pred_clean": np.array(pred_clean, dtype=np.int64)}
+    outcome = {"index": np.array(index, dtype=np.int64), "label": np.array(labels, dtype=np.int64),
+               "clean_correct": (np.array(pred_clean) == np.array(labels)).astype(np.uint8)}
     for i, e in enumerate(eps):
-        tensors[f"x_adv_{e}"] = np.clip(x + rng.normal(0, 0.02 * (i + 1), x.shape).astype(np.float32), 0, 1)
-        tensors[f"pred_{e}"] = np.array([6 if i == 0 else 4, 1], dtype=np.int64)
-    meta = {"eps": json.dumps(eps), "labels": json.dumps([6, 1]), "classes": json.dumps(CLASSES)}
+        tensors[f"x_adv_{e!r}"] = np.clip(x + rng.normal(0, 0.02 * (i + 1), x.shape).astype(np.float32), 0, 1)
+        pred = np.array(labels, dtype=np.int64) if i == 0 else (np.array(labels, dtype=np.int64) + 3) % 10
+        tensors[f"pred_{e!r}"] = pred
+        r = (robust or {}).get(e)
+        outcome[f"robust_{e!r}"] = (np.array(r, dtype=np.uint8) if r is not None else
+                                    ((pred == np.array(labels)) & (outcome["clean_correct"] == 1)).astype(np.uint8))
+    meta = {"eps": json.dumps(eps), "classes": json.dumps(CLASSES)}
+    store.write_artifact(attack_run, "per-example", lambda p: save_file(outcome, str(p)), suffix=".safetensors")
     return store.write_artifact(attack_run, "adversarial-examples",
                                 lambda p: save_file(tensors, str(p), metadata=meta), suffix=".safetensors",
                                 meta={"eps": eps, "classes": CLASSES})
@@ -136,10 +148,13 @@ def built(tmp_path_factory):
 
 
 def _expected(store: Store, model_run: str, attack: str, norm: str, eps: float) -> float:
+    """The cell policy without per-example data: the results on the most images, the strongest of them."""
     rows = list(store.db.query(
-        "SELECT MIN(value) AS v FROM results WHERE model_run_id = ? AND name = 'robust_acc' AND attack = ? "
-        "AND norm = ? AND ABS(eps - ?) < 1e-9", [model_run, attack, norm, eps]))
-    return rows[0]["v"] * 100
+        "SELECT m.value, m.n_examples FROM metrics m JOIN runs r ON r.id = m.run_id WHERE r.model_run_id = ? "
+        "AND m.name = 'robust_acc' AND m.attack = ? AND m.norm = ? AND ABS(m.eps - ?) < 1e-9 "
+        "AND r.status IN ('finished', 'running')", [model_run, attack, norm, eps]))
+    n_max = max(r["n_examples"] for r in rows)
+    return min(r["value"] for r in rows if r["n_examples"] == n_max) * 100
 
 
 # --- collect and the tabular formats --------------------------------------------------------------------------
@@ -161,12 +176,16 @@ def test_collect_numbers_equal_store(built):
     assert n_checked >= 15
     ep = rows[ids["ep"]]
     cell = ep.cells["pgd:linf:8/255"]
-    assert cell.value == pytest.approx(20.0) and cell.grad_mode == "bptt" and cell.n_results == 2
+    assert cell.value == pytest.approx(20.0) and cell.grad_mode == "bptt" and cell.n_results == 1
     assert ep.cells["pgd:l2:0.5"].value == pytest.approx(40.0)   # worst case over bptt and the sweep
     aa = ep.cells["autoattack:linf:8/255"]
     assert aa.unreliable and "square beat" in aa.reason and aa.forward_passes == 250
+    assert aa.attack_clean == pytest.approx(80.0)  # the clean accuracy on the images AutoAttack attacked
     assert ep.cells["fgsm:linf:8/255"].status == "running"
-    assert ep.corruption["mean"] == pytest.approx(60.0) and ep.corruption["mce"] == pytest.approx(40.0)
+    # 3 of the 15 benchmark corruptions were run: the mean says so, and the 15/19-means and mCE do not exist
+    assert ep.corruption["mean"] == pytest.approx(59.0) and ep.corruption["mce"] is None
+    assert ep.corruption["mean_label"] == "mean of 3/15 benchmark corruptions × 5 severities"
+    assert ep.corruption["mean_all"] is None and ep.corruption["mean18"] is None
     assert {c.key for c in data.headline_columns()} >= {"pgd:linf:8/255", "pgd:l2:0.5", "autoattack:linf:8/255"}
     assert any("still running" in n for n in data.notes)
     # unroll sweep and steps
@@ -259,22 +278,67 @@ def test_table_render(built):
     assert isinstance(report.leaderboard_table(data, "all"), Table)
 
 
-def test_robustbench_json(built):
+# Field names and value types of real RobustBench entries (RobustBench/robustbench, model_info/cifar10/...):
+# Linf/Standard.json, Linf/Wang2023Better_WRN-70-16.json, Linf/Xiao2020Enhancing.json (external, unreliable),
+# corruptions/Hendrycks2020AugMixWRN.json. Values are not copied, only which fields exist and their JSON types.
+RB_LINF = {"link": str, "name": str, "authors": str, "additional_data": bool, "number_forward_passes": int,
+           "dataset": str, "venue": str, "architecture": str, "eps": str, "clean_acc": str, "reported": str,
+           "autoattack_acc": str}
+RB_LINF_OPTIONAL = {"footnote": str, "unreliable": bool, "external": str}
+RB_CORRUPTIONS = {"link": str, "name": str, "authors": str, "additional_data": bool, "number_forward_passes": int,
+                  "dataset": str, "venue": str, "architecture": str, "eps": type(None), "clean_acc": str,
+                  "reported": str, "corruptions_acc": str}
+
+
+def _valid_robustbench(rel: str, rec: dict) -> None:
+    dataset, threat, fname = rel.split("/")
+    assert dataset in ("cifar10", "cifar100", "imagenet") and fname.endswith(".json")
+    assert re.fullmatch(r"[A-Za-z0-9_\-]+\.json", fname), fname
+    want = RB_CORRUPTIONS if threat == "corruptions" else RB_LINF
+    assert threat in ("Linf", "L2", "corruptions")
+    assert set(want) <= set(rec) <= set(want) | set(RB_LINF_OPTIONAL), set(rec) ^ set(want)
+    for k, v in rec.items():
+        assert isinstance(v, {**want, **RB_LINF_OPTIONAL}[k]), (k, v)
+    assert rec["dataset"] == dataset
+    for k in ("clean_acc", "autoattack_acc", "corruptions_acc", "external"):
+        if k in rec:
+            assert re.fullmatch(r"\d{1,3}\.\d{2}", rec[k]), (k, rec[k])
+
+
+def test_robustbench_files(built, tmp_path):
     store, ids = built
-    recs = report.robustbench_json(report.collect(store))
-    by = {r["run_id"]: r for r in recs}
-    assert set(by) == {ids["ep"], ids["cnn"]}
-    ep = by[ids["ep"]]
-    assert ep["eps"] == "8/255" and ep["threat_model"] == "Linf"
-    assert float(ep["autoattack_acc"]) == pytest.approx(15.0) and float(ep["clean_acc"]) == pytest.approx(75.0)
-    assert ep["unreliable"] is True and "optimization loop" in ep["footnote"]
-    assert ep["number_forward_passes"] == 250
-    assert float(ep["reported"]) == pytest.approx(8.0)          # the paper's EP AA at 8/255
-    assert "external" not in ep or float(ep["external"]) < 15.0
-    for k in ("name", "architecture", "dataset", "clean_acc", "autoattack_acc", "footnote", "additional_data"):
-        assert k in ep
-    assert by[ids["cnn"]]["unreliable"] is False
-    assert json.loads(report.render(report.collect(store), "robustbench")) == recs
+    data = report.collect(store)
+    files = report.robustbench_json(data)
+    by = {rel.split("/")[-1]: (rel, rec) for rel, rec in files.items()}
+    ep_rel, ep = by[f"{report.robustbench_id(next(r for r in data.rows if r.run_id == ids['ep']))}.json"]
+    assert ep_rel.startswith("cifar10/Linf/") and ids["ep"] in ep_rel
+    assert {rel.split("/")[1] for rel in files} == {"Linf"}  # no complete corruption run, no L2 AutoAttack
+    assert len(files) == 2                                   # the EP-CNN and the CNN have AutoAttack at 8/255
+    for rel, rec in files.items():
+        _valid_robustbench(rel, rec)
+    assert ep["eps"] == "8/255" and ep["dataset"] == "cifar10"
+    assert ep["autoattack_acc"] == "15.00"
+    assert ep["clean_acc"] == "80.00"          # on the images AutoAttack attacked, not the training run's 75.00
+    assert ep["number_forward_passes"] == 250  # relaxation steps per prediction (config T), not the attack's cost
+    assert ep["unreliable"] is True and "optimization loop" in ep["footnote"] and "mini CIFAR-10" in ep["footnote"]
+    assert ep["reported"] == ""                # the paper's full-scale number is not comparable to this run
+    cnn = next(rec for rel, rec in files.items() if ids["cnn"] in rel)
+    assert cnn["number_forward_passes"] == 1 and cnn["unreliable"] is False and cnn["clean_acc"] == "80.00"
+    assert ep["link"] == report.PAPER_LINK and "Mansingh" in ep["authors"]  # the paper's architecture, ep-cnn
+    written = report.write_robustbench(data, tmp_path / "rb")
+    assert sorted(str(p.relative_to(tmp_path / "rb")) for p in written) == sorted(files)
+    for p in written:
+        assert json.loads(p.read_text()) == files[str(p.relative_to(tmp_path / "rb"))]
+    assert json.loads(report.render(data, "robustbench")) == files
+
+
+def test_robustbench_nothing_qualifies(tmp_path):
+    store = Store(tmp_path / "s")
+    rid, ck = _train(store, "cnn", {}, [0.5])
+    _attack(store, rid, ck, "cnn", "autoattack", "linf", {4 / 255: 0.2})  # not RobustBench's eps
+    with pytest.raises(NotFoundError, match="nothing to export for RobustBench.*cnn: no AutoAttack result at L∞ 8/255"):
+        report.robustbench_json(report.collect(store))
+    store.close()
 
 
 # --- the paper -----------------------------------------------------------------------------------------------------
@@ -316,21 +380,131 @@ def test_paper_asset_matches_fact_sheet():
         for f in paper.load_facts()["facts"]]
 
 
-def test_comparisons(built):
+def test_comparisons_need_comparable_models(built):
+    """The fixture's models were trained on the mini set: no paper number, and the reason is stated."""
     store, ids = built
     data = report.collect(store)
+    assert data.comparisons and all(c.paper is None and c.diff is None for c in data.comparisons)
     comp = {(c.run_id, c.what): c for c in data.comparisons}
-    c = comp[(ids["ep"], "PGD L∞ 8/255")]
-    assert c.epcli == pytest.approx(20.0) and c.paper == 11.96 and c.diff == pytest.approx(20.0 - 11.96)
-    text = "; ".join(c.reasons)
-    assert "JPEG" in text and "examples: 100, paper 10,000" in text and "gradient: bptt, paper truncated:70" in text
-    assert "clipping" in text and "labels" not in text  # this attack run used predicted labels
-    assert (ids["ep"], "clean") in comp and comp[(ids["ep"], "clean")].paper == 88.11
-    assert "training: 3 epochs, paper 120" in comp[(ids["ep"], "clean")].reasons
-    assert comp[(ids["ep"], "CIFAR-C mean")].paper == 76.11
-    assert comp[(ids["at"], "PGD L∞ 8/255")].paper == 26.71      # CNN-AT 0.5, 8/255 = 0.031373
-    assert ("labels: true labels, paper attacks the model's predictions"
-            in comp[(ids["at"], "PGD L∞ 8/255")].reasons)
+    assert "data cifar10-mini" in comp[(ids["ep"], "PGD L∞ 8/255")].not_compared
+    ep = next(r for r in data.rows if r.run_id == ids["ep"])
+    assert ep.cells["pgd:linf:8/255"].paper is None and "cifar10-mini" in ep.cells["pgd:linf:8/255"].not_compared
+    md = report.render(data, "md")
+    assert "not compared with the paper (data cifar10-mini" in md and "11.96" not in md
+
+
+def _full_corrupt(store, rid, ck, model, base, dataset="cifar10"):
+    return _corrupt(store, rid, ck, model, base, corrs=report.BENCHMARK_CORRUPTIONS + report.EXTRA_CORRUPTIONS,
+                    dataset=dataset)
+
+
+def test_comparability_rule(tmp_path):
+    """A paper number stands beside epcli's only for the paper's model, on the paper's data, at the paper's
+    threat, with enough images and the paper's gradient; otherwise the reason is given and no diff."""
+    store = Store(tmp_path / "s")
+    ep, ck = _train(store, "ep-cnn", {"label": "EP full", "T": 250}, [0.85, 0.87], dataset="cifar10")
+    _attack(store, ep, ck, "ep-cnn", "pgd", "linf", {8 / 255: 0.10}, grad_mode="truncated:70", n=10000,
+            dataset="cifar10")
+    ep_b, ck_b = _train(store, "ep-cnn", {"label": "EP full", "T": 250}, [0.86], dataset="cifar10", seed=1)
+    _attack(store, ep_b, ck_b, "ep-cnn", "pgd", "linf", {8 / 255: 0.07}, grad_mode="bptt", n=10000,
+            dataset="cifar10")
+    ep_c, ck_c = _train(store, "ep-cnn", {"label": "EP full", "T": 250}, [0.86], dataset="cifar10", seed=2)
+    _attack(store, ep_c, ck_c, "ep-cnn", "pgd", "linf", {8 / 255: 0.09}, grad_mode="truncated:70", n=200,
+            dataset="cifar10")
+    _full_corrupt(store, ep, ck, "ep-cnn", 0.85)
+    small, ck2 = _train(store, "ep-cnn-small", {"label": "EP small", "recipe": "demo-ep"}, [0.45], dataset="cifar10")
+    _attack(store, small, ck2, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.05}, grad_mode="truncated:70", n=10000,
+            dataset="cifar10")
+    data = report.collect(store)
+    comp = {(c.run_id, c.what): c for c in data.comparisons}
+    ok = comp[(ep, "PGD L∞ 8/255")]
+    assert ok.not_compared is None and ok.paper == 11.96 and ok.diff == pytest.approx(10.0 - 11.96)
+    assert comp[(ep, "clean")].paper == 88.11 and comp[(ep, "clean")].diff == pytest.approx(87.0 - 88.11)
+    grad = comp[(ep_b, "PGD L∞ 8/255")]
+    assert grad.paper is None and grad.diff is None and "gradient bptt" in grad.not_compared
+    few = comp[(ep_c, "PGD L∞ 8/255")]
+    assert few.paper is None and "n=200" in few.not_compared
+    demo = comp[(small, "PGD L∞ 8/255")]
+    assert demo.paper is None and "demo model ep-cnn-small" in demo.not_compared
+    # the corruption mean: the paper's is over 18 corruptions (no frost) x 5 severities; epcli's 18-mean exactly
+    corr = next(c for c in data.comparisons if c.run_id == ep and c.what.startswith("CIFAR-C"))
+    cells = [r["value"] for r in store.db.query(
+        "SELECT m.value FROM metrics m JOIN runs r ON r.id = m.run_id WHERE r.model_run_id = ? AND "
+        "m.name = 'corruption_acc' AND m.corruption != 'frost'", [ep])]
+    assert len(cells) == 18 * 5
+    assert corr.not_compared is None and corr.paper == 76.11
+    assert corr.epcli == pytest.approx(100 * sum(cells) / len(cells))
+    row = next(r for r in data.rows if r.run_id == ep)
+    assert row.corruption["mean_label"] == "mean of 15/15 benchmark corruptions × 5 severities"
+    assert row.corruption["mean_all"] is not None and row.corruption["mce"] is not None
+    md = report.render(data, "md")
+    assert "| EP full · seed 0 | PGD L∞ 8/255 | 10.00 | 11.96 ± 0.55 | -1.96 |" in md
+    assert "EP small: not compared with the paper (demo model ep-cnn-small" in md
+    page = report.html_report(data, [])
+    assert "paper 11.96 (-1.96)" in page and "paper 11.96" not in page.split("EP small")[1].split("</tr>")[0]
+    # a complete corruption run on RobustBench's data is exported as a corruptions entry
+    files = report.robustbench_json(data)
+    rel = next(r for r in files if r.startswith("cifar10/corruptions/"))
+    _valid_robustbench(rel, files[rel])
+    assert float(files[rel]["corruptions_acc"]) == pytest.approx(row.corruption["mean"], abs=0.005)
+    store.close()
+
+
+def test_cell_policy(tmp_path):
+    """Largest n first (ties: the strongest); the worst case only over results on the same images, exact per
+    image from the per-example outcomes; failed and interrupted runs are never used; repeated runs named."""
+    store = Store(tmp_path / "s")
+    m1, ck = _train(store, "cnn", {"label": "CNN"}, [0.8], seed=1)
+    m2, _ = _train(store, "cnn", {"label": "CNN"}, [0.7], seed=2)
+    dead, _ = _train(store, "cnn", {"label": "CNN"}, [0.1], status="interrupted", seed=3)
+    e = 8 / 255
+    a = np.array([1, 1, 0, 1], dtype=bool)
+    c = np.array([1, 0, 1, 1], dtype=bool)
+    ra = _attack(store, m1, ck, "cnn", "pgd", "linf", {e: a.mean()}, grad_mode="bptt", n=4)
+    _adv_artifact(store, ra, [e], 0, index=(3, 5, 7, 9), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
+                  robust={e: a})
+    rc = _attack(store, m1, ck, "cnn", "pgd", "linf", {e: c.mean()}, grad_mode="bptt", n=4, config={"seed": 0})
+    _adv_artifact(store, rc, [e], 1, index=(3, 5, 7, 9), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
+                  robust={e: c})
+    rd = _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.8}, grad_mode="bptt", n=4)     # other images, weaker
+    _adv_artifact(store, rd, [e], 2, index=(0, 1, 2, 4), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
+                  robust={e: np.array([1, 1, 1, 0], dtype=bool)})
+    sq = np.array([1, 1, 1, 0], dtype=bool)
+    rs = _attack(store, m1, ck, "cnn", "square", "linf", {e: sq.mean()}, n=4)                # same images
+    _adv_artifact(store, rs, [e], 3, index=(3, 5, 7, 9), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
+                  robust={e: sq})
+    _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=2)                          # a tiny run
+    _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=1000, status="interrupted")  # never used
+    _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=1000, status="failed")
+    data = report.collect(store)
+    assert {r.run_id for r in data.rows} == {m1, m2}           # the interrupted training run is not a row
+    assert dead not in {r.run_id for r in data.rows}
+    names = {r.run_id: r.name for r in data.rows}
+    assert names == {m1: "CNN · seed 1", m2: "CNN · seed 2"}
+    cell = next(r for r in data.rows if r.run_id == m1).cells["pgd:linf:8/255"]
+    assert cell.n_examples == 4 and cell.n_results == 2
+    assert cell.value == pytest.approx(100 * np.logical_and(a, c).mean())  # 50.0, lower than either run
+    assert {w.split()[0] for w in cell.worst_of} == {ra, rc}
+    assert "n=4" in report.render(data, "md") and "CNN · seed 2" in report.render(data, "md")
+    # the worst case over attacks (PGD x2 and Square on the same four images), exact per image
+    worst = next(r for r in data.rows if r.run_id == m1).cells["worst:linf:8/255"]
+    assert worst.value == pytest.approx(100 * (a & c & sq).mean()) and worst.n_results == 3
+    assert "worst of PGD+Square" in report.render(data, "md")
+    assert "worst:linf:8/255" not in next(r for r in data.rows if r.run_id == m2).cells
+    store.close()
+
+
+def test_corruption_labels_and_names():
+    from epcli import corruptions
+    assert report.BENCHMARK_CORRUPTIONS == tuple(corruptions.BENCHMARK_CORRUPTIONS)
+    assert report.EXTRA_CORRUPTIONS == tuple(corruptions.EXTRA_CORRUPTIONS)
+    cov = report.corruption_coverage({"gaussian_noise": {1}, "fog": {1}, "saturate": {1, 2}})
+    assert not cov["complete15"] and not cov["complete19"]
+    assert report.corruption_mean_label(cov) == "mean of 2/15 benchmark corruptions × severity 1"
+    full = {c: set(range(1, 6)) for c in report.BENCHMARK_CORRUPTIONS}
+    cov = report.corruption_coverage(full)
+    assert cov["complete15"] and not cov["complete19"] and not cov["complete18"]
+    assert report.corruption_mean_label(cov) == "mean of 15/15 benchmark corruptions × 5 severities"
 
 
 # --- figures and HTML ------------------------------------------------------------------------------------------------
@@ -352,7 +526,8 @@ def test_figures_and_html(built, tmp_path):
     data = report.collect(store)
     paths = report.figures(data, tmp_path / "fig")
     names = {p.name for p in paths}
-    for stem in ("robust-pgd-linf", "robust-pgd-l2", "robust-autoattack-linf", "corruptions", "steps", "unroll",
+    assert "robust-autoattack-linf.png" not in {p.name for p in paths}  # one eps only: no curve to draw
+    for stem in ("robust-pgd-linf", "robust-pgd-l2", "corruptions", "steps", "unroll",
                  "adversarial-examples"):
         assert f"{stem}.png" in names and f"{stem}.svg" in names, stem
     for p in paths:
@@ -370,7 +545,9 @@ def test_figures_and_html(built, tmp_path):
         assert ref.startswith(("data:", "#")), ref[:80]
     assert "http://" not in page.replace("http://www.w3.org", "")
     assert 'class="num unreliable"' in page and "square beat the white-box attacks" in page
-    assert "The paper beside the results" in page and "11.96" in page
+    # the mini-set models are not the paper's: no paper number or diff anywhere on the page, the reason instead
+    assert "The paper beside the results" in page and "11.96" not in page and 'id="paper"' not in page
+    assert "not compared with the paper (data cifar10-mini" in page
     # the svg ids of different figures do not collide
     ids_ = re.findall(r'\sid="([^"]+)"', page)
     assert len(ids_) == len(set(ids_))
@@ -381,12 +558,18 @@ def test_figures_skip_absent_data(tmp_path):
     rid, ck = _train(store, "cnn", {}, [0.5])
     assert report.figures(report.collect(store), tmp_path / "f0") == []  # no results at all: nothing to draw
     _attack(store, rid, ck, "cnn", "pgd", "linf", {8 / 255: 0.1})
+    assert report.figures(report.collect(store), tmp_path / "f1") == []  # a single eps is no curve
+    _attack(store, rid, ck, "cnn", "pgd", "linf", {4 / 255: 0.3})
     data = report.collect(store)
     assert {p.stem for p in report.figures(data, tmp_path / "f")} == {"robust-pgd-linf"}
     page = report.html_report(data, [])
     HTMLParser().feed(page)
     for fmt in report.FORMATS:
-        assert report.render(data, fmt)
+        if fmt == "robustbench":  # no AutoAttack result: a message, not an empty list
+            with pytest.raises(NotFoundError, match="nothing to export"):
+                report.render(data, fmt)
+        else:
+            assert report.render(data, fmt)
     store.close()
 
 
@@ -430,4 +613,96 @@ def test_percent_store(tmp_path):
     data = report.collect(store)
     assert data.scale == "percent" and data.rows[0].clean_acc == 70.5
     assert data.rows[0].cells["pgd:linf:8/255"].value == 12.5
+    store.close()
+
+
+def test_adversarial_image_choice(tmp_path):
+    """The grid shows a test image every shown model classifies correctly when clean, matched by test index
+    across artifacts stored in different orders; and says so when there is none."""
+    import numpy as np
+
+    def entry(index, labels, pred_clean, fooled_at_2):
+        t = {"x": np.zeros((len(index), 3, 4, 4), np.float32), "labels": np.array(labels),
+             "pred_clean": np.array(pred_clean), "x_adv_0.1": np.zeros((len(index), 3, 4, 4), np.float32),
+             "pred_0.1": np.where(np.arange(len(index)) == fooled_at_2, 9, np.array(labels))}
+        return {"t": t, "n": len(index), "labels": np.array(labels), "index": np.array(index),
+                "eps": [(0.1, "x_adv_0.1", "pred_0.1")]}
+
+    a = entry([10, 11, 12, 13], [1, 2, 3, 4], [0, 2, 3, 4], fooled_at_2=3)   # 10 misclassified clean
+    b = entry([13, 12, 11, 10], [4, 3, 2, 1], [4, 3, 9, 1], fooled_at_2=0)   # 11 misclassified clean
+    idx, pos = report.choose_image([a, b])
+    assert idx == 13 and pos == [3, 0]          # 12 and 13 qualify; 13 is the one both attacks changed
+    assert a["labels"][pos[0]] == a["t"]["pred_clean"][pos[0]] and b["labels"][pos[1]] == b["t"]["pred_clean"][pos[1]]
+    c = entry([10, 11], [1, 2], [0, 0], fooled_at_2=0)                         # nothing correct
+    assert report.choose_image([a, c]) == (None, [None, None])
+
+    # drawn from a store: the figure picks the test image both models got right (index 11 of the stored 10, 11)
+    store = Store(tmp_path / "s")
+    m1, k1 = _train(store, "cnn", {"label": "A"}, [0.8])
+    m2, k2 = _train(store, "cnn", {"label": "B"}, [0.8], seed=1)
+    r1 = _attack(store, m1, k1, "cnn", "pgd", "linf", {2 / 255: 0.5, 8 / 255: 0.0})
+    _adv_artifact(store, r1, [2 / 255, 8 / 255], 0, index=(10, 11), labels=(6, 1), pred_clean=(3, 1))
+    r2 = _attack(store, m2, k2, "cnn", "pgd", "l2", {0.5: 0.5})
+    _adv_artifact(store, r2, [0.5], 1, index=(11, 10), labels=(1, 6), pred_clean=(1, 6))
+    data = report.collect(store)
+    assert [a["norm"] for a in data.adversarial] == ["linf", "l2"]   # one row group per norm
+    entries = [report._load_adv_entry(a) for a in data.adversarial]
+    for e in entries:
+        idx, pos = report.choose_image([e])
+        assert idx == 11 if e["a"]["norm"] == "linf" else idx in (10, 11)
+    paths = report.figures(data, tmp_path / "fig")
+    assert any(p.name == "adversarial-examples.png" for p in paths)
+    store.close()
+
+
+def test_cli_report_json_and_robustbench(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from epcli.cli import app
+    store, ids = built
+    runner = CliRunner()
+    for fmt in ("md", "html", "csv", "table", "json"):
+        r = runner.invoke(app, ["--store", str(store.root), "report", "-f", fmt, "--json"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)                       # --json always prints JSON
+        assert {row["run_id"] for row in doc["rows"]} >= {ids["ep"], ids["cnn"]}
+    out = tmp_path / "rb"
+    r = runner.invoke(app, ["--store", str(store.root), "report", "-f", "robustbench", "--out", str(out)],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json"))
+    assert len(files) == 2 and all(f.startswith("cifar10/Linf/epcli_") for f in files)
+    for f in files:
+        _valid_robustbench(f, json.loads((out / f).read_text()))
+    empty = Store(tmp_path / "e")
+    rid, ck = _train(empty, "cnn", {}, [0.5])
+    empty.close()
+    r = runner.invoke(app, ["--store", str(tmp_path / "e"), "report", "-f", "robustbench"])
+    assert r.exit_code == NotFoundError.code
+    assert "nothing to export for RobustBench" in r.output and "Traceback" not in r.output
+
+
+def test_equilibrium_and_selection_beside_the_model(tmp_path):
+    """EP-CNN rows carry the residual at prediction (issue 11's relax_residual rows) and the checkpoint
+    selection; runs without them show nothing."""
+    store = Store(tmp_path / "s")
+    ok, ck = _train(store, "ep-cnn-small", {"label": "EP ok", "select": "best-val"}, [0.5])
+    bad, ck2 = _train(store, "ep-cnn-small", {"label": "EP bad", "select": "best-test"}, [0.5], seed=1)
+    old, ck3 = _train(store, "ep-cnn-small", {"label": "EP old"}, [0.5], seed=2)
+    for rid, c, res in ((ok, ck, 2e-4), (bad, ck2, 0.05)):
+        a = _attack(store, rid, c, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.1})
+        store.log_metrics(a, [{"name": "relax_residual", "value": res, "detail": {"T": 20, "mean": res / 2,
+                                                                                  "tol": 1e-3}}])
+    _attack(store, old, ck3, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.1})
+    data = report.collect(store)
+    notes = {r.label: report.model_notes(r) for r in data.rows}
+    assert notes["EP ok"] == ["at equilibrium: residual 0.0002 at T=20", "checkpoint: best-val"]
+    assert notes["EP bad"][0] == "NOT converged: residual 0.05 at T=20 (tolerance 0.001)"
+    assert "chosen on the test set" in notes["EP bad"][1]
+    # the training pipeline's summary names the selected epoch; its test accuracy is the clean one shown
+    store.update_run(ok, summary={"test_acc": 0.42, "select": "best-val", "selected_epoch": 1})
+    row = next(r for r in report.collect(store).rows if r.run_id == ok)
+    assert row.clean_acc == pytest.approx(42.0) and report.model_notes(row)[1] == "checkpoint: best-val (epoch 1)"
+    assert notes["EP old"] == []
+    assert "NOT converged" in report.render(data, "md") and "at equilibrium" in report.html_report(data, [])
     store.close()

@@ -115,8 +115,8 @@ def test_artifact_write_is_atomic(tmp_path):
     with s.run("train", {}) as rid:
         def half(p):
             p.write_bytes(b"partial")
-            raise OSError("disk full")
-        with pytest.raises(OSError):
+            raise OSError(28, "No space left on device")
+        with pytest.raises(StoreError, match="No space left"):  # exit code 5, not a crash
             s.write_artifact(rid, "checkpoint", half)
     assert s.db["artifacts"].count == 0
     assert not list((tmp_path / "s" / "artifacts").rglob("*.*")) if (tmp_path / "s" / "artifacts").exists() else True

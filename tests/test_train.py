@@ -132,7 +132,7 @@ def test_schedules():
 
 # --- the loop -------------------------------------------------------------------------------------------
 
-def test_fit_trains_reports_and_resumes_exactly(cifar, tmp_path):
+def test_fit_trains_reports_and_resumes_exactly(cifar, tmp_path, device, exact_cuda):
     ds = _small(cifar, 256, 200)
     recipe = resolve_recipe("demo-cnn", {"epochs": 3, "batch_size": 64})
     torch.manual_seed(0)
@@ -145,7 +145,8 @@ def test_fit_trains_reports_and_resumes_exactly(cifar, tmp_path):
 
     calls, states, batches_seen = [], {}, []
     full = fresh()
-    hist = fit(full, ds, recipe, seed=7, on_epoch=lambda e, m, s: (calls.append((e, m)), states.update({e: s})),
+    hist = fit(full, ds, recipe, seed=7, device=device,
+               on_epoch=lambda e, m, s: (calls.append((e, m)), states.update({e: s})),
                on_batch=lambda done, total, info: batches_seen.append((done, total)))
     assert [e for e, _ in calls] == [1, 2, 3] and len(hist) == 3
     assert batches_seen[-1] == (4, 4)
@@ -156,17 +157,18 @@ def test_fit_trains_reports_and_resumes_exactly(cifar, tmp_path):
 
     # stop after epoch 1 (max_epochs), write the state to safetensors, resume in a fresh process-like setup
     part = fresh()
-    fit(part, ds, recipe, seed=7, max_epochs=1)
+    fit(part, ds, recipe, seed=7, max_epochs=1, device=device)
     tensors, meta = state_to_tensors(states[1])
     save_file(tensors, str(tmp_path / "state.safetensors"), metadata=meta)
     state = tensors_to_state(load_file(str(tmp_path / "state.safetensors")), meta)
     torch.manual_seed(12345)  # whatever the global RNG is now, the state restores it
     resumed = create_model("cnn-small", width=8)
-    hist2 = fit(resumed, ds, recipe, seed=7, state=state)
+    hist2 = fit(resumed, ds, recipe, seed=7, state=state, device=device)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert [h["test_acc"] for h in hist2] == [h["test_acc"] for h in hist]
-    assert evaluate(resumed, ds.test_x, ds.test_y, batch_size=64) == pytest.approx(hist[-1]["test_acc"])
+    acc = evaluate(resumed, ds.test_x, ds.test_y, batch_size=64, device=device)
+    assert acc == pytest.approx(hist[-1]["test_acc"])
 
 
 def test_state_round_trips_optimizer_internals():

@@ -90,17 +90,19 @@ def check_reliability(results: list[dict], strength: list[dict] | None = None) -
 def strength_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
                    steps: int = 20, restarts: int = 1, n: int = 200, factor: int = 2, tolerance: float = 0.02,
                    seed: int = 0, device="cpu", grad_mode: str = "bptt", surrogate=None,
-                   batch_size: int = 256, labels: str = "true") -> dict:
+                   batch_size: int = 256, labels: str = "true", on_step=None) -> dict:
     """Re-run PGD on the first n examples with factor x steps and factor x restarts (random starts) and
     compare with the base PGD (steps, restarts). Passes when the stronger attack neither raises robust
-    accuracy (beyond slack) nor lowers it by more than `tolerance` (the base attack had not converged)."""
+    accuracy (beyond slack) nor lowers it by more than `tolerance` (the base attack had not converged).
+    on_step: evaluate()'s progress callback, its info tagged with phase "base" or "strong"."""
     from epcli.attacks.evaluate import evaluate
     xs, ys = x[:n], y[:n]
     common = dict(attack="pgd", norm=norm, eps_list=[eps], batch_size=batch_size, device=device, seed=seed,
                   grad_mode=grad_mode, surrogate=surrogate, labels=labels, keep_adv=0)
-    base = evaluate(model, xs, ys, params={"steps": steps, "restarts": restarts}, **common)
+    tag = (lambda phase: (lambda info: on_step({**info, "phase": phase}))) if on_step else (lambda phase: None)
+    base = evaluate(model, xs, ys, params={"steps": steps, "restarts": restarts}, on_step=tag("base"), **common)
     strong = evaluate(model, xs, ys, params={"steps": factor * steps, "restarts": factor * max(restarts, 1),
-                                             "random_start": True}, **common)
+                                             "random_start": True}, on_step=tag("strong"), **common)
     a, b = base["robust_accuracy"][float(eps)], strong["robust_accuracy"][float(eps)]
     m = len(ys)
     ok = b <= a + _slack(a, m) and a - b <= tolerance

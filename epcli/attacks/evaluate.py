@@ -72,15 +72,37 @@ class _Counter:
 
     def __init__(self, *models):
         self.n = 0
+        self.on_forward = None  # optional heartbeat, called after every counted forward pass
         self.handles = [m.register_forward_hook(self._hook) for m in {id(m): m for m in models}.values()]
 
     def _hook(self, module, inputs, output):
         if inputs and torch.is_tensor(inputs[0]):
             self.n += int(inputs[0].shape[0])
+            if self.on_forward is not None:
+                self.on_forward()
 
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+def forward_budget(attack: str, params: dict) -> int:
+    """About how many forward passes per attacked example `attack` makes with `params` (an upper bound for
+    the attacks that stop early); only used to show progress and an ETA inside a long batch."""
+    p = params
+    steps, restarts = int(p.get("steps") or 1), max(1, int(p.get("restarts") or 1))
+    targets = int(p.get("n_target_classes") or 9)
+    return max(1, {
+        "fgsm": 2,
+        "pgd": (steps + 1) * restarts,
+        "cw": steps * int(p.get("binary_search_steps") or 1),
+        "apgd-ce": (steps + 1) * restarts,
+        "apgd-dlr": (steps + 1) * restarts,
+        "apgd-t": (steps + 1) * restarts * targets,
+        "fab-t": (steps + 2) * restarts * targets,
+        "square": int(p.get("n_queries") or 5000) * restarts,
+        "autoattack": (steps + 1) * (1 + targets) + (steps + 2) * targets + int(p.get("n_queries") or 5000),
+    }.get(attack, steps * restarts))
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -90,7 +112,8 @@ def _is_oom(err: BaseException) -> bool:
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, norm: str,
              eps_list, batch_size: int | None = 256, device="cpu", seed: int = 0, params: dict | None = None,
              grad_mode: str = "bptt", surrogate: torch.nn.Module | None = None, labels: str = "true",
-             keep_adv: int = 16, on_batch: Callable[[int, int, dict], None] | None = None) -> dict:
+             keep_adv: int = 16, on_batch: Callable[[int, int, dict], None] | None = None,
+             on_step: Callable[[dict], None] | None = None) -> dict:
     """Attack `model` on (x, y) at each eps; see docs/attacks.md for the returned dict.
 
     x: uint8 (converted /255) or float images, clipped to [0, 1]. labels="predicted" attacks the model's
@@ -99,6 +122,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     "transfer[:<name>]" with `surrogate`: the attack runs on the surrogate and is scored on `model`.
     Only clean-correct examples are attacked (the others are not robust by definition; their x_adv is x).
     batch_size=None starts at 256; on CUDA out-of-memory the batch is halved and retried.
+    on_step(info), for progress inside a batch: called when the attack at one eps starts on a batch, every
+    ~0.5 s while it runs and when it ends, with eps, lo, hi (the batch), fraction (forward passes so far over
+    forward_budget(), an estimate capped below 1 until the end) and, at the end, robust (count in the batch).
     """
     from epcli.attacks import get_attack
     fn = get_attack(attack)
@@ -133,6 +159,25 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     gens = {e: torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i, e in enumerate(eps_list)}
     counter = _Counter(model, attacker)
     attack_passes = 0
+    budget = forward_budget(attack, resolved)
+    step = {"eps": None, "lo": 0, "hi": 0, "base": 0, "todo": 0, "last": 0.0}
+
+    def beat(final_robust: int | None = None):  # progress inside one attack call, throttled
+        if on_step is None or step["eps"] is None:
+            return
+        t = time.perf_counter()
+        if final_robust is None and t - step["last"] < 0.5:
+            return
+        step["last"] = t
+        passes = counter.n - step["base"]
+        frac = 1.0 if final_robust is not None else min(0.99, passes / max(1, step["todo"] * budget))
+        info = {"eps": step["eps"], "lo": step["lo"], "hi": step["hi"], "fraction": frac, "forward_passes": passes}
+        if final_robust is not None:
+            info["robust"] = final_robust
+        on_step(info)
+
+    if on_step is not None:
+        counter.on_forward = beat
     t0 = time.perf_counter()
 
     def to_float(xb):
@@ -150,6 +195,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         outs = {}
         for e in eps_list:
             xa = xb.clone()
+            step.update(eps=e, lo=lo, hi=hi, base=counter.n, todo=int(todo.numel()), last=0.0)
+            beat()
             if todo.numel():
                 before = counter.n
                 mode = "bptt" if transfer else grad_mode
@@ -160,6 +207,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
             with eval_mode(model), torch.no_grad():
                 pa = model(xa).argmax(1)
             outs[e] = (pa.cpu(), xa)
+            beat(final_robust=int(((pa == yb) & (cp == yb)).sum()))
+            step["eps"] = None
         return cp.cpu(), outs
 
     try:

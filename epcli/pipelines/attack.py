@@ -16,6 +16,7 @@ from epcli.errors import NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
     check_eps,
+    check_numbers,
     dataset_for,
     eps_label,
     link_model_input,
@@ -24,6 +25,7 @@ from epcli.pipelines.common import (
     parse_eps,
     resolve_device,
 )
+from epcli.pipelines.common import relax_residual_rows
 from epcli.store import Store, describe_device
 
 
@@ -45,6 +47,9 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     from epcli.pipelines import shard
     from epcli.store import config_hash
 
+    check_numbers(n=n, seed=seed, batch_size=batch_size, T=T, chunk=chunk, unroll=unroll_sweep,
+                  **{k: v for k, v in (params or {}).items() if k in ("steps", "restarts", "step_size",
+                                                                      "n_queries")})
     device = dist.device_for(resolve_device(device))
     if shard.worker(device):  # a torchrun rank > 0: attacks the chunks rank 0 hands out (docs/distributed.md)
         return shard.serve(device)
@@ -54,9 +59,8 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         raise UsageError(f"unknown attack {attack!r}: choose from {', '.join(sorted(attacks.ATTACKS))}")
     if labels not in ("true", "predicted"):
         raise UsageError("labels must be 'true' or 'predicted'")
-    if int(chunk) < 1:
-        raise UsageError(f"chunk must be at least 1 image, got {chunk}")
     params = attacks.resolve_params(attack, params or {})
+    progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
     if T is not None:
         if not hasattr(net, "T"):
@@ -75,6 +79,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         raise UsageError("--unroll-sweep needs a white-box attack (it varies the gradient's unroll length)")
     ds = dataset_for(store, info, dataset, data_dir)
     x, y, idx = subset(ds.test_x, ds.test_y, n, seed)
+    progress("load", 1, 1, {"model": net.spec["name"], "dataset": ds.name, "images": len(y)})
     train_run = info["train_run"] or {}
     config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack, "norm": norm,
               "eps": eps_list, "dataset": ds.name, "n_examples": len(y), "seed": seed, "grad_mode": grad_mode,
@@ -97,18 +102,21 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
             results[gm] = _attack_in_chunks(
                 net, x, y, attack=attack, norm=norm, eps_list=eps_list, batch_size=batch_size or 256,
                 device=device, seed=seed, params=params, grad_mode=gm, surrogate=surrogate, labels=labels,
-                chunk=chunk, partial=partial / gm.replace(":", "-"),
-                progress=lambda d, t, i, gm=gm: progress("attack" if gm == grad_mode else gm, d, t, i))
+                chunk=chunk, partial=partial / gm.replace(":", "-"), progress=progress,
+                task=f"{attack} {{eps}}" + ("" if gm == grad_mode else f" {gm}"))
         res = results[grad_mode]
         flags = []
         if checks:
+            progress("checks", 0, 1, {})
             flags += [dict(f) for f in attacks.check_reliability([res])]
             if strength and attack == "pgd" and len(y):
                 flags.append(_strength(attacks, net, x, y, res, norm, eps_list, params, seed, device, grad_mode,
-                                       surrogate, batch_size, labels))
+                                       surrogate, batch_size, labels, progress))
             flags += _cross_run_checks(store, run_id, train_run.get("id"), attack, norm, idx, y, res)
             if sweep:
                 flags.append(_unroll_check(results, grad_mode, eps_list, len(y)))
+            progress("checks", 1, 1, {"passed": sum(bool(f["passed"]) for f in flags), "failed":
+                                      sum(not f["passed"] for f in flags)})
         for f in flags:
             f.pop("result", None)
         bad = [f for f in flags if not f["passed"]]
@@ -131,9 +139,12 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
                                         "forward_passes": r.get("forward_passes"), "params": r.get("params"),
                                         "batch_size": r.get("batch_size"), "T": getattr(net, "T", None),
                                         "labels": labels}})
+        rows += relax_residual_rows(net, x, device, base)  # how far from equilibrium the predictions are
+        progress("save", 0, 1, {})
         store.log_metrics(run_id, rows)
         store.log_checks(run_id, flags)
         _save_attack_artifacts(store, run_id, res, x, y, idx, eps_list, ds)
+        progress("save", 1, 1, {"run_id": run_id})
         seconds = time.time() - t0
         shards = {"shards": res["shards"]} if "shards" in res else {}  # torchrun: who attacked what
         summary = {"clean_acc": clean, "robust_acc": robust, "unreliable": bool(bad), "reason": reason,
@@ -143,29 +154,56 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     result = {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
               "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
               "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
-              "seconds": round(seconds, 2), "checks": flags, "notes": notes, **shards}
+              "seconds": round(seconds, 2), "checks": flags, "notes": notes, "eps": eps_list, "labels": labels,
+              "params": res.get("params") or params, "forward_passes": res.get("forward_passes"),
+              "attack_forward_passes": res.get("attack_forward_passes"), **shards}
     return shard.finish(result)
 
 
-def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, seed: int, **kw) -> dict:
-    """attacks.evaluate over consecutive chunks, each chunk's outcome saved so an interrupted run resumes."""
+def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress: Progress, task: str, seed: int,
+                      **kw) -> dict:
+    """attacks.evaluate over consecutive chunks, each chunk's outcome saved so an interrupted run resumes.
+
+    Progress: one task per eps (`task` with {eps} replaced by its label), counted in images, advanced inside
+    each batch as the attack's forward passes accumulate; it ends with the robust accuracy."""
     from safetensors.torch import load_file, save_file
 
     from epcli.pipelines import shard
     if shard.sharded():  # under torchrun: the ranks share the chunks, rank 0 keeps the chunk files
-        return shard.attack_in_chunks(net, x, y, chunk=chunk, partial=partial, progress=progress, seed=seed, **kw)
+        return shard.attack_in_chunks(net, x, y, chunk=chunk, partial=partial, progress=progress, task=task,
+                                      seed=seed, **kw)
     partial.mkdir(parents=True, exist_ok=True)
     parts, total = [], len(y)
+    names = {e: task.format(eps=eps_label(e)) for e in kw["eps_list"]}
+    robust = {e: 0 for e in kw["eps_list"]}
+    passes = {e: 0 for e in kw["eps_list"]}
+    for e in kw["eps_list"]:
+        progress(names[e], 0, total, {})
+
+    def on_step(info: dict, start: int) -> None:
+        e = info["eps"]
+        done = start + info["lo"] + info["fraction"] * (info["hi"] - info["lo"])
+        if "robust" in info:  # the attack at this eps finished the batch
+            robust[e] += info["robust"]
+            passes[e] += info["forward_passes"]
+            shown = {"robust_acc": robust[e] / (start + info["hi"]), "fwd": passes[e]}
+        else:
+            seen = start + info["lo"]
+            shown = {"robust_acc": robust[e] / seen if seen else None, "fwd": passes[e] + info["forward_passes"]}
+        progress(names[e], done, total, shown)
+
     for k, (start, stop) in enumerate(_chunks(total, chunk)):
         f = _chunk_file(partial, k)
         if f.exists():
-            parts.append(_load_chunk(f, load_file))
+            r = _load_chunk(f, load_file)
+            for e in kw["eps_list"]:
+                robust[e] += int(r["robust"][e].sum())
+                progress(names[e], stop, total, {"robust_acc": robust[e] / max(1, stop), "resumed": "yes"})
         else:
-            r = _attack_chunk(net, x, y, k, (start, stop), seed=seed,
-                              on_batch=lambda d, t, i, s=start: progress(s + d, total, i), **kw)
+            r = _attack_chunk(net, x, y, k, (start, stop), seed=seed, on_step=lambda i, s=start: on_step(i, s),
+                              **kw)
             _save_chunk(f, r, save_file)
-            parts.append(r)
-        progress(stop, total, {})
+        parts.append(r)
     return _merge_chunks(parts)
 
 
@@ -178,13 +216,13 @@ def _chunk_file(partial: Path, k: int) -> Path:
     return partial / f"chunk-{k:05d}.safetensors"
 
 
-def _attack_chunk(net, x, y, k: int, bounds: tuple[int, int], *, seed: int, on_batch=None, **kw) -> dict:
+def _attack_chunk(net, x, y, k: int, bounds: tuple[int, int], *, seed: int, **kw) -> dict:
     """Chunk k's outcome: it depends only on the chunk's images, the batch size and the run seed, so any process
-    may compute it (epcli.pipelines.shard hands whole chunks to torchrun ranks)."""
+    may compute it (epcli.pipelines.shard hands whole chunks to torchrun ranks). kw: attacks.evaluate's."""
     from epcli import attacks
     start, stop = bounds
     return attacks.evaluate(net, x[start:stop], y[start:stop], seed=seed + 7919 * k,
-                            keep_adv=16 if k == 0 else 0, on_batch=on_batch, **kw)
+                            keep_adv=16 if k == 0 else 0, **kw)
 
 
 _CHUNK_TENSORS = ("clean_correct", "clean_pred", "y")
@@ -242,15 +280,28 @@ def _merge_chunks(parts: list[dict]) -> dict:
 
 
 def _strength(attacks, net, x, y, res, norm, eps_list, params, seed, device, grad_mode, surrogate, batch_size,
-              labels) -> dict:
+              labels, progress: Progress = no_progress) -> dict:
     """PGD with 2x steps and restarts on a subset, at the eps whose robust accuracy is nearest half the clean."""
     clean = float(res["clean_correct"].float().mean())
     e = min(eps_list, key=lambda v: abs(res["robust_accuracy"][v] - clean / 2))
     m = min(len(y), max(50, min(200, len(y) // 10)))
-    return dict(attacks.strength_check(net, x, y, norm=norm, eps=e, steps=params.get("steps", 20),
-                                       restarts=params.get("restarts", 1), n=m, seed=seed, device=device,
-                                       grad_mode=grad_mode, surrogate=surrogate, batch_size=batch_size or 256,
-                                       labels=labels))
+    steps, restarts = params.get("steps", 20), params.get("restarts", 1)
+    # counted in PGD steps x images: the base run, then the stronger one (2x steps, 2x restarts)
+    base_w, strong_w = steps * max(restarts, 1), 4 * steps * max(restarts, 1)
+    name = f"check strength {eps_label(e)}"
+    progress(name, 0, base_w + strong_w, {"images": m})
+
+    def on_step(info: dict) -> None:
+        frac = (info["lo"] + info["fraction"] * (info["hi"] - info["lo"])) / max(1, m)
+        done = frac * base_w if info["phase"] == "base" else base_w + frac * strong_w
+        progress(name, min(done, base_w + strong_w - 1e-9), base_w + strong_w, {"phase": info["phase"]})
+
+    out = dict(attacks.strength_check(net, x, y, norm=norm, eps=e, steps=steps, restarts=restarts, n=m,
+                                      seed=seed, device=device, grad_mode=grad_mode, surrogate=surrogate,
+                                      batch_size=batch_size or 256, labels=labels, on_step=on_step))
+    progress(name, base_w + strong_w, base_w + strong_w,
+             {"base": out.get("base"), "strong": out.get("strong"), "passed": "yes" if out["passed"] else "no"})
+    return out
 
 
 def _stored_outcomes(store: Store, run: dict) -> dict | None:

@@ -76,6 +76,55 @@ def check_eps(norm: str, eps_list: list[float]) -> list[str]:
     return notes
 
 
+# --- numeric options: one validation layer every pipeline calls ------------------------------------------
+
+# name -> (integer?, lowest allowed, highest allowed, option as the CLI spells it). Floats must be finite.
+NUMERIC_OPTIONS: dict[str, tuple[bool, float | None, float | None, str]] = {
+    "n": (True, 1, None, "--n"),
+    "batch_size": (True, 1, 1 << 20, "--batch-size"),
+    "eval_batch_size": (True, 1, 1 << 20, "eval_batch_size"),
+    "steps": (True, 1, 1_000_000, "--steps"),
+    "restarts": (True, 1, 10_000, "--restarts"),
+    "n_queries": (True, 1, 10**9, "--queries"),
+    "T": (True, 1, 100_000, "--T"),
+    "T1": (True, 1, 100_000, "--T1"),
+    "T2": (True, 1, 100_000, "--T2"),
+    "epochs": (True, 1, 100_000, "--epochs"),
+    "seed": (True, 0, 2**31 - 1, "--seed"),
+    "chunk": (True, 1, None, "chunk"),
+    "unroll": (True, 1, 100_000, "--unroll-sweep"),
+    "step_size": (False, 0, None, "--step-size"),
+    "lr": (False, 0, None, "--lr"),
+    "beta": (False, None, None, "--beta"),
+}
+
+
+def check_numbers(**values) -> None:
+    """Refuse numeric options that are NaN, infinite, of the wrong type or out of range (UsageError, exit 2).
+
+    None means "not given". Lower bounds of floats are exclusive (a step size or learning rate of 0 does
+    nothing); the rest are inclusive. Unknown names are a bug, not user input.
+    """
+    for name, v in values.items():
+        if v is None:
+            continue
+        integer, low, high, label = NUMERIC_OPTIONS[name]
+        if isinstance(v, (list, tuple)):
+            for item in v:
+                check_numbers(**{name: item})
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UsageError(f"{label} must be a number, got {v!r}")
+        if integer and (isinstance(v, float) and not v.is_integer()):
+            raise UsageError(f"{label} must be an integer, got {v!r}")
+        if not math.isfinite(v):
+            raise UsageError(f"{label} must be a finite number, got {v}")
+        if low is not None and (v < low if integer else v <= low):
+            raise UsageError(f"{label} must be {'>=' if integer else '>'} {low}, got {v:g}")
+        if high is not None and v > high:
+            raise UsageError(f"{label} must be <= {high}, got {v:g}")
+
+
 # --- model references -----------------------------------------------------------------------------------
 
 def resolve_model(store: Store, ref: str, dataset: str | None = None) -> dict:
@@ -158,3 +207,18 @@ def drop_artifact(store: Store, run_id: str, sha: str) -> None:
     store.db.execute("DELETE FROM run_artifacts WHERE sha256 = ?", [sha])
     store.db.execute("DELETE FROM artifacts WHERE sha256 = ?", [sha])
     path.unlink(missing_ok=True)
+
+
+def relax_residual_rows(net, x, device: str, facets: dict) -> list[dict]:
+    """The metric row `relax_residual` for a relaxation model evaluated on images x (uint8 or [0,1] floats):
+    value = the largest per-image relative residual of the last relaxation step at the prediction (T, tol,
+    update and solver as the model predicts), detail {T, mean, steps, at_equilibrium, tol}. [] for other models."""
+    if not callable(getattr(net, "relax", None)) or x is None or not len(x):
+        return []
+    from epcli.ep import EQUILIBRIUM_TOL, prediction_residual
+    xf = x.to(device)
+    xf = xf.float().div(255) if xf.dtype == torch.uint8 else xf.float()
+    r = prediction_residual(net, xf)
+    return [{"name": "relax_residual", "value": r["max"], **facets,
+             "detail": {"T": r["T"], "mean": r["mean"], "steps": r["steps"], "at_equilibrium": r["at_equilibrium"],
+                        "tol": EQUILIBRIUM_TOL}}]

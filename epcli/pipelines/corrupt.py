@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 
 from epcli.data import load_dataset, subset
-from epcli.errors import NotFoundError, UsageError
+from epcli.errors import EpcliError, NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
+    check_numbers,
     dataset_for,
     link_model_input,
     load_model,
     no_progress,
     resolve_device,
 )
+from epcli.pipelines.common import relax_residual_rows
 from epcli.store import Store, describe_device
 
 
@@ -27,9 +29,12 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     from epcli import distributed as dist
     from epcli.pipelines import shard
 
+    check_numbers(n=n, seed=seed, batch_size=batch_size, T=T)
     device = dist.device_for(resolve_device(device))
     if shard.worker(device):  # a torchrun rank > 0: evaluates the share rank 0 hands out (docs/distributed.md)
         return shard.serve(device)
+    if source and not names:  # every corruption file the folder has
+        names = _source_names(source)
     names = list(names or C.CORRUPTIONS)
     severities = list(severities or [1, 2, 3, 4, 5])
     unknown = [c for c in names if c not in C.CORRUPTIONS]
@@ -38,6 +43,10 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     bad = [s for s in severities if s not in (1, 2, 3, 4, 5)]
     if bad:
         raise UsageError(f"severity {bad[0]} is outside 1-5")
+    if source:
+        for c in names:  # fail before the run starts, not after the clean pass
+            _check_source_file(source, c)
+    progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
     if T is not None and hasattr(net, "T"):
         net.T = int(T)
@@ -46,6 +55,8 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     if reference:
         ref_result = _corruption_result_of(store, reference)
     ds = None if source else dataset_for(store, info, dataset, data_dir)
+    clean, clean_from = (_source_clean(store, info, source, dataset, data_dir) if source else (None, None))
+    progress("load", 1, 1, {"model": net.spec["name"], "dataset": ds.name if ds else f"official:{source}"})
     config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "corruptions": names,
               "severities": severities, "seed": seed, "n_examples": n, "source": source,
               "dataset": ds.name if ds else f"official:{source}", "reference": reference,
@@ -54,20 +65,17 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                    dataset=config["dataset"], model_run_id=train_run.get("id"),
                    device=describe_device(device)) as run_id:
         link_model_input(store, run_id, info)
-        cells_total = 1 + len(names) * len(severities)
-        seen: list = []
-
-        def cb(info: dict) -> None:  # one bar over every (corruption, severity) cell
-            what = f"{info['name']}/{info['severity']}" if info.get("name") else "clean"
-            if what not in seen:
-                seen.append(what)
-            done = (len(seen) - 1) * info["total"] + info["done"]
-            progress("corrupt", done, cells_total * info["total"], {"cell": what})
+        def cb(info: dict) -> None:  # one task per corruption, over its severities, counted in images
+            if not info.get("name"):
+                progress("clean", info["done"], info["total"], {})
+                return
+            k = severities.index(info["severity"]) if info["severity"] in severities else 0
+            progress(info["name"], k * info["total"] + info["done"], len(severities) * info["total"],
+                     {"severity": info["severity"]})
 
         if source:
-            clean = None if ds is None else subset(ds.test_x, ds.test_y, n, seed)[:2]
             res = shard.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
-                                          device=device, on_batch=cb, clean=clean)
+                                          device=device, on_batch=cb, clean=clean, n=n)
             x_grid = None
         else:
             x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
@@ -95,14 +103,76 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                 rows.append({"name": key, "value": val, **facets,
                              "detail": {"reference": reference} if "reference" in key or key == "relative_mce"
                              else None})
+        if not source:
+            rows += relax_residual_rows(net, x, device, facets)  # how far from equilibrium the predictions are
+        progress("save", 0, 1, {})
         store.log_metrics(run_id, rows)
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
+        progress("save", 1, 1, {"run_id": run_id, "mean_acc": headline["corruption_mean_acc"]})
         summary = {k: v for k, v in headline.items() if v is not None}
+        if "shards" in res:  # torchrun: who evaluated what
+            summary["shards"] = res["shards"]
         store.update_run(run_id, summary=summary)
-    return shard.finish({"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
-                         "n_examples": n_ex, "clean_acc": headline["clean_acc"], **summary,
-                         "cells": {f"{c}/{sv}": v for (c, sv), v in cells.items()},
-                         **({"shards": res["shards"]} if "shards" in res else {})})
+    out = {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
+           "n_examples": n_ex, "clean_acc": headline["clean_acc"], **summary,
+           "cells": {f"{c}/{sv}": v for (c, sv), v in cells.items()}}
+    if source:
+        out.update({"source": str(source), "clean_from": clean_from})
+    return shard.finish(out)
+
+
+def _source_names(source: str) -> list[str]:
+    from pathlib import Path
+
+    from epcli import corruptions as C
+    from epcli.errors import DatasetError
+    d = Path(source)
+    if not d.is_dir():
+        raise DatasetError(f"corruption directory {d} not found (expected CIFAR-10-C's <name>.npy + labels.npy)")
+    found = [c for c in C.CORRUPTIONS if (d / f"{c}.npy").is_file()]
+    if not found:
+        raise DatasetError(f"no CIFAR-10-C files (<name>.npy) in {d}")
+    return found
+
+
+def _check_source_file(source: str, name: str) -> None:
+    from pathlib import Path
+
+    from epcli.errors import DatasetError
+    d = Path(source)
+    for f in (d / f"{name}.npy", d / "labels.npy"):
+        if not f.is_file():
+            raise DatasetError(f"{f} not found: expected the CIFAR-10-C layout (<name>.npy and labels.npy)")
+
+
+def _source_clean(store: Store, info: dict, source: str, dataset: str | None, data_dir: str | None):
+    """The clean images behind an official-layout folder, in its order, and where they came from.
+
+    An exported folder carries them (clean.npy). For the published CIFAR-10-C / -100-C folders they are the test
+    set of the dataset (given, or the model's), recognised by its labels equalling labels.npy's first rows.
+    Otherwise (None, None): clean accuracy is reported as n/a.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from epcli import corruptions as C
+    got = C.load_clean(source)
+    if got is not None:
+        return got, "clean.npy"
+    lab_path = Path(source) / "labels.npy"
+    if not lab_path.is_file():
+        return None, None
+    try:
+        ds = dataset_for(store, info, dataset, data_dir)
+        labels = np.load(lab_path, mmap_mode="r", allow_pickle=False)
+    except (EpcliError, OSError, ValueError):
+        return None, None
+    n = len(ds.test_y)
+    if labels.ndim == 1 and labels.shape[0] == 5 * n and torch.equal(
+            torch.from_numpy(np.array(labels[:n], dtype=np.int64)), torch.as_tensor(ds.test_y).long()):
+        return (ds.test_x, ds.test_y), f"{ds.name} test set (labels match)"
+    return None, None
 
 
 def _corruption_result_of(store: Store, ref: str) -> dict:
@@ -154,6 +224,62 @@ def export_corruptions(*, directory: str, names: list[str] | None = None, datase
     ds = load_dataset(dataset, data_dir=data_dir, cache_dir=store.cache_dir)
     x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
     C.export(directory, x, y, names=names, seed=seed)
-    return {"directory": str(directory), "corruptions": names, "n_examples": len(y), "seed": seed}
+    return {"directory": str(directory), "corruptions": names, "n_examples": len(y), "seed": seed,
+            "dataset": ds.name}
+
+
+
+
+def _corruption_result_of(store: Store, ref: str) -> dict:
+    """The newest corrupt run of a run id or model name, as per-example outcomes (for relative mCE)."""
+    from safetensors.torch import load_file
+    try:
+        run = store.get_run(ref)
+        runs = [run] if run["kind"] == "corrupt" else store.runs(kind="corrupt", status="finished",
+                                                                  model_run_id=run["id"], limit=1)
+    except NotFoundError:
+        runs = store.runs(kind="corrupt", status="finished", model=ref, limit=1)
+    if not runs:
+        raise NotFoundError(f"no finished corruption run for reference {ref!r} (run `epcli corrupt` on it first)")
+    arts = store.artifacts_of(runs[0]["id"], role="output", kind="per-example")
+    if not arts:
+        raise NotFoundError(f"corruption run {runs[0]['id']} has no per-example outcomes")
+    t = load_file(str(store.artifact_path(arts[0]["sha256"])))
+    correct = {}
+    for k, v in t.items():
+        if "/" in k:
+            c, sv = k.rsplit("/", 1)
+            correct[(c, int(sv))] = v.bool()
+    return {"clean_correct": t["clean_correct"].bool(), "correct": correct}
+
+
+def _save_corruption_artifacts(store: Store, run_id, res, names, severities, x_grid, seed) -> None:
+    from safetensors.torch import save_file
+    outcome = {"clean_correct": res["clean_correct"].to(torch.uint8).cpu()}
+    for (c, s), v in res["correct"].items():
+        outcome[f"{c}/{s}"] = v.to(torch.uint8).cpu()
+    store.write_artifact(run_id, "per-example", lambda p: save_file(outcome, str(p)), suffix=".safetensors")
+    if x_grid is not None:
+        from torchvision.utils import save_image
+
+        from epcli import corruptions as C
+        grid = C.sample_grid(x_grid, names, severities, seed)
+        store.write_artifact(run_id, "corruption-grid",
+                             lambda p: save_image(grid.float() / 255 if grid.dtype == torch.uint8 else grid,
+                                                  str(p)),
+                             suffix=".png", meta={"corruptions": names, "severities": severities})
+
+
+def export_corruptions(*, directory: str, names: list[str] | None = None, dataset: str | None = None,
+                       data_dir: str | None = None, n: int | None = None, seed: int = 0,
+                       store: Store) -> dict:
+    """Write a generated CIFAR-10-C-style set (.npy per corruption + labels.npy) to `directory`."""
+    from epcli import corruptions as C
+    names = list(names or C.CORRUPTIONS)
+    ds = load_dataset(dataset, data_dir=data_dir, cache_dir=store.cache_dir)
+    x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
+    C.export(directory, x, y, names=names, seed=seed)
+    return {"directory": str(directory), "corruptions": names, "n_examples": len(y), "seed": seed,
+            "dataset": ds.name}
 
 

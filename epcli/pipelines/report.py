@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from epcli.store import Store
@@ -13,6 +12,9 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
            argv: list[str] | None = None) -> dict:
     """Collect the store's results; render them; optionally write figures and a self-contained HTML file."""
     from epcli import report as R
+    from epcli.errors import UsageError
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the report and its figures")
     data = R.collect(store, models=models, runs=runs, dataset=dataset)
     text = None if fmt == "table" else R.render(data, fmt)
     written = []
@@ -25,9 +27,10 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
             if figs:
                 figs += _corruption_samples(store, data, out_dir)
             files = list(figs)
-            if text is not None and fmt != "html":  # the html page is written once, below, with figures
-                ext = {"robustbench": "json"}.get(fmt, fmt)
-                f = out_dir / f"report.{ext}"
+            if fmt == "robustbench":  # RobustBench's layout: <dataset>/<threat_model>/<ModelID>.json
+                files += R.write_robustbench(data, out_dir)
+            elif text is not None and fmt != "html":  # the html page is written once, below, with figures
+                f = out_dir / f"report.{fmt}"
                 f.write_text(text)
                 files.append(f)
             if fmt == "html" or figures:
@@ -45,14 +48,21 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
 
 
 def _corruption_samples(store: Store, data, out_dir: Path) -> list[Path]:
-    """The newest corruption sample grid among the reported models, copied next to the figures."""
-    for rid in _source_run_ids(data):
-        for run in store.runs(kind="corrupt", status="finished", model_run_id=rid, limit=1):
+    """The newest corruption sample grid among the reported models, redrawn with (corruption, severity) labels."""
+    import json
+
+    from epcli import report as R
+    for row in getattr(data, "rows", []) or []:
+        for run in store.runs(kind="corrupt", status="finished", model_run_id=row.run_id, limit=1):
             arts = store.artifacts_of(run["id"], role="output", kind="corruption-grid")
             if arts:
-                dest = out_dir / "corruption-samples.png"
-                shutil.copyfile(store.artifact_path(arts[-1]["sha256"]), dest)
-                return [dest]
+                meta = arts[-1].get("meta") or {}
+                meta = json.loads(meta) if isinstance(meta, str) else meta
+                cfg = run.get("config") or {}
+                names = meta.get("corruptions") or cfg.get("corruptions") or []
+                sev = meta.get("severities") or cfg.get("severities") or [1, 2, 3, 4, 5]
+                return R.corruption_samples(store.artifact_path(arts[-1]["sha256"]), names, sev, out_dir,
+                                            label=f"{row.name or row.label}, run {run['id']}")
     return []
 
 

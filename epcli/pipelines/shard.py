@@ -70,7 +70,7 @@ def _rebuild(message: dict | None, device: str) -> torch.nn.Module | None:
 
 # --- attacks: whole chunks, in rounds of one chunk per rank ----------------------------------------------
 
-def attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, seed: int, **kw) -> dict:
+def attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, task: str, seed: int, **kw) -> dict:
     """Rank 0's side of pipelines.attack._attack_in_chunks under torchrun.
 
     Chunks already in `partial` (an interrupted run) are loaded; the others are handed out in rounds, chunk
@@ -81,6 +81,7 @@ def attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, seed: in
     from safetensors.torch import load_file, save_file
 
     from epcli.pipelines.attack import _chunk_file, _chunks, _load_chunk, _merge_chunks, _save_chunk
+    from epcli.pipelines.common import eps_label
     partial.mkdir(parents=True, exist_ok=True)
     bounds = _chunks(len(y), chunk)
     parts: dict[int, dict] = {}
@@ -95,8 +96,17 @@ def attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, seed: in
     dist.broadcast_object(job)
     world = dist.world_size()
     work = {"world_size": world, "chunks": [0] * world, "forward_passes": [0] * world, "resumed_chunks": len(parts)}
+    # progress: one task per eps in images, as in one process; it moves when a round's outcomes arrive, and in
+    # between with rank 0's own chunk, scaled by the world size (the ranks advance at about the same pace)
+    names = {e: task.format(eps=eps_label(e)) for e in kw["eps_list"]}
+    robust = {e: sum(int(r["robust"][e].sum()) for r in parts.values()) for e in kw["eps_list"]}
     total, done = len(y), sum(bounds[k][1] - bounds[k][0] for k in parts)
-    progress(done, total, {})
+    for e in kw["eps_list"]:
+        progress(names[e], done, total, {"robust_acc": robust[e] / done if done else None})
+
+    def on_step(info: dict) -> None:
+        ahead = world * (info["lo"] + info["fraction"] * (info["hi"] - info["lo"]))
+        progress(names[info["eps"]], min(done + ahead, total), total, {"ranks": world})
 
     def on_result(rank: int, k: int, r: dict) -> None:
         nonlocal done
@@ -105,10 +115,11 @@ def attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, seed: in
         work["chunks"][rank] += 1
         work["forward_passes"][rank] += int(r.get("forward_passes") or 0)
         done += bounds[k][1] - bounds[k][0]
-        progress(done, total, {})
+        for e in kw["eps_list"]:
+            robust[e] += int(r["robust"][e].sum())
+            progress(names[e], done, total, {"robust_acc": robust[e] / done if done else None, "ranks": world})
 
-    _attack_rounds(net, surrogate, x, y, job, device,
-                   on_batch=lambda d, t, i: progress(min(done + d, total), total, i), on_result=on_result)
+    _attack_rounds(net, surrogate, x, y, job, device, on_step=on_step, on_result=on_result)
     merged = _merge_chunks([parts[k] for k in range(len(bounds))])
     merged["shards"] = work
     return merged
@@ -121,7 +132,7 @@ def _attack_job(job: dict, device: str) -> None:
     _attack_rounds(net, surrogate, job["x"], job["y"], job, device)
 
 
-def _attack_rounds(net, surrogate, x, y, job: dict, device: str, on_batch=None, on_result=None) -> None:
+def _attack_rounds(net, surrogate, x, y, job: dict, device: str, on_step=None, on_result=None) -> None:
     """Every rank: attack chunk pending[i] when i % world is this rank; rank 0 gets each round's outcomes."""
     from epcli.pipelines.attack import _attack_chunk, _chunks
     bounds = _chunks(job["n"], job["chunk"])
@@ -132,7 +143,7 @@ def _attack_rounds(net, surrogate, x, y, job: dict, device: str, on_batch=None, 
         k = turn[me] if me < len(turn) else None
         out = None
         if k is not None:
-            out = _attack_chunk(net, x, y, k, bounds[k], seed=job["seed"], on_batch=on_batch, **kw)
+            out = _attack_chunk(net, x, y, k, bounds[k], seed=job["seed"], on_step=on_step, **kw)
             out = {key: _to_cpu(v) for key, v in out.items()}
         gathered = dist.gather_object((k, out))
         if gathered is not None and on_result is not None:
@@ -198,16 +209,16 @@ def _corrupt_share(net, job: dict, device: str, on_batch):
 
 
 def evaluate_official(net, source, *, names, severities, batch_size: int, device: str, on_batch=None,
-                      clean=None) -> dict:
+                      clean=None, n: int | None = None) -> dict:
     """corruptions.evaluate_official; under torchrun corruption i is read and evaluated by rank i % world
     (each file's batches are those of one process), rank 0 also scores the clean images."""
     from epcli import corruptions as C
     if not sharded():
         return C.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
-                                   device=device, on_batch=on_batch, clean=clean)
+                                   device=device, on_batch=on_batch, clean=clean, n=n)
     t0 = time.perf_counter()
     job = {"kind": "official", "model": _model_message(net), "source": str(Path(source).resolve()),
-           "names": list(names), "severities": list(severities), "batch_size": batch_size}
+           "names": list(names), "severities": list(severities), "batch_size": batch_size, "n": n}
     dist.broadcast_object(job)
     gathered = _official_share(net, job, device, on_batch, clean)
     by_cell = {}
@@ -229,5 +240,6 @@ def _official_share(net, job: dict, device: str, on_batch, clean):
     from epcli import corruptions as C
     mine = job["names"][dist.rank()::dist.world_size()]  # may be empty: more ranks than corruptions
     res = C.evaluate_official(net, job["source"], names=mine, severities=job["severities"],
-                              batch_size=job["batch_size"], device=device, on_batch=on_batch, clean=clean)
+                              batch_size=job["batch_size"], device=device, on_batch=on_batch, clean=clean,
+                              n=job["n"])
     return dist.gather_object(res)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from epcli.data import Dataset, load_dataset
 from epcli.errors import CheckpointError, EpcliError, UsageError
 from epcli.pipelines.common import (
     Progress,
+    check_numbers,
     dataset_ref,
     drop_artifact,
     link_model_input,
@@ -24,8 +26,13 @@ from epcli.store import Store, config_hash, describe_device
 def train(*, model: str, dataset: str | None = None, data_dir: str | None = None, recipe: str | None = None,
           overrides: dict | None = None, model_options: dict | None = None, seed: int = 0,
           device: str | None = None, store: Store | None, resume: str | None = None, label: str | None = None,
-          argv: list[str] | None = None, progress: Progress = no_progress) -> dict:
+          argv: list[str] | None = None, progress: Progress = no_progress, select: str | None = None) -> dict:
     """Train `model` on `dataset` with a recipe; checkpoint every epoch into the store.
+
+    select: which epoch's weights become the run's "final" checkpoint (what attack/corrupt/report use):
+    "last" (default), "best-val" (best accuracy on a seeded held-out 10% of the training set, not trained on) or
+    "best-test" (the paper's choice: best test accuracy, i.e. selected on the test set; labelled in reports).
+    It is stored in the config as `select`; the newest epoch stays as checkpoint "last" for --resume.
 
     Under torchrun every process calls this with the same arguments and trains one model data-parallel
     (docs/distributed.md): only rank 0 uses `store` (others may pass None), resolves a resume and records the
@@ -35,6 +42,9 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
     from epcli import train as training
     from epcli.models import build_from_spec, create_model
 
+    if select is not None and select not in training.SELECTS:
+        raise UsageError(f"unknown --select {select!r}: use {', '.join(training.SELECTS)}")
+    check_numbers(seed=seed, **_numeric_overrides(overrides or {}, model_options or {}))
     device = dist.device_for(resolve_device(device))
     distributed = dist.init(device)  # False outside torchrun
     main = dist.is_main()
@@ -42,7 +52,15 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         raise UsageError("train needs a store")
     # rank 0 loads first (it may download or decode into the store's cache); the others then read that cache
     cache_dir = dist.broadcast_object(str(store.cache_dir) if main else None)
+    if main and not resume and not model.startswith("timm:"):
+        from epcli.models import list_models
+        if model not in list_models():
+            create_model(model)  # an unknown name fails here, before any data is read
+    if main:
+        progress("load", 0, 1, {"dataset": dataset or "cifar10-mini"})
     ds = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir) if main else None
+    if main:
+        progress("load", 1, 1, {"dataset": ds.name, "train": len(ds.train_y), "test": len(ds.test_y)})
     dist.barrier()
     if not main:
         ds = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir)
@@ -52,11 +70,20 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         plan = dist.broadcast_object(None)
         net = build_from_spec(plan["spec"])
         _check_fits(net, ds)
-        training.fit(net, ds, plan["recipe"], device=device, seed=plan["seed"], state=plan["state"])
+        training.fit(net, ds, plan["recipe"], device=device, seed=plan["seed"], state=plan["state"],
+                     select=plan.get("select", "last"))
         return dist.broadcast_object(None)
     state, resume_info = None, None
     if resume:
         resume_info = resolve_model(store, resume, ds.name)
+        if resume_info["train_run"]:  # resume from the newest epoch, not from the selected one
+            arts = store.artifacts_of(resume_info["train_run"]["id"], role="output", kind="checkpoint")
+            epoch_of = lambda a: (json.loads(a["meta"]) if isinstance(a["meta"], str) else a["meta"] or {}).get(  # noqa: E731
+                "epoch", -1)
+            if arts:
+                newest = max(arts, key=epoch_of)
+                resume_info = {**resume_info, "path": store.artifact_path(newest["sha256"]),
+                               "sha256": newest["sha256"]}
         net, meta, tensors = checkpoint.load(resume_info["path"], with_train_state=True)
         if not tensors:
             raise CheckpointError(f"{resume_info['path']} holds no training state to resume from")
@@ -71,6 +98,9 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         if overrides and "epochs" in overrides:
             rec = {**rec, "epochs": overrides["epochs"]}
         seed = config.get("seed", seed)
+        if select is not None and select != config.get("select", "last"):
+            raise UsageError(f"cannot resume with --select {select}: the run selects {config.get('select', 'last')}")
+        select = config.get("select", "last")
     else:
         torch.manual_seed(int(seed))  # the initial weights follow --seed too (rank 0's are broadcast)
         net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
@@ -79,12 +109,13 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         rec = training.resolve_recipe(rec_name, overrides or {})
         rec.setdefault("name", rec_name)
     _check_fits(net, ds)
+    select = select or "last"
     if distributed:
-        dist.broadcast_object({"spec": net.spec, "recipe": rec, "seed": seed, "state": state})
+        dist.broadcast_object({"spec": net.spec, "recipe": rec, "seed": seed, "state": state, "select": select})
     config = {"model": model_name, "spec": net.spec, "dataset": ds.name, "dataset_sha256": ds.sha256,
               "dataset_ref": dataset_ref(dataset), "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
               "recipe": rec, "seed": seed, "label": label or _default_label(model_name, rec),
-              "world_size": dist.world_size()}
+              "world_size": dist.world_size(), "select": select}
     if resume_info:
         config["resumed_from"] = (resume_info["train_run"] or {}).get("id") or str(resume_info["path"])
     with store.run("train", config, argv=argv, seed=seed, model=model_name, dataset=ds.name,
@@ -93,6 +124,16 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
             link_model_input(store, run_id, resume_info)
         last_sha: list[str] = []
         history: list[dict] = []
+        score_key = {"best-val": "val_acc", "best-test": "test_acc"}.get(select)
+        best: dict = {"sha": None, "score": None, "epoch": None}
+        if score_key and state is not None:  # a resumed run: the best so far is in the history and the store
+            olds = [a for a in store.artifacts_of(resume_info["train_run"]["id"], role="output", kind="checkpoint")
+                    if a["name"] == "best"] if resume_info.get("train_run") else []
+            done = [h for h in state.get("history", []) if h.get(score_key) is not None]
+            if olds and done:
+                top = max(done, key=lambda h: h[score_key])
+                best.update(sha=olds[-1]["sha256"], score=top[score_key], epoch=top["epoch"])
+                store.link(run_id, best["sha"], "output", "best")
 
         def on_epoch(epoch: int, metrics: dict, st: dict) -> None:
             tensors, scalars = training.state_to_tensors(st)
@@ -102,32 +143,86 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
             sha = store.write_artifact(
                 run_id, "checkpoint", lambda p: checkpoint.save(p, net, meta=meta, train_tensors=tensors),
                 suffix=".safetensors", name="last", meta={"epoch": epoch})
-            for old in last_sha:  # keep one checkpoint per run: the newest good one
-                if old != sha:
+            for old in last_sha:  # keep the newest good checkpoint (and the best one when selecting)
+                if old != sha and old != best["sha"]:
                     drop_artifact(store, run_id, old)
             last_sha[:] = [sha]
+            if score_key and (best["score"] is None or metrics[score_key] > best["score"]):
+                if best["sha"] and best["sha"] != sha:
+                    drop_artifact(store, run_id, best["sha"])
+                best.update(sha=sha, score=metrics[score_key], epoch=epoch)
+                store.link(run_id, sha, "output", "best")
             rows = [{"name": k, "value": float(v), "step": epoch, "dataset": ds.name, "model": model_name,
                      "split": "test" if k == "test_acc" else "train"}
                     for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             store.log_metrics(run_id, rows)
             history.append({"epoch": epoch, **metrics})
-            progress("epoch", epoch, rec["epochs"], metrics)  # epochs are 1-based
+            # the epoch's last step (its test evaluation) ends with its metrics; then the next epoch starts
+            steps = per_epoch[0] + 1
+            shown = {k: v for k, v in metrics.items() if k not in ("epoch", "seconds")}
+            progress(f"epoch {epoch}/{n_epochs}", steps, steps, shown)
+            progress("training", epoch - first, n_epochs - first, {"test_acc": metrics.get("test_acc")})
+            if epoch < n_epochs:
+                progress(f"epoch {epoch + 1}/{n_epochs}", 0, steps, {})
+
+        # Progress: "training" counts epochs (fractions within one, so the ETA is the whole run's); each
+        # "epoch k/N" counts its batches plus one step for the test evaluation.
+        n_epochs, first = int(rec["epochs"]), int((state or {}).get("epoch", 0))
+        per_epoch = [_batches_per_epoch(rec, len(ds.train_y))]
 
         def on_batch(done: int, total: int, info: dict) -> None:
-            progress("batch", done, total, info)
+            per_epoch[0] = total
+            e = int(info.get("epoch", first + 1))
+            extra = {"status": "testing"} if done >= total else {}
+            progress(f"epoch {e}/{n_epochs}", done, total + 1, {"loss": info.get("loss"), **extra})
+            progress("training", e - 1 - first + done / (total + 1), n_epochs - first, {})
 
-        training.fit(net, ds, rec, device=device, seed=seed, state=state, on_epoch=on_epoch, on_batch=on_batch)
+        if first < n_epochs:
+            progress("training", 0, n_epochs - first, {})
+            progress(f"epoch {first + 1}/{n_epochs}", 0, per_epoch[0] + 1, {})
+        training.fit(net, ds, rec, device=device, seed=seed, state=state, on_epoch=on_epoch, on_batch=on_batch,
+                     select=select)
         if not last_sha:
             raise EpcliError("training ran no epoch (epochs must be >= 1, or the checkpoint was already final)")
-        store.db["run_artifacts"].update((run_id, last_sha[0], "output"), {"name": "final"})
-        summary = {"test_acc": history[-1].get("test_acc") if history else None, "epochs": len(history)}
+        final_sha = best["sha"] if score_key else last_sha[0]
+        final_epoch = best["epoch"] if score_key else (history[-1]["epoch"] if history else None)
+        if final_sha == last_sha[0]:
+            store.db["run_artifacts"].update((run_id, final_sha, "output"), {"name": "final"})
+        else:  # the selected epoch is "final"; the newest stays "last" for --resume
+            store.db["run_artifacts"].delete((run_id, best["sha"], "output"))
+            store.link(run_id, final_sha, "output", "final")
+        chosen = next((h for h in history if h["epoch"] == final_epoch), None) if history else None
+        if chosen is None and state is not None:
+            chosen = next((h for h in state.get("history", []) if h.get("epoch") == final_epoch), None)
+        summary = {"test_acc": (chosen or {}).get("test_acc"), "epochs": len(history), "select": select,
+                   "selected_epoch": final_epoch}
+        if score_key == "val_acc":
+            summary["val_acc"] = (chosen or {}).get("val_acc")
         store.update_run(run_id, summary=summary)
-    result = {"run_id": run_id, "model": model_name, "dataset": ds.name, "checkpoint": last_sha[0],
-              "test_acc": summary["test_acc"], "epochs": rec["epochs"], "label": config["label"]}
+    result = {"run_id": run_id, "model": model_name, "dataset": ds.name, "checkpoint": final_sha,
+              "test_acc": summary["test_acc"], "epochs": rec["epochs"], "label": config["label"],
+              "select": select, "selected_epoch": final_epoch, "history": history}
     if distributed:
         result["world_size"] = dist.world_size()
         dist.broadcast_object(result)
     return result
+
+
+def _batches_per_epoch(rec: dict, n: int) -> int:
+    """The batch count fit() will report (used only to size the first progress bar before it starts)."""
+    import math
+    bs = max(1, int(rec.get("batch_size") or 1))
+    return n // bs if rec.get("drop_last") and n >= bs else math.ceil(n / bs)
+
+
+def _numeric_overrides(overrides: dict, model_options: dict) -> dict:
+    """The numeric recipe and model options a user can set, for check_numbers (NaN, <= 0, wrong type)."""
+    ep = overrides.get("ep") if isinstance(overrides.get("ep"), dict) else {}
+    opt = overrides.get("optimizer") if isinstance(overrides.get("optimizer"), dict) else {}
+    out = {k: overrides.get(k) for k in ("epochs", "batch_size", "eval_batch_size")}
+    out.update({"lr": opt.get("lr"), "T1": ep.get("T1"), "T2": ep.get("T2"), "beta": ep.get("beta"),
+                "T": model_options.get("T")})
+    return out
 
 
 def _check_fits(net: torch.nn.Module, ds: Dataset) -> None:

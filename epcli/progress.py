@@ -1,0 +1,145 @@
+"""Progress on stderr for the CLI: the pipelines call `progress(task, done, total, info)`; this turns it into
+a live display on a terminal, or into one plain line per finished stage when stderr is a file or a pipe.
+
+A task is a named stage ("load", "pgd 8/255", "check strength", "epoch 2/3", "save"). It appears on its
+first call (pipelines call with done=0 when a stage starts, so nothing is ever silent) and is finished when
+done reaches total: the display then prints one line with its count, elapsed time and the info of its last
+call (metrics), never cut, and drops its bar. On a terminal the unfinished tasks show a bar with count,
+elapsed time and ETA, refreshed several times a second. CLI side only: the science modules never see this.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
+    TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+
+def format_info(info: dict | None) -> str:
+    """key=value pairs of the scalar entries of `info` (floats to 4 significant digits); keys starting with
+    an underscore and nested values are left out."""
+    parts = []
+    for k, v in (info or {}).items():
+        if k.startswith("_") or isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, float):
+            parts.append(f"{k}={v:.4g}")
+        elif isinstance(v, (int, str)):
+            parts.append(f"{k}={v}")
+    return "  ".join(parts)
+
+
+def format_seconds(s: float) -> str:
+    s = max(0.0, float(s))
+    if s < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def _count(done: float, total: float) -> str:
+    return f"{int(done)}/{int(total)}"
+
+
+class _Info(ProgressColumn):
+    """The task's info, cut with an ellipsis to the width left on the line (live display only)."""
+
+    def render(self, task) -> Text:
+        return Text(task.fields.get("info", ""), no_wrap=True, overflow="ellipsis", style="dim")
+
+
+class StageProgress:
+    """A callable progress sink `(task, done, total, info)`; use as a context manager.
+
+    live: a rich display (stderr is a terminal); otherwise plain lines on `stream` (default sys.stderr).
+    """
+
+    def __init__(self, *, live: bool | None = None, stream: TextIO | None = None, console: Console | None = None):
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self.console = console or Console(file=self.stream, stderr=self.stream is sys.stderr)
+        self._bar: Progress | None = None
+        self._tasks: dict[str, dict[str, Any]] = {}  # name -> {id, start, done, total, info}
+        self._finished: set[str] = set()  # a repeated final call for these is not a new stage
+        self.lines: list[str] = []  # every finished-stage line, in order (also for tests)
+
+    # the callback
+    def __call__(self, task: str, done: float, total: float, info: dict | None = None) -> None:
+        now = time.monotonic()
+        t = self._tasks.get(task)
+        total = max(float(total or 0), 0.0)
+        if task in self._finished:
+            if total and done >= total:
+                return
+            self._finished.discard(task)
+        if t is not None and done < t["done"]:  # the same name again from the start: a new stage
+            self._drop(task)
+            t = None
+        if t is None:
+            t = {"start": now, "done": 0.0, "total": total, "info": "", "id": None}
+            self._tasks[task] = t
+            if self.live:
+                self._ensure_bar()
+                t["id"] = self._bar.add_task(task, total=total or None, info="")
+        t["done"], t["total"] = float(done), total
+        text = format_info(info)
+        if text:
+            t["info"] = text
+        if self.live and t["id"] is not None:
+            self._bar.update(t["id"], completed=done, total=total or None, info=t["info"])
+        if total and done >= total:
+            self._finish(task, now)
+
+    # context manager
+    def __enter__(self) -> "StageProgress":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        now = time.monotonic()
+        for name in list(self._tasks):  # stages cut short: say where they stopped, unless it was at once
+            t = self._tasks[name]        # (a bad argument's one-line error then stands alone)
+            if exc_type is not None and exc_type is not KeyboardInterrupt and now - t["start"] < 2.0:
+                self._drop(name)
+                continue
+            self._emit(f"{name}  stopped at {_count(t['done'], t['total'])} after "
+                       f"{format_seconds(now - t['start'])}" + (f"  {t['info']}" if t["info"] else ""))
+            self._drop(name)
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    # internals
+    def _ensure_bar(self) -> None:
+        if self._bar is None:
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), _Info(),
+                console=self.console, transient=True, refresh_per_second=4, redirect_stdout=False,
+                redirect_stderr=False)
+            self._bar.start()
+
+    def _finish(self, name: str, now: float) -> None:
+        t = self._tasks[name]
+        self._finished.add(name)
+        self._emit(f"{name}  {_count(t['done'], t['total'])}  {format_seconds(now - t['start'])}"
+                   + (f"  {t['info']}" if t["info"] else ""))
+        self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        t = self._tasks.pop(name, None)
+        if t is not None and t["id"] is not None and self._bar is not None:
+            self._bar.remove_task(t["id"])
+
+    def _emit(self, line: str) -> None:
+        self.lines.append(line)
+        if self.live and self._bar is not None:
+            self._bar.console.print(Text(line), soft_wrap=True)  # above the live bars; wraps, never cut
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()

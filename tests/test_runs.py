@@ -1,0 +1,187 @@
+"""Run management: filters and sort, tags and notes, rm with lineage (refuse / cascade) and gc, each leaving a
+store whose every artifact row has its file and every file its row."""
+import json
+import os
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from epcli.cli import app
+from epcli.errors import UsageError
+from epcli.store import Store
+
+runner = CliRunner()
+
+
+def cli(store, *args):
+    return runner.invoke(app, ["--store", str(store.root), *map(str, args)], catch_exceptions=False)
+
+
+def invariant(store: Store) -> None:
+    """Independently of Store.check_invariants: rows <-> files under artifacts/, links -> rows."""
+    rows = {r["sha256"]: r["path"] for r in store.db.query("SELECT sha256, path FROM artifacts")}
+    inside = {p for p in rows.values() if not os.path.isabs(p)}
+    files = {str(f.relative_to(store.root)) for f in (store.root / "artifacts").rglob("*") if f.is_file()}
+    assert inside == files, (inside ^ files)
+    links = {r["sha256"] for r in store.db.query("SELECT sha256 FROM run_artifacts")}
+    assert links <= set(rows)
+    assert store.check_invariants() == []
+
+
+def build(tmp_path):
+    """train T1 -> attack A1 (reads T1's checkpoint) -> report R (reads A1's outcomes); train T2 alone."""
+    s = Store(tmp_path / "s")
+    with s.run("train", {"recipe": {"epochs": 2, "lr": 0.1}}, model="cnn", dataset="mini", seed=0) as t1:
+        ck1 = s.write_artifact(t1, "checkpoint", lambda p: p.write_bytes(b"ck1"), suffix=".safetensors")
+        for e, acc in ((1, 0.40), (2, 0.55)):
+            s.log_metric(t1, "test_acc", acc, step=e)
+        s.update_run(t1, summary={"test_acc": 0.55, "epochs": 2})
+    time.sleep(0.002)
+    with s.run("train", {"recipe": {"epochs": 3, "lr": 0.01}}, model="vit", dataset="mini", seed=1) as t2:
+        s.write_artifact(t2, "checkpoint", lambda p: p.write_bytes(b"ck2"), suffix=".safetensors")
+        s.log_metric(t2, "test_acc", 0.35, step=3)
+        s.update_run(t2, summary={"test_acc": 0.35, "epochs": 3})
+    time.sleep(0.002)
+    with s.run("attack", {"attack": "pgd", "eps": [8 / 255]}, model="cnn", model_run_id=t1) as a1:
+        s.link(a1, ck1, "input", "checkpoint")
+        out = s.write_artifact(a1, "per-example", lambda p: p.write_bytes(b"outcomes"), suffix=".safetensors")
+        s.log_metrics(a1, [{"name": "robust_acc", "value": 0.2, "eps": 2 / 255},
+                           {"name": "robust_acc", "value": 0.05, "eps": 8 / 255}])
+    time.sleep(0.002)
+    with s.run("report", {}) as r:
+        s.link(r, out, "input", "source")
+        s.write_artifact(r, "report", lambda p: p.write_bytes(b"<html>"), suffix=".html")
+    return s, {"t1": t1, "t2": t2, "a1": a1, "r": r, "ck1": ck1, "out": out}
+
+
+def test_filters_sort_and_where(tmp_path):
+    s, ids = build(tmp_path)
+    ids_of = lambda rows: [r["id"] for r in rows]  # noqa: E731
+    assert ids_of(s.find_runs(kind="train", sort="-test_acc")) == [ids["t1"], ids["t2"]]
+    assert ids_of(s.find_runs(kind="train", sort="test_acc")) == [ids["t2"], ids["t1"]]
+    assert ids_of(s.find_runs(where=["test_acc>0.5"])) == [ids["t1"]]
+    assert ids_of(s.find_runs(where=["test_acc>=0.35", "seed=1"])) == [ids["t2"]]
+    assert ids_of(s.find_runs(where=["config.recipe.epochs>2"])) == [ids["t2"]]
+    assert ids_of(s.find_runs(where=["model=vit"])) == [ids["t2"]]
+    # robust_acc is the worst value over eps: 0.05 < 0.1 although the 2/255 value is not
+    assert ids_of(s.find_runs(where=["robust_acc<0.1"])) == [ids["a1"]]
+    assert len(s.find_runs(since="1h")) == 4 and s.find_runs(since="2999-01-01") == []
+    assert len(s.find_runs(since="2000-01-01T00:00")) == 4
+    with pytest.raises(UsageError):
+        s.find_runs(since="yesterday")
+    with pytest.raises(UsageError):
+        s.find_runs(where=["test_acc"])
+    r = cli(s, "runs", "--kind", "train", "--where", "test_acc>0.5", "--json")
+    assert [x["run_id"] for x in json.loads(r.stdout)["runs"]] == [ids["t1"]]
+    r = cli(s, "runs", "--since", "soon")
+    assert r.exit_code == 2 and r.stderr.startswith("error:")
+
+
+def test_tags_and_notes(tmp_path):
+    s, ids = build(tmp_path)
+    assert s.tag_run(ids["t1"], ["paper", "baseline"]) == ["baseline", "paper"]
+    assert s.tag_run(ids["t1"][:12], ["x"], ["paper"]) == ["baseline", "x"]
+    s.note_run(ids["t2"], "lr too low")
+    assert [r["id"] for r in s.find_runs(tag="x")] == [ids["t1"]]
+    assert s.get_run(ids["t2"])["note"] == "lr too low"
+    r = cli(s, "tag", ids["t2"], "keep", "-nothing")
+    assert r.exit_code == 0 and s.get_run(ids["t2"])["tags"] == ["keep"]
+    r = cli(s, "tag", ids["t2"], "-keep")
+    assert s.get_run(ids["t2"])["tags"] == []
+    r = cli(s, "note", ids["t2"])
+    assert r.exit_code == 0 and s.get_run(ids["t2"])["note"] is None
+    r = cli(s, "runs")
+    assert ids["t1"] in r.stdout and "#baseline" in r.stdout
+
+
+def test_rm_refuses_dependents_then_cascades(tmp_path):
+    s, ids = build(tmp_path)
+    invariant(s)
+    before = s.db["runs"].count
+    with pytest.raises(UsageError, match="depend"):
+        s.remove_runs([ids["t1"]])
+    assert s.db["runs"].count == before
+    r = cli(s, "rm", ids["t1"])
+    assert r.exit_code == 2 and "--cascade" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    dry = s.remove_runs([ids["t1"]], cascade=True, dry_run=True)
+    assert set(dry["removed"]) == {ids["t1"], ids["a1"], ids["r"]} and dry["files_removed"] == 3
+    assert s.db["runs"].count == before and s.artifact_path(ids["ck1"]).exists()
+    res = s.remove_runs([ids["t1"]], cascade=True)
+    assert set(res["removed"]) == {ids["t1"], ids["a1"], ids["r"]}
+    assert res["files_removed"] == 3 and res["bytes_freed"] == len(b"ck1") + len(b"outcomes") + len(b"<html>")
+    assert [r["id"] for r in s.runs()] == [ids["t2"]]
+    assert s.db["metrics"].count == 1 and s.db["checks"].count == 0
+    invariant(s)
+    # a leaf run goes without --cascade and takes only its own files
+    with s.run("attack", {}, model="vit", model_run_id=ids["t2"]) as a2:
+        ck2 = s.artifacts_of(ids["t2"], kind="checkpoint")[0]["sha256"]
+        s.link(a2, ck2, "input")
+        s.write_artifact(a2, "per-example", lambda p: p.write_bytes(b"a2"))
+    r = cli(s, "rm", a2, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["removed"] == [a2]
+    assert s.artifact_path(ck2).exists()
+    invariant(s)
+
+
+def test_rm_keeps_a_file_another_run_also_produced(tmp_path):
+    s, ids = build(tmp_path)
+    with s.run("train", {}, model="cnn") as t3:  # byte-identical checkpoint: one artifact, two producers
+        s.write_artifact(t3, "checkpoint", lambda p: p.write_bytes(b"ck2"), suffix=".safetensors")
+    s.remove_runs([ids["t2"]])
+    ck = s.artifacts_of(t3, kind="checkpoint")[0]
+    assert ck["run_id"] == t3 and s.artifact_path(ck["sha256"]).read_bytes() == b"ck2"
+    invariant(s)
+
+
+def test_rm_is_atomic(tmp_path, monkeypatch):
+    s, ids = build(tmp_path)
+    counts = {t: s.db[t].count for t in ("runs", "artifacts", "run_artifacts", "metrics")}
+    real = s.db.execute
+
+    def failing(sql, *a, **k):
+        if sql.startswith("DELETE FROM runs"):
+            raise RuntimeError("disk gone")
+        return real(sql, *a, **k)
+    monkeypatch.setattr(s.db, "execute", failing)
+    with pytest.raises(RuntimeError):
+        s.remove_runs([ids["t1"]], cascade=True)
+    monkeypatch.undo()
+    assert {t: s.db[t].count for t in counts} == counts  # rolled back
+    invariant(s)  # and no file was deleted
+
+
+def test_gc_restores_the_invariant(tmp_path):
+    s, ids = build(tmp_path)
+    # an orphan file, an unlinked row with its file, and a row whose file was deleted by hand
+    orphan = s.artifacts_dir / "zz" / ("f" * 64 + ".bin")
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"orphan")
+    sha = s.write_artifact(ids["t2"], "extra", lambda p: p.write_bytes(b"unlinked"))
+    s.db.execute("DELETE FROM run_artifacts WHERE sha256 = ?", [sha])
+    gone = s.write_artifact(ids["t2"], "extra", lambda p: p.write_bytes(b"gone"))
+    s.artifact_path(gone).unlink()
+    (s.root / "tmp").mkdir(exist_ok=True)
+    (s.root / "tmp" / "half-written").write_bytes(b"x")
+    assert len(s.check_invariants()) == 2  # orphan file, missing file
+    dry = s.gc(dry_run=True)
+    assert dry["files_removed"] == 3 and dry["artifacts_removed"] == 2 and orphan.exists()
+    res = s.gc()
+    assert res == {"artifacts_removed": 2, "files_removed": 3, "bytes_freed": len(b"orphan") + len(b"unlinked") + 1,
+                   "dry_run": False}
+    assert not orphan.exists() and not (s.root / "tmp" / "half-written").exists()
+    invariant(s)
+    assert s.artifact_path(ids["ck1"]).read_bytes() == b"ck1"  # used artifacts untouched
+    assert s.gc()["files_removed"] == 0  # idempotent
+
+
+def test_gc_spares_fresh_files_while_a_run_writes(tmp_path):
+    s, ids = build(tmp_path)
+    with s.run("attack", {}, model="cnn") as rid:
+        fresh = s.artifacts_dir / "ab" / ("a" * 64)
+        fresh.parent.mkdir(parents=True)
+        fresh.write_bytes(b"being written")  # renamed into place, row not inserted yet
+        assert s.gc()["files_removed"] == 0 and fresh.exists()
+        assert s.get_run(rid)["status"] == "running"
+    assert s.gc()["files_removed"] == 1 and not fresh.exists()
+    invariant(s)
