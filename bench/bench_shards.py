@@ -112,6 +112,10 @@ def main(argv=None):
         line = {"bench": "shards", "command": " ".join(command), "device": args.device, "nproc": nproc,
                 "n_images": res.get("n_examples"), "seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
                 "images_per_s": round(res.get("n_examples", args.n) / seconds, 2) if seconds else None,
+                # corrupt: every image is evaluated clean and in every cell
+                **({"cells": len(res.get("cells") or []), "image_evaluations_per_s": round(
+                    res.get("n_examples", args.n) * (1 + len(res.get("cells") or [])) / seconds, 2)}
+                   if args.corrupt and seconds else {}),
                 "speedup_vs_first": round(base_seconds / seconds, 3) if seconds else None,
                 "shards": (run.get("summary") or {}).get("shards"), "identical_to_first": digest == base_digest,
                 "run_id": res["run_id"], "cpu_count": os.cpu_count(),

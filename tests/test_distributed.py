@@ -215,6 +215,8 @@ ATTACKS = {
     "pgd": dict(eps="2/255", params={"steps": 3}),
     "apgd-ce": dict(eps="2/255", params={"steps": 3}),
     "square": dict(eps="4/255", params={"n_queries": 30}),
+    # each member runs on the points of its batch still robust: per example, inside the chunk
+    "autoattack": dict(eps="4/255", params={"steps": 2, "n_target_classes": 2, "n_queries": 20}),
 }
 ATTACK_COMMON = dict(n=30, chunk=9, batch_size=5, seed=5, device="cpu", strength=False, checks=False)
 CORRUPT = dict(names=["gaussian_noise", "glass_blur", "contrast"], severities=[2, 5], n=40, batch_size=16, seed=5,
@@ -238,8 +240,8 @@ if distributed.is_main():
 
 @pytest.mark.slow
 def test_torchrun_attacks_and_corruptions_equal_one_process(tmp_path, eval_store):
-    """PGD, APGD-CE, Square and a corruption sweep (generated and from .npy files) on 2 gloo processes: every
-    per-example outcome equals one process's, and both ranks did part of the work."""
+    """PGD, APGD-CE, Square, AutoAttack and a corruption sweep (generated and from .npy files) on 2 gloo
+    processes: every per-example outcome equals one process's, and both ranks did part of the work."""
     model = eval_store.cnn["run_id"]
     official = tmp_path / "official"
     api.export_corruptions(directory=str(official), names=CORRUPT["names"], dataset=str(eval_store.data),
