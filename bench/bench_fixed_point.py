@@ -87,7 +87,7 @@ def ep_update(m, x, y, beta, tau, update, solver, init, cap):
 
 
 def cos(a, b):
-    return float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), 0))
+    return float(F.cosine_similarity(a.detach().double().flatten(), b.detach().double().flatten(), 0))
 
 
 def layer_cos(ga, gb, m):
@@ -100,6 +100,34 @@ def layer_cos(ga, gb, m):
     return out
 
 
+def compare_rules(m, x, y, cap=3000):
+    """Which fixed point each relaxation rule reaches from zero, against the alternate one (docs/ep.md table)."""
+    def dist(a, b):
+        return torch.stack([((u - v).flatten(1).norm(dim=1) / v.flatten(1).norm(dim=1).clamp_min(1e-8))
+                            for u, v in zip(a, b)]).amax(0)
+    out, fp = {}, {}
+    with torch.no_grad():
+        for name, upd, sol in [("alternate", "alternate", "plain"), ("sync", "sync", "plain"),
+                               ("anderson-sync", "sync", "anderson"), ("anderson-alt", "alternate", "anderson")]:
+            steps = {}
+            for tol in (1e-3, 1e-5):
+                s, k = m.relax(x, cap, tol=tol, update=upd, solver=sol)
+                steps[tol] = k if float(m.last_residual.max()) < tol else None
+            fp[name] = s
+            out[name] = {"steps_1e-3": steps[1e-3], "steps_1e-5": steps[1e-5],
+                         "unconverged": int((m.last_residual > 1e-5).sum()),
+                         "acc": float((m.logits(s).argmax(1) == y).float().mean())}
+        s_T, _ = m.relax(x, m.T)
+        fp[f"T={m.T}"], out[f"T={m.T}"] = s_T, {"residual_max": float(m.last_residual.max()),
+                                               "residual_mean": float(m.last_residual.mean())}
+        ref = fp["alternate"]
+        for name, s in fp.items():
+            d = dist(s, ref)
+            out[name].update(dist_median=float(d.median()), dist_max=float(d.max()),
+                             argmax_agree=float((m.logits(s).argmax(1) == m.logits(ref).argmax(1)).float().mean()))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--net", choices=["small", "paper"], default="small")
@@ -107,11 +135,13 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--cap", type=int, default=1000)
-    ap.add_argument("--taus", default="1e-1,3e-2,1e-2,1e-3,1e-4")
+    ap.add_argument("--taus", default="1e-2,1e-3,1e-4", help="'' : steps to the residuals only, no EP update")
     ap.add_argument("--methods", default=",".join(n for n, *_ in METHODS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-bptt", type=int, default=0, help="also BPTT through this many plain sync steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-rules", action="store_true",
+                    help="only: which fixed point sync / alternate / Anderson reach from zero (cap 3000)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -129,14 +159,17 @@ def main(argv=None):
     print(json.dumps({"what": "run", "argv": sys.argv, "net": m.name, "weights": weights, "batch": a.batch,
                       "threads": a.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                       "date": time.strftime("%Y-%m-%d")}), flush=True)
+    if a.compare_rules:
+        print(json.dumps({"what": "rules", **compare_rules(m, x, y)}), flush=True)
+        return
+    taus = [float(t) for t in a.taus.split(",") if t]
     t0 = time.time()
-    ref = reference_grads(m, x, y, a.cap)
+    ref = reference_grads(m, x, y, a.cap) if taus else None
     print(json.dumps({"what": "reference", "seconds": round(time.time() - t0, 1)}), flush=True)
     if a.check_bptt:
         bp = bptt_grads(m, x, y, a.check_bptt)
         print(json.dumps({"what": "bptt-vs-reference", "T": a.check_bptt,
                           "cos": [round(c, 5) for c in layer_cos(bp, ref, m)]}), flush=True)
-    taus = [float(t) for t in a.taus.split(",")]
     rows = []
     wanted = a.methods.split(",")
     for name, update, solver, warm in METHODS:

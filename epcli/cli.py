@@ -324,31 +324,43 @@ def attack(
     norm: Annotated[str, typer.Option(help="linf or l2.")] = "linf",
     eps: Annotated[str, typer.Option(help="Comma-separated list, fractions allowed: 1/255,2/255,8/255. "
                                      "Presets: paper-linf, paper-l2.")] = "8/255",
-    n: Annotated[Optional[int], typer.Option("--n", help="Attack a seeded random subset of n test images "
-                                             "(default: the whole test split).")] = None,
-    grad_mode: Annotated[str, typer.Option(help="Gradients through a relaxation: bptt (exact), truncated:K, "
-                                           "implicit, ep, or transfer:<model>.")] = "bptt",
+    n: Annotated[Optional[int], typer.Option("--n", help="Attack n test images: a seeded random subset, or the "
+                                             "first n with --select first (default: the whole test split).")] = None,
+    select: Annotated[Optional[str], typer.Option(help="Which n test images: random (seeded, the default) or "
+                                                  "first (the paper's first-N).")] = None,
+    protocol: Annotated[str, typer.Option(help="epcli (defaults below) or paper: Mansingh et al.'s ART PGD exactly "
+                                          "(predicted labels, no clipping, 20 steps of 2.5*eps/20, no random start, "
+                                          "first n images; EP: truncated:70 gradient, T=250).")] = "epcli",
+    grad_mode: Annotated[str, typer.Option(help="Gradients through a relaxation: bptt (exact), truncated:K "
+                                           "(K >= T: all T steps), implicit, ep, or transfer:<model>.")] = "bptt",
     steps: Annotated[Optional[int], typer.Option(help="Attack iterations (PGD/APGD/C&W).")] = None,
     step_size: Annotated[Optional[float], typer.Option(help="PGD step size (default 2.5*eps/steps).")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Random restarts.")] = None,
     random_start: Annotated[Optional[bool], typer.Option(help="PGD random start.")] = None,
     queries: Annotated[Optional[int], typer.Option(help="Square: query budget.")] = None,
-    targeted: Annotated[bool, typer.Option(help="Targeted variant where the attack has one.")] = False,
-    labels: Annotated[str, typer.Option(help="true, or predicted (the paper's ART default).")] = "true",
+    targeted: Annotated[bool, typer.Option(help="Targeted variant (fgsm, pgd, cw, apgd-ce, apgd-dlr, square): a "
+                                           "seeded random target class per image; robust accuracy is still "
+                                           "against the true labels, and the target hit rate is recorded.")] = False,
+    labels: Annotated[str, typer.Option(help="true: attack the clean-correct images away from their label; "
+                                        "predicted: attack every image away from the model's prediction "
+                                        "(ART with y=None, the paper's setting).")] = "true",
+    clip: Annotated[Optional[bool], typer.Option(help="FGSM/PGD: keep adversarial images in [0, 1] (default); "
+                                                 "--no-clip as the paper's ART run (clip_values=None).")] = None,
     T: Annotated[Optional[int], typer.Option("--T", help="Relaxation steps for predictions.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (backs off on OOM).")] = None,
     dataset: DataOpt = None,
     data_dir: DataDirOpt = None,
     unroll_sweep: Annotated[Optional[str], typer.Option(
         help="EP only: also attack with gradients through K-step unrolls, e.g. 10,15,20,25,29,60,70 (the paper's "
-             "obfuscation check); stored per K and checked.")] = None,
+             "obfuscation check); stored per K and checked. A K above --T runs with T = K (said in the notes).")] = None,
     checks: Annotated[bool, typer.Option(help="Run the reliability checks (monotone, large eps, PGD strength, "
                                          "white- vs black-box on stored runs).")] = True,
     strength_check: Annotated[bool, typer.Option(help="PGD: re-run 2x steps and restarts on a subset.")] = True,
     strict: Annotated[bool, typer.Option(help="Exit 7 when a reliability check fails.")] = False,
     chunk: Annotated[Optional[int], typer.Option(
         help="Images per resumable chunk (saved as it finishes; the unit each torchrun process attacks). "
-             "Part of the result: chunk k is seeded from --seed and k.")] = None,
+             "Default: about n/8, at most 1000, whole batches. Part of the result: chunk k is seeded from "
+             "--seed and k.")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -357,7 +369,8 @@ def attack(
     """Attack a trained model on the test set for every eps; checks reliability and stores everything.
 
     Examples: `epcli attack --model vit`, `epcli attack -m ep-cnn --norm l2 --eps paper-l2`,
-    `epcli attack -m ep-cnn -a autoattack --eps 8/255`, `epcli attack -m ep-cnn --grad-mode truncated:70`.
+    `epcli attack -m ep-cnn -a autoattack --eps 8/255`, `epcli attack -m ep-cnn --grad-mode truncated:70`,
+    `epcli attack -m ep-cnn --protocol paper --eps paper-linf --n 10000`.
     """
     from epcli import api
     STATE.quiet = STATE.quiet or quiet
@@ -366,7 +379,7 @@ def attack(
     eps = presets.get(eps, eps)
     params = {k: v for k, v in {"steps": steps, "step_size": step_size, "restarts": restarts,
                                 "random_start": random_start, "n_queries": queries,
-                                "targeted": targeted or None}.items() if v is not None}
+                                "clip": clip}.items() if v is not None}
     from epcli import distributed
     if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
         api.attack(model=model, device=device, store=None)
@@ -376,9 +389,9 @@ def attack(
         res = api.attack(model=model, attack=attack_name, norm=norm, eps=eps, dataset=dataset,
                          data_dir=data_dir, n=n, seed=seed, grad_mode=grad_mode, batch_size=batch_size,
                          labels=labels, params=params, T=T, device=device, store=store, argv=sys.argv,
-                         checks=checks, strength=strength_check, progress=progress,
-                         **({"chunk": chunk} if chunk is not None else {}),
-                         unroll_sweep=_int_list(unroll_sweep, "--unroll-sweep"))
+                         checks=checks, strength=strength_check, progress=progress, targeted=targeted,
+                         protocol=protocol, select=select,
+                         chunk=chunk, unroll_sweep=_int_list(unroll_sweep, "--unroll-sweep"))
     for w in caught:
         _note(f"[yellow]warning:[/] {_escape(str(w.message))}")
     from epcli import schema
@@ -386,7 +399,8 @@ def attack(
     if not STATE.quiet:
         sweep = res.get("unroll_sweep") or {}
         # title and caption as lines of their own: a table's title wraps to the (narrow) table's width
-        err.print(_escape(f"{attack_name} {norm}, {res['model']}, {res['n_examples']} images, grad {grad_mode}, "
+        err.print(_escape(f"{attack_name} {norm}, {res['model']}, {res['n_examples']} images, grad {res['grad_mode']}, "
+                          f"{res['labels']} labels{', protocol paper' if res['protocol'] == 'paper' else ''}, "
                           f"run {res['run_id']}, {out['attack_forward_passes'] or 0:,} attack forward passes"),
                   highlight=False)
         t = Table()
@@ -549,7 +563,8 @@ def demo(
     from epcli import api
     STATE.quiet = STATE.quiet or quiet
     with _store(store) as st, _progress() as progress:
-        res = api.demo(store=st, device=device, progress=progress, note=_note)
+        say = getattr(progress, "note", None) or _note  # notes go through the live display while it runs
+        res = api.demo(store=st, device=device, progress=progress, note=say)
     from epcli import report as R
     if not STATE.quiet:
         err.print(R.leaderboard_table(res["data"]))
@@ -613,14 +628,15 @@ def list_runs(
     if width - fixed < 20 and widths[3] > 10:  # the model column gives way before the result
         fixed -= widths[3] - 10
         widths[3] = 10
-    t = Table(title=f"runs in {STATE.store_path or 'store'} ({len(rows)})", title_justify="left", box=None,
+    t = Table(title=_escape(f"runs in {STATE.store_path or 'store'} ({len(rows)})"), title_justify="left", box=None,
               pad_edge=False, header_style="bold")
     for i, h in enumerate(heads):
         last = i == len(heads) - 1
-        t.add_column(h, no_wrap=True, overflow="ellipsis", justify="right" if sort and i == 5 else "left",
+        t.add_column(_escape(h), no_wrap=True, overflow="ellipsis", justify="right" if sort and i == 5 else "left",
                      width=max(8, width - fixed) if last else widths[i])
     colors = {"finished": "green", "failed": "red", "interrupted": "yellow"}
     for d in data:
+        d = [_escape(str(x)) for x in d]  # models, datasets, errors and tags are user text, never markup
         d[2] = f"[{colors.get(d[2], 'cyan')}]{d[2]}[/]"
         t.add_row(*d)
     Console().print(t)
@@ -691,15 +707,6 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
         if v not in (None, ""):
             info.add_row(k, escape(str(v)))
     c.print(info)
-    if run.get("config"):
-        c.print("[bold]config[/]")
-        cfg = Table.grid(padding=(0, 2))
-        cfg.add_column(no_wrap=True, style="dim")
-        cfg.add_column(overflow="fold")
-        from epcli.report import _flatten
-        for k, v in _flatten(schema.clean_value(run["config"])).items():
-            cfg.add_row("  " + k, escape(json.dumps(v) if not isinstance(v, str) else v))
-        c.print(cfg)
     if doc["metrics"]:
         c.print("[bold]metrics[/]")
         m = Table.grid(padding=(0, 2))
@@ -723,6 +730,15 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
     for ch in doc["checks"]:
         c.print(f"check {ch['check']}: {'[green]passed' if ch['passed'] else '[red]FAILED'}[/] "
                 f"{escape(ch['detail'])}")
+    if run.get("config"):
+        c.print("[bold]config[/]")
+        cfg = Table.grid(padding=(0, 2))
+        cfg.add_column(no_wrap=True, style="dim")
+        cfg.add_column(overflow="fold")
+        from epcli.report import _flatten
+        for k, v in _flatten(schema.clean_value(run["config"])).items():
+            cfg.add_row("  " + k, escape(json.dumps(v) if not isinstance(v, str) else v))
+        c.print(cfg)
     if doc["artifacts"]:
         c.print("[bold]artifacts[/]")
         for a in doc["artifacts"]:

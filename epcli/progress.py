@@ -96,6 +96,16 @@ class StageProgress:
         if total and done >= total:
             self._finish(task, now)
 
+    def note(self, markup: str) -> None:
+        """A message between stages (rich markup), printed above the live bars or as a plain line."""
+        if self.live and self._bar is not None:
+            self._bar.console.print(markup, highlight=False, soft_wrap=True)
+        elif self.live:
+            self.console.print(markup, highlight=False, soft_wrap=True)
+        else:
+            self.stream.write(Text.from_markup(markup).plain + "\n")
+            self.stream.flush()
+
     # context manager
     def __enter__(self) -> "StageProgress":
         return self

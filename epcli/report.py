@@ -322,6 +322,7 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
 # paper's model, however its family.
 PAPER_REGISTRY = {"ep-cnn": "ep-cnn", "cnn": "cnn", "vit": "vit"}
 PAPER_DATASETS = ("cifar10", "cifar100")
+PAPER_EP_CHANNELS = (128, 256, 512, 512)  # the paper's EP-CNN (paper_facts.json "architecture")
 MIN_N = 1000  # below the paper's own n, at least this many examples (binomial std error <= 1.6 points)
 
 # corrupt.py's names (report.py never imports torch); tests pin them to epcli.corruptions
@@ -353,6 +354,11 @@ def model_not_comparable(row: "Row") -> str | None:
         why.append(f"{kind} {row.model}: the paper compares {what}")
     elif overrides:
         why.append(f"model {row.model} with changed architecture ({overrides}): the paper compares {what}")
+    else:
+        spec = row.config.get("spec") if isinstance(row.config.get("spec"), dict) else {}
+        if want == "ep-cnn" and spec.get("channels") and list(spec["channels"]) != list(PAPER_EP_CHANNELS):
+            why.append(f"model ep-cnn with channels {'-'.join(str(c) for c in spec['channels'])}: the paper "
+                       f"compares {what}")
     ds = (row.dataset or "").lower()
     if ds not in PAPER_DATASETS:
         why.append(f"data {row.dataset or '?'}: the paper evaluates on the full "
@@ -613,7 +619,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
             except ValueError:
                 continue
             unroll.append({"run_id": mr, "label": row.label, "attack": m["attack"], "norm": m["norm"] or "linf",
-                           "eps": float(m["eps"]), "K": kk, "value": m["value"] * k})
+                           "eps": float(m["eps"]), "K": kk, "value": m["value"] * k, "n": m["n_examples"]})
     for row in rows.values():
         _corruption_means(row.corruption)
     # keep only (model, attack, norm) groups with at least two unroll lengths
@@ -1303,10 +1309,15 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                 ax.plot(*zip(*sorted((f["T"], f["value"]) for f in facts)), "--", color="gray",
                         label=f"paper ({paper.load_facts()['models'][key]['label']}, CIFAR-10)")
         ax.set_xscale("log")
+        ts = sorted({s["T"] for s in data.steps})
+        ax.set_xticks(ts)
+        ax.set_xticklabels([str(t) for t in ts], fontsize=8)
+        ax.minorticks_off()
         ax.set_ylim(0, 100)
-        ax.set_xlabel("relaxation steps T")
+        ax.set_xlabel("relaxation steps T (log scale)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title("EP convergence: accuracy vs relaxation steps")
+        ax.set_title("EP convergence: test accuracy vs relaxation steps T ("
+                     + ", ".join(sorted({rows[s["run_id"]].dataset or "?" for s in data.steps})) + ")")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         _save(fig, out_dir, "steps", paths)
@@ -1333,8 +1344,9 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
             ax.set_xlabel("attack unroll length K (truncated:K)")
             ax.set_ylabel("robust accuracy (%)")
             ax.set_ylim(0, 100)
-            ax.set_title(f"{names[rid]}: {ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)}",
-                         fontsize=10)
+            ns = sorted({u.get("n") for u in us if u.get("n")})
+            ax.set_title(f"{names[rid]}: {ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on "
+                         f"{rows[rid].dataset}" + (f", n={ns[-1]:,}" if len(ns) == 1 else ""), fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()

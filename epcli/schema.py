@@ -91,7 +91,11 @@ def attack(res: dict) -> dict:
             "unreliable": bool(res["unreliable"]), "reason": res.get("reason") or "",
             "checks": [{"check": c["check"], "passed": bool(c["passed"]), "detail": c.get("detail", "")}
                        for c in res.get("checks") or []],
-            "notes": list(res.get("notes") or []), "seconds": sig(res.get("seconds"), 4)}
+            "notes": list(res.get("notes") or []), "seconds": sig(res.get("seconds"), 4),
+            "protocol": res.get("protocol", "epcli"), "select": res.get("select", "random"),
+            "targeted": bool(res.get("targeted")), "T": res.get("T"),
+            "target_hit": [{**eps_pair(e), "hit": acc((res.get("target_hit") or {}).get(eps_label(e)), n)}
+                           for e in eps_values if res.get("target_hit")]}
 
 
 def corrupt(res: dict) -> dict:
@@ -270,7 +274,9 @@ SCHEMAS: dict[str, dict] = {
         "results": {"type": "array", "items": _obj({**_EPS, "robust_acc": _ACC})},
         "unroll_sweep": {"type": "array", "items": _obj({"grad_mode": _S, **_EPS, "robust_acc": _ACC})},
         "forward_passes": _IN, "attack_forward_passes": _IN, "unreliable": _B, "reason": _S,
-        "checks": {"type": "array", "items": _CHECK}, "notes": {"type": "array", "items": _S}, "seconds": _NN}),
+        "checks": {"type": "array", "items": _CHECK}, "notes": {"type": "array", "items": _S}, "seconds": _NN,
+        "protocol": {"enum": ["epcli", "paper"]}, "select": {"enum": ["random", "first"]}, "targeted": _B,
+        "T": _IN, "target_hit": {"type": "array", "items": _obj({**_EPS, "hit": _ACC})}}),
     "corrupt": _cmd("corrupt", {
         "run_id": _RUN_ID, "model": _S, "model_run_id": _RUN_IDN, "n_examples": _I, "clean_acc": _ACCN,
         "corruption_mean_acc": _ACCN, "corruption_mean_acc_all": _ACCN, "mce_unnormalized": _ACCN,

@@ -172,20 +172,20 @@ LEADERBOARD_SQL = """CREATE VIEW leaderboard AS
       FROM metrics m JOIN runs r ON r.id = m.run_id
       WHERE r.model_run_id IS NOT NULL
       GROUP BY r.model_run_id),
-    clean AS (
-      SELECT run_id, value, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY step DESC, id DESC) AS k
-      FROM metrics WHERE name = 'test_acc'),
-    corr AS (
-      SELECT r.model_run_id AS mid, m.value,
-             ROW_NUMBER() OVER (PARTITION BY r.model_run_id ORDER BY r.started_at DESC, m.id DESC) AS k
-      FROM metrics m JOIN runs r ON r.id = m.run_id WHERE m.name = 'corruption_mean_acc')
+    clean AS (  -- the test accuracy of the last epoch (SQLite: a bare column comes from the MAX row)
+      SELECT run_id, value, MAX(step) AS last_step
+      FROM metrics WHERE name = 'test_acc' GROUP BY run_id),
+    corr AS (  -- the newest corruption run's mean accuracy
+      SELECT r.model_run_id AS mid, m.value, MAX(r.started_at) AS newest
+      FROM metrics m JOIN runs r ON r.id = m.run_id WHERE m.name = 'corruption_mean_acc'
+      GROUP BY r.model_run_id)
     SELECT t.id AS model_run_id, t.model, t.dataset, clean.value AS clean_acc, p.pgd_linf_8_255,
            p.pgd_l2_0_5, p.autoattack_linf_8_255, p.square_linf_8_255, corr.value AS corruption_mean_acc,
            COALESCE(p.unreliable_results, 0) AS unreliable_results
     FROM runs t
     LEFT JOIN per_model p ON p.mid = t.id
-    LEFT JOIN clean ON clean.run_id = t.id AND clean.k = 1
-    LEFT JOIN corr ON corr.mid = t.id AND corr.k = 1
+    LEFT JOIN clean ON clean.run_id = t.id
+    LEFT JOIN corr ON corr.mid = t.id
     WHERE t.kind = 'train' AND t.status = 'finished'"""
 
 # What an epcli store holds: a database with other tables, or a `runs` table without these columns, is
@@ -430,8 +430,8 @@ class Store:
             raise UsageError(f"unknown run kind {kind!r}: use {', '.join(RUN_KINDS)}")
         if status is not None and status not in STATUSES:
             raise UsageError(f"unknown status {status!r}: use {', '.join(STATUSES)}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise UsageError(f"limit must be a positive integer, got {limit!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"--limit must be a whole number >= 0 (0: all), got {limit!r}")
         where, args = [], []
         for col, val in (("kind", kind), ("status", status), ("model", model), ("dataset", dataset),
                          ("model_run_id", model_run_id)):
@@ -598,6 +598,8 @@ class Store:
         summary or metric value (the run's last value of that metric: test_acc, robust_acc (the worst over
         eps), clean_acc...), or a config key (config.recipe.epochs). `sort`: any such NAME, `-NAME` for
         descending; default newest first. Runs without the NAME never match a condition and sort last."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"--limit must be a whole number >= 0 (0: all), got {limit!r}")
         conds = [parse_condition(w) for w in where or []]
         rows = self.runs(kind=kind, status=status, model=model, dataset=dataset)
         if since:

@@ -135,3 +135,54 @@ def test_batches_cover_every_example_once(mini):
     xs, ys, idx = subset(mini.test_x, mini.test_y, 50, seed=1)
     assert len(ys) == 50 and torch.equal(mini.test_y[idx], ys)
     assert torch.equal(subset(mini.test_x, mini.test_y, 50, seed=1)[2], idx)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_batches_are_read_without_running_code(tmp_path, protocol):
+    raw = _write_cifar(tmp_path, "cifar10")
+    folder = tmp_path / "cifar-10-batches-py"
+    for i in range(1, 6):  # the real files are protocol-2 pickles of numpy arrays: still readable
+        pickle.dump(raw[f"train{i}"], open(folder / f"data_batch_{i}", "wb"), protocol=protocol)
+    d = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert np.array_equal(d.train_x[0].numpy(), raw["train1"][b"data"][0].reshape(3, 32, 32))
+    marker = tmp_path / "PWNED"
+    pickle.dump({b"data": _RunsCode(marker), b"labels": [0]}, open(folder / "data_batch_3", "wb"),
+                protocol=protocol)
+    with pytest.raises(DatasetError, match="refusing to load posix.system"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert not marker.exists()
+    pickle.dump({b"data": np.zeros((10, 3072), dtype=object), b"labels": list(range(10))},
+                open(folder / "data_batch_3", "wb"), protocol=protocol)
+    with pytest.raises(DatasetError, match="not a CIFAR python batch|refusing"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    pickle.dump({b"data": raw["train3"][b"data"], b"labels": [0, 1]}, open(folder / "data_batch_3", "wb"))
+    with pytest.raises(DatasetError, match="2 labels for 10 images"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_a_failed_cache_write_is_not_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import os
+
+    import safetensors.torch as st
+    _write_cifar(tmp_path, "cifar10")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / "cifar10-0123456789.tmp4206649"  # left by a killed process (that pid does not run)
+    stale.write_bytes(b"x" * 1000)
+
+    def full_disk(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(st, "save_file", full_disk)
+    d = load_dataset("cifar10", data_dir=tmp_path, cache_dir=cache, download=False)
+    assert d.train_x.shape[0] == 50
+    assert os.listdir(cache) == []  # neither this process's partial file nor the dead one's

@@ -282,18 +282,18 @@ def one_thread():
 @pytest.mark.slow
 def test_torchrun_cli_attack_equals_one_process(tmp_path, eval_store, one_thread):
     """The issue's command: `torchrun --nproc_per_node 2 -m epcli attack -m ep-cnn-small --n 64 --device cpu`
-    gives the per-example results of the same command in one process. Chunks of 16 so that both ranks attack
-    (the default chunk, 1,000, is one chunk here); eps 1/255 so that the outcomes are mixed (at 8/255 nothing
-    survives on this briefly trained model)."""
+    gives the per-example results of the same command in one process: 8 chunks of 8 images (the default
+    chunk), 4 per rank. eps 1/255 so that the outcomes are mixed (at 8/255 nothing survives on this briefly
+    trained model)."""
     from typer.testing import CliRunner
 
     from epcli.cli import app
-    args = ["attack", "-m", "ep-cnn-small", "--n", "64", "--device", "cpu", "--chunk", "16", "--eps", "1/255", "--json"]
+    args = ["attack", "-m", "ep-cnn-small", "--n", "64", "--device", "cpu", "--eps", "1/255", "--json"]
     out = _torchrun(["-m", "epcli", "--quiet", "--store", str(eval_store.root), "--", *args])
     assert out.returncode == 0, out.stderr[-3000:]
     two = json.loads(out.stdout)  # rank 0 alone prints
     shards = eval_store.get_run(two["run_id"])["summary"]["shards"]
-    assert shards["chunks"] == [2, 2] and min(shards["forward_passes"]) > 0
+    assert shards["chunks"] == [4, 4] and min(shards["forward_passes"]) > 0
     r = CliRunner().invoke(app, ["--quiet", "--store", str(eval_store.root), *args], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     one = json.loads(r.stdout)

@@ -240,9 +240,9 @@ def test_train_pipeline_selects_the_best_epoch_and_resumes_from_the_newest(tmp_p
     store = Store(tmp_path / "store")
     seen = {}
 
-    def progress(task, done, total, info):
-        if task == "epoch":
-            seen[done] = dict(info)
+    def progress(task, done, total, info):  # stage "epoch k/N" ends (done == total) with the epoch's metrics
+        if task.startswith("epoch ") and done == total:
+            seen[int(task.split()[1].split("/")[0])] = dict(info)
 
     over = {"epochs": 4, "batch_size": 8, "optimizer": {"lrs": [0.4, 0.2, 0.1]}, "ep": {"T1": 6, "T2": 3}}
     res = api.train(model="ep-cnn-tiny", dataset=folder, store=store, device="cpu", overrides=over,
@@ -280,3 +280,15 @@ def test_train_pipeline_selects_the_best_epoch_and_resumes_from_the_newest(tmp_p
         detail = json.loads(rows[0]["detail"]) if isinstance(rows[0]["detail"], str) else rows[0]["detail"]
         assert detail["T"] == 20 and 0 <= detail["mean"] <= rows[0]["value"]
         assert detail["at_equilibrium"] == (rows[0]["value"] <= EQUILIBRIUM_TOL)
+
+
+@pytest.mark.parametrize("solver", ["plain", "anderson"])
+def test_tolerance_never_stops_before_a_nudge_reaches_every_layer(solver):
+    m = EPCNN.preset("ep-cnn-small", image_size=8, channels=[4, 6, 8], kernels=[3, 3, 3], paddings=[1, 1, 1],
+                     pools="iii", update="sync").double()
+    x, y = data()
+    with torch.no_grad():
+        s0, _ = m.relax(x, 400, tol=1e-12)
+        s, n = m.relax(x, 50, beta=0.5, y=y, states=s0, tol=10.0, solver=solver)  # any residual passes tol
+    assert n == m.depth == 3
+    assert float((s[0] - s0[0]).abs().max()) > 0  # the nudge reached the first layer

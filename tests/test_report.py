@@ -415,8 +415,11 @@ def test_comparability_rule(tmp_path):
     small, ck2 = _train(store, "ep-cnn-small", {"label": "EP small", "recipe": "demo-ep"}, [0.45], dataset="cifar10")
     _attack(store, small, ck2, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.05}, grad_mode="truncated:70", n=10000,
             dataset="cifar10")
+    narrow, ck4 = _train(store, "ep-cnn", {"label": "EP narrow", "spec": {"name": "ep-cnn", "channels": [64, 128]}},
+                         [0.8], dataset="cifar10")
     data = report.collect(store)
     comp = {(c.run_id, c.what): c for c in data.comparisons}
+    assert "channels 64-128" in comp[(narrow, "clean")].not_compared
     ok = comp[(ep, "PGD L∞ 8/255")]
     assert ok.not_compared is None and ok.paper == 11.96 and ok.diff == pytest.approx(10.0 - 11.96)
     assert comp[(ep, "clean")].paper == 88.11 and comp[(ep, "clean")].diff == pytest.approx(87.0 - 88.11)

@@ -167,3 +167,137 @@ def test_sqlite_utils_reads_the_store_without_epcli(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     import json
     assert json.loads(out) == [{"model": "cnn", "clean_acc": 0.8, "pgd_linf_8_255": 0.1}]
+
+
+def test_foreign_sqlite_with_a_runs_table_is_not_touched(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    con = sqlite3.connect(root / "epcli.db")
+    con.execute("CREATE TABLE runs (id TEXT, km REAL)")
+    con.execute("INSERT INTO runs VALUES ('monday', 5.2)")
+    con.commit()
+    con.close()
+    before = (root / "epcli.db").read_bytes()
+    with pytest.raises(StoreError, match="not an epcli store"):
+        Store(root)
+    assert (root / "epcli.db").read_bytes() == before
+    assert [p.name for p in root.iterdir()] == ["epcli.db"]  # no -wal, -shm or .lock either
+
+
+def test_reading_never_creates_and_read_only_stores_read(tmp_path):
+    with pytest.raises(StoreError, match="no epcli store"):
+        Store(tmp_path / "typo", create=False)
+    assert not (tmp_path / "typo").exists()
+    s = Store(tmp_path / "s")
+    with s.run("train", {"lr": 0.1}, model="cnn") as rid:
+        s.log_metric(rid, "test_acc", 0.5, step=1)
+    s.close()
+    ro = Store(tmp_path / "s", create=False, readonly=True)
+    assert ro.readonly and ro.get_run(rid)["status"] == "finished"
+    assert [r["clean_acc"] for r in ro.db.query("select * from leaderboard")] == [0.5]
+    with pytest.raises(StoreError, match="read-only"):
+        ro.start_run("attack", {})
+    ro.close()
+
+
+def test_prefix_lookup_is_literal(tmp_path):
+    s = Store(tmp_path / "s")
+    rid = s.start_run("train", {})
+    for pattern in ("%", "_", rid[:3] + "%", "_" * len(rid)):
+        with pytest.raises(NotFoundError):
+            s.get_run(pattern)
+    assert s.get_run(rid[:6])["id"] == rid
+    with pytest.raises(NotFoundError):
+        s.artifact("%")
+
+
+def test_json_columns_never_hold_nan(tmp_path):
+    s = Store(tmp_path / "s")
+    rid = s.start_run("attack", {"step_size": float("nan"), "eps": [float("inf"), 0.5]})
+    s.finish_run(rid, summary={"acc": float("nan"), "ok": 1.0})
+    s.log_metrics(rid, [{"name": "robust_acc", "value": 0.1, "detail": {"x": float("-inf")}}])
+    conn = sqlite3.connect(s.path)
+    got = conn.execute("SELECT json_extract(config, '$.eps[1]'), json_extract(summary, '$.ok'), "
+                       "json_valid(config), json_valid(summary) FROM runs").fetchone()
+    assert got == (0.5, 1.0, 1, 1)
+    assert conn.execute("SELECT json_extract(detail, '$.x') IS NULL, json_valid(detail) FROM metrics").fetchone() \
+        == (1, 1)
+    assert s.get_run(rid)["config"] == {"step_size": None, "eps": [None, 0.5]}
+
+
+def test_leaderboard_matches_a_direct_computation(tmp_path):
+    """The grouped view against the definition computed in Python from the raw rows."""
+    import random
+    rng = random.Random(1)
+    s = Store(tmp_path / "s")
+    trains = []
+    for i in range(6):
+        t = s.start_run("train", {"i": i}, model=f"m{i}")
+        s.log_metrics(t, [{"name": "test_acc", "value": rng.random(), "step": e} for e in (1, 3, 2)])
+        s.finish_run(t, "finished" if i != 5 else "failed")
+        trains.append(t)
+        for _ in range(rng.randint(0, 3)):
+            a = s.start_run("attack", {}, model_run_id=t)
+            s.log_metrics(a, [{"name": "robust_acc", "value": rng.random(), "attack": rng.choice(["pgd", "square"]),
+                               "norm": rng.choice(["linf", "l2"]), "eps": rng.choice([8 / 255, 0.5, 0.1]),
+                               "unreliable": rng.random() < 0.3} for _ in range(4)])
+            s.finish_run(a)
+        for _ in range(rng.randint(0, 2)):
+            c = s.start_run("corrupt", {}, model_run_id=t)
+            s.log_metric(c, "corruption_mean_acc", rng.random())
+            s.finish_run(c)
+            time.sleep(0.002)
+    rows = {r["model_run_id"]: r for r in s.db.query("select * from leaderboard")}
+    assert set(rows) == set(trains[:5])
+    metrics = list(s.db.query("select m.*, r.model_run_id, r.started_at from metrics m join runs r on r.id = m.run_id"))
+    for t in trains[:5]:
+        mine = [m for m in metrics if m["model_run_id"] == t]
+        clean = max((m for m in mine if m["name"] == "test_acc"), key=lambda m: m["step"])["value"]
+
+        def worst(attack, norm, eps, tol):
+            vals = [m["value"] for m in mine if m["name"] == "robust_acc" and m["attack"] == attack and
+                    m["norm"] == norm and abs(m["eps"] - eps) < tol]
+            return min(vals) if vals else None
+        corr = [m for m in mine if m["name"] == "corruption_mean_acc"]
+        want = {"clean_acc": clean, "pgd_linf_8_255": worst("pgd", "linf", 8 / 255, 1e-4),
+                "pgd_l2_0_5": worst("pgd", "l2", 0.5, 1e-3), "square_linf_8_255": worst("square", "linf", 8 / 255, 1e-4),
+                "autoattack_linf_8_255": None,
+                "corruption_mean_acc": max(corr, key=lambda m: m["started_at"])["value"] if corr else None,
+                "unreliable_results": sum(1 for m in mine if m["unreliable"] == 1)}
+        assert {k: rows[t][k] for k in want} == want
+
+
+def test_store_from_the_first_schema_is_migrated(tmp_path):
+    import sqlite_utils
+
+    from epcli.store import migrations
+    root = tmp_path / "s"
+    root.mkdir()
+    db = sqlite_utils.Database(root / "epcli.db")
+    migrations.apply(db, stop_before="m002_linear_leaderboard")
+    db["schema_version"].insert({"version": 1, "applied_at": "then"})
+    db.conn.close()
+    s = Store(root)
+    assert "m002_linear_leaderboard" in [m.name for m in migrations.applied(s.db)]
+    assert "GROUP BY" in s.db.execute("select sql from sqlite_master where name = 'leaderboard'").fetchone()[0]
+
+
+def test_a_kill_between_rename_and_row_leaves_no_orphan(tmp_path):
+    """What a process killed right after renaming an artifact into place leaves behind, cleaned up when the
+    store next opens (the run is dead, so nobody can still add the row)."""
+    s = Store(tmp_path / "s")
+    rid = s.start_run("train", {})
+    s.db["runs"].update(rid, {"pid": 2 ** 22 + 12345})  # a pid that does not run
+    sha = "ab" * 32
+    (s.artifacts_dir / "ab").mkdir(parents=True)
+    orphan = s.artifacts_dir / "ab" / f"{sha}.safetensors"
+    orphan.write_bytes(b"weights")
+    (s.root / "tmp").mkdir(exist_ok=True)
+    (s.root / "tmp" / f"{rid}-0001.intent").write_text(sha)
+    (s.root / "tmp" / f"{rid}-0002.safetensors").write_bytes(b"half")
+    kept = s.write_artifact(s.start_run("train", {}), "checkpoint", lambda p: p.write_bytes(b"kept"))
+    s.close()
+    s = Store(tmp_path / "s")
+    assert s.get_run(rid)["status"] == "interrupted"
+    assert not orphan.exists() and not list((s.root / "tmp").iterdir())
+    assert s.artifact_path(kept).read_bytes() == b"kept"

@@ -37,13 +37,14 @@ def check_eps(eps) -> float:
     return value
 
 
-def check_inputs(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate shapes; return the images detached and clipped to [0, 1] and the labels on their device."""
+def check_inputs(x: torch.Tensor, y: torch.Tensor, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes; return the images detached (clipped to [0, 1] unless clip=False) and the labels on
+    their device."""
     if x.dim() != 4:
         raise UsageError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise UsageError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    x = x.detach().clamp(0.0, 1.0)
+    x = x.detach().clamp(0.0, 1.0) if clip else x.detach()
     return x, y.to(x.device)
 
 
@@ -73,8 +74,9 @@ def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tensor:
-    """Project onto the eps-ball around x (per example) and then clip to [0, 1].
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str, clip: bool = True) -> torch.Tensor:
+    """Project onto the eps-ball around x (per example) and then clip to [0, 1] (unless clip=False: the
+    paper's ART setting, clip_values=None).
 
     Clipping after the projection never leaves the ball: x is in [0, 1], so clipping only moves each
     pixel toward x. eps may be a float or a (B,) tensor.
@@ -89,7 +91,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tenso
         n = flat_norm(delta, "l2")
         factor = torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
         delta = delta * _view(factor, x)
-    return (x + delta).clamp(0.0, 1.0)
+    return (x + delta).clamp(0.0, 1.0) if clip else x + delta
 
 
 def normalize_grad(g: torch.Tensor, norm: str) -> torch.Tensor:

@@ -2,8 +2,8 @@
 diverse parameter-free attacks", https://arxiv.org/abs/2003.01690): APGD-CE, APGD-DLR and APGD-T.
 
 A PGD with momentum (0.75) whose step size starts at 2*eps and is halved at checkpoints (22% of the
-budget, then spacing shrinking by 3% down to 6%) when the loss rose in fewer than rho = 75% of the steps
-of the last interval, or when neither the step size nor the best loss changed since the previous
+budget, then spacing shrinking by 3% down to 6%, in whole iterations) when the loss rose in at most rho = 75%
+of the steps of the last interval, or when neither the step size nor the best loss changed since the previous
 checkpoint; on a halving the iterate goes back to the best point found. Written from the paper.
 """
 
@@ -21,11 +21,20 @@ from epcli.errors import UsageError
 
 
 def checkpoints(steps: int) -> list[int]:
-    """Iterations at which APGD decides whether to halve its step size (22%, 41%, 57%, ... of steps)."""
-    p = [0.0, 0.22]
-    while p[-1] < 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * steps) for q in p[1:] if 0 < math.ceil(q * steps) <= steps})
+    """Iterations (1-based) after which APGD decides whether to halve its step size.
+
+    As in the reference code: the first interval is int(0.22 N) iterations, each next one int(0.03 N) shorter,
+    never below int(0.06 N) (each at least 1); integer arithmetic, so N=100 gives 22, 41, 57, 70, 80, 87, 93,
+    99 and N=20 gives 4, 7, 9, 10, 11, ... (the paper's 0.22, 0.41, ... fractions rounded up differ).
+    """
+    steps = int(steps)
+    k, shrink, least = max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    out, at = [], k
+    while at <= steps:
+        out.append(at)
+        k = max(k - shrink, least)
+        at += k
+    return out
 
 
 def _view(t, like):
@@ -33,10 +42,15 @@ def _view(t, like):
 
 
 def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0.75, momentum=0.75,
-             start=True):
+             start=True, x_init=None, info=None):
     """One APGD run maximising objective(logits) (per example) in the eps-ball around x.
 
     Returns x_adv: per example the first point where success(logits) held, otherwise the best-loss point.
+    x_init: the starting point (default: a random point of the ball, or x when start=False). info: a dict
+    that receives the best-loss points and losses (x_best, loss_best) and the step sizes.
+    A step size is halved at a checkpoint when the loss rose in at most rho * (interval) of the interval's
+    steps, or when it was not halved at the previous checkpoint and the best loss did not improve since; as
+    in the reference, the first interval's first step is compared with a zero loss history.
     """
     b = x.shape[0]
     ckpts = set(checkpoints(steps))
@@ -50,17 +64,20 @@ def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0
             (g,) = torch.autograd.grad(loss.sum(), z)
         return loss.detach(), g.detach(), logits.detach()
 
-    x_adv = random_start(x, eps, norm, generator) if start else x.clone()
+    if x_init is not None:
+        x_adv = x_init.detach().clone()
+    else:
+        x_adv = random_start(x, eps, norm, generator) if start else x.clone()
     loss, grad, logits = loss_grad(x_adv)
     fooled = success(logits)
     x_best_adv = x_adv.clone()
     x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
     step = torch.full((b,), 2.0 * eps, device=x.device, dtype=x.dtype)
     x_prev = x_adv.clone()
-    loss_prev = loss.clone()
+    loss_prev = torch.zeros_like(loss)  # the reference's zero-initialised loss history
     n_increase = torch.zeros(b, device=x.device)
     best_at_ckpt = loss_best.clone()
-    reduced_at_ckpt = torch.zeros(b, dtype=torch.bool, device=x.device)
+    reduced_at_ckpt = torch.ones(b, dtype=torch.bool, device=x.device)
     for k in range(steps):
         with torch.no_grad():
             a = momentum if k > 0 else 1.0
@@ -78,14 +95,16 @@ def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0
         x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
         if k + 1 in ckpts:
             h = k + 1 - last_ckpt
-            reduce = (n_increase < rho * h) | (~reduced_at_ckpt & (best_at_ckpt >= loss_best))
+            reduce = (n_increase <= rho * h) | (~reduced_at_ckpt & (best_at_ckpt >= loss_best))
             reduced_at_ckpt = reduce
             best_at_ckpt = loss_best.clone()
             step[reduce] /= 2
+            # back to the best point; the momentum term keeps the previous iterate, as in the reference
             x_adv[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
-            x_prev[reduce] = x_adv[reduce]
             n_increase.zero_()
             last_ckpt = k + 1
+    if info is not None:
+        info.update(x_best=x_best, loss_best=loss_best, step=step)
     return torch.where(_view(fooled, x), x_best_adv, x_best), fooled
 
 

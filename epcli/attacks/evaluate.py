@@ -109,18 +109,27 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+SELF_TARGETED = ("apgd-t", "fab-t", "autoattack")  # pick their own target classes
+MIN_NORM = ("cw",)  # minimum-norm attacks: one run per example serves every eps
+
+
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, norm: str,
              eps_list, batch_size: int | None = 256, device="cpu", seed: int = 0, params: dict | None = None,
              grad_mode: str = "bptt", surrogate: torch.nn.Module | None = None, labels: str = "true",
-             keep_adv: int = 16, on_batch: Callable[[int, int, dict], None] | None = None,
+             targeted: bool = False, keep_adv: int = 16,
+             on_batch: Callable[[int, int, dict], None] | None = None,
              on_step: Callable[[dict], None] | None = None) -> dict:
     """Attack `model` on (x, y) at each eps; see docs/attacks.md for the returned dict.
 
-    x: uint8 (converted /255) or float images, clipped to [0, 1]. labels="predicted" attacks the model's
-    clean predictions (the paper's ART setting); robustness is always scored against the true labels.
+    x: uint8 (converted /255) or float images, clipped to [0, 1] (not clipped when params has clip=False).
+    labels="true": only clean-correct examples are attacked, away from their true label (the others are not
+    robust by definition; their x_adv is x). labels="predicted" (the paper's ART protocol, y=None): EVERY
+    example is attacked, away from the model's clean prediction, and robust means predicting the true label
+    on the adversarial image (a misclassified image that an attack pushes onto its true class counts).
+    targeted=True: each example gets a seeded random target class other than its label (true or predicted);
+    robustness is still scored against the true labels and `target_hit` says where the target was reached.
     grad_mode: how gradients are taken ("bptt", "truncated:K", "implicit", "ep" on EP models) or
     "transfer[:<name>]" with `surrogate`: the attack runs on the surrogate and is scored on `model`.
-    Only clean-correct examples are attacked (the others are not robust by definition; their x_adv is x).
     batch_size=None starts at 256; on CUDA out-of-memory the batch is halved and retried.
     on_step(info), for progress inside a batch: called when the attack at one eps starts on a batch, every
     ~0.5 s while it runs and when it ends, with eps, lo, hi (the batch), fraction (forward passes so far over
@@ -129,6 +138,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     from epcli.attacks import get_attack
     fn = get_attack(attack)
     attack = str(attack).strip().lower().replace("_", "-")
+    if targeted and attack in SELF_TARGETED:
+        raise UsageError(f"{attack} picks its own target classes; --targeted applies to "
+                         "fgsm, pgd, cw, apgd-ce, apgd-dlr and square")
     norm = check_norm(norm)
     if attack == "cw" and norm != "l2":
         raise UsageError("cw is an L2 attack: use norm='l2'")
@@ -152,12 +164,27 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     y = y.long().cpu()
     model = model.to(device)
     attacker = surrogate.to(device) if transfer else model
+    clip = bool(resolved.get("clip", True))
+    target_shift = None
+    if targeted and n:
+        from epcli.attacks._common import num_classes_of
+        c = num_classes_of(model, x[:1].to(device).float())
+        if c < 2:
+            raise UsageError("a targeted attack needs at least 2 classes")
+        # target = (label + shift) mod C with shift in 1..C-1: a seeded class other than the label
+        target_shift = torch.randint(1, c, (n,), generator=torch.Generator().manual_seed(int(seed) + 15_485_863))
     bs = int(batch_size or 256)
     clean_pred = torch.empty(n, dtype=torch.long)
+    attack_labels = torch.empty(n, dtype=torch.long)
     pred_adv = {e: torch.empty(n, dtype=torch.long) for e in eps_list}
     x_keep = {e: [] for e in eps_list}
     gens = {e: torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i, e in enumerate(eps_list)}
     counter = _Counter(model, attacker)
+
+    def scored(pred, clean, truth):
+        """Robust: the true label on the adversarial image (true-label protocol: and on the clean one)."""
+        return (pred == truth) if labels == "predicted" else (pred == truth) & (clean == truth)
+
     attack_passes = 0
     budget = forward_budget(attack, resolved)
     step = {"eps": None, "lo": 0, "hi": 0, "base": 0, "todo": 0, "last": 0.0}
@@ -183,40 +210,52 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     def to_float(xb):
         xb = xb.to(device)
         xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
-        return xb.clamp_(0, 1)
+        return xb.clamp_(0, 1) if clip else xb
 
     def run_batch(lo, hi):
         nonlocal attack_passes
         xb, yb = to_float(x[lo:hi]), y[lo:hi].to(device)
         with eval_mode(model), torch.no_grad():
             cp = model(xb).argmax(1)
-        target = cp if labels == "predicted" else yb
-        todo = (cp == yb).nonzero().squeeze(1)
+        ref = cp if labels == "predicted" else yb  # the label the attack moves away from
+        if target_shift is not None:
+            ref = (ref + target_shift[lo:hi].to(device)) % c  # ... or, targeted, the label it moves to
+        todo = torch.arange(len(yb), device=device) if labels == "predicted" else (cp == yb).nonzero().squeeze(1)
+        mode = "bptt" if transfer else grad_mode
+        found = None
+        if attack in MIN_NORM and todo.numel():  # one run, read at every eps
+            from epcli.attacks.cw import cw_min_norm
+            before = counter.n
+            with _gradient_mode(attacker, mode):
+                found = cw_min_norm(attacker, xb[todo], ref[todo], targeted=bool(targeted), **resolved)
+            attack_passes += counter.n - before
         outs = {}
         for e in eps_list:
             xa = xb.clone()
             step.update(eps=e, lo=lo, hi=hi, base=counter.n, todo=int(todo.numel()), last=0.0)
             beat()
-            if todo.numel():
+            if todo.numel() and found is not None:
+                from epcli.attacks.cw import cw_at_eps
+                xa[todo] = cw_at_eps(xb[todo], found, e)
+            elif todo.numel():
                 before = counter.n
-                mode = "bptt" if transfer else grad_mode
                 with _gradient_mode(attacker, mode):
-                    xa[todo] = fn(attacker, xb[todo], target[todo], eps=e, norm=norm, targeted=False,
+                    xa[todo] = fn(attacker, xb[todo], ref[todo], eps=e, norm=norm, targeted=bool(targeted),
                                   generator=gens[e], **resolved).detach()
                 attack_passes += counter.n - before
             with eval_mode(model), torch.no_grad():
                 pa = model(xa).argmax(1)
             outs[e] = (pa.cpu(), xa)
-            beat(final_robust=int(((pa == yb) & (cp == yb)).sum()))
+            beat(final_robust=int(scored(pa, cp, yb).sum()))
             step["eps"] = None
-        return cp.cpu(), outs
+        return cp.cpu(), ref.cpu(), outs
 
     try:
         lo = 0
         while lo < n:
             hi = min(lo + bs, n)
             try:
-                cp, outs = run_batch(lo, hi)
+                cp, ref, outs = run_batch(lo, hi)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
                 if not _is_oom(err) or bs == 1:
                     raise
@@ -225,6 +264,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
                 bs = max(1, bs // 2)
                 continue
             clean_pred[lo:hi] = cp
+            attack_labels[lo:hi] = ref
             for e, (pa, xa) in outs.items():
                 pred_adv[e][lo:hi] = pa
                 room = keep_adv - sum(len(t) for t in x_keep[e])
@@ -233,20 +273,27 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
             lo = hi
             if on_batch is not None:
                 on_batch(lo, n, {"batch_size": bs, "clean_correct": int((clean_pred[:lo] == y[:lo]).sum()),
-                                 "robust": {e: int(((pred_adv[e][:lo] == y[:lo]) & (clean_pred[:lo] == y[:lo]))
-                                                   .sum()) for e in eps_list}})
+                                 "robust": {e: int(scored(pred_adv[e][:lo], clean_pred[:lo], y[:lo]).sum())
+                                            for e in eps_list}})
     finally:
         counter.close()
     seconds = time.perf_counter() - t0
     clean_correct = clean_pred == y
-    robust = {e: clean_correct & (pred_adv[e] == y) for e in eps_list}
-    return {
+    robust = {e: scored(pred_adv[e], clean_pred, y) for e in eps_list}
+    extra = {}
+    if targeted:
+        attacked = torch.ones_like(clean_correct) if labels == "predicted" else clean_correct
+        extra = {"targets": attack_labels.clone(), "target_hit": {e: (pred_adv[e] == attack_labels) & attacked
+                                                         for e in eps_list}}
+    return {**extra,
         "attack": attack,
         "norm": norm,
         "eps_list": eps_list,
         "params": resolved,
         "grad_mode": grad_mode,
         "labels": labels,
+        "attack_labels": attack_labels,
+        "targeted": bool(targeted),
         "seed": int(seed),
         "n": n,
         "y": y,

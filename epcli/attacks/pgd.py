@@ -21,7 +21,7 @@ def _fooled(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tens
     return pred == y if targeted else pred != y
 
 
-def _pgd_run(model, x, y, eps, norm, steps, step_size, start, targeted, loss, generator):
+def _pgd_run(model, x, y, eps, norm, steps, step_size, start, targeted, loss, generator, clip=True):
     x_adv = _random_start(x, eps, norm, generator) if start else x.clone()
     sign = -1.0 if targeted else 1.0
     for _ in range(steps):
@@ -29,14 +29,15 @@ def _pgd_run(model, x, y, eps, norm, steps, step_size, start, targeted, loss, ge
         with torch.enable_grad():
             objective = sign * per_example_loss(loss, model(x_adv), y).sum()
             (grad,) = torch.autograd.grad(objective, x_adv)
-        x_adv = project(x_adv.detach() + step_size * normalize_grad(grad, norm), x, eps, norm)
+        x_adv = project(x_adv.detach() + step_size * normalize_grad(grad, norm), x, eps, norm, clip)
     return x_adv.detach()
 
 
 def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
         steps: int = 20, step_size: float | None = None, random_start: bool = False, restarts: int = 1,
-        targeted: bool = False, loss: str = "ce", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Projected gradient descent inside the L-inf or L2 eps-ball, clipped to [0, 1].
+        targeted: bool = False, loss: str = "ce", clip: bool = True,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Projected gradient descent inside the L-inf or L2 eps-ball, clipped to [0, 1] (unless clip=False).
 
     Args:
         model: nn.Module mapping (B, C, H, W) images in [0, 1] to logits; put in eval mode during the
@@ -48,6 +49,8 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         restarts: extra runs are made only for examples not yet fooled; per example the first fooling
             run wins, otherwise the run with the highest loss.
         loss: "ce" (cross-entropy), "dlr" (difference of logits ratio) or "margin" (C&W margin).
+        clip: False leaves x and x_adv unclipped (the paper's ART run, clip_values=None): x_adv is then only
+            inside the eps-ball, not necessarily in [0, 1].
         generator: torch.Generator for the random start (same seed, same result).
 
     Returns:
@@ -55,7 +58,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     """
     norm = check_norm(norm)
     eps = check_eps(eps)
-    x, y = check_inputs(x, y)
+    x, y = check_inputs(x, y, clip=bool(clip))
     steps, restarts = int(steps), int(restarts)
     if steps < 1 or restarts < 1:
         raise UsageError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
@@ -63,7 +66,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     if eps == 0:
         return x.clone()
     with eval_mode(model):
-        best = _pgd_run(model, x, y, eps, norm, steps, step_size, random_start, targeted, loss, generator)
+        best = _pgd_run(model, x, y, eps, norm, steps, step_size, random_start, targeted, loss, generator, clip)
         if restarts == 1:
             return best
         sign = -1.0 if targeted else 1.0
@@ -76,7 +79,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
             if todo.numel() == 0:
                 break
             cand = _pgd_run(model, x[todo], y[todo], eps, norm, steps, step_size, random_start,
-                            targeted, loss, generator)
+                            targeted, loss, generator, clip)
             with torch.no_grad():
                 logits = model(cand)
             c_fooled = _fooled(logits, y[todo], targeted)
@@ -90,11 +93,12 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
 
 
 def fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
-         targeted: bool = False, loss: str = "ce", generator: torch.Generator | None = None) -> torch.Tensor:
+         targeted: bool = False, loss: str = "ce", clip: bool = True,
+         generator: torch.Generator | None = None) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015, https://arxiv.org/abs/1412.6572).
 
     One step of size eps: sign(grad) for L-inf; for L2 the normalised gradient (FGM). Deterministic;
     `generator` is accepted for the common signature and unused.
     """
     return pgd(model, x, y, eps=eps, norm=norm, steps=1, step_size=check_eps(eps), random_start=False,
-               restarts=1, targeted=targeted, loss=loss, generator=generator)
+               restarts=1, targeted=targeted, loss=loss, clip=clip, generator=generator)

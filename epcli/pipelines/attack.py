@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from epcli.attacks.checks import mcnemar_p  # re-exported: the API and compare use it from here
 from epcli.data import Dataset, subset
 from epcli.errors import NotFoundError, UsageError
 from epcli.pipelines.common import (
@@ -29,18 +31,50 @@ from epcli.pipelines.common import relax_residual_rows
 from epcli.store import Store, describe_device
 
 
+# Mansingh et al.'s ART PGD (docs/attacks.md "paper protocol"): y=None (the model's predictions), clip_values=None,
+# eps_step 2.5*eps/20, max_iter 20, num_random_init 0, the first test images; EP gradients by BPTT through a
+# 70-step unroll while predictions relax 250 steps.
+PAPER_PROTOCOL = {"attack": "pgd", "labels": "predicted", "select": "first",
+                  "params": {"steps": 20, "step_size": None, "random_start": False, "restarts": 1, "clip": False,
+                             "loss": "ce"},
+                  "ep_grad_mode": "truncated:70", "ep_T": 250}
+PROTOCOLS = ("epcli", "paper")
+
+
+def _apply_protocol(protocol, attack, labels, select, params, grad_mode, targeted):
+    """The paper protocol's settings; an explicit choice that contradicts it is a UsageError."""
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {protocol!r}: use 'epcli' or 'paper'")
+    if protocol == "epcli":
+        return attack, labels, select, params
+    p = PAPER_PROTOCOL
+    clash = [f"--attack {attack}" if attack != p["attack"] else "",
+             "--select random" if select == "random" else "", "--targeted" if targeted else "",
+             *[f"{k}={v!r}" for k, v in (params or {}).items() if k in p["params"] and v != p["params"][k]],
+             f"--grad-mode {grad_mode}" if grad_mode.startswith("transfer") else ""]
+    clash = [c for c in clash if c]
+    if clash:
+        raise UsageError(f"--protocol paper fixes these settings; drop {', '.join(clash)}")
+    return p["attack"], p["labels"], p["select"], {**(params or {}), **p["params"]}
+
+
 def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[float] | str = "8/255",
            dataset: str | None = None, data_dir: str | None = None, n: int | None = None, seed: int = 0,
            grad_mode: str = "bptt", batch_size: int | None = None, labels: str = "true",
            params: dict | None = None, T: int | None = None, device: str | None = None, store: Store,
            argv: list[str] | None = None, checks: bool = True, strength: bool = True,
-           unroll_sweep: list[int] | None = None, chunk: int = 1000, progress: Progress = no_progress) -> dict:
+           unroll_sweep: list[int] | None = None, chunk: int | None = None, progress: Progress = no_progress,
+           targeted: bool = False, protocol: str = "epcli", select: str | None = None) -> dict:
     """Attack a stored model on the test split for every eps; record accuracy, outcomes and examples.
 
-    The set is attacked in chunks of `chunk` examples whose outcomes are kept under store/partial/ until the
-    run finishes, so re-running an interrupted attack with the same arguments resumes where it stopped.
+    The set is attacked in chunks of `chunk` examples (default: `attack_chunk(n, batch_size)`) whose outcomes
+    are kept under store/partial/<config>-<run id>/ until the run finishes, so re-running an interrupted attack
+    with the same arguments takes over its folder and resumes where it stopped.
     Reliability checks (monotone in eps, large eps, PGD strength, white-box vs stored black-box results on
     the same points, and the unroll-length sweep when asked) are stored with the result.
+    select: "random" (a seeded subset of n, the default) or "first" (the first n test images).
+    protocol "paper": Mansingh et al.'s ART PGD exactly (PAPER_PROTOCOL); on EP models the gradient mode
+    becomes truncated:70 and T 250 unless given.
     """
     from epcli import attacks
     from epcli import distributed as dist
@@ -59,9 +93,20 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         raise UsageError(f"unknown attack {attack!r}: choose from {', '.join(sorted(attacks.ATTACKS))}")
     if labels not in ("true", "predicted"):
         raise UsageError("labels must be 'true' or 'predicted'")
+    if select not in (None, "random", "first"):
+        raise UsageError(f"select must be 'random' or 'first', got {select!r}")
+    attack, labels, select, params = _apply_protocol(protocol, attack, labels, select, params, grad_mode,
+                                                     targeted)
+    select = select or "random"
+    if targeted and attack in attacks.SELF_TARGETED:
+        raise UsageError(f"{attack} picks its own target classes; --targeted applies to fgsm, pgd, cw, apgd-ce, "
+                         "apgd-dlr and square")
     params = attacks.resolve_params(attack, params or {})
     progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
+    if protocol == "paper" and hasattr(net, "grad_mode"):
+        grad_mode = PAPER_PROTOCOL["ep_grad_mode"] if grad_mode == "bptt" else grad_mode
+        T = PAPER_PROTOCOL["ep_T"] if T is None else T
     if T is not None:
         if not hasattr(net, "T"):
             raise UsageError(f"--T applies to relaxation models; {net.spec['name']} has no relaxation")
@@ -78,34 +123,57 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     if sweep and attack not in attacks.WHITE_BOX:
         raise UsageError("--unroll-sweep needs a white-box attack (it varies the gradient's unroll length)")
     ds = dataset_for(store, info, dataset, data_dir)
-    x, y, idx = subset(ds.test_x, ds.test_y, n, seed)
+    if select == "first":
+        k = len(ds.test_y) if n is None else min(int(n), len(ds.test_y))
+        x, y, idx = ds.test_x[:k], ds.test_y[:k], torch.arange(k)
+    else:
+        x, y, idx = subset(ds.test_x, ds.test_y, n, seed)
+    chunk = chunk or attack_chunk(len(y), batch_size or 256)
     progress("load", 1, 1, {"model": net.spec["name"], "dataset": ds.name, "images": len(y)})
     train_run = info["train_run"] or {}
+    T_main = getattr(net, "T", None)
+    # an unroll longer than the prediction's T needs a longer relaxation: that sweep entry runs with T = K
+    sweep_T = {f"truncated:{k}": max(k, T_main) for k in sweep} if sweep else {}
+    raised = {gm: t for gm, t in sweep_T.items() if t != T_main}
+    if raised:
+        notes.append(f"unroll sweep: {', '.join(raised)} longer than --T {T_main}: those run with T = K "
+                     "(prediction and gradient through the same K steps)")
     config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack, "norm": norm,
               "eps": eps_list, "dataset": ds.name, "n_examples": len(y), "seed": seed, "grad_mode": grad_mode,
-              "labels": labels, "params": params, "T": getattr(net, "T", None), "batch_size": batch_size,
-              "unroll_sweep": sweep, "chunk": chunk, "checkpoint": info["sha256"] or str(info["path"])}
-    partial = store.root / "partial" / f"attack-{config_hash(config)[:20]}"
-    if partial.exists() and any(partial.rglob("*.safetensors")):
-        notes.append(f"resuming an interrupted attack with the same arguments ({partial.name})")
-    for note in notes:
-        warnings.warn(note)
+              "labels": labels, "params": params, "T": T_main, "batch_size": batch_size,
+              "unroll_sweep": sweep, "chunk": chunk, "checkpoint": info["sha256"] or str(info["path"]),
+              "targeted": bool(targeted), "protocol": protocol, "select": select,
+              **({"unroll_sweep_T": raised} if raised else {})}
+    prefix = f"attack-{config_hash(config)[:20]}"
     modes = [grad_mode] + [f"truncated:{k}" for k in sweep if f"truncated:{k}" != grad_mode]
     with store.run("attack", config, argv=argv, seed=seed, model=net.spec["name"], dataset=ds.name,
                    model_run_id=train_run.get("id"), device=describe_device(device)) as run_id:
+        partial = _partial_folder(store, prefix, run_id)
+        if any(partial.rglob("*.safetensors")):
+            notes.append(f"resuming an interrupted attack with the same arguments ({partial.name})")
+        for note in notes:
+            warnings.warn(note)
         link_model_input(store, run_id, info)
         if surrogate_info:
             link_model_input(store, run_id, surrogate_info)
         t0 = time.time()
         results = {}
+        if hasattr(net, "implicit_stats"):
+            from epcli.ep import new_implicit_stats
+            net.implicit_stats = new_implicit_stats()
         for gm in modes:
-            results[gm] = _attack_in_chunks(
-                net, x, y, attack=attack, norm=norm, eps_list=eps_list, batch_size=batch_size or 256,
-                device=device, seed=seed, params=params, grad_mode=gm, surrogate=surrogate, labels=labels,
-                chunk=chunk, partial=partial / gm.replace(":", "-"), progress=progress,
-                task=f"{attack} {{eps}}" + ("" if gm == grad_mode else f" {gm}"))
+            with _relaxation_steps(net, sweep_T.get(gm, T_main) if gm != grad_mode else T_main):
+                results[gm] = _attack_in_chunks(
+                    net, x, y, attack=attack, norm=norm, eps_list=eps_list, batch_size=batch_size or 256,
+                    device=device, seed=seed, params=params, grad_mode=gm, surrogate=surrogate, labels=labels,
+                    targeted=targeted, chunk=chunk, partial=partial / gm.replace(":", "-"), progress=progress,
+                    task=f"{attack} {{eps}}" + ("" if gm == grad_mode else f" {gm}"))
         res = results[grad_mode]
         flags = []
+        if grad_mode == "implicit" and getattr(net, "implicit_stats", {}).get("calls"):
+            flags.append(_implicit_check(net.implicit_stats, T_main))
+            if not flags[-1]["passed"]:
+                warnings.warn(flags[-1]["detail"])
         if checks:
             progress("checks", 0, 1, {})
             flags += [dict(f) for f in attacks.check_reliability([res])]
@@ -137,8 +205,12 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
                              "unreliable": bool(bad) and gm == grad_mode,
                              "detail": {"reason": reason if gm == grad_mode else "",
                                         "forward_passes": r.get("forward_passes"), "params": r.get("params"),
-                                        "batch_size": r.get("batch_size"), "T": getattr(net, "T", None),
-                                        "labels": labels}})
+                                        "batch_size": r.get("batch_size"),
+                                        "T": sweep_T.get(gm, T_main) if gm != grad_mode else T_main,
+                                        "labels": labels, "protocol": protocol, "select": select,
+                                        "targeted": bool(targeted),
+                                        **({"target_hit": float(r["target_hit"][e].float().mean())}
+                                           if r.get("target_hit") else {})}})
         rows += relax_residual_rows(net, x, device, base)  # how far from equilibrium the predictions are
         progress("save", 0, 1, {})
         store.log_metrics(run_id, rows)
@@ -146,18 +218,81 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         _save_attack_artifacts(store, run_id, res, x, y, idx, eps_list, ds)
         progress("save", 1, 1, {"run_id": run_id})
         seconds = time.time() - t0
+        target_hit = ({eps_label(e): float(res["target_hit"][e].float().mean()) for e in eps_list}
+                      if res.get("target_hit") else None)
         shards = {"shards": res["shards"]} if "shards" in res else {}  # torchrun: who attacked what
         summary = {"clean_acc": clean, "robust_acc": robust, "unreliable": bool(bad), "reason": reason,
-                   "seconds": seconds, **({"unroll_sweep": sweep_out} if sweep_out else {}), **shards}
+                   "seconds": seconds, "labels": labels, "protocol": protocol,
+                   **({"unroll_sweep": sweep_out} if sweep_out else {}),
+                   **({"target_hit": target_hit} if target_hit else {}), **shards}
         store.update_run(run_id, summary=summary)
         shutil.rmtree(partial, ignore_errors=True)
-    result = {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
-              "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
-              "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
-              "seconds": round(seconds, 2), "checks": flags, "notes": notes, "eps": eps_list, "labels": labels,
-              "params": res.get("params") or params, "forward_passes": res.get("forward_passes"),
-              "attack_forward_passes": res.get("attack_forward_passes"), **shards}
-    return shard.finish(result)
+        with contextlib.suppress(OSError):
+            partial.parent.rmdir()  # only when no other attack is in progress
+    return shard.finish({
+        "run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
+        "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
+        "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
+        "seconds": round(seconds, 2), "checks": flags, "notes": notes, "eps": eps_list, "labels": labels,
+        "params": res.get("params") or params, "forward_passes": res.get("forward_passes"),
+        "attack_forward_passes": res.get("attack_forward_passes"),
+        "protocol": protocol, "select": select, "targeted": bool(targeted), "T": T_main,
+        "unroll_sweep_T": raised, **({"target_hit": target_hit} if target_hit else {}), **shards})
+
+
+@contextlib.contextmanager
+def _relaxation_steps(net, T):
+    """Run with net.T = T (relaxation models), restoring it after."""
+    old = getattr(net, "T", None)
+    if old is None or T is None or T == old:
+        yield
+        return
+    net.T = T
+    try:
+        yield
+    finally:
+        net.T = old
+
+
+def _implicit_check(stats: dict, T) -> dict:
+    """Did the implicit gradient's adjoint see fixed points? (ep.EPCNN._to_fixed_point keeps the record.)"""
+    ok = stats["unconverged"] == 0
+    return {"check": "implicit-fixed-point", "passed": ok,
+            "detail": f"implicit gradient: relative residual max|F(s)-s|/max|s| at T={T} up to "
+                      f"{stats['max_residual_at_T']:.3g}; relaxed up to {stats['max_extra_steps']} more steps, "
+                      f"residual then up to {stats['max_residual']:.3g} (tolerance {stats['tol']:g}); "
+                      f"{stats['unconverged']} of {stats['calls']} gradient calls not at a fixed point" +
+                      ("" if ok else ": the adjoint there is not the gradient of the prediction")}
+
+
+def attack_chunk(n: int, batch_size: int) -> int:
+    """Images per resumable chunk: about an eighth of the set (a killed attack keeps most of its work), at
+    most 1,000, a whole number of batches when a chunk holds more than one. It depends only on n and the batch
+    size, never on the number of processes, so a sharded attack computes exactly the same chunks."""
+    per = min(1000, math.ceil(max(n, 1) / 8))
+    return per if per < batch_size else batch_size * (per // batch_size)
+
+
+def _partial_folder(store: Store, prefix: str, run_id: str) -> Path:
+    """This run's own partial folder. An interrupted or failed run with the same config left its chunks in
+    `<prefix>-<its run id>`: take that folder over (a rename, so two identical attacks never share one)."""
+    root = store.root / "partial"
+    mine = root / f"{prefix}-{run_id}"
+    for old in sorted(root.glob(f"{prefix}-*"), reverse=True):
+        other = old.name[len(prefix) + 1:]
+        try:
+            status = store.get_run(other)["status"] if other else None
+        except NotFoundError:
+            status = None  # a folder whose run is gone (or the pre-run-id layout): nobody owns it
+        if status == "running":
+            continue  # an identical attack in progress right now: leave its folder alone
+        try:
+            old.rename(mine)
+            return mine
+        except OSError:
+            continue  # another process took it over first
+    mine.mkdir(parents=True, exist_ok=True)
+    return mine
 
 
 def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress: Progress, task: str, seed: int,
@@ -225,20 +360,21 @@ def _attack_chunk(net, x, y, k: int, bounds: tuple[int, int], *, seed: int, **kw
                             keep_adv=16 if k == 0 else 0, **kw)
 
 
-_CHUNK_TENSORS = ("clean_correct", "clean_pred", "y")
+_CHUNK_TENSORS = ("clean_correct", "clean_pred", "y", "attack_labels", "targets")
+_CHUNK_GROUPS = ("robust", "pred_adv", "target_hit")
 
 
 def _save_chunk(path: Path, r: dict, save_file) -> None:
     import json
     t = {k: r[k].cpu().contiguous() for k in _CHUNK_TENSORS if isinstance(r.get(k), torch.Tensor)}
     for e in r["robust"]:
-        t[f"robust/{e!r}"] = r["robust"][e].cpu().contiguous()
-        if e in r.get("pred_adv", {}):
-            t[f"pred_adv/{e!r}"] = r["pred_adv"][e].cpu().contiguous()
+        for group in _CHUNK_GROUPS:
+            if e in (r.get(group) or {}):
+                t[f"{group}/{e!r}"] = r[group][e].cpu().contiguous()
         if e in r.get("x_adv", {}) and len(r["x_adv"][e]):
             t[f"x_adv/{e!r}"] = r["x_adv"][e].cpu().float().contiguous()
     scalars = {k: v for k, v in r.items() if isinstance(v, (int, float, str, list, dict)) and k not in
-               ("robust", "pred_adv", "x_adv", "robust_accuracy")}
+               (*_CHUNK_GROUPS, "x_adv", "robust_accuracy")}
     tmp = path.with_suffix(".tmp")
     save_file(t, str(tmp), metadata={"scalars": json.dumps(scalars, default=str)})
     os.replace(tmp, path)
@@ -267,7 +403,7 @@ def _merge_chunks(parts: list[dict]) -> dict:
     for k in _CHUNK_TENSORS:
         if isinstance(parts[0].get(k), torch.Tensor):
             out[k] = torch.cat([p[k].cpu() for p in parts])
-    for group in ("robust", "pred_adv"):
+    for group in _CHUNK_GROUPS:
         if parts[0].get(group):
             out[group] = {e: torch.cat([p[group][e].cpu() for p in parts]) for e in parts[0][group]}
     out["x_adv"] = parts[0].get("x_adv", {})
@@ -281,25 +417,26 @@ def _merge_chunks(parts: list[dict]) -> dict:
 
 def _strength(attacks, net, x, y, res, norm, eps_list, params, seed, device, grad_mode, surrogate, batch_size,
               labels, progress: Progress = no_progress) -> dict:
-    """PGD with 2x steps and restarts on a subset, at the eps whose robust accuracy is nearest half the clean."""
+    """PGD with 2x steps and restarts on the first (up to) 500 points, at the eps whose robust accuracy is
+    nearest half the clean; the base outcome is the main run's own on those points (not re-run)."""
     clean = float(res["clean_correct"].float().mean())
     e = min(eps_list, key=lambda v: abs(res["robust_accuracy"][v] - clean / 2))
-    m = min(len(y), max(50, min(200, len(y) // 10)))
+    m = min(len(y), 500)
     steps, restarts = params.get("steps", 20), params.get("restarts", 1)
-    # counted in PGD steps x images: the base run, then the stronger one (2x steps, 2x restarts)
-    base_w, strong_w = steps * max(restarts, 1), 4 * steps * max(restarts, 1)
+    # counted in PGD steps x images: only the stronger run (2x steps, 2x restarts); the base is the run's own
+    strong_w = 4 * steps * max(restarts, 1)
     name = f"check strength {eps_label(e)}"
-    progress(name, 0, base_w + strong_w, {"images": m})
+    progress(name, 0, strong_w, {"images": m})
 
     def on_step(info: dict) -> None:
         frac = (info["lo"] + info["fraction"] * (info["hi"] - info["lo"])) / max(1, m)
-        done = frac * base_w if info["phase"] == "base" else base_w + frac * strong_w
-        progress(name, min(done, base_w + strong_w - 1e-9), base_w + strong_w, {"phase": info["phase"]})
+        progress(name, min(frac * strong_w, strong_w - 1e-9), strong_w, {"phase": info["phase"]})
 
     out = dict(attacks.strength_check(net, x, y, norm=norm, eps=e, steps=steps, restarts=restarts, n=m,
                                       seed=seed, device=device, grad_mode=grad_mode, surrogate=surrogate,
-                                      batch_size=batch_size or 256, labels=labels, on_step=on_step))
-    progress(name, base_w + strong_w, base_w + strong_w,
+                                      batch_size=batch_size or 256, labels=labels, params=params,
+                                      base_robust=res["robust"][e][:m], on_step=on_step))
+    progress(name, strong_w, strong_w,
              {"base": out.get("base"), "strong": out.get("strong"), "passed": "yes" if out["passed"] else "no"})
     return out
 
@@ -319,42 +456,64 @@ def _cross_run_checks(store: Store, run_id: str, model_run_id: str | None, attac
                       res: dict) -> list[dict]:
     """White-box vs black-box on the same points, against the stored runs of the same model.
 
-    When the black-box result beats a stored white-box one, the stored result is flagged as well.
+    Every other stored white-box run of the model (same norm) is used to tell a weak white-box attack from
+    gradient masking (checks.white_vs_black). When the black-box result beats a stored white-box one, the
+    stored result is flagged as well.
     """
-    from epcli.attacks import BLACK_BOX, WHITE_BOX, check_reliability
+    from epcli.attacks import BLACK_BOX, WHITE_BOX
+    from epcli.attacks.checks import white_vs_black
     if not model_run_id:
         return []
     mine = {"attack": attack, "norm": norm, "index": idx, "y": y, "robust": res["robust"], "run_id": run_id}
-    out = []
+    stored = []
     for other in store.runs(kind="attack", status="finished", model_run_id=model_run_id):
+        if len(stored) >= MAX_CROSS_CHECKS:  # the newest few: check rows stay bounded however many runs exist
+            break
         cfg = other.get("config") or {}
-        if other["id"] == run_id or cfg.get("norm") != norm:
+        if other["id"] == run_id or cfg.get("norm") != norm or cfg.get("attack") not in (*WHITE_BOX, *BLACK_BOX):
             continue
-        pair = (attack in WHITE_BOX and cfg.get("attack") in BLACK_BOX,
-                attack in BLACK_BOX and cfg.get("attack") in WHITE_BOX)
-        if not any(pair):
+        if cfg.get("labels", "true") != "true" or cfg.get("targeted"):
+            continue  # robust means something else there
+        o = _stored_outcomes(store, other)
+        if o is not None:
+            stored.append(o)
+    whites = ([mine] if attack in WHITE_BOX else []) + [o for o in stored if o["attack"] in WHITE_BOX]
+    out = []
+    for theirs in stored:
+        if not ((attack in WHITE_BOX and theirs["attack"] in BLACK_BOX)
+                or (attack in BLACK_BOX and theirs["attack"] in WHITE_BOX)):
             continue
-        theirs = _stored_outcomes(store, other)
-        if theirs is None:
+        white, black = (mine, theirs) if attack in WHITE_BOX else (theirs, mine)
+        _, ia, ib = _common_indices(white["index"], black["index"])
+        if len(ia) == 0:
             continue
-        common, ia, ib = _common_indices(mine["index"], theirs["index"])
-        if len(common) == 0:
-            continue
-        a, b = (_restrict(mine, ia), _restrict(theirs, ib))
-        for c in check_reliability([a, b]):
-            if c["check"] != "white-vs-black":
-                continue
-            c = dict(c)
-            c.pop("result", None)
-            c["detail"] += f" (vs run {other['id']})"
-            white = a if attack in WHITE_BOX else b
-            if not c["passed"] and white is b:  # the stored white-box result is the unreliable one
-                store.log_checks(other["id"], [c])
+        at = white["index"][ia]
+        others = [_aligned(o, at) for o in whites if o is not white]
+        for c in white_vs_black(_restrict(white, ia), _restrict(black, ib), others):
+            c["detail"] += f" (vs run {theirs['run_id']})"
+            if not c["passed"] and white is theirs:  # the stored white-box result is the unreliable one
+                store.log_checks(theirs["run_id"], [c])
                 store.db.execute("UPDATE metrics SET unreliable = 1 WHERE run_id = ? AND name = 'robust_acc'",
-                                 [other["id"]])
+                                 [theirs["run_id"]])
                 c = {**c, "passed": True, "detail": c["detail"] + ": flagged that run"}
             out.append(c)
     return out
+
+
+def _aligned(r: dict, at: torch.Tensor) -> dict:
+    """r's per-example robustness at the test indices `at`; points r did not attack count as robust."""
+    pos = {int(v): i for i, v in enumerate(r["index"].tolist())}
+    sel = torch.tensor([pos.get(int(v), -1) for v in at.tolist()], dtype=torch.long)
+    have = sel >= 0
+    robust = {}
+    for e, v in r["robust"].items():
+        full = torch.ones(len(at), dtype=torch.bool)
+        full[have] = v.cpu().bool()[sel[have]]
+        robust[e] = full
+    return {"attack": r["attack"], "norm": r["norm"], "robust": robust}
+
+
+MAX_CROSS_CHECKS = 5
 
 
 def _common_indices(a: torch.Tensor, b: torch.Tensor):
@@ -395,6 +554,8 @@ def _save_attack_artifacts(store: Store, run_id: str, res: dict, x, y, idx, eps_
     from safetensors.torch import save_file
     outcome = {"index": idx.to(torch.int64), "label": y.to(torch.int64),
                "clean_correct": res["clean_correct"].to(torch.uint8).cpu()}
+    if isinstance(res.get("attack_labels"), torch.Tensor):  # what the attack moved away from (or, targeted, to)
+        outcome["attack_label"] = res["attack_labels"].to(torch.int64).cpu()
     for e in eps_list:
         outcome[f"robust_{e!r}"] = res["robust"][e].to(torch.uint8).cpu()
         if "pred_adv" in res:
@@ -449,12 +610,4 @@ def compare(*, store: Store, run_a: str, run_b: str) -> dict:
             "attack_a": a["attack"], "attack_b": b["attack"], "norm_a": a["norm"], "norm_b": b["norm"],
             "rows": rows}
 
-
-def mcnemar_p(only_a: int, only_b: int) -> float:
-    """Exact two-sided McNemar test: the discordant pairs are Binomial(only_a + only_b, 1/2) under H0."""
-    n, k = only_a + only_b, min(only_a, only_b)
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 

@@ -155,7 +155,7 @@ def resolve_model(store: Store, ref: str, dataset: str | None = None) -> dict:
         if ref not in list_models() and not ref.startswith("timm:"):
             raise NotFoundError(f"{ref!r} is neither a model name ({', '.join(list_models())}), a run id, "
                                 "nor a checkpoint file")
-        run = store.latest_train_run(ref, dataset)
+        run = _latest_on(store, ref, dataset)
     if run["status"] == "running":
         raise UsageError(f"training run {run['id']} is still running; wait for it or pass a checkpoint path")
     ckpts = store.artifacts_of(run["id"], role="output", kind="checkpoint")
@@ -165,6 +165,19 @@ def resolve_model(store: Store, ref: str, dataset: str | None = None) -> dict:
     art = final[-1]
     return {"path": store.artifact_path(art["sha256"]), "sha256": art["sha256"], "train_run": run,
             "meta": checkpoint.read_metadata(store.artifact_path(art["sha256"]))}
+
+
+def _latest_on(store: Store, model: str, dataset: str | None) -> dict:
+    """The newest finished training run of `model` on `dataset`, where a dataset given as a path (an
+    ImageFolder) matches the runs trained on that same folder, whatever its short name."""
+    if dataset and Path(dataset).exists():
+        want = str(Path(dataset).resolve())
+        for run in store.runs(kind="train", status="finished", model=model):
+            if (run.get("config") or {}).get("dataset_ref") == want:
+                return run
+        raise NotFoundError(f"no finished training run of model {model!r} on {dataset} in the store "
+                            f"{store.root} (train one with `epcli train --model {model} --dataset {dataset}`)")
+    return store.latest_train_run(model, dataset)
 
 
 def load_model(store: Store, ref: str, dataset: str | None, device: str):

@@ -103,7 +103,10 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         select = config.get("select", "last")
     else:
         torch.manual_seed(int(seed))  # the initial weights follow --seed too (rank 0's are broadcast)
-        net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
+        try:
+            net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
+        except (TypeError, ValueError) as e:  # a --model-set value the constructor cannot use
+            raise UsageError(f"model {model!r}: bad option value ({e})") from None
         model_name = model
         rec_name = recipe or training.default_recipe(model, ds.name)
         rec = training.resolve_recipe(rec_name, overrides or {})
@@ -182,6 +185,8 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
             progress(f"epoch {first + 1}/{n_epochs}", 0, per_epoch[0] + 1, {})
         training.fit(net, ds, rec, device=device, seed=seed, state=state, on_epoch=on_epoch, on_batch=on_batch,
                      select=select)
+        if not last_sha and resume_info:  # killed after its last epoch's checkpoint: that checkpoint is final
+            last_sha[:] = [_adopt_final(store, run_id, resume_info, history)]
         if not last_sha:
             raise EpcliError("training ran no epoch (epochs must be >= 1, or the checkpoint was already final)")
         final_sha = best["sha"] if score_key else last_sha[0]
@@ -206,6 +211,19 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         result["world_size"] = dist.world_size()
         dist.broadcast_object(result)
     return result
+
+
+def _adopt_final(store: Store, run_id: str, resume_info: dict, history: list[dict]) -> str:
+    """Resuming a checkpoint that already holds every epoch: record it as this run's final output (with the
+    test accuracy its run logged) instead of failing with nothing to do."""
+    sha = resume_info["sha256"] or store.register_external(run_id, "checkpoint", resume_info["path"], "input",
+                                                            "checkpoint")
+    store.link(run_id, sha, "output", "final")
+    source = (resume_info["train_run"] or {}).get("id")
+    accs = store.metrics(source, name="test_acc") if source else []
+    epoch = resume_info["meta"].get("epoch")
+    history.append({"epoch": epoch, **({"test_acc": accs[-1]["value"]} if accs else {})})
+    return sha
 
 
 def _batches_per_epoch(rec: dict, n: int) -> int:

@@ -1,0 +1,80 @@
+"""`epcli attack` flags end to end on stored models: --protocol paper, --select first, --targeted, unroll sweeps
+past T, the implicit fixed-point check, labels recorded per example."""
+import json
+
+import pytest
+from conftest import write_imagefolder
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from epcli import api
+from epcli.cli import app
+from epcli.errors import UsageError
+from epcli.store import Store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, mini):
+    folder = str(write_imagefolder(tmp_path_factory.mktemp("atk-data") / "small", mini, 30, 10))
+    s = Store(tmp_path_factory.mktemp("atk-store"))
+    s.cnn = api.train(model="cnn-small", dataset=folder, overrides={"epochs": 1}, store=s, device="cpu")
+    s.ep = api.train(model="ep-cnn-tiny", dataset=folder, store=s, device="cpu",
+                     overrides={"epochs": 1, "optimizer": {"lrs": [0.2, 0.1, 0.05]}})
+    return s
+
+
+def _outcome(store, run_id):
+    (art,) = store.artifacts_of(run_id, role="output", kind="per-example")
+    return load_file(str(store.artifact_path(art["sha256"])))
+
+
+def test_paper_protocol_on_an_ep_cnn(store):
+    res = api.attack(model=store.ep["run_id"], protocol="paper", eps="8/255", n=12, T=20, store=store,
+                     device="cpu", strength=False)
+    assert res["protocol"] == "paper" and res["labels"] == "predicted" and res["select"] == "first"
+    assert res["grad_mode"] == "truncated:70" and res["T"] == 20  # an explicit --T wins over the paper's 250
+    run = store.get_run(res["run_id"])
+    p = run["config"]["params"]
+    assert (p["clip"], p["random_start"], p["steps"], p["restarts"], p["step_size"]) == (False, False, 20, 1, None)
+    t = _outcome(store, res["run_id"])
+    assert t["index"].tolist() == list(range(12))  # the first 12 test images
+    assert "attack_label" in t  # the labels the attack used: the clean predictions
+    with pytest.raises(UsageError, match="fixes these settings"):
+        api.attack(model=store.ep["run_id"], protocol="paper", attack="apgd-ce", n=4, store=store, device="cpu")
+    with pytest.raises(UsageError, match="fixes these settings"):
+        api.attack(model=store.cnn["run_id"], protocol="paper", params={"steps": 5}, n=4, store=store, device="cpu")
+
+
+def test_unroll_sweep_past_T_raises_T_and_says_so(store):
+    res = api.attack(model=store.ep["run_id"], eps="8/255", n=8, T=6, unroll_sweep=[3, 6, 9], store=store,
+                     device="cpu", params={"steps": 2}, strength=False)
+    assert set(res["unroll_sweep"]) == {"truncated:3", "truncated:6", "truncated:9"}
+    assert res["unroll_sweep_T"] == {"truncated:9": 9}
+    assert any("truncated:9" in n and "T = K" in n for n in res["notes"])
+    Ts = {m["grad_mode"]: json.loads(m["detail"])["T"] if isinstance(m["detail"], str) else m["detail"]["T"]
+          for m in store.metrics(res["run_id"], name="robust_acc")}
+    assert Ts == {"bptt": 6, "truncated:3": 6, "truncated:6": 6, "truncated:9": 9}
+    # K = T is the exact gradient: the same outcome as bptt
+    assert res["unroll_sweep"]["truncated:6"] == res["robust_acc"]
+
+
+def test_targeted_from_the_cli(store):
+    r = CliRunner().invoke(app, ["--store", str(store.root), "attack", "-m", store.cnn["run_id"], "--targeted",
+                                 "--eps", "8/255", "--n", "20", "--steps", "5", "--no-strength-check", "--json",
+                                 "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["targeted"] and [h["eps_label"] for h in out["target_hit"]] == ["8/255"]
+    from epcli.schema import SCHEMAS
+    import jsonschema
+    jsonschema.validate(out, SCHEMAS["attack"])
+    r = CliRunner().invoke(app, ["--store", str(store.root), "attack", "-m", store.cnn["run_id"], "-a", "apgd-t",
+                                 "--targeted", "--n", "4", "--device", "cpu"])
+    assert r.exit_code == 2 and "picks its own target" in r.output
+
+
+def test_implicit_fixed_point_check_is_recorded(store):
+    res = api.attack(model=store.ep["run_id"], eps="8/255", n=6, T=2, grad_mode="implicit", store=store, labels="predicted",
+                     device="cpu", params={"steps": 2}, strength=False)
+    (c,) = [c for c in res["checks"] if c["check"] == "implicit-fixed-point"]
+    assert "relative residual" in c["detail"] and "relaxed up to" in c["detail"]

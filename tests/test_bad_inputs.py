@@ -1,0 +1,266 @@
+"""Every bad input is one line `error: ...` on stderr with its documented exit code, never a traceback, and
+leaves the store exactly as it was (table-driven: input, exit code, message fragment, store checksum)."""
+import hashlib
+import json
+import os
+import pickle
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_imagefolder
+from typer.testing import CliRunner
+
+from epcli.cli import app
+from epcli.store import Store
+
+runner = CliRunner()
+
+
+def invoke(*args, store=None):
+    argv = (["--store", str(store)] if store else []) + [str(a) for a in args]
+    return runner.invoke(app, argv, catch_exceptions=False)
+
+
+def checksum(root: Path) -> str:
+    """The store's content: every table row (through a fresh SQLite connection, so the WAL is included) and
+    every file but SQLite's own side files (whose bytes change on a mere read)."""
+    h = hashlib.sha256()
+    conn = sqlite3.connect(f"{(root / 'epcli.db').resolve().as_uri()}?mode=ro", uri=True)
+    for line in conn.iterdump():
+        h.update(line.encode())
+    conn.close()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in ("epcli.db", "epcli.db-wal", "epcli.db-shm", ".lock"):
+            h.update(str(p.relative_to(root)).encode() + hashlib.sha256(p.read_bytes()).digest())
+        elif p.is_dir():
+            h.update(str(p.relative_to(root)).encode())
+    return h.hexdigest()
+
+
+class Exploit:
+    """A pickle that would create `marker` when unpickled by pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, mini):
+    """A store with one trained cnn-small, and a folder of bad files to feed it."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    data = write_imagefolder(root / "data", mini, 8, 4)
+    store = root / "store"
+    r = invoke("train", "--model", "cnn-small", "--dataset", data, "--epochs", 1, "--device", "cpu",
+               store=store)
+    assert r.exit_code == 0, r.output
+    files = root / "files"
+    files.mkdir()
+    s = Store(store)
+    run = s.runs(kind="train")[0]
+    ckpt = s.artifact_path(s.artifacts_of(run["id"], kind="checkpoint")[0]["sha256"])
+    s.close()
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(ckpt), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    spec = json.loads(meta["spec"])
+
+    def crafted(name, **changes):
+        m = {**meta, **changes}
+        save_file(tensors, str(files / name), metadata={k: v for k, v in m.items() if v is not None})
+
+    crafted("huge.safetensors", spec=json.dumps({**spec, "width": 100000}))  # would ask for ~10^11 weights
+    crafted("huge2.safetensors", spec=json.dumps({**spec, "width": -4}))
+    crafted("nospec.safetensors", spec=None)
+    crafted("badjson.safetensors", spec="{not json")
+    crafted("speclist.safetensors", spec="[1, 2]")
+    crafted("badclasses.safetensors", num_classes='"ten"')
+    crafted("negclasses.safetensors", num_classes="-3")
+    crafted("unknownmodel.safetensors", spec=json.dumps({**spec, "name": "nope-net"}))
+    crafted("badconfig.safetensors", config="[1]")
+    crafted("badlist.safetensors", classes='{"a": 1}')
+    save_file({"w": next(iter(tensors.values()))}, str(files / "foreign.safetensors"))
+    (files / "garbage.safetensors").write_bytes(b"\x00\x01garbage" * 50)
+    (files / "truncated.safetensors").write_bytes(ckpt.read_bytes()[:200])
+    (files / "folder.safetensors").mkdir()
+    # CIFAR python layouts: one whose batch runs code when unpickled, one with junk, one with bad labels
+    for name in ("exploit", "junk", "labels"):
+        folder = files / name / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        good = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}
+        for i in range(1, 6):
+            pickle.dump(good, open(folder / f"data_batch_{i}", "wb"))
+        pickle.dump(good, open(folder / "test_batch", "wb"))
+        pickle.dump({b"label_names": [b"c%d" % i for i in range(10)]}, open(folder / "batches.meta", "wb"))
+    pickle.dump({b"data": Exploit(files / "PWNED"), b"labels": [0]}, open(files / "exploit" /
+                "cifar-10-batches-py" / "data_batch_1", "wb"))
+    (files / "junk" / "cifar-10-batches-py" / "test_batch").write_bytes(b"junk")
+    pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 99]},
+                open(files / "labels" / "cifar-10-batches-py" / "test_batch", "wb"))
+    (files / "empty").mkdir()
+    (files / "bad.tar.xz").write_bytes(b"not an archive")
+    (files / "afile.txt").write_text("x")
+    return {"store": store, "data": data, "files": files, "run": run["id"]}
+
+
+A = ["attack", "--model", "cnn-small", "--n", "8", "--steps", "1"]
+T = ["train", "--model", "cnn-small", "--epochs", "1"]
+C = ["corrupt", "--model", "cnn-small", "--n", "8"]
+
+CASES = [
+    # numeric options: one validation layer
+    (A + ["--batch-size", "-1"], 2, "--batch-size must be >= 1"),
+    (A + ["--batch-size", "0"], 2, "--batch-size must be >= 1"),
+    (A + ["--n", "-5"], 2, "--n must be >= 1"),
+    (A + ["--n", "0"], 2, "--n must be >= 1"),
+    (A + ["--step-size", "nan"], 2, "--step-size must be a finite number"),
+    (A + ["--step-size", "inf"], 2, "--step-size must be a finite number"),
+    (A + ["--step-size", "-0.1"], 2, "--step-size must be > 0"),
+    (A + ["--steps", "0"], 2, "--steps must be >= 1"),
+    (A + ["--restarts", "0"], 2, "--restarts must be >= 1"),
+    (A + ["--attack", "square", "--queries", "0"], 2, "--queries must be >= 1"),
+    (A + ["--T", "0"], 2, "--T must be >= 1"),
+    (A + ["--seed", "-1"], 2, "--seed must be >= 0"),
+    (A + ["--unroll-sweep", "0"], 2, "--unroll-sweep must be >= 1"),
+    (A + ["--unroll-sweep", "a,b"], 2, "--unroll-sweep expects comma-separated integers"),
+    (A + ["--eps", "nan"], 2, "finite"),
+    (A + ["--eps", "-1/255"], 2, ">= 0"),
+    (A + ["--eps", "1/0"], 2, "cannot read eps"),
+    (A + ["--eps", "abc"], 2, "cannot read eps"),
+    (A + ["--eps", ","], 2, "no eps"),
+    (A + ["--eps", "2"], 2, "outside [0, 1]"),
+    (A + ["--norm", "l7"], 2, "unknown norm"),
+    (A + ["--attack", "deepfool9"], 2, "unknown attack"),
+    (A + ["--labels", "foo"], 2, "labels must be"),
+    (A + ["--grad-mode", "truncated:5"], 2, "relaxation models only"),
+    (A + ["--T", "5"], 2, "relaxation"),
+    (A + ["--device", "tpu"], 2, "unknown device"),
+    (C + ["--batch-size", "0"], 2, "--batch-size must be >= 1"),
+    (C + ["--batch-size", "-3"], 2, "--batch-size must be >= 1"),
+    (C + ["--n", "0"], 2, "--n must be >= 1"),
+    (C + ["-s", "6"], 2, "severity 6"),
+    (C + ["-s", "0"], 2, "severity 0"),
+    (C + ["-c", "lightning"], 2, "unknown corruption 'lightning'"),
+    (C + ["-c", "[bold]x[/]"], 2, "unknown corruption '[bold]x[/]'"),
+    (T + ["--beta", "nan"], 2, "--beta must be a finite number"),
+    (T + ["--epochs", "0"], 2, "--epochs must be >= 1"),
+    (T + ["--epochs", "-1"], 2, "--epochs must be >= 1"),
+    (T + ["--batch-size", "0"], 2, "--batch-size must be >= 1"),
+    (T + ["--lr", "nan"], 2, "--lr must be a finite number"),
+    (T + ["--lr", "-0.1"], 2, "--lr must be > 0"),
+    (T + ["--lr", "0"], 2, "--lr must be > 0"),
+    (T + ["--T1", "0"], 2, "--T1 must be >= 1"),
+    (T + ["--T2", "-5"], 2, "--T2 must be >= 1"),
+    (T + ["--seed", "-2"], 2, "--seed must be >= 0"),
+    (T + ["--set", "garbage"], 2, "--set expects key=value"),
+    (T + ["--set", "=3"], 2, "--set expects key=value"),
+    (T + ["--set", "a..b=1"], 2, "--set expects key=value"),
+    (T[:3] + ["--set", "epochs=abc"], 2, "--epochs must be a number"),
+    (T + ["--set", "optimizer.lr=NaN"], 2, "not a finite number"),
+    (T + ["--set", "epochs=2", "--set", "epochs.x=1"], 2, "already set"),
+    (T + ["--adv-train", "l2"], 2, "--adv-train expects NORM:EPS"),
+    (T + ["--adv-train", "l7:0.5"], 2, "norm"),
+    (T + ["--adv-train", "linf:2"], 2, "outside [0, 1]"),
+    (T + ["--adv-train", "l2:abc"], 2, "cannot read eps"),
+    (T + ["--model-set", "width=abc"], 2, "bad option"),
+    (T + ["--model-set", "nosuch=1"], 2, "has no option nosuch"),
+    (T + ["--model-set", "oops"], 2, "--model-set expects key=value"),
+    (T + ["--recipe", "nope"], 2, "unknown recipe"),
+    (["train", "--model", "resnet-9000"], 3, "resnet-9000"),
+    (T + ["--resume", "nosuchrun"], 3, "nosuchrun"),
+    # model references, datasets, markup in user text
+    (A[:2] + ["nosuch"], 3, "'nosuch' is neither"),
+    (A[:2] + ["vit"], 3, "no finished training run"),
+    (A[:2] + ["x[/]y"], 3, "'x[/]y' is neither"),
+    (A[:2] + ["[bold red]m"], 3, "'[bold red]m' is neither"),
+    (A[:2] + ["/nonexistent/m.safetensors"], 3, "does not exist"),
+    (A + ["--dataset", "/nonexistent/data"], 3, "no finished training run of model 'cnn-small' on"),
+    (T + ["--dataset", "/nonexistent/[red]x[/]"], 3, "/nonexistent/[red]x[/]"),
+    (T + ["--dataset", "FILES/empty"], 3, "not an ImageFolder dataset"),
+    (T + ["--dataset", "FILES/bad.tar.xz"], 3, "not a readable"),
+    (T + ["--dataset", "cifar10", "--data-dir", "FILES/exploit"], 3, "refusing to load posix.system"),
+    (T + ["--dataset", "cifar10", "--data-dir", "FILES/junk"], 3, "not a CIFAR python batch"),
+    (T + ["--dataset", "cifar10", "--data-dir", "FILES/labels"], 3, "labels must be in 0..9"),
+    # checkpoints: metadata is untrusted
+    (A[:2] + ["FILES/huge.safetensors"], 4, "refusing to build it"),
+    (A[:2] + ["FILES/huge2.safetensors"], 4, "cannot rebuild its model"),
+    (A[:2] + ["FILES/nospec.safetensors"], 4, "no valid model spec"),
+    (A[:2] + ["FILES/badjson.safetensors"], 4, "no valid model spec"),
+    (A[:2] + ["FILES/speclist.safetensors"], 4, "no valid model spec"),
+    (A[:2] + ["FILES/badclasses.safetensors"], 4, "num_classes"),
+    (A[:2] + ["FILES/negclasses.safetensors"], 4, "num_classes"),
+    (A[:2] + ["FILES/unknownmodel.safetensors"], 4, "cannot rebuild its model"),
+    (A[:2] + ["FILES/badconfig.safetensors"], 4, "config"),
+    (A[:2] + ["FILES/badlist.safetensors"], 4, "classes"),
+    (A[:2] + ["FILES/foreign.safetensors"], 4, "not an epcli checkpoint"),
+    (A[:2] + ["FILES/garbage.safetensors"], 4, "not a safetensors checkpoint"),
+    (A[:2] + ["FILES/truncated.safetensors"], 4, "not a safetensors checkpoint"),
+    (A[:2] + ["FILES/folder.safetensors"], 3, "does not exist"),
+    # store commands
+    (["runs", "--kind", "nope"], 2, "unknown run kind 'nope'"),
+    (["runs", "--status", "weird"], 2, "unknown status 'weird'"),
+    (["runs", "--limit", "-1"], 2, "--limit must be a whole number >= 0"),
+    (["runs", "--where", "nonsense"], 2, "cannot read the condition 'nonsense'"),
+    (["runs", "--since", "[/]"], 2, "cannot read --since '[/]'"),
+    (["show", "zzzz"], 3, "no run 'zzzz'"),
+    (["show", "%"], 3, "no run '%'"),
+    (["show", "_"], 3, "no run '_'"),
+    (["show", "[/]"], 3, "no run '[/]'"),
+    (["trace", "nope"], 3, "no run 'nope'"),
+    (["compare", "a", "b"], 3, "no run 'a'"),
+    (["report", "--out", "FILES/afile.txt"], 2, "is a file"),
+    (["recipes", "nope"], 2, "unknown recipe"),
+]
+
+
+@pytest.mark.parametrize("args,code,needle", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
+def test_bad_input(world, args, code, needle):
+    store, files = world["store"], world["files"]
+    args = [a.replace("FILES", str(files)) for a in args]
+    if args[0] == "train" and "--dataset" not in args:
+        args += ["--dataset", str(world["data"])]
+    before = checksum(store)
+    r = invoke(*args, "--device", "cpu", store=store) if args[0] in ("train", "attack", "corrupt") and \
+        "--device" not in args else invoke(*args, store=store)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == code, r.output
+    errors = [ln for ln in lines if ln.startswith("error")]  # progress lines of finished stages may precede it
+    assert errors == lines[-1:] and errors[0].startswith("error: ") and needle in errors[0], r.stderr
+    assert "Traceback" not in r.output
+    assert checksum(store) == before
+    assert not (files / "PWNED").exists()  # the crafted pickle never ran
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 60 and {c for _, c, _ in CASES} == {2, 3, 4}
+
+
+def test_store_folder_mistakes(tmp_path, world):
+    # a typo in --store: reading commands do not create a store
+    typo = tmp_path / "sotre"
+    for cmd in (["runs"], ["show", "x"], ["report"], ["trace", "x"]):
+        r = invoke(*cmd, store=typo)
+        assert r.exit_code == 5 and "no epcli store" in r.stderr and r.stderr.count("\n") == 1
+        assert not typo.exists()
+    # commands that write create it, and say so
+    r = invoke("attack", "--model", "nosuch", "--device", "cpu", store=typo)
+    assert r.exit_code == 3 and "created a new store" in r.stderr
+    # a foreign SQLite file with a `runs` table is refused and left byte-for-byte untouched
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    con = sqlite3.connect(foreign / "epcli.db")
+    con.execute("CREATE TABLE runs (id TEXT, distance REAL)")
+    con.execute("INSERT INTO runs VALUES ('monday', 5.2)")
+    con.commit()
+    con.close()
+    before = (foreign / "epcli.db").read_bytes()
+    for cmd in (["runs"], ["train", "--model", "cnn-small", "--epochs", "1", "--dataset", world["data"]]):
+        r = invoke(*cmd, store=foreign)
+        assert r.exit_code == 5 and "not an epcli store" in r.stderr and r.stderr.count("\n") == 1
+    assert (foreign / "epcli.db").read_bytes() == before
+    assert sorted(p.name for p in foreign.iterdir()) == ["epcli.db"]  # no -wal, -shm, .lock, tmp/
