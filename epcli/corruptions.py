@@ -743,33 +743,35 @@ def _canny(img: torch.Tensor, low: float, high: float) -> torch.Tensor:
 _CHAMFER_FIX = (65536, 91750, 143978)  # OpenCV DIST_L2 5x5 steps 1, 1.4, 2.1969 as cvRound(step * 2^16)
 
 
-def _chamfer_weights() -> torch.Tensor:
-    """The 5 x 5 chamfer steps in OpenCV's 16.16 fixed point (axis, diagonal, knight); inf elsewhere."""
-    w = torch.full((5, 5), float("inf"), dtype=F64)
-    for i in range(5):
-        for j in range(5):
-            di, dj = abs(i - 2), abs(j - 2)
-            if (di, dj) == (0, 0):
-                w[i, j] = 0
-            elif di + dj == 1:
-                w[i, j] = _CHAMFER_FIX[0]
-            elif (di, dj) == (1, 1):
-                w[i, j] = _CHAMFER_FIX[1]
-            elif {di, dj} == {1, 2}:
-                w[i, j] = _CHAMFER_FIX[2]
-    return w.flatten()
+def _chamfer_steps() -> list[tuple[int, int, float]]:
+    """The 5 x 5 chamfer moves (row offset, column offset, cost) in OpenCV's 16.16 fixed point: axis, diagonal,
+    knight."""
+    steps = []
+    for di in range(-2, 3):
+        for dj in range(-2, 3):
+            a, b = abs(di), abs(dj)
+            if a + b == 1:
+                steps.append((di, dj, float(_CHAMFER_FIX[0])))
+            elif (a, b) == (1, 1):
+                steps.append((di, dj, float(_CHAMFER_FIX[1])))
+            elif {a, b} == {1, 2}:
+                steps.append((di, dj, float(_CHAMFER_FIX[2])))
+    return steps
 
 
 def _distance_to_zero(mask_zero: torch.Tensor, cap: float) -> torch.Tensor:
     """cv2.distanceTransform(DIST_L2, 5) (B, 1, H, W) float32 to the nearest True pixel, exact up to `cap`: integer
-    16.16 chamfer distances by min-plus relaxation, then times 2^-16 in float32 like OpenCV."""
-    b, _, h, w = mask_zero.shape
+    16.16 chamfer distances by min-plus relaxation over the 16 moves (exact in float64), then times 2^-16 in
+    float32 like OpenCV."""
+    _, _, h, w = mask_zero.shape
     big = float(1 << 40)
     d = torch.where(mask_zero, 0.0, big).to(F64)
-    wts = _chamfer_weights().to(d.device)[None, :, None]
+    steps = _chamfer_steps()
     for _ in range(int(cap) + 2):
         p = F.pad(d, (2, 2, 2, 2), value=big)
-        nd = (F.unfold(p, 5) + wts).amin(dim=1).view(b, 1, h, w)
+        nd = d
+        for di, dj, cost in steps:
+            nd = torch.minimum(nd, p[..., 2 + di:2 + di + h, 2 + dj:2 + dj + w] + cost)
         if torch.equal(nd, d):
             break
         d = nd

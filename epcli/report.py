@@ -635,19 +635,19 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                            "value": cell.value, "unreliable": cell.unreliable, "n": cell.n_examples,
                            "grad_mode": cell.grad_mode})
 
-    adversarial = []
-    seen_adv = set()
-    for a in reversed(adv_rows):  # latest first; one artifact per model and norm
+    candidates = []
+    for a in reversed(adv_rows):  # latest first
         cfg = run_info.get(a["run_id"], {}).get("config", {})
-        norm = cfg.get("norm") or "linf"
-        if (a["model_run_id"], norm) in seen_adv or a["model_run_id"] not in rows:
+        if a["model_run_id"] not in rows:
             continue
-        seen_adv.add((a["model_run_id"], norm))
-        adversarial.append({"run_id": a["model_run_id"], "attack_run_id": a["run_id"],
-                            "label": rows[a["model_run_id"]].label, "sha256": a["sha256"],
-                            "path": _abs(store, a["path"]), "per_example": per_example.get(a["run_id"]),
-                            "norm": norm, "attack": cfg.get("attack"), "grad_mode": cfg.get("grad_mode"),
-                            "meta": _json(a["meta"]) or {}, "config": cfg})
+        eps = cfg.get("eps") if isinstance(cfg.get("eps"), list) else []
+        candidates.append({"run_id": a["model_run_id"], "attack_run_id": a["run_id"],
+                           "label": rows[a["model_run_id"]].label, "sha256": a["sha256"],
+                           "path": _abs(store, a["path"]), "per_example": per_example.get(a["run_id"]),
+                           "norm": cfg.get("norm") or "linf", "attack": cfg.get("attack"),
+                           "grad_mode": cfg.get("grad_mode"), "n_eps": len(eps), "n": cfg.get("n_examples"),
+                           "meta": _json(a["meta"]) or {}, "config": cfg})
+    adversarial = _pick_adversarial(candidates)
     adversarial.sort(key=lambda a: (0 if a["norm"] == "linf" else 1, a["run_id"]))
 
     row_list = list(rows.values())
@@ -664,6 +664,24 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                       unroll=unroll, adversarial=adversarial, comparisons=comparisons, store_root=str(store.root),
                       generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), filters=filters,
                       scale=scale, notes=notes)
+
+
+def _pick_adversarial(candidates: list[dict]) -> list[dict]:
+    """Per norm, one adversarial-examples artifact per model, all from the same attack where possible (the one
+    most models have; PGD first), each the one with the most eps values, then the largest n, then the newest."""
+    out = []
+    for norm in sorted({c["norm"] for c in candidates}, key=lambda n: (n != "linf", n)):
+        cs = [c for c in candidates if c["norm"] == norm]
+        models = {c["run_id"] for c in cs}
+        attacks = {c["attack"] for c in cs}
+        attack = max(attacks, key=lambda at: (len({c["run_id"] for c in cs if c["attack"] == at}), at == "pgd",
+                                              str(at)))
+        for m in sorted(models):
+            mine = [c for c in cs if c["run_id"] == m]
+            same = [c for c in mine if c["attack"] == attack] or mine
+            # candidates are newest first; max keeps the first of equals
+            out.append(max(same, key=lambda c: (c["n_eps"], c["n"] or 0)))
+    return out
 
 
 def _corruption_means(c: dict) -> None:
@@ -983,9 +1001,9 @@ def _md(data: ReportData, columns: str = "headline") -> str:
             if cell is not None and cell.unreliable:
                 flags.append(f"- ⚠ {name}, {c.label}: {cell.reason}")
         line += [_corr_text(row.corruption), _fmt(row.corruption.get("mce"))]
-        out.append("| " + " | ".join(x.replace("|", "\\|") for x in line) + " |")
+        out.append("| " + " | ".join(_md_safe(x).replace("|", "\\|") for x in line) + " |")
     if flags:
-        out += ["", "Unreliable results:", ""] + flags
+        out += ["", "Unreliable results:", ""] + [_md_safe(f) for f in flags]
     if data.comparisons:
         out += ["", "## The paper beside the results", "", _PAPER_NOTE]
         shown = [c for c in data.comparisons if c.not_compared is None]
@@ -993,12 +1011,19 @@ def _md(data: ReportData, columns: str = "headline") -> str:
             out += ["", "| model | metric | epcli | paper | diff | protocol differences |", "|---|---|---:|---:|---:|---|"]
             for c in shown:
                 p = f"{c.paper:.2f}" + (f" ± {c.paper_std:.2f}" if c.paper_std is not None else "")
-                out.append(f"| {c.label} | {c.what} | {c.epcli:.2f} | {p} | {c.diff:+.2f} | "
+                out.append(f"| {_md_safe(c.label)} | {c.what} | {c.epcli:.2f} | {p} | {c.diff:+.2f} | "
                            f"{'; '.join(c.reasons) or '—'} |")
         out += [""] + [f"- {line}" for line in _not_compared_lines(data)]
     if data.notes:
-        out += ["", "Notes:", ""] + [f"- {n}" for n in data.notes]
+        out += ["", "Notes:", ""] + [f"- {_md_safe(n)}" for n in data.notes]
     return "\n".join(out) + "\n"
+
+
+def _md_safe(text: str) -> str:
+    """Store text (labels, model and dataset names, reasons) as inert Markdown: no raw HTML (<script>,
+    <img onerror>) and no link or image syntax (javascript: URLs) reaches a renderer."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("[", "\\[").replace("]", "\\]")
 
 
 _PAPER_NOTE = ("A paper number (Mansingh et al. 2024, from the authors' logs, mean ± std over seeds) stands beside "

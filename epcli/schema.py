@@ -132,13 +132,18 @@ def report(res: dict) -> dict:
                           "robust_acc": acc(None if c.value is None else c.value / scale, c.n_examples),
                           "n_examples": c.n_examples, "grad_mode": c.grad_mode, "unreliable": bool(c.unreliable),
                           "attack_run_id": c.run_id, "forward_passes": c.forward_passes,
-                          "paper_robust_acc": acc(None if c.paper is None else c.paper / scale)})
+                          "paper_robust_acc": acc(None if c.paper is None else c.paper / scale),
+                          "paper_not_compared": getattr(c, "not_compared", None),  # why no paper number
+                          "worst_of": list(getattr(c, "worst_of", []) or [])})
         corr = row.corruption or {}
         rows.append({"run_id": row.run_id, "model": row.model, "label": row.label, "dataset": row.dataset,
                      "status": row.status, "epochs": row.epochs,
                      "clean_acc": acc(None if row.clean_acc is None else row.clean_acc / scale),
                      "unreliable": bool(row.unreliable), "results": cells,
+                     "name": getattr(row, "name", None) or row.label,
+                     "paper_not_compared": getattr(row, "not_compared", None),
                      "corruption_mean_acc": acc(None if corr.get("mean") is None else corr["mean"] / scale),
+                     "corruption_mean_over": corr.get("mean_label"),  # e.g. "mean of 5/15 ... x 5 severities"
                      "corruption_mean_acc_all": acc(None if corr.get("mean_all") is None
                                                     else corr["mean_all"] / scale)})
     return {"command": "report", "run_id": res.get("run_id"), "files": [str(f) for f in res.get("files") or []],
@@ -292,10 +297,12 @@ SCHEMAS: dict[str, dict] = {
         "rows": {"type": "array", "items": _obj({
             "run_id": _RUN_ID, "model": _S, "label": _SN, "dataset": _SN, "status": _S, "epochs": _IN,
             "clean_acc": _ACCN, "unreliable": _B, "corruption_mean_acc": _ACCN, "corruption_mean_acc_all": _ACCN,
+            "name": _S, "paper_not_compared": _SN, "corruption_mean_over": _SN,
             "results": {"type": "array", "items": _obj({
                 "attack": _S, "norm": _SN, "eps": _NN, "eps_label": _S, "robust_acc": _ACCN, "n_examples": _IN,
                 "grad_mode": _SN, "unreliable": _B, "attack_run_id": _RUN_IDN, "forward_passes": _IN,
-                "paper_robust_acc": _ACCN})}})}}),
+                "paper_robust_acc": _ACCN, "paper_not_compared": _SN,
+                "worst_of": {"type": "array", "items": _S}})}})}}),
     "demo": _cmd("demo", {"run_ids": {"type": "array", "items": _RUN_ID}, "store": _S}),
     "runs": _cmd("runs", {"runs": {"type": "array", "items": _RUN}}),
     "show": _cmd("show", {

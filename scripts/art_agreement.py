@@ -64,7 +64,10 @@ def main() -> None:
                           "T": getattr(net, "T", None), "robust_epcli": r["robust_accuracy"][eps],
                           "robust_art": float((pred_ref == y).float().mean()),
                           "same_prediction": int((pred_ref == r["pred_adv"][eps]).sum()),
-                          "max_abs_pixel_diff": float((ref - r["x_adv"][eps]).abs().max())}), flush=True)
+                          "max_abs_pixel_diff": float((ref - r["x_adv"][eps]).abs().max()),
+                          "images_within_1e-4": int(((ref - r["x_adv"][eps]).flatten(1).abs().amax(1) <= 1e-4).sum()),
+                          "pixels_off_by_more_than_1e-4": int(((ref - r["x_adv"][eps]).abs() > 1e-4).sum()),
+                          "pixels": int(ref.numel())}), flush=True)
 
 
 if __name__ == "__main__":

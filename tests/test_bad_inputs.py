@@ -264,3 +264,21 @@ def test_store_folder_mistakes(tmp_path, world):
         assert r.exit_code == 5 and "not an epcli store" in r.stderr and r.stderr.count("\n") == 1
     assert (foreign / "epcli.db").read_bytes() == before
     assert sorted(p.name for p in foreign.iterdir()) == ["epcli.db"]  # no -wal, -shm, .lock, tmp/
+
+
+def test_markdown_report_of_hostile_labels_is_inert(world, tmp_path):
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(world["store"], store)
+    hostile = '<script>alert(1)</script><img src=x onerror=alert(2)>[click](javascript:alert(3))'
+    conn = sqlite3.connect(store / "epcli.db")
+    conn.execute("UPDATE runs SET config = json_set(config, '$.label', ?), model = ? WHERE kind = 'train'",
+                 [hostile, "[x](javascript:alert(4))"])
+    conn.commit()
+    conn.close()
+    r = invoke("report", "-f", "md", store=store)
+    assert r.exit_code == 0, r.output
+    import re
+    assert "<script" not in r.stdout and "<img" not in r.stdout
+    assert not re.search(r"(?<!\\)\]\(javascript:", r.stdout)  # no link: its brackets are escaped
+    assert "&lt;script&gt;" in r.stdout and "\\[click\\](javascript:" in r.stdout  # still shown, inert

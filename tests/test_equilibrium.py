@@ -211,11 +211,12 @@ def test_fit_best_val_holds_out_and_records_residuals(cifar):
     vx, vy, _ = subset(cifar.test_x, cifar.test_y, 20, seed=0)
     ds = Dataset("small", cifar.classes, tx, ty, vx, vy)
     m = EPCNN.preset("ep-cnn-tiny")
-    seen = []
+    seen, warm = [], []
     orig = m.ep_train_step
 
     def spy(x, y, *a, **k):
         seen.append(len(y))
+        warm.append(sum(float(t.abs().sum()) for t in k["states"]))
         return orig(x, y, *a, **k)
 
     m.ep_train_step = spy
@@ -223,12 +224,19 @@ def test_fit_best_val_holds_out_and_records_residuals(cifar):
                                      "ep": {"T1": 4, "T2": 2, "warm_start": True}})
     hist = fit(m, ds, rec, select="best-val")
     assert sum(seen) == 2 * 36  # 4 of the 40 images held out, every epoch
+    assert all(w == 0 for w in warm[:3]) and all(w > 0 for w in warm[3:])  # epoch 2 starts from the bank
     for h in hist:
         assert 0.0 <= h["val_acc"] <= 1.0 and h["val_acc"] * 4 == round(h["val_acc"] * 4)
         assert h["residual_free"] > 0 and h["residual_nudged"] > 0
         assert h["residual_free_mean"] <= h["residual_free"] and h["mean_steps"] == 4
     with pytest.raises(UsageError):
         fit(m, ds, rec, select="best-train")
+    # a tolerance stop in the free phase: T1 becomes a cap
+    m2 = EPCNN.preset("ep-cnn-tiny")
+    rec2 = resolve_recipe("demo-ep", {"epochs": 1, "batch_size": 20, "optimizer": {"lrs": None},
+                                      "ep": {"T1": 300, "T2": 3, "tol": 1e-2}})
+    h = fit(m2, ds, rec2)[0]
+    assert h["residual_free"] < 1e-2 and h["mean_steps"] < 300
 
 
 def test_train_pipeline_selects_the_best_epoch_and_resumes_from_the_newest(tmp_path, mini):
@@ -238,15 +246,12 @@ def test_train_pipeline_selects_the_best_epoch_and_resumes_from_the_newest(tmp_p
     from epcli.store import Store
     folder = str(write_imagefolder(tmp_path / "data", mini, 4, 3))
     store = Store(tmp_path / "store")
-    seen = {}
-
-    def progress(task, done, total, info):  # stage "epoch k/N" ends (done == total) with the epoch's metrics
-        if task.startswith("epoch ") and done == total:
-            seen[int(task.split()[1].split("/")[0])] = dict(info)
-
     over = {"epochs": 4, "batch_size": 8, "optimizer": {"lrs": [0.4, 0.2, 0.1]}, "ep": {"T1": 6, "T2": 3}}
     res = api.train(model="ep-cnn-tiny", dataset=folder, store=store, device="cpu", overrides=over,
-                    select="best-val", progress=progress)
+                    select="best-val")
+    seen: dict = {}
+    for r in store.db["metrics"].rows_where("run_id = ?", [res["run_id"]]):
+        seen.setdefault(r["step"], {})[r["name"]] = r["value"]
     assert set(seen) == {1, 2, 3, 4} and all("val_acc" in m and "residual_free" in m for m in seen.values())
     best = max(seen, key=lambda e: (seen[e]["val_acc"], -e))  # the first epoch with the best val_acc
     run = store.get_run(res["run_id"])

@@ -72,6 +72,12 @@ def kill_after(p: subprocess.Popen, store: Path, delay: float) -> bool:
     return False
 
 
+def moment(rng: random.Random, k: int, window: float) -> float:
+    """The k-th kill's delay: a seeded random point in the k-th of KILLS equal slices of the run's window, so
+    that even two kills land early and late (before and after the first checkpoints)."""
+    return window * (k + rng.random()) / KILLS
+
+
 def timed_run(store, *args) -> tuple[dict, float]:
     """An uninterrupted run and the seconds from its run opening to its exit (the window kills aim at)."""
     p = epcli(store, *args)
@@ -127,7 +133,7 @@ def test_train_killed_at_random_moments_resumes_bit_exact(tmp_path, data):
     ref_w = model_tensors(tmp_path / "ref", ref)
     for k in range(KILLS):
         store = tmp_path / f"kill{k}"
-        killed = kill_after(epcli(store, *args), store, rng.uniform(0, window))
+        killed = kill_after(epcli(store, *args), store, moment(rng, k, window))
         assert_consistent(store)
         s = Store(store)
         run = s.runs(kind="train")[0]
@@ -137,7 +143,8 @@ def test_train_killed_at_random_moments_resumes_bit_exact(tmp_path, data):
             res = {"test_acc": run["summary"]["test_acc"], "checkpoint": ckpt[-1]["sha256"]}
         else:
             assert killed and run["status"] == "interrupted"
-            res = finish(epcli(store, "train", "--resume", run["id"]) if ckpt else epcli(store, *args))
+            again = ["train", "--resume", run["id"], "--dataset", data] if ckpt else args
+            res = finish(epcli(store, *again))
             assert_consistent(store)
         assert res["test_acc"] == ref["test_acc"]
         w = model_tensors(store, res)
@@ -156,8 +163,8 @@ def test_attack_killed_at_random_moments_resumes_to_the_same_result(trained):
     args = ["attack", "--model", "cnn-small", "--n", 60, "--batch-size", 10, "--steps", 3, "--eps",
             "2/255,8/255", "--no-strength-check", "--no-checks"]
     ref, window = timed_run(trained, *args)
-    for _ in range(KILLS):
-        killed = kill_after(epcli(trained, *args), trained, rng.uniform(0, window))
+    for k in range(KILLS):
+        killed = kill_after(epcli(trained, *args), trained, moment(rng, k, window))
         assert_consistent(trained)
         if killed:
             res = finish(epcli(trained, *args))  # the same arguments: takes over the partial chunks
@@ -170,8 +177,8 @@ def test_corrupt_killed_then_rerun(trained):
     rng = random.Random(SEED + 2)
     args = ["corrupt", "--model", "cnn-small", "--n", 30, "-c", "fog", "-c", "gaussian_noise", "-s", 1, "-s", 5]
     ref, window = timed_run(trained, *args)
-    for _ in range(max(1, KILLS // 2)):
-        kill_after(epcli(trained, *args), trained, rng.uniform(0, window))
+    for k in range(max(1, KILLS // 2)):
+        kill_after(epcli(trained, *args), trained, moment(rng, k, window))
         assert_consistent(trained)
     res = finish(epcli(trained, *args))
     assert res["corruption_mean_acc_all"] == ref["corruption_mean_acc_all"]
@@ -185,3 +192,20 @@ def test_two_identical_attacks_at_once_both_finish(trained):
     a, b = [finish(p) for p in procs]
     assert a["run_id"] != b["run_id"] and a["results"] == b["results"]
     assert_consistent(trained)
+
+
+def test_kill_after_the_last_checkpoint_resumes_to_a_finished_run(tmp_path, data):
+    """The exact state a kill leaves between the last epoch's checkpoint and closing the run: resuming
+    records that checkpoint as final (not "ran no epoch", not a failed run)."""
+    from epcli import api
+    s = Store(tmp_path / "s")
+    done = api.train(model="cnn-small", dataset=str(data), overrides={"epochs": 2}, store=s, device="cpu")
+    s.db.execute("UPDATE runs SET status = 'interrupted', summary = NULL WHERE id = ?", [done["run_id"]])
+    s.db.execute("UPDATE run_artifacts SET name = 'last' WHERE run_id = ? AND role = 'output'", [done["run_id"]])
+    res = api.train(model="cnn-small", dataset=str(data), resume=done["run_id"], store=s, device="cpu")
+    run = s.get_run(res["run_id"])
+    assert run["status"] == "finished" and res["checkpoint"] == done["checkpoint"]
+    assert res["test_acc"] == done["test_acc"]
+    assert api.resolve_model(s, res["run_id"])["sha256"] == done["checkpoint"]
+    s.close()
+    assert_consistent(tmp_path / "s")

@@ -123,3 +123,22 @@ def test_every_other_command_validates(store, tmp_path):
     assert rm["dry_run"] and a["run_id"] in rm["removed"] and att["run_id"] in rm["removed"]
     assert Store(root).get_run(a["run_id"])["status"] == "finished"  # dry run: nothing removed
     run_json(root, "gc", "--dry-run")
+
+
+def test_demo_json(store, monkeypatch, tmp_path):
+    """The demo's document, with the demo shrunk to one tiny model (the real one takes minutes)."""
+    _, data, _, _ = store
+    from epcli.pipelines import demo
+    monkeypatch.setitem(demo.DEMO, "models", [("cnn-small", "demo-cnn", "CNN (small)")])
+    monkeypatch.setitem(demo.DEMO, "attacks", [("pgd", "linf", "8/255")])
+    monkeypatch.setitem(demo.DEMO, "corruptions", ["fog"])
+    monkeypatch.setitem(demo.DEMO, "n_attack", 10)
+    monkeypatch.setitem(demo.DEMO, "n_corrupt", 10)
+    monkeypatch.setitem(demo.DEMO, "dataset", str(data))
+    monkeypatch.setitem(demo.DEMO, "overrides", {"epochs": 1})
+    r = runner.invoke(app, ["demo", "--store", str(tmp_path / "d"), "--device", "cpu", "--json"],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    jsonschema.validate(doc, SCHEMAS["demo"])
+    assert [x["id"] for x in Store(tmp_path / "d").runs(kind="train")] == doc["run_ids"]

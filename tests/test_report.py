@@ -659,16 +659,22 @@ def test_adversarial_image_choice(tmp_path):
 
 
 def test_cli_report_json_and_robustbench(built, tmp_path):
+    import jsonschema
     from typer.testing import CliRunner
 
     from epcli.cli import app
+    from epcli.schema import SCHEMAS
     store, ids = built
     runner = CliRunner()
     for fmt in ("md", "html", "csv", "table", "json"):
         r = runner.invoke(app, ["--store", str(store.root), "report", "-f", fmt, "--json"], catch_exceptions=False)
         assert r.exit_code == 0, r.output
-        doc = json.loads(r.stdout)                       # --json always prints JSON
+        doc = json.loads(r.stdout)                       # --json always prints JSON, the schema's report
+        jsonschema.validate(doc, SCHEMAS["report"])
         assert {row["run_id"] for row in doc["rows"]} >= {ids["ep"], ids["cnn"]}
+        ep = next(row for row in doc["rows"] if row["run_id"] == ids["ep"])
+        assert ep["corruption_mean_over"] == "mean of 3/15 benchmark corruptions × 5 severities"
+        assert "cifar10-mini" in ep["paper_not_compared"]
     out = tmp_path / "rb"
     r = runner.invoke(app, ["--store", str(store.root), "report", "-f", "robustbench", "--out", str(out)],
                       catch_exceptions=False)
@@ -709,3 +715,13 @@ def test_equilibrium_and_selection_beside_the_model(tmp_path):
     assert notes["EP old"] == []
     assert "NOT converged" in report.render(data, "md") and "at equilibrium" in report.html_report(data, [])
     store.close()
+
+
+def test_adversarial_grid_uses_one_attack_per_norm():
+    """Per norm the grid shows the same attack for every model (the most eps, then n, then newest)."""
+    def cand(model, attack, n_eps, n, tag):
+        return {"run_id": model, "norm": "linf", "attack": attack, "n_eps": n_eps, "n": n, "tag": tag}
+    newest_first = [cand("ep", "pgd", 1, 32, "ep-tiny"), cand("cnn", "autoattack", 1, 100, "cnn-aa"),
+                    cand("ep", "pgd", 4, 200, "ep-demo"), cand("cnn", "pgd", 4, 200, "cnn-demo"),
+                    cand("cnn", "pgd", 4, 200, "cnn-older")]
+    assert [c["tag"] for c in report._pick_adversarial(newest_first)] == ["cnn-demo", "ep-demo"]

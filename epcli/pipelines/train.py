@@ -156,7 +156,7 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
                 best.update(sha=sha, score=metrics[score_key], epoch=epoch)
                 store.link(run_id, sha, "output", "best")
             rows = [{"name": k, "value": float(v), "step": epoch, "dataset": ds.name, "model": model_name,
-                     "split": "test" if k == "test_acc" else "train"}
+                     "split": {"test_acc": "test", "val_acc": "val"}.get(k, "train")}
                     for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             store.log_metrics(run_id, rows)
             history.append({"epoch": epoch, **metrics})
