@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun (CPU, gloo): 2 processes train the same model as 1 process would."""
+"""torchrun on the CPU (gloo): 2 processes train the same model as 1 process would, and attack and corrupt
+with the same per-example outcomes (sharded evaluation, epcli/pipelines/shard.py)."""
 import json
 import os
 import subprocess
