@@ -483,9 +483,11 @@ def corrupt(
         for c, v in by.items():
             t.add_row(c, *[_pct(v[sv]) if sv in v else "" for sv in sevs])
         err.print(t)
-    _note(f"{_escape(res['model'])}: clean {clean}, corruption mean (15) "
-          f"{_pct(res.get('corruption_mean_acc'))}%, all 19 {_pct(res.get('corruption_mean_acc_all'))}%, "
-          f"mCE (unnormalised) {_pct(res.get('mce_unnormalized'))}% (run {res['run_id']})")
+    all19 = (f"{_pct(res['corruption_mean_acc_all'])}%" if res.get("corruption_mean_acc_all") is not None
+             else "n/a (not all 19 x 5 run)")
+    _note(f"{_escape(res['model'])}: clean {clean}; {res.get('corruption_mean_over') or 'benchmark mean'}: "
+          f"{_pct(res.get('corruption_mean_acc'))}% (mCE unnormalised {_pct(res.get('mce_unnormalized'))}%); "
+          f"mean of all 19 x 5: {all19} (run {res['run_id']})")
     _emit(schema.corrupt(res), as_json)
 
 

@@ -214,8 +214,8 @@ class EPCNN(nn.Module):
         self.last_residual: torch.Tensor | None = None  # per-sample relative residual of the last relax
         self.ep_beta, self.ep_steps = 0.1, None      # grad_mode "ep": nudge size, nudged steps (None: T)
         self.implicit_tol, self.implicit_iters = 1e-6, None  # adjoint iteration for "implicit" (None: T)
-        # "implicit" needs a fixed point: relax on (up to implicit_max_steps, None: 10*T) until the relative
-        # residual max|F(s)-s| / max|s| is below implicit_residual_tol; what happened goes to implicit_stats
+        # "implicit" needs a fixed point: relax on (up to implicit_max_steps, None: 10*T) until the largest
+        # relative residual of one step is below implicit_residual_tol; what happened goes to implicit_stats
         self.implicit_residual_tol, self.implicit_max_steps = 1e-3, None
         self.implicit_stats = new_implicit_stats()
         self.last_steps = 0
@@ -589,28 +589,27 @@ class EPCNN(nn.Module):
             return full + (k - k.detach())
         return _EPGrad.apply(self, x, [t.detach() for t in s], full)  # "ep"
 
-    def relative_residual(self, x, s) -> float:
-        """max_l max|F(s)_l - s_l| / max_l max|s_l| for one synchronous step F: 0 exactly at a fixed point."""
+    def fixed_point_residual(self, x, s) -> float:
+        """Largest per-sample `relative_residual` of one synchronous step F from states s (0 exactly at a fixed
+        point of the dynamics the implicit adjoint differentiates)."""
         with torch.no_grad():
             W, Wo = self._weights(None)
             drive = self._up(0, self._normalize(x), W)[0]
             s = [t.detach().to(drive.dtype) for t in s]
-            f = self._step(drive, s, 0.0, None, W, Wo)
-            top = max(float((a - b).abs().max()) for a, b in zip(f, s))
-            return top / max(max(float(t.abs().max()) for t in s), 1e-30)
+            return float(relative_residual(self._step(drive, s, 0.0, None, W, Wo), s).max())
 
     def _to_fixed_point(self, x, s, T):
         """The state the implicit adjoint is applied at: s after T steps, relaxed further (in chunks of T steps,
         up to implicit_max_steps) while its relative residual is above implicit_residual_tol. Recorded in
         implicit_stats: the adjoint at a non-fixed point is not the gradient of anything."""
-        r0 = r = self.relative_residual(x, s)
+        r0 = r = self.fixed_point_residual(x, s)
         extra, budget = 0, (10 * T if self.implicit_max_steps is None else int(self.implicit_max_steps))
         while r > self.implicit_residual_tol and extra < budget:
             n = min(T, budget - extra)
             with torch.no_grad():
                 s, _ = self.relax(x, n, states=s)
             extra += n
-            r = self.relative_residual(x, s)
+            r = self.fixed_point_residual(x, s)
         self._adjoint_budget = T + extra  # the adjoint contracts like the relaxation: give it as many steps
         st = self.implicit_stats
         st["calls"] += 1

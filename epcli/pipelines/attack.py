@@ -258,7 +258,7 @@ def _implicit_check(stats: dict, T) -> dict:
     """Did the implicit gradient's adjoint see fixed points? (ep.EPCNN._to_fixed_point keeps the record.)"""
     ok = stats["unconverged"] == 0
     return {"check": "implicit-fixed-point", "passed": ok,
-            "detail": f"implicit gradient: relative residual max|F(s)-s|/max|s| at T={T} up to "
+            "detail": f"implicit gradient: relative residual of one step at T={T} up to "
                       f"{stats['max_residual_at_T']:.3g}; relaxed up to {stats['max_extra_steps']} more steps, "
                       f"residual then up to {stats['max_residual']:.3g} (tolerance {stats['tol']:g}); "
                       f"{stats['unconverged']} of {stats['calls']} gradient calls not at a fixed point" +

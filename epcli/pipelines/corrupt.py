@@ -92,9 +92,11 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         cells = {(c, int(sv)): pct(a) for c, by_sev in summ["cells"].items() for sv, a in by_sev.items()}
         for (c, sv), acc in cells.items():
             rows.append({"name": "corruption_acc", "value": acc, "corruption": c, "severity": sv, **facets})
+        over, complete_all = mean_coverage(summ["cells"])
         headline = {"clean_acc": pct(summ.get("clean_accuracy")),
                     "corruption_mean_acc": pct(summ.get("mean_accuracy_benchmark")),
-                    "corruption_mean_acc_all": pct(summ.get("mean_accuracy_all")),
+                    # the all-19 mean exists only when all 19 x 5 were run (else it would mislabel a subset)
+                    "corruption_mean_acc_all": pct(summ.get("mean_accuracy_all")) if complete_all else None,
                     "mce_unnormalized": pct(summ.get("mce_unnormalized")),
                     "relative_mce": pct(summ.get("relative_mce_vs_reference")),
                     "mce_vs_reference": pct(summ.get("mce_vs_reference"))}
@@ -102,7 +104,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
             if key != "clean_acc" and val is not None:
                 rows.append({"name": key, "value": val, **facets,
                              "detail": {"reference": reference} if "reference" in key or key == "relative_mce"
-                             else None})
+                             else {"over": over} if key in ("corruption_mean_acc", "mce_unnormalized") else None})
         if not source:
             rows += relax_residual_rows(net, x, device, facets)  # how far from equilibrium the predictions are
         progress("save", 0, 1, {})
@@ -110,6 +112,8 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
         progress("save", 1, 1, {"run_id": run_id, "mean_acc": headline["corruption_mean_acc"]})
         summary = {k: v for k, v in headline.items() if v is not None}
+        if summary.get("corruption_mean_acc") is not None:
+            summary["corruption_mean_over"] = over
         if "shards" in res:  # torchrun: who evaluated what
             summary["shards"] = res["shards"]
         store.update_run(run_id, summary=summary)
@@ -119,6 +123,23 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     if source:
         out.update({"source": str(source), "clean_from": clean_from})
     return shard.finish(out)
+
+
+def mean_coverage(cells: dict) -> tuple[str, bool]:
+    """What the benchmark mean was taken over ("mean of 5/15 benchmark corruptions x 5 severities"), and
+    whether all 19 corruptions x 5 severities were run (only then is there an all-19 mean)."""
+    from epcli.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS
+    bench = [c for c in cells if c in BENCHMARK_CORRUPTIONS]
+    sev_sets = {tuple(sorted(int(s) for s in cells[c])) for c in cells}
+    sevs = sorted({s for ss in sev_sets for s in ss})
+    if len(sev_sets) > 1:
+        sev = "uneven severities"
+    elif sevs == [1, 2, 3, 4, 5]:
+        sev = "5 severities"
+    else:
+        sev = ("severity " if len(sevs) == 1 else "severities ") + ",".join(map(str, sevs))
+    complete_all = set(cells) >= set(CORRUPTIONS) and sev_sets == {(1, 2, 3, 4, 5)}
+    return f"mean of {len(bench)}/15 benchmark corruptions x {sev}", complete_all
 
 
 def _source_names(source: str) -> list[str]:
