@@ -357,6 +357,10 @@ def attack(
                                          "white- vs black-box on stored runs).")] = True,
     strength_check: Annotated[bool, typer.Option(help="PGD: re-run 2x steps and restarts on a subset.")] = True,
     strict: Annotated[bool, typer.Option(help="Exit 7 when a reliability check fails.")] = False,
+    chunk: Annotated[Optional[int], typer.Option(
+        help="Images per resumable chunk (saved as it finishes; the unit each torchrun process attacks). "
+             "Default: about n/8, at most 1000, whole batches. Part of the result: chunk k is seeded from "
+             "--seed and k.")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -376,6 +380,10 @@ def attack(
     params = {k: v for k, v in {"steps": steps, "step_size": step_size, "restarts": restarts,
                                 "random_start": random_start, "n_queries": queries,
                                 "clip": clip}.items() if v is not None}
+    from epcli import distributed
+    if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
+        api.attack(model=model, device=device, store=None)
+        return
     with _store() as store, _progress() as progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = api.attack(model=model, attack=attack_name, norm=norm, eps=eps, dataset=dataset,
@@ -383,7 +391,7 @@ def attack(
                          labels=labels, params=params, T=T, device=device, store=store, argv=sys.argv,
                          checks=checks, strength=strength_check, progress=progress, targeted=targeted,
                          protocol=protocol, select=select,
-                         unroll_sweep=_int_list(unroll_sweep, "--unroll-sweep"))
+                         chunk=chunk, unroll_sweep=_int_list(unroll_sweep, "--unroll-sweep"))
     for w in caught:
         _note(f"[yellow]warning:[/] {_escape(str(w.message))}")
     from epcli import schema
@@ -441,7 +449,11 @@ def corrupt(
     Examples: `epcli corrupt --model ep-cnn`, `epcli corrupt -m cnn -c fog -c contrast -s 5`,
     `epcli corrupt --export cifar10c/ --dataset cifar10`.
     """
-    from epcli import api, schema
+    from epcli import api, distributed, schema
+    if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
+        if not export:
+            api.corrupt(model=model, device=device, store=None)
+        return
     STATE.quiet = STATE.quiet or quiet
     with _store() as store, _progress() as progress:
         if export:
@@ -471,9 +483,11 @@ def corrupt(
         for c, v in by.items():
             t.add_row(c, *[_pct(v[sv]) if sv in v else "" for sv in sevs])
         err.print(t)
-    _note(f"{_escape(res['model'])}: clean {clean}, corruption mean (15) "
-          f"{_pct(res.get('corruption_mean_acc'))}%, all 19 {_pct(res.get('corruption_mean_acc_all'))}%, "
-          f"mCE (unnormalised) {_pct(res.get('mce_unnormalized'))}% (run {res['run_id']})")
+    all19 = (f"{_pct(res['corruption_mean_acc_all'])}%" if res.get("corruption_mean_acc_all") is not None
+             else "n/a (not all 19 x 5 run)")
+    _note(f"{_escape(res['model'])}: clean {clean}; {res.get('corruption_mean_over') or 'benchmark mean'}: "
+          f"{_pct(res.get('corruption_mean_acc'))}% (mCE unnormalised {_pct(res.get('mce_unnormalized'))}%); "
+          f"mean of all 19 x 5: {all19} (run {res['run_id']})")
     _emit(schema.corrupt(res), as_json)
 
 

@@ -966,12 +966,15 @@ def _check_severities(severities) -> tuple[int, ...]:
 
 def evaluate(model, x_uint8: torch.Tensor, y: torch.Tensor, *, names: Iterable[str] = CORRUPTIONS,
              severities: Iterable[int] = (1, 2, 3, 4, 5), seed: int = 0, batch_size: int = 500,
-             device="cpu", on_batch: Callable[[dict], None] | None = None) -> dict:
+             device="cpu", on_batch: Callable[[dict], None] | None = None,
+             span: tuple[int, int] | None = None) -> dict:
     """Accuracy of `model` on generated corruptions of a uint8 set (N, 3, H, W) with labels y.
 
     Returns {"clean_correct": bool (N,), "correct": {(name, severity): bool (N,)}, "seconds": float}. The model
     is called under torch.no_grad on float batches in [0, 1]; its train/eval mode is left as given. on_batch, if
     given, gets {"name", "severity", "done", "total"} after every batch ("name" is None for the clean pass).
+    span=(lo, hi), lo a multiple of batch_size: evaluate only examples [lo, hi) (one process's share under
+    torchrun), in the batches the whole set has there; outcomes outside the span are left False.
     """
     names, severities = _check_names(names), _check_severities(severities)
     if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
@@ -979,20 +982,24 @@ def evaluate(model, x_uint8: torch.Tensor, y: torch.Tensor, *, names: Iterable[s
     if batch_size < 1:
         raise UsageError(f"batch_size must be positive, got {batch_size}")
     n = x_uint8.shape[0]
+    lo, hi = (0, n) if span is None else (int(span[0]), min(int(span[1]), n))
+    if lo % batch_size:
+        raise UsageError(f"span must start on a batch boundary (a multiple of {batch_size}), got {lo}")
     y = torch.as_tensor(y).long()
     t0 = time.perf_counter()
     clean = torch.zeros(n, dtype=torch.bool)
-    for s in range(0, n, batch_size):
-        xb = x_uint8[s:s + batch_size].to(device).float().div_(255)
-        clean[s:s + batch_size] = (_predict(model, xb).cpu() == y[s:s + batch_size])
+    for s in range(lo, hi, batch_size):
+        e = min(s + batch_size, hi)
+        xb = x_uint8[s:e].to(device).float().div_(255)
+        clean[s:e] = (_predict(model, xb).cpu() == y[s:e])
         if on_batch:
-            on_batch({"name": None, "severity": None, "done": min(s + batch_size, n), "total": n})
+            on_batch({"name": None, "severity": None, "done": e, "total": n})
     correct = {}
     for name in names:
         for sev in severities:
             ok = torch.zeros(n, dtype=torch.bool)
-            for s in range(0, n, batch_size):
-                e = min(s + batch_size, n)
+            for s in range(lo, hi, batch_size):
+                e = min(s + batch_size, hi)
                 xb = corrupt_range(x_uint8, name, sev, seed, s, e, device)
                 ok[s:e] = _predict(model, xb).cpu() == y[s:e]
                 if on_batch:

@@ -8,6 +8,7 @@ the process to `cuda:LOCAL_RANK`, and leaves the group again at exit. See docs/d
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import signal
 import sys
@@ -17,9 +18,25 @@ import torch.distributed as dist
 
 __all__ = ["launched", "init", "is_initialized", "rank", "world_size", "local_rank", "is_main", "device_for",
            "shard_range", "all_reduce_mean_", "all_reduce_sum_", "broadcast_", "broadcast_object",
-           "all_gather_object", "barrier", "cleanup"]
+           "all_gather_object", "gather_object", "barrier", "cleanup", "timeout_s"]
 
 BUCKET_ELEMENTS = 1 << 24  # at most 16M elements (64 MB of fp32) flattened per all_reduce
+DEFAULT_TIMEOUT_S = 6 * 3600  # a collective may wait this long for the slowest rank (one attack chunk can take an hour)
+
+
+def timeout_s() -> float:
+    """How long a collective waits for the other ranks: EPCLI_DIST_TIMEOUT_S, default 6 hours.
+
+    Sharded evaluation gathers after each round of chunks, and a rank with nothing left to do in the last
+    round waits there for the others; PyTorch's default (10-30 minutes) is shorter than one AutoAttack chunk of
+    a full-size EP-CNN. A rank that dies does not make the others wait: torchrun stops them.
+    """
+    raw = os.environ.get("EPCLI_DIST_TIMEOUT_S", "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = DEFAULT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_TIMEOUT_S
 
 
 def launched() -> bool:
@@ -78,7 +95,8 @@ def init(device: str | torch.device | None = None) -> bool:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         kwargs["device_id"] = dev  # binds NCCL to this GPU (no guessing in barrier)
-    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s()), **kwargs)
     atexit.register(cleanup)
     if sys.platform != "win32":
         try:  # torchrun stops the other workers with SIGTERM when one fails: unwind so the store marks the run
@@ -180,6 +198,15 @@ def all_gather_object(obj) -> list:
         return [obj]
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object(obj, dst: int = 0) -> list | None:
+    """Every rank's picklable object, in rank order, on rank `dst` (None on the others)."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
     return out
 
 

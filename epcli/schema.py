@@ -107,6 +107,7 @@ def corrupt(res: dict) -> dict:
     return {"command": "corrupt", "run_id": res["run_id"], "model": res["model"],
             "model_run_id": res.get("model_run_id"), "n_examples": n, "clean_acc": acc(res.get("clean_acc"), n),
             "corruption_mean_acc": acc(res.get("corruption_mean_acc"), n),
+            "corruption_mean_over": res.get("corruption_mean_over"),
             "corruption_mean_acc_all": acc(res.get("corruption_mean_acc_all"), n),
             "mce_unnormalized": acc(res.get("mce_unnormalized"), n),
             "relative_mce": sig(res.get("relative_mce"), 4), "mce_vs_reference": sig(res.get("mce_vs_reference"), 4),
@@ -284,8 +285,8 @@ SCHEMAS: dict[str, dict] = {
         "T": _IN, "target_hit": {"type": "array", "items": _obj({**_EPS, "hit": _ACC})}}),
     "corrupt": _cmd("corrupt", {
         "run_id": _RUN_ID, "model": _S, "model_run_id": _RUN_IDN, "n_examples": _I, "clean_acc": _ACCN,
-        "corruption_mean_acc": _ACCN, "corruption_mean_acc_all": _ACCN, "mce_unnormalized": _ACCN,
-        "relative_mce": _NN, "mce_vs_reference": _NN, "source": _SN, "clean_from": _SN,
+        "corruption_mean_acc": _ACCN, "corruption_mean_over": _SN, "corruption_mean_acc_all": _ACCN,
+        "mce_unnormalized": _ACCN, "relative_mce": _NN, "mce_vs_reference": _NN, "source": _SN, "clean_from": _SN,
         "cells": {"type": "array", "items": _obj({"corruption": _S, "severity": {"type": "integer", "minimum": 1,
                                                                                   "maximum": 5}, "acc": _ACC})}}),
     "corrupt-export": _cmd("corrupt-export", {

@@ -316,6 +316,21 @@ class Store:
         self._mark_stale(db)
         return db
 
+    @contextlib.contextmanager
+    def write_transaction(self) -> Iterator[None]:
+        """One transaction that takes the write lock first (BEGIN IMMEDIATE): the busy timeout then applies.
+        A deferred transaction whose first statement reads (sqlite-utils checks the table) fails at once with
+        "database is locked" when another process wrote in between."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.db.conn.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError(f"the store {self.root} is read-only here (no write permission); commands that "
@@ -480,7 +495,7 @@ class Store:
         finally:
             tmp.unlink(missing_ok=True)
         rel = str(dest.relative_to(self.root))
-        with self.db.atomic():  # row and lineage edge together: a kill never leaves an unlinked artifact
+        with self.write_transaction():  # row and lineage edge together: a kill never leaves an unlinked artifact
             self.db["artifacts"].insert({
                 "sha256": sha, "path": rel, "size": size, "kind": kind, "run_id": run_id,
                 "created_at": now(), "meta": canonical_json(meta or {}),

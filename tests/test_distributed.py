@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun (CPU, gloo): 2 processes train the same model as 1 process would."""
+"""torchrun on the CPU (gloo): 2 processes train the same model as 1 process would, and attack and corrupt
+with the same per-example outcomes (sharded evaluation, epcli/pipelines/shard.py)."""
 import json
 import os
 import subprocess
@@ -162,3 +163,223 @@ def test_sync_grads_weighs_uneven_slices():
         assert unused.grad is None and float(loss) == pytest.approx((hi - lo) * world / 25)
         total += p.grad
     assert torch.allclose(total / world, g.mean(0), atol=1e-6)
+
+
+# --- sharded evaluation: attacks and corruptions under torchrun (epcli/pipelines/shard.py) ------------------
+
+def _memorised_folder(root, dataset, per_class=10):
+    """An ImageFolder whose test split is its train split (real images): a few epochs of cnn-small then classify
+    most test images correctly, so the attacks below have many points to attack and their outcomes are mixed."""
+    from PIL import Image
+    for split in ("train", "test"):
+        for c, name in enumerate(dataset.classes):
+            (root / split / name).mkdir(parents=True)
+            for i in (dataset.train_y == c).nonzero().flatten()[:per_class].tolist():
+                Image.fromarray(dataset.train_x[i].permute(1, 2, 0).numpy()).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_store(tmp_path_factory, mini):
+    """A store with a finished cnn-small (most of its 100 test images right) and ep-cnn-small training run."""
+    root = tmp_path_factory.mktemp("shard")
+    data = _memorised_folder(root / "data", mini)
+    store = Store(root / "store")
+    common = {"batch_size": 20, "augment": None}
+    store.cnn = api.train(model="cnn-small", dataset=str(data), store=store, device="cpu", seed=1,
+                          overrides={"epochs": 6, **common})
+    store.ep = api.train(model="ep-cnn-small", dataset=str(data), store=store, device="cpu", seed=1,
+                         overrides={"epochs": 2, **common, "ep": {"T1": 8, "T2": 4}})
+    store.data = data
+    return store
+
+
+def _outcomes(store, run_id):
+    """The per-example artifact of an attack or corruption run (every tensor in it)."""
+    arts = store.artifacts_of(run_id, role="output", kind="per-example")
+    assert len(arts) == 1
+    return load_file(str(store.artifact_path(arts[0]["sha256"])))
+
+
+def _assert_same_outcomes(store, run_a, run_b):
+    a, b = _outcomes(store, run_a), _outcomes(store, run_b)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between {run_a} and {run_b}"
+    return a
+
+
+# Attacks through the API: chunks of 9 (9, 9, 9, 3: two rounds, the second uneven in size) in batches of 5
+# (so each chunk's generators run over two batches), and a corruption sweep in batches of 16 (rank 0 gets
+# batch 0, rank 1 batches 1-2; CHUNK = 100 examples share one generator, cut across both ranks).
+ATTACKS = {
+    "pgd": dict(eps="2/255", params={"steps": 3}),
+    "apgd-ce": dict(eps="2/255", params={"steps": 3}),
+    "square": dict(eps="4/255", params={"n_queries": 30}),
+    # each member runs on the points of its batch still robust: per example, inside the chunk
+    "autoattack": dict(eps="4/255", params={"steps": 2, "n_target_classes": 2, "n_queries": 20}),
+}
+ATTACK_COMMON = dict(n=30, chunk=9, batch_size=5, seed=5, device="cpu", strength=False, checks=False)
+CORRUPT = dict(names=["gaussian_noise", "glass_blur", "contrast"], severities=[2, 5], n=40, batch_size=16, seed=5,
+               device="cpu")
+
+SHARD_SCRIPT = """
+import json, sys
+from epcli import api, distributed
+from epcli.store import Store
+ATTACKS, ATTACK_COMMON, CORRUPT = json.loads(sys.argv[3])
+store = Store(sys.argv[1]) if distributed.is_main() else None
+runs = {}
+for name, kw in ATTACKS.items():
+    runs[name] = api.attack(model=sys.argv[2], attack=name, store=store, **kw, **ATTACK_COMMON)
+runs["corrupt"] = api.corrupt(model=sys.argv[2], store=store, **CORRUPT)
+runs["official"] = api.corrupt(model=sys.argv[2], store=store, source=sys.argv[4], **CORRUPT)
+if distributed.is_main():
+    sys.stdout.write(json.dumps({k: {"run_id": r["run_id"], "shards": r.get("shards")} for k, r in runs.items()}))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_attacks_and_corruptions_equal_one_process(tmp_path, eval_store):
+    """PGD, APGD-CE, Square, AutoAttack and a corruption sweep (generated and from .npy files) on 2 gloo
+    processes: every per-example outcome equals one process's, and both ranks did part of the work."""
+    model = eval_store.cnn["run_id"]
+    official = tmp_path / "official"
+    api.export_corruptions(directory=str(official), names=CORRUPT["names"], dataset=str(eval_store.data),
+                           n=CORRUPT["n"], seed=CORRUPT["seed"], store=eval_store)
+    script = tmp_path / "shard_two.py"
+    script.write_text(SHARD_SCRIPT)
+    out = _torchrun([str(script), str(eval_store.root), model, json.dumps([ATTACKS, ATTACK_COMMON, CORRUPT]),
+                     str(official)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads(out.stdout)
+    for name, kw in ATTACKS.items():
+        shards = two[name]["shards"]
+        assert shards["world_size"] == 2 and shards["chunks"] == [2, 2], shards  # 4 chunks, 2 rounds
+        assert min(shards["forward_passes"]) > 0
+        one = api.attack(model=model, attack=name, store=eval_store, **kw, **ATTACK_COMMON)
+        assert "shards" not in one
+        res = _assert_same_outcomes(eval_store, one["run_id"], two[name]["run_id"])
+        robust = res[[k for k in res if k.startswith("robust_")][0]]
+        assert res["clean_correct"].sum() > 8 and 0 < robust.sum() < res["clean_correct"].sum(), name
+    assert two["corrupt"]["shards"] == {"world_size": 2, "examples": [16, 24]}
+    assert two["official"]["shards"] == {"world_size": 2, "corruptions": [2, 1]}
+    for kind, extra in (("corrupt", {}), ("official", {"source": str(official)})):
+        one = api.corrupt(model=model, store=eval_store, **CORRUPT, **extra)
+        res = _assert_same_outcomes(eval_store, one["run_id"], two[kind]["run_id"])
+        assert len(res) == 1 + len(CORRUPT["names"]) * len(CORRUPT["severities"])
+        assert len({int(v.sum()) for k, v in res.items() if "/" in k}) > 1  # outcomes vary across cells
+
+
+@pytest.fixture
+def one_thread():
+    """One-process reference runs use one thread, as every torchrun process does (OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_attack_equals_one_process(tmp_path, eval_store, one_thread):
+    """The issue's command: `torchrun --nproc_per_node 2 -m epcli attack -m ep-cnn-small --n 64 --device cpu`
+    gives the per-example results of the same command in one process: 8 chunks of 8 images (the default
+    chunk), 4 per rank. eps 1/255 so that the outcomes are mixed (at 8/255 nothing survives on this briefly
+    trained model)."""
+    from typer.testing import CliRunner
+
+    from epcli.cli import app
+    args = ["attack", "-m", "ep-cnn-small", "--n", "64", "--device", "cpu", "--eps", "1/255", "--json"]
+    out = _torchrun(["-m", "epcli", "--quiet", "--store", str(eval_store.root), "--", *args])
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads(out.stdout)  # rank 0 alone prints
+    shards = eval_store.get_run(two["run_id"])["summary"]["shards"]
+    assert shards["chunks"] == [4, 4] and min(shards["forward_passes"]) > 0
+    r = CliRunner().invoke(app, ["--quiet", "--store", str(eval_store.root), *args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    one = json.loads(r.stdout)
+    assert one["model_run_id"] == two["model_run_id"] == eval_store.ep["run_id"]
+    res = _assert_same_outcomes(eval_store, one["run_id"], two["run_id"])
+    assert 0 < res["robust_0.00392156862745098"].sum() < res["clean_correct"].sum()
+    assert one["results"] == two["results"] and one["clean_acc"] == two["clean_acc"]
+    assert {c["check"] for c in two["checks"]} == {c["check"] for c in one["checks"]} >= {"strength", "monotone"}
+
+
+RESUME_SCRIPT = """
+import json, sys
+import epcli.attacks as A
+from epcli import api, distributed
+from epcli.store import Store
+kw, interrupt = json.loads(sys.argv[3]), sys.argv[4] == "interrupt"
+real, calls = A.evaluate, []
+
+def counting(*a, **k):  # rank 0 is interrupted (as by Ctrl-C) when it starts its second chunk
+    calls.append(len(a[2]))
+    if interrupt and distributed.rank() == 0 and len(calls) == 2:
+        raise KeyboardInterrupt
+    return real(*a, **k)
+
+A.evaluate = counting
+store = Store(sys.argv[1]) if distributed.is_main() else None
+res = api.attack(model=sys.argv[2], store=store, **kw)
+sys.stdout.write(json.dumps({"rank": distributed.rank(), "calls": calls, "result": res}) + "\\n")
+"""
+
+
+@pytest.mark.slow
+def test_interrupted_sharded_attack_resumes_to_the_same_result(tmp_path, eval_store, one_thread):
+    """Rank 0 stops in the second round: the first round's chunks (one per rank) are on disk in rank 0's
+    partial folder; the re-run attacks only the other two chunks and ends with the 1-process result."""
+    kw = dict(attack="pgd", eps="2/255", params={"steps": 3}, n=40, chunk=10, batch_size=5, seed=7,
+              device="cpu", strength=False, checks=False)
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    model = eval_store.cnn["run_id"]
+    out = _torchrun([str(script), str(eval_store.root), model, json.dumps(kw), "interrupt"])
+    assert out.returncode != 0
+    stopped = eval_store.runs(kind="attack", limit=1)[0]
+    assert stopped["status"] == "interrupted" and stopped["config"]["seed"] == 7
+    files = sorted(p.name for p in (eval_store.root / "partial").rglob("chunk-*.safetensors"))
+    assert files == ["chunk-00000.safetensors", "chunk-00001.safetensors"]
+    out = _torchrun([str(script), str(eval_store.root), model, json.dumps(kw), "resume"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in out.stdout.splitlines()), key=lambda d: d["rank"])
+    assert [d["calls"] for d in ranks] == [[10], [10]]  # chunks 2 and 3 only
+    resumed = ranks[0]["result"]
+    assert resumed["shards"]["resumed_chunks"] == 2 and ranks[1]["result"]["run_id"] == resumed["run_id"]
+    assert not list((eval_store.root / "partial").rglob("*.safetensors"))  # cleaned up on success
+    fresh = api.attack(model=model, store=eval_store, **kw)  # one process, from scratch
+    res = _assert_same_outcomes(eval_store, fresh["run_id"], resumed["run_id"])
+    assert 0 < res["robust_0.00784313725490196"].sum() < res["clean_correct"].sum()
+
+
+def test_corruption_span_is_the_slice_of_the_whole_evaluation(mini):
+    """corruptions.evaluate(span=...) (one rank's share) reproduces the whole evaluation's outcomes there."""
+    from epcli import corruptions as C
+    from epcli.models import create_model
+    from epcli.pipelines.shard import batch_span
+    torch.manual_seed(0)
+    net = create_model("cnn-small", num_classes=10).eval()
+    x, y = mini.test_x[:30], mini.test_y[:30]
+    kw = dict(names=["shot_noise", "elastic_transform"], severities=[3], seed=2, batch_size=8)
+    whole = C.evaluate(net, x, y, **kw)
+    pieces = [batch_span(30, 8, r, 3) for r in range(3)]
+    assert pieces == [(0, 8), (8, 16), (16, 30)]  # 4 batches over 3 ranks
+    for lo, hi in pieces:
+        part = C.evaluate(net, x, y, span=(lo, hi), **kw)
+        assert torch.equal(part["clean_correct"][lo:hi], whole["clean_correct"][lo:hi])
+        for cell, ok in whole["correct"].items():
+            assert torch.equal(part["correct"][cell][lo:hi], ok[lo:hi])
+            assert not part["correct"][cell][:lo].any() and not part["correct"][cell][hi:].any()
+    with pytest.raises(Exception, match="batch boundary"):
+        C.evaluate(net, x, y, span=(3, 30), **kw)
+
+
+def test_batch_span_covers_whole_batches():
+    from epcli.pipelines.shard import batch_span
+    for n, bs in ((0, 4), (1, 4), (40, 16), (100, 7), (10000, 500)):
+        for world in (1, 2, 3, 8):
+            spans = [batch_span(n, bs, r, world) for r in range(world)]
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert all(lo % bs == 0 for lo, _ in spans)

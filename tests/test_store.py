@@ -260,7 +260,8 @@ def test_leaderboard_matches_a_direct_computation(tmp_path):
             return min(vals) if vals else None
         corr = [m for m in mine if m["name"] == "corruption_mean_acc"]
         want = {"clean_acc": clean, "pgd_linf_8_255": worst("pgd", "linf", 8 / 255, 1e-4),
-                "pgd_l2_0_5": worst("pgd", "l2", 0.5, 1e-3), "square_linf_8_255": worst("square", "linf", 8 / 255, 1e-4),
+                "pgd_l2_0_5": worst("pgd", "l2", 0.5, 1e-3),
+                "square_linf_8_255": worst("square", "linf", 8 / 255, 1e-4),
                 "autoattack_linf_8_255": None,
                 "corruption_mean_acc": max(corr, key=lambda m: m["started_at"])["value"] if corr else None,
                 "unreliable_results": sum(1 for m in mine if m["unreliable"] == 1)}

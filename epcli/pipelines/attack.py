@@ -77,12 +77,16 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     becomes truncated:70 and T 250 unless given.
     """
     from epcli import attacks
+    from epcli import distributed as dist
+    from epcli.pipelines import shard
     from epcli.store import config_hash
 
     check_numbers(n=n, seed=seed, batch_size=batch_size, T=T, chunk=chunk, unroll=unroll_sweep,
                   **{k: v for k, v in (params or {}).items() if k in ("steps", "restarts", "step_size",
                                                                       "n_queries")})
-    device = resolve_device(device)
+    device = dist.device_for(resolve_device(device))
+    if shard.worker(device):  # a torchrun rank > 0: attacks the chunks rank 0 hands out (docs/distributed.md)
+        return shard.serve(device)
     eps_list = sorted(set(parse_eps(eps)))
     notes = check_eps(norm, eps_list)
     if attack not in attacks.ATTACKS:
@@ -217,22 +221,24 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         seconds = time.time() - t0
         target_hit = ({eps_label(e): float(res["target_hit"][e].float().mean()) for e in eps_list}
                       if res.get("target_hit") else None)
+        shards = {"shards": res["shards"]} if "shards" in res else {}  # torchrun: who attacked what
         summary = {"clean_acc": clean, "robust_acc": robust, "unreliable": bool(bad), "reason": reason,
                    "seconds": seconds, "labels": labels, "protocol": protocol,
                    **({"unroll_sweep": sweep_out} if sweep_out else {}),
-                   **({"target_hit": target_hit} if target_hit else {})}
+                   **({"target_hit": target_hit} if target_hit else {}), **shards}
         store.update_run(run_id, summary=summary)
         shutil.rmtree(partial, ignore_errors=True)
         with contextlib.suppress(OSError):
             partial.parent.rmdir()  # only when no other attack is in progress
-    return {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
-            "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
-            "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
-            "seconds": round(seconds, 2), "checks": flags, "notes": notes, "eps": eps_list, "labels": labels,
-            "params": res.get("params") or params, "forward_passes": res.get("forward_passes"),
-            "attack_forward_passes": res.get("attack_forward_passes"),
-            "protocol": protocol, "select": select, "targeted": bool(targeted), "T": T_main,
-            "unroll_sweep_T": raised, **({"target_hit": target_hit} if target_hit else {})}
+    return shard.finish({
+        "run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
+        "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
+        "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
+        "seconds": round(seconds, 2), "checks": flags, "notes": notes, "eps": eps_list, "labels": labels,
+        "params": res.get("params") or params, "forward_passes": res.get("forward_passes"),
+        "attack_forward_passes": res.get("attack_forward_passes"),
+        "protocol": protocol, "select": select, "targeted": bool(targeted), "T": T_main,
+        "unroll_sweep_T": raised, **({"target_hit": target_hit} if target_hit else {}), **shards})
 
 
 @contextlib.contextmanager
@@ -298,7 +304,10 @@ def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress: Progres
     each batch as the attack's forward passes accumulate; it ends with the robust accuracy."""
     from safetensors.torch import load_file, save_file
 
-    from epcli import attacks
+    from epcli.pipelines import shard
+    if shard.sharded():  # under torchrun: the ranks share the chunks, rank 0 keeps the chunk files
+        return shard.attack_in_chunks(net, x, y, chunk=chunk, partial=partial, progress=progress, task=task,
+                                      seed=seed, **kw)
     partial.mkdir(parents=True, exist_ok=True)
     parts, total = [], len(y)
     names = {e: task.format(eps=eps_label(e)) for e in kw["eps_list"]}
@@ -319,20 +328,37 @@ def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress: Progres
             shown = {"robust_acc": robust[e] / seen if seen else None, "fwd": passes[e] + info["forward_passes"]}
         progress(names[e], done, total, shown)
 
-    for k, start in enumerate(range(0, max(total, 1), chunk)):
-        f = partial / f"chunk-{k:05d}.safetensors"
+    for k, (start, stop) in enumerate(_chunks(total, chunk)):
+        f = _chunk_file(partial, k)
         if f.exists():
             r = _load_chunk(f, load_file)
             for e in kw["eps_list"]:
                 robust[e] += int(r["robust"][e].sum())
-                progress(names[e], min(start + chunk, total), total,
-                         {"robust_acc": robust[e] / max(1, min(start + chunk, total)), "resumed": "yes"})
+                progress(names[e], stop, total, {"robust_acc": robust[e] / max(1, stop), "resumed": "yes"})
         else:
-            r = attacks.evaluate(net, x[start:start + chunk], y[start:start + chunk], seed=seed + 7919 * k,
-                                 keep_adv=16 if k == 0 else 0, on_step=lambda i, s=start: on_step(i, s), **kw)
+            r = _attack_chunk(net, x, y, k, (start, stop), seed=seed, on_step=lambda i, s=start: on_step(i, s),
+                              **kw)
             _save_chunk(f, r, save_file)
         parts.append(r)
     return _merge_chunks(parts)
+
+
+def _chunks(total: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) of every chunk: set by n and the chunk size alone, never by the number of processes."""
+    return [(start, min(start + chunk, total)) for start in range(0, max(total, 1), chunk)]
+
+
+def _chunk_file(partial: Path, k: int) -> Path:
+    return partial / f"chunk-{k:05d}.safetensors"
+
+
+def _attack_chunk(net, x, y, k: int, bounds: tuple[int, int], *, seed: int, **kw) -> dict:
+    """Chunk k's outcome: it depends only on the chunk's images, the batch size and the run seed, so any process
+    may compute it (epcli.pipelines.shard hands whole chunks to torchrun ranks). kw: attacks.evaluate's."""
+    from epcli import attacks
+    start, stop = bounds
+    return attacks.evaluate(net, x[start:stop], y[start:stop], seed=seed + 7919 * k,
+                            keep_adv=16 if k == 0 else 0, **kw)
 
 
 _CHUNK_TENSORS = ("clean_correct", "clean_pred", "y", "attack_labels", "targets")

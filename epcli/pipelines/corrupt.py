@@ -26,9 +26,13 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
             progress: Progress = no_progress) -> dict:
     """Evaluate a stored model on corruptions x severities (generated, or the official .npy files)."""
     from epcli import corruptions as C
+    from epcli import distributed as dist
+    from epcli.pipelines import shard
 
     check_numbers(n=n, seed=seed, batch_size=batch_size, T=T)
-    device = resolve_device(device)
+    device = dist.device_for(resolve_device(device))
+    if shard.worker(device):  # a torchrun rank > 0: evaluates the share rank 0 hands out (docs/distributed.md)
+        return shard.serve(device)
     if source and not names:  # every corruption file the folder has
         names = _source_names(source)
     names = list(names or C.CORRUPTIONS)
@@ -70,13 +74,13 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                      {"severity": info["severity"]})
 
         if source:
-            res = C.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
-                                      device=device, on_batch=cb, clean=clean, n=n)
+            res = shard.evaluate_official(net, source, names=names, severities=severities, batch_size=batch_size,
+                                          device=device, on_batch=cb, clean=clean, n=n)
             x_grid = None
         else:
             x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
-            res = C.evaluate(net, x, y, names=names, severities=severities, seed=seed, batch_size=batch_size,
-                             device=device, on_batch=cb)
+            res = shard.evaluate_corruptions(net, x, y, names=names, severities=severities, seed=seed,
+                                             batch_size=batch_size, device=device, on_batch=cb)
             x_grid = x[:4]
         summ = C.summarize(res, reference=ref_result, reference_label=reference or "reference")
         pct = lambda v: None if v is None else v / 100.0  # noqa: E731  (the store keeps fractions)
@@ -88,9 +92,11 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         cells = {(c, int(sv)): pct(a) for c, by_sev in summ["cells"].items() for sv, a in by_sev.items()}
         for (c, sv), acc in cells.items():
             rows.append({"name": "corruption_acc", "value": acc, "corruption": c, "severity": sv, **facets})
+        over, complete_all = mean_coverage(summ["cells"])
         headline = {"clean_acc": pct(summ.get("clean_accuracy")),
                     "corruption_mean_acc": pct(summ.get("mean_accuracy_benchmark")),
-                    "corruption_mean_acc_all": pct(summ.get("mean_accuracy_all")),
+                    # the all-19 mean exists only when all 19 x 5 were run (else it would mislabel a subset)
+                    "corruption_mean_acc_all": pct(summ.get("mean_accuracy_all")) if complete_all else None,
                     "mce_unnormalized": pct(summ.get("mce_unnormalized")),
                     "relative_mce": pct(summ.get("relative_mce_vs_reference")),
                     "mce_vs_reference": pct(summ.get("mce_vs_reference"))}
@@ -98,7 +104,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
             if key != "clean_acc" and val is not None:
                 rows.append({"name": key, "value": val, **facets,
                              "detail": {"reference": reference} if "reference" in key or key == "relative_mce"
-                             else None})
+                             else {"over": over} if key in ("corruption_mean_acc", "mce_unnormalized") else None})
         if not source:
             rows += relax_residual_rows(net, x, device, facets)  # how far from equilibrium the predictions are
         progress("save", 0, 1, {})
@@ -106,13 +112,34 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
         progress("save", 1, 1, {"run_id": run_id, "mean_acc": headline["corruption_mean_acc"]})
         summary = {k: v for k, v in headline.items() if v is not None}
+        if summary.get("corruption_mean_acc") is not None:
+            summary["corruption_mean_over"] = over
+        if "shards" in res:  # torchrun: who evaluated what
+            summary["shards"] = res["shards"]
         store.update_run(run_id, summary=summary)
     out = {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
            "n_examples": n_ex, "clean_acc": headline["clean_acc"], **summary,
            "cells": {f"{c}/{sv}": v for (c, sv), v in cells.items()}}
     if source:
         out.update({"source": str(source), "clean_from": clean_from})
-    return out
+    return shard.finish(out)
+
+
+def mean_coverage(cells: dict) -> tuple[str, bool]:
+    """What the benchmark mean was taken over ("mean of 5/15 benchmark corruptions x 5 severities"), and
+    whether all 19 corruptions x 5 severities were run (only then is there an all-19 mean)."""
+    from epcli.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS
+    bench = [c for c in cells if c in BENCHMARK_CORRUPTIONS]
+    sev_sets = {tuple(sorted(int(s) for s in cells[c])) for c in cells}
+    sevs = sorted({s for ss in sev_sets for s in ss})
+    if len(sev_sets) > 1:
+        sev = "uneven severities"
+    elif sevs == [1, 2, 3, 4, 5]:
+        sev = "5 severities"
+    else:
+        sev = ("severity " if len(sevs) == 1 else "severities ") + ",".join(map(str, sevs))
+    complete_all = set(cells) >= set(CORRUPTIONS) and sev_sets == {(1, 2, 3, 4, 5)}
+    return f"mean of {len(bench)}/15 benchmark corruptions x {sev}", complete_all
 
 
 def _source_names(source: str) -> list[str]:
