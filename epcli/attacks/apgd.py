@@ -9,7 +9,6 @@ checkpoint; on a halving the iterate goes back to the best point found. Written 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
