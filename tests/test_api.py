@@ -132,3 +132,13 @@ def test_diverged_training_is_failed_and_keeps_the_last_good_checkpoint(store, f
     resumed = api.train(model="cnn-small", dataset=folder, resume=run["id"], store=store, device="cpu",
                         overrides={"epochs": 2})
     assert store.get_run(resumed["run_id"])["status"] == "finished" and resumed["epochs"] == 2
+
+
+def test_resume_without_dataset_uses_the_checkpoints_dataset(tmp_path, folder):
+    """--resume RUN alone continues on the folder the run was trained on (not the embedded default set)."""
+    store = Store(tmp_path / "store")
+    first = api.train(model="cnn-small", dataset=folder, store=store, device="cpu", overrides={"epochs": 1})
+    more = api.train(model="cnn-small", resume=first["run_id"], store=store, device="cpu", overrides={"epochs": 2})
+    assert more["dataset"] == first["dataset"] and more["epochs"] == 2
+    cfg = store.get_run(more["run_id"])["config"]
+    assert cfg["dataset_sha256"] == store.get_run(first["run_id"])["config"]["dataset_sha256"]

@@ -56,6 +56,11 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         from epcli.models import list_models
         if model not in list_models():
             create_model(model)  # an unknown name fails here, before any data is read
+    if resume and dataset is None:  # resume on the dataset the checkpoint was trained on (rank 0 reads it)
+        if main:
+            cfg = (resolve_model(store, resume).get("meta") or {}).get("config") or {}
+            dataset, data_dir = cfg.get("dataset_ref"), data_dir or cfg.get("data_dir")
+        dataset, data_dir = dist.broadcast_object((dataset, data_dir) if main else None)
     if main:
         progress("load", 0, 1, {"dataset": dataset or "cifar10-mini"})
     ds = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir) if main else None
