@@ -41,6 +41,25 @@ STATUSES = ("running", "finished", "failed", "interrupted")
 FACETS = ("dataset", "split", "model", "attack", "norm", "eps", "grad_mode", "corruption", "severity",
           "n_examples")
 
+# The first schema's leaderboard view (one correlated subquery per column: quadratic in the runs, replaced by
+# migration m002). Kept as data so that old stores migrate and bench/bench_store.py can time it.
+LEADERBOARD_V1 = """
+        SELECT t.id AS model_run_id, t.model, t.dataset,
+          (SELECT value FROM metrics WHERE run_id = t.id AND name = 'test_acc'
+             ORDER BY step DESC LIMIT 1) AS clean_acc,
+          (SELECT MIN(value) FROM results WHERE model_run_id = t.id AND name = 'robust_acc'
+             AND attack = 'pgd' AND norm = 'linf' AND ABS(eps - 8.0/255) < 1e-4) AS pgd_linf_8_255,
+          (SELECT MIN(value) FROM results WHERE model_run_id = t.id AND name = 'robust_acc'
+             AND attack = 'pgd' AND norm = 'l2' AND ABS(eps - 0.5) < 1e-3) AS pgd_l2_0_5,
+          (SELECT MIN(value) FROM results WHERE model_run_id = t.id AND name = 'robust_acc'
+             AND attack = 'autoattack' AND norm = 'linf' AND ABS(eps - 8.0/255) < 1e-4) AS autoattack_linf_8_255,
+          (SELECT MIN(value) FROM results WHERE model_run_id = t.id AND name = 'robust_acc'
+             AND attack = 'square' AND norm = 'linf' AND ABS(eps - 8.0/255) < 1e-4) AS square_linf_8_255,
+          (SELECT value FROM results WHERE model_run_id = t.id AND name = 'corruption_mean_acc'
+             ORDER BY started_at DESC LIMIT 1) AS corruption_mean_acc,
+          (SELECT COUNT(*) FROM results WHERE model_run_id = t.id AND unreliable = 1) AS unreliable_results
+        FROM runs t WHERE t.kind = 'train' AND t.status = 'finished'"""
+
 migrations = Migrations("epcli")
 
 
@@ -127,22 +146,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         SELECT m.*, r.kind AS run_kind, r.status AS run_status, r.model_run_id, r.started_at
         FROM metrics m JOIN runs r ON r.id = m.run_id""")
     # One row per trained model: the headline numbers of the study. Full detail: the `results` view.
-    db.execute("""CREATE VIEW leaderboard AS
-        SELECT t.id AS model_run_id, t.model, t.dataset,
-          (SELECT value FROM metrics WHERE run_id = t.id AND name = 'test_acc'
-             ORDER BY step DESC LIMIT 1) AS clean_acc,
-          (SELECT MIN(value) FROM results WHERE model_run_id = t.id AND name = 'robust_acc'
-             AND attack = 'pgd' AND norm = 'linf' AND ABS(eps - 8.0/255) < 1e-4) AS pgd_linf_8_255,
-          (SELECT MIN(value) FROM results WHERE model_run_id = t.id AND name = 'robust_acc'
-             AND attack = 'pgd' AND norm = 'l2' AND ABS(eps - 0.5) < 1e-3) AS pgd_l2_0_5,
-          (SELECT MIN(value) FROM results WHERE model_run_id = t.id AND name = 'robust_acc'
-             AND attack = 'autoattack' AND norm = 'linf' AND ABS(eps - 8.0/255) < 1e-4) AS autoattack_linf_8_255,
-          (SELECT MIN(value) FROM results WHERE model_run_id = t.id AND name = 'robust_acc'
-             AND attack = 'square' AND norm = 'linf' AND ABS(eps - 8.0/255) < 1e-4) AS square_linf_8_255,
-          (SELECT value FROM results WHERE model_run_id = t.id AND name = 'corruption_mean_acc'
-             ORDER BY started_at DESC LIMIT 1) AS corruption_mean_acc,
-          (SELECT COUNT(*) FROM results WHERE model_run_id = t.id AND unreliable = 1) AS unreliable_results
-        FROM runs t WHERE t.kind = 'train' AND t.status = 'finished'""")
+    db.execute("CREATE VIEW leaderboard AS " + LEADERBOARD_V1)
 
 
 @migrations()
@@ -317,10 +321,10 @@ class Store:
         return db
 
     @contextlib.contextmanager
-    def write_transaction(self) -> Iterator[None]:
+    def write_transaction(self, dry_run: bool = False) -> Iterator[None]:
         """One transaction that takes the write lock first (BEGIN IMMEDIATE): the busy timeout then applies.
         A deferred transaction whose first statement reads (sqlite-utils checks the table) fails at once with
-        "database is locked" when another process wrote in between."""
+        "database is locked" when another process wrote in between. `dry_run` rolls back instead of committing."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -329,7 +333,7 @@ class Store:
                 self.db.execute("ROLLBACK")
             raise
         else:
-            self.db.execute("COMMIT")
+            self.db.execute("ROLLBACK" if dry_run else "COMMIT")
 
     def _writable(self) -> None:
         if self.readonly:
@@ -700,8 +704,7 @@ class Store:
         marks = ",".join("?" * len(ids))
         files: list[Path] = []
         freed = 0
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.write_transaction(dry_run):
             arts = list(self.db.query(
                 f"SELECT DISTINCT a.* FROM artifacts a JOIN run_artifacts ra ON ra.sha256 = a.sha256 "
                 f"WHERE ra.run_id IN ({marks})", ids))
@@ -729,10 +732,6 @@ class Store:
             for table in ("run_artifacts", "metrics", "checks"):
                 self.db.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
             self.db.execute(f"DELETE FROM runs WHERE id IN ({marks})", ids)
-            self.db.execute("ROLLBACK" if dry_run else "COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         if not dry_run:
             for f in files:
                 f.unlink(missing_ok=True)
@@ -750,8 +749,7 @@ class Store:
         cutoff = time.time() - grace_seconds
         files: list[Path] = []
         freed, rows_removed = 0, 0
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.write_transaction(dry_run):
             for a in list(self.db.query("SELECT * FROM artifacts")):
                 inside = not Path(a["path"]).is_absolute()
                 path = self.root / a["path"] if inside else Path(a["path"])
@@ -771,10 +769,6 @@ class Store:
                     if f.is_file() and str(f) not in known and f not in files and f.stat().st_mtime <= cutoff:
                         files.append(f)
                         freed += f.stat().st_size
-            self.db.execute("ROLLBACK" if dry_run else "COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         if not dry_run:
             for f in files:
                 f.unlink(missing_ok=True)
