@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-# Tests run on the CPU with few threads: CI machines have 2 cores, shared.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests run on the CPU with one intra-op thread: the models and images are small, and on a shared 2-core machine
+# two threads only wait for each other on every op (measured up to ~20x slower under load). Set once, here; the
+# distributed tests' one-process references rely on it too (every torchrun process runs with one thread).
+torch.set_num_threads(1)
 os.environ.setdefault("EPCLI_DEVICE", "cpu")
 
 # CUDA: the `device` fixture runs a test on the CPU and, where a GPU is present, again on CUDA. Tests marked
@@ -60,3 +62,17 @@ def write_imagefolder(root, dataset, n_train: int, n_test: int):
             for i in (y == c).nonzero().flatten()[:n].tolist():
                 Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(root / split / name / f"{i}.png")
     return root
+
+
+def train_briefly(model, dataset, steps: int = 60, n: int = 2000):
+    """`steps` Adam steps (batch 64, lr 3e-3) on the first n real training images: a model that is right often
+    enough for attacks to have work to do. Seed before building the model. Returns the model in eval mode."""
+    import torch.nn.functional as F
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    xt, yt = dataset.train_x[:n].float() / 255, dataset.train_y[:n]
+    for _ in range(steps):
+        j = torch.randint(0, len(yt), (64,))
+        opt.zero_grad()
+        F.cross_entropy(model(xt[j]), yt[j]).backward()
+        opt.step()
+    return model.eval()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import train_briefly
 
 from epcli.attacks import ATTACKS, evaluate, pgd
 from epcli.attacks.apgd import apgd_run, checkpoints
@@ -17,7 +18,6 @@ from epcli.attacks.checks import more_p, strength_check, white_vs_black
 from epcli.ep import EPCNN
 from epcli.errors import UsageError
 
-torch.set_num_threads(1)
 
 
 class Small(nn.Module):
@@ -33,15 +33,7 @@ class Small(nn.Module):
 @pytest.fixture(scope="module")
 def data(mini):
     torch.manual_seed(0)
-    model = Small()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    xt, yt = mini.train_x[:2000].float() / 255, mini.train_y[:2000]
-    for _ in range(60):
-        j = torch.randint(0, len(yt), (64,))
-        opt.zero_grad()
-        F.cross_entropy(model(xt[j]), yt[j]).backward()
-        opt.step()
-    model.eval()
+    model = train_briefly(Small(), mini)
     return model, mini.test_x[:48].float() / 255, mini.test_y[:48]
 
 

@@ -15,7 +15,6 @@ from epcli.attacks import ATTACKS, autoattack, evaluate, check_reliability, get_
 from epcli.errors import UsageError
 
 torchattacks = pytest.importorskip("torchattacks")
-torch.set_num_threads(1)
 
 
 class Tiny(nn.Module):

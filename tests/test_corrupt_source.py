@@ -23,14 +23,6 @@ def invoke(*args, store):
     return runner.invoke(app, ["--store", str(store)] + [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small images: intra-op threads only wait for each other on a loaded machine
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mini):
     data = write_imagefolder(tmp_path_factory.mktemp("data") / "cifar-small", mini, 20, 10)

@@ -17,16 +17,6 @@ from epcli import corruptions as C
 from epcli.errors import DatasetError, UsageError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """32 x 32 images gain nothing from intra-op threads; on a loaded machine two threads made these tests ~20x
-    slower (threads waiting for each other on every small op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def imgs(tmp_path_factory):
     from epcli.data import load_dataset

@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import SECOND
+from conftest import SECOND, train_briefly
 
 from epcli import checkpoint, corruptions as C
 from epcli.attacks import ATTACKS, evaluate
@@ -98,15 +98,7 @@ def max_abs(a, b):
 def trained_cnn(mini):
     """cnn-small (BatchNorm) trained 60 steps on the CPU on 2,000 real images: attacks have work to do."""
     torch.manual_seed(0)
-    model = create_model("cnn-small", width=8)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    xt, yt = mini.train_x[:2000].float() / 255, mini.train_y[:2000]
-    for _ in range(60):
-        j = torch.randint(0, len(yt), (64,))
-        opt.zero_grad()
-        F.cross_entropy(model(xt[j]), yt[j]).backward()
-        opt.step()
-    return model.eval()
+    return train_briefly(create_model("cnn-small", width=8), mini)
 
 
 # -- EP relaxation: states and logits ------------------------------------------------------------------------

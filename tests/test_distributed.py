@@ -271,17 +271,8 @@ def test_torchrun_attacks_and_corruptions_equal_one_process(tmp_path, eval_store
         assert len({int(v.sum()) for k, v in res.items() if "/" in k}) > 1  # outcomes vary across cells
 
 
-@pytest.fixture
-def one_thread():
-    """One-process reference runs use one thread, as every torchrun process does (OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
-def test_torchrun_cli_attack_equals_one_process(tmp_path, eval_store, one_thread):
+def test_torchrun_cli_attack_equals_one_process(tmp_path, eval_store):
     """The issue's command: `torchrun --nproc_per_node 2 -m epcli attack -m ep-cnn-small --n 64 --device cpu`
     gives the per-example results of the same command in one process: 8 chunks of 8 images (the default
     chunk), 4 per rank. eps 1/255 so that the outcomes are mixed (at 8/255 nothing survives on this briefly
@@ -327,7 +318,7 @@ sys.stdout.write(json.dumps({"rank": distributed.rank(), "calls": calls, "result
 
 
 @pytest.mark.slow
-def test_interrupted_sharded_attack_resumes_to_the_same_result(tmp_path, eval_store, one_thread):
+def test_interrupted_sharded_attack_resumes_to_the_same_result(tmp_path, eval_store):
     """Rank 0 stops in the second round: the first round's chunks (one per rank) are on disk in rank 0's
     partial folder; the re-run attacks only the other two chunks and ends with the 1-process result."""
     kw = dict(attack="pgd", eps="2/255", params={"steps": 3}, n=40, chunk=10, batch_size=5, seed=7,

@@ -15,13 +15,8 @@ def cos(a, b):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Small ops: one thread is several times faster than two on a shared 2-core box (no oversubscription).
+def _seed():
     torch.manual_seed(0)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**kw):

@@ -13,12 +13,8 @@ from epcli.train import fit, resolve_recipe, validation_split
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
+def _seed():
     torch.manual_seed(0)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cos(a, b):

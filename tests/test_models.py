@@ -14,7 +14,6 @@ from epcli.errors import UnknownModelError, UsageError
 from epcli.models import (CIFAR10_MEAN, PAPER_STD, Normalize, build_from_spec, create_model, list_models,
                           model_info)
 
-torch.set_num_threads(1)  # faster than 2 on the shared 2-core box (oversubscription)
 
 try:
     import epcli.ep  # noqa: F401

@@ -15,7 +15,6 @@ from epcli.models import Normalize, create_model
 from epcli.train import (PAPER_AT_EPS, RECIPES, check_adv_eps, default_recipe, evaluate, fit, lr_factor,
                          resolve_recipe, state_to_tensors, tensors_to_state)
 
-torch.set_num_threads(1)  # faster than 2 on the shared 2-core box (oversubscription)
 
 try:
     import epcli.ep  # noqa: F401
