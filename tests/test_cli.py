@@ -73,6 +73,10 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     cor = json.loads(r.stdout)
     assert {(c["corruption"], c["severity"]) for c in cor["cells"]} == \
         {(c, s) for c in ("gaussian_noise", "contrast") for s in range(1, 6)}
+    # the mean says what it was taken over; there is no all-19 mean from 2 corruptions
+    assert cor["corruption_mean_over"] == "mean of 2/15 benchmark corruptions × 5 severities"
+    assert cor["corruption_mean_acc"] == pytest.approx(sum(c["acc"] for c in cor["cells"]) / 10, abs=1e-3)
+    assert cor["corruption_mean_acc_all"] is None and "mean of all 19 x 5: n/a" in r.stderr
     s = Store(store)
     # lineage: the attack read exactly the training run's checkpoint
     ck = s.artifacts_of(train["run_id"], role="output", kind="checkpoint")[0]["sha256"]

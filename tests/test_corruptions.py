@@ -353,16 +353,3 @@ def test_sample_grid(imgs):
     g = C.sample_grid(imgs[0][:2], names=("fog", "pixelate"), severities=(1, 5), seed=0)
     assert g.dtype == torch.uint8 and g.shape == (3, 2 + 4 * 34, 2 + 3 * 34)
     assert torch.equal(g[:, 2:34, 2:34], imgs[0][0])
-
-
-def test_mean_coverage_says_what_a_mean_was_taken_over():
-    from epcli.corruptions import CORRUPTIONS
-    from epcli.pipelines.corrupt import mean_coverage
-    five = {c: {s: 50.0 for s in range(1, 6)} for c in ["gaussian_noise", "fog", "contrast", "defocus_blur",
-                                                          "jpeg_compression"]}
-    assert mean_coverage(five) == ("mean of 5/15 benchmark corruptions x 5 severities", False)
-    assert mean_coverage({"fog": {5: 1.0}, "speckle_noise": {5: 1.0}}) == (
-        "mean of 1/15 benchmark corruptions x severity 5", False)
-    assert mean_coverage({"fog": {1: 1.0, 2: 1.0}, "contrast": {1: 1.0}})[0].endswith("uneven severities")
-    full = {c: {s: 1.0 for s in range(1, 6)} for c in CORRUPTIONS}
-    assert mean_coverage(full) == ("mean of 15/15 benchmark corruptions x 5 severities", True)

@@ -92,7 +92,9 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         cells = {(c, int(sv)): pct(a) for c, by_sev in summ["cells"].items() for sv, a in by_sev.items()}
         for (c, sv), acc in cells.items():
             rows.append({"name": "corruption_acc", "value": acc, "corruption": c, "severity": sv, **facets})
-        over, complete_all = mean_coverage(summ["cells"])
+        from epcli.report import corruption_coverage, corruption_mean_label
+        coverage = corruption_coverage(summ["cells"])
+        over, complete_all = corruption_mean_label(coverage), coverage["complete19"]
         headline = {"clean_acc": pct(summ.get("clean_accuracy")),
                     "corruption_mean_acc": pct(summ.get("mean_accuracy_benchmark")),
                     # the all-19 mean exists only when all 19 x 5 were run (else it would mislabel a subset)
@@ -123,23 +125,6 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     if source:
         out.update({"source": str(source), "clean_from": clean_from})
     return shard.finish(out)
-
-
-def mean_coverage(cells: dict) -> tuple[str, bool]:
-    """What the benchmark mean was taken over ("mean of 5/15 benchmark corruptions x 5 severities"), and
-    whether all 19 corruptions x 5 severities were run (only then is there an all-19 mean)."""
-    from epcli.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS
-    bench = [c for c in cells if c in BENCHMARK_CORRUPTIONS]
-    sev_sets = {tuple(sorted(int(s) for s in cells[c])) for c in cells}
-    sevs = sorted({s for ss in sev_sets for s in ss})
-    if len(sev_sets) > 1:
-        sev = "uneven severities"
-    elif sevs == [1, 2, 3, 4, 5]:
-        sev = "5 severities"
-    else:
-        sev = ("severity " if len(sevs) == 1 else "severities ") + ",".join(map(str, sevs))
-    complete_all = set(cells) >= set(CORRUPTIONS) and sev_sets == {(1, 2, 3, 4, 5)}
-    return f"mean of {len(bench)}/15 benchmark corruptions x {sev}", complete_all
 
 
 def _source_names(source: str) -> list[str]:
