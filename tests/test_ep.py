@@ -152,10 +152,7 @@ def test_ep_update_matches_bptt_at_convergence(device):
         assert (a - c).norm() < (b - c).norm()  # symmetric nudging has the smaller bias
 
 
-@pytest.mark.parametrize("pools", ["mm", "ai"])
-def test_bench_reference_style_implementation_agrees(pools):
-    # bench/bench_ep.py --reference times an autograd-of-Φ re-implementation of the reference approach: it must
-    # compute the same states, logits and symmetric-EP weight update as epcli (float64, sync). Agreement only.
+def _bench_ep():
     import importlib.util
     from pathlib import Path
 
@@ -163,10 +160,49 @@ def test_bench_reference_style_implementation_agrees(pools):
     spec = importlib.util.spec_from_file_location("bench_ep", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("baseline", ["reference-style", "explicit"])
+@pytest.mark.parametrize("pools", ["mm", "ai", "am"])
+def test_bench_baseline_implementations_agree(pools, baseline):
+    # bench/bench_ep.py times two baselines of its own (--reference: autograd-of-Φ dynamics; --baseline explicit:
+    # the plain explicit EP with the textbook update): each must compute the same states, logits and
+    # symmetric-EP weight update as epcli (float64, sync). Agreement only.
+    bench = _bench_ep()
     m = EPCNN.preset("ep-cnn-tiny", image_size=8, pools=pools)
     x, y = data()
-    d = bench.agreement(m, x.float(), y, T1=12, T2=5, beta=0.5)
+    d = bench.agreement(m, x.float(), y, T1=12, T2=5, beta=0.5, baseline=baseline)
     assert max(d.values()) < 1e-10, d
+    # the check can fail: a perturbed weight in the baseline's copy shows in the states and the update
+    ref = bench.BASELINES[baseline](m.double()).double()
+    with torch.no_grad():
+        ref.convs[1].weight[0, 0, 1, 1] += 1e-3
+    r0, _, _, _ = ref.train_step(x, y, 12, 5, 0.5)
+    s0, _ = m.double().relax(x, 12, update="sync")
+    assert bench.max_diff(s0, r0) > 1e-8
+
+
+def test_bench_profile_and_only_modes(capsys):
+    # --profile splits one training step by phase and kind of op; --only times one implementation alone
+    bench = _bench_ep()
+    bench.main(["--preset", "ep-cnn-tiny", "--batch", "4", "--T1", "6", "--T2", "2", "--threads", "1",
+                "--baseline", "explicit", "--profile", "--check-images", "2"])
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    prof = {d["impl"]: d for d in lines if d.get("what") == "profile"}
+    assert set(prof) == {"epcli", "explicit"}
+    assert {"free phase", "nudged phases", "weight update"} <= set(prof["epcli"]["by_phase"])
+    # counted calls: epcli's free phase runs T1 steps of 1 bottom-up + 1 top-down conv (2 layers, input conv
+    # cached), the ±β phases T2 steps on one 2B batch; the update: 1 weight-grad conv on the input layer, 2 above
+    e, x = prof["epcli"]["calls"], prof["explicit"]["calls"]
+    assert e["conv_transpose2d (top-down)"] == 6 + 2 and x["conv_transpose2d (top-down)"] == 6 + 2 * 2
+    assert e["conv weight grads"] == 3 and x["conv weight grads"] == 4
+    assert abs(sum(prof["epcli"]["by_phase"].values()) - prof["epcli"]["aten_ms"]) < 0.5
+    bench.main(["--preset", "ep-cnn-tiny", "--batch", "4", "--T1", "6", "--T2", "2", "--threads", "1", "--iters", "1",
+                "--epoch-images", "8", "--only", "explicit"])
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    assert {(d.get("impl"), d["what"]) for d in lines} == {(None, "run"), ("explicit", "train"),
+                                                          ("explicit", "inference")}
 
 
 def test_ep_step_accumulates_and_groups():
