@@ -20,6 +20,12 @@ eventually flips a near-tie max-pool arg-max, after which the trajectories diffe
 impl="epcli" / impl="reference-style" lines and the ratio (reference time / epcli time; > 1: epcli is faster);
 each repeat times epcli then the reference. Use --update sync: the reference is synchronous. On CUDA the
 reference runs after epcli's accelerate() has set cudnn.benchmark (TF32 convs are PyTorch's default anyway).
+
+--baseline explicit does the same with `ExplicitEP` (below): the plain explicit EP one writes by hand
+(channels_last weights and states, max_unpool2d + conv_transpose2d top-down, input conv once per batch,
+sequential ±β phases, the textbook update). Its lines carry impl="explicit", and its ratio lines baseline="explicit".
+--profile replaces the timings with one profiled training step per implementation (ms per phase and per kind of
+op; docs/ep.md "The paper-net CPU gap"). --only NAME times one implementation alone.
 """
 
 import argparse
