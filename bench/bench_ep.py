@@ -134,13 +134,14 @@ class ExplicitEP(nn.Module):
     way one writes it by hand, on a copy of its weights. Written for this bench; it shares no code with epcli.
 
     PyTorch's channels_last recipe: weights and states channels_last. One synchronous step, for every layer l:
-    s_l <- σ(P(W_l ⋆ s_{l−1} + b_l) + W_{l+1}ᵀ ⋆ Unpool(s_{l+1})) with the max-pool indices of the bottom-up pass
-    (F.max_pool2d(return_indices=True), top-down F.conv_transpose2d of F.max_unpool2d), and −β·(softmax − onehot)·W_o
-    on the last layer. The input term P(W_1 ⋆ x̂ + b_1) is computed once per batch. Free phase (T1) from zero, then
-    +β and −β (T2 each) from the free state, one after the other, batch B each. The weight update is the textbook
-    formula −[∂Φ/∂θ(s⁺) − ∂Φ/∂θ(s⁻)]/(2β): ∂Φ/∂W_l = G(Unpool(s_l), s_{l−1}) per phase
-    (torch.nn.grad.conv2d_weight, the documented weight-gradient call; epcli calls the same kernel) with the pool
-    indices of that phase's end state, the read-out by hand: ½[(p⁺ − y)ᵀ s_N⁺ + (p⁻ − y)ᵀ s_N⁻], batch mean.
+    s_l <- σ(P(W_l ⋆ s_{l−1} + b_l) + W_{l+1}ᵀ ⋆ Unpool(s_{l+1})) with the max-pool indices of the bottom-up
+    pass (F.max_pool2d(return_indices=True), top-down F.conv_transpose2d of F.max_unpool2d), and
+    −β·(softmax − onehot)·W_o on the last layer. The input term P(W_1 ⋆ x̂ + b_1) is computed once per batch.
+    Free phase (T1) from zero, then +β and −β (T2 each) from the free state, one after the other, batch B each.
+    The weight update is the textbook formula −[∂Φ/∂θ(s⁺) − ∂Φ/∂θ(s⁻)]/(2β):
+    ∂Φ/∂W_l = G(Unpool(s_l), s_{l−1}) per phase (torch.nn.grad.conv2d_weight, the documented weight-gradient call: aten's convolution_backward,
+    as in epcli, which passes a channels_last stand-in weight) with the pool indices of that phase's end state;
+    the read-out by hand: ½[(p⁺ − y)ᵀ s_N⁺ + (p⁻ − y)ᵀ s_N⁻], batch mean.
     """
 
     def __init__(self, model: EPCNN):
@@ -354,7 +355,8 @@ def profile_step(fn, phases):
             by_kind[kind] = by_kind.get(kind, 0.0) + ms
     aten = sum(by_phase.values())
     r = lambda d: {k: round(v, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}  # noqa: E731
-    return dict(wall_ms=round(wall * 1e3, 1), aten_ms=round(aten, 1), python_and_dispatch_ms=round(wall * 1e3 - aten, 1),
+    return dict(wall_ms=round(wall * 1e3, 1), aten_ms=round(aten, 1),
+                python_and_dispatch_ms=round(wall * 1e3 - aten, 1),
                 by_phase=r(by_phase), by_kind=r(by_kind), calls=calls, table={p: r(row) for p, row in table.items()})
 
 
@@ -515,8 +517,9 @@ def main(argv=None):
     x = torch.rand(B, 3, 32, 32, device=dev)
     y = torch.randint(0, model.num_classes, (B,), device=dev)
 
-    for n, ref in ({} if a.only else baselines).items():  # the same mathematics? (on a sub-batch: with a fixed T a sample's states
-        nb = min(B, a.check_images)  # do not depend on its batch-mates)
+    # the same mathematics? (on a sub-batch: with a fixed T a sample's states do not depend on its batch-mates)
+    for n, ref in ({} if a.only else baselines).items():
+        nb = min(B, a.check_images)
         d = agreement(model, x[:nb], y[:nb], T1, T2, a.beta, baseline=n)
         ok = max(d.values()) <= a.atol
         within, ds, dl = fp32_trajectory(model, ref, x[:nb], T1)
