@@ -139,9 +139,9 @@ class ExplicitEP(nn.Module):
     −β·(softmax − onehot)·W_o on the last layer. The input term P(W_1 ⋆ x̂ + b_1) is computed once per batch.
     Free phase (T1) from zero, then +β and −β (T2 each) from the free state, one after the other, batch B each.
     The weight update is the textbook formula −[∂Φ/∂θ(s⁺) − ∂Φ/∂θ(s⁻)]/(2β):
-    ∂Φ/∂W_l = G(Unpool(s_l), s_{l−1}) per phase (torch.nn.grad.conv2d_weight, the documented weight-gradient call: aten's convolution_backward,
-    as in epcli, which passes a channels_last stand-in weight) with the pool indices of that phase's end state;
-    the read-out by hand: ½[(p⁺ − y)ᵀ s_N⁺ + (p⁻ − y)ᵀ s_N⁻], batch mean.
+    ∂Φ/∂W_l = G(Unpool(s_l), s_{l−1}) per phase (torch.nn.grad.conv2d_weight, the documented weight-gradient
+    call: aten's convolution_backward, as in epcli, which passes a channels_last stand-in weight) with the pool
+    indices of that phase's end state; the read-out by hand: ½[(p⁺ − y)ᵀ s_N⁺ + (p⁻ − y)ᵀ s_N⁻], batch mean.
     """
 
     def __init__(self, model: EPCNN):
