@@ -82,16 +82,16 @@ EP_RECIPES: dict[str, dict] = {
                     augment="crop-flip", pad_mode="edge", label_smoothing=0.0,
                     ep=dict(T1=250, T2=6, beta=0.5, rule="symmetric", tol=EQUILIBRIUM_TOL), adv=None),
     # UNMEASURED (no GPU in the sessions that wrote it) for >=87% in 10 min on one H100; see docs/ep.md. From the
-    # CPU step counts of bench/bench_fixed_point.py: fp16 relaxation (amp), alternating sweeps, Anderson mixing,
-    # per-example warm starts and a tolerance stop in the free phase (T1 the cap); a short fixed nudge (a
-    # converged ±0.5 nudge was measured to point away from the gradient on the trained demo net).
+    # CPU measurements of bench/bench_fixed_point.py: fp16 relaxation (amp) and a per-image tolerance stop in the
+    # free phase (T1 the cap: the saving); the net's own update rule (sync), so training and prediction share a
+    # fixed point; no Anderson or warm starts (they land some images on another fixed point); a short fixed
+    # nudge (a converged ±0.5 nudge was measured to point away from the gradient on the trained demo net).
     "fast-ep": dict(model="ep-cnn", dataset="cifar10", epochs=12, batch_size=256, amp=True,
                     optimizer=dict(name="sgd", lr=0.1, lrs=[0.4, 0.25, 0.15, 0.12, 0.08], momentum=0.9,
                                    weight_decay=3e-4, nesterov=True),
                     schedule=dict(name="onecycle", warmup_epochs=1, eta_min=1e-4),
                     augment="crop-flip", pad_mode="edge", label_smoothing=0.0,
-                    ep=dict(T1=100, T2=15, beta=0.5, rule="symmetric", update="alternate", solver="anderson",
-                            tol=1e-3, warm_start=True), adv=None),
+                    ep=dict(T1=250, T2=15, beta=0.5, rule="symmetric", tol=EQUILIBRIUM_TOL), adv=None),
 }
 
 # ---------------------------------------------------------------------------------------------------------------
