@@ -257,13 +257,15 @@ def _relaxation_steps(net, T):
 
 def _implicit_check(stats: dict, T) -> dict:
     """Did the implicit gradient's adjoint see fixed points? (ep.EPCNN._to_fixed_point keeps the record.)"""
-    ok = stats["unconverged"] == 0
+    adj = stats.get("adjoint_unconverged", 0)
+    ok = stats["unconverged"] == 0 and adj == 0
     return {"check": "implicit-fixed-point", "passed": ok,
             "detail": f"implicit gradient: relative residual of one step at T={T} up to "
                       f"{stats['max_residual_at_T']:.3g}; relaxed up to {stats['max_extra_steps']} more steps, "
                       f"residual then up to {stats['max_residual']:.3g} (tolerance {stats['tol']:g}); "
-                      f"{stats['unconverged']} of {stats['calls']} gradient calls not at a fixed point" +
-                      ("" if ok else ": the adjoint there is not the gradient of the prediction")}
+                      f"{stats['unconverged']} of {stats['calls']} gradient calls not at a fixed point; "
+                      f"{adj} adjoint solves stopped by their iteration budget before converging" +
+                      ("" if ok else ": the gradient there is not the gradient of the prediction")}
 
 
 def attack_chunk(n: int, batch_size: int) -> int:
