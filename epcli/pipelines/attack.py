@@ -212,7 +212,8 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
                                         "targeted": bool(targeted),
                                         **({"target_hit": float(r["target_hit"][e].float().mean())}
                                            if r.get("target_hit") else {})}})
-        rows += relax_residual_rows(net, x, device, base)  # how far from equilibrium the predictions are
+        # how far from equilibrium the predictions are: the clean images, and every adversarial prediction
+        rows += relax_residual_rows(net, x, device, base, adversarial=res.get("adv_residual"))
         progress("save", 0, 1, {})
         store.log_metrics(run_id, rows)
         store.log_checks(run_id, flags)
@@ -364,7 +365,7 @@ def _attack_chunk(net, x, y, k: int, bounds: tuple[int, int], *, seed: int, **kw
 
 
 _CHUNK_TENSORS = ("clean_correct", "clean_pred", "y", "attack_labels", "targets")
-_CHUNK_GROUPS = ("robust", "pred_adv", "target_hit")
+_CHUNK_GROUPS = ("robust", "pred_adv", "target_hit", "adv_residual")
 
 
 def _save_chunk(path: Path, r: dict, save_file) -> None:
