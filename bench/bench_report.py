@@ -59,7 +59,7 @@ def _grid_png(n_images: int = 4) -> bytes:
     from PIL import Image
     rows, cols, h, pad = n_images * len(CORRUPTIONS), 6, 32, 2
     rng = np.random.default_rng(0)
-    a = np.zeros((pad + rows * (h + pad), pad + cols * (h + pad), 3), dtype=np.uint8)
+    a = np.full((pad + rows * (h + pad), pad + cols * (h + pad), 3), 255, dtype=np.uint8)  # white gaps
     for r in range(rows):
         for c in range(cols):
             a[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (h + pad):pad + c * (h + pad) + h] = \
@@ -222,17 +222,23 @@ def main() -> None:
             out = tmp / f"report-{fmt}"
             cmd = [sys.executable, "-m", "epcli", "--store", str(root), "report", "-f", fmt] + \
                   (["--out", str(out)] if fmt != "table" else [])
-            best = float("inf")
+            best, timed_out = float("inf"), False
             for _ in range(args.repeat):
                 shutil.rmtree(out, ignore_errors=True)
                 t0 = time.perf_counter()
-                p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                try:
+                    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
+                                       check=False)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    break
                 best = min(best, time.perf_counter() - t0)
                 if p.returncode != 0:
                     raise SystemExit(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
-            files = sorted(out.rglob("*")) if out.exists() else []
+            files = sorted(out.rglob("*")) if out.exists() and not timed_out else []
             print(json.dumps(_line(f"epcli report -f {fmt}" + (" --out DIR" if fmt != "table" else ""),
-                                   round(best, 2), "s", n_runs=n_runs, files=len(files),
+                                   None if timed_out else round(best, 2), "s", n_runs=n_runs, files=len(files),
+                                   **({"timed_out_after_s": args.timeout} if timed_out else {}),
                                    bytes=sum(f.stat().st_size for f in files if f.is_file()),
                                    timed=" ".join(shlex.quote(a) for a in ["python", "-m", "epcli", "--store",
                                                                           "STORE"] + cmd[5:]))), flush=True)

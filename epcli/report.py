@@ -1214,6 +1214,22 @@ def _row_labels(data: ReportData) -> dict[str, str]:
     return {r.run_id: r.label if counts[r.label] == 1 else f"{r.label} {_short(r.run_id)[:6]}" for r in data.rows}
 
 
+FIGURE_MODELS = 10  # lines one figure can tell apart (ten colours) and a legend can hold
+
+
+def _figure_models(data: ReportData, names: dict[str, str], have: dict[str, Any]) -> tuple[list[str], dict, str]:
+    """The models a figure draws, in report order: every model with data for it, or, when more than
+    FIGURE_MODELS have some, the FIGURE_MODELS newest (run ids sort by time). Returns their run ids, their
+    colours, and a note for the title saying how many were left out ("" when none)."""
+    with_data = [r.run_id for r in data.rows if have.get(r.run_id)]
+    if len(with_data) <= FIGURE_MODELS:
+        return with_data, _colors(list(names.values())), ""
+    keep = set(sorted(with_data)[-FIGURE_MODELS:])
+    shown = [rid for rid in with_data if rid in keep]
+    return shown, _colors([names[rid] for rid in shown]), (
+        f" ({FIGURE_MODELS} newest of {len(with_data):,} models; pick others with --model/--run)")
+
+
 def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) -> list[Path]:
     """Write every figure the data supports as PNG and SVG; skip a figure whose data is absent."""
     out_dir = Path(out_dir)
@@ -1221,21 +1237,31 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
     plt = _plt()
     paths: list[Path] = []
     names = _row_labels(data)
-    colors = _colors(list(names.values()))
     rows = {r.run_id: r for r in data.rows}
+    # every figure's points, grouped once by model (a figure then reads only its own models' points)
+    curves: dict[tuple, list[dict]] = {}
+    for c in data.curves:
+        curves.setdefault((c["attack"], c["norm"]), []).append(c)
+    corr_by: dict[str, list[dict]] = {}
+    for c in data.corruptions:
+        corr_by.setdefault(c["run_id"], []).append(c)
+    steps_by: dict[str, list[dict]] = {}
+    for st in data.steps:
+        steps_by.setdefault(st["run_id"], []).append(st)
 
     # robust accuracy vs eps, one panel per attack x norm
-    for attack, norm in sorted({(c["attack"], c["norm"]) for c in data.curves},
-                               key=lambda an: (ATTACK_ORDER.index(an[0]) if an[0] in ATTACK_ORDER else 99, an[1])):
-        if len({c["eps"] for c in data.curves if (c["attack"], c["norm"]) == (attack, norm)}) < 2:
+    for attack, norm in sorted(curves, key=lambda an: (ATTACK_ORDER.index(an[0]) if an[0] in ATTACK_ORDER else 99,
+                                                       an[1])):
+        if len({c["eps"] for c in curves[(attack, norm)]}) < 2:
             continue  # a single eps is no curve: the number is in the tables
+        by_run: dict[str, list[dict]] = {}
+        for c in curves[(attack, norm)]:
+            by_run.setdefault(c["run_id"], []).append(c)
+        shown, colors, left_out = _figure_models(data, names, by_run)
         fig, ax = plt.subplots(figsize=(6.8, 4.4))
         all_eps, drawn_paper, datasets = set(), set(), set()
-        for rid in names:
-            pts = sorted((c["eps"], c["value"], c["unreliable"], c.get("n"), c.get("grad_mode")) for c in data.curves
-                         if c["run_id"] == rid and c["attack"] == attack and c["norm"] == norm)
-            if not pts:
-                continue
+        for rid in shown:
+            pts = sorted((c["eps"], c["value"], c["unreliable"], c.get("n"), c.get("grad_mode")) for c in by_run[rid])
             row = rows[rid]
             datasets.add(row.dataset or "?")
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -1271,26 +1297,32 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         ax.set_xlabel(f"ε ({NORM_NAMES.get(norm, norm)}" + (", pixel scale /255" if norm == "linf" else "") + ")")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on {', '.join(sorted(datasets))}:"
-                     f" robust accuracy vs ε", fontsize=10)
+                     f" robust accuracy vs ε" + left_out, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         _save(fig, out_dir, f"robust-{attack}-{norm}", paths)
 
     # accuracy vs severity per corruption, the clean accuracy as a dotted reference line
     if data.corruptions:
-        cnames = sorted({c["corruption"] for c in data.corruptions})
+        shown, colors, left_out = _figure_models(data, names, corr_by)
+        shown_rows = data.rows if not left_out else [rows[rid] for rid in shown]
+        points = [c for rid in shown for c in corr_by[rid]]
+        by_panel: dict[tuple, list[tuple]] = {}
+        for c in points:
+            if c["severity"] is not None:
+                by_panel.setdefault((c["run_id"], c["corruption"]), []).append((c["severity"], c["value"]))
+        cnames = sorted({c["corruption"] for c in points})
         ncol = min(5, len(cnames))
         nrow = math.ceil(len(cnames) / ncol)
-        vals = [c["value"] for c in data.corruptions] + [r.corruption["clean"] for r in data.rows
-                                                         if r.corruption.get("clean") is not None]
+        vals = [c["value"] for c in points] + [r.corruption["clean"] for r in shown_rows
+                                               if r.corruption.get("clean") is not None]
         lo, hi = min(vals), max(vals)
         pad = max(2.0, 0.08 * (hi - lo))
         height = 2.5 * nrow + 0.75  # + a header (inches) for the title and the legend
         fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, height), squeeze=False, sharey=True)
         for ax, cn in zip(axes.flat, cnames):
-            for rid in names:
-                pts = sorted((c["severity"], c["value"]) for c in data.corruptions
-                             if c["run_id"] == rid and c["corruption"] == cn and c["severity"] is not None)
+            for rid in shown:
+                pts = sorted(by_panel.get((rid, cn), []))
                 if pts:
                     ax.plot(*zip(*pts), "o-", ms=3, color=colors[names[rid]], label=names[rid])
                     clean = rows[rid].corruption.get("clean")
@@ -1304,14 +1336,14 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         for ax in list(axes.flat)[len(cnames):]:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
-        n_ex = sorted({r.corruption.get("n_examples") for r in data.rows if r.corruption.get("n_examples")})
+        n_ex = sorted({r.corruption.get("n_examples") for r in shown_rows if r.corruption.get("n_examples")})
         for i, ax in enumerate(axes.flat):
             if i % ncol == 0:
                 ax.set_ylabel("accuracy (%)")
             if i >= len(cnames) - ncol:
                 ax.set_xlabel("severity")
         fig.suptitle("Accuracy under each corruption vs severity; dotted: the model's clean accuracy"
-                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else ""), fontsize=9,
+                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else "") + left_out, fontsize=9,
                      y=1 - 0.05 / height, va="top")
         fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
         fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,
@@ -1320,10 +1352,11 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
 
     # accuracy vs relaxation steps
     if data.steps:
+        shown, colors, left_out = _figure_models(data, names, steps_by)
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         keys = set()
-        for rid in names:
-            pts = sorted((s["T"], s["value"]) for s in data.steps if s["run_id"] == rid)
+        for rid in shown:
+            pts = sorted((s["T"], s["value"]) for s in steps_by[rid])
             if pts:
                 ax.plot(*zip(*pts), "o-", ms=3, color=colors[names[rid]], label=names[rid])
                 if rows[rid].paper_key and rows[rid].not_compared is None:  # comparability rule
@@ -1334,7 +1367,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                 ax.plot(*zip(*sorted((f["T"], f["value"]) for f in facts)), "--", color="gray",
                         label=f"paper ({paper.load_facts()['models'][key]['label']}, CIFAR-10)")
         ax.set_xscale("log")
-        ts = sorted({s["T"] for s in data.steps})
+        ts = sorted({s["T"] for rid in shown for s in steps_by[rid]})
         ax.set_xticks(ts)
         ax.set_xticklabels([str(t) for t in ts], fontsize=8)
         ax.minorticks_off()
@@ -1342,17 +1375,21 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         ax.set_xlabel("relaxation steps T (log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("EP convergence: test accuracy vs relaxation steps T ("
-                     + ", ".join(sorted({rows[s["run_id"]].dataset or "?" for s in data.steps})) + ")")
+                     + ", ".join(sorted({rows[rid].dataset or "?" for rid in shown})) + ")" + left_out)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         _save(fig, out_dir, "steps", paths)
 
     # unroll-length sweep
     if data.unroll:
-        groups = sorted({(u["run_id"], u["attack"], u["norm"]) for u in data.unroll})
+        unroll_by: dict[str, list[dict]] = {}
+        for u in data.unroll:
+            unroll_by.setdefault(u["run_id"], []).append(u)
+        shown, _, left_out = _figure_models(data, names, unroll_by)
+        groups = sorted({(u["run_id"], u["attack"], u["norm"]) for rid in shown for u in unroll_by[rid]})
         fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4), squeeze=False)
         for ax, (rid, attack, norm) in zip(axes.flat, groups):
-            us = [u for u in data.unroll if (u["run_id"], u["attack"], u["norm"]) == (rid, attack, norm)]
+            us = [u for u in unroll_by[rid] if (u["attack"], u["norm"]) == (attack, norm)]
             epss = sorted({u["eps"] for u in us})
             cmap = plt.get_cmap("viridis")
             for i, e in enumerate(epss):
@@ -1374,6 +1411,8 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                          f"{rows[rid].dataset}" + (f", n={ns[-1]:,}" if len(ns) == 1 else ""), fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
+        if left_out:
+            fig.suptitle(left_out.strip(" ()"), fontsize=9)
         fig.tight_layout()
         _save(fig, out_dir, "unroll", paths)
 
@@ -1483,7 +1522,13 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
     above, red when it changed), and below the perturbation amplified by a factor written on each panel (one
     factor per eps, shared by the models so their perturbations compare)."""
     import numpy as np
-    entries = [e for e in (_load_adv_entry(a) for a in data.adversarial) if e is not None]
+    adv_by: dict[str, list[dict]] = {}
+    for a in data.adversarial:
+        adv_by.setdefault(a["run_id"], []).append(a)
+    shown, _, left_out = _figure_models(data, names, adv_by)  # before reading any file: only the shown models'
+    shown_set = set(shown)
+    entries = [e for e in (_load_adv_entry(a) for a in data.adversarial if a["run_id"] in shown_set)
+               if e is not None]
     if not entries:
         return None
     norms = [n for n in ("linf", "l2") if any(e["a"]["norm"] == n for e in entries)]
@@ -1542,7 +1587,7 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
                 axes[r0 + 1][j].set_title(f"×{k:.0f}" if m > 0 else "no change", fontsize=6.5)
             r0 += 2
     fig.suptitle("Adversarial examples: one test image every shown model classifies correctly when clean, attacked "
-                 "at growing ε (red: the prediction changed)", fontsize=8.5, y=1 - 0.1 / height, va="top")
+                 "at growing ε (red: the prediction changed)" + left_out, fontsize=8.5, y=1 - 0.1 / height, va="top")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
     return fig
 
@@ -1573,21 +1618,23 @@ def corruption_samples(grid_png: str | Path, corruptions: list[str], severities:
     k_images = rows_total // per_image
     shown = min(images, k_images)
     plt = _plt()
-    fig, axes = plt.subplots(shown * per_image, cols, figsize=(1.15 * cols + 1.4, 1.15 * shown * per_image + 0.5),
-                             squeeze=False)
+    # one panel per image (its rows of the grid, whose 2-pixel white gaps already frame the tiles), labelled by
+    # ticks: a panel per tile drew shown x corruptions x columns axes (228 for 19 corruptions), seconds each report
+    fig, axes = plt.subplots(shown, 1, figsize=(1.15 * cols + 1.4, 1.15 * shown * per_image + 0.5), squeeze=False)
+    centre = [pad + k * (h + pad) + (h - 1) / 2 for k in range(max(cols, per_image))]
     for i in range(shown):
-        for c, name in enumerate(corruptions):
-            r = i * per_image + c
-            for j in range(cols):
-                y0, x0 = pad + r * (h + pad), pad + j * (h + pad)
-                ax = axes[i * per_image + c][j]
-                ax.imshow(grid[y0:y0 + h, x0:x0 + h, :3], interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if i * per_image + c == 0 or (c == 0 and i > 0):
-                    ax.set_title("clean" if j == 0 else f"severity {severities[j - 1]}", fontsize=7)
-                if j == 0:
-                    ax.set_ylabel(f"image {i + 1}\n{name.replace('_', ' ')}", fontsize=7)
+        ax = axes[i][0]
+        y0 = i * per_image * (h + pad)
+        tile = grid[y0:y0 + per_image * (h + pad) + pad, :, :3]
+        ax.imshow(np.round(tile * 255).astype(np.uint8), interpolation="nearest")  # 8-bit: no float rescaling
+        ax.xaxis.tick_top()
+        ax.set_xticks(centre[:cols])
+        ax.set_xticklabels(["clean"] + [f"severity {sv}" for sv in severities], fontsize=7)
+        ax.set_yticks(centre[:per_image])
+        ax.set_yticklabels([f"image {i + 1}\n{name.replace('_', ' ')}" for name in corruptions], fontsize=7)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
     fig.suptitle("Corruption samples" + (f" ({label})" if label else "") + ": the seeded images the model was "
                  "scored on", fontsize=8.5)
     fig.tight_layout()

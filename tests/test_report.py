@@ -725,3 +725,58 @@ def test_adversarial_grid_uses_one_attack_per_norm():
                     cand("ep", "pgd", 4, 200, "ep-demo"), cand("cnn", "pgd", 4, 200, "cnn-demo"),
                     cand("cnn", "pgd", 4, 200, "cnn-older")]
     assert [c["tag"] for c in report._pick_adversarial(newest_first)] == ["cnn-demo", "ep-demo"]
+
+
+# --- scale: figures draw a bounded number of models; the report run's bookkeeping is set-based -----------------
+
+def test_figures_draw_the_newest_models_when_there_are_many(tmp_path):
+    from test_report_golden import svg_text
+    store = Store(tmp_path / "s")
+    n = report.FIGURE_MODELS + 2
+    runs = []
+    for i in range(n):
+        rid, ck = _train(store, "cnn", {"label": f"model {i:02d}"}, [0.5])
+        _attack(store, rid, ck, "cnn", "pgd", "linf", dict(zip(EPS_LINF, [0.5, 0.4, 0.3 - i / 100])))
+        runs.append(rid)
+    data = report.collect(store)
+    assert len(data.rows) == n  # the tables keep every model
+    paths = report.figures(data, tmp_path / "fig")
+    text = svg_text(next(p for p in paths if p.name == "robust-pgd-linf.svg"))
+    legend = [t for t in text if t.startswith("model ")]
+    # the 10 newest (run ids sort by creation), in report order; the title says how many were left out
+    assert legend == [f"model {i:02d} (n=100)" for i in range(2, n)]
+    assert any(f"10 newest of {n} models" in t for t in text)
+    store.close()
+
+
+def test_report_run_links_its_sources_and_picks_the_sample_grid(tmp_path):
+    """The report run records each reported model's first output (its checkpoint) as an input, and redraws the
+    grid of the first model (report order) whose newest finished corrupt run stored one."""
+    from PIL import Image
+
+    from epcli.pipelines.report import report as report_pipeline
+    store = Store(tmp_path / "s")
+    a, a_ck = _train(store, "cnn", {"label": "A"}, [0.5])
+    b, b_ck = _train(store, "vit", {"label": "B"}, [0.6])
+    _corrupt(store, a, a_ck, "cnn", 0.5)  # has a grid, but A's newest corrupt run (below) has none
+    newest_a = store.start_run("corrupt", {"corruptions": ["fog"]}, model="cnn", dataset="cifar10-mini",
+                               model_run_id=a)
+    store.finish_run(newest_a)
+    grid = np.full((2 + 2 * 34, 2 + 6 * 34, 3), 255, dtype=np.uint8)  # 2 images x 1 corruption
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    b_corr = store.start_run("corrupt", {"corruptions": ["fog"]}, model="vit", dataset="cifar10-mini",
+                             model_run_id=b)
+    store.write_artifact(b_corr, "corruption-grid", lambda p: p.write_bytes(buf.getvalue()), suffix=".png",
+                         meta={"corruptions": ["fog"], "severities": [1, 2, 3, 4, 5]})
+    store.finish_run(b_corr)
+    res = report_pipeline(store=store, fmt="html", out=str(tmp_path / "out"))
+    sources = {r["sha256"] for r in store.db.query(
+        "SELECT sha256 FROM run_artifacts WHERE run_id = ? AND role = 'input' AND name = 'source'", [res["run_id"]])}
+    assert sources == {store.artifacts_of(a, role="output")[0]["sha256"],
+                       store.artifacts_of(b, role="output")[0]["sha256"]} == {a_ck, b_ck}
+    assert any(f.endswith("corruption-samples.png") for f in res["files"])
+    from test_report_golden import svg_text
+    title = [t for t in svg_text(tmp_path / "out" / "corruption-samples.svg") if t.startswith("Corruption samples")]
+    assert title == [f"Corruption samples (B, run {b_corr}): the seeded images the model was scored on"]
+    store.close()
