@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from epcli.atomic import pid_alive
 from epcli.errors import NotFoundError, StoreError, UsageError
 
 DB_NAME = "epcli.db"
@@ -353,7 +354,7 @@ class Store:
         """Runs left 'running' by a process on this host that no longer exists were interrupted."""
         host = socket.gethostname()
         for r in db.query("SELECT id, pid FROM runs WHERE status = 'running' AND host = ?", [host]):
-            if r["pid"] and not _pid_alive(r["pid"]):
+            if r["pid"] and not pid_alive(r["pid"]):
                 db.execute("UPDATE runs SET status = 'interrupted', ended_at = ?, error = ? "
                            "WHERE id = ? AND status = 'running'",
                            [now(), "process ended without closing the run", r["id"]])
@@ -874,16 +875,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _ENV: dict | None = None
