@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -294,21 +295,23 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
                 members.append(m)
         if len(members) > 1:
             value = float(robust.mean()) * 100.0
-    details = [(_json(m["detail"]) if m["detail"] else {}) for m in members]
-    details = [d if isinstance(d, dict) else {} for d in details]
-    flagged = [(m, d) for m, d in zip(members, details) if m["unreliable"]]
+    def detail(m: dict) -> dict:
+        d = _json(m["detail"]) if m["detail"] else {}
+        return d if isinstance(d, dict) else {}
+    first = detail(base)  # decoded only where read: a cell of thousands of results reads one or two
+    flagged = [m for m in members if m["unreliable"]]
     reason = None
     if flagged:
-        m, d = flagged[0]
-        reason = d.get("reason") or "; ".join(failed_checks.get(m["run_id"], [])) or "marked unreliable"
+        m = flagged[0]
+        reason = detail(m).get("reason") or "; ".join(failed_checks.get(m["run_id"], [])) or "marked unreliable"
     modes = []
     for m in members:
         if m["grad_mode"] and m["grad_mode"] not in modes:
             modes.append(m["grad_mode"])
     return Cell(value=value, n_examples=base["n_examples"], grad_mode="+".join(modes) or None,
                 unreliable=bool(flagged), reason=reason, run_id=base["run_id"], status=base["run_status"],
-                n_results=len(members), forward_passes=details[0].get("forward_passes"),
-                forward_passes_T=details[0].get("T"),
+                n_results=len(members), forward_passes=first.get("forward_passes"),
+                forward_passes_T=first.get("T"),
                 worst_of=[f"{m['run_id']} {m['attack']} {m['grad_mode'] or '-'}" for m in members]
                 if len(members) > 1 else [],
                 attack_clean=attack_clean_by_run.get(base["run_id"]))
@@ -405,6 +408,35 @@ def corruption_mean_label(cov: dict) -> str:
 
 # --- collect -----------------------------------------------------------------------------------------------
 
+METRIC_COLUMNS = ("id", "run_id", "name", "value", "step", "attack", "norm", "eps", "grad_mode", "corruption",
+                  "severity", "n_examples", "unreliable", "detail")
+
+
+def _metric_rows(db, train_runs: list[dict], derived: list[dict]) -> list[dict]:
+    """The accuracy metrics (ACC_METRICS) of the selected training runs and of every run derived from them that
+    did not fail or get interrupted, in insertion order, each with its run's kind, status, model_run_id and
+    started_at. Read by run id, without a join (the join's row lookups took most of the time at 10k runs), in
+    chunks of run ids below SQLite's limit on query parameters."""
+    owner = {}
+    for r in list(train_runs) + list(derived):
+        if r["status"] not in ("failed", "interrupted"):
+            owner[r["id"]] = (r["kind"], r["status"], r.get("model_run_id") or r["id"], r["started_at"])
+    ids, out = list(owner), []
+    names = _placeholders(list(ACC_METRICS))
+    for i in range(0, len(ids), 10_000):
+        chunk = ids[i:i + 10_000]
+        # +name: scan in id order rather than through the name index (every model's rows of these names)
+        for t in db.execute(f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics WHERE run_id IN "
+                            f"({_placeholders(chunk)}) AND +name IN ({names}) ORDER BY id",
+                            chunk + list(ACC_METRICS)).fetchall():
+            m = dict(zip(METRIC_COLUMNS, t))
+            m["run_kind"], m["run_status"], m["model_run_id"], m["started_at"] = owner[m["run_id"]]
+            out.append(m)
+    if len(ids) > 10_000:
+        out.sort(key=lambda m: m["id"])
+    return out
+
+
 def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | None = None,
             dataset: str | None = None) -> ReportData:
     """Gather every number a report shows, in a few queries. Raises NotFoundError with a one-line message."""
@@ -461,11 +493,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
         r["config"] = _json(r["config"]) or {}
         if not isinstance(r["config"], dict):
             r["config"] = {}
-    names = _placeholders(list(ACC_METRICS))
-    metric_rows = [dict(m) for m in db.query(
-        f"SELECT m.*, r.kind AS run_kind, r.status AS run_status, r.model_run_id, r.started_at "
-        f"FROM metrics m JOIN runs r ON r.id = m.run_id WHERE r.model_run_id IN ({ph}) AND m.name IN ({names}) "
-        f"AND r.status NOT IN ('failed', 'interrupted') ORDER BY m.id", ids + list(ACC_METRICS))]
+    metric_rows = _metric_rows(db, selected, derived)
     test_acc = {r["run_id"]: r["value"] for r in db.query(
         f"SELECT run_id, value, MAX(COALESCE(step, -1)) FROM metrics WHERE name = 'test_acc' "
         f"AND run_id IN ({ph}) GROUP BY run_id", ids)}
@@ -763,6 +791,25 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
     return reasons
 
 
+@functools.lru_cache(maxsize=4096)
+def _paper_facts(model_key: str, dataset: str, metric: str, attack: str | None = None, norm: str | None = None,
+                 eps: float | None = None, variant: bool | None = None) -> tuple[dict, ...]:
+    """paper.paper_values, remembered: thousands of models ask for the same few (model, threat) cells, and each
+    lookup scans the paper's 1,113 numbers. The facts are read-only here."""
+    return tuple(paper.paper_values(model_key, dataset=dataset, metric=metric, attack=attack, norm=norm, eps=eps,
+                                    variant=variant))
+
+
+@functools.lru_cache(maxsize=4096)
+def _paper_cell_fact(model_key: str, dataset: str, attack: str, norm: str, eps: float,
+                     grad_mode: str | None) -> dict | None:
+    """The paper's number a result is set beside: the one with the result's gradient mode, else the primary."""
+    facts = _paper_facts(model_key, dataset, "robust_acc", attack, norm, eps)
+    same_grad = [f for f in facts if f.get("grad_mode") and f.get("grad_mode") == grad_mode]
+    primary = [f for f in facts if f.get("variant") is None]
+    return (same_grad or primary or [None])[0]
+
+
 def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, dict]) -> list[Comparison]:
     """Every (model, metric) the paper also logged. The paper's number is set beside epcli's only under the
     comparability rule; otherwise the comparison carries `not_compared` (why) and no paper number or diff."""
@@ -781,25 +828,23 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
         ds = paper.paper_dataset(row.dataset) or ("cifar10" if row.dataset is None else None)
         if ds is None:
             continue
-        fact = paper.paper_value(row.paper_key, dataset=ds, metric="clean_acc")
+        fact = next(iter(_paper_facts(row.paper_key, ds, "clean_acc", variant=False)), None)
         if fact and row.clean_acc is not None:
             add(row, "clean", row.clean_acc, fact, None, protocol_reasons(row, None, fact), row.not_compared)
         for key, cell in row.cells.items():
             col = columns[key]
-            facts = paper.paper_values(row.paper_key, dataset=ds, metric="robust_acc", attack=col.attack,
-                                       norm=col.norm, eps=col.eps)
-            if not facts or cell.value is None:
+            if cell.value is None:
                 continue
-            same_grad = [f for f in facts if f.get("grad_mode") and f.get("grad_mode") == cell.grad_mode]
-            primary = [f for f in facts if f.get("variant") is None]
-            fact = (same_grad or primary or [None])[0]
+            fact = _paper_cell_fact(row.paper_key, ds, col.attack, col.norm, col.eps, cell.grad_mode)
             if fact is None:
                 continue
-            cfg = run_info.get(cell.run_id or "", {}).get("config", {})
             why = row.not_compared or cell_not_comparable(cell, fact, row.paper_key)
-            reasons = protocol_reasons(row, cell, fact, cfg, eps=col.eps)
-            if fact.get("variant"):
-                reasons.insert(0, f"paper run: {fact['variant']}")
+            reasons = []
+            if why is None:  # the protocol differences are listed only beside a number that is compared
+                cfg = run_info.get(cell.run_id or "", {}).get("config", {})
+                reasons = protocol_reasons(row, cell, fact, cfg, eps=col.eps)
+                if fact.get("variant"):
+                    reasons.insert(0, f"paper run: {fact['variant']}")
             if why is None:
                 cell.paper, cell.paper_std = fact["value"], fact.get("std")
                 cell.diff = cell.value - fact["value"]
@@ -807,7 +852,7 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
             else:
                 cell.not_compared = why
             add(row, col.label, cell.value, fact, cell.n_examples, reasons, why)
-        fact = paper.paper_value(row.paper_key, dataset=ds, metric="corruption_mean_acc")
+        fact = next(iter(_paper_facts(row.paper_key, ds, "corruption_mean_acc", variant=False)), None)
         corr = row.corruption
         if fact and corr.get("mean") is not None:
             # the paper's mean is over 18 corruptions (all but frost) x 5 severities: only that mean compares
@@ -966,18 +1011,38 @@ def _csv(data: ReportData) -> str:
     return buf.getvalue()
 
 
+def _fields(obj, skip: tuple[str, ...] = ()) -> dict:
+    """A flat dataclass as a dict of its fields, without asdict's deep copy (the values are only serialised)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}
+
+
 def to_dict(data: ReportData) -> dict:
     """A JSON-ready dict of the whole report (accuracies in percent)."""
     rows = []
     for row in data.rows:
-        d = {k: v for k, v in asdict(row).items() if k not in ("cells", "config")}
+        d = _fields(row, skip=("cells", "config"))
         d["unreliable"] = row.unreliable
-        d["cells"] = {k: asdict(c) for k, c in row.cells.items()}
+        d["cells"] = {k: _fields(c) for k, c in row.cells.items()}
         rows.append(d)
     return {"generated_at": data.generated_at, "store": data.store_root, "filters": data.filters,
             "unit": "percent", "store_scale": data.scale,
-            "columns": [asdict(c) for c in data.columns], "rows": rows,
-            "comparisons": [asdict(c) for c in data.comparisons], "notes": data.notes}
+            "columns": [_fields(c) for c in data.columns], "rows": rows,
+            "comparisons": [_fields(c) for c in data.comparisons], "notes": data.notes}
+
+
+def _json_text(doc: dict) -> str:
+    """The report document with one line per column, row, comparison and note: as easy to read and grep as an
+    indented dump, and written by json's C encoder (an indented dump runs the pure-Python one over every value,
+    seconds at thousands of models)."""
+    enc = json.JSONEncoder(ensure_ascii=False, default=str)
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, list) and value:
+            items = ",\n".join("    " + enc.encode(x) for x in value)
+            parts.append(f"  {enc.encode(key)}: [\n{items}\n  ]")
+        else:
+            parts.append(f"  {enc.encode(key)}: {enc.encode(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _md(data: ReportData, columns: str = "headline") -> str:
@@ -1170,7 +1235,7 @@ def render(data: ReportData, fmt: str = "table", columns: str | None = None) -> 
     if fmt == "csv":
         return _csv(data)
     if fmt == "json":
-        return json.dumps(to_dict(data), indent=2, ensure_ascii=False, default=str) + "\n"
+        return _json_text(to_dict(data))
     if fmt == "md":
         return _md(data, columns or "headline")
     if fmt == "html":
@@ -1215,19 +1280,21 @@ def _row_labels(data: ReportData) -> dict[str, str]:
 
 
 FIGURE_MODELS = 10  # lines one figure can tell apart (ten colours) and a legend can hold
+ADVERSARIAL_MODELS = 4  # row pairs (per norm) of the adversarial-example grid: 2 x 12 panels each at 11 eps
 
 
-def _figure_models(data: ReportData, names: dict[str, str], have: dict[str, Any]) -> tuple[list[str], dict, str]:
-    """The models a figure draws, in report order: every model with data for it, or, when more than
-    FIGURE_MODELS have some, the FIGURE_MODELS newest (run ids sort by time). Returns their run ids, their
-    colours, and a note for the title saying how many were left out ("" when none)."""
+def _figure_models(data: ReportData, names: dict[str, str], have: dict[str, Any],
+                   limit: int = FIGURE_MODELS) -> tuple[list[str], dict, str]:
+    """The models a figure draws, in report order: every model with data for it, or, when more than `limit`
+    have some, the `limit` newest (run ids sort by time). Returns their run ids, their colours, and a note for
+    the title saying how many were left out ("" when none)."""
     with_data = [r.run_id for r in data.rows if have.get(r.run_id)]
-    if len(with_data) <= FIGURE_MODELS:
+    if len(with_data) <= limit:
         return with_data, _colors(list(names.values())), ""
-    keep = set(sorted(with_data)[-FIGURE_MODELS:])
+    keep = set(sorted(with_data)[-limit:])
     shown = [rid for rid in with_data if rid in keep]
     return shown, _colors([names[rid] for rid in shown]), (
-        f" ({FIGURE_MODELS} newest of {len(with_data):,} models; pick others with --model/--run)")
+        f" ({limit} newest of {len(with_data):,} models; pick others with --model/--run)")
 
 
 def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) -> list[Path]:
@@ -1525,7 +1592,8 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
     adv_by: dict[str, list[dict]] = {}
     for a in data.adversarial:
         adv_by.setdefault(a["run_id"], []).append(a)
-    shown, _, left_out = _figure_models(data, names, adv_by)  # before reading any file: only the shown models'
+    # before reading any file: only the shown models' (an image grid holds fewer models than a line chart)
+    shown, _, left_out = _figure_models(data, names, adv_by, limit=ADVERSARIAL_MODELS)
     shown_set = set(shown)
     entries = [e for e in (_load_adv_entry(a) for a in data.adversarial if a["run_id"] in shown_set)
                if e is not None]
