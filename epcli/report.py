@@ -1099,10 +1099,11 @@ _PAPER_NOTE = ("A paper number (Mansingh et al. 2024, from the authors' logs, me
 def _not_compared_lines(data: ReportData) -> list[str]:
     """One line per model that cannot be compared at all, one per other result that cannot."""
     lines, done = [], set()
+    rows = {r.run_id: r for r in data.rows}
     for c in data.comparisons:
         if c.not_compared is None:
             continue
-        row = next((r for r in data.rows if r.run_id == c.run_id), None)
+        row = rows.get(c.run_id)
         if row is not None and row.not_compared and c.not_compared == row.not_compared:
             if c.run_id not in done:
                 done.add(c.run_id)

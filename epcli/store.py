@@ -884,7 +884,6 @@ def environment() -> dict:
     """Versions and git commit, computed once per process."""
     global _ENV
     if _ENV is None:
-        import torch
         from epcli import __version__
         commit = None
         try:
@@ -896,9 +895,18 @@ def environment() -> dict:
                 commit += "-dirty"
         except (OSError, subprocess.SubprocessError):
             pass
-        _ENV = {"epcli_version": __version__, "torch_version": torch.__version__,
-                "cuda_version": torch.version.cuda, "git_commit": commit}
-    return dict(_ENV)
+        _ENV = {"epcli_version": __version__, "git_commit": commit}
+    env = dict(_ENV)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        env.update(torch_version=torch.__version__, cuda_version=torch.version.cuda)
+    else:  # a run that never loads torch (a report): the installed version, without the seconds an import takes
+        from importlib import metadata
+        try:
+            env.update(torch_version=metadata.version("torch"), cuda_version=None)
+        except metadata.PackageNotFoundError:
+            env.update(torch_version=None, cuda_version=None)
+    return env
 
 
 def describe_device(device: str) -> str:

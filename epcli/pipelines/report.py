@@ -16,7 +16,8 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
     if out and Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the report and its figures")
     data = R.collect(store, models=models, runs=runs, dataset=dataset)
-    text = None if fmt == "table" else R.render(data, fmt)
+    # with --out the html page (with figures) is written below; rendering it here too would be thrown away
+    text = None if fmt == "table" or (fmt == "html" and out) else R.render(data, fmt)
     written = []
     if out or figures:
         out_dir = Path(out or store.root / "reports")
