@@ -97,6 +97,8 @@ class Row:
     clean_acc: float | None
     epochs: int | None
     config: dict
+    clean_n: int | None = None   # the images clean_acc was measured on (None: not recorded by older runs)
+    clean_from: str = "test split"  # "test split": the training run's own test evaluation; else an attack's images
     cells: dict[str, Cell] = field(default_factory=dict)
     corruption: dict[str, Any] = field(default_factory=dict)  # mean, mean_all, mce, relative_mce, run_id, ...
     failed_checks: list[str] = field(default_factory=list)
@@ -494,9 +496,10 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
         if not isinstance(r["config"], dict):
             r["config"] = {}
     metric_rows = _metric_rows(db, selected, derived)
-    test_acc = {r["run_id"]: r["value"] for r in db.query(
-        f"SELECT run_id, value, MAX(COALESCE(step, -1)) FROM metrics WHERE name = 'test_acc' "
-        f"AND run_id IN ({ph}) GROUP BY run_id", ids)}
+    test_acc, test_n = {}, {}
+    for r in db.query(f"SELECT run_id, value, n_examples, MAX(COALESCE(step, -1)) FROM metrics WHERE name = "
+                      f"'test_acc' AND run_id IN ({ph}) GROUP BY run_id", ids):
+        test_acc[r["run_id"]], test_n[r["run_id"]] = r["value"], r["n_examples"]
     failed_checks: dict[str, list[str]] = {}
     for c in db.query(f"SELECT c.run_id, c.name, c.detail, r.model_run_id FROM checks c JOIN runs r "
                       f"ON r.id = c.run_id WHERE c.passed = 0 AND r.model_run_id IN ({ph})", ids):
@@ -527,7 +530,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
         rows[r["id"]] = Row(run_id=r["id"], model=r["model"] or "?", label=_label(r), dataset=r["dataset"],
                             status=r["status"], paper_key=paper.paper_key_for(r),
                             clean_acc=None if test_acc.get(r["id"]) is None else test_acc[r["id"]] * k,
-                            epochs=_epochs(r["config"]), config=r["config"],
+                            epochs=_epochs(r["config"]), config=r["config"], clean_n=test_n.get(r["id"]),
                             failed_checks=list(failed_checks.get(r["id"], [])), seed=r.get("seed"),
                             selection=_selection(r["config"], _json(r.get("summary"))))
         summ = _json(r.get("summary"))
@@ -567,7 +570,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                                       f"{eps_label(m['eps'], norm)}")
             groups.setdefault((mr, key), []).append(m)
         elif m["name"] == "clean_acc" and m["run_kind"] == "attack" and m["value"] is not None:
-            attack_clean[mr] = m["value"] * k
+            attack_clean[mr] = (m["value"] * k, m["n_examples"], m["run_id"])
             attack_clean_by_run[m["run_id"]] = m["value"] * k
         if m["run_kind"] == "corrupt" and m["name"].startswith(("corruption", "mce", "relative")):
             if mr not in corr_latest or (m["started_at"], m["run_id"]) > corr_latest[mr]:
@@ -591,8 +594,9 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
         columns.setdefault(key, Column(key, "worst", norm, float(eps), f"worst case {NORM_NAMES.get(norm, norm)} {el}"))
         rows[mr].cells[key] = cell
     for row in rows.values():
-        if row.clean_acc is None and row.run_id in attack_clean:
-            row.clean_acc = attack_clean[row.run_id]
+        if row.clean_acc is None and row.run_id in attack_clean:  # no test evaluation: the latest attack's
+            row.clean_acc, row.clean_n, aid = attack_clean[row.run_id]
+            row.clean_from = f"attacked images (attack run {aid})"
 
     # columns: order and headline choice
     cols = sorted(columns.values(), key=lambda c: (
@@ -830,7 +834,7 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
             continue
         fact = next(iter(_paper_facts(row.paper_key, ds, "clean_acc", variant=False)), None)
         if fact and row.clean_acc is not None:
-            add(row, "clean", row.clean_acc, fact, None, protocol_reasons(row, None, fact), row.not_compared)
+            add(row, "clean", row.clean_acc, fact, row.clean_n, protocol_reasons(row, None, fact), row.not_compared)
         for key, cell in row.cells.items():
             col = columns[key]
             if cell.value is None:
@@ -932,6 +936,19 @@ def model_notes(row: Row) -> list[str]:
     return notes
 
 
+def clean_note(row: Row) -> str:
+    """What the clean accuracy was measured on: "n=1,000, test split" (the training run's own evaluation of the
+    whole test split, not the attack cells' images) or "n=200, attacked images" when it comes from an attack."""
+    where = "test split" if row.clean_from == "test split" else "attacked images"
+    return (f"n={row.clean_n}, " if row.clean_n else "") + where
+
+
+def _clean_text(row: Row, markup: str = "plain") -> str:
+    if row.clean_acc is None:
+        return "—"
+    return f"{row.clean_acc:.2f} ({clean_note(row)})" if markup == "md" else f"{row.clean_acc:.2f}\n{clean_note(row)}"
+
+
 def _cell_text(cell: Cell | None, *, markup: str = "plain") -> str:
     if cell is None or cell.value is None:
         return "—"
@@ -950,8 +967,9 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
     cols = _columns(data, columns)
     t = Table(title=f"epcli leaderboard — accuracy % ({data.store_root})", show_lines=True,
               caption="cells: the result on the most images (n), then the exact worst case over other results on "
-                      "those images; n = examples, then gradient mode. ⚠ = unreliable. CIFAR-C: mean of k/15 "
-                      "benchmark corruptions × severities run")
+                      "those images; n = examples, then gradient mode. ⚠ = unreliable. clean: the training run's "
+                      "accuracy on its whole test split (its own n). CIFAR-C: mean of k/15 benchmark corruptions × "
+                      "severities run")
     t.add_column("model", style="bold")
     t.add_column("run")
     t.add_column("data")
@@ -972,7 +990,7 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
         corr = row.corruption
         notes = "".join(f"\n{n}" for n in model_notes(row))
         t.add_row(Text((row.name or row.label) + status + notes), _short(row.run_id), row.dataset or "—",
-                  _fmt(row.clean_acc), *cells, _corr_text(corr), _fmt(corr.get("mce")))
+                  _clean_text(row), *cells, _corr_text(corr), _fmt(corr.get("mce")))
     return t
 
 
@@ -986,7 +1004,7 @@ def _rich_text(renderable, width: int = 200) -> str:
 def _csv(data: ReportData) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    head = ["run_id", "model", "label", "dataset", "status", "paper_key", "clean_acc"]
+    head = ["run_id", "model", "label", "dataset", "status", "paper_key", "clean_acc", "clean_acc:n", "clean_acc:from"]
     for c in data.columns:
         head += [c.key, f"{c.key}:n", f"{c.key}:grad_mode", f"{c.key}:unreliable", f"{c.key}:paper"]
     head += ["corruption_mean_acc", "corruption_mean_over", "corruption_mean_acc_all", "mce_unnormalized",
@@ -994,7 +1012,8 @@ def _csv(data: ReportData) -> str:
     w.writerow(head)
     for row in data.rows:
         line = [row.run_id, row.model, row.label, row.dataset or "", row.status, row.paper_key or "",
-                "" if row.clean_acc is None else repr(row.clean_acc)]
+                "" if row.clean_acc is None else repr(row.clean_acc), row.clean_n or "",
+                "" if row.clean_acc is None else row.clean_from]
         for c in data.columns:
             cell = row.cells.get(c.key)
             if cell is None:
@@ -1050,7 +1069,8 @@ def _md(data: ReportData, columns: str = "headline") -> str:
     out = ["# epcli leaderboard", "",
            f"Accuracy in %. Store `{data.store_root}`, generated {data.generated_at}. Cells: the result on the most "
            "images, then the exact worst case over the other results on the same images (n = examples, gradient "
-           "mode); ⚠ = unreliable (see notes). CIFAR-C: mean over the corruptions × severities that were run.", ""]
+           "mode); ⚠ = unreliable (see notes). clean: the training run's accuracy on its whole test split (its own "
+           "n, not the attacked images'). CIFAR-C: mean over the corruptions × severities that were run.", ""]
     head = ["model", "run", "data", "status", "clean"] + [c.label for c in cols] + ["CIFAR-C", "mCE"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
@@ -1059,7 +1079,7 @@ def _md(data: ReportData, columns: str = "headline") -> str:
         name = row.name or row.label
         notes = model_notes(row)
         line = [name + (f" ({'; '.join(notes)})" if notes else ""), f"`{_short(row.run_id)}`", row.dataset or "—",
-                row.status, _fmt(row.clean_acc)]
+                row.status, _clean_text(row, "md")]
         for c in cols:
             cell = row.cells.get(c.key)
             line.append(_cell_text(cell, markup="md"))
@@ -1782,7 +1802,9 @@ def _html_leaderboard(data: ReportData, cols: list[Column], id_: str) -> str:
         notes = "".join(f'<span class="sub">{_h(n)}</span>' for n in model_notes(row))
         body.append(f"<tr><td>{_h(row.name or row.label)}{status}{notes}</td>"
                     f"<td><code>{_h(_short(row.run_id))}</code></td>"
-                    f"<td>{_h(row.dataset)}</td><td class=\"num\">{_fmt(row.clean_acc)}</td>"
+                    f"<td>{_h(row.dataset)}</td><td class=\"num\">{_fmt(row.clean_acc)}"
+                    + (f'<span class="sub">{_h(clean_note(row))}</span>' if row.clean_acc is not None else "")
+                    + "</td>"
                     + "".join(_html_cell(row.cells.get(c.key)) for c in cols) + cc + "</tr>")
     return f'<table id="{id_}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
@@ -1837,7 +1859,8 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
              f'<p class="muted">Store <code>{_h(data.store_root)}</code> · generated {_h(data.generated_at)} · '
              f'{len(data.rows)} model(s) · accuracies in %. Each cell is the result on the most images (n), then '
              f'the exact worst case over the other results on those same images; below the value: example count '
-             f'and gradient mode. A paper number stands beside a result only when model, dataset, threat model, '
+             f'and gradient mode. The clean column is the training run\'s accuracy on its whole test split (its '
+             f'own n, not the attacked images\'). A paper number stands beside a result only when model, dataset, threat model, '
              f'n and gradient mode are comparable.</p>']
     if data.notes:
         parts.append("<ul>" + "".join(f"<li>{_h(n)}</li>" for n in data.notes) + "</ul>")

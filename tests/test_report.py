@@ -27,8 +27,8 @@ CORRS = ["gaussian_noise", "fog", "frost"]
 def _train(store: Store, model: str, config: dict, accs: list[float], status: str = "finished",
            dataset: str = "cifar10-mini", seed: int = 0) -> tuple[str, str]:
     rid = store.start_run("train", {"model": model, **config}, model=model, dataset=dataset, seed=seed)
-    store.log_metrics(rid, [{"name": "test_acc", "value": a, "step": i + 1, "dataset": dataset}
-                            for i, a in enumerate(accs)])
+    store.log_metrics(rid, [{"name": "test_acc", "value": a, "step": i + 1, "dataset": dataset, "n_examples": 1000}
+                            for i, a in enumerate(accs)])  # as the train pipeline logs it: the whole test split
     store.log_metrics(rid, [{"name": "train_loss", "value": 1.0 / (i + 1), "step": i + 1} for i in range(len(accs))])
     sha = store.write_artifact(rid, "checkpoint", lambda p: p.write_bytes(f"ckpt {rid}".encode()),
                                suffix=".safetensors")
@@ -779,4 +779,48 @@ def test_report_run_links_its_sources_and_picks_the_sample_grid(tmp_path):
     from test_report_golden import svg_text
     title = [t for t in svg_text(tmp_path / "out" / "corruption-samples.svg") if t.startswith("Corruption samples")]
     assert title == [f"Corruption samples (B, run {b_corr}): the seeded images the model was scored on"]
+    store.close()
+
+
+def test_clean_column_says_what_it_was_measured_on(tmp_path):
+    """clean = the training run's accuracy on its whole test split, with that n (not the attack cells' n); a model
+    without a test evaluation shows an attack's clean accuracy, labelled as on the attacked images, with their n;
+    a run logged before n was recorded says "test split" without an n. In every format and in --json."""
+    import jsonschema
+
+    from epcli.schema import SCHEMAS
+    from epcli.schema import report as report_doc
+    store = Store(tmp_path / "s")
+    a, a_ck = _train(store, "cnn", {"label": "A"}, [0.5, 0.7])
+    _attack(store, a, a_ck, "cnn", "pgd", "linf", {8 / 255: 0.2}, n=200)
+    b = store.start_run("train", {"model": "vit", "label": "B"}, model="vit", dataset="cifar10-mini")
+    b_ck = store.write_artifact(b, "checkpoint", lambda p: p.write_bytes(b"b"), suffix=".safetensors")
+    store.finish_run(b)
+    _attack(store, b, b_ck, "vit", "pgd", "linf", {8 / 255: 0.1}, n=40)  # its clean_acc: 0.8 on 40 images
+    c = store.start_run("train", {"model": "cnn", "label": "C"}, model="cnn", dataset="cifar10-mini")
+    store.log_metrics(c, [{"name": "test_acc", "value": 0.6, "step": 1}])  # an older run: no n recorded
+    store.finish_run(c)
+    data = report.collect(store)
+    rows = {r.label: r for r in data.rows}
+    assert (rows["A"].clean_acc, rows["A"].clean_n, rows["A"].clean_from) == (pytest.approx(70.0), 1000,
+                                                                              "test split")
+    assert rows["A"].cells["pgd:linf:8/255"].n_examples == 200
+    assert (rows["B"].clean_acc, rows["B"].clean_n) == (pytest.approx(80.0), 40)
+    assert rows["B"].clean_from.startswith("attacked images (attack run ")
+    assert (rows["C"].clean_n, report.clean_note(rows["C"])) == (None, "test split")
+    md = report.render(data, "md")
+    assert "| 70.00 (n=1000, test split) |" in md and "| 80.00 (n=40, attacked images) |" in md
+    assert "| 60.00 (test split) |" in md
+    table = report.render(data, "table")
+    assert "n=1000, test split" in table and "n=40, attacked" in table
+    assert "n=1000, test split</span>" in report.html_report(data, [])
+    line = next(r for r in csv.DictReader(io.StringIO(report.render(data, "csv"))) if r["label"] == "B")
+    assert (line["clean_acc"], line["clean_acc:n"]) == ("80.0", "40")
+    assert line["clean_acc:from"].startswith("attacked images")
+    doc = report_doc({"data": data, "run_id": None, "files": []})
+    jsonschema.validate(doc, SCHEMAS["report"])
+    by = {r["label"]: r for r in doc["rows"]}
+    assert (by["A"]["clean_acc"], by["A"]["clean_n_examples"], by["A"]["clean_from"]) == (0.7, 1000, "test split")
+    assert (by["B"]["clean_acc"], by["B"]["clean_n_examples"]) == (0.8, 40)
+    assert by["C"]["clean_n_examples"] is None
     store.close()
