@@ -209,7 +209,7 @@ class EPCNN(nn.Module):
         self.grad_mode = grad_mode
         # Runtime knobs (not architecture, so not in the spec).
         self.relax_dtype: torch.dtype | None = None  # e.g. torch.float16 on CUDA: states & convs in 16 bit
-        self.tol = _check_tol(tol)  # forward: stop once every relative residual < tol (T the cap); in the spec
+        self.tol = _check_tol(tol)  # forward: each sample stops once its relative residual < tol (T the cap); in the spec
         self.anderson_m = 5  # solver "anderson": how many past steps are mixed
         self.last_residual: torch.Tensor | None = None  # per-sample relative residual of the last relax
         self.ep_beta, self.ep_steps = 0.1, None      # grad_mode "ep": nudge size, nudged steps (None: T)
@@ -219,6 +219,7 @@ class EPCNN(nn.Module):
         self.implicit_residual_tol, self.implicit_max_steps = 1e-3, None
         self.implicit_stats = new_implicit_stats()
         self.last_steps = 0
+        self.last_sample_steps: torch.Tensor | None = None  # (B,) steps each sample of the last relax used
         self._step_fn, self._sweep_fn = self._step, self._sweep
 
     # -- spec, presets, validation ---------------------------------------------------------------------------
@@ -453,10 +454,11 @@ class EPCNN(nn.Module):
         costs the same convs); None: the model's `update`.
         solver: "plain" (iterate the step) or "anderson" (Anderson mixing of the last `anderson_m` steps, same
         fixed point, fewer steps); None: the model's `solver`.
-        With `tol`, stop as soon as (but not before `min_steps(update)` steps: a nudge must reach every layer) the
-        relative residual (see `relative_residual`) of every sample is below
-        `tol` (T is then the cap). Returns (states, steps used); `self.last_residual` holds the per-sample
-        relative residual of the last step (B,), detached. A warm start may use any T >= 0. Gradients flow
+        With `tol`, each sample stops on its own as soon as (but not before `min_steps(update)` steps: a nudge must
+        reach every layer) its relative residual (see `relative_residual`) is below `tol` (T is then the cap), so
+        its state does not depend on the rest of the batch. Returns (states, steps used by the slowest sample);
+        `self.last_residual` holds each sample's relative residual of its last step (B,), detached, and
+        `self.last_sample_steps` each sample's number of steps (B,). A warm start may use any T >= 0. Gradients flow
         through every step when autograd is on and something requires grad (that is BPTT).
         """
         update = self.update if update is None else _check_update(update)
@@ -482,57 +484,105 @@ class EPCNN(nn.Module):
         return self._loop(drive, s, T, beta, y, W, Wo, tol, update, t_min)
 
     def _loop(self, drive, s, T, beta, y, W, Wo, tol, update="sync", t_min=1):
+        if update == "alternate":
+            step = lambda d, s, b, y_, u: self._sweep_fn(d, s, b, y_, W, Wo, u)  # noqa: E731
+        else:
+            step = lambda d, s, b, y_, u: (self._step_fn(d, s, b, y_, W, Wo), None)  # noqa: E731
+        if tol is None:  # fixed T: the residual of the last step only
+            ups, res = None, None  # alternate: the odd layers' bottom-up terms, carried from one sweep to the next
+            for t in range(1, T + 1):
+                new, ups = step(drive, s, beta, y, ups)
+                if t == T:
+                    res = relative_residual(new, s)
+                s = new
+            B = drive.shape[0]
+            self.last_residual = res if res is not None else torch.zeros(B, device=drive.device)
+            self.last_sample_steps = torch.full((B,), T, dtype=torch.long, device=drive.device)
+            return s, T
+        # With tol every sample stops on its own, at its first check with residual < tol: its state then does not
+        # depend on which other images share the batch, and finished samples cost nothing (the active rows are
+        # compacted), so a batch costs its mean number of steps, not its slowest sample's.
         check_every = 1 if drive.device.type == "cpu" else 5  # every convergence check is a host sync on GPU
-        ups = None  # alternate: the odd layers' bottom-up terms, carried from one sweep to the next
-        res = None
+        pos = torch.arange(drive.shape[0], device=drive.device)  # batch positions of the samples still relaxing
+        done = []  # (positions, states, residuals, steps) of the samples that stopped, in stopping order
+        ups, t = None, 0
         for t in range(1, T + 1):
-            if update == "alternate":
-                new, ups = self._sweep_fn(drive, s, beta, y, W, Wo, ups)
-            else:
-                new = self._step_fn(drive, s, beta, y, W, Wo)
-            if t == T or (tol is not None and t % check_every == 0):
-                res = relative_residual(new, s)
+            new, ups = step(drive, s, beta, y, ups)
+            if t < T and (t < t_min or t % check_every):
                 s = new
-                if tol is not None and t >= t_min and float(res.max()) < tol:
-                    self.last_residual = res
-                    return s, t
-            else:
-                s = new
-        self.last_residual = res if res is not None else torch.zeros(drive.shape[0], device=drive.device)
-        return s, T
+                continue
+            res = relative_residual(new, s)
+            stop = res < tol if t < T else torch.ones_like(res, dtype=torch.bool)
+            s = new
+            n_stop = int(stop.sum())
+            if n_stop == 0:
+                continue
+            if n_stop == pos.numel():
+                done.append((pos, s, res, t))
+                break
+            done.append((pos[stop], _rows(s, stop), res[stop], t))
+            keep = ~stop
+            pos, s, drive, beta, y, ups = (pos[keep], _rows(s, keep), _rows(drive, keep), _rows(beta, keep),
+                                           _rows(y, keep), _rows(ups, keep))
+        if not done:  # T == 0 (a warm start asked for no step)
+            self.last_residual = torch.zeros(drive.shape[0], device=drive.device)
+            self.last_sample_steps = torch.zeros(drive.shape[0], dtype=torch.long, device=drive.device)
+            return s, 0
+        return self._gather_done(done), t
+
+    def _gather_done(self, done):
+        """Put the samples that stopped at different steps back into batch order; sets last_residual and
+        last_sample_steps."""
+        steps = [torch.full_like(p, k) for p, _, _, k in done]
+        if len(done) == 1:
+            states, self.last_residual, self.last_sample_steps = done[0][1], done[0][2], steps[0]
+            return states
+        order = torch.argsort(torch.cat([p for p, _, _, _ in done]))
+        states = [_rows(torch.cat([d[1][l] for d in done]), order) for l in range(len(done[0][1]))]
+        self.last_residual = torch.cat([r for _, _, r, _ in done])[order]
+        self.last_sample_steps = torch.cat(steps)[order]
+        return states
 
     def _anderson(self, drive, s, T, beta, y, W, Wo, tol, update="sync", t_min=1):
         """Anderson mixing (type II, per sample) on the step map F: x_{k+1} = Σ_i α_i F(x_i) over the last m
         iterates, α = argmin ‖Σ α_i (F(x_i) − x_i)‖ with Σ α_i = 1 (a small regularised solve per sample).
         Same fixed points as the plain iteration; the returned state is the last F(x), so the residual and the
-        state mean what they mean for `_loop`. Under autograd the mixing weights are treated as constants."""
+        state mean what they mean for `_loop` (with tol, each sample stops on its own there too). Under autograd
+        the mixing weights are treated as constants."""
         m, lam = self.anderson_m, 1e-10
-        B = drive.shape[0]
         fdt = torch.float64 if s[0].dtype == torch.float64 else torch.float32  # mixing in >= fp32
-        flat = lambda ss: torch.cat([t.reshape(B, -1).to(fdt) for t in ss], 1)  # noqa: E731
-        shapes = [t.shape for t in s]
+        flat = lambda ss: torch.cat([t.reshape(t.shape[0], -1).to(fdt) for t in ss], 1)  # noqa: E731
+        sizes = [math.prod(t.shape[1:]) for t in s]
 
         def unflat(v, like):
-            out, i = [], 0
-            for sh, t in zip(shapes, like):
-                k = math.prod(sh[1:])
-                out.append(v[:, i:i + k].reshape(sh).to(t.dtype).contiguous(
-                    memory_format=torch.channels_last) if len(sh) == 4 else v[:, i:i + k].reshape(sh).to(t.dtype))
-                i += k
+            out = []
+            for part, t in zip(v.split(sizes, 1), like):
+                part = part.reshape(t.shape).to(t.dtype)
+                out.append(part.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else part)
             return out
 
+        dev, B = drive.device, drive.shape[0]
         F_hist, G_hist = [], []
-        res = torch.zeros(B, device=drive.device)
-        prev = torch.full((B,), float("inf"), device=drive.device)
-        cool = torch.zeros(B, dtype=torch.long, device=drive.device)  # plain steps left after a setback
+        prev = torch.full((B,), float("inf"), device=dev)
+        cool = torch.zeros(B, dtype=torch.long, device=dev)  # plain steps left after a setback
         lo, hi = ACTIVATION_RANGES.get(self.activation, (-math.inf, math.inf))
+        pos, done = torch.arange(B, device=dev), []
         for t in range(1, T + 1):
             f = (self._sweep_fn(drive, s, beta, y, W, Wo, None)[0] if update == "alternate"
                  else self._step_fn(drive, s, beta, y, W, Wo))
             res = relative_residual(f, s)
-            if t == T or (tol is not None and t >= t_min and float(res.max()) < tol):
-                self.last_residual = res
-                return f, t
+            stop = (torch.ones_like(res, dtype=torch.bool) if t == T else
+                    res < tol if tol is not None and t >= t_min else None)
+            if stop is not None and bool(stop.any()):
+                if bool(stop.all()):
+                    done.append((pos, f, res, t))
+                    break
+                done.append((pos[stop], _rows(f, stop), res[stop], t))
+                keep = ~stop
+                pos, f, s, res, drive, beta, y, prev, cool = (_rows(v, keep) for v in (pos, f, s, res, drive, beta,
+                                                                                      y, prev, cool))
+                F_hist, G_hist = [h[keep] for h in F_hist], [h[keep] for h in G_hist]
+            B = pos.numel()
             fv = flat(f).detach()
             F_hist.append(fv)
             G_hist.append(fv - flat(s).detach())
@@ -560,8 +610,11 @@ class EPCNN(nn.Module):
                 s = [fi + (mi - fi).detach() for fi, mi in zip(f, unflat(mixed, f))]
             else:
                 s = unflat(mixed, f)
-        self.last_residual = res
-        return s, T
+        if not done:  # T == 0
+            self.last_residual = torch.zeros(B, device=dev)
+            self.last_sample_steps = torch.zeros(B, dtype=torch.long, device=dev)
+            return s, 0
+        return self._gather_done(done), t
 
     # -- prediction and its gradient modes ---------------------------------------------------------------------
     def forward(self, x, T: int | None = None):
@@ -641,10 +694,11 @@ class EPCNN(nn.Module):
         rule "bptt": back-propagate the loss through the last T2 steps of the T1-step free phase.
         update: "sync" | "alternate" for every phase (None: the model's `update`); solver: "plain" | "anderson"
         for every phase (None: the model's `solver`).
-        tol / tol_nudged: stop the free / nudged phases once every sample's relative residual is below it (T1 /
+        tol / tol_nudged: each sample's free / nudged phase stops once its relative residual is below it (T1 /
         T2 are then caps). states: warm start of the free phase (e.g. this batch's fixed points from the last
         epoch); then T1 may be any cap >= 1.
-        Returns dict(loss, logits (B,C, detached), steps (free phase), steps_nudged, correct, rule,
+        Returns dict(loss, logits (B,C, detached), steps (free phase: its longest sample), steps_nudged,
+        steps_mean / steps_nudged_mean (steps per sample: with tol each sample stops on its own), correct, rule,
         residual_free / residual_nudged (max over the batch of the per-sample relative residual at the end of
         the phase, see `relative_residual`), residual_free_mean / residual_nudged_mean, states (the free
         phase's end states, detached)).
@@ -676,10 +730,11 @@ class EPCNN(nn.Module):
                 loss = self._loss(logits, y).mean()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             steps, steps2, res_nudged, s0 = T1, 0, torch.zeros_like(res_free), [t.detach() for t in s]
+            work_free, work_nudged = torch.tensor(float(T1), device=x.device), torch.zeros((), device=x.device)
         else:
             with torch.no_grad():
                 s0, steps = self.relax(x, T1, states=states, tol=tol, **kw)
-                res_free = self.last_residual
+                res_free, work_free = self.last_residual, self.last_sample_steps.double().mean()
                 logits = self.logits(s0)
                 loss = self._loss(logits, y).mean()
                 if rule == "symmetric":  # ±β phases as one batch of 2B
@@ -693,22 +748,23 @@ class EPCNN(nn.Module):
                 else:
                     sa, steps2 = self.relax(x, T2, beta=beta, y=y, states=s0, tol=tol_nudged, **kw)
                     sb, ba, bb, denom = s0, beta, 0.0, beta
-                res_nudged = self.last_residual
+                res_nudged, work_nudged = self.last_residual, self.last_sample_steps.double().mean()
             grads = self.ep_update(x, sa, ba, sb, bb, y, denom)  # full precision, from state differences
         logits = logits.detach()
         gnorm = sum(g.float().pow(2).sum() for g in grads if g is not None)
         # loss, gradient norm, #correct and the residuals come back in one host transfer: the only sync of the batch
         dev = x.device
-        loss_v, gnorm_v, correct, rf, rfm, rn, rnm = torch.stack([
+        loss_v, gnorm_v, correct, rf, rfm, rn, rnm, wf, wn = torch.stack([
             loss.detach().double(), torch.as_tensor(gnorm).double().to(dev), (logits.argmax(1) == y).sum().double(),
             res_free.max().double(), res_free.mean().double(), res_nudged.max().double(),
-            res_nudged.mean().double()]).tolist()
+            res_nudged.mean().double(), work_free.double().to(dev), work_nudged.double().to(dev)]).tolist()
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
             raise Diverged(f"EP step diverged (loss {loss_v:.4g}): NaN or exploding states/gradients")
         for p, g in zip(params, grads):
             if g is not None:
                 p.grad = g.detach().clone() if p.grad is None else p.grad + g
-        return dict(loss=loss_v, logits=logits, steps=int(steps), steps_nudged=int(steps2), rule=rule,
+        return dict(loss=loss_v, logits=logits, steps=int(steps), steps_nudged=int(steps2), steps_mean=wf,
+                    steps_nudged_mean=wn, rule=rule,
                     correct=int(correct), residual_free=rf, residual_free_mean=rfm, residual_nudged=rn,
                     residual_nudged_mean=rnm, states=[t.detach() for t in s0])
 
@@ -772,8 +828,10 @@ class EPCNN(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
         if compile:
-            self._step_fn = torch.compile(self._step, dynamic=False)
-            self._sweep_fn = torch.compile(self._sweep, dynamic=False)
+            # dynamic=None: with tol the batch shrinks as samples stop; after the first new size torch.compile
+            # makes the batch dimension symbolic instead of recompiling for every size
+            self._step_fn = torch.compile(self._step, dynamic=None)
+            self._sweep_fn = torch.compile(self._sweep, dynamic=None)
         return self
 
 
@@ -891,20 +949,34 @@ def relative_residual(new, old) -> torch.Tensor:
     return out
 
 
+def _rows(v, rows):
+    """The rows `rows` (a bool mask or indices over the batch) of a per-sample value: a tensor (a 0-d one is
+    shared), a list/tuple of them, or a scalar / None (shared by every sample). 4-d results stay channels_last."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 0:
+            return v
+        out = v[rows]
+        return out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out
+    if isinstance(v, (list, tuple)):
+        return type(v)(_rows(t, rows) for t in v)
+    return v
+
+
 @torch.no_grad()
 def prediction_residual(model, x, batch_size: int = 256) -> dict:
     """How far from equilibrium the model's predictions on images x are: relax exactly as forward does (T, tol,
-    update, solver) and return {"max", "mean", "T", "steps", "at_equilibrium"} of the per-image relative
-    residual of the last step; at_equilibrium is max <= EQUILIBRIUM_TOL."""
-    res, steps = [], 0
+    update, solver) and return {"max", "mean", "T", "steps", "steps_mean", "at_equilibrium"}: the per-image
+    relative residual of its last step (max, mean), the most steps any image used and the mean over images;
+    at_equilibrium is max <= EQUILIBRIUM_TOL."""
+    res, steps, work = [], 0, 0
     for i in range(0, x.shape[0], batch_size):
         _, n = model.relax(x[i:i + batch_size], model.T, tol=model.tol)
         res.append(model.last_residual.float().cpu())
-        steps = max(steps, n)
+        steps, work = max(steps, n), work + int(model.last_sample_steps.sum())
     r = torch.cat(res) if res else torch.zeros(0)
     mx = float(r.max()) if r.numel() else 0.0
     return {"max": mx, "mean": float(r.mean()) if r.numel() else 0.0, "T": int(model.T), "steps": int(steps),
-            "at_equilibrium": mx <= EQUILIBRIUM_TOL}
+            "steps_mean": work / max(r.numel(), 1), "at_equilibrium": mx <= EQUILIBRIUM_TOL}
 
 
 def _check_update(mode) -> str:

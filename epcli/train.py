@@ -67,8 +67,8 @@ DEFAULTS: dict = {
     "ep": None,  # {T1, T2, beta, rule} for EP models
     "adv": None,  # {norm, eps, steps, step_size, random_start, labels: true|predicted} adversarial training
 }
-# update / solver None: the model's own. tol / tol_nudged: stop a phase once every sample's relative residual is
-# below it (T1 / T2 the caps). warm_start: start each example's free phase from its fixed point of the last epoch.
+# update / solver None: the model's own. tol / tol_nudged: each sample's phase stops once its relative residual
+# is below it (T1 / T2 the caps). warm_start: start each example's free phase from its fixed point of the last epoch.
 EP_DEFAULTS = {"T1": 250, "T2": 30, "beta": 0.5, "rule": "symmetric", "update": None, "solver": None,
                "tol": None, "tol_nudged": None, "warm_start": False}
 SELECTS = ("last", "best-val", "best-test")  # which epoch's weights a training run hands on
@@ -766,8 +766,8 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
                                           ep_cfg.get("rule", "symmetric"), **extra)
                 loss = torch.as_tensor(out["loss"], dtype=torch.float64, device=device)
                 logits = out["logits"]
-                steps_sum += int(out.get("steps", 0)) * len(yb)
-                steps2_sum += int(out.get("steps_nudged", 0)) * len(yb)
+                steps_sum += float(out.get("steps_mean", out.get("steps", 0))) * len(yb)
+                steps2_sum += float(out.get("steps_nudged_mean", out.get("steps_nudged", 0))) * len(yb)
                 for k in ("residual_free", "residual_nudged"):
                     res[k] = max(res[k], float(out.get(k, 0.0)))
                     res[k + "_mean"] += float(out.get(k + "_mean", 0.0)) * len(yb)

@@ -68,6 +68,56 @@ def test_prediction_residual_flags_unconverged_predictions():
     assert long["at_equilibrium"] and long["max"] < 1e-6 and long["mean"] <= long["max"] and long["steps"] < 400
 
 
+# -- per-sample stopping --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("update", ["sync", "alternate"])
+@pytest.mark.parametrize("solver", ["plain", "anderson"])
+def test_with_tol_each_sample_stops_on_its_own_and_ignores_the_batch(update, solver):
+    m = tiny(init_gain=1.5)
+    x, y = data(B=6)
+    betas = torch.tensor([0.5, -0.5, 0.5, -0.5, 0.0, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        s, n = m.relax(x, 500, beta=betas, y=y, tol=1e-6, update=update, solver=solver)
+        res, steps = m.last_residual.clone(), m.last_sample_steps.clone()
+        assert n == int(steps.max()) < 500 and float(res.max()) < 1e-6 and len(set(steps.tolist())) > 1
+        for b in range(6):  # the same image relaxed alone: the same steps, the same state (to conv rounding)
+            sb, nb = m.relax(x[b:b + 1], 500, beta=betas[b:b + 1], y=y[b:b + 1], tol=1e-6, update=update,
+                             solver=solver)
+            assert nb == int(steps[b]) and abs(float(m.last_residual[0]) - float(res[b])) < 1e-12
+            assert all(float((a[b:b + 1] - c).abs().max()) < 1e-13 for a, c in zip(s, sb))
+
+
+def test_a_sample_stops_at_its_first_step_below_tol():
+    # independent count: run a fixed number of plain steps and find each sample's first residual below tol
+    m = tiny(init_gain=1.5)
+    x, _ = data(B=5)
+    tol, first = 1e-5, [None] * 5
+    with torch.no_grad():
+        s = m.zero_states(5, dtype=torch.float64)
+        for t in range(1, 300):
+            new, _ = m.relax(x, 1, states=s)
+            r = relative_residual(new, s)
+            for b in range(5):
+                if first[b] is None and t >= m.min_steps() and float(r[b]) < tol:
+                    first[b] = t
+            s = new
+        m.relax(x, 300, tol=tol)
+    assert m.last_sample_steps.tolist() == first
+
+
+def test_bptt_through_per_sample_stopping_is_the_gradient_of_each_image_alone():
+    m = tiny(init_gain=1.5)
+    m.T, m.tol = 300, 1e-5
+    x, y = data(B=4)
+    x = x.clone().requires_grad_(True)
+    F.cross_entropy(m(x), y, reduction="sum").backward()
+    assert len(set(m.last_sample_steps.tolist())) > 1  # the images really stopped at different steps
+    for b in range(4):
+        xb = x[b:b + 1].detach().clone().requires_grad_(True)
+        F.cross_entropy(m(xb), y[b:b + 1], reduction="sum").backward()
+        assert torch.allclose(xb.grad, x.grad[b:b + 1], rtol=1e-10, atol=1e-13)
+
+
 # -- Anderson and warm starts ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("update", ["sync", "alternate"])
@@ -78,8 +128,11 @@ def test_anderson_reaches_the_plain_fixed_point_in_fewer_steps(update, beta):
     x, y = data()
     with torch.no_grad():
         s_p, n_p = m.relax(x, 2000, beta=beta, y=y, tol=1e-10, update=update)
+        work_p = int(m.last_sample_steps.sum())
         s_a, n_a = m.relax(x, 2000, beta=beta, y=y, tol=1e-10, update=update, solver="anderson")
-    assert n_a < n_p < 2000
+        work_a = int(m.last_sample_steps.sum())
+    # each sample stops on its own: the work is the sum of the samples' steps
+    assert n_a <= n_p < 2000 and work_a < work_p
     for a, b in zip(s_a, s_p):
         assert float((a - b).abs().max()) < 1e-7
     # the fixed point really is one: one more plain step does not move it

@@ -225,7 +225,8 @@ def drop_artifact(store: Store, run_id: str, sha: str) -> None:
 def relax_residual_rows(net, x, device: str, facets: dict) -> list[dict]:
     """The metric row `relax_residual` for a relaxation model evaluated on images x (uint8 or [0,1] floats):
     value = the largest per-image relative residual of the last relaxation step at the prediction (T, tol,
-    update and solver as the model predicts), detail {T, mean, steps, at_equilibrium, tol}. [] for other models."""
+    update and solver as the model predicts), detail {T, mean, steps (the slowest image's), steps_mean,
+    at_equilibrium, tol}. [] for other models."""
     if not callable(getattr(net, "relax", None)) or x is None or not len(x):
         return []
     from epcli.ep import EQUILIBRIUM_TOL, prediction_residual
@@ -233,5 +234,5 @@ def relax_residual_rows(net, x, device: str, facets: dict) -> list[dict]:
     xf = xf.float().div(255) if xf.dtype == torch.uint8 else xf.float()
     r = prediction_residual(net, xf)
     return [{"name": "relax_residual", "value": r["max"], **facets,
-             "detail": {"T": r["T"], "mean": r["mean"], "steps": r["steps"], "at_equilibrium": r["at_equilibrium"],
-                        "tol": EQUILIBRIUM_TOL}}]
+             "detail": {"T": r["T"], "mean": r["mean"], "steps": r["steps"], "steps_mean": r["steps_mean"],
+                        "at_equilibrium": r["at_equilibrium"], "tol": EQUILIBRIUM_TOL}}]
