@@ -1293,11 +1293,10 @@ def _colors(labels: list[str]) -> dict[str, Any]:
 
 
 def _row_labels(data: ReportData) -> dict[str, str]:
-    """Unique display labels per training run (label + short id when two runs share a label)."""
-    counts: dict[str, int] = {}
-    for r in data.rows:
-        counts[r.label] = counts.get(r.label, 0) + 1
-    return {r.run_id: r.label if counts[r.label] == 1 else f"{r.label} {_short(r.run_id)[:6]}" for r in data.rows}
+    """Unique display labels per training run: the tables' names (the label, plus the seed or the run id when
+    labels repeat; six characters of the id were the same for runs minutes apart, and equal labels shared a
+    colour)."""
+    return {r.run_id: r.name or r.label for r in data.rows}
 
 
 FIGURE_MODELS = 10  # lines one figure can tell apart (ten colours) and a legend can hold
@@ -1406,7 +1405,9 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                                                if r.corruption.get("clean") is not None]
         lo, hi = min(vals), max(vals)
         pad = max(2.0, 0.08 * (hi - lo))
-        height = 2.5 * nrow + 0.75  # + a header (inches) for the title and the legend
+        legend_rows = max(1, math.ceil(2 * len(shown) / 4))  # a line and a clean line per model, 4 a row
+        header = 0.75 + 0.2 * (legend_rows - 1)  # inches for the title and the legend
+        height = 2.5 * nrow + header
         fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, height), squeeze=False, sharey=True)
         for ax, cn in zip(axes.flat, cnames):
             for rid in shown:
@@ -1433,7 +1434,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         fig.suptitle("Accuracy under each corruption vs severity; dotted: the model's clean accuracy"
                      + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else "") + left_out, fontsize=9,
                      y=1 - 0.05 / height, va="top")
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
+        fig.tight_layout(rect=(0, 0, 1, 1 - (header - 0.25) / height))
         fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,
                    bbox_to_anchor=(0.5, 1 - 0.25 / height), frameon=False)
         _save(fig, out_dir, "corruptions", paths)
