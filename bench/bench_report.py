@@ -9,7 +9,9 @@ a corruption run over all 19 corruptions x 5 severities (per-example outcomes an
 `--adv-every` also stores adversarial examples for its PGD runs (attack.py keeps 16 images per eps; the bench
 keeps 4 so the store stays small). About 1 % of the training runs failed.
 
-Then times each command as a separate process, the way a user runs it, and prints one JSON line per figure:
+Then times each command as a separate process, the way a user runs it, and prints one JSON line per figure
+(`value`: wall seconds, best of --repeat; `cpu_s`: the process's user + system CPU seconds, which a shared machine's
+load inflates far less than wall time; `load_avg_1m` says how shared it was):
 
     python bench/bench_report.py                       # 10,000 runs: html (with figures), md, json
     python bench/bench_report.py --runs 600 --formats html --profile prof.out   # + a cProfile of html
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shlex
 import shutil
 import subprocess
@@ -224,10 +227,10 @@ def main() -> None:
             out = tmp / f"report-{fmt}"
             cmd = [sys.executable, "-m", "epcli", "--store", str(root), "report", "-f", fmt] + \
                   (["--out", str(out)] if fmt != "table" else [])
-            best, timed_out = float("inf"), False
+            best, cpu, timed_out = float("inf"), float("inf"), False
             for _ in range(args.repeat):
                 shutil.rmtree(out, ignore_errors=True)
-                t0 = time.perf_counter()
+                t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 try:
                     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
                                        check=False)
@@ -235,11 +238,14 @@ def main() -> None:
                     timed_out = True
                     break
                 best = min(best, time.perf_counter() - t0)
+                r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = min(cpu, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
                 if p.returncode != 0:
                     raise SystemExit(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
             files = sorted(out.rglob("*")) if out.exists() and not timed_out else []
             print(json.dumps(_line(f"epcli report -f {fmt}" + (" --out DIR" if fmt != "table" else ""),
                                    None if timed_out else round(best, 2), "s", n_runs=n_runs, files=len(files),
+                                   cpu_s=None if timed_out else round(cpu, 2),  # user + system: less load-bound
                                    **({"timed_out_after_s": args.timeout} if timed_out else {}),
                                    bytes=sum(f.stat().st_size for f in files if f.is_file()),
                                    timed=" ".join(shlex.quote(a) for a in ["python", "-m", "epcli", "--store",

@@ -1317,8 +1317,14 @@ def _figure_models(data: ReportData, names: dict[str, str], have: dict[str, Any]
         f" ({limit} newest of {len(with_data):,} models; pick others with --model/--run)")
 
 
-def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) -> list[Path]:
-    """Write every figure the data supports as PNG and SVG; skip a figure whose data is absent."""
+FIGURE_KINDS = ("robust", "corruptions", "steps", "unroll", "adversarial")
+
+
+def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True,
+            only: Iterable[str] | None = None) -> list[Path]:
+    """Write every figure the data supports as PNG and SVG; skip a figure whose data is absent. `only`: these
+    kinds (FIGURE_KINDS) of figure, e.g. to draw some in another process; the paths come in FIGURE_KINDS order."""
+    only = set(FIGURE_KINDS if only is None else only)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plt = _plt()
@@ -1337,8 +1343,8 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         steps_by.setdefault(st["run_id"], []).append(st)
 
     # robust accuracy vs eps, one panel per attack x norm
-    for attack, norm in sorted(curves, key=lambda an: (ATTACK_ORDER.index(an[0]) if an[0] in ATTACK_ORDER else 99,
-                                                       an[1])):
+    for attack, norm in sorted(curves if "robust" in only else [],
+                               key=lambda an: (ATTACK_ORDER.index(an[0]) if an[0] in ATTACK_ORDER else 99, an[1])):
         if len({c["eps"] for c in curves[(attack, norm)]}) < 2:
             continue  # a single eps is no curve: the number is in the tables
         by_run: dict[str, list[dict]] = {}
@@ -1390,7 +1396,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         _save(fig, out_dir, f"robust-{attack}-{norm}", paths)
 
     # accuracy vs severity per corruption, the clean accuracy as a dotted reference line
-    if data.corruptions:
+    if data.corruptions and "corruptions" in only:
         shown, colors, left_out = _figure_models(data, names, corr_by)
         shown_rows = data.rows if not left_out else [rows[rid] for rid in shown]
         points = [c for rid in shown for c in corr_by[rid]]
@@ -1440,7 +1446,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         _save(fig, out_dir, "corruptions", paths)
 
     # accuracy vs relaxation steps
-    if data.steps:
+    if data.steps and "steps" in only:
         shown, colors, left_out = _figure_models(data, names, steps_by)
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         keys = set()
@@ -1470,7 +1476,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         _save(fig, out_dir, "steps", paths)
 
     # unroll-length sweep
-    if data.unroll:
+    if data.unroll and "unroll" in only:
         unroll_by: dict[str, list[dict]] = {}
         for u in data.unroll:
             unroll_by.setdefault(u["run_id"], []).append(u)
@@ -1506,7 +1512,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         _save(fig, out_dir, "unroll", paths)
 
     # adversarial-example grid
-    grid = _adversarial_grid(data, names)
+    grid = _adversarial_grid(data, names) if "adversarial" in only else None
     if grid is not None:
         _save(grid, out_dir, "adversarial-examples", paths)
     return paths

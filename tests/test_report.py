@@ -824,3 +824,23 @@ def test_clean_column_says_what_it_was_measured_on(tmp_path):
     assert (by["B"]["clean_acc"], by["B"]["clean_n_examples"]) == (0.8, 40)
     assert by["C"]["clean_n_examples"] is None
     store.close()
+
+
+def test_figures_drawn_in_a_child_process_equal_the_sequential_ones(built, tmp_path, monkeypatch):
+    """report -f html --out forks a child for the corruption figures: the same files, in the same order, with
+    the same text as drawing everything in this process (EPCLI_REPORT_FORK=0); and the page lists them all."""
+    from test_report_golden import svg_text
+
+    from epcli.pipelines.report import _draw_figures
+    store, _ = built
+    data = report.collect(store)
+    out = {}
+    for fork in ("1", "0"):
+        monkeypatch.setenv("EPCLI_REPORT_FORK", fork)
+        out[fork] = _draw_figures(store, data, tmp_path / fork)
+    assert [p.name for p in out["1"]] == [p.name for p in out["0"]]
+    assert {"corruptions.svg", "robust-pgd-linf.svg", "adversarial-examples.png"} <= {p.name for p in out["1"]}
+    for a, b in zip(out["1"], out["0"]):
+        assert a.parent == tmp_path / "1" and a.exists()
+        if a.suffix == ".svg":
+            assert svg_text(a) == svg_text(b), a.name
