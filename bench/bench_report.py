@@ -152,7 +152,8 @@ def fill(store: S.Store, n_runs: int, n_examples: int, adv_every: int, rng: rand
             if keep_adv and attack == "pgd":
                 k = 4
                 x = nrng.random((k, 3, 32, 32), dtype=np.float32)
-                ex = {"x": x, "labels": labels[:k], "pred_clean": np.where(clean[:k], labels[:k], (labels[:k] + 1) % 10)}
+                ex = {"x": x, "labels": labels[:k],
+                      "pred_clean": np.where(clean[:k], labels[:k], (labels[:k] + 1) % 10)}
                 for e in eps_list:
                     ex[f"x_adv_{e!r}"] = np.clip(x + nrng.normal(0, min(e, 0.1), x.shape), 0, 1).astype(np.float32)
                     ex[f"pred_{e!r}"] = np.where(outcome[f"robust_{e!r}"][:k] == 1, labels[:k], (labels[:k] + 3) % 10)

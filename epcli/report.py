@@ -937,7 +937,7 @@ def model_notes(row: Row) -> list[str]:
 
 
 def clean_note(row: Row) -> str:
-    """What the clean accuracy was measured on: "n=1,000, test split" (the training run's own evaluation of the
+    """What the clean accuracy was measured on: "n=1000, test split" (the training run's own evaluation of the
     whole test split, not the attack cells' images) or "n=200, attacked images" when it comes from an attack."""
     where = "test split" if row.clean_from == "test split" else "attacked images"
     return (f"n={row.clean_n}, " if row.clean_n else "") + where
@@ -1867,8 +1867,8 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
              f'{len(data.rows)} model(s) · accuracies in %. Each cell is the result on the most images (n), then '
              f'the exact worst case over the other results on those same images; below the value: example count '
              f'and gradient mode. The clean column is the training run\'s accuracy on its whole test split (its '
-             f'own n, not the attacked images\'). A paper number stands beside a result only when model, dataset, threat model, '
-             f'n and gradient mode are comparable.</p>']
+             f'own n, not the attacked images\'). A paper number stands beside a result only when model, dataset, '
+             f'threat model, n and gradient mode are comparable.</p>']
     if data.notes:
         parts.append("<ul>" + "".join(f"<li>{_h(n)}</li>" for n in data.notes) + "</ul>")
     parts.append("<h2>Leaderboard</h2>")

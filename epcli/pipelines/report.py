@@ -68,7 +68,8 @@ def _draw_figures(store: Store, data, out_dir: Path) -> list[Path]:
                 else []}
 
     forked = None
-    if sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1 and os.environ.get("EPCLI_REPORT_FORK", "1") != "0":
+    if (sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1
+            and os.environ.get("EPCLI_REPORT_FORK", "1") != "0"):
         forked = _fork(child_work)
     mine = R.figures(data, out_dir, only=[k for k in R.FIGURE_KINDS if k not in _CHILD_KINDS])
     theirs = forked() if forked is not None else None
