@@ -5,9 +5,10 @@ images, each method — plain sync steps, plain alternating sweeps, Anderson mix
 (from the fixed point of another crop-flip of the same image: the training state bank; from the fixed point of
 x + δ, ‖δ‖∞ = 2/255: the previous PGD iterate) — reports:
 
-- steps to a relative residual (epcli.ep.relative_residual, max over the batch) of 1e-3 and 1e-5 (cap --cap);
+- steps to a relative residual (epcli.ep.relative_residual) of 1e-3 and 1e-5 (cap --cap): each image stops on
+  its own, so mean (the work per image) and max (the slowest image);
 - the symmetric EP update with both phases stopped at a tolerance τ, for τ in --taus: total steps used (free +
-  nudged, per phase max over the batch) and its cosine, per layer, with the true loss gradient at the fixed point
+  nudged, per phase: per-image mean and max) and its cosine, per layer, with the true loss gradient at the fixed point
   (implicit differentiation at a converged state, i.e. BPTT run to convergence; --check-bptt also compares that
   reference with plain BPTT through the whole free phase).
 
@@ -74,16 +75,21 @@ def start_states(m, x, kind, update, gen):
         return m.relax(xo, 1000, tol=1e-6, update=update)[0]
 
 
-def ep_update(m, x, y, beta, tau, update, solver, init, cap):
+def ep_update(m, x, y, beta, tau, update, solver, init, cap, fixed=None):
+    """The symmetric EP update with both phases stopped at tau (each image on its own), or with `fixed` =
+    (T1, T2) steps and no tolerance (the paper's schedule)."""
     B = x.shape[0]
+    (T1, T2), tau = (fixed, None) if fixed else ((cap, cap), tau)
     with torch.no_grad():
-        s0, n1 = m.relax(x, cap, states=init, tol=tau, update=update, solver=solver)
+        s0, n1 = m.relax(x, T1, states=init, tol=tau, update=update, solver=solver)
+        w1 = float(m.last_sample_steps.double().mean())
         betas = torch.full((2 * B,), beta)
         betas[B:] = -beta
-        s2, n2 = m.relax(torch.cat([x, x]), cap, beta=betas, y=torch.cat([y, y]),
+        s2, n2 = m.relax(torch.cat([x, x]), T2, beta=betas, y=torch.cat([y, y]),
                          states=[torch.cat([t, t]) for t in s0], tol=tau, update=update, solver=solver)
+        w2 = float(m.last_sample_steps.double().mean())
     g = m.ep_update(x, [t[:B] for t in s2], beta, [t[B:] for t in s2], -beta, y, 2 * beta)
-    return g, n1, n2
+    return g, (n1, w1), (n2, w2)
 
 
 def cos(a, b):
@@ -136,7 +142,8 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--cap", type=int, default=1000)
     ap.add_argument("--taus", default="1e-2,1e-3,1e-4", help="'' : steps to the residuals only, no EP update")
-    ap.add_argument("--methods", default=",".join(n for n, *_ in METHODS))
+    ap.add_argument("--methods", default=",".join(n for n, *_ in METHODS),
+                    help="comma list; also 'fixed-250-30' (the paper's T1=250, T2=30 with no tolerance, in the net's own update rule; EP columns only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-bptt", type=int, default=0, help="also BPTT through this many plain sync steps")
     ap.add_argument("--seed", type=int, default=0)
@@ -172,29 +179,42 @@ def main(argv=None):
                           "cos": [round(c, 5) for c in layer_cos(bp, ref, m)]}), flush=True)
     rows = []
     wanted = a.methods.split(",")
+    if "fixed-250-30" in wanted and taus:  # the paper's schedule (T1=250, T2=30, no tolerance), the net's own rule
+        g, (n1, w1), (n2, w2) = ep_update(m, x, y, a.beta, None, m.update, "plain", None, a.cap, fixed=(250, 30))
+        row = {"what": "method", "method": f"fixed-250-30-{m.update}", "steps_1e-3": None, "steps_1e-5": None,
+               "mean_steps_1e-3": None, "mean_steps_1e-5": None,
+               "ep": [{"tau": None, "free": n1, "nudged": n2, "free_mean": w1, "nudged_mean": w2,
+                       "cos": [round(c, 4) for c in layer_cos(g, ref, m)]}] * len(taus)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     for name, update, solver, warm in METHODS:
         if name not in wanted:
             continue
         gen = torch.Generator().manual_seed(a.seed + 1)
         init = start_states(m, x, warm, update, gen)
         steps = {}
-        for tol in (1e-3, 1e-5):
+        for tol in (1e-3, 1e-5):  # each image stops on its own: max = the slowest image, mean = the work per image
             with torch.no_grad():
                 _, n = m.relax(x, a.cap, states=init, tol=tol, update=update, solver=solver)
-            steps[tol] = n if float(m.last_residual.max()) < tol else None  # None: not reached within the cap
-        row = {"what": "method", "method": name, "steps_1e-3": steps[1e-3], "steps_1e-5": steps[1e-5], "ep": []}
+            ok = float(m.last_residual.max()) < tol  # None: not reached within the cap
+            steps[tol] = {"max": n if ok else None,
+                          "mean": round(float(m.last_sample_steps.double().mean()), 1) if ok else None}
+        row = {"what": "method", "method": name, "steps_1e-3": steps[1e-3]["max"], "steps_1e-5": steps[1e-5]["max"],
+               "mean_steps_1e-3": steps[1e-3]["mean"], "mean_steps_1e-5": steps[1e-5]["mean"], "ep": []}
         for tau in taus:
-            g, n1, n2 = ep_update(m, x, y, a.beta, tau, update, solver, init, a.cap)
-            row["ep"].append({"tau": tau, "free": n1, "nudged": n2, "cos": [round(c, 4) for c in layer_cos(g, ref, m)]})
+            g, (n1, w1), (n2, w2) = ep_update(m, x, y, a.beta, tau, update, solver, init, a.cap)
+            row["ep"].append({"tau": tau, "free": n1, "nudged": n2, "free_mean": round(w1, 1),
+                              "nudged_mean": round(w2, 1), "cos": [round(c, 4) for c in layer_cos(g, ref, m)]})
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(f"\n{m.name} ({weights}), {a.batch} test images, beta {a.beta}, cap {a.cap}\n")
-    print("| method | steps to 1e-3 | steps to 1e-5 | " + " | ".join(
-        f"τ={t:g}: steps (free+nudged), min cos" for t in taus) + " |")
+    print("| method | steps to 1e-3, mean / max | to 1e-5, mean / max | " + " | ".join(
+        f"τ={t:g}: mean steps free+nudged, min cos" for t in taus) + " |")
     print("|---" * (3 + len(taus)) + "|")
     for r in rows:
-        cells = [f"{e['free']}+{e['nudged']}, {min(e['cos']):.3f}" for e in r["ep"]]
-        print(f"| {r['method']} | {r['steps_1e-3']} | {r['steps_1e-5']} | " + " | ".join(cells) + " |")
+        cells = [f"{e['free_mean']:g}+{e['nudged_mean']:g}, {min(e['cos']):.3f}" for e in r["ep"]]
+        print(f"| {r['method']} | {r['mean_steps_1e-3']} / {r['steps_1e-3']} | {r['mean_steps_1e-5']} / "
+              f"{r['steps_1e-5']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

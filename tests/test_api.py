@@ -89,6 +89,18 @@ def test_demo_pipeline_records_everything(tmp_path, folder, monkeypatch):
     assert kinds.count("train") == 2 and kinds.count("attack") == 4 and kinds.count("corrupt") == 2
     assert {r["status"] for r in s.runs()} == {"finished"}
     assert len(res["data"].rows) == 2
+    # the demo's EP-CNN is an equilibrium model: every evaluation recorded its residual at prediction, below tol
+    import json
+
+    from epcli.ep import EQUILIBRIUM_TOL
+    ep_id = next(r["id"] for r in s.runs() if r["kind"] == "train" and r["model"] == "ep-cnn-small")
+    evals = [r for r in s.runs() if r["model_run_id"] == ep_id and r["kind"] != "train"]
+    assert len(evals) == 3
+    for r in evals:
+        (m,) = s.metrics(r["id"], name="relax_residual")
+        detail = json.loads(m["detail"])
+        assert 0 < m["value"] < EQUILIBRIUM_TOL and detail["at_equilibrium"] and detail["T"] == 250
+        assert detail["steps_mean"] <= detail["steps"] < 250
 
 
 def test_mcnemar_exact_values():
