@@ -831,13 +831,20 @@ def test_figures_drawn_in_a_child_process_equal_the_sequential_ones(built, tmp_p
     the same text as drawing everything in this process (EPCLI_REPORT_FORK=0); and the page lists them all."""
     from test_report_golden import svg_text
 
-    from epcli.pipelines.report import _draw_figures
+    import epcli.pipelines.report as pipeline
     store, _ = built
     data = report.collect(store)
+    forks, real_fork = [], pipeline._fork
+    monkeypatch.setattr(pipeline, "_fork", lambda work: forks.append(1) or real_fork(work))
     out = {}
     for fork in ("1", "0"):
         monkeypatch.setenv("EPCLI_REPORT_FORK", fork)
-        out[fork] = _draw_figures(store, data, tmp_path / fork)
+        out[fork] = pipeline._draw_figures(store, data, tmp_path / fork)
+    assert forks == [1]  # the first really drew in a child
+    monkeypatch.setenv("EPCLI_REPORT_FORK", "1")
+    monkeypatch.setattr(pipeline, "_fork", lambda work: (lambda: None))  # a child that failed: drawn here instead
+    out["failed"] = pipeline._draw_figures(store, data, tmp_path / "failed")
+    assert [p.name for p in out["failed"]] == [p.name for p in out["0"]]
     assert [p.name for p in out["1"]] == [p.name for p in out["0"]]
     assert {"corruptions.svg", "robust-pgd-linf.svg", "adversarial-examples.png"} <= {p.name for p in out["1"]}
     for a, b in zip(out["1"], out["0"]):

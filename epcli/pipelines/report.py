@@ -50,11 +50,13 @@ _CHILD_KINDS = ("corruptions",)
 
 def _draw_figures(store: Store, data, out_dir: Path) -> list[Path]:
     """Every figure (report.figures) and, when there are any, the corruption sample grid. On Linux with two or
-    more CPUs the corruption figures are drawn by a forked child while this process draws the others (figures
-    are independent; the child never touches the store: its queries run here first). If the child fails, this
-    process draws them itself. The paths come in the order report.figures gives, then the sample grid."""
+    more CPUs, from a single-threaded process, the corruption figures are drawn by a forked child while this
+    process draws the others (figures are independent; the child never touches the store: its queries run here
+    first). If the child fails, this process draws them itself. The paths come in the order report.figures
+    gives, then the sample grid."""
     import os
     import sys
+    import threading
 
     from epcli import report as R
     sample = _corruption_sample_args(store, data, out_dir)
@@ -68,7 +70,8 @@ def _draw_figures(store: Store, data, out_dir: Path) -> list[Path]:
                 else []}
 
     forked = None
-    if (sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1
+    # only from a single-threaded process: a child forked while another thread holds a lock could wait forever
+    if (sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1 and threading.active_count() == 1
             and os.environ.get("EPCLI_REPORT_FORK", "1") != "0"):
         forked = _fork(child_work)
     mine = R.figures(data, out_dir, only=[k for k in R.FIGURE_KINDS if k not in _CHILD_KINDS])
