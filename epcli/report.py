@@ -265,6 +265,14 @@ def _load_per_example(path: str | None) -> dict | None:
     return {"index": t["index"].astype("int64"), "robust": robust}
 
 
+@functools.lru_cache(maxsize=65536)
+def _detail(text: str) -> dict:
+    """A metric's detail JSON as a dict (read-only: shared). The rows of one attack run mostly carry the same
+    detail text, one per eps, so most are decoded once."""
+    d = _json(text)
+    return d if isinstance(d, dict) else {}
+
+
 def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dict, loaded: dict,
           failed_checks: dict, attack_clean_by_run: dict) -> "Cell":
     """One leaderboard cell from every result for it: the largest n (ties: the strongest result), then the
@@ -298,8 +306,7 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
         if len(members) > 1:
             value = float(robust.mean()) * 100.0
     def detail(m: dict) -> dict:
-        d = _json(m["detail"]) if m["detail"] else {}
-        return d if isinstance(d, dict) else {}
+        return _detail(m["detail"]) if m["detail"] else {}
     first = detail(base)  # decoded only where read: a cell of thousands of results reads one or two
     flagged = [m for m in members if m["unreliable"]]
     reason = None
