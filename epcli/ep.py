@@ -862,20 +862,25 @@ class _Adjoint(torch.autograd.Function):
             out = model._step(ctx.drive, s_req, 0.0, None, W, None)
             a = list(g)
             scale = max(float(t.abs().max()) for t in g) or 1.0
+            converged = False
             for _ in range(model.implicit_iters or getattr(model, "_adjoint_budget", None) or model.T):
                 ja = torch.autograd.grad(out, s_req, a, retain_graph=True, allow_unused=True)
                 new = [gi + (torch.zeros_like(gi) if j is None else j) for gi, j in zip(g, ja)]
                 res = max(float((n - o).abs().max()) for n, o in zip(new, a))
                 a = new
                 if res < model.implicit_tol * scale:
+                    converged = True
                     break
+        # an adjoint iteration stopped by its budget is not (I - J)^-T g: recorded, the attack's check reads it
+        model.implicit_stats["adjoint_unconverged"] = model.implicit_stats.get("adjoint_unconverged", 0) + (
+            not converged)
         return (None, None, None, *a)
 
 
 def new_implicit_stats() -> dict:
     """Running record of the "implicit" mode's fixed points (reset it before an attack, read it after)."""
     return {"calls": 0, "max_residual_at_T": 0.0, "max_residual": 0.0, "max_extra_steps": 0, "unconverged": 0,
-            "tol": None}
+            "adjoint_unconverged": 0, "tol": None}
 
 
 class _InputGradLayout(torch.autograd.Function):

@@ -101,6 +101,8 @@ def test_demo_pipeline_records_everything(tmp_path, folder, monkeypatch):
         detail = json.loads(m["detail"])
         assert 0 < m["value"] < EQUILIBRIUM_TOL and detail["at_equilibrium"] and detail["T"] == 250
         assert detail["steps_mean"] <= detail["steps"] < 250
+        if r["kind"] == "attack":  # ... and so did every adversarial prediction
+            assert detail["adv_at_equilibrium"] and detail["adv_predictions"] == 4 * 20
 
 
 def test_mcnemar_exact_values():

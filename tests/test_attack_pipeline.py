@@ -78,3 +78,14 @@ def test_implicit_fixed_point_check_is_recorded(store):
                      device="cpu", params={"steps": 2}, strength=False)
     (c,) = [c for c in res["checks"] if c["check"] == "implicit-fixed-point"]
     assert "relative residual" in c["detail"] and "relaxed up to" in c["detail"]
+
+
+def test_adversarial_predictions_record_how_far_from_equilibrium_they_were(store):
+    kw = dict(model=store.ep["run_id"], eps="2/255,8/255", n=8, store=store, device="cpu", labels="predicted",
+              params={"steps": 2}, strength=False)
+    for T, at_equilibrium in ((3, False), (400, True)):  # 3 steps: far from a fixed point; 400: there
+        res = api.attack(T=T, **kw)
+        (m,) = store.metrics(res["run_id"], name="relax_residual")
+        d = json.loads(m["detail"])
+        assert d["adv_predictions"] == 16 and d["adv_at_equilibrium"] is at_equilibrium  # 8 images x 2 eps
+        assert (d["adv_unconverged"] > 0) is (not at_equilibrium) and d["adv_max"] >= d["adv_mean"] > 0

@@ -346,3 +346,18 @@ def test_tolerance_never_stops_before_a_nudge_reaches_every_layer(solver):
         s, n = m.relax(x, 50, beta=0.5, y=y, states=s0, tol=10.0, solver=solver)  # any residual passes tol
     assert n == m.depth == 3
     assert float((s[0] - s0[0]).abs().max()) > 0  # the nudge reached the first layer
+
+
+def test_an_adjoint_stopped_by_its_budget_is_recorded():
+    from epcli.ep import new_implicit_stats
+    m = tiny(init_gain=1.5)
+    m.T, m.grad_mode = 60, "implicit"
+    x, y = data()
+    for iters, expect in ((None, 0), (1, 1)):  # the default budget converges; one iteration cannot
+        m.implicit_iters, m.implicit_stats = iters, new_implicit_stats()
+        xr = x.clone().requires_grad_(True)
+        F.cross_entropy(m(xr), y).backward()
+        assert m.implicit_stats["calls"] == 1 and m.implicit_stats["adjoint_unconverged"] == expect
+    from epcli.pipelines.attack import _implicit_check
+    c = _implicit_check(m.implicit_stats, 60)
+    assert not c["passed"] and "1 adjoint solves stopped by their iteration budget" in c["detail"]

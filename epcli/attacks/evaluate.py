@@ -177,6 +177,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     clean_pred = torch.empty(n, dtype=torch.long)
     attack_labels = torch.empty(n, dtype=torch.long)
     pred_adv = {e: torch.empty(n, dtype=torch.long) for e in eps_list}
+    # relaxation models (EP-CNN) leave each image's relative residual in model.last_residual: how far from
+    # equilibrium the adversarial predictions were (NaN where the model does not say)
+    adv_residual = {e: torch.full((n,), float("nan")) for e in eps_list}
     x_keep = {e: [] for e in eps_list}
     gens = {e: torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i, e in enumerate(eps_list)}
     counter = _Counter(model, attacker)
@@ -245,7 +248,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
                 attack_passes += counter.n - before
             with eval_mode(model), torch.no_grad():
                 pa = model(xa).argmax(1)
-            outs[e] = (pa.cpu(), xa)
+            r = getattr(model, "last_residual", None)
+            r = r.detach().float().cpu() if isinstance(r, torch.Tensor) and r.shape == pa.shape else None
+            outs[e] = (pa.cpu(), xa, r)
             beat(final_robust=int(scored(pa, cp, yb).sum()))
             step["eps"] = None
         return cp.cpu(), ref.cpu(), outs
@@ -265,8 +270,10 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
                 continue
             clean_pred[lo:hi] = cp
             attack_labels[lo:hi] = ref
-            for e, (pa, xa) in outs.items():
+            for e, (pa, xa, r) in outs.items():
                 pred_adv[e][lo:hi] = pa
+                if r is not None:
+                    adv_residual[e][lo:hi] = r
                 room = keep_adv - sum(len(t) for t in x_keep[e])
                 if room > 0:
                     x_keep[e].append(xa[:room].detach().cpu())
@@ -303,6 +310,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         "robust": robust,
         "robust_accuracy": {e: float(r.float().mean()) if n else 0.0 for e, r in robust.items()},
         "pred_adv": pred_adv,
+        "adv_residual": adv_residual if any(not bool(v.isnan().all()) for v in adv_residual.values()) else {},
         "x_adv": {e: (torch.cat(v) if v else torch.empty(0)) for e, v in x_keep.items()},
         "forward_passes": counter.n,
         "attack_forward_passes": attack_passes,

@@ -222,17 +222,24 @@ def drop_artifact(store: Store, run_id: str, sha: str) -> None:
     path.unlink(missing_ok=True)
 
 
-def relax_residual_rows(net, x, device: str, facets: dict) -> list[dict]:
+def relax_residual_rows(net, x, device: str, facets: dict, adversarial: dict | None = None) -> list[dict]:
     """The metric row `relax_residual` for a relaxation model evaluated on images x (uint8 or [0,1] floats):
     value = the largest per-image relative residual of the last relaxation step at the prediction (T, tol,
     update and solver as the model predicts), detail {T, mean, steps (the slowest image's), steps_mean,
-    at_equilibrium, tol}. [] for other models."""
+    at_equilibrium, tol}; with `adversarial` ({eps: per-image residuals of an attack's final predictions}) also
+    adv_max, adv_mean, adv_predictions, adv_unconverged (how many were above EQUILIBRIUM_TOL), adv_at_equilibrium. [] for other models."""
     if not callable(getattr(net, "relax", None)) or x is None or not len(x):
         return []
     from epcli.ep import EQUILIBRIUM_TOL, prediction_residual
     xf = x.to(device)
     xf = xf.float().div(255) if xf.dtype == torch.uint8 else xf.float()
     r = prediction_residual(net, xf)
-    return [{"name": "relax_residual", "value": r["max"], **facets,
-             "detail": {"T": r["T"], "mean": r["mean"], "steps": r["steps"], "steps_mean": r["steps_mean"],
-                        "at_equilibrium": r["at_equilibrium"], "tol": EQUILIBRIUM_TOL}}]
+    detail = {"T": r["T"], "mean": r["mean"], "steps": r["steps"], "steps_mean": r["steps_mean"],
+              "at_equilibrium": r["at_equilibrium"], "tol": EQUILIBRIUM_TOL}
+    adv = torch.cat([v.flatten() for v in (adversarial or {}).values()]) if adversarial else torch.zeros(0)
+    adv = adv[~adv.isnan()]
+    if adv.numel():  # the attack's final predictions on its adversarial images, every eps
+        detail.update(adv_max=float(adv.max()), adv_mean=float(adv.mean()), adv_predictions=int(adv.numel()),
+                      adv_unconverged=int((adv > EQUILIBRIUM_TOL).sum()),
+                      adv_at_equilibrium=bool(float(adv.max()) <= EQUILIBRIUM_TOL))
+    return [{"name": "relax_residual", "value": r["max"], **facets, "detail": detail}]
