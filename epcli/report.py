@@ -546,13 +546,19 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
     _name_rows(list(rows.values()))
     for row in rows.values():
         row.not_compared = model_not_comparable(row)
-    for m in residuals:  # the latest evaluation's residual at prediction
+    for m in residuals:  # the latest evaluation's residual at prediction; adversarial: the worst attack run's
         if m["model_run_id"] in rows and m["value"] is not None:
             d = _json(m["detail"]) if m["detail"] else {}
             d = d if isinstance(d, dict) else {}
-            rows[m["model_run_id"]].equilibrium = {"residual": m["value"], "T": d.get("T"), "mean": d.get("mean"),
-                                                   "tol": d.get("tol", d.get("tolerance")), "run_id": m["run_id"],
-                                                   "at_equilibrium": d.get("at_equilibrium")}
+            row = rows[m["model_run_id"]]
+            adv = row.equilibrium.get("adversarial")
+            if isinstance(d.get("adv_max"), (int, float)) and (adv is None or d["adv_max"] > adv["max"]):
+                adv = {"max": d["adv_max"], "predictions": d.get("adv_predictions"),
+                       "unconverged": d.get("adv_unconverged"), "run_id": m["run_id"]}
+            row.equilibrium = {"residual": m["value"], "T": d.get("T"), "mean": d.get("mean"),
+                               "steps_mean": d.get("steps_mean"), "tol": d.get("tol", d.get("tolerance")),
+                               "run_id": m["run_id"], "at_equilibrium": d.get("at_equilibrium"),
+                               **({"adversarial": adv} if adv else {})}
     for d in derived:
         if d["status"] == "running" and d["model_run_id"] in rows:
             rows[d["model_run_id"]].derived_running += 1
@@ -932,11 +938,23 @@ def model_notes(row: Row) -> list[str]:
     eq = row.equilibrium
     if eq.get("residual") is not None:
         t = f" at T={eq['T']}" if eq.get("T") is not None else ""
+        sm = eq.get("steps_mean")
+        if isinstance(sm, (int, float)) and eq.get("T") is not None and sm < eq["T"]:  # each image stopped on its own
+            t = f", {sm:.0f} steps per image on average (cap T={eq['T']})"
         tol = _residual_tol(eq)
         if eq.get("at_equilibrium") is False or (tol is not None and eq["residual"] > tol):
             notes.append(f"NOT converged: residual {eq['residual']:.2g}{t}" + (f" (tolerance {tol:g})" if tol else ""))
         else:
             notes.append(f"at equilibrium: residual {eq['residual']:.2g}{t}")
+        adv = eq.get("adversarial")
+        if adv:
+            over = f" over {adv['predictions']} predictions" if adv.get("predictions") else ""
+            if adv.get("unconverged") or (tol is not None and adv["max"] > tol):
+                k = f"{adv['unconverged']} " if adv.get("unconverged") is not None else ""
+                notes.append(f"adversarial predictions NOT converged: {k}above tolerance, residual up to "
+                             f"{adv['max']:.2g}{over} (run {adv['run_id']})")
+            else:
+                notes.append(f"adversarial predictions at equilibrium: residual up to {adv['max']:.2g}{over}")
     if row.selection:
         notes.append(f"checkpoint: {row.selection}" + (" chosen on the test set"
                                                         if row.selection.startswith("best-test") else ""))

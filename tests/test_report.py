@@ -717,6 +717,27 @@ def test_equilibrium_and_selection_beside_the_model(tmp_path):
     store.close()
 
 
+def test_per_image_steps_and_adversarial_equilibrium_beside_the_model(tmp_path):
+    """An equilibrium model (each image stops at tol) says its mean steps and cap; the worst attack run's
+    adversarial predictions say whether they converged too."""
+    store = Store(tmp_path / "s")
+    m, ck = _train(store, "ep-cnn-small", {"label": "EP eq"}, [0.5])
+    runs = []
+    for adv_max, unconv in ((4e-4, 0), (0.02, 3), (9e-4, 0)):
+        a = _attack(store, m, ck, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.1})
+        store.log_metrics(a, [{"name": "relax_residual", "value": 9e-4, "detail": {
+            "T": 250, "mean": 5e-4, "steps": 77, "steps_mean": 33.8, "at_equilibrium": True, "tol": 1e-3,
+            "adv_max": adv_max, "adv_mean": adv_max / 2, "adv_predictions": 800, "adv_unconverged": unconv,
+            "adv_at_equilibrium": unconv == 0}}])
+        runs.append(a)
+    (row,) = report.collect(store).rows
+    notes = report.model_notes(row)
+    assert notes[0] == "at equilibrium: residual 0.0009, 34 steps per image on average (cap T=250)"
+    assert notes[1] == (f"adversarial predictions NOT converged: 3 above tolerance, residual up to 0.02 over 800 "
+                        f"predictions (run {runs[1]})")
+    store.close()
+
+
 def test_adversarial_grid_uses_one_attack_per_norm():
     """Per norm the grid shows the same attack for every model (the most eps, then n, then newest)."""
     def cand(model, attack, n_eps, n, tag):
