@@ -518,8 +518,9 @@ def report(
     Examples: `epcli report`, `epcli report -f md`, `epcli report -f html --out reports/`,
     `epcli report --curves --run RUN_A --run RUN_B`.
     """
-    from epcli import api, schema
     from epcli import report as R
+    from epcli import schema
+    from epcli.pipelines.report import report as report_pipeline  # not epcli.api: a report never needs torch
     if curves:
         with _store(write=False) as store:
             ids = list(run or []) + [store.latest_train_run(m, dataset)["id"] for m in model or []]
@@ -534,9 +535,9 @@ def report(
                _now(), "rows": [], "notes": [f"training curves of {', '.join(ids)}"]}, as_json)
         return
     with _store(write=bool(out or figures)) as store:
-        res = api.report(store=store, models=model, runs=run, dataset=dataset,
-                         fmt="json" if as_json and fmt == "table" else fmt, out=out, figures=figures,
-                         argv=sys.argv)
+        res = report_pipeline(store=store, models=model, runs=run, dataset=dataset,
+                              fmt="json" if as_json and fmt == "table" else fmt, out=out, figures=figures,
+                              argv=sys.argv)
         if fmt == "table" and not as_json:
             Console().print(R.leaderboard_table(res["data"]))
         elif not as_json and res["text"] is not None and not out:

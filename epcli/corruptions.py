@@ -21,7 +21,6 @@ import hashlib
 import io
 import math
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from epcli.atomic import atomic_write, remove_stale_temps
 from epcli.errors import DatasetError, UsageError
 
 __all__ = [
@@ -1177,15 +1177,15 @@ def evaluate_official(model, directory, names: Iterable[str] | None = None, *,
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data sets are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write, mode=0o644)  # data sets are meant to be shared
+
+
+def export_files(names: Iterable[str]) -> list[str]:
+    """The file names `export` writes for these corruptions."""
+    return [f"{n}.npy" for n in names] + ["labels.npy", "clean.npy"]
 
 
 def export(directory, x_uint8: torch.Tensor, y: torch.Tensor, names: Iterable[str] = CORRUPTIONS, seed: int = 0,
@@ -1195,13 +1195,17 @@ def export(directory, x_uint8: torch.Tensor, y: torch.Tensor, names: Iterable[st
 
     Images are exactly those `evaluate` sees for the same seed (`corrupt_range_uint8`), so `evaluate_official` on
     the directory gives the same per-example outcomes. Each file is written to a temporary name in the directory
-    and renamed into place, mode 0644. Returns the written paths.
+    (`.<name>.<host>.<pid>-<token>.tmp`) and renamed into place, mode 0644; the temporaries a killed export left
+    there are removed when the next export into the folder starts (epcli.atomic). Returns the written paths.
     """
     names = _check_names(names)
     if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
         raise UsageError(f"export expects uint8 images (N, 3, H, W), got {x_uint8.dtype} {tuple(x_uint8.shape)}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    # a kill (SIGKILL cannot be caught) between writing a temporary and its rename leaves it behind: remove
+    # those of dead exports (ours and earlier versions' naming), only for the files an export writes
+    remove_stale_temps(d, targets=set(export_files(CORRUPTIONS)), legacy=("mkstemp",))
     n = x_uint8.shape[0]
     y = torch.as_tensor(y).long()
     written = []

@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from epcli.atomic import atomic_write, remove_stale_temps
 from epcli.errors import DatasetError
 
 EMBEDDED = Path(__file__).parent / "assets" / "cifar10-mini-jpeg.tar.xz"
@@ -340,35 +341,13 @@ def _cached(path: Path, name: str, cache_dir, read) -> Dataset:
         d = read()
         sha = _content_sha(d)
         if cache is not None:
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                _remove_stale_temp(cache.parent)
+                remove_stale_temps(cache.parent, legacy=("pid",))  # a killed decode's half-written cache
                 tensors = {k: v.contiguous() for k, v in d.items() if k != "classes"}
-                save_file(tensors, str(tmp), metadata={"classes": json.dumps(d["classes"]), "sha256": sha})
-                os.replace(tmp, cache)
+                atomic_write(cache, lambda tmp: save_file(tensors, str(tmp), metadata={
+                    "classes": json.dumps(d["classes"]), "sha256": sha}))
             except Exception:  # a full disk, an unwritable folder: caching is an optimisation, not the command
-                try:
-                    tmp.unlink(missing_ok=True)
-                except OSError:
-                    pass
+                pass
     return Dataset(name=name, classes=list(d["classes"]), train_x=d["train_x"], train_y=d["train_y"],
                    test_x=d["test_x"], test_y=d["test_y"], source=str(path), sha256=sha)
-
-
-def _remove_stale_temp(folder: Path) -> None:
-    """Half-written cache files (`<name>.tmp<pid>`) of processes that no longer run: a killed decode."""
-    for f in folder.glob("*.tmp*"):
-        pid = f.suffix[len(".tmp"):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            f.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -96,6 +97,8 @@ class Row:
     clean_acc: float | None
     epochs: int | None
     config: dict
+    clean_n: int | None = None   # the images clean_acc was measured on (None: not recorded by older runs)
+    clean_from: str = "test split"  # "test split": the training run's own test evaluation; else an attack's images
     cells: dict[str, Cell] = field(default_factory=dict)
     corruption: dict[str, Any] = field(default_factory=dict)  # mean, mean_all, mce, relative_mce, run_id, ...
     failed_checks: list[str] = field(default_factory=list)
@@ -262,6 +265,14 @@ def _load_per_example(path: str | None) -> dict | None:
     return {"index": t["index"].astype("int64"), "robust": robust}
 
 
+@functools.lru_cache(maxsize=65536)
+def _detail(text: str) -> dict:
+    """A metric's detail JSON as a dict (read-only: shared). The rows of one attack run mostly carry the same
+    detail text, one per eps, so most are decoded once."""
+    d = _json(text)
+    return d if isinstance(d, dict) else {}
+
+
 def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dict, loaded: dict,
           failed_checks: dict, attack_clean_by_run: dict) -> "Cell":
     """One leaderboard cell from every result for it: the largest n (ties: the strongest result), then the
@@ -294,21 +305,22 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
                 members.append(m)
         if len(members) > 1:
             value = float(robust.mean()) * 100.0
-    details = [(_json(m["detail"]) if m["detail"] else {}) for m in members]
-    details = [d if isinstance(d, dict) else {} for d in details]
-    flagged = [(m, d) for m, d in zip(members, details) if m["unreliable"]]
+    def detail(m: dict) -> dict:
+        return _detail(m["detail"]) if m["detail"] else {}
+    first = detail(base)  # decoded only where read: a cell of thousands of results reads one or two
+    flagged = [m for m in members if m["unreliable"]]
     reason = None
     if flagged:
-        m, d = flagged[0]
-        reason = d.get("reason") or "; ".join(failed_checks.get(m["run_id"], [])) or "marked unreliable"
+        m = flagged[0]
+        reason = detail(m).get("reason") or "; ".join(failed_checks.get(m["run_id"], [])) or "marked unreliable"
     modes = []
     for m in members:
         if m["grad_mode"] and m["grad_mode"] not in modes:
             modes.append(m["grad_mode"])
     return Cell(value=value, n_examples=base["n_examples"], grad_mode="+".join(modes) or None,
                 unreliable=bool(flagged), reason=reason, run_id=base["run_id"], status=base["run_status"],
-                n_results=len(members), forward_passes=details[0].get("forward_passes"),
-                forward_passes_T=details[0].get("T"),
+                n_results=len(members), forward_passes=first.get("forward_passes"),
+                forward_passes_T=first.get("T"),
                 worst_of=[f"{m['run_id']} {m['attack']} {m['grad_mode'] or '-'}" for m in members]
                 if len(members) > 1 else [],
                 attack_clean=attack_clean_by_run.get(base["run_id"]))
@@ -405,6 +417,35 @@ def corruption_mean_label(cov: dict) -> str:
 
 # --- collect -----------------------------------------------------------------------------------------------
 
+METRIC_COLUMNS = ("id", "run_id", "name", "value", "step", "attack", "norm", "eps", "grad_mode", "corruption",
+                  "severity", "n_examples", "unreliable", "detail")
+
+
+def _metric_rows(db, train_runs: list[dict], derived: list[dict]) -> list[dict]:
+    """The accuracy metrics (ACC_METRICS) of the selected training runs and of every run derived from them that
+    did not fail or get interrupted, in insertion order, each with its run's kind, status, model_run_id and
+    started_at. Read by run id, without a join (the join's row lookups took most of the time at 10k runs), in
+    chunks of run ids below SQLite's limit on query parameters."""
+    owner = {}
+    for r in list(train_runs) + list(derived):
+        if r["status"] not in ("failed", "interrupted"):
+            owner[r["id"]] = (r["kind"], r["status"], r.get("model_run_id") or r["id"], r["started_at"])
+    ids, out = list(owner), []
+    names = _placeholders(list(ACC_METRICS))
+    for i in range(0, len(ids), 10_000):
+        chunk = ids[i:i + 10_000]
+        # +name: scan in id order rather than through the name index (every model's rows of these names)
+        for t in db.execute(f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics WHERE run_id IN "
+                            f"({_placeholders(chunk)}) AND +name IN ({names}) ORDER BY id",
+                            chunk + list(ACC_METRICS)).fetchall():
+            m = dict(zip(METRIC_COLUMNS, t))
+            m["run_kind"], m["run_status"], m["model_run_id"], m["started_at"] = owner[m["run_id"]]
+            out.append(m)
+    if len(ids) > 10_000:
+        out.sort(key=lambda m: m["id"])
+    return out
+
+
 def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | None = None,
             dataset: str | None = None) -> ReportData:
     """Gather every number a report shows, in a few queries. Raises NotFoundError with a one-line message."""
@@ -461,14 +502,11 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
         r["config"] = _json(r["config"]) or {}
         if not isinstance(r["config"], dict):
             r["config"] = {}
-    names = _placeholders(list(ACC_METRICS))
-    metric_rows = [dict(m) for m in db.query(
-        f"SELECT m.*, r.kind AS run_kind, r.status AS run_status, r.model_run_id, r.started_at "
-        f"FROM metrics m JOIN runs r ON r.id = m.run_id WHERE r.model_run_id IN ({ph}) AND m.name IN ({names}) "
-        f"AND r.status NOT IN ('failed', 'interrupted') ORDER BY m.id", ids + list(ACC_METRICS))]
-    test_acc = {r["run_id"]: r["value"] for r in db.query(
-        f"SELECT run_id, value, MAX(COALESCE(step, -1)) FROM metrics WHERE name = 'test_acc' "
-        f"AND run_id IN ({ph}) GROUP BY run_id", ids)}
+    metric_rows = _metric_rows(db, selected, derived)
+    test_acc, test_n = {}, {}
+    for r in db.query(f"SELECT run_id, value, n_examples, MAX(COALESCE(step, -1)) FROM metrics WHERE name = "
+                      f"'test_acc' AND run_id IN ({ph}) GROUP BY run_id", ids):
+        test_acc[r["run_id"]], test_n[r["run_id"]] = r["value"], r["n_examples"]
     failed_checks: dict[str, list[str]] = {}
     for c in db.query(f"SELECT c.run_id, c.name, c.detail, r.model_run_id FROM checks c JOIN runs r "
                       f"ON r.id = c.run_id WHERE c.passed = 0 AND r.model_run_id IN ({ph})", ids):
@@ -499,7 +537,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
         rows[r["id"]] = Row(run_id=r["id"], model=r["model"] or "?", label=_label(r), dataset=r["dataset"],
                             status=r["status"], paper_key=paper.paper_key_for(r),
                             clean_acc=None if test_acc.get(r["id"]) is None else test_acc[r["id"]] * k,
-                            epochs=_epochs(r["config"]), config=r["config"],
+                            epochs=_epochs(r["config"]), config=r["config"], clean_n=test_n.get(r["id"]),
                             failed_checks=list(failed_checks.get(r["id"], [])), seed=r.get("seed"),
                             selection=_selection(r["config"], _json(r.get("summary"))))
         summ = _json(r.get("summary"))
@@ -508,13 +546,19 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
     _name_rows(list(rows.values()))
     for row in rows.values():
         row.not_compared = model_not_comparable(row)
-    for m in residuals:  # the latest evaluation's residual at prediction
+    for m in residuals:  # the latest evaluation's residual at prediction; adversarial: the worst attack run's
         if m["model_run_id"] in rows and m["value"] is not None:
             d = _json(m["detail"]) if m["detail"] else {}
             d = d if isinstance(d, dict) else {}
-            rows[m["model_run_id"]].equilibrium = {"residual": m["value"], "T": d.get("T"), "mean": d.get("mean"),
-                                                   "tol": d.get("tol", d.get("tolerance")), "run_id": m["run_id"],
-                                                   "at_equilibrium": d.get("at_equilibrium")}
+            row = rows[m["model_run_id"]]
+            adv = row.equilibrium.get("adversarial")
+            if isinstance(d.get("adv_max"), (int, float)) and (adv is None or d["adv_max"] > adv["max"]):
+                adv = {"max": d["adv_max"], "predictions": d.get("adv_predictions"),
+                       "unconverged": d.get("adv_unconverged"), "run_id": m["run_id"]}
+            row.equilibrium = {"residual": m["value"], "T": d.get("T"), "mean": d.get("mean"),
+                               "steps_mean": d.get("steps_mean"), "tol": d.get("tol", d.get("tolerance")),
+                               "run_id": m["run_id"], "at_equilibrium": d.get("at_equilibrium"),
+                               **({"adversarial": adv} if adv else {})}
     for d in derived:
         if d["status"] == "running" and d["model_run_id"] in rows:
             rows[d["model_run_id"]].derived_running += 1
@@ -539,7 +583,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                                       f"{eps_label(m['eps'], norm)}")
             groups.setdefault((mr, key), []).append(m)
         elif m["name"] == "clean_acc" and m["run_kind"] == "attack" and m["value"] is not None:
-            attack_clean[mr] = m["value"] * k
+            attack_clean[mr] = (m["value"] * k, m["n_examples"], m["run_id"])
             attack_clean_by_run[m["run_id"]] = m["value"] * k
         if m["run_kind"] == "corrupt" and m["name"].startswith(("corruption", "mce", "relative")):
             if mr not in corr_latest or (m["started_at"], m["run_id"]) > corr_latest[mr]:
@@ -563,8 +607,9 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
         columns.setdefault(key, Column(key, "worst", norm, float(eps), f"worst case {NORM_NAMES.get(norm, norm)} {el}"))
         rows[mr].cells[key] = cell
     for row in rows.values():
-        if row.clean_acc is None and row.run_id in attack_clean:
-            row.clean_acc = attack_clean[row.run_id]
+        if row.clean_acc is None and row.run_id in attack_clean:  # no test evaluation: the latest attack's
+            row.clean_acc, row.clean_n, aid = attack_clean[row.run_id]
+            row.clean_from = f"attacked images (attack run {aid})"
 
     # columns: order and headline choice
     cols = sorted(columns.values(), key=lambda c: (
@@ -763,6 +808,25 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
     return reasons
 
 
+@functools.lru_cache(maxsize=4096)
+def _paper_facts(model_key: str, dataset: str, metric: str, attack: str | None = None, norm: str | None = None,
+                 eps: float | None = None, variant: bool | None = None) -> tuple[dict, ...]:
+    """paper.paper_values, remembered: thousands of models ask for the same few (model, threat) cells, and each
+    lookup scans the paper's 1,113 numbers. The facts are read-only here."""
+    return tuple(paper.paper_values(model_key, dataset=dataset, metric=metric, attack=attack, norm=norm, eps=eps,
+                                    variant=variant))
+
+
+@functools.lru_cache(maxsize=4096)
+def _paper_cell_fact(model_key: str, dataset: str, attack: str, norm: str, eps: float,
+                     grad_mode: str | None) -> dict | None:
+    """The paper's number a result is set beside: the one with the result's gradient mode, else the primary."""
+    facts = _paper_facts(model_key, dataset, "robust_acc", attack, norm, eps)
+    same_grad = [f for f in facts if f.get("grad_mode") and f.get("grad_mode") == grad_mode]
+    primary = [f for f in facts if f.get("variant") is None]
+    return (same_grad or primary or [None])[0]
+
+
 def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, dict]) -> list[Comparison]:
     """Every (model, metric) the paper also logged. The paper's number is set beside epcli's only under the
     comparability rule; otherwise the comparison carries `not_compared` (why) and no paper number or diff."""
@@ -781,25 +845,23 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
         ds = paper.paper_dataset(row.dataset) or ("cifar10" if row.dataset is None else None)
         if ds is None:
             continue
-        fact = paper.paper_value(row.paper_key, dataset=ds, metric="clean_acc")
+        fact = next(iter(_paper_facts(row.paper_key, ds, "clean_acc", variant=False)), None)
         if fact and row.clean_acc is not None:
-            add(row, "clean", row.clean_acc, fact, None, protocol_reasons(row, None, fact), row.not_compared)
+            add(row, "clean", row.clean_acc, fact, row.clean_n, protocol_reasons(row, None, fact), row.not_compared)
         for key, cell in row.cells.items():
             col = columns[key]
-            facts = paper.paper_values(row.paper_key, dataset=ds, metric="robust_acc", attack=col.attack,
-                                       norm=col.norm, eps=col.eps)
-            if not facts or cell.value is None:
+            if cell.value is None:
                 continue
-            same_grad = [f for f in facts if f.get("grad_mode") and f.get("grad_mode") == cell.grad_mode]
-            primary = [f for f in facts if f.get("variant") is None]
-            fact = (same_grad or primary or [None])[0]
+            fact = _paper_cell_fact(row.paper_key, ds, col.attack, col.norm, col.eps, cell.grad_mode)
             if fact is None:
                 continue
-            cfg = run_info.get(cell.run_id or "", {}).get("config", {})
             why = row.not_compared or cell_not_comparable(cell, fact, row.paper_key)
-            reasons = protocol_reasons(row, cell, fact, cfg, eps=col.eps)
-            if fact.get("variant"):
-                reasons.insert(0, f"paper run: {fact['variant']}")
+            reasons = []
+            if why is None:  # the protocol differences are listed only beside a number that is compared
+                cfg = run_info.get(cell.run_id or "", {}).get("config", {})
+                reasons = protocol_reasons(row, cell, fact, cfg, eps=col.eps)
+                if fact.get("variant"):
+                    reasons.insert(0, f"paper run: {fact['variant']}")
             if why is None:
                 cell.paper, cell.paper_std = fact["value"], fact.get("std")
                 cell.diff = cell.value - fact["value"]
@@ -807,7 +869,7 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
             else:
                 cell.not_compared = why
             add(row, col.label, cell.value, fact, cell.n_examples, reasons, why)
-        fact = paper.paper_value(row.paper_key, dataset=ds, metric="corruption_mean_acc")
+        fact = next(iter(_paper_facts(row.paper_key, ds, "corruption_mean_acc", variant=False)), None)
         corr = row.corruption
         if fact and corr.get("mean") is not None:
             # the paper's mean is over 18 corruptions (all but frost) x 5 severities: only that mean compares
@@ -876,15 +938,40 @@ def model_notes(row: Row) -> list[str]:
     eq = row.equilibrium
     if eq.get("residual") is not None:
         t = f" at T={eq['T']}" if eq.get("T") is not None else ""
+        sm = eq.get("steps_mean")
+        if isinstance(sm, (int, float)) and eq.get("T") is not None and sm < eq["T"]:  # each image stopped on its own
+            t = f", {sm:.0f} steps per image on average (cap T={eq['T']})"
         tol = _residual_tol(eq)
         if eq.get("at_equilibrium") is False or (tol is not None and eq["residual"] > tol):
             notes.append(f"NOT converged: residual {eq['residual']:.2g}{t}" + (f" (tolerance {tol:g})" if tol else ""))
         else:
             notes.append(f"at equilibrium: residual {eq['residual']:.2g}{t}")
+        adv = eq.get("adversarial")
+        if adv:
+            over = f" over {adv['predictions']} predictions" if adv.get("predictions") else ""
+            if adv.get("unconverged") or (tol is not None and adv["max"] > tol):
+                k = f"{adv['unconverged']} " if adv.get("unconverged") is not None else ""
+                notes.append(f"adversarial predictions NOT converged: {k}above tolerance, residual up to "
+                             f"{adv['max']:.2g}{over} (run {adv['run_id']})")
+            else:
+                notes.append(f"adversarial predictions at equilibrium: residual up to {adv['max']:.2g}{over}")
     if row.selection:
         notes.append(f"checkpoint: {row.selection}" + (" chosen on the test set"
                                                         if row.selection.startswith("best-test") else ""))
     return notes
+
+
+def clean_note(row: Row) -> str:
+    """What the clean accuracy was measured on: "n=1000, test split" (the training run's own evaluation of the
+    whole test split, not the attack cells' images) or "n=200, attacked images" when it comes from an attack."""
+    where = "test split" if row.clean_from == "test split" else "attacked images"
+    return (f"n={row.clean_n}, " if row.clean_n else "") + where
+
+
+def _clean_text(row: Row, markup: str = "plain") -> str:
+    if row.clean_acc is None:
+        return "—"
+    return f"{row.clean_acc:.2f} ({clean_note(row)})" if markup == "md" else f"{row.clean_acc:.2f}\n{clean_note(row)}"
 
 
 def _cell_text(cell: Cell | None, *, markup: str = "plain") -> str:
@@ -905,8 +992,9 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
     cols = _columns(data, columns)
     t = Table(title=f"epcli leaderboard — accuracy % ({data.store_root})", show_lines=True,
               caption="cells: the result on the most images (n), then the exact worst case over other results on "
-                      "those images; n = examples, then gradient mode. ⚠ = unreliable. CIFAR-C: mean of k/15 "
-                      "benchmark corruptions × severities run")
+                      "those images; n = examples, then gradient mode. ⚠ = unreliable. clean: the training run's "
+                      "accuracy on its whole test split (its own n). CIFAR-C: mean of k/15 benchmark corruptions × "
+                      "severities run")
     t.add_column("model", style="bold")
     t.add_column("run")
     t.add_column("data")
@@ -927,7 +1015,7 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
         corr = row.corruption
         notes = "".join(f"\n{n}" for n in model_notes(row))
         t.add_row(Text((row.name or row.label) + status + notes), _short(row.run_id), row.dataset or "—",
-                  _fmt(row.clean_acc), *cells, _corr_text(corr), _fmt(corr.get("mce")))
+                  _clean_text(row), *cells, _corr_text(corr), _fmt(corr.get("mce")))
     return t
 
 
@@ -941,7 +1029,7 @@ def _rich_text(renderable, width: int = 200) -> str:
 def _csv(data: ReportData) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    head = ["run_id", "model", "label", "dataset", "status", "paper_key", "clean_acc"]
+    head = ["run_id", "model", "label", "dataset", "status", "paper_key", "clean_acc", "clean_acc:n", "clean_acc:from"]
     for c in data.columns:
         head += [c.key, f"{c.key}:n", f"{c.key}:grad_mode", f"{c.key}:unreliable", f"{c.key}:paper"]
     head += ["corruption_mean_acc", "corruption_mean_over", "corruption_mean_acc_all", "mce_unnormalized",
@@ -949,7 +1037,8 @@ def _csv(data: ReportData) -> str:
     w.writerow(head)
     for row in data.rows:
         line = [row.run_id, row.model, row.label, row.dataset or "", row.status, row.paper_key or "",
-                "" if row.clean_acc is None else repr(row.clean_acc)]
+                "" if row.clean_acc is None else repr(row.clean_acc), row.clean_n or "",
+                "" if row.clean_acc is None else row.clean_from]
         for c in data.columns:
             cell = row.cells.get(c.key)
             if cell is None:
@@ -966,18 +1055,38 @@ def _csv(data: ReportData) -> str:
     return buf.getvalue()
 
 
+def _fields(obj, skip: tuple[str, ...] = ()) -> dict:
+    """A flat dataclass as a dict of its fields, without asdict's deep copy (the values are only serialised)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}
+
+
 def to_dict(data: ReportData) -> dict:
     """A JSON-ready dict of the whole report (accuracies in percent)."""
     rows = []
     for row in data.rows:
-        d = {k: v for k, v in asdict(row).items() if k not in ("cells", "config")}
+        d = _fields(row, skip=("cells", "config"))
         d["unreliable"] = row.unreliable
-        d["cells"] = {k: asdict(c) for k, c in row.cells.items()}
+        d["cells"] = {k: _fields(c) for k, c in row.cells.items()}
         rows.append(d)
     return {"generated_at": data.generated_at, "store": data.store_root, "filters": data.filters,
             "unit": "percent", "store_scale": data.scale,
-            "columns": [asdict(c) for c in data.columns], "rows": rows,
-            "comparisons": [asdict(c) for c in data.comparisons], "notes": data.notes}
+            "columns": [_fields(c) for c in data.columns], "rows": rows,
+            "comparisons": [_fields(c) for c in data.comparisons], "notes": data.notes}
+
+
+def _json_text(doc: dict) -> str:
+    """The report document with one line per column, row, comparison and note: as easy to read and grep as an
+    indented dump, and written by json's C encoder (an indented dump runs the pure-Python one over every value,
+    seconds at thousands of models)."""
+    enc = json.JSONEncoder(ensure_ascii=False, default=str)
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, list) and value:
+            items = ",\n".join("    " + enc.encode(x) for x in value)
+            parts.append(f"  {enc.encode(key)}: [\n{items}\n  ]")
+        else:
+            parts.append(f"  {enc.encode(key)}: {enc.encode(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _md(data: ReportData, columns: str = "headline") -> str:
@@ -985,7 +1094,8 @@ def _md(data: ReportData, columns: str = "headline") -> str:
     out = ["# epcli leaderboard", "",
            f"Accuracy in %. Store `{data.store_root}`, generated {data.generated_at}. Cells: the result on the most "
            "images, then the exact worst case over the other results on the same images (n = examples, gradient "
-           "mode); ⚠ = unreliable (see notes). CIFAR-C: mean over the corruptions × severities that were run.", ""]
+           "mode); ⚠ = unreliable (see notes). clean: the training run's accuracy on its whole test split (its own "
+           "n, not the attacked images'). CIFAR-C: mean over the corruptions × severities that were run.", ""]
     head = ["model", "run", "data", "status", "clean"] + [c.label for c in cols] + ["CIFAR-C", "mCE"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
@@ -994,7 +1104,7 @@ def _md(data: ReportData, columns: str = "headline") -> str:
         name = row.name or row.label
         notes = model_notes(row)
         line = [name + (f" ({'; '.join(notes)})" if notes else ""), f"`{_short(row.run_id)}`", row.dataset or "—",
-                row.status, _fmt(row.clean_acc)]
+                row.status, _clean_text(row, "md")]
         for c in cols:
             cell = row.cells.get(c.key)
             line.append(_cell_text(cell, markup="md"))
@@ -1034,10 +1144,11 @@ _PAPER_NOTE = ("A paper number (Mansingh et al. 2024, from the authors' logs, me
 def _not_compared_lines(data: ReportData) -> list[str]:
     """One line per model that cannot be compared at all, one per other result that cannot."""
     lines, done = [], set()
+    rows = {r.run_id: r for r in data.rows}
     for c in data.comparisons:
         if c.not_compared is None:
             continue
-        row = next((r for r in data.rows if r.run_id == c.run_id), None)
+        row = rows.get(c.run_id)
         if row is not None and row.not_compared and c.not_compared == row.not_compared:
             if c.run_id not in done:
                 done.add(c.run_id)
@@ -1170,7 +1281,7 @@ def render(data: ReportData, fmt: str = "table", columns: str | None = None) -> 
     if fmt == "csv":
         return _csv(data)
     if fmt == "json":
-        return json.dumps(to_dict(data), indent=2, ensure_ascii=False, default=str) + "\n"
+        return _json_text(to_dict(data))
     if fmt == "md":
         return _md(data, columns or "headline")
     if fmt == "html":
@@ -1207,35 +1318,68 @@ def _colors(labels: list[str]) -> dict[str, Any]:
 
 
 def _row_labels(data: ReportData) -> dict[str, str]:
-    """Unique display labels per training run (label + short id when two runs share a label)."""
-    counts: dict[str, int] = {}
-    for r in data.rows:
-        counts[r.label] = counts.get(r.label, 0) + 1
-    return {r.run_id: r.label if counts[r.label] == 1 else f"{r.label} {_short(r.run_id)[:6]}" for r in data.rows}
+    """Unique display labels per training run: the tables' names (the label, plus the seed or the run id when
+    labels repeat; six characters of the id were the same for runs minutes apart, and equal labels shared a
+    colour)."""
+    return {r.run_id: r.name or r.label for r in data.rows}
 
 
-def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) -> list[Path]:
-    """Write every figure the data supports as PNG and SVG; skip a figure whose data is absent."""
+FIGURE_MODELS = 10  # lines one figure can tell apart (ten colours) and a legend can hold
+ADVERSARIAL_MODELS = 4  # row pairs (per norm) of the adversarial-example grid: 2 x 12 panels each at 11 eps
+
+
+def _figure_models(data: ReportData, names: dict[str, str], have: dict[str, Any],
+                   limit: int = FIGURE_MODELS) -> tuple[list[str], dict, str]:
+    """The models a figure draws, in report order: every model with data for it, or, when more than `limit`
+    have some, the `limit` newest (run ids sort by time). Returns their run ids, their colours, and a note for
+    the title saying how many were left out ("" when none)."""
+    with_data = [r.run_id for r in data.rows if have.get(r.run_id)]
+    if len(with_data) <= limit:
+        return with_data, _colors(list(names.values())), ""
+    keep = set(sorted(with_data)[-limit:])
+    shown = [rid for rid in with_data if rid in keep]
+    return shown, _colors([names[rid] for rid in shown]), (
+        f" ({limit} newest of {len(with_data):,} models; pick others with --model/--run)")
+
+
+FIGURE_KINDS = ("robust", "corruptions", "steps", "unroll", "adversarial")
+
+
+def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True,
+            only: Iterable[str] | None = None) -> list[Path]:
+    """Write every figure the data supports as PNG and SVG; skip a figure whose data is absent. `only`: these
+    kinds (FIGURE_KINDS) of figure, e.g. to draw some in another process; the paths come in FIGURE_KINDS order."""
+    only = set(FIGURE_KINDS if only is None else only)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plt = _plt()
     paths: list[Path] = []
     names = _row_labels(data)
-    colors = _colors(list(names.values()))
     rows = {r.run_id: r for r in data.rows}
+    # every figure's points, grouped once by model (a figure then reads only its own models' points)
+    curves: dict[tuple, list[dict]] = {}
+    for c in data.curves:
+        curves.setdefault((c["attack"], c["norm"]), []).append(c)
+    corr_by: dict[str, list[dict]] = {}
+    for c in data.corruptions:
+        corr_by.setdefault(c["run_id"], []).append(c)
+    steps_by: dict[str, list[dict]] = {}
+    for st in data.steps:
+        steps_by.setdefault(st["run_id"], []).append(st)
 
     # robust accuracy vs eps, one panel per attack x norm
-    for attack, norm in sorted({(c["attack"], c["norm"]) for c in data.curves},
+    for attack, norm in sorted(curves if "robust" in only else [],
                                key=lambda an: (ATTACK_ORDER.index(an[0]) if an[0] in ATTACK_ORDER else 99, an[1])):
-        if len({c["eps"] for c in data.curves if (c["attack"], c["norm"]) == (attack, norm)}) < 2:
+        if len({c["eps"] for c in curves[(attack, norm)]}) < 2:
             continue  # a single eps is no curve: the number is in the tables
+        by_run: dict[str, list[dict]] = {}
+        for c in curves[(attack, norm)]:
+            by_run.setdefault(c["run_id"], []).append(c)
+        shown, colors, left_out = _figure_models(data, names, by_run)
         fig, ax = plt.subplots(figsize=(6.8, 4.4))
         all_eps, drawn_paper, datasets = set(), set(), set()
-        for rid in names:
-            pts = sorted((c["eps"], c["value"], c["unreliable"], c.get("n"), c.get("grad_mode")) for c in data.curves
-                         if c["run_id"] == rid and c["attack"] == attack and c["norm"] == norm)
-            if not pts:
-                continue
+        for rid in shown:
+            pts = sorted((c["eps"], c["value"], c["unreliable"], c.get("n"), c.get("grad_mode")) for c in by_run[rid])
             row = rows[rid]
             datasets.add(row.dataset or "?")
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -1271,26 +1415,34 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         ax.set_xlabel(f"ε ({NORM_NAMES.get(norm, norm)}" + (", pixel scale /255" if norm == "linf" else "") + ")")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on {', '.join(sorted(datasets))}:"
-                     f" robust accuracy vs ε", fontsize=10)
+                     f" robust accuracy vs ε" + left_out, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         _save(fig, out_dir, f"robust-{attack}-{norm}", paths)
 
     # accuracy vs severity per corruption, the clean accuracy as a dotted reference line
-    if data.corruptions:
-        cnames = sorted({c["corruption"] for c in data.corruptions})
+    if data.corruptions and "corruptions" in only:
+        shown, colors, left_out = _figure_models(data, names, corr_by)
+        shown_rows = data.rows if not left_out else [rows[rid] for rid in shown]
+        points = [c for rid in shown for c in corr_by[rid]]
+        by_panel: dict[tuple, list[tuple]] = {}
+        for c in points:
+            if c["severity"] is not None:
+                by_panel.setdefault((c["run_id"], c["corruption"]), []).append((c["severity"], c["value"]))
+        cnames = sorted({c["corruption"] for c in points})
         ncol = min(5, len(cnames))
         nrow = math.ceil(len(cnames) / ncol)
-        vals = [c["value"] for c in data.corruptions] + [r.corruption["clean"] for r in data.rows
-                                                         if r.corruption.get("clean") is not None]
+        vals = [c["value"] for c in points] + [r.corruption["clean"] for r in shown_rows
+                                               if r.corruption.get("clean") is not None]
         lo, hi = min(vals), max(vals)
         pad = max(2.0, 0.08 * (hi - lo))
-        height = 2.5 * nrow + 0.75  # + a header (inches) for the title and the legend
+        legend_rows = max(1, math.ceil(2 * len(shown) / 4))  # a line and a clean line per model, 4 a row
+        header = 0.75 + 0.2 * (legend_rows - 1)  # inches for the title and the legend
+        height = 2.5 * nrow + header
         fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, height), squeeze=False, sharey=True)
         for ax, cn in zip(axes.flat, cnames):
-            for rid in names:
-                pts = sorted((c["severity"], c["value"]) for c in data.corruptions
-                             if c["run_id"] == rid and c["corruption"] == cn and c["severity"] is not None)
+            for rid in shown:
+                pts = sorted(by_panel.get((rid, cn), []))
                 if pts:
                     ax.plot(*zip(*pts), "o-", ms=3, color=colors[names[rid]], label=names[rid])
                     clean = rows[rid].corruption.get("clean")
@@ -1304,26 +1456,27 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         for ax in list(axes.flat)[len(cnames):]:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
-        n_ex = sorted({r.corruption.get("n_examples") for r in data.rows if r.corruption.get("n_examples")})
+        n_ex = sorted({r.corruption.get("n_examples") for r in shown_rows if r.corruption.get("n_examples")})
         for i, ax in enumerate(axes.flat):
             if i % ncol == 0:
                 ax.set_ylabel("accuracy (%)")
             if i >= len(cnames) - ncol:
                 ax.set_xlabel("severity")
         fig.suptitle("Accuracy under each corruption vs severity; dotted: the model's clean accuracy"
-                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else ""), fontsize=9,
+                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else "") + left_out, fontsize=9,
                      y=1 - 0.05 / height, va="top")
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
+        fig.tight_layout(rect=(0, 0, 1, 1 - (header - 0.25) / height))
         fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,
                    bbox_to_anchor=(0.5, 1 - 0.25 / height), frameon=False)
         _save(fig, out_dir, "corruptions", paths)
 
     # accuracy vs relaxation steps
-    if data.steps:
+    if data.steps and "steps" in only:
+        shown, colors, left_out = _figure_models(data, names, steps_by)
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         keys = set()
-        for rid in names:
-            pts = sorted((s["T"], s["value"]) for s in data.steps if s["run_id"] == rid)
+        for rid in shown:
+            pts = sorted((s["T"], s["value"]) for s in steps_by[rid])
             if pts:
                 ax.plot(*zip(*pts), "o-", ms=3, color=colors[names[rid]], label=names[rid])
                 if rows[rid].paper_key and rows[rid].not_compared is None:  # comparability rule
@@ -1334,7 +1487,7 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                 ax.plot(*zip(*sorted((f["T"], f["value"]) for f in facts)), "--", color="gray",
                         label=f"paper ({paper.load_facts()['models'][key]['label']}, CIFAR-10)")
         ax.set_xscale("log")
-        ts = sorted({s["T"] for s in data.steps})
+        ts = sorted({s["T"] for rid in shown for s in steps_by[rid]})
         ax.set_xticks(ts)
         ax.set_xticklabels([str(t) for t in ts], fontsize=8)
         ax.minorticks_off()
@@ -1342,17 +1495,21 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
         ax.set_xlabel("relaxation steps T (log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("EP convergence: test accuracy vs relaxation steps T ("
-                     + ", ".join(sorted({rows[s["run_id"]].dataset or "?" for s in data.steps})) + ")")
+                     + ", ".join(sorted({rows[rid].dataset or "?" for rid in shown})) + ")" + left_out)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         _save(fig, out_dir, "steps", paths)
 
     # unroll-length sweep
-    if data.unroll:
-        groups = sorted({(u["run_id"], u["attack"], u["norm"]) for u in data.unroll})
+    if data.unroll and "unroll" in only:
+        unroll_by: dict[str, list[dict]] = {}
+        for u in data.unroll:
+            unroll_by.setdefault(u["run_id"], []).append(u)
+        shown, _, left_out = _figure_models(data, names, unroll_by)
+        groups = sorted({(u["run_id"], u["attack"], u["norm"]) for rid in shown for u in unroll_by[rid]})
         fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4), squeeze=False)
         for ax, (rid, attack, norm) in zip(axes.flat, groups):
-            us = [u for u in data.unroll if (u["run_id"], u["attack"], u["norm"]) == (rid, attack, norm)]
+            us = [u for u in unroll_by[rid] if (u["attack"], u["norm"]) == (attack, norm)]
             epss = sorted({u["eps"] for u in us})
             cmap = plt.get_cmap("viridis")
             for i, e in enumerate(epss):
@@ -1374,11 +1531,13 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True) ->
                          f"{rows[rid].dataset}" + (f", n={ns[-1]:,}" if len(ns) == 1 else ""), fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
+        if left_out:
+            fig.suptitle(left_out.strip(" ()"), fontsize=9)
         fig.tight_layout()
         _save(fig, out_dir, "unroll", paths)
 
     # adversarial-example grid
-    grid = _adversarial_grid(data, names)
+    grid = _adversarial_grid(data, names) if "adversarial" in only else None
     if grid is not None:
         _save(grid, out_dir, "adversarial-examples", paths)
     return paths
@@ -1478,12 +1637,33 @@ def choose_image(entries: list[dict]) -> tuple[int | None, list[int | None]]:
     return best, [int(np.flatnonzero(e["index"] == best)[0]) for e in entries]
 
 
+def _draw_strip(ax, tiles: list, ncols: int, gap: int = 4) -> list[float]:
+    """Images (H, W[, 3], values in [0, 1]; None = blank) side by side in one image with white gaps, drawn on
+    `ax`, `ncols` tiles wide; returns the x centre of each tile (data coordinates)."""
+    import numpy as np
+    shape = next(tl.shape for tl in tiles if tl is not None)
+    h, w = shape[0], shape[1]
+    strip = np.ones((h, ncols * (w + gap) - gap, 3), dtype=np.float32)
+    for j, tl in enumerate(tiles):
+        if tl is not None:
+            strip[:, j * (w + gap):j * (w + gap) + w] = tl if tl.ndim == 3 else tl[..., None]
+    ax.imshow(strip, interpolation="nearest")
+    return [j * (w + gap) + (w - 1) / 2 for j in range(len(tiles))]
+
+
 def _adversarial_grid(data: ReportData, names: dict[str, str]):
     """Per norm, one row group per model: the chosen clean image and its adversarial versions per eps (prediction
     above, red when it changed), and below the perturbation amplified by a factor written on each panel (one
     factor per eps, shared by the models so their perturbations compare)."""
     import numpy as np
-    entries = [e for e in (_load_adv_entry(a) for a in data.adversarial) if e is not None]
+    adv_by: dict[str, list[dict]] = {}
+    for a in data.adversarial:
+        adv_by.setdefault(a["run_id"], []).append(a)
+    # before reading any file: only the shown models' (an image grid holds fewer models than a line chart)
+    shown, _, left_out = _figure_models(data, names, adv_by, limit=ADVERSARIAL_MODELS)
+    shown_set = set(shown)
+    entries = [e for e in (_load_adv_entry(a) for a in data.adversarial if a["run_id"] in shown_set)
+               if e is not None]
     if not entries:
         return None
     norms = [n for n in ("linf", "l2") if any(e["a"]["norm"] == n for e in entries)]
@@ -1493,8 +1673,11 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
     nrows = sum(2 * len(g) for _, g in groups)
     plt = _plt()
     height = 1.85 * nrows + 0.6
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.7 * ncols, height), squeeze=False)
-    for ax in axes.flat:
+    # one panel per row: the row's tiles side by side in one image, labels written above each tile (an axes per
+    # tile, 2 x 12 per model and norm at 11 eps, took most of a 10k-run report's time)
+    fig, axes = plt.subplots(nrows, 1, figsize=(1.7 * ncols, height), squeeze=False)
+    axes = axes[:, 0]
+    for ax in axes:
         ax.axis("off")
     r0 = 0
     for norm, group in groups:
@@ -1510,39 +1693,44 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
                     amp[round(ev, 9)] = max(amp.get(round(ev, 9), 0.0), d)
         for gi, (e, p) in enumerate(zip(group, pos)):
             a, t = e["a"], e["t"]
-            ax0 = axes[r0][0]
+            top, bottom = axes[r0], axes[r0 + 1]
             who = names.get(a["run_id"], a["label"])
             if p is None:
                 if gi == 0:
-                    ax0.text(0.0, 0.5, f"{nname}: no test image that every shown model classifies correctly when "
-                             f"clean among the {e['n']} stored examples, so none is shown", fontsize=7, va="center")
+                    top.text(0.0, 0.5, f"{nname}: no test image that every shown model classifies correctly when "
+                             f"clean among the {e['n']} stored examples, so none is shown", fontsize=7, va="center",
+                             transform=top.transAxes)
                 r0 += 2
                 continue
             cname = (lambda c: e["classes"][int(c)] if isinstance(e["classes"], list)
                      and 0 <= int(c) < len(e["classes"]) else str(int(c)))
             truth = int(e["labels"][p])
             x = np.asarray(t["x"][p], dtype=np.float32)
-            ax0.imshow(_to_img(x))
-            ax0.set_title(f"{who}\n{nname} {ATTACK_NAMES.get(a.get('attack') or '', a.get('attack') or '')}"
+            images, perturbations, above, under = [_to_img(x)], [None], [], []
+            above.append((f"{who}\n{nname} {ATTACK_NAMES.get(a.get('attack') or '', a.get('attack') or '')}"
                           f"{' · ' + _grad(a.get('grad_mode')) if a.get('grad_mode') else ''}\n"
-                          f"clean → {cname(truth)}", fontsize=6.5)
-            axes[r0 + 1][0].text(0.5, 0.5, "perturbation\n(amplified ×k,\ngrey = 0)", ha="center", va="center",
-                                 fontsize=7)
-            for j, (ev, kx, kp) in enumerate(e["eps"], start=1):
+                          f"clean → {cname(truth)}", 6.5, "black"))
+            for ev, kx, kp in e["eps"]:
                 xa = np.asarray(t[kx][p], dtype=np.float32)
                 pred = cname(np.asarray(t[kp]).reshape(-1)[p]) if kp in t else "?"
-                changed = pred != cname(truth)
-                ax = axes[r0][j]
-                ax.imshow(_to_img(xa))
-                ax.set_title(f"ε={eps_label(ev, norm)}\n→ {pred}", fontsize=7,
-                             color="crimson" if changed else "black")
+                images.append(_to_img(xa))
+                above.append((f"ε={eps_label(ev, norm)}\n→ {pred}", 7,
+                              "crimson" if pred != cname(truth) else "black"))
                 m = amp.get(round(ev, 9)) or 0.0
                 k = 0.5 / m if m > 0 else 1.0
-                axes[r0 + 1][j].imshow(_to_img(0.5 + (xa - x) * k))
-                axes[r0 + 1][j].set_title(f"×{k:.0f}" if m > 0 else "no change", fontsize=6.5)
+                perturbations.append(_to_img(0.5 + (xa - x) * k))
+                under.append(f"×{k:.0f}" if m > 0 else "no change")
+            centres = _draw_strip(top, images, ncols)
+            for cx, (text, size, color) in zip(centres, above):
+                top.text(cx, -2, text, ha="center", va="bottom", fontsize=size, color=color)
+            _draw_strip(bottom, perturbations, ncols)
+            bottom.text(centres[0], x.shape[-1] / 2, "perturbation\n(amplified ×k,\ngrey = 0)", ha="center",
+                        va="center", fontsize=7)
+            for cx, text in zip(centres[1:], under):
+                bottom.text(cx, -2, text, ha="center", va="bottom", fontsize=6.5)
             r0 += 2
     fig.suptitle("Adversarial examples: one test image every shown model classifies correctly when clean, attacked "
-                 "at growing ε (red: the prediction changed)", fontsize=8.5, y=1 - 0.1 / height, va="top")
+                 "at growing ε (red: the prediction changed)" + left_out, fontsize=8.5, y=1 - 0.1 / height, va="top")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
     return fig
 
@@ -1573,21 +1761,23 @@ def corruption_samples(grid_png: str | Path, corruptions: list[str], severities:
     k_images = rows_total // per_image
     shown = min(images, k_images)
     plt = _plt()
-    fig, axes = plt.subplots(shown * per_image, cols, figsize=(1.15 * cols + 1.4, 1.15 * shown * per_image + 0.5),
-                             squeeze=False)
+    # one panel per image (its rows of the grid, whose 2-pixel white gaps already frame the tiles), labelled by
+    # ticks: a panel per tile drew shown x corruptions x columns axes (228 for 19 corruptions), seconds each report
+    fig, axes = plt.subplots(shown, 1, figsize=(1.15 * cols + 1.4, 1.15 * shown * per_image + 0.5), squeeze=False)
+    centre = [pad + k * (h + pad) + (h - 1) / 2 for k in range(max(cols, per_image))]
     for i in range(shown):
-        for c, name in enumerate(corruptions):
-            r = i * per_image + c
-            for j in range(cols):
-                y0, x0 = pad + r * (h + pad), pad + j * (h + pad)
-                ax = axes[i * per_image + c][j]
-                ax.imshow(grid[y0:y0 + h, x0:x0 + h, :3], interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if i * per_image + c == 0 or (c == 0 and i > 0):
-                    ax.set_title("clean" if j == 0 else f"severity {severities[j - 1]}", fontsize=7)
-                if j == 0:
-                    ax.set_ylabel(f"image {i + 1}\n{name.replace('_', ' ')}", fontsize=7)
+        ax = axes[i][0]
+        y0 = i * per_image * (h + pad)
+        tile = grid[y0:y0 + per_image * (h + pad) + pad, :, :3]
+        ax.imshow(np.round(tile * 255).astype(np.uint8), interpolation="nearest")  # 8-bit: no float rescaling
+        ax.xaxis.tick_top()
+        ax.set_xticks(centre[:cols])
+        ax.set_xticklabels(["clean"] + [f"severity {sv}" for sv in severities], fontsize=7)
+        ax.set_yticks(centre[:per_image])
+        ax.set_yticklabels([f"image {i + 1}\n{name.replace('_', ' ')}" for name in corruptions], fontsize=7)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
     fig.suptitle("Corruption samples" + (f" ({label})" if label else "") + ": the seeded images the model was "
                  "scored on", fontsize=8.5)
     fig.tight_layout()
@@ -1644,7 +1834,9 @@ def _html_leaderboard(data: ReportData, cols: list[Column], id_: str) -> str:
         notes = "".join(f'<span class="sub">{_h(n)}</span>' for n in model_notes(row))
         body.append(f"<tr><td>{_h(row.name or row.label)}{status}{notes}</td>"
                     f"<td><code>{_h(_short(row.run_id))}</code></td>"
-                    f"<td>{_h(row.dataset)}</td><td class=\"num\">{_fmt(row.clean_acc)}</td>"
+                    f"<td>{_h(row.dataset)}</td><td class=\"num\">{_fmt(row.clean_acc)}"
+                    + (f'<span class="sub">{_h(clean_note(row))}</span>' if row.clean_acc is not None else "")
+                    + "</td>"
                     + "".join(_html_cell(row.cells.get(c.key)) for c in cols) + cc + "</tr>")
     return f'<table id="{id_}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
@@ -1699,8 +1891,9 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
              f'<p class="muted">Store <code>{_h(data.store_root)}</code> · generated {_h(data.generated_at)} · '
              f'{len(data.rows)} model(s) · accuracies in %. Each cell is the result on the most images (n), then '
              f'the exact worst case over the other results on those same images; below the value: example count '
-             f'and gradient mode. A paper number stands beside a result only when model, dataset, threat model, '
-             f'n and gradient mode are comparable.</p>']
+             f'and gradient mode. The clean column is the training run\'s accuracy on its whole test split (its '
+             f'own n, not the attacked images\'). A paper number stands beside a result only when model, dataset, '
+             f'threat model, n and gradient mode are comparable.</p>']
     if data.notes:
         parts.append("<ul>" + "".join(f"<li>{_h(n)}</li>" for n in data.notes) + "</ul>")
     parts.append("<h2>Leaderboard</h2>")

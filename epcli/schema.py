@@ -139,7 +139,12 @@ def report(res: dict) -> dict:
         corr = row.corruption or {}
         rows.append({"run_id": row.run_id, "model": row.model, "label": row.label, "dataset": row.dataset,
                      "status": row.status, "epochs": row.epochs,
-                     "clean_acc": acc(None if row.clean_acc is None else row.clean_acc / scale),
+                     "clean_acc": acc(None if row.clean_acc is None else row.clean_acc / scale,
+                                      getattr(row, "clean_n", None)),
+                     # what clean_acc was measured on: the training run's whole test split (its own n, not the
+                     # attacked images') or, without a test evaluation, an attack's images
+                     "clean_n_examples": getattr(row, "clean_n", None),
+                     "clean_from": getattr(row, "clean_from", "test split"),
                      "unreliable": bool(row.unreliable), "results": cells,
                      "name": getattr(row, "name", None) or row.label,
                      "paper_not_compared": getattr(row, "not_compared", None),
@@ -297,7 +302,8 @@ SCHEMAS: dict[str, dict] = {
         "notes": {"type": "array", "items": _S},
         "rows": {"type": "array", "items": _obj({
             "run_id": _RUN_ID, "model": _S, "label": _SN, "dataset": _SN, "status": _S, "epochs": _IN,
-            "clean_acc": _ACCN, "unreliable": _B, "corruption_mean_acc": _ACCN, "corruption_mean_acc_all": _ACCN,
+            "clean_acc": _ACCN, "clean_n_examples": _IN, "clean_from": _S, "unreliable": _B,
+            "corruption_mean_acc": _ACCN, "corruption_mean_acc_all": _ACCN,
             "name": _S, "paper_not_compared": _SN, "corruption_mean_over": _SN,
             "results": {"type": "array", "items": _obj({
                 "attack": _S, "norm": _SN, "eps": _NN, "eps_label": _S, "robust_acc": _ACCN, "n_examples": _IN,

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from epcli.atomic import pid_alive
 from epcli.errors import NotFoundError, StoreError, UsageError
 
 DB_NAME = "epcli.db"
@@ -353,7 +354,7 @@ class Store:
         """Runs left 'running' by a process on this host that no longer exists were interrupted."""
         host = socket.gethostname()
         for r in db.query("SELECT id, pid FROM runs WHERE status = 'running' AND host = ?", [host]):
-            if r["pid"] and not _pid_alive(r["pid"]):
+            if r["pid"] and not pid_alive(r["pid"]):
                 db.execute("UPDATE runs SET status = 'interrupted', ended_at = ?, error = ? "
                            "WHERE id = ? AND status = 'running'",
                            [now(), "process ended without closing the run", r["id"]])
@@ -876,16 +877,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 _ENV: dict | None = None
 
 
@@ -893,7 +884,6 @@ def environment() -> dict:
     """Versions and git commit, computed once per process."""
     global _ENV
     if _ENV is None:
-        import torch
         from epcli import __version__
         commit = None
         try:
@@ -905,9 +895,18 @@ def environment() -> dict:
                 commit += "-dirty"
         except (OSError, subprocess.SubprocessError):
             pass
-        _ENV = {"epcli_version": __version__, "torch_version": torch.__version__,
-                "cuda_version": torch.version.cuda, "git_commit": commit}
-    return dict(_ENV)
+        _ENV = {"epcli_version": __version__, "git_commit": commit}
+    env = dict(_ENV)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        env.update(torch_version=torch.__version__, cuda_version=torch.version.cuda)
+    else:  # a run that never loads torch (a report): the installed version, without the seconds an import takes
+        from importlib import metadata
+        try:
+            env.update(torch_version=metadata.version("torch"), cuda_version=None)
+        except metadata.PackageNotFoundError:
+            env.update(torch_version=None, cuda_version=None)
+    return env
 
 
 def describe_device(device: str) -> str:

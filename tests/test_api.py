@@ -156,3 +156,11 @@ def test_resume_without_dataset_uses_the_checkpoints_dataset(tmp_path, folder):
     assert more["dataset"] == first["dataset"] and more["epochs"] == 2
     cfg = store.get_run(more["run_id"])["config"]
     assert cfg["dataset_sha256"] == store.get_run(first["run_id"])["config"]["dataset_sha256"]
+
+
+def test_training_records_the_size_of_the_test_split(store, folder):
+    """test_acc is logged with its n (the whole test split): the report's clean column states it."""
+    from epcli.data import load_dataset
+    n = len(load_dataset(folder).test_y)
+    rows = store.metrics(store.cnn["run_id"], name="test_acc")
+    assert len(rows) == 2 and {m["n_examples"] for m in rows} == {n}

@@ -209,3 +209,39 @@ def test_kill_after_the_last_checkpoint_resumes_to_a_finished_run(tmp_path, data
     assert api.resolve_model(s, res["run_id"])["sha256"] == done["checkpoint"]
     s.close()
     assert_consistent(tmp_path / "s")
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(f.name for f in folder.iterdir() if ".tmp" in f.name) if folder.exists() else []
+
+
+def test_export_killed_while_writing_leaves_no_temp_after_the_next_export(tmp_path):
+    """SIGKILL an export at the moment a temporary file exists (polled), then export again into the same folder:
+    exactly the expected files, no temporary left, and bytes identical to an uninterrupted export."""
+    store = tmp_path / "store"
+    args = ["corrupt", "--export", None, "--n", 1000, "-c", "brightness", "-c", "contrast", "-c", "saturate"]
+    expected = sorted(["brightness.npy", "contrast.npy", "saturate.npy", "labels.npy", "clean.npy"])
+    ref_dir = tmp_path / "ref"
+    finish(epcli(store, *[ref_dir if a is None else a for a in args]))
+    assert sorted(f.name for f in ref_dir.iterdir()) == expected
+
+    out = tmp_path / "out"
+    caught = []
+    for _ in range(3):  # a temporary lives for the few milliseconds np.save takes: poll until one is seen
+        p = epcli(store, *[out if a is None else a for a in args])
+        deadline = time.time() + 120
+        while p.poll() is None and time.time() < deadline:
+            if _temps(out):
+                p.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.0005)
+        p.communicate()
+        if p.returncode == -signal.SIGKILL:
+            caught = _temps(out)
+            break
+    assert caught, "no export was caught writing a temporary file (3 tries)"
+    res = finish(epcli(store, *[out if a is None else a for a in args]))
+    assert res["n_examples"] == 1000
+    assert sorted(f.name for f in out.iterdir()) == expected  # the killed export's temporary is gone
+    for name in expected:
+        assert (out / name).read_bytes() == (ref_dir / name).read_bytes(), name

@@ -27,8 +27,8 @@ CORRS = ["gaussian_noise", "fog", "frost"]
 def _train(store: Store, model: str, config: dict, accs: list[float], status: str = "finished",
            dataset: str = "cifar10-mini", seed: int = 0) -> tuple[str, str]:
     rid = store.start_run("train", {"model": model, **config}, model=model, dataset=dataset, seed=seed)
-    store.log_metrics(rid, [{"name": "test_acc", "value": a, "step": i + 1, "dataset": dataset}
-                            for i, a in enumerate(accs)])
+    store.log_metrics(rid, [{"name": "test_acc", "value": a, "step": i + 1, "dataset": dataset, "n_examples": 1000}
+                            for i, a in enumerate(accs)])  # as the train pipeline logs it: the whole test split
     store.log_metrics(rid, [{"name": "train_loss", "value": 1.0 / (i + 1), "step": i + 1} for i in range(len(accs))])
     sha = store.write_artifact(rid, "checkpoint", lambda p: p.write_bytes(f"ckpt {rid}".encode()),
                                suffix=".safetensors")
@@ -717,6 +717,27 @@ def test_equilibrium_and_selection_beside_the_model(tmp_path):
     store.close()
 
 
+def test_per_image_steps_and_adversarial_equilibrium_beside_the_model(tmp_path):
+    """An equilibrium model (each image stops at tol) says its mean steps and cap; the worst attack run's
+    adversarial predictions say whether they converged too."""
+    store = Store(tmp_path / "s")
+    m, ck = _train(store, "ep-cnn-small", {"label": "EP eq"}, [0.5])
+    runs = []
+    for adv_max, unconv in ((4e-4, 0), (0.02, 3), (9e-4, 0)):
+        a = _attack(store, m, ck, "ep-cnn-small", "pgd", "linf", {8 / 255: 0.1})
+        store.log_metrics(a, [{"name": "relax_residual", "value": 9e-4, "detail": {
+            "T": 250, "mean": 5e-4, "steps": 77, "steps_mean": 33.8, "at_equilibrium": True, "tol": 1e-3,
+            "adv_max": adv_max, "adv_mean": adv_max / 2, "adv_predictions": 800, "adv_unconverged": unconv,
+            "adv_at_equilibrium": unconv == 0}}])
+        runs.append(a)
+    (row,) = report.collect(store).rows
+    notes = report.model_notes(row)
+    assert notes[0] == "at equilibrium: residual 0.0009, 34 steps per image on average (cap T=250)"
+    assert notes[1] == (f"adversarial predictions NOT converged: 3 above tolerance, residual up to 0.02 over 800 "
+                        f"predictions (run {runs[1]})")
+    store.close()
+
+
 def test_adversarial_grid_uses_one_attack_per_norm():
     """Per norm the grid shows the same attack for every model (the most eps, then n, then newest)."""
     def cand(model, attack, n_eps, n, tag):
@@ -725,3 +746,129 @@ def test_adversarial_grid_uses_one_attack_per_norm():
                     cand("ep", "pgd", 4, 200, "ep-demo"), cand("cnn", "pgd", 4, 200, "cnn-demo"),
                     cand("cnn", "pgd", 4, 200, "cnn-older")]
     assert [c["tag"] for c in report._pick_adversarial(newest_first)] == ["cnn-demo", "ep-demo"]
+
+
+# --- scale: figures draw a bounded number of models; the report run's bookkeeping is set-based -----------------
+
+def test_figures_draw_the_newest_models_when_there_are_many(tmp_path):
+    from test_report_golden import svg_text
+    store = Store(tmp_path / "s")
+    n = report.FIGURE_MODELS + 2
+    runs = []
+    for i in range(n):
+        rid, ck = _train(store, "cnn", {"label": f"model {i:02d}"}, [0.5])
+        _attack(store, rid, ck, "cnn", "pgd", "linf", dict(zip(EPS_LINF, [0.5, 0.4, 0.3 - i / 100])))
+        runs.append(rid)
+    data = report.collect(store)
+    assert len(data.rows) == n  # the tables keep every model
+    paths = report.figures(data, tmp_path / "fig")
+    text = svg_text(next(p for p in paths if p.name == "robust-pgd-linf.svg"))
+    legend = [t for t in text if t.startswith("model ")]
+    # the 10 newest (run ids sort by creation), in report order; the title says how many were left out
+    assert legend == [f"model {i:02d} (n=100)" for i in range(2, n)]
+    assert any(f"10 newest of {n} models" in t for t in text)
+    store.close()
+
+
+def test_report_run_links_its_sources_and_picks_the_sample_grid(tmp_path):
+    """The report run records each reported model's first output (its checkpoint) as an input, and redraws the
+    grid of the first model (report order) whose newest finished corrupt run stored one."""
+    from PIL import Image
+
+    from epcli.pipelines.report import report as report_pipeline
+    store = Store(tmp_path / "s")
+    a, a_ck = _train(store, "cnn", {"label": "A"}, [0.5])
+    b, b_ck = _train(store, "vit", {"label": "B"}, [0.6])
+    _corrupt(store, a, a_ck, "cnn", 0.5)  # has a grid, but A's newest corrupt run (below) has none
+    newest_a = store.start_run("corrupt", {"corruptions": ["fog"]}, model="cnn", dataset="cifar10-mini",
+                               model_run_id=a)
+    store.finish_run(newest_a)
+    grid = np.full((2 + 2 * 34, 2 + 6 * 34, 3), 255, dtype=np.uint8)  # 2 images x 1 corruption
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    b_corr = store.start_run("corrupt", {"corruptions": ["fog"]}, model="vit", dataset="cifar10-mini",
+                             model_run_id=b)
+    store.write_artifact(b_corr, "corruption-grid", lambda p: p.write_bytes(buf.getvalue()), suffix=".png",
+                         meta={"corruptions": ["fog"], "severities": [1, 2, 3, 4, 5]})
+    store.finish_run(b_corr)
+    res = report_pipeline(store=store, fmt="html", out=str(tmp_path / "out"))
+    sources = {r["sha256"] for r in store.db.query(
+        "SELECT sha256 FROM run_artifacts WHERE run_id = ? AND role = 'input' AND name = 'source'", [res["run_id"]])}
+    assert sources == {store.artifacts_of(a, role="output")[0]["sha256"],
+                       store.artifacts_of(b, role="output")[0]["sha256"]} == {a_ck, b_ck}
+    assert any(f.endswith("corruption-samples.png") for f in res["files"])
+    from test_report_golden import svg_text
+    title = [t for t in svg_text(tmp_path / "out" / "corruption-samples.svg") if t.startswith("Corruption samples")]
+    assert title == [f"Corruption samples (B, run {b_corr}): the seeded images the model was scored on"]
+    store.close()
+
+
+def test_clean_column_says_what_it_was_measured_on(tmp_path):
+    """clean = the training run's accuracy on its whole test split, with that n (not the attack cells' n); a model
+    without a test evaluation shows an attack's clean accuracy, labelled as on the attacked images, with their n;
+    a run logged before n was recorded says "test split" without an n. In every format and in --json."""
+    import jsonschema
+
+    from epcli.schema import SCHEMAS
+    from epcli.schema import report as report_doc
+    store = Store(tmp_path / "s")
+    a, a_ck = _train(store, "cnn", {"label": "A"}, [0.5, 0.7])
+    _attack(store, a, a_ck, "cnn", "pgd", "linf", {8 / 255: 0.2}, n=200)
+    b = store.start_run("train", {"model": "vit", "label": "B"}, model="vit", dataset="cifar10-mini")
+    b_ck = store.write_artifact(b, "checkpoint", lambda p: p.write_bytes(b"b"), suffix=".safetensors")
+    store.finish_run(b)
+    _attack(store, b, b_ck, "vit", "pgd", "linf", {8 / 255: 0.1}, n=40)  # its clean_acc: 0.8 on 40 images
+    c = store.start_run("train", {"model": "cnn", "label": "C"}, model="cnn", dataset="cifar10-mini")
+    store.log_metrics(c, [{"name": "test_acc", "value": 0.6, "step": 1}])  # an older run: no n recorded
+    store.finish_run(c)
+    data = report.collect(store)
+    rows = {r.label: r for r in data.rows}
+    assert (rows["A"].clean_acc, rows["A"].clean_n, rows["A"].clean_from) == (pytest.approx(70.0), 1000,
+                                                                              "test split")
+    assert rows["A"].cells["pgd:linf:8/255"].n_examples == 200
+    assert (rows["B"].clean_acc, rows["B"].clean_n) == (pytest.approx(80.0), 40)
+    assert rows["B"].clean_from.startswith("attacked images (attack run ")
+    assert (rows["C"].clean_n, report.clean_note(rows["C"])) == (None, "test split")
+    md = report.render(data, "md")
+    assert "| 70.00 (n=1000, test split) |" in md and "| 80.00 (n=40, attacked images) |" in md
+    assert "| 60.00 (test split) |" in md
+    table = report.render(data, "table")
+    assert "n=1000, test split" in table and "n=40, attacked" in table
+    assert "n=1000, test split</span>" in report.html_report(data, [])
+    line = next(r for r in csv.DictReader(io.StringIO(report.render(data, "csv"))) if r["label"] == "B")
+    assert (line["clean_acc"], line["clean_acc:n"]) == ("80.0", "40")
+    assert line["clean_acc:from"].startswith("attacked images")
+    doc = report_doc({"data": data, "run_id": None, "files": []})
+    jsonschema.validate(doc, SCHEMAS["report"])
+    by = {r["label"]: r for r in doc["rows"]}
+    assert (by["A"]["clean_acc"], by["A"]["clean_n_examples"], by["A"]["clean_from"]) == (0.7, 1000, "test split")
+    assert (by["B"]["clean_acc"], by["B"]["clean_n_examples"]) == (0.8, 40)
+    assert by["C"]["clean_n_examples"] is None
+    store.close()
+
+
+def test_figures_drawn_in_a_child_process_equal_the_sequential_ones(built, tmp_path, monkeypatch):
+    """report -f html --out forks a child for the corruption figures: the same files, in the same order, with
+    the same text as drawing everything in this process (EPCLI_REPORT_FORK=0); and the page lists them all."""
+    from test_report_golden import svg_text
+
+    import epcli.pipelines.report as pipeline
+    store, _ = built
+    data = report.collect(store)
+    forks, real_fork = [], pipeline._fork
+    monkeypatch.setattr(pipeline, "_fork", lambda work: forks.append(1) or real_fork(work))
+    out = {}
+    for fork in ("1", "0"):
+        monkeypatch.setenv("EPCLI_REPORT_FORK", fork)
+        out[fork] = pipeline._draw_figures(store, data, tmp_path / fork)
+    assert forks == [1]  # the first really drew in a child
+    monkeypatch.setenv("EPCLI_REPORT_FORK", "1")
+    monkeypatch.setattr(pipeline, "_fork", lambda work: (lambda: None))  # a child that failed: drawn here instead
+    out["failed"] = pipeline._draw_figures(store, data, tmp_path / "failed")
+    assert [p.name for p in out["failed"]] == [p.name for p in out["0"]]
+    assert [p.name for p in out["1"]] == [p.name for p in out["0"]]
+    assert {"corruptions.svg", "robust-pgd-linf.svg", "adversarial-examples.png"} <= {p.name for p in out["1"]}
+    for a, b in zip(out["1"], out["0"]):
+        assert a.parent == tmp_path / "1" and a.exists()
+        if a.suffix == ".svg":
+            assert svg_text(a) == svg_text(b), a.name

@@ -161,7 +161,8 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
                 best.update(sha=sha, score=metrics[score_key], epoch=epoch)
                 store.link(run_id, sha, "output", "best")
             rows = [{"name": k, "value": float(v), "step": epoch, "dataset": ds.name, "model": model_name,
-                     "split": {"test_acc": "test", "val_acc": "val"}.get(k, "train")}
+                     "split": {"test_acc": "test", "val_acc": "val"}.get(k, "train"),
+                     **({"n_examples": len(ds.test_y)} if k == "test_acc" else {})}  # the whole test split
                     for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             store.log_metrics(run_id, rows)
             history.append({"epoch": epoch, **metrics})
