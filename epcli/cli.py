@@ -359,8 +359,8 @@ def attack(
     strict: Annotated[bool, typer.Option(help="Exit 7 when a reliability check fails.")] = False,
     chunk: Annotated[Optional[int], typer.Option(
         help="Images per resumable chunk (saved as it finishes; the unit each torchrun process attacks). "
-             "Default: about n/8, at most 1000, whole batches. Part of the result: chunk k is seeded from "
-             "--seed and k.")] = None,
+             "Default: about n/8, at most 1000, at least one batch, whole batches. Part of the result: chunk "
+             "k is seeded from --seed and k.")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,

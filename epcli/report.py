@@ -943,18 +943,18 @@ def model_notes(row: Row) -> list[str]:
             t = f", {sm:.0f} steps per image on average (cap T={eq['T']})"
         tol = _residual_tol(eq)
         if eq.get("at_equilibrium") is False or (tol is not None and eq["residual"] > tol):
-            notes.append(f"NOT converged: residual {eq['residual']:.2g}{t}" + (f" (tolerance {tol:g})" if tol else ""))
+            notes.append(f"NOT converged: residual {eq['residual']:.3g}{t}" + (f" (tolerance {tol:g})" if tol else ""))
         else:
-            notes.append(f"at equilibrium: residual {eq['residual']:.2g}{t}")
+            notes.append(f"at equilibrium: residual {eq['residual']:.3g}{t}")
         adv = eq.get("adversarial")
         if adv:
             over = f" over {adv['predictions']} predictions" if adv.get("predictions") else ""
             if adv.get("unconverged") or (tol is not None and adv["max"] > tol):
                 k = f"{adv['unconverged']} " if adv.get("unconverged") is not None else ""
                 notes.append(f"adversarial predictions NOT converged: {k}above tolerance, residual up to "
-                             f"{adv['max']:.2g}{over} (run {adv['run_id']})")
+                             f"{adv['max']:.3g}{over} (run {adv['run_id']})")
             else:
-                notes.append(f"adversarial predictions at equilibrium: residual up to {adv['max']:.2g}{over}")
+                notes.append(f"adversarial predictions at equilibrium: residual up to {adv['max']:.3g}{over}")
     if row.selection:
         notes.append(f"checkpoint: {row.selection}" + (" chosen on the test set"
                                                         if row.selection.startswith("best-test") else ""))
@@ -990,7 +990,7 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
     from rich.text import Text
 
     cols = _columns(data, columns)
-    t = Table(title=f"epcli leaderboard — accuracy % ({data.store_root})", show_lines=True,
+    t = Table(title=f"epcli leaderboard — accuracy % ({data.store_root})", show_lines=True, caption_justify="left",
               caption="cells: the result on the most images (n), then the exact worst case over other results on "
                       "those images; n = examples, then gradient mode. ⚠ = unreliable. clean: the training run's "
                       "accuracy on its whole test split (its own n). CIFAR-C: mean of k/15 benchmark corruptions × "
@@ -1003,6 +1003,7 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
         t.add_column(c.label, justify="right")
     t.add_column("CIFAR-C", justify="right")
     t.add_column("mCE", justify="right")
+    footnotes = []  # a model's notes go under the table: in an 80-column model cell they wrap word by word
     for row in data.rows:
         status = "" if row.status == "finished" else f"\n{row.status}"
         cells = []
@@ -1013,9 +1014,14 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
                 txt.stylize("red")
             cells.append(txt)
         corr = row.corruption
-        notes = "".join(f"\n{n}" for n in model_notes(row))
-        t.add_row(Text((row.name or row.label) + status + notes), _short(row.run_id), row.dataset or "—",
+        notes, mark = model_notes(row), ""
+        if notes:
+            footnotes.append(f"[{len(footnotes) + 1}] {row.name or row.label}: " + "; ".join(notes))
+            mark = f" [{len(footnotes)}]"
+        t.add_row(Text((row.name or row.label) + mark + status), _short(row.run_id), row.dataset or "—",
                   _clean_text(row), *cells, _corr_text(corr), _fmt(corr.get("mce")))
+    if footnotes:
+        t.caption += "\n" + "\n".join(footnotes)
     return t
 
 

@@ -274,13 +274,14 @@ def test_torchrun_attacks_and_corruptions_equal_one_process(tmp_path, eval_store
 @pytest.mark.slow
 def test_torchrun_cli_attack_equals_one_process(tmp_path, eval_store):
     """The issue's command: `torchrun --nproc_per_node 2 -m epcli attack -m ep-cnn-small --n 64 --device cpu`
-    gives the per-example results of the same command in one process: 8 chunks of 8 images (the default
-    chunk), 4 per rank. eps 1/255 so that the outcomes are mixed (at 8/255 nothing survives on this briefly
+    with `--chunk 8` gives the per-example results of the same command in one process: 8 chunks of 8 images,
+    4 per rank (the default chunk for 64 images is one chunk of 64: at least one batch). eps 1/255 so that the outcomes are mixed (at 8/255 nothing survives on this briefly
     trained model)."""
     from typer.testing import CliRunner
 
     from epcli.cli import app
-    args = ["attack", "-m", "ep-cnn-small", "--n", "64", "--device", "cpu", "--eps", "1/255", "--json"]
+    args = ["attack", "-m", "ep-cnn-small", "--n", "64", "--chunk", "8", "--device", "cpu", "--eps", "1/255",
+            "--json"]
     out = _torchrun(["-m", "epcli", "--quiet", "--store", str(eval_store.root), "--", *args])
     assert out.returncode == 0, out.stderr[-3000:]
     two = json.loads(out.stdout)  # rank 0 alone prints

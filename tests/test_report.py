@@ -735,6 +735,9 @@ def test_per_image_steps_and_adversarial_equilibrium_beside_the_model(tmp_path):
     assert notes[0] == "at equilibrium: residual 0.0009, 34 steps per image on average (cap T=250)"
     assert notes[1] == (f"adversarial predictions NOT converged: 3 above tolerance, residual up to 0.02 over 800 "
                         f"predictions (run {runs[1]})")
+    # the terminal table marks the model and prints its notes under the table (an 80-column cell wraps them)
+    text = report._rich_text(report.leaderboard_table(report.collect(store)), width=80)
+    assert "EP eq [1]" in text and "[1] EP eq: at equilibrium: residual 0.0009" in text
     store.close()
 
 
