@@ -856,6 +856,13 @@ def test_figures_drawn_in_a_child_process_equal_the_sequential_ones(built, tmp_p
     from test_report_golden import svg_text
 
     import epcli.pipelines.report as pipeline
+    import threading
+
+    import epcli.corruptions as corruptions
+    if corruptions._POOL is not None:  # an earlier test's corruption workers: the report forks only single-threaded
+        corruptions._POOL.shutdown(wait=True)
+        monkeypatch.setattr(corruptions, "_POOL", None)
+    assert threading.active_count() == 1, threading.enumerate()
     store, _ = built
     data = report.collect(store)
     forks, real_fork = [], pipeline._fork
