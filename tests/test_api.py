@@ -103,6 +103,9 @@ def test_demo_pipeline_records_everything(tmp_path, folder, monkeypatch):
         assert detail["steps_mean"] <= detail["steps"] < 250
         if r["kind"] == "attack":  # ... and so did every adversarial prediction
             assert detail["adv_at_equilibrium"] and detail["adv_predictions"] == 4 * 20
+        else:  # ... and a sample of the corrupted images: the 20 images x 3 corruptions at severity 5
+            assert detail["corrupted_at_equilibrium"] and detail["corrupted_checked"] == 3 * 20
+            assert detail["corrupted_sample"] == "the first 20 images of each of 3 corruptions at severity 5"
 
 
 def test_mcnemar_exact_values():

@@ -89,3 +89,14 @@ def test_adversarial_predictions_record_how_far_from_equilibrium_they_were(store
         d = json.loads(m["detail"])
         assert d["adv_predictions"] == 16 and d["adv_at_equilibrium"] is at_equilibrium  # 8 images x 2 eps
         assert (d["adv_unconverged"] > 0) is (not at_equilibrium) and d["adv_max"] >= d["adv_mean"] > 0
+
+
+def test_corrupted_predictions_record_how_far_from_equilibrium_they_were(store):
+    for T, at_equilibrium in ((3, False), (400, True)):
+        res = api.corrupt(model=store.ep["run_id"], names=["fog", "contrast"], severities=[2, 4], n=10, T=T,
+                          store=store, device="cpu")
+        (m,) = store.metrics(res["run_id"], name="relax_residual")
+        d = json.loads(m["detail"])
+        assert d["corrupted_checked"] == 2 * 10 and d["corrupted_at_equilibrium"] is at_equilibrium
+        assert d["corrupted_sample"] == "the first 10 images of each of 2 corruptions at severity 4"
+        assert (d["corrupted_unconverged"] > 0) is (not at_equilibrium)

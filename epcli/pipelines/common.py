@@ -222,12 +222,15 @@ def drop_artifact(store: Store, run_id: str, sha: str) -> None:
     path.unlink(missing_ok=True)
 
 
-def relax_residual_rows(net, x, device: str, facets: dict, adversarial: dict | None = None) -> list[dict]:
+def relax_residual_rows(net, x, device: str, facets: dict, adversarial: dict | None = None,
+                        corrupted: dict | None = None) -> list[dict]:
     """The metric row `relax_residual` for a relaxation model evaluated on images x (uint8 or [0,1] floats):
     value = the largest per-image relative residual of the last relaxation step at the prediction (T, tol,
     update and solver as the model predicts), detail {T, mean, steps (the slowest image's), steps_mean,
     at_equilibrium, tol}; with `adversarial` ({eps: per-image residuals of an attack's final predictions}) also
-    adv_max, adv_mean, adv_predictions, adv_unconverged (how many were above EQUILIBRIUM_TOL), adv_at_equilibrium. [] for other models."""
+    adv_max, adv_mean, adv_predictions, adv_unconverged (how many were above EQUILIBRIUM_TOL), adv_at_equilibrium;
+    with `corrupted` ({"residuals", "sample"}: a corrupt run's sample of corrupted images) likewise corrupted_max,
+    corrupted_mean, corrupted_checked, corrupted_unconverged, corrupted_sample, corrupted_at_equilibrium. [] for other models."""
     if not callable(getattr(net, "relax", None)) or x is None or not len(x):
         return []
     from epcli.ep import EQUILIBRIUM_TOL, prediction_residual
@@ -242,4 +245,9 @@ def relax_residual_rows(net, x, device: str, facets: dict, adversarial: dict | N
         detail.update(adv_max=float(adv.max()), adv_mean=float(adv.mean()), adv_predictions=int(adv.numel()),
                       adv_unconverged=int((adv > EQUILIBRIUM_TOL).sum()),
                       adv_at_equilibrium=bool(float(adv.max()) <= EQUILIBRIUM_TOL))
+    if corrupted and corrupted["residuals"].numel():  # a corrupt run's sample of corrupted images
+        c = corrupted["residuals"]
+        detail.update(corrupted_max=float(c.max()), corrupted_mean=float(c.mean()), corrupted_checked=int(c.numel()),
+                      corrupted_unconverged=int((c > EQUILIBRIUM_TOL).sum()), corrupted_sample=corrupted["sample"],
+                      corrupted_at_equilibrium=bool(float(c.max()) <= EQUILIBRIUM_TOL))
     return [{"name": "relax_residual", "value": r["max"], **facets, "detail": detail}]

@@ -107,8 +107,9 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
                 rows.append({"name": key, "value": val, **facets,
                              "detail": {"reference": reference} if "reference" in key or key == "relative_mce"
                              else {"over": over} if key in ("corruption_mean_acc", "mce_unnormalized") else None})
-        if not source:
-            rows += relax_residual_rows(net, x, device, facets)  # how far from equilibrium the predictions are
+        if not source:  # how far from equilibrium the predictions are: clean, and a sample of corrupted images
+            rows += relax_residual_rows(net, x, device, facets,
+                                        corrupted=_corrupted_residuals(net, x, names, severities, seed, device))
         progress("save", 0, 1, {})
         store.log_metrics(run_id, rows)
         _save_corruption_artifacts(store, run_id, res, names, severities, x_grid, seed)
@@ -202,6 +203,23 @@ def _corruption_result_of(store: Store, ref: str) -> dict:
             c, sv = k.rsplit("/", 1)
             correct[(c, int(sv))] = v.bool()
     return {"clean_correct": t["clean_correct"].bool(), "correct": correct}
+
+
+def _corrupted_residuals(net, x, names, severities, seed, device, k: int = 64) -> dict | None:
+    """A relaxation model's per-image residuals at prediction on the first k evaluated images of every corruption at
+    the highest severity run (the same images the evaluation saw): a sample, said so in the record."""
+    if not callable(getattr(net, "relax", None)) or not len(x):
+        return None
+    from epcli import corruptions as C
+    from epcli.ep import prediction_residual
+    sev, k = max(severities), min(k, len(x))
+    res = []
+    for name in names:
+        xb = C.corrupt_range(x, name, sev, seed, 0, k, device)
+        prediction_residual(net, xb)  # relaxes exactly as the evaluation's forward did
+        res.append(net.last_residual.float().cpu())
+    return {"residuals": torch.cat(res), "sample": f"the first {k} images of each of {len(names)} corruptions at "
+                                                   f"severity {sev}"}
 
 
 def _save_corruption_artifacts(store: Store, run_id, res, names, severities, x_grid, seed) -> None:
