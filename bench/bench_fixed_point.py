@@ -143,7 +143,8 @@ def main(argv=None):
     ap.add_argument("--cap", type=int, default=1000)
     ap.add_argument("--taus", default="1e-2,1e-3,1e-4", help="'' : steps to the residuals only, no EP update")
     ap.add_argument("--methods", default=",".join(n for n, *_ in METHODS),
-                    help="comma list; also 'fixed-250-30' (the paper's T1=250, T2=30 with no tolerance, in the net's own update rule; EP columns only)")
+                    help="comma list; also 'fixed-250-30' (the paper's T1=250, T2=30 with no tolerance, in the net's "
+                         "own update rule; EP columns only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-bptt", type=int, default=0, help="also BPTT through this many plain sync steps")
     ap.add_argument("--seed", type=int, default=0)

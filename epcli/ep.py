@@ -72,7 +72,7 @@ EP_RECIPES: dict[str, dict] = {
                               augment="crop-flip", pad_mode="reflect", label_smoothing=0.0,
                               ep=dict(T1=250, T2=30, beta=1.0, rule="symmetric"), adv=None),
     # CPU demo (embedded 5k images, 2 cores): the free phase runs each image to equilibrium (relative residual
-    # < EQUILIBRIUM_TOL, T1 = 250 the cap; ~15 sweeps per image at first, ~40 by epoch 8), then a short fixed
+    # < EQUILIBRIUM_TOL, T1 = 250 the cap; ~16 sweeps per image at first, ~29 by epoch 8), then a short fixed
     # ±β nudge (6 sweeps: converged nudges can change basin on this net, docs/ep.md); batch 64 with the lrs of
     # batch 32 x sqrt(2) (images stop at different sweeps, so the batch shrinks: 64 keeps per-call overheads
     # down; same accuracy in 19% less time than 32). See docs/ep.md.
@@ -213,7 +213,7 @@ class EPCNN(nn.Module):
         self.grad_mode = grad_mode
         # Runtime knobs (not architecture, so not in the spec).
         self.relax_dtype: torch.dtype | None = None  # e.g. torch.float16 on CUDA: states & convs in 16 bit
-        self.tol = _check_tol(tol)  # forward: each sample stops once its relative residual < tol (T the cap); in the spec
+        self.tol = _check_tol(tol)  # forward: each sample stops once its residual < tol (T the cap); in the spec
         self.anderson_m = 5  # solver "anderson": how many past steps are mixed
         self.last_residual: torch.Tensor | None = None  # per-sample relative residual of the last relax
         self.ep_beta, self.ep_steps = 0.1, None      # grad_mode "ep": nudge size, nudged steps (None: T)

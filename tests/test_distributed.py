@@ -275,8 +275,8 @@ def test_torchrun_attacks_and_corruptions_equal_one_process(tmp_path, eval_store
 def test_torchrun_cli_attack_equals_one_process(tmp_path, eval_store):
     """The issue's command: `torchrun --nproc_per_node 2 -m epcli attack -m ep-cnn-small --n 64 --device cpu`
     with `--chunk 8` gives the per-example results of the same command in one process: 8 chunks of 8 images,
-    4 per rank (the default chunk for 64 images is one chunk of 64: at least one batch). eps 1/255 so that the outcomes are mixed (at 8/255 nothing survives on this briefly
-    trained model)."""
+    4 per rank (the default chunk for 64 images is one chunk of 64: at least one batch). eps 1/255 so that the
+    outcomes are mixed (at 8/255 nothing survives on this briefly trained model)."""
     from typer.testing import CliRunner
 
     from epcli.cli import app

@@ -230,7 +230,8 @@ def relax_residual_rows(net, x, device: str, facets: dict, adversarial: dict | N
     at_equilibrium, tol}; with `adversarial` ({eps: per-image residuals of an attack's final predictions}) also
     adv_max, adv_mean, adv_predictions, adv_unconverged (how many were above EQUILIBRIUM_TOL), adv_at_equilibrium;
     with `corrupted` ({"residuals", "sample"}: a corrupt run's sample of corrupted images) likewise corrupted_max,
-    corrupted_mean, corrupted_checked, corrupted_unconverged, corrupted_sample, corrupted_at_equilibrium. [] for other models."""
+    corrupted_mean, corrupted_checked, corrupted_unconverged, corrupted_sample, corrupted_at_equilibrium.
+    [] for other models."""
     if not callable(getattr(net, "relax", None)) or x is None or not len(x):
         return []
     from epcli.ep import EQUILIBRIUM_TOL, prediction_residual

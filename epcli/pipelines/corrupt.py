@@ -211,13 +211,13 @@ def _corrupted_residuals(net, x, names, severities, seed, device, k: int = 64) -
     if not callable(getattr(net, "relax", None)) or not len(x):
         return None
     from epcli import corruptions as C
-    from epcli.ep import prediction_residual
     sev, k = max(severities), min(k, len(x))
     res = []
-    for name in names:
-        xb = C.corrupt_range(x, name, sev, seed, 0, k, device)
-        prediction_residual(net, xb)  # relaxes exactly as the evaluation's forward did
-        res.append(net.last_residual.float().cpu())
+    with torch.no_grad():
+        for name in names:
+            xb = C.corrupt_range(x, name, sev, seed, 0, k, device)
+            net.relax(xb, net.T, tol=net.tol)  # as the evaluation's forward relaxed (T, tol, update, solver)
+            res.append(net.last_residual.float().cpu())
     return {"residuals": torch.cat(res), "sample": f"the first {k} images of each of {len(names)} corruptions at "
                                                    f"severity {sev}"}
 
