@@ -738,8 +738,8 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
         cfg = Table.grid(padding=(0, 2))
         cfg.add_column(no_wrap=True, style="dim")
         cfg.add_column(overflow="fold")
-        from epcli.report import _flatten
-        for k, v in _flatten(schema.clean_value(run["config"])).items():
+        from epcli.report import flatten_config
+        for k, v in flatten_config(schema.clean_value(run["config"])).items():
             cfg.add_row("  " + k, escape(json.dumps(v) if not isinstance(v, str) else v))
         c.print(cfg)
     if doc["artifacts"]:

@@ -16,6 +16,9 @@ from safetensors.numpy import save_file
 
 from epcli import paper, report
 from epcli.errors import EpcliError, NotFoundError, UsageError
+from epcli.report.image_grids import _load_adv_entry
+from epcli.report.reader import _pick_adversarial
+from epcli.report.tables import _rich_text
 from epcli.store import Store
 
 EPS_LINF = [1 / 255, 2 / 255, 8 / 255]
@@ -581,11 +584,11 @@ def test_figures_skip_absent_data(tmp_path):
 def test_lineage_tree(built):
     store, ids = built
     tree = report.lineage_tree(store, ids["ep"])
-    text = report._rich_text(tree)
+    text = _rich_text(tree)
     assert ids["ep"] in text and ids["ep_aa"] in text and ids["ep_corrupt"] in text
     assert "checkpoint" in text and "running" in text and "autoattack" in text
     # from an attack run, the tree starts at its training run
-    assert ids["ep"] in report._rich_text(report.lineage_tree(store, ids["ep_aa"])).splitlines()[0]
+    assert ids["ep"] in _rich_text(report.lineage_tree(store, ids["ep_aa"])).splitlines()[0]
     with pytest.raises(NotFoundError):
         report.lineage_tree(store, "nope-nope")
 
@@ -649,7 +652,7 @@ def test_adversarial_image_choice(tmp_path):
     _adv_artifact(store, r2, [0.5], 1, index=(11, 10), labels=(1, 6), pred_clean=(1, 6))
     data = report.collect(store)
     assert [a["norm"] for a in data.adversarial] == ["linf", "l2"]   # one row group per norm
-    entries = [report._load_adv_entry(a) for a in data.adversarial]
+    entries = [_load_adv_entry(a) for a in data.adversarial]
     for e in entries:
         idx, pos = report.choose_image([e])
         assert idx == 11 if e["a"]["norm"] == "linf" else idx in (10, 11)
@@ -736,7 +739,7 @@ def test_per_image_steps_and_adversarial_equilibrium_beside_the_model(tmp_path):
     assert notes[1] == (f"adversarial predictions NOT converged: 3 above tolerance, residual up to 0.02 over 800 "
                         f"predictions (run {runs[1]})")
     # the terminal table marks the model and prints its notes under the table (an 80-column cell wraps them)
-    text = report._rich_text(report.leaderboard_table(report.collect(store)), width=80)
+    text = _rich_text(report.leaderboard_table(report.collect(store)), width=80)
     assert "EP eq [1]" in text and "[1] EP eq: at equilibrium: residual 0.0009" in text
     store.close()
 
@@ -748,7 +751,7 @@ def test_adversarial_grid_uses_one_attack_per_norm():
     newest_first = [cand("ep", "pgd", 1, 32, "ep-tiny"), cand("cnn", "autoattack", 1, 100, "cnn-aa"),
                     cand("ep", "pgd", 4, 200, "ep-demo"), cand("cnn", "pgd", 4, 200, "cnn-demo"),
                     cand("cnn", "pgd", 4, 200, "cnn-older")]
-    assert [c["tag"] for c in report._pick_adversarial(newest_first)] == ["cnn-demo", "ep-demo"]
+    assert [c["tag"] for c in _pick_adversarial(newest_first)] == ["cnn-demo", "ep-demo"]
 
 
 # --- scale: figures draw a bounded number of models; the report run's bookkeeping is set-based -----------------
