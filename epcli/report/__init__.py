@@ -99,8 +99,8 @@ from epcli.report.runs import (
 from epcli.report.tables import clean_note, leaderboard_table, model_notes, to_dict
 
 __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
-           "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label", "figures",
-           "flatten_config", "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable",
+           "clean_note", "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label",
+           "figures", "flatten_config", "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable",
            "model_notes", "protocol_reasons", "render", "robustbench_files", "robustbench_id", "robustbench_json",
            "to_dict", "training_curves", "training_diff", "training_history", "write_robustbench",
            # constants callers read (tests, bench, the corrupt and report pipelines)
