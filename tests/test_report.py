@@ -593,6 +593,25 @@ def test_lineage_tree(built):
         report.lineage_tree(store, "nope-nope")
 
 
+def test_training_curves_tell_apart_runs_with_one_label(tmp_path, monkeypatch):
+    """Two seeds of one model started minutes apart: their run ids share the first characters (a millisecond
+    clock), yet each gets its own legend entry and colour."""
+    from epcli import store as store_module
+    ids = iter(["01abcdef00aaaaaa", "01abcdef11bbbbbb"])
+    monkeypatch.setattr(store_module, "new_run_id", lambda: next(ids))
+    store = Store(tmp_path / "s")
+    a, _ = _train(store, "ep-cnn", {"label": "EP-CNN"}, [0.5, 0.6], seed=0)
+    b, _ = _train(store, "ep-cnn", {"label": "EP-CNN"}, [0.4, 0.7], seed=1)
+    paths = report.training_curves(store, [a, b], tmp_path / "c")
+    svg = next(p for p in paths if p.suffix == ".svg").read_text()
+    legend = [x for x in re.findall(r"<text[^>]*>(.*?)</text>", svg, flags=re.S) if "EP-CNN" in x]
+    assert len(legend) == 2 and legend[0] != legend[1] and a in legend[0] + legend[1], legend
+    # one line per run in each of the 2 panels with data (train loss, test accuracy), each in its own colour
+    colours = re.findall(r'clip-path="[^"]*" style="fill: none; stroke: (#[0-9a-f]{6})', svg)
+    assert sorted(c for c in colours if c != "#b0b0b0") == ["#1f77b4"] * 2 + ["#ff7f0e"] * 2, colours
+    store.close()
+
+
 def test_many_runs_fast(tmp_path):
     store = Store(tmp_path / "big")
     db = store.db

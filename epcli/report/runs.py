@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from epcli.errors import UsageError
-from epcli.report.datamodel import _json, _label, _short
+from epcli.report.datamodel import _json, _label
 from epcli.report.plotting import _colors, _plt, _save
 
 # --- lineage -----------------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def training_curves(store, run_ids: list[str], out_dir: str | Path) -> list[Path
         hist[r["id"]] = training_history(store, r["id"])
         if not any(hist[r["id"]].get(k) for k in CURVE_METRICS):
             raise UsageError(f"training run {r['id']} has no per-epoch metrics")
-    labels = {r["id"]: f"{_label(r)} {_short(r['id'])[:6]}" for r in runs}
+    labels = {r["id"]: f"{_label(r)} {r['id']}" for r in runs}  # the whole id: runs minutes apart share its head
     colors = _colors(list(labels.values()))
     fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.4))
     for ax, name in zip(axes, CURVE_METRICS):
