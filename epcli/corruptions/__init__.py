@@ -21,7 +21,7 @@ store, the CLI or rich.
 
 from __future__ import annotations
 
-# also imported by callers, beyond __all__: CHUNK, RANDOM_CORRUPTIONS, export_files, FROST_DIR, FROST_FILES
+# beyond __all__, as before the split: CHUNK, RANDOM_CORRUPTIONS (tests, bench), export_files, FROST_DIR, FROST_FILES
 from epcli.corruptions.core import (CHUNK, RANDOM_CORRUPTIONS, chunk_generator, corrupt, corrupt_range,
                                     corrupt_range_uint8, corrupt_uint8, sample_grid, to_uint8)
 from epcli.corruptions.evaluate import evaluate, evaluate_official, summarize
