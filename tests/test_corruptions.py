@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from epcli import corruptions as C
+from epcli.corruptions import _ops, blur, digital
 from epcli.errors import DatasetError, UsageError
 
 
@@ -103,7 +104,7 @@ def test_spatter_water_wraps_like_numpy_uint8_cast(imgs, ref):
     xu8 = imgs[0][:32]
     g = C.chunk_generator(1, "spatter", 3, 0)
     z = torch.randn((32, 1, 32, 32), generator=g).double()
-    liquid = C._gaussian(0.65 + 0.3 * z, 1, "nearest")
+    liquid = _ops._gaussian(0.65 + 0.3 * z, 1, "nearest")
     over = (liquid * 255 >= 256).flatten(1).any(1)
     assert 0 < int(over.sum()) < 32  # some images wrap, some do not
     ours = C.corrupt_uint8(xu8, "spatter", 3, C.chunk_generator(1, "spatter", 3, 0)).numpy()
@@ -128,8 +129,9 @@ def test_elastic_positions_are_opencv_fixed_point(imgs, ref):
         pts2 = pts1 + rng.uniform(-2.56, 2.56, (3, 2)).astype(np.float32)
         m = cv2.getAffineTransform(pts1, pts2)
         want = cv2.warpAffine(img, m, (32, 32), borderMode=cv2.BORDER_REFLECT_101)
-        got = C._warp_affine_f32(t, C._affine_from_points(torch.from_numpy(pts1.astype(np.float64))[None],
-                                                          torch.from_numpy(pts2.astype(np.float64))[None]))
+        m_t = digital._affine_from_points(torch.from_numpy(pts1.astype(np.float64))[None],
+                                          torch.from_numpy(pts2.astype(np.float64))[None])
+        got = digital._warp_affine_f32(t, m_t)
         assert np.array_equal(got[0].permute(1, 2, 0).numpy(), want)
         inv = cv2.invertAffineTransform(m)
         sx = np.round((inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]) * 32) / 32
@@ -152,20 +154,20 @@ def _float32_variant(name, sev, xu8):
     """The same corruption in float32 with the old `floor(v * 255 + 1e-3)` export (what epcli did before)."""
     x = xu8.float() / 255
     if name == "brightness":
-        h, s, v = C._rgb_to_hsv(x)
-        y = C._hsv_to_rgb(h, s, (v + C.PARAMS[name][sev - 1]).clamp(0, 1))
+        h, s, v = digital._rgb_to_hsv(x)
+        y = digital._hsv_to_rgb(h, s, (v + C.PARAMS[name][sev - 1]).clamp(0, 1))
     elif name == "saturate":
         a, b = C.PARAMS[name][sev - 1]
-        h, s, v = C._rgb_to_hsv(x)
-        y = C._hsv_to_rgb(h, (s * a + b).clamp(0, 1), v)
+        h, s, v = digital._rgb_to_hsv(x)
+        y = digital._hsv_to_rgb(h, (s * a + b).clamp(0, 1), v)
     elif name == "contrast":
         m = x.mean(dim=(2, 3), keepdim=True)
         y = (x - m) * C.PARAMS[name][sev - 1] + m
     else:  # defocus_blur
         k = torch.zeros(5, 5)
-        for di, dj, w in C._disk_taps(*C.PARAMS[name][sev - 1]):
+        for di, dj, w in blur._disk_taps(*C.PARAMS[name][sev - 1]):
             k[di + 2, dj + 2] = w
-        y = C._conv2d_same(x, k, "reflect101")
+        y = _ops._conv2d_same(x, k, "reflect101")
     return torch.floor(y.clamp(0, 1) * 255 + 1e-3).to(torch.uint8).numpy()
 
 

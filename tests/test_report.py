@@ -880,12 +880,12 @@ def test_figures_drawn_in_a_child_process_equal_the_sequential_ones(built, tmp_p
     import epcli.pipelines.report as pipeline
     import threading
 
-    import epcli.corruptions as corruptions
+    from epcli.corruptions import digital  # the JPEG pool's module
     # The report forks only from a single-threaded process. Earlier tests leave idle helper threads (the JPEG
     # worker pool, which is stopped here; tqdm's monitor from ART): this test counts as single-threaded.
-    if corruptions._POOL is not None:
-        corruptions._POOL.shutdown(wait=True)
-        monkeypatch.setattr(corruptions, "_POOL", None)
+    if digital._POOL is not None:
+        digital._POOL.shutdown(wait=True)
+        monkeypatch.setattr(digital, "_POOL", None)
     monkeypatch.setattr(threading, "active_count", lambda: 1)
     store, _ = built
     data = report.collect(store)
