@@ -355,3 +355,15 @@ def test_sample_grid(imgs):
     g = C.sample_grid(imgs[0][:2], names=("fog", "pixelate"), severities=(1, 5), seed=0)
     assert g.dtype == torch.uint8 and g.shape == (3, 2 + 4 * 34, 2 + 3 * 34)
     assert torch.equal(g[:, 2:34, 2:34], imgs[0][0])
+
+
+def test_corrupt_range_empty_and_out_of_range():
+    """An empty range gives an empty batch (no chunk is drawn); a range outside the set is refused."""
+    x = torch.zeros(5, 3, 32, 32, dtype=torch.uint8)
+    for start in (0, 3, 5):
+        out = C.corrupt_range_uint8(x, "gaussian_noise", 1, seed=0, start=start, stop=start)
+        assert out.shape == (0, 3, 32, 32) and out.dtype == torch.uint8
+    with pytest.raises(ValueError):
+        C.corrupt_range_uint8(x, "gaussian_noise", 1, seed=0, start=2, stop=6)
+    with pytest.raises(ValueError):
+        C.corrupt_range_uint8(x, "gaussian_noise", 1, seed=0, start=3, stop=2)

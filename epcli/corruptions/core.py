@@ -124,6 +124,10 @@ def corrupt_range_uint8(x_uint8: torch.Tensor, name: str, severity: int, seed: i
     """
     _check(name, severity)
     n = x_uint8.shape[0]
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"examples [{start}, {stop}) are not a range of a set of {n}")
+    if start == stop:  # nothing to corrupt: no chunk to draw
+        return x_uint8[:0].to(device)
     c0 = (start // CHUNK) * CHUNK
     c1 = min(-(-stop // CHUNK) * CHUNK, n)
     parts = []

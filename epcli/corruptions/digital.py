@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -211,6 +212,7 @@ def pixelate(u, severity, gen=None):
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()  # two threads corrupting at once must not each start a pool
 
 
 def _jpeg_one(img: np.ndarray, quality: int) -> np.ndarray:
@@ -228,7 +230,8 @@ def jpeg_compression(u, severity, gen=None):
     global _POOL
     q = PARAMS["jpeg_compression"][severity - 1]
     u8 = u.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     out = np.stack(list(_POOL.map(lambda a: _jpeg_one(a, q), u8)))
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(u.device, F64)

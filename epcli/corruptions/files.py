@@ -56,7 +56,8 @@ def load_clean(directory) -> tuple[torch.Tensor, torch.Tensor] | None:
     except Exception as exc:  # numpy raises several types for a broken file
         raise DatasetError(f"cannot read clean.npy or labels.npy in {d}: {exc}") from None
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or lab.ndim != 1 or lab.shape[0] < arr.shape[0]:
-        raise DatasetError(f"{f} has {arr.dtype} {arr.shape}: expected uint8 (N, H, W, 3) with N <= {lab.shape}")
+        raise DatasetError(f"{f} has {arr.dtype} {arr.shape} and labels.npy {lab.shape}: expected uint8 (N, H, W, 3) "
+                           "and at least N labels in one dimension")
     return (torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous(),
             torch.from_numpy(lab[:arr.shape[0]].astype(np.int64)))
 
