@@ -33,6 +33,8 @@ def _typer_click_exceptions() -> list[type]:
 
 
 err = Console(stderr=True)
+_CLICK_ERRORS = tuple({click.ClickException, *_typer_click_exceptions()[:1]})
+_ABORTS = tuple({click.exceptions.Abort, *_typer_click_exceptions()[1:]})
 _PASS_THROUGH = tuple({typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException,
                        click.exceptions.Abort, *_typer_click_exceptions()})
 
@@ -78,6 +80,24 @@ class EpcliGroup(TyperGroup):
 
     def get_params(self, ctx):
         return _flag_metavars(super().get_params(ctx))
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Usage errors (unknown option, missing argument, bad choice) as one `error:` line too, exit 2."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except _CLICK_ERRORS as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `epcli`: Typer has printed the help already
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+            print_error(e.format_message(), hint=_escape(hint))
+            sys.exit(e.exit_code)
+        except _ABORTS:
+            print_error("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:

@@ -33,7 +33,7 @@ from torch import nn
 
 from epcli.errors import Diverged, UsageError
 
-__all__ = ["RECIPES", "BP_RECIPES", "DEFAULTS", "resolve_recipe", "default_recipe", "fit", "evaluate",
+__all__ = ["RECIPES", "BP_RECIPES", "DEFAULTS", "resolve_recipe", "default_recipe", "check_plan", "fit", "evaluate",
            "check_adv_eps", "lr_factor", "state_to_tensors", "tensors_to_state", "PAPER_AT_EPS",
            "SELECTS", "validation_split"]
 
@@ -593,6 +593,24 @@ def validation_split(n: int, seed: int, fraction: float = VAL_FRACTION) -> tuple
     return perm[k:].sort().values, perm[:k].sort().values
 
 
+def check_plan(model: nn.Module, recipe: dict, n_train: int, select: str = "last") -> None:
+    """The checks `fit` makes before it trains, without side effects: callers run them before they open a run,
+    so that a recipe the model cannot use is a usage error, not a failed run."""
+    adv = recipe.get("adv")
+    if _is_ep(model) and adv:
+        raise UsageError("adversarial training (recipe adv) is for backprop models, not the EP-CNN")
+    if adv and adv.get("eps") is None:
+        raise UsageError("adversarial training needs an eps (--adv-eps); the paper trained L2 PGD-AT with "
+                         f"eps in {{{', '.join(map(str, PAPER_AT_EPS))}}}")
+    if adv:
+        check_adv_eps(adv["eps"], adv["norm"])
+    if select not in SELECTS:
+        raise UsageError(f"unknown checkpoint selection {select!r}: use {', '.join(SELECTS)}")
+    if select == "best-val" and n_train < 2:
+        raise UsageError("--select best-val needs at least 2 training images (one is held out)")
+    _param_groups(model, recipe["optimizer"])  # per-layer learning rates must match the model's layers
+
+
 def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.device = "cpu", seed: int = 0,
         state: dict | None = None, on_epoch: Callable | None = None, on_batch: Callable | None = None,
         max_epochs: int | None = None, select: str = "last") -> list[dict]:
@@ -642,17 +660,11 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
     if rank != 0:  # progress and checkpoints are rank 0's business
         on_epoch = on_batch = None
     ep_mode = _is_ep(model)
+    check_plan(model, r, len(dataset.train_y), select)
     adv = r.get("adv")
-    if ep_mode and adv:
-        raise UsageError("adversarial training (recipe adv) is for backprop models, not the EP-CNN")
-    if adv and adv.get("eps") is None:
-        raise UsageError("adversarial training needs an eps (--adv-eps); the paper trained L2 PGD-AT with "
-                         f"eps in {{{', '.join(map(str, PAPER_AT_EPS))}}}")
     if adv:
         adv = {**adv, "eps": check_adv_eps(adv["eps"], adv["norm"])}
     ep_cfg = {**EP_DEFAULTS, **(r.get("ep") or {})} if ep_mode else None
-    if select not in SELECTS:
-        raise UsageError(f"unknown checkpoint selection {select!r}: use {', '.join(SELECTS)}")
     epochs = int(r["epochs"])
     stop = min(epochs, int(max_epochs)) if max_epochs is not None else epochs
     cuda = device.type == "cuda"
@@ -701,8 +713,6 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
     train_x, train_y = dataset.train_x.to(device), dataset.train_y.to(device)
     val_x = val_y = None
     if select == "best-val":
-        if len(train_y) < 2:
-            raise UsageError("--select best-val needs at least 2 training images (one is held out)")
         tr_idx, va_idx = validation_split(len(train_y), seed)
         v_lo, v_hi = dist.shard_range(len(va_idx), rank, world)
         val_x, val_y = train_x[va_idx[v_lo:v_hi].to(device)], train_y[va_idx[v_lo:v_hi].to(device)]

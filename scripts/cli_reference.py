@@ -62,7 +62,7 @@ Global options (`--store`, `--debug`, `--quiet`) go before the command. Environm
 |---|---|
 | 0 | success |
 | 1 | runtime error (including unexpected internal errors, printed on one line; `--debug` for the traceback) |
-| 2 | usage error: bad option value (eps out of range, unknown attack, norm, corruption, severity, device; a count, size or step that is NaN, infinite or below its minimum; a malformed `--set` / `--model-set` / `--adv-train` / `--unroll-sweep`; `report --out` naming a file) |
+| 2 | usage error: bad option value (eps out of range, unknown attack, norm, corruption, severity, device; a count, size or step that is NaN, infinite or below its minimum; a malformed `--set` / `--model-set` / `--adv-train` / `--unroll-sweep`; `report --out` naming a file; a recipe the model cannot use; an unknown option or command, a missing argument or a value of the wrong type) |
 | 3 | not found: model name, run, dataset (missing or malformed, including a CIFAR batch that is not plain data), checkpoint file |
 | 4 | bad checkpoint: not an epcli checkpoint, damaged, malformed metadata, a spec that asks for far more than the file holds, or spec/shapes that do not match |
 | 5 | store error: corrupted or foreign database (left untouched), no store at `--store` for a command that only reads, a write to a read-only store, unwritable folder, disk full |

@@ -215,6 +215,13 @@ CASES = [
     (["compare", "a", "b"], 3, "no run 'a'"),
     (["report", "--out", "FILES/afile.txt"], 2, "is a file"),
     (["recipes", "nope"], 2, "unknown recipe"),
+    (A + ["--grad-mode", "truncated:0"], 2, "unknown gradient mode"),
+    (T + ["--set", "optimizer.lrs=[0.1,0.1]"], 2, "needs a model with layer_param_groups()"),
+    # what Typer/Click parse: one line too, with where to look
+    (A + ["--no-such-option"], 2, "No such option: --no-such-option (see 'epcli attack --help')"),
+    (A[:-2] + ["--steps", "many"], 2, "Invalid value for '--steps'"),
+    (["show"], 2, "Missing argument"),
+    (["atack"], 2, "No such command 'atack'"),
 ]
 
 

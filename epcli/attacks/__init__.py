@@ -39,9 +39,10 @@ def get_attack(name: str):
     return ATTACKS[key]
 
 
-from epcli.attacks.evaluate import MIN_NORM, SELF_TARGETED, evaluate, resolve_params  # noqa: E402
+from epcli.attacks.evaluate import MIN_NORM, SELF_TARGETED, check_grad_mode, evaluate, resolve_params  # noqa: E402
 from epcli.attacks.checks import check_reliability, strength_check  # noqa: E402
 
-__all__ = ["ATTACKS", "MIN_NORM", "SELF_TARGETED", "BLACK_BOX", "NORMS", "NORMS_OF", "WHITE_BOX", "apgd", "apgd_ce", "apgd_dlr", "apgd_t",
-           "autoattack", "check_norm", "check_reliability", "cw", "eval_mode", "evaluate", "fab_t", "fgsm",
-           "get_attack", "pgd", "project", "resolve_params", "square", "strength_check"]
+__all__ = ["ATTACKS", "BLACK_BOX", "MIN_NORM", "NORMS", "NORMS_OF", "SELF_TARGETED", "WHITE_BOX", "apgd", "apgd_ce",
+           "apgd_dlr", "apgd_t", "autoattack", "check_grad_mode", "check_norm", "check_reliability", "cw",
+           "eval_mode", "evaluate", "fab_t", "fgsm", "get_attack", "pgd", "project", "resolve_params", "square",
+           "strength_check"]

@@ -33,7 +33,7 @@ def resolve_params(attack: str, params: dict | None = None) -> dict:
     return free
 
 
-def _check_grad_mode(grad_mode: str) -> str:
+def check_grad_mode(grad_mode: str) -> str:
     g = str(grad_mode)
     if g in ("bptt", "implicit", "ep") or g.startswith("transfer"):
         return g
@@ -149,7 +149,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         raise UsageError("eps_list is empty")
     if labels not in ("true", "predicted"):
         raise UsageError(f"labels must be 'true' or 'predicted', got {labels!r}")
-    grad_mode = _check_grad_mode(grad_mode)
+    grad_mode = check_grad_mode(grad_mode)
     transfer = grad_mode.startswith("transfer")
     if transfer and surrogate is None:
         raise UsageError(f"gradient mode {grad_mode!r} needs a surrogate model")

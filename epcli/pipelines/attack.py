@@ -102,6 +102,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         raise UsageError(f"{attack} picks its own target classes; --targeted applies to fgsm, pgd, cw, apgd-ce, "
                          "apgd-dlr and square")
     params = attacks.resolve_params(attack, params or {})
+    attacks.check_grad_mode(grad_mode)  # before any run is opened: a typo leaves the store as it was
     progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
     if protocol == "paper" and hasattr(net, "grad_mode"):

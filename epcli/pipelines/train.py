@@ -118,6 +118,7 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         rec.setdefault("name", rec_name)
     _check_fits(net, ds)
     select = select or "last"
+    training.check_plan(net, rec, len(ds.train_y), select)  # before the run opens: a bad recipe is a usage error
     if distributed:
         dist.broadcast_object({"spec": net.spec, "recipe": rec, "seed": seed, "state": state, "select": select})
     config = {"model": model_name, "spec": net.spec, "dataset": ds.name, "dataset_sha256": ds.sha256,
