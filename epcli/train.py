@@ -157,7 +157,14 @@ def _merge(base: dict, over: dict, path: str, strict: bool) -> dict:
         if strict and k not in out:
             known = ", ".join(sorted(out))
             raise UsageError(f"unknown recipe key {where!r}; known{' under ' + path[:-1] if path else ''}: {known}")
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        group, value_is_group = isinstance(out.get(k), dict), isinstance(v, dict)
+        switch = k in ("adv", "ep") and (v is None or out.get(k) is None)  # adv/ep: None is off
+        if strict and group != value_is_group and not switch:
+            raise UsageError(f"recipe key {where!r} is a group of keys ({', '.join(sorted(out[k]))}): set one "
+                             f"of them, e.g. {where}.{'name' if 'name' in out[k] else sorted(out[k])[0]}=..."
+                             if group else
+                             f"recipe key {where!r} is a single value ({out[k]!r}), not a group: set {where}=...")
+        if value_is_group and group:
             out[k] = _merge(out[k], v, where + ".", strict)
         else:
             out[k] = copy.deepcopy(v)

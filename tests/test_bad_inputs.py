@@ -217,6 +217,8 @@ CASES = [
     (["recipes", "nope"], 2, "unknown recipe"),
     (A + ["--grad-mode", "truncated:0"], 2, "unknown gradient mode"),
     (T + ["--set", "optimizer.lrs=[0.1,0.1]"], 2, "needs a model with layer_param_groups()"),
+    (T + ["--set", "optimizer=sgd"], 2, "recipe key 'optimizer' is a group of keys"),
+    (T + ["--set", "model.patch=7"], 2, "recipe key 'model' is a single value"),
     # what Typer/Click parse: one line too, with where to look
     (A + ["--no-such-option"], 2, "No such option: --no-such-option (see 'epcli attack --help')"),
     (A[:-2] + ["--steps", "many"], 2, "Invalid value for '--steps'"),
