@@ -249,6 +249,20 @@ def _parse_kv(pairs: list[str], option: str = "--set") -> dict:
     return out
 
 
+def _override(overrides: dict, path: str, value, option: str) -> None:
+    """A dedicated option (--epochs, --lr, --T1...) into the --set overrides: the same key from both is refused
+    (one of them would be silently dropped)."""
+    *groups, key = path.split(".")
+    node = overrides
+    for g in groups:
+        node = node.setdefault(g, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"{option} sets {path}, but --set {g}={json.dumps(node)} gave {g} a single value")
+    if key in node:
+        raise UsageError(f"{option} and --set {path} both set {path}: give it once")
+    node[key] = value
+
+
 def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
     """'10,15,20' -> [10, 15, 20]; anything else is a usage error naming the option."""
     if not text:
@@ -303,22 +317,19 @@ def train(
     from epcli import api
     STATE.quiet = STATE.quiet or quiet
     overrides = _parse_kv(set_ or [])
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    if batch_size is not None:
-        overrides["batch_size"] = batch_size
-    if lr is not None:
-        overrides.setdefault("optimizer", {})["lr"] = lr
-    ep = {k: v for k, v in {"T1": T1, "T2": T2, "beta": beta, "rule": rule}.items() if v is not None}
-    if ep:
-        overrides["ep"] = {**overrides.get("ep", {}), **ep}
+    for path, value, option in (("epochs", epochs, "--epochs"), ("batch_size", batch_size, "--batch-size"),
+                                ("optimizer.lr", lr, "--lr"), ("ep.T1", T1, "--T1"), ("ep.T2", T2, "--T2"),
+                                ("ep.beta", beta, "--beta"), ("ep.rule", rule, "--rule")):
+        if value is not None:
+            _override(overrides, path, value, option)
     if adv_train:
         if ":" not in adv_train:
             raise UsageError("--adv-train expects NORM:EPS, e.g. l2:0.5 or linf:8/255")
         norm, eps = adv_train.split(":", 1)
         eps_v = api.parse_eps(eps)[0]
         api.check_eps(norm, [eps_v])
-        overrides["adv"] = {**overrides.get("adv", {}), "norm": norm, "eps": eps_v}
+        _override(overrides, "adv.norm", norm, "--adv-train")
+        _override(overrides, "adv.eps", eps_v, "--adv-train")
     from epcli import distributed
     if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
         api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,

@@ -41,6 +41,7 @@ PAPER_AT_EPS = (0.05, 0.5, 0.75, 1.0)  # the paper's L2 adversarial-training bud
 SCHEDULES = ("constant", "step", "cosine", "warmup-cosine", "onecycle")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTS = (None, "crop-flip", "randaugment", "autoaugment")
+EP_RULES = ("symmetric", "one-sided", "bptt")  # the EP-CNN's ep_train_step rules
 
 # Every key a recipe may have, with its default. A preset overrides some; `resolve_recipe` fills the rest.
 DEFAULTS: dict = {
@@ -210,6 +211,10 @@ def resolve_recipe(name: str | None, overrides: dict | None = None) -> dict:
         if isinstance(over.get(k), dict) and recipe.get(k) is None:
             recipe[k] = dict(ADV_DEFAULTS if k == "adv" else EP_DEFAULTS)
     recipe = _merge(recipe, over, "", True)
+    for k in ("model", "dataset"):
+        if k in over:
+            raise UsageError(f"recipe key {k!r} only records what the preset was tuned for: choose the {k} with "
+                             f"--{k}, not --set {k}")
     _validate(recipe)
     return recipe
 
@@ -224,45 +229,102 @@ def _nested_defaults(preset: dict) -> dict:
     return out
 
 
+def _check_number(v, where: str, *, integer: bool = False, low: float | None = None, low_open: bool = False,
+                  high: float | None = None, high_open: bool = False, null: bool = False) -> None:
+    """A recipe value that must be a finite number (an int when `integer`; never a bool) within bounds."""
+    if v is None and null:
+        return
+    kind = isinstance(v, int) if integer else isinstance(v, (int, float))
+    ok = kind and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (low is None or (v > low if low_open else v >= low))
+    ok = ok and (high is None or (v < high if high_open else v <= high))
+    if not ok:
+        if low is not None and high is not None:
+            bounds = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            bounds = f" {'>' if low_open else '>='} {low:g}"
+        else:
+            bounds = ""
+        raise UsageError(f"recipe {where} must be {'an integer' if integer else 'a number'}{bounds}"
+                         f"{' or null' if null else ''}, got {v!r}")
+
+
+def _check_flag(v, where: str) -> None:
+    if not isinstance(v, bool):
+        raise UsageError(f"recipe {where} must be true or false, got {v!r}")
+
+
 def _validate(r: dict) -> None:
+    """Every recipe value has the type and range `fit` needs: a bad one is a UsageError here, before a run is
+    opened, not a TypeError (or a silently odd run) once training starts."""
     def need(cond, msg):
         if not cond:
             raise UsageError(msg)
 
-    for k in ("epochs", "batch_size", "eval_batch_size"):
-        need(isinstance(r[k], int) and not isinstance(r[k], bool) and r[k] >= 1,
-             f"recipe {k} must be a positive integer, got {r[k]!r}")
+    for k in ("epochs", "batch_size", "eval_batch_size", "augment_group"):
+        _check_number(r[k], k, integer=True, low=1)
+    for k in ("drop_last", "amp", "channels_last", "compile"):
+        _check_flag(r[k], k)
+    for k in ("model", "dataset"):  # informative: what the preset was tuned for
+        need(r[k] is None or isinstance(r[k], str), f"recipe {k} must be a name or null, got {r[k]!r}")
     opt, sch = r["optimizer"], r["schedule"]
     need(opt["name"] in OPTIMIZERS, f"unknown optimizer {opt['name']!r}: use {' or '.join(OPTIMIZERS)}")
-    need(isinstance(opt["lr"], (int, float)) and opt["lr"] > 0, f"optimizer lr must be > 0, got {opt['lr']!r}")
-    need(opt["lrs"] is None or (isinstance(opt["lrs"], (list, tuple)) and all(v > 0 for v in opt["lrs"])),
-         f"optimizer lrs must be a list of positive per-layer learning rates, got {opt['lrs']!r}")
+    _check_number(opt["lr"], "optimizer.lr", low=0, low_open=True)
+    lrs = opt["lrs"]
+    need(lrs is None or (isinstance(lrs, (list, tuple)) and len(lrs) > 0 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in lrs)),
+         f"optimizer lrs must be a list of positive per-layer learning rates (or null), got {lrs!r}")
+    _check_number(opt["momentum"], "optimizer.momentum", low=0)
+    _check_number(opt["weight_decay"], "optimizer.weight_decay", low=0)
+    _check_flag(opt["nesterov"], "optimizer.nesterov")
+    need(not (opt["name"] == "sgd" and opt["nesterov"] and opt["momentum"] == 0),
+         "optimizer nesterov needs a momentum > 0")
+    betas = opt["betas"]
+    need(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas),
+         f"optimizer betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
     need(sch["name"] in SCHEDULES, f"unknown schedule {sch['name']!r}: use one of {', '.join(SCHEDULES)}")
+    _check_number(sch["t_max"], "schedule.t_max", integer=True, low=1, null=True)
+    _check_number(sch["eta_min"], "schedule.eta_min", low=0)
+    _check_number(sch["step_size"], "schedule.step_size", integer=True, low=1)
+    _check_number(sch["gamma"], "schedule.gamma", low=0, low_open=True)
+    _check_number(sch["warmup_epochs"], "schedule.warmup_epochs", low=0)
     need(r["augment"] in AUGMENTS, f"unknown augment {r['augment']!r}: use crop-flip, randaugment, autoaugment "
-                                   "or none")
+                                   "or null")
     need(r["pad_mode"] in ("edge", "reflect", "zeros"), f"unknown pad_mode {r['pad_mode']!r}: use edge, "
                                                          "reflect or zeros")
-    need(0.0 <= float(r["label_smoothing"]) < 1.0, f"label_smoothing must be in [0, 1), got {r['label_smoothing']}")
+    _check_number(r["label_smoothing"], "label_smoothing", low=0, high=1, high_open=True)
+    _check_number(r["grad_clip"], "grad_clip", low=0, low_open=True, null=True)
     if r["ep"] is not None:
         need(isinstance(r["ep"], dict), "recipe ep must be a dict {T1, T2, beta, rule, update} or None")
-        need(r["ep"].get("update") in (None, "sync", "alternate"),
-             f"recipe ep.update must be sync or alternate, got {r['ep'].get('update')!r}")
-        need(r["ep"].get("solver") in (None, "plain", "anderson"),
-             f"recipe ep.solver must be plain or anderson, got {r['ep'].get('solver')!r}")
+        ep = r["ep"]
+        for k in ("T1", "T2"):
+            _check_number(ep.get(k), f"ep.{k}", integer=True, low=1)
+        beta = ep.get("beta")
+        need(isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta != 0,
+             f"recipe ep.beta must be a finite non-zero number (the EP update divides by it), got {beta!r}")
+        need(ep.get("rule") in EP_RULES, f"recipe ep.rule must be one of {', '.join(EP_RULES)}, "
+                                         f"got {ep.get('rule')!r}")
+        need(ep.get("update") in (None, "sync", "alternate"),
+             f"recipe ep.update must be sync or alternate, got {ep.get('update')!r}")
+        need(ep.get("solver") in (None, "plain", "anderson"),
+             f"recipe ep.solver must be plain or anderson, got {ep.get('solver')!r}")
         for k in ("tol", "tol_nudged"):
-            v = r["ep"].get(k)
+            v = ep.get(k)
             need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
                  f"recipe ep.{k} must be a positive number or null, got {v!r}")
-        need(isinstance(r["ep"].get("warm_start", False), bool),
-             f"recipe ep.warm_start must be true or false, got {r['ep'].get('warm_start')!r}")
+        need(isinstance(ep.get("warm_start", False), bool),
+             f"recipe ep.warm_start must be true or false, got {ep.get('warm_start')!r}")
     if r["adv"] is not None:
         a = r["adv"]
         need(isinstance(a, dict), "recipe adv must be a dict {norm, eps, steps, ...} or None")
         from epcli.attacks import check_norm
         a["norm"] = check_norm(a["norm"])
         need(a["labels"] in ("true", "predicted"), f"adv labels must be 'true' or 'predicted', got {a['labels']!r}")
-        need(isinstance(a["steps"], int) and a["steps"] >= 1, f"adv steps must be an integer >= 1, "
-                                                              f"got {a['steps']!r}")
+        need(isinstance(a["steps"], int) and not isinstance(a["steps"], bool) and a["steps"] >= 1,
+             f"adv steps must be an integer >= 1, got {a['steps']!r}")
+        _check_number(a["step_size"], "adv.step_size", low=0, low_open=True, null=True)
+        _check_flag(a["random_start"], "adv.random_start")
         if a["eps"] is not None:
             a["eps"] = check_adv_eps(a["eps"], a["norm"])
 
@@ -342,7 +404,8 @@ def _param_groups(model: nn.Module, opt: dict) -> list[dict]:
             raise UsageError("optimizer lrs (per-layer learning rates) needs a model with layer_param_groups()")
         layers = [list(g["params"]) if isinstance(g, dict) else list(g) for g in model.layer_param_groups()]
         if len(layers) != len(lrs):
-            raise UsageError(f"optimizer lrs has {len(lrs)} learning rates but the model has {len(layers)} layers")
+            raise UsageError(f"optimizer lrs has {len(lrs)} learning rates but the model has {len(layers)} layers: "
+                             f"--set optimizer.lrs=[...] with {len(layers)} rates, or optimizer.lrs=null for one lr")
         seen = {id(p) for g in layers for p in g}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
         groups = [{"params": g, "lr": float(lr), "weight_decay": wd} for g, lr in zip(layers, lrs)]

@@ -125,6 +125,14 @@ def check_numbers(**values) -> None:
             raise UsageError(f"{label} must be <= {high}, got {v:g}")
 
 
+def check_not_blank(**options) -> None:
+    """An option given as an empty string (`--dataset ""`, an empty variable in a script) is a usage error: left
+    alone it would read as "not given" and silently fall back to the default. Keys: the option as spelled."""
+    for option, value in options.items():
+        if value is not None and not str(value).strip():
+            raise UsageError(f"{option} is empty: give a value or leave the option out")
+
+
 # --- model references -----------------------------------------------------------------------------------
 
 def resolve_model(store: Store, ref: str, dataset: str | None = None) -> dict:

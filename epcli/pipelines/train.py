@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from epcli.data import Dataset, load_dataset
 from epcli.errors import CheckpointError, EpcliError, UsageError
 from epcli.pipelines.common import (
     Progress,
+    check_not_blank,
     check_numbers,
     dataset_ref,
     drop_artifact,
@@ -45,6 +47,17 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
     if select is not None and select not in training.SELECTS:
         raise UsageError(f"unknown --select {select!r}: use {', '.join(training.SELECTS)}")
     check_numbers(seed=seed, **_numeric_overrides(overrides or {}, model_options or {}))
+    check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--recipe": recipe,
+                       "--resume": resume, "--label": label})
+    if resume:  # a resume continues the run as it was configured: other settings would be silently ignored
+        changed = sorted(_dotted({k: v for k, v in (overrides or {}).items() if k != "epochs"}))
+        ignored = ([f"--recipe {recipe}"] if recipe else []) + (["--model-set"] if model_options else []) + \
+            ([f"the recipe changes ({', '.join(changed)})"] if changed else [])
+        if ignored:
+            raise UsageError(f"--resume continues a run with its own recipe and model; drop {', '.join(ignored)} "
+                             "(only --epochs, --dataset/--data-dir and --label may be given)")
+    if "num_classes" in (model_options or {}):
+        raise UsageError("--model-set num_classes: the number of classes comes from the dataset")
     device = dist.device_for(resolve_device(device))
     distributed = dist.init(device)  # False outside torchrun
     main = dist.is_main()
@@ -109,14 +122,28 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
     else:
         torch.manual_seed(int(seed))  # the initial weights follow --seed too (rank 0's are broadcast)
         try:
-            net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
+            with warnings.catch_warnings(record=True) as caught:  # torch warns of zero-size layers: said below
+                warnings.simplefilter("always")
+                net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
         except (TypeError, ValueError) as e:  # a --model-set value the constructor cannot use
             raise UsageError(f"model {model!r}: bad option value ({e})") from None
+        except RuntimeError as e:  # torch refusing the shapes (a negative width) or the memory (a huge one)
+            raise UsageError(f"model {model!r}: cannot build it with these options "
+                             f"({' '.join(str(e).split())[:200]})") from None
+        empty = [name for name, p in net.named_parameters() if p.numel() == 0]
+        if empty:
+            raise UsageError(f"model {model!r}: these options leave layer {empty[0]} with no weights")
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         model_name = model
         rec_name = recipe or training.default_recipe(model, ds.name)
         rec = training.resolve_recipe(rec_name, overrides or {})
         rec.setdefault("name", rec_name)
     _check_fits(net, ds)
+    if not resume and bool(rec.get("ep")) != training._is_ep(net):
+        raise UsageError(f"recipe ep (--T1, --T2, --beta, --rule, --set ep.*) applies to EP models; {model_name} "
+                         "trains by backprop (drop them, or --set ep=null)" if rec.get("ep") else
+                         f"{model_name} trains by EP and needs the recipe's ep settings (not --set ep=null)")
     select = select or "last"
     training.check_plan(net, rec, len(ds.train_y), select)  # before the run opens: a bad recipe is a usage error
     if distributed:
@@ -247,6 +274,14 @@ def _numeric_overrides(overrides: dict, model_options: dict) -> dict:
     out = {k: overrides.get(k) for k in ("epochs", "batch_size", "eval_batch_size")}
     out.update({"lr": opt.get("lr"), "T1": ep.get("T1"), "T2": ep.get("T2"), "beta": ep.get("beta"),
                 "T": model_options.get("T")})
+    return out
+
+
+def _dotted(overrides: dict, prefix: str = "") -> list[str]:
+    """{"optimizer": {"lr": 1}} -> ["optimizer.lr"]: the recipe keys an override dict sets."""
+    out = []
+    for k, v in overrides.items():
+        out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
     return out
 
 
