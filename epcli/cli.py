@@ -265,12 +265,15 @@ def _override(overrides: dict, path: str, value, option: str) -> None:
 
 def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
     """'10,15,20' -> [10, 15, 20]; anything else is a usage error naming the option."""
-    if not text:
+    if text is None:
         return None
     try:
-        return [int(k) for k in text.split(",") if k.strip()]
+        values = [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
-        raise UsageError(f"{option} expects comma-separated integers, e.g. 10,15,20; got {text!r}") from None
+        values = []
+    if not values:
+        raise UsageError(f"{option} expects comma-separated integers, e.g. 10,15,20; got {text!r}")
+    return values
 
 
 # --- commands -------------------------------------------------------------------------------------------
@@ -362,8 +365,9 @@ def attack(
     protocol: Annotated[str, typer.Option(help="epcli (defaults below) or paper: Mansingh et al.'s ART PGD exactly "
                                           "(predicted labels, no clipping, 20 steps of 2.5*eps/20, no random start, "
                                           "first n images; EP: truncated:70 gradient, T=250).")] = "epcli",
-    grad_mode: Annotated[str, typer.Option(help="Gradients through a relaxation: bptt (exact), truncated:K "
-                                           "(K >= T: all T steps), implicit, ep, or transfer:<model>.")] = "bptt",
+    grad_mode: Annotated[Optional[str], typer.Option(
+        help="Gradients through a relaxation: bptt (exact; the default), truncated:K (K >= T: all T steps), "
+             "implicit, ep, or transfer:<model>. --protocol paper on EP models: truncated:70.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Attack iterations (PGD/APGD/C&W).")] = None,
     step_size: Annotated[Optional[float], typer.Option(help="PGD step size (default 2.5*eps/steps).")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Random restarts.")] = None,
@@ -372,9 +376,10 @@ def attack(
     targeted: Annotated[bool, typer.Option(help="Targeted variant (fgsm, pgd, cw, apgd-ce, apgd-dlr, square): a "
                                            "seeded random target class per image; robust accuracy is still "
                                            "against the true labels, and the target hit rate is recorded.")] = False,
-    labels: Annotated[str, typer.Option(help="true: attack the clean-correct images away from their label; "
-                                        "predicted: attack every image away from the model's prediction "
-                                        "(ART with y=None, the paper's setting).")] = "true",
+    labels: Annotated[Optional[str], typer.Option(
+        help="true (the default): attack the clean-correct images away from their label; predicted: attack every "
+             "image away from the model's prediction (ART with y=None, the paper's setting; --protocol paper's).")
+    ] = None,
     clip: Annotated[Optional[bool], typer.Option(help="FGSM/PGD: keep adversarial images in [0, 1] (default); "
                                                  "--no-clip as the paper's ART run (clip_values=None).")] = None,
     T: Annotated[Optional[int], typer.Option("--T", help="Relaxation steps for predictions.")] = None,
@@ -407,6 +412,10 @@ def attack(
     STATE.quiet = STATE.quiet or quiet
     presets = {"paper-linf": "0.0001,0.000215,0.000464,0.001,0.002154,0.004642,0.01,0.021544,8/255,0.046416,0.1",
                "paper-l2": "0.05,0.0788,0.1242,0.1957,0.3085,0.4862,0.7663,1.0,1.2077,1.9035,3.0"}
+    preset_norm = {"paper-linf": "linf", "paper-l2": "l2"}.get(eps)
+    if preset_norm and preset_norm != norm:
+        raise UsageError(f"--eps {eps} is the paper's {preset_norm} grid: use it with --norm {preset_norm} (or "
+                         f"--eps paper-{norm})")
     eps = presets.get(eps, eps)
     params = {k: v for k, v in {"steps": steps, "step_size": step_size, "restarts": restarts,
                                 "random_start": random_start, "n_queries": queries,
@@ -486,8 +495,14 @@ def corrupt(
             api.corrupt(model=model, device=device, store=None)
         return
     STATE.quiet = STATE.quiet or quiet
+    if export is not None:  # it writes images and evaluates nothing: the evaluation options would be ignored
+        ignored = [o for o, v in (("--source", source), ("--reference", reference), ("--severity", severity),
+                                  ("--T", T)) if v is not None]
+        if ignored:
+            raise UsageError(f"--export only writes corrupted images (no model is evaluated); drop "
+                             f"{', '.join(ignored)}")
     with _store() as store, _progress() as progress:
-        if export:
+        if export is not None:
             res = api.export_corruptions(directory=export, names=corruption, dataset=dataset,
                                          data_dir=data_dir, n=n, seed=seed, store=store)
             _note(f"wrote {len(res['corruptions'])} corruptions x 5 severities to {_escape(export)}")

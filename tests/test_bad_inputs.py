@@ -103,6 +103,11 @@ def world(tmp_path_factory, mini):
     pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 99]},
                 open(files / "labels" / "cifar-10-batches-py" / "test_batch", "wb"))
     (files / "empty").mkdir()
+    # an official-layout corruption folder with a wrongly shaped file and a pickled one
+    (files / "csrc").mkdir()
+    np.save(files / "csrc" / "labels.npy", np.zeros(10, np.int64))
+    np.save(files / "csrc" / "contrast.npy", np.zeros((10, 32, 32), np.uint8))
+    np.save(files / "csrc" / "snow.npy", np.array([{"a": 1}] * 10, dtype=object), allow_pickle=True)
     (files / "bad.tar.xz").write_bytes(b"not an archive")
     (files / "afile.txt").write_text("x")
     return {"store": store, "data": data, "files": files, "run": run["id"]}
@@ -219,6 +224,64 @@ CASES = [
     (T + ["--set", "optimizer.lrs=[0.1,0.1]"], 2, "needs a model with layer_param_groups()"),
     (T + ["--set", "optimizer=sgd"], 2, "recipe key 'optimizer' is a group of keys"),
     (T + ["--set", "model.patch=7"], 2, "recipe key 'model' is a single value"),
+    # recipe values of every section: checked before the run opens (were TypeErrors, failed runs, or accepted)
+    (T + ["--set", "schedule.t_max=abc"], 2, "recipe schedule.t_max must be an integer >= 1 or null"),
+    (T + ["--set", "schedule.name=step", "--set", "schedule.step_size=0"], 2, "schedule.step_size must be an"),
+    (T + ["--set", "schedule.eta_min=abc"], 2, "recipe schedule.eta_min must be a number >= 0"),
+    (T + ["--set", "schedule.warmup_epochs=-1"], 2, "recipe schedule.warmup_epochs must be a number >= 0"),
+    (T + ["--set", "optimizer.betas=[2]"], 2, "optimizer betas must be two numbers in [0, 1)"),
+    (T + ["--set", "optimizer.momentum=-1"], 2, "recipe optimizer.momentum must be a number >= 0"),
+    (T + ["--set", "optimizer.weight_decay=abc"], 2, "recipe optimizer.weight_decay must be a number >= 0"),
+    (T + ["--set", "optimizer.nesterov=maybe"], 2, "recipe optimizer.nesterov must be true or false"),
+    (T + ["--set", "optimizer.momentum=0", "--set", "optimizer.nesterov=true"], 2, "nesterov needs a momentum"),
+    (T + ["--set", "optimizer.lrs=[Infinity,1,1]"], 2, "optimizer lrs must be a list of positive"),
+    (T + ["--set", "grad_clip=-1"], 2, "recipe grad_clip must be a number > 0 or null"),
+    (T + ["--set", "label_smoothing=abc"], 2, "recipe label_smoothing must be a number in [0, 1)"),
+    (T + ["--set", "amp=maybe"], 2, "recipe amp must be true or false"),
+    (T + ["--set", "augment_group=0"], 2, "recipe augment_group must be an integer >= 1"),
+    (T + ["--set", "adv.eps=0.5", "--set", "adv.step_size=-1"], 2, "recipe adv.step_size must be a number > 0"),
+    (T + ["--set", "adv.eps=0.5", "--set", "adv.random_start=maybe"], 2, "adv.random_start must be true or"),
+    (T + ["--set", "model=vit"], 2, "choose the model with --model"),
+    (T + ["--set", "dataset=cifar100"], 2, "choose the dataset with --dataset"),
+    (T + ["--T1", "5"], 2, "applies to EP models; cnn-small trains by backprop"),
+    (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--beta", "0"], 2,
+     "recipe ep.beta must be a finite non-zero number"),
+    (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--rule", "nope"], 2,
+     "recipe ep.rule must be one of symmetric, one-sided, bptt"),
+    (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--set", "ep.T2=[1]"], 2,
+     "recipe ep.T2 must be an integer >= 1"),
+    (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--set", "ep=null"], 2,
+     "ep-cnn-tiny trains by EP and needs the recipe's ep settings"),
+    (["train", "--model", "ep-cnn-tiny"], 2, "or optimizer.lrs=null for one lr"),
+    # options that contradict each other or would be ignored
+    (T + ["--set", "epochs=2"], 2, "--epochs and --set epochs both set epochs"),
+    (T + ["--set", "optimizer=sgd", "--lr", "0.1"], 2, "--lr sets optimizer.lr, but --set optimizer=\"sgd\""),
+    (T + ["--set", "adv.norm=linf", "--adv-train", "l2:0.5"], 2, "--adv-train and --set adv.norm both set"),
+    (["train", "--resume", "RUN", "--epochs", "2", "--lr", "0.5"], 2, "drop the recipe changes (optimizer.lr)"),
+    (["train", "--resume", "RUN", "--epochs", "2", "--recipe", "paper-cnn"], 2, "drop --recipe paper-cnn"),
+    (["train", "--resume", "RUN", "--epochs", "2", "--model-set", "width=8"], 2, "drop --model-set"),
+    (T + ["--model-set", "width=0"], 2, "leave layer features.0.weight with no weights"),
+    (T + ["--model-set", "width=-3"], 2, "cannot build it with these options"),
+    (T + ["--model-set", "num_classes=5"], 2, "the number of classes comes from the dataset"),
+    (A + ["-a", "cw", "--norm", "linf"], 2, "cw is an L2 attack: use --norm l2"),
+    (A[:-2] + ["--protocol", "paper", "--labels", "true"], 2, "--protocol paper fixes these settings; drop --labels"),
+    (A + ["--norm", "l2", "--eps", "paper-linf"], 2, "--eps paper-linf is the paper's linf grid"),
+    (A + ["--unroll-sweep", ","], 2, "--unroll-sweep expects comma-separated integers"),
+    (C + ["-c", "fog", "-s", "1", "--T", "5"], 2, "--T applies to relaxation models; cnn-small has no relaxation"),
+    (C + ["--source", "FILES/csrc", "-c", "contrast"], 3, "expected uint8 (5N, H, W, 3)"),
+    (C + ["--source", "FILES/csrc", "-c", "snow"], 3, "cannot read snow.npy or labels.npy"),
+    (C + ["--export", "FILES/afile.txt"], 2, "is a file, not a folder"),
+    (C[:3] + ["--export", "FILES/exported", "--n", "0"], 2, "--n must be >= 1"),
+    (C + ["--export", "FILES/exported", "-s", "2"], 2, "--export only writes corrupted images"),
+    # an empty value is not "not given"
+    (T + ["--dataset", ""], 2, "--dataset is empty"),
+    (T + ["--recipe", ""], 2, "--recipe is empty"),
+    (T + ["--label", ""], 2, "--label is empty"),
+    (["train", "--resume", ""], 2, "--resume is empty"),
+    (A + ["--dataset", ""], 2, "--dataset is empty"),
+    (C + ["--source", ""], 2, "--source is empty"),
+    (C + ["--export", ""], 2, "--export is empty"),
+    (C + ["--reference", ""], 2, "--reference is empty"),
     # what Typer/Click parse: one line too, with where to look
     (A + ["--no-such-option"], 2, "No such option: --no-such-option (see 'epcli attack --help')"),
     (A[:-2] + ["--steps", "many"], 2, "Invalid value for '--steps'"),
@@ -230,7 +293,7 @@ CASES = [
 @pytest.mark.parametrize("args,code,needle", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
 def test_bad_input(world, args, code, needle):
     store, files = world["store"], world["files"]
-    args = [a.replace("FILES", str(files)) for a in args]
+    args = [world["run"] if a == "RUN" else a.replace("FILES", str(files)) for a in args]
     if args[0] == "train" and "--dataset" not in args:
         args += ["--dataset", str(world["data"])]
     before = checksum(store)
@@ -243,6 +306,7 @@ def test_bad_input(world, args, code, needle):
     assert "Traceback" not in r.output
     assert checksum(store) == before
     assert not (files / "PWNED").exists()  # the crafted pickle never ran
+    assert not (files / "exported").exists()  # a refused --export writes nothing
 
 
 def test_table_is_large_enough():

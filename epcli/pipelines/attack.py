@@ -18,6 +18,7 @@ from epcli.errors import NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
     check_eps,
+    check_not_blank,
     check_numbers,
     dataset_for,
     eps_label,
@@ -46,12 +47,13 @@ def _apply_protocol(protocol, attack, labels, select, params, grad_mode, targete
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {protocol!r}: use 'epcli' or 'paper'")
     if protocol == "epcli":
-        return attack, labels, select, params
+        return attack, labels or "true", select, params
     p = PAPER_PROTOCOL
     clash = [f"--attack {attack}" if attack != p["attack"] else "",
              "--select random" if select == "random" else "", "--targeted" if targeted else "",
+             f"--labels {labels}" if labels not in (None, p["labels"]) else "",
              *[f"{k}={v!r}" for k, v in (params or {}).items() if k in p["params"] and v != p["params"][k]],
-             f"--grad-mode {grad_mode}" if grad_mode.startswith("transfer") else ""]
+             f"--grad-mode {grad_mode}" if (grad_mode or "").startswith("transfer") else ""]
     clash = [c for c in clash if c]
     if clash:
         raise UsageError(f"--protocol paper fixes these settings; drop {', '.join(clash)}")
@@ -60,7 +62,7 @@ def _apply_protocol(protocol, attack, labels, select, params, grad_mode, targete
 
 def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[float] | str = "8/255",
            dataset: str | None = None, data_dir: str | None = None, n: int | None = None, seed: int = 0,
-           grad_mode: str = "bptt", batch_size: int | None = None, labels: str = "true",
+           grad_mode: str | None = None, batch_size: int | None = None, labels: str | None = None,
            params: dict | None = None, T: int | None = None, device: str | None = None, store: Store,
            argv: list[str] | None = None, checks: bool = True, strength: bool = True,
            unroll_sweep: list[int] | None = None, chunk: int | None = None, progress: Progress = no_progress,
@@ -73,8 +75,9 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     Reliability checks (monotone in eps, large eps, PGD strength, white-box vs stored black-box results on
     the same points, and the unroll-length sweep when asked) are stored with the result.
     select: "random" (a seeded subset of n, the default) or "first" (the first n test images).
+    grad_mode: None is bptt; labels: None is "true".
     protocol "paper": Mansingh et al.'s ART PGD exactly (PAPER_PROTOCOL); on EP models the gradient mode
-    becomes truncated:70 and T 250 unless given.
+    becomes truncated:70 and T 250 unless given; labels are "predicted" (an explicit "true" is refused).
     """
     from epcli import attacks
     from epcli import distributed as dist
@@ -87,27 +90,32 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     device = dist.device_for(resolve_device(device))
     if shard.worker(device):  # a torchrun rank > 0: attacks the chunks rank 0 hands out (docs/distributed.md)
         return shard.serve(device)
+    check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir})
     eps_list = sorted(set(parse_eps(eps)))
     notes = check_eps(norm, eps_list)
     if attack not in attacks.ATTACKS:
         raise UsageError(f"unknown attack {attack!r}: choose from {', '.join(sorted(attacks.ATTACKS))}")
-    if labels not in ("true", "predicted"):
+    if labels not in (None, "true", "predicted"):
         raise UsageError("labels must be 'true' or 'predicted'")
     if select not in (None, "random", "first"):
         raise UsageError(f"select must be 'random' or 'first', got {select!r}")
     attack, labels, select, params = _apply_protocol(protocol, attack, labels, select, params, grad_mode,
                                                      targeted)
     select = select or "random"
+    if norm not in attacks.NORMS_OF[attack]:
+        raise UsageError(f"{attack} is an {' / '.join(n.upper() for n in attacks.NORMS_OF[attack])} attack: use "
+                         f"--norm {attacks.NORMS_OF[attack][0]}")
     if targeted and attack in attacks.SELF_TARGETED:
         raise UsageError(f"{attack} picks its own target classes; --targeted applies to fgsm, pgd, cw, apgd-ce, "
                          "apgd-dlr and square")
     params = attacks.resolve_params(attack, params or {})
-    attacks.check_grad_mode(grad_mode)  # before any run is opened: a typo leaves the store as it was
+    attacks.check_grad_mode(grad_mode or "bptt")  # before any run is opened: a typo leaves the store as it was
     progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
     if protocol == "paper" and hasattr(net, "grad_mode"):
-        grad_mode = PAPER_PROTOCOL["ep_grad_mode"] if grad_mode == "bptt" else grad_mode
+        grad_mode = grad_mode or PAPER_PROTOCOL["ep_grad_mode"]
         T = PAPER_PROTOCOL["ep_T"] if T is None else T
+    grad_mode = grad_mode or "bptt"
     if T is not None:
         if not hasattr(net, "T"):
             raise UsageError(f"--T applies to relaxation models; {net.spec['name']} has no relaxation")

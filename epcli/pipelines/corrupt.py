@@ -8,6 +8,7 @@ from epcli.data import load_dataset, subset
 from epcli.errors import EpcliError, NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
+    check_not_blank,
     check_numbers,
     dataset_for,
     link_model_input,
@@ -33,10 +34,12 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     device = dist.device_for(resolve_device(device))
     if shard.worker(device):  # a torchrun rank > 0: evaluates the share rank 0 hands out (docs/distributed.md)
         return shard.serve(device)
+    check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--source": source,
+                       "--reference": reference})
     if source and not names:  # every corruption file the folder has
         names = _source_names(source)
-    names = list(names or C.CORRUPTIONS)
-    severities = list(severities or [1, 2, 3, 4, 5])
+    names = list(dict.fromkeys(names or C.CORRUPTIONS))  # a repeated -c/-s is evaluated (and stored) once
+    severities = list(dict.fromkeys(severities or [1, 2, 3, 4, 5]))
     unknown = [c for c in names if c not in C.CORRUPTIONS]
     if unknown:
         raise UsageError(f"unknown corruption {unknown[0]!r}: choose from {', '.join(C.CORRUPTIONS)}")
@@ -48,7 +51,9 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
             _check_source_file(source, c)
     progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
-    if T is not None and hasattr(net, "T"):
+    if T is not None:
+        if not hasattr(net, "T"):
+            raise UsageError(f"--T applies to relaxation models; {net.spec['name']} has no relaxation")
         net.T = int(T)
     train_run = info["train_run"] or {}
     ref_result = None
@@ -143,13 +148,28 @@ def _source_names(source: str) -> list[str]:
 
 
 def _check_source_file(source: str, name: str) -> None:
+    """The official-layout file of one corruption, checked from its .npy header (memory-mapped: nothing is read)
+    before the run opens, so that a broken file is a dataset error rather than a failed run."""
     from pathlib import Path
+
+    import numpy as np
 
     from epcli.errors import DatasetError
     d = Path(source)
-    for f in (d / f"{name}.npy", d / "labels.npy"):
-        if not f.is_file():
-            raise DatasetError(f"{f} not found: expected the CIFAR-10-C layout (<name>.npy and labels.npy)")
+    f, lf = d / f"{name}.npy", d / "labels.npy"
+    for p in (f, lf):
+        if not p.is_file():
+            raise DatasetError(f"{p} not found: expected the CIFAR-10-C layout (<name>.npy and labels.npy)")
+    try:
+        arr = np.load(f, mmap_mode="r", allow_pickle=False)
+        lab = np.load(lf, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for a broken file
+        raise DatasetError(f"cannot read {f.name} or labels.npy in {d}: {' '.join(str(exc).split())}") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] % 5 or arr.shape[0] == 0:
+        raise DatasetError(f"{f} has {arr.dtype} {arr.shape}: expected uint8 (5N, H, W, 3), "
+                           "e.g. (50000, 32, 32, 3), severities stacked 1..5")
+    if lab.ndim != 1 or lab.shape[0] != arr.shape[0]:
+        raise DatasetError(f"{lf} has shape {lab.shape}: expected ({arr.shape[0]},) to match {f.name}")
 
 
 def _source_clean(store: Store, info: dict, source: str, dataset: str | None, data_dir: str | None):
@@ -243,8 +263,14 @@ def export_corruptions(*, directory: str, names: list[str] | None = None, datase
                        data_dir: str | None = None, n: int | None = None, seed: int = 0,
                        store: Store) -> dict:
     """Write a generated CIFAR-10-C-style set (.npy per corruption + labels.npy) to `directory`."""
+    from pathlib import Path
+
     from epcli import corruptions as C
-    names = list(names or C.CORRUPTIONS)
+    check_numbers(n=n, seed=seed)
+    check_not_blank(**{"--export": directory, "--dataset": dataset, "--data-dir": data_dir})
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise UsageError(f"--export {directory} is a file, not a folder")
+    names = list(dict.fromkeys(names or C.CORRUPTIONS))
     ds = load_dataset(dataset, data_dir=data_dir, cache_dir=store.cache_dir)
     x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
     C.export(directory, x, y, names=names, seed=seed)
