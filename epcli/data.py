@@ -173,6 +173,8 @@ def _read_imagefolder(path: Path) -> dict:
         raise DatasetError(f"{path} is not an ImageFolder dataset: expected train/<class>/<image> and "
                            "test/<class>/<image>")
     classes = sorted(files["train"])
+    if len(classes) < 2:
+        raise DatasetError(f"{path}: one class ({classes[0]}) in train/; a classifier needs at least 2")
     if set(files["test"]) - set(classes):
         raise DatasetError(f"{path}: test classes {sorted(set(files['test']) - set(classes))} not in train")
     if classes == sorted(CIFAR10_CLASSES):
@@ -189,6 +191,9 @@ def _read_imagefolder(path: Path) -> dict:
             raise DatasetError(f"{path}: images of different sizes in {split}: {sorted(shapes)[:3]}")
         out[split + "_x"] = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
         out[split + "_y"] = torch.tensor(ys, dtype=torch.int64)
+    if out["train_x"].shape[1:] != out["test_x"].shape[1:]:  # a model is built for one image size
+        (h, w), (th, tw) = out["train_x"].shape[2:], out["test_x"].shape[2:]
+        raise DatasetError(f"{path}: train images are {h}x{w} but test images are {th}x{tw}")
     return out
 
 

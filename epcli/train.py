@@ -663,9 +663,11 @@ def validation_split(n: int, seed: int, fraction: float = VAL_FRACTION) -> tuple
     return perm[k:].sort().values, perm[:k].sort().values
 
 
-def check_plan(model: nn.Module, recipe: dict, n_train: int, select: str = "last") -> None:
+def check_plan(model: nn.Module, recipe: dict, n_train: int, select: str = "last",
+               sample: torch.Tensor | None = None) -> None:
     """The checks `fit` makes before it trains, without side effects: callers run them before they open a run,
-    so that a recipe the model cannot use is a usage error, not a failed run."""
+    so that a recipe the model cannot use is a usage error, not a failed run. `sample` (a few uint8 training
+    images): the recipe's augmentation is tried on them (a 4-pixel reflect pad needs images larger than 4)."""
     adv = recipe.get("adv")
     if _is_ep(model) and adv:
         raise UsageError("adversarial training (recipe adv) is for backprop models, not the EP-CNN")
@@ -679,6 +681,18 @@ def check_plan(model: nn.Module, recipe: dict, n_train: int, select: str = "last
     if select == "best-val" and n_train < 2:
         raise UsageError("--select best-val needs at least 2 training images (one is held out)")
     _param_groups(model, recipe["optimizer"])  # per-layer learning rates must match the model's layers
+    aug = recipe.get("augment")
+    if aug and sample is not None and len(sample):
+        from epcli.data import crop_flip
+        xb = sample[:2].float().div(255)
+        try:
+            if aug in ("randaugment", "autoaugment"):
+                xb = _policy_augment(xb, _policy_transform(aug), recipe.get("augment_group", 8))
+            crop_flip(xb, pad=4, pad_mode=recipe["pad_mode"], generator=torch.Generator().manual_seed(0))
+        except (RuntimeError, ValueError) as e:
+            h, w = sample.shape[-2:]
+            raise UsageError(f"augment {aug} (pad_mode {recipe['pad_mode']}) cannot work on {h}x{w} images "
+                             f"({' '.join(str(e).split())[:160]}): --set augment=null or another pad_mode") from None
 
 
 def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.device = "cpu", seed: int = 0,
@@ -730,7 +744,7 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
     if rank != 0:  # progress and checkpoints are rank 0's business
         on_epoch = on_batch = None
     ep_mode = _is_ep(model)
-    check_plan(model, r, len(dataset.train_y), select)
+    check_plan(model, r, len(dataset.train_y), select, sample=dataset.train_x[:2])
     adv = r.get("adv")
     if adv:
         adv = {**adv, "eps": check_adv_eps(adv["eps"], adv["norm"])}

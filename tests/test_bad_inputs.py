@@ -103,6 +103,23 @@ def world(tmp_path_factory, mini):
     pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 99]},
                 open(files / "labels" / "cifar-10-batches-py" / "test_batch", "wb"))
     (files / "empty").mkdir()
+    # ImageFolders no model here can use: 2x2 images, one class, train and test of different sizes
+    from PIL import Image
+
+    def png(path, size, seed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+    for split in ("train", "test"):
+        for c in range(10):
+            png(files / "tiny" / split / f"c{c}" / "0.png", 2, c)
+        png(files / "oneclass" / split / "a" / "0.png", 32, 0)
+        for c in "ab":
+            png(files / "splitsize" / split / c / "0.png", 32 if split == "train" else 16, 0)
+    from epcli.data import load_dataset
+    s = Store(store)
+    load_dataset(str(files / "tiny"), cache_dir=s.cache_dir)  # decoded once here: the cases below add no cache file
+    s.close()
     # an official-layout corruption folder with a wrongly shaped file and a pickled one
     (files / "csrc").mkdir()
     np.save(files / "csrc" / "labels.npy", np.zeros(10, np.int64))
@@ -273,6 +290,14 @@ CASES = [
     (C + ["--export", "FILES/afile.txt"], 2, "is a file, not a folder"),
     (C[:3] + ["--export", "FILES/exported", "--n", "0"], 2, "--n must be >= 1"),
     (C + ["--export", "FILES/exported", "-s", "2"], 2, "--export only writes corrupted images"),
+    # datasets a model cannot take: refused before the run opens (were RuntimeErrors in a failed run)
+    (T + ["--dataset", "FILES/tiny"], 2, "model cnn-small cannot take tiny's 2x2 images"),
+    (A[:2] + ["RUN"] + A[3:] + ["--dataset", "FILES/tiny"], 2, "model cnn-small cannot take tiny's 2x2 images"),
+    (C[:2] + ["RUN"] + C[3:] + ["--dataset", "FILES/tiny"], 2, "model cnn-small cannot take tiny's 2x2 images"),
+    (["train", "--model", "resnet18", "--epochs", "1", "--dataset", "FILES/tiny"], 2,
+     "augment crop-flip (pad_mode reflect) cannot work on 2x2 images"),
+    (T + ["--dataset", "FILES/oneclass"], 3, "one class (a) in train/; a classifier needs at least 2"),
+    (T + ["--dataset", "FILES/splitsize"], 3, "train images are 32x32 but test images are 16x16"),
     # an empty value is not "not given"
     (T + ["--dataset", ""], 2, "--dataset is empty"),
     (T + ["--recipe", ""], 2, "--recipe is empty"),

@@ -18,6 +18,7 @@ from epcli.errors import NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
     check_eps,
+    check_model_takes,
     check_not_blank,
     check_numbers,
     dataset_for,
@@ -132,6 +133,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     if sweep and attack not in attacks.WHITE_BOX:
         raise UsageError("--unroll-sweep needs a white-box attack (it varies the gradient's unroll length)")
     ds = dataset_for(store, info, dataset, data_dir)
+    check_model_takes(net, ds.test_x, ds.name)
     if select == "first":
         k = len(ds.test_y) if n is None else min(int(n), len(ds.test_y))
         x, y, idx = ds.test_x[:k], ds.test_y[:k], torch.arange(k)

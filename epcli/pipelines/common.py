@@ -133,6 +133,35 @@ def check_not_blank(**options) -> None:
             raise UsageError(f"{option} is empty: give a value or leave the option out")
 
 
+def check_model_takes(net: torch.nn.Module, x_uint8: torch.Tensor, dataset: str) -> None:
+    """One image through the model before a run opens, so that a model that cannot take the dataset's images (a
+    conv stack that shrinks 2x2 images to nothing, a patch size that does not divide them) is a usage error rather
+    than a failed run. A relaxation model relaxes only the steps that reach its read-out: shapes are checked
+    here, not the fixed point."""
+    if not len(x_uint8):
+        return
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    old_T, was_training = getattr(net, "T", None), net.training
+    try:
+        if old_T is not None:  # the fewest steps that reach the read-out
+            net.T = min(old_T, net.min_steps()) if callable(getattr(net, "min_steps", None)) else old_T
+        net.eval()
+        with torch.no_grad():
+            out = net(x_uint8[:1].to(device).float().div(255))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        h, w = x_uint8.shape[-2:]
+        raise UsageError(f"model {net.spec.get('name')} cannot take {dataset}'s {h}x{w} images "
+                         f"({' '.join(str(e).split())[:200]})") from None
+    finally:
+        if old_T is not None:
+            net.T = old_T
+        net.train(was_training)
+    n = net.spec.get("num_classes")
+    if n is not None and tuple(out.shape) != (1, n):
+        raise UsageError(f"model {net.spec.get('name')} gives outputs of shape {tuple(out.shape)} on {dataset}'s "
+                         f"images, not (1, {n})")
+
+
 # --- model references -----------------------------------------------------------------------------------
 
 def resolve_model(store: Store, ref: str, dataset: str | None = None) -> dict:

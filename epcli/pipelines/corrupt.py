@@ -8,6 +8,7 @@ from epcli.data import load_dataset, subset
 from epcli.errors import EpcliError, NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
+    check_model_takes,
     check_not_blank,
     check_numbers,
     dataset_for,
@@ -60,6 +61,8 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     if reference:
         ref_result = _corruption_result_of(store, reference)
     ds = None if source else dataset_for(store, info, dataset, data_dir)
+    if ds is not None:
+        check_model_takes(net, ds.test_x, ds.name)
     clean, clean_from = (_source_clean(store, info, source, dataset, data_dir) if source else (None, None))
     progress("load", 1, 1, {"model": net.spec["name"], "dataset": ds.name if ds else f"official:{source}"})
     config = {"model": net.spec["name"], "model_run_id": train_run.get("id"), "corruptions": names,

@@ -13,6 +13,7 @@ from epcli.data import Dataset, load_dataset
 from epcli.errors import CheckpointError, EpcliError, UsageError
 from epcli.pipelines.common import (
     Progress,
+    check_model_takes,
     check_not_blank,
     check_numbers,
     dataset_ref,
@@ -145,7 +146,7 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
                          "trains by backprop (drop them, or --set ep=null)" if rec.get("ep") else
                          f"{model_name} trains by EP and needs the recipe's ep settings (not --set ep=null)")
     select = select or "last"
-    training.check_plan(net, rec, len(ds.train_y), select)  # before the run opens: a bad recipe is a usage error
+    training.check_plan(net, rec, len(ds.train_y), select, sample=ds.train_x[:2])  # before the run opens: a bad recipe is a usage error
     if distributed:
         dist.broadcast_object({"spec": net.spec, "recipe": rec, "seed": seed, "state": state, "select": select})
     config = {"model": model_name, "spec": net.spec, "dataset": ds.name, "dataset_sha256": ds.sha256,
@@ -295,6 +296,7 @@ def _check_fits(net: torch.nn.Module, ds: Dataset) -> None:
         if tuple(ds.image_shape[1:]) != want:
             raise UsageError(f"model {net.spec.get('name')} is built for {want[0]}x{want[1]} images but dataset "
                              f"{ds.name} has {ds.image_shape[1]}x{ds.image_shape[2]}")
+    check_model_takes(net, ds.train_x, ds.name)
 
 
 def _default_label(model: str, recipe: dict) -> str:
