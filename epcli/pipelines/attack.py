@@ -234,7 +234,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
             partial.parent.rmdir()  # only when no other attack is in progress
     return shard.finish({
         "run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
-        "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
+        "dataset": ds.name, "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
         "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
         "seconds": round(seconds, 2), "checks": flags, "notes": notes, "eps": eps_list, "labels": labels,
         "params": res.get("params") or params, "forward_passes": res.get("forward_passes"),
