@@ -859,9 +859,10 @@ def compare(
                       (f"{100 * m['diff']:+.2f} pt" if pct else f"{m['diff']:+.4g}"))
         c.print(t)
         return
-    c.print(f"A = {a['run_id']} ({a['model']}, {a['attack']} {a['norm']})\n"
-            f"B = {b['run_id']} ({b['model']}, {b['attack']} {b['norm']})", highlight=False)
-    t = Table(title="robust accuracy on the common points (%)", title_justify="left")
+    c.print(f"A = {a['run_id']} ({a['model']}, {a['attack']} {a['norm']}, gradients {a['grad_mode']})\n"
+            f"B = {b['run_id']} ({b['model']}, {b['attack']} {b['norm']}, gradients {b['grad_mode']})", highlight=False)
+    t = Table(title=f"robust accuracy (%) on the test points both attacked ({doc['dataset']}); McNemar: exact, "
+                    "two-sided, on the points robust under only one", title_justify="left")
     for col in ("eps", "n", "A", "B", "both", "only A", "only B", "McNemar p"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in doc["rows"]:

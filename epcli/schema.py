@@ -222,11 +222,12 @@ def show(run: dict, metrics: list[dict], checks: list[dict], artifacts: list[dic
 
 def compare_attacks(res: dict) -> dict:
     side = lambda s: {"run_id": res[f"run_{s}"], "model": res[f"model_{s}"], "attack": res[f"attack_{s}"],  # noqa: E731
-                      "norm": res[f"norm_{s}"]}
+                      "norm": res[f"norm_{s}"], "grad_mode": res.get(f"grad_mode_{s}")}
     rows = [{**eps_pair(r["eps"]), "n": r["n"], "robust_acc_a": acc(r["acc_a"], r["n"]),
              "robust_acc_b": acc(r["acc_b"], r["n"]), "both": r["both"], "only_a": r["only_a"],
              "only_b": r["only_b"], "mcnemar_p": sig(r["mcnemar_p"], 4)} for r in res["rows"]]
-    return {"command": "compare", "kind": "attack", "a": side("a"), "b": side("b"), "rows": rows}
+    return {"command": "compare", "kind": "attack", "dataset": res.get("dataset"), "split": "test",
+            "a": side("a"), "b": side("b"), "rows": rows}
 
 
 def compare_training(res: dict) -> dict:
@@ -329,9 +330,9 @@ SCHEMAS: dict[str, dict] = {
         "artifacts": {"type": "array", "items": _obj({"sha256": _S, "role": {"enum": ["input", "output"]},
                                                       "name": _SN, "kind": _S, "size": _I, "path": _S})}}),
     "compare": {"oneOf": [
-        _cmd("compare", {"kind": {"const": "attack"},
-                         "a": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S}),
-                         "b": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S}),
+        _cmd("compare", {"kind": {"const": "attack"}, "dataset": _SN, "split": {"const": "test"},
+                         "a": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S, "grad_mode": _SN}),
+                         "b": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S, "grad_mode": _SN}),
                          "rows": {"type": "array", "items": _obj({
                              **_EPS, "n": _I, "robust_acc_a": _ACC, "robust_acc_b": _ACC, "both": _I, "only_a": _I,
                              "only_b": _I, "mcnemar_p": {"type": "number", "minimum": 0, "maximum": 1}})}}),

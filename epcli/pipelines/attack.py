@@ -602,6 +602,9 @@ def compare(*, store: Store, run_a: str, run_b: str) -> dict:
         raise NotFoundError("one of the runs has no per-example outcomes stored")
     if a_run["dataset"] != b_run["dataset"]:
         raise UsageError(f"the runs attacked different datasets ({a_run['dataset']} vs {b_run['dataset']})")
+    if a["norm"] != b["norm"]:  # an eps means nothing across norms: 0.5 in L2 is not 0.5 in L-inf
+        raise UsageError(f"the runs attacked in different norms ({a['norm']} vs {b['norm']}): compare runs of one "
+                         "threat model")
     _, ia, ib = _common_indices(a["index"], b["index"])
     if len(ia) == 0:
         raise UsageError("the two runs share no test points (use the same --seed and overlapping --n)")
@@ -616,6 +619,7 @@ def compare(*, store: Store, run_a: str, run_b: str) -> dict:
         raise UsageError("the two runs share no eps value")
     return {"run_a": a_run["id"], "run_b": b_run["id"], "model_a": a_run["model"], "model_b": b_run["model"],
             "attack_a": a["attack"], "attack_b": b["attack"], "norm_a": a["norm"], "norm_b": b["norm"],
-            "rows": rows}
+            "grad_mode_a": a_run["config"].get("grad_mode"), "grad_mode_b": b_run["config"].get("grad_mode"),
+            "dataset": a_run["dataset"], "rows": rows}
 
 
