@@ -756,13 +756,17 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
         if v not in (None, ""):
             info.add_row(k, escape(str(v)))
     c.print(info)
-    if doc["metrics"]:
+    epochs = [row for row in doc["metrics"] if row.get("step") is not None and row["name"] != "epoch"]
+    if epochs:
+        c.print(_epoch_table(epochs, c.width))
+    rest = [row for row in doc["metrics"] if row.get("step") is None]
+    if rest:
         c.print("[bold]metrics[/]")
         m = Table.grid(padding=(0, 2))
         m.add_column(no_wrap=True)
         m.add_column(justify="right", no_wrap=True)
         m.add_column(overflow="fold")
-        for row in doc["metrics"][:200]:
+        for row in rest[:SHOW_ROWS]:
             facets = " ".join(str(row[k]) for k in ("attack", "norm", "eps_label", "corruption", "severity")
                               if row.get(k) is not None)
             if row.get("step") is not None:
@@ -772,10 +776,11 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
             if row.get("n_examples"):
                 facets += f" (n={row['n_examples']})"
             val = row["value"]
-            shown = ("-" if val is None else f"{100 * val:.2f}%" if row["name"].endswith("_acc")
-                     else f"{val:.4g}")
+            shown = _metric_text(row["name"], val)
             m.add_row("  " + row["name"], shown + (" !" if row["unreliable"] else ""), escape(facets))
         c.print(m)
+        if len(rest) > SHOW_ROWS:
+            c.print(f"  ... and {len(rest) - SHOW_ROWS} more metrics (all of them: epcli show {r['run_id']} --json)")
     for ch in doc["checks"]:
         c.print(f"check {ch['check']}: {'[green]passed' if ch['passed'] else '[red]FAILED'}[/] "
                 f"{escape(ch['detail'])}")
@@ -793,6 +798,43 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
         for a in doc["artifacts"]:
             c.print(f"  {a['role']:6} {a['kind']:20} {a['sha256'][:12]} {a['size']:>10,}  {escape(a['path'])}",
                     highlight=False, soft_wrap=True)
+
+
+SHOW_ROWS = 200  # metric lines `show` prints; --json has them all
+
+
+def _metric_text(name: str, value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%" if name.endswith("_acc") else f"{value:.4g}"
+
+
+def _epoch_table(rows: list[dict], width: int) -> Table:
+    """Per-epoch metrics, one column per epoch; a run with more epochs than fit in `width` shows its first and
+    last ones and says how many are left out."""
+    names, by_epoch, n_of = [], {}, {}
+    for row in rows:
+        if row["name"] not in names:
+            names.append(row["name"])
+        by_epoch.setdefault(int(row["step"]), {})[row["name"]] = row
+        if row.get("n_examples"):
+            n_of.setdefault(row["name"], set()).add(row["n_examples"])
+    label = {k: k + (f" (n={next(iter(n_of[k]))})" if len(n_of.get(k, ())) == 1 else "") for k in names}
+    epochs = sorted(by_epoch)
+    fit = max(3, (width - max(map(len, label.values())) - 4) // 11)
+    if len(epochs) > fit:
+        head = max(1, (fit - 1) // 3)
+        epochs = epochs[:head] + [None] + epochs[-(fit - 1 - head):]
+    t = Table(box=None, pad_edge=False, padding=(0, 1))
+    t.add_column("per epoch", no_wrap=True)
+    if None in epochs:
+        i = epochs.index(None)
+        gap = f"{epochs[i - 1] + 1}-{epochs[i + 1] - 1}"
+    for e in epochs:
+        t.add_column(str(e) if e is not None else f"({gap})", justify="right", no_wrap=True)
+    for k in names:
+        t.add_row("  " + label[k], *["..." if e is None else "" if k not in by_epoch[e] else
+                                     _metric_text(k, by_epoch[e][k]["value"]) + (" !" if by_epoch[e][k]["unreliable"]
+                                                                                  else "") for e in epochs])
+    return t
 
 
 def _secs(s: float) -> str:
@@ -843,9 +885,10 @@ def compare(
                       (f"{100 * m['diff']:+.2f} pt" if pct else f"{m['diff']:+.4g}"))
         c.print(t)
         return
-    c.print(f"A = {a['run_id']} ({a['model']}, {a['attack']} {a['norm']})\n"
-            f"B = {b['run_id']} ({b['model']}, {b['attack']} {b['norm']})", highlight=False)
-    t = Table(title="robust accuracy on the common points (%)", title_justify="left")
+    c.print(f"A = {a['run_id']} ({a['model']}, {a['attack']} {a['norm']}, gradients {a['grad_mode']})\n"
+            f"B = {b['run_id']} ({b['model']}, {b['attack']} {b['norm']}, gradients {b['grad_mode']})", highlight=False)
+    t = Table(title=f"robust accuracy (%) on the test points both attacked ({doc['dataset']}); McNemar: exact, "
+                    "two-sided, on the points robust under only one", title_justify="left")
     for col in ("eps", "n", "A", "B", "both", "only A", "only B", "McNemar p"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in doc["rows"]:

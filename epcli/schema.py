@@ -84,7 +84,8 @@ def attack(res: dict) -> dict:
     sweep = [{"grad_mode": gm, **eps_pair(e), "robust_acc": acc(accs.get(eps_label(e)), n)}
              for gm, accs in (res.get("unroll_sweep") or {}).items() for e in eps_values]
     return {"command": "attack", "run_id": res["run_id"], "model": res["model"],
-            "model_run_id": res.get("model_run_id"), "attack": res["attack"], "norm": res["norm"],
+            "model_run_id": res.get("model_run_id"), "dataset": res.get("dataset"), "split": "test",
+            "attack": res["attack"], "norm": res["norm"],
             "grad_mode": res["grad_mode"], "labels": res.get("labels"), "params": clean_value(res.get("params") or {}),
             "n_examples": n, "clean_acc": acc(res["clean_acc"], n), "results": results, "unroll_sweep": sweep,
             "forward_passes": res.get("forward_passes"), "attack_forward_passes": res.get("attack_forward_passes"),
@@ -105,7 +106,8 @@ def corrupt(res: dict) -> dict:
         name, sev = key.rsplit("/", 1)
         cells.append({"corruption": name, "severity": int(sev), "acc": acc(v, n)})
     return {"command": "corrupt", "run_id": res["run_id"], "model": res["model"],
-            "model_run_id": res.get("model_run_id"), "n_examples": n, "clean_acc": acc(res.get("clean_acc"), n),
+            "model_run_id": res.get("model_run_id"), "dataset": res.get("dataset"), "split": "test", "n_examples": n,
+            "clean_acc": acc(res.get("clean_acc"), n),
             "corruption_mean_acc": acc(res.get("corruption_mean_acc"), n),
             "corruption_mean_over": res.get("corruption_mean_over"),
             "corruption_mean_acc_all": acc(res.get("corruption_mean_acc_all"), n),
@@ -220,11 +222,12 @@ def show(run: dict, metrics: list[dict], checks: list[dict], artifacts: list[dic
 
 def compare_attacks(res: dict) -> dict:
     side = lambda s: {"run_id": res[f"run_{s}"], "model": res[f"model_{s}"], "attack": res[f"attack_{s}"],  # noqa: E731
-                      "norm": res[f"norm_{s}"]}
+                      "norm": res[f"norm_{s}"], "grad_mode": res.get(f"grad_mode_{s}")}
     rows = [{**eps_pair(r["eps"]), "n": r["n"], "robust_acc_a": acc(r["acc_a"], r["n"]),
              "robust_acc_b": acc(r["acc_b"], r["n"]), "both": r["both"], "only_a": r["only_a"],
              "only_b": r["only_b"], "mcnemar_p": sig(r["mcnemar_p"], 4)} for r in res["rows"]]
-    return {"command": "compare", "kind": "attack", "a": side("a"), "b": side("b"), "rows": rows}
+    return {"command": "compare", "kind": "attack", "dataset": res.get("dataset"), "split": "test",
+            "a": side("a"), "b": side("b"), "rows": rows}
 
 
 def compare_training(res: dict) -> dict:
@@ -279,7 +282,8 @@ SCHEMAS: dict[str, dict] = {
             "epoch": _I, "train_loss": _N, "train_acc": _ACC, "test_acc": _ACC, "lr": _N, "seconds": _N,
             "mean_steps": _N}, ["epoch", "train_loss", "train_acc", "test_acc"])}}, optional=("world_size",)),
     "attack": _cmd("attack", {
-        "run_id": _RUN_ID, "model": _S, "model_run_id": _RUN_IDN, "attack": _S, "norm": {"enum": ["linf", "l2"]},
+        "run_id": _RUN_ID, "model": _S, "model_run_id": _RUN_IDN, "dataset": _S, "split": {"const": "test"},
+        "attack": _S, "norm": {"enum": ["linf", "l2"]},
         "grad_mode": _S, "labels": {"enum": ["true", "predicted"]}, "params": {"type": "object"},
         "n_examples": _I, "clean_acc": _ACC,
         "results": {"type": "array", "items": _obj({**_EPS, "robust_acc": _ACC})},
@@ -289,8 +293,9 @@ SCHEMAS: dict[str, dict] = {
         "protocol": {"enum": ["epcli", "paper"]}, "select": {"enum": ["random", "first"]}, "targeted": _B,
         "T": _IN, "target_hit": {"type": "array", "items": _obj({**_EPS, "hit": _ACC})}}),
     "corrupt": _cmd("corrupt", {
-        "run_id": _RUN_ID, "model": _S, "model_run_id": _RUN_IDN, "n_examples": _I, "clean_acc": _ACCN,
-        "corruption_mean_acc": _ACCN, "corruption_mean_over": _SN, "corruption_mean_acc_all": _ACCN,
+        "run_id": _RUN_ID, "model": _S, "model_run_id": _RUN_IDN, "dataset": _S, "split": {"const": "test"},
+        "n_examples": _I, "clean_acc": _ACCN, "corruption_mean_acc": _ACCN, "corruption_mean_over": _SN,
+        "corruption_mean_acc_all": _ACCN,
         "mce_unnormalized": _ACCN, "relative_mce": _NN, "mce_vs_reference": _NN, "source": _SN, "clean_from": _SN,
         "cells": {"type": "array", "items": _obj({"corruption": _S, "severity": {"type": "integer", "minimum": 1,
                                                                                   "maximum": 5}, "acc": _ACC})}}),
@@ -325,9 +330,9 @@ SCHEMAS: dict[str, dict] = {
         "artifacts": {"type": "array", "items": _obj({"sha256": _S, "role": {"enum": ["input", "output"]},
                                                       "name": _SN, "kind": _S, "size": _I, "path": _S})}}),
     "compare": {"oneOf": [
-        _cmd("compare", {"kind": {"const": "attack"},
-                         "a": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S}),
-                         "b": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S}),
+        _cmd("compare", {"kind": {"const": "attack"}, "dataset": _SN, "split": {"const": "test"},
+                         "a": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S, "grad_mode": _SN}),
+                         "b": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S, "grad_mode": _SN}),
                          "rows": {"type": "array", "items": _obj({
                              **_EPS, "n": _I, "robust_acc_a": _ACC, "robust_acc_b": _ACC, "both": _I, "only_a": _I,
                              "only_b": _I, "mcnemar_p": {"type": "number", "minimum": 0, "maximum": 1}})}}),

@@ -7,7 +7,7 @@ set -euo pipefail
 DATA=${DATA:-../shared/datasets/cifar10-jpeg.tar.xz}
 SEEDS=${SEEDS:-11}
 STORE=${STORE:-store}
-E="epcli --store $STORE"
+E="${EPCLI:-epcli} --store $STORE"  # EPCLI: another launcher (tests/test_scripts.py records the commands)
 json() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
 LINF="0.0001,0.000215,0.000464,0.001,0.002154,0.004642,0.01,0.021544,8/255,0.046416,0.1"

@@ -125,9 +125,19 @@ def test_paired_comparison_of_two_models(store):
         assert r["n"] == 48 and r["both"] + r["only_a"] == round(r["acc_a"] * 48)
         assert r["acc_a"] == pytest.approx(a["robust_acc"][r["eps_label"]])
         assert r["acc_b"] == pytest.approx(b["robust_acc"][r["eps_label"]])
+    assert res["grad_mode_a"] == res["grad_mode_b"] == "bptt" and res["dataset"] == a_dataset(store, a)
     from epcli.errors import UsageError
     with pytest.raises(UsageError):
         api.compare(store=store, run_a=a["run_id"], run_b=store.cnn["run_id"])
+    # an eps means nothing across norms: L2 0.5 is no L-inf 0.5
+    c = api.attack(model=store.ep["run_id"], **{**kw, "eps": "0.5", "n": 8}, norm="l2")
+    d = api.attack(model=store.cnn["run_id"], **{**kw, "eps": "0.5", "n": 8})
+    with pytest.raises(UsageError, match="different norms"):
+        api.compare(store=store, run_a=c["run_id"], run_b=d["run_id"])
+
+
+def a_dataset(store, res):
+    return store.get_run(res["run_id"])["dataset"]
 
 
 def test_diverged_training_is_failed_and_keeps_the_last_good_checkpoint(store, folder, monkeypatch):

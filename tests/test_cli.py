@@ -295,3 +295,28 @@ def test_tables_fit_80_columns(pipeline):
     node = " ".join(ln.strip(" │├└─") for ln in r.stdout.split(att["run_id"])[1].splitlines()[:2])
     acc = att["results"][0]["robust_acc"]
     assert f"8/255 {100 * acc:.2f}%" in node, r.stdout  # the attack node shows its robust accuracy
+
+
+def test_show_prints_epochs_as_columns_and_says_which_it_leaves_out():
+    """A 120-epoch run on 80 columns: the first and last epochs, the gap named, every metric a row."""
+    import io
+
+    from rich.console import Console
+
+    from epcli.cli import _epoch_table
+    rows = [{"name": k, "step": e, "value": v, "unreliable": False, "n_examples": 1000 if k == "test_acc" else None}
+            for e in range(1, 121) for k, v in (("train_loss", 1 / e), ("test_acc", e / 200))]
+    buf = io.StringIO()
+    Console(file=buf, width=80, color_system=None).print(_epoch_table(rows, 80))
+    lines = buf.getvalue().splitlines()
+    header = lines[0].split()
+    assert header[:3] == ["per", "epoch", "1"] and header[-1] == "120"
+    gap = next(h for h in header if h.startswith("("))
+    first, last = map(int, gap.strip("()").split("-"))
+    shown = [int(h) for h in header[2:] if h.isdigit()]
+    assert first == max(e for e in shown if e < first) + 1 and last == min(e for e in shown if e > last) - 1
+    assert len(shown) + (last - first + 1) == 120 and max(map(len, lines)) <= 80
+    assert lines[2].split()[:3] == ["test_acc", "(n=1000)", "0.50%"] and lines[2].split()[-1] == "60.00%"
+    short = io.StringIO()
+    Console(file=short, width=200, color_system=None).print(_epoch_table(rows[:8], 200))
+    assert short.getvalue().splitlines()[0].split() == ["per", "epoch", "1", "2", "3", "4"]

@@ -763,6 +763,20 @@ def test_per_image_steps_and_adversarial_equilibrium_beside_the_model(tmp_path):
     store.close()
 
 
+def test_terminal_table_names_one_dataset_in_its_title(tmp_path):
+    """One dataset: said once in the title, no data column (80 columns are scarce); two: a column per row."""
+    store = Store(tmp_path / "s")
+    _train(store, "cnn", {"label": "A"}, [0.5])
+    _train(store, "cnn", {"label": "B"}, [0.6])
+    text = _rich_text(report.leaderboard_table(report.collect(store)), width=80)
+    title, header = text.splitlines()[0], text.splitlines()[3]
+    assert "on cifar10-mini" in title and "data" not in header
+    _train(store, "cnn", {"label": "C"}, [0.7], dataset="cifar100")
+    text = _rich_text(report.leaderboard_table(report.collect(store)), width=80)
+    assert "on cifar" not in text.splitlines()[0] and "data" in text and "cifar100" in text
+    store.close()
+
+
 def test_adversarial_grid_uses_one_attack_per_norm():
     """Per norm the grid shows the same attack for every model (the most eps, then n, then newest)."""
     def cand(model, attack, n_eps, n, tag):

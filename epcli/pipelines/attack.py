@@ -244,7 +244,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
             partial.parent.rmdir()  # only when no other attack is in progress
     return shard.finish({
         "run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"), "attack": attack,
-        "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
+        "dataset": ds.name, "norm": norm, "grad_mode": grad_mode, "n_examples": len(y), "clean_acc": clean,
         "robust_acc": robust, "unroll_sweep": sweep_out, "unreliable": bool(bad), "reason": reason,
         "seconds": round(seconds, 2), "checks": flags, "notes": notes, "eps": eps_list, "labels": labels,
         "params": res.get("params") or params, "forward_passes": res.get("forward_passes"),
@@ -612,6 +612,9 @@ def compare(*, store: Store, run_a: str, run_b: str) -> dict:
         raise NotFoundError("one of the runs has no per-example outcomes stored")
     if a_run["dataset"] != b_run["dataset"]:
         raise UsageError(f"the runs attacked different datasets ({a_run['dataset']} vs {b_run['dataset']})")
+    if a["norm"] != b["norm"]:  # an eps means nothing across norms: 0.5 in L2 is not 0.5 in L-inf
+        raise UsageError(f"the runs attacked in different norms ({a['norm']} vs {b['norm']}): compare runs of one "
+                         "threat model")
     _, ia, ib = _common_indices(a["index"], b["index"])
     if len(ia) == 0:
         raise UsageError("the two runs share no test points (use the same --seed and overlapping --n)")
@@ -626,6 +629,7 @@ def compare(*, store: Store, run_a: str, run_b: str) -> dict:
         raise UsageError("the two runs share no eps value")
     return {"run_a": a_run["id"], "run_b": b_run["id"], "model_a": a_run["model"], "model_b": b_run["model"],
             "attack_a": a["attack"], "attack_b": b["attack"], "norm_a": a["norm"], "norm_b": b["norm"],
-            "rows": rows}
+            "grad_mode_a": a_run["config"].get("grad_mode"), "grad_mode_b": b_run["config"].get("grad_mode"),
+            "dataset": a_run["dataset"], "rows": rows}
 
 

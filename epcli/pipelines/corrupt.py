@@ -129,7 +129,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
             summary["shards"] = res["shards"]
         store.update_run(run_id, summary=summary)
     out = {"run_id": run_id, "model": net.spec["name"], "model_run_id": train_run.get("id"),
-           "n_examples": n_ex, "clean_acc": headline["clean_acc"], **summary,
+           "dataset": config["dataset"], "n_examples": n_ex, "clean_acc": headline["clean_acc"], **summary,
            "cells": {f"{c}/{sv}": v for (c, sv), v in cells.items()}}
     if source:
         out.update({"source": str(source), "clean_from": clean_from})

@@ -116,14 +116,18 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
     from rich.text import Text
 
     cols = _columns(data, columns)
-    t = Table(title=f"epcli leaderboard — accuracy % ({data.store_root})", show_lines=True, caption_justify="left",
+    datasets = {row.dataset for row in data.rows}
+    one = next(iter(datasets)) if len(datasets) == 1 and None not in datasets else None  # then said in the title
+    t = Table(title=f"epcli leaderboard — accuracy % {'on ' + one + ' ' if one else ''}({data.store_root})",
+              show_lines=True, caption_justify="left",
               caption="cells: the result on the most images (n), then the exact worst case over other results on "
                       "those images; n = examples, then gradient mode. ⚠ = unreliable. clean: the training run's "
                       "accuracy on its whole test split (its own n). CIFAR-C: mean of k/15 benchmark corruptions × "
                       "severities run")
     t.add_column("model", style="bold")
     t.add_column("run")
-    t.add_column("data")
+    if not one:
+        t.add_column("data")
     t.add_column("clean", justify="right")
     for c in cols:
         t.add_column(c.label, justify="right")
@@ -144,8 +148,9 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
         if notes:
             footnotes.append(f"[{len(footnotes) + 1}] {row.name or row.label}: " + "; ".join(notes))
             mark = f" [{len(footnotes)}]"
-        t.add_row(Text((row.name or row.label) + mark + status), _short(row.run_id), row.dataset or "—",
-                  _clean_text(row), *cells, _corr_text(corr), _fmt(corr.get("mce")))
+        t.add_row(Text((row.name or row.label) + mark + status), _short(row.run_id),
+                  *([] if one else [row.dataset or "—"]), _clean_text(row), *cells, _corr_text(corr),
+                  _fmt(corr.get("mce")))
     if footnotes:
         t.caption += "\n" + "\n".join(footnotes)
     return t
