@@ -280,9 +280,9 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
 
 @app.command(rich_help_panel="Pipeline")
 def train(
-    model: Annotated[str, typer.Option("--model", "-m", help="Registry name: ep-cnn, ep-cnn-cifar100, "
-                                       "ep-cnn-small, cnn, cnn-small, resnet18, vit, timm:<name>... "
-                                       "(see `epcli models`).")] = "ep-cnn-small",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name: ep-cnn, ep-cnn-cifar100, "
+                                                 "ep-cnn-small (the default), cnn, cnn-small, resnet18, vit, "
+                                                 "timm:<name>... (see `epcli models`).")] = None,
     dataset: DataOpt = None,
     data_dir: DataDirOpt = None,
     recipe: Annotated[Optional[str], typer.Option(help="Training preset (see `epcli recipes`); default "
@@ -307,7 +307,8 @@ def train(
     select: Annotated[Optional[str], typer.Option(
         help="Which epoch the run hands on: last (default), best-val (best on a seeded 10% of the training "
              "set, held out) or best-test (the paper's: selected on the test set; labelled in reports).")] = None,
-    seed: SeedOpt = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", envvar="EPCLI_SEED", help="Random seed "
+                                            "(default 0; a resume keeps its run's).")] = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -338,6 +338,47 @@ def test_table_is_large_enough():
     assert len(CASES) >= 60 and {c for _, c, _ in CASES} == {2, 3, 4}
 
 
+def test_refusals_that_need_more_runs(world, tmp_path):
+    """Usage errors about other stored runs (a 2-epoch run, a 2-class model, a corrupt run): refused before a run
+    opens, the store unchanged. On a copy of the world's store, with those runs added."""
+    import shutil
+
+    from PIL import Image
+    store = tmp_path / "store"
+    shutil.copytree(world["store"], store)
+    two = tmp_path / "twoclass"
+    for split in ("train", "test"):
+        for c in "ab":
+            (two / split / c).mkdir(parents=True)
+            Image.fromarray(np.full((32, 32, 3), 40 if c == "a" else 200, np.uint8)).save(two / split / c / "0.png")
+
+    def run_id(*args):
+        r = invoke(*args, "--device", "cpu", "--json", store=store)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["run_id"]
+
+    longer = run_id("train", "--resume", world["run"], "--epochs", 2, "--dataset", world["data"])
+    binary = run_id("train", "--model", "cnn-small", "--epochs", 1, "--dataset", two)
+    fog = run_id("corrupt", "--model", world["run"], "-c", "fog", "-s", 1, "--n", 4)
+    cases = [
+        (["train", "--resume", longer, "--epochs", 1, "--dataset", world["data"]], "already trained 2 epochs"),
+        (["train", "--resume", longer, "--epochs", 3, "--seed", 5, "--dataset", world["data"]],
+         "cannot resume with --seed 5: the run was seeded 0"),
+        (["train", "--resume", longer, "--epochs", 3, "--model", "vit", "--dataset", world["data"]],
+         "cannot resume a cnn-small run as --model vit"),
+        (A[:2] + [world["run"]] + A[3:] + ["--grad-mode", f"transfer:{binary}"],
+         "the transfer surrogate cnn-small has 2 classes, the attacked model 10"),
+        (C[:2] + [world["run"]] + C[3:] + ["-c", "contrast", "--reference", fog],
+         "has none of the requested corruption x severity cells"),
+    ]
+    for args, needle in cases:
+        before = checksum(store)
+        r = invoke(*args, "--device", "cpu", store=store)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip() and ln.startswith("error")]
+        assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
+        assert checksum(store) == before
+
+
 def test_store_folder_mistakes(tmp_path, world):
     # a typo in --store: reading commands do not create a store
     typo = tmp_path / "sotre"

@@ -124,6 +124,10 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     surrogate, surrogate_info = None, None
     if grad_mode.startswith("transfer:"):
         surrogate, surrogate_info = load_model(store, grad_mode.split(":", 1)[1], dataset, device)
+        if surrogate.spec.get("num_classes") != net.spec.get("num_classes"):
+            raise UsageError(f"the transfer surrogate {surrogate.spec.get('name')} has "
+                             f"{surrogate.spec.get('num_classes')} classes, the attacked model "
+                             f"{net.spec.get('num_classes')}")
     elif grad_mode != "bptt" and not hasattr(net, "grad_mode"):
         raise UsageError(f"gradient mode {grad_mode!r} applies to relaxation models only; "
                          f"{net.spec['name']} supports bptt (plain backprop) and transfer:<model>")
@@ -133,7 +137,8 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     if sweep and attack not in attacks.WHITE_BOX:
         raise UsageError("--unroll-sweep needs a white-box attack (it varies the gradient's unroll length)")
     ds = dataset_for(store, info, dataset, data_dir)
-    check_model_takes(net, ds.test_x, ds.name)
+    for m in (net, surrogate) if surrogate is not None else (net,):
+        check_model_takes(m, ds.test_x, ds.name)
     if select == "first":
         k = len(ds.test_y) if n is None else min(int(n), len(ds.test_y))
         x, y, idx = ds.test_x[:k], ds.test_y[:k], torch.arange(k)

@@ -60,6 +60,9 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
     ref_result = None
     if reference:
         ref_result = _corruption_result_of(store, reference)
+        if not set(ref_result["correct"]) & {(c, s) for c in names for s in severities}:
+            raise UsageError(f"reference {reference!r} has none of the requested corruption x severity cells "
+                             "(relative mCE compares the same cells)")
     ds = None if source else dataset_for(store, info, dataset, data_dir)
     if ds is not None:
         check_model_takes(net, ds.test_x, ds.name)

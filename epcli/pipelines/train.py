@@ -25,9 +25,11 @@ from epcli.pipelines.common import (
 )
 from epcli.store import Store, config_hash, describe_device
 
+DEFAULT_MODEL = "ep-cnn-small"  # what `epcli train` trains when no --model is given
 
-def train(*, model: str, dataset: str | None = None, data_dir: str | None = None, recipe: str | None = None,
-          overrides: dict | None = None, model_options: dict | None = None, seed: int = 0,
+
+def train(*, model: str | None = None, dataset: str | None = None, data_dir: str | None = None, recipe: str | None = None,
+          overrides: dict | None = None, model_options: dict | None = None, seed: int | None = None,
           device: str | None = None, store: Store | None, resume: str | None = None, label: str | None = None,
           argv: list[str] | None = None, progress: Progress = no_progress, select: str | None = None) -> dict:
     """Train `model` on `dataset` with a recipe; checkpoint every epoch into the store.
@@ -48,6 +50,9 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
     if select is not None and select not in training.SELECTS:
         raise UsageError(f"unknown --select {select!r}: use {', '.join(training.SELECTS)}")
     check_numbers(seed=seed, **_numeric_overrides(overrides or {}, model_options or {}))
+    given_model, given_seed = model, seed  # a resume takes both from its checkpoint: a different one is refused
+    if not resume:
+        model, seed = model or DEFAULT_MODEL, 0 if seed is None else seed
     check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--recipe": recipe,
                        "--resume": resume, "--label": label})
     if resume:  # a resume continues the run as it was configured: other settings would be silently ignored
@@ -113,10 +118,17 @@ def train(*, model: str, dataset: str | None = None, data_dir: str | None = None
         if config.get("dataset_sha256") and config["dataset_sha256"] != ds.sha256:
             raise UsageError(f"cannot resume on a different dataset than the checkpoint's ({config['dataset']})")
         model_name = config["model"]
+        if given_model is not None and given_model != model_name:
+            raise UsageError(f"cannot resume a {model_name} run as --model {given_model}")
+        if given_seed is not None and given_seed != config.get("seed", 0):
+            raise UsageError(f"cannot resume with --seed {given_seed}: the run was seeded {config.get('seed', 0)}")
         rec = config["recipe"]
+        done = int(state.get("epoch", 0))
         if overrides and "epochs" in overrides:
+            if overrides["epochs"] < done:
+                raise UsageError(f"--epochs {overrides['epochs']}: the run has already trained {done} epochs")
             rec = {**rec, "epochs": overrides["epochs"]}
-        seed = config.get("seed", seed)
+        seed = config.get("seed", 0)
         if select is not None and select != config.get("select", "last"):
             raise UsageError(f"cannot resume with --select {select}: the run selects {config.get('select', 'last')}")
         select = config.get("select", "last")
