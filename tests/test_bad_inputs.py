@@ -125,6 +125,11 @@ def world(tmp_path_factory, mini):
     np.save(files / "csrc" / "labels.npy", np.zeros(10, np.int64))
     np.save(files / "csrc" / "contrast.npy", np.zeros((10, 32, 32), np.uint8))
     np.save(files / "csrc" / "snow.npy", np.array([{"a": 1}] * 10, dtype=object), allow_pickle=True)
+    for name, images, labels in (("csrc2", np.zeros((10, 2, 2, 3), np.uint8), np.zeros(10, np.int64)),
+                                 ("csrc3", np.zeros((10, 32, 32, 3), np.uint8), np.full(10, 99, np.int64))):
+        (files / name).mkdir()  # 2x2 images no model here takes; labels outside 0..9
+        np.save(files / name / "fog.npy", images)
+        np.save(files / name / "labels.npy", labels)
     (files / "bad.tar.xz").write_bytes(b"not an archive")
     (files / "afile.txt").write_text("x")
     return {"store": store, "data": data, "files": files, "run": run["id"]}
@@ -287,6 +292,8 @@ CASES = [
     (C + ["-c", "fog", "-s", "1", "--T", "5"], 2, "--T applies to relaxation models; cnn-small has no relaxation"),
     (C + ["--source", "FILES/csrc", "-c", "contrast"], 3, "expected uint8 (5N, H, W, 3)"),
     (C + ["--source", "FILES/csrc", "-c", "snow"], 3, "cannot read snow.npy or labels.npy"),
+    (C + ["--source", "FILES/csrc2"], 2, "model cnn-small cannot take fog.npy's 2x2 images"),
+    (C + ["--source", "FILES/csrc3"], 3, "labels.npy holds int64 labels in [99, 99]; the model has 10 classes"),
     (C + ["--export", "FILES/afile.txt"], 2, "is a file, not a folder"),
     (C[:3] + ["--export", "FILES/exported", "--n", "0"], 2, "--n must be >= 1"),
     (C + ["--export", "FILES/exported", "-s", "2"], 2, "--export only writes corrupted images"),

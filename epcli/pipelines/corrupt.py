@@ -63,6 +63,8 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         if not set(ref_result["correct"]) & {(c, s) for c in names for s in severities}:
             raise UsageError(f"reference {reference!r} has none of the requested corruption x severity cells "
                              "(relative mCE compares the same cells)")
+    if source:
+        _check_source_fits(net, source, names)
     ds = None if source else dataset_for(store, info, dataset, data_dir)
     if ds is not None:
         check_model_takes(net, ds.test_x, ds.name)
@@ -176,6 +178,25 @@ def _check_source_file(source: str, name: str) -> None:
                            "e.g. (50000, 32, 32, 3), severities stacked 1..5")
     if lab.ndim != 1 or lab.shape[0] != arr.shape[0]:
         raise DatasetError(f"{lf} has shape {lab.shape}: expected ({arr.shape[0]},) to match {f.name}")
+
+
+def _check_source_fits(net, source: str, names: list[str]) -> None:
+    """The official files' labels are the model's classes and their images a size it takes (read from the memory
+    map: one image per file), before the run opens."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from epcli.errors import DatasetError
+    d = Path(source)
+    labels = np.load(d / "labels.npy", mmap_mode="r", allow_pickle=False)
+    k = net.spec.get("num_classes")
+    if not np.issubdtype(labels.dtype, np.integer) or (k and len(labels) and (labels.min() < 0 or labels.max() >= k)):
+        raise DatasetError(f"{d / 'labels.npy'} holds {labels.dtype} labels in [{labels.min()}, {labels.max()}]; the "
+                           f"model has {k} classes (labels 0..{k - 1})")
+    for name in names:
+        first = np.load(d / f"{name}.npy", mmap_mode="r", allow_pickle=False)[:1]
+        check_model_takes(net, torch.from_numpy(np.array(first)).permute(0, 3, 1, 2), f"{name}.npy")
 
 
 def _source_clean(store: Store, info: dict, source: str, dataset: str | None, data_dir: str | None):
