@@ -180,6 +180,8 @@ def _store(path: Optional[str] = None, write: bool = True):
     """The store. Commands that only read never create one (a typo in --store is an error, not a new empty
     store), and open a store they cannot write read-only."""
     from epcli.store import Store
+    if (path or STATE.store_path) is not None and not str(path or STATE.store_path).strip():
+        raise UsageError("--store is empty: give the store folder or leave the option out (default ./store)")
     store = Store(path or STATE.store_path, create=write)
     if store.created:
         _note(f"[dim]created a new store at {_escape(str(store.root))}[/]")

@@ -386,6 +386,15 @@ def test_refusals_that_need_more_runs(world, tmp_path):
         assert checksum(store) == before
 
 
+def test_empty_store_option_is_refused(tmp_path, monkeypatch, world):
+    # `--store ""` was the current folder: a train wrote epcli.db, artifacts/ and cache/ into it
+    monkeypatch.chdir(tmp_path)
+    for cmd in (T + ["--dataset", world["data"], "--device", "cpu"], ["runs"]):
+        r = runner.invoke(app, ["--store", ""] + [str(a) for a in cmd], catch_exceptions=False)
+        assert r.exit_code == 2 and r.stderr.startswith("error: --store is empty") and r.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_store_folder_mistakes(tmp_path, world):
     # a typo in --store: reading commands do not create a store
     typo = tmp_path / "sotre"
