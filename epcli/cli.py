@@ -415,6 +415,8 @@ def attack(
     STATE.quiet = STATE.quiet or quiet
     presets = {"paper-linf": "0.0001,0.000215,0.000464,0.001,0.002154,0.004642,0.01,0.021544,8/255,0.046416,0.1",
                "paper-l2": "0.05,0.0788,0.1242,0.1957,0.3085,0.4862,0.7663,1.0,1.2077,1.9035,3.0"}
+    if strict and not checks:
+        raise UsageError("--strict exits 7 when a reliability check fails, but --no-checks runs none: drop one")
     preset_norm = {"paper-linf": "linf", "paper-l2": "l2"}.get(eps)
     if preset_norm and preset_norm != norm:
         raise UsageError(f"--eps {eps} is the paper's {preset_norm} grid: use it with --norm {preset_norm} (or "

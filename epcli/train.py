@@ -672,8 +672,8 @@ def check_plan(model: nn.Module, recipe: dict, n_train: int, select: str = "last
     if _is_ep(model) and adv:
         raise UsageError("adversarial training (recipe adv) is for backprop models, not the EP-CNN")
     if adv and adv.get("eps") is None:
-        raise UsageError("adversarial training needs an eps (--adv-eps); the paper trained L2 PGD-AT with "
-                         f"eps in {{{', '.join(map(str, PAPER_AT_EPS))}}}")
+        raise UsageError("adversarial training needs an eps (--adv-train l2:EPS or --set adv.eps=EPS); the paper "
+                         f"trained L2 PGD-AT with eps in {{{', '.join(map(str, PAPER_AT_EPS))}}}")
     if adv:
         check_adv_eps(adv["eps"], adv["norm"])
     if select not in SELECTS:

@@ -154,9 +154,10 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         rec.setdefault("name", rec_name)
     _check_fits(net, ds)
     if not resume and bool(rec.get("ep")) != training._is_ep(net):
-        raise UsageError(f"recipe ep (--T1, --T2, --beta, --rule, --set ep.*) applies to EP models; {model_name} "
-                         "trains by backprop (drop them, or --set ep=null)" if rec.get("ep") else
-                         f"{model_name} trains by EP and needs the recipe's ep settings (not --set ep=null)")
+        raise UsageError(f"EP settings (recipe {rec.get('name')}, --T1, --T2, --beta, --rule or --set ep.*) apply to "
+                         f"EP models; {model_name} trains by backprop (drop them, or --set ep=null)" if rec.get("ep")
+                         else f"{model_name} trains by EP, but recipe {rec.get('name')} has no ep settings (use an EP "
+                         "recipe such as demo-ep; --set ep=null is for backprop models)")
     select = select or "last"
     training.check_plan(net, rec, len(ds.train_y), select, sample=ds.train_x[:2])  # before the run opens: a bad recipe is a usage error
     if distributed:
