@@ -67,12 +67,20 @@ class Dataset:
         raise DatasetError(f"unknown split {name!r}: use 'train' or 'test'")
 
 
+def dataset_name(name: str | None) -> str:
+    """The `Dataset.name` that `load_dataset(name)` gives, known without reading anything (a path: its stem)."""
+    name = name or "cifar10-mini"
+    if name in ("cifar10-mini", "embedded", "cifar10", "cifar100"):
+        return "cifar10-mini" if name == "embedded" else name
+    return Path(name).name.split(".")[0]
+
+
 def load_dataset(name: str | None = None, data_dir: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
     """Load a dataset by name or path, decoding it once into a cached tensor file under `cache_dir`."""
     name = name or "cifar10-mini"
     if name in ("cifar10-mini", "embedded"):
-        return _cached(EMBEDDED, "cifar10-mini", cache_dir, lambda: _read_imagefolder(EMBEDDED))
+        return _cached(EMBEDDED, dataset_name(name), cache_dir, lambda: _read_imagefolder(EMBEDDED))
     if name in ("cifar10", "cifar100"):
         root = Path(data_dir or os.environ.get("EPCLI_DATA_DIR", ".data"))
         folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
@@ -86,7 +94,7 @@ def load_dataset(name: str | None = None, data_dir: str | os.PathLike | None = N
     if not path.exists():
         raise DatasetError(f"dataset {name!r} not found: give cifar10-mini, cifar10, cifar100, "
                            "or a path to an ImageFolder folder or .tar/.tar.xz archive")
-    return _cached(path, path.name.split(".")[0], cache_dir, lambda: _read_imagefolder(path))
+    return _cached(path, dataset_name(name), cache_dir, lambda: _read_imagefolder(path))
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,

@@ -390,6 +390,20 @@ def test_refusals_that_need_more_runs(world, tmp_path):
         assert checksum(store) == before
 
 
+def test_recipe_is_refused_before_the_dataset_is_read(world, monkeypatch):
+    # a full CIFAR-10 decoded first (~9 s the first time, 2 contended cores) before a bad --set was refused
+    from epcli.data import dataset_name, load_dataset
+    from epcli.pipelines import train as pipeline
+    assert dataset_name(None) == "cifar10-mini" and dataset_name("x/cifar10-jpeg.tar.xz") == "cifar10-jpeg"
+    assert dataset_name(str(world["data"])) == load_dataset(str(world["data"])).name
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the dataset was read before the recipe was checked")
+    monkeypatch.setattr(pipeline, "load_dataset", unread)
+    r = invoke(*T, "--dataset", world["data"], "--set", "optimizer.betas=[2]", "--device", "cpu", store=world["store"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: optimizer betas must be two numbers"), r.output
+
+
 def test_empty_store_option_is_refused(tmp_path, monkeypatch, world):
     # `--store ""` was the current folder: a train wrote epcli.db, artifacts/ and cache/ into it
     monkeypatch.chdir(tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from epcli import checkpoint
-from epcli.data import Dataset, load_dataset
+from epcli.data import Dataset, dataset_name, load_dataset
 from epcli.errors import CheckpointError, EpcliError, UsageError
 from epcli.pipelines.common import (
     Progress,
@@ -75,6 +75,8 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         from epcli.models import list_models
         if model not in list_models():
             create_model(model)  # an unknown name fails here, before any data is read
+    if main and not resume:  # the recipe as it will resolve, checked before a large dataset is decoded
+        training.resolve_recipe(recipe or training.default_recipe(model, dataset_name(dataset)), overrides or {})
     if resume and dataset is None:  # resume on the dataset the checkpoint was trained on (rank 0 reads it)
         if main:
             cfg = (resolve_model(store, resume).get("meta") or {}).get("config") or {}
