@@ -41,6 +41,7 @@ PAPER_PROTOCOL = {"attack": "pgd", "labels": "predicted", "select": "first",
                              "loss": "ce"},
                   "ep_grad_mode": "truncated:70", "ep_T": 250}
 PROTOCOLS = ("epcli", "paper")
+RANKING_ATTACKS = ("apgd-dlr", "apgd-t", "fab-t", "autoattack")  # DLR loss or runner-up targets: >= 3 classes
 
 
 def _apply_protocol(protocol, attack, labels, select, params, grad_mode, targeted):
@@ -117,6 +118,10 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         grad_mode = grad_mode or PAPER_PROTOCOL["ep_grad_mode"]
         T = PAPER_PROTOCOL["ep_T"] if T is None else T
     grad_mode = grad_mode or "bptt"
+    k = net.spec.get("num_classes")
+    if k is not None and k < 3 and (attack in RANKING_ATTACKS or (targeted and attack.startswith("apgd"))):
+        raise UsageError(f"{attack}{' --targeted' if targeted else ''} needs at least 3 classes (the DLR loss ranks "
+                         f"logits); {net.spec['name']} has {k}")
     if T is not None:
         if not hasattr(net, "T"):
             raise UsageError(f"--T applies to relaxation models; {net.spec['name']} has no relaxation")
