@@ -676,6 +676,12 @@ def check_plan(model: nn.Module, recipe: dict, n_train: int, select: str = "last
                          f"trained L2 PGD-AT with eps in {{{', '.join(map(str, PAPER_AT_EPS))}}}")
     if adv:
         check_adv_eps(adv["eps"], adv["norm"])
+    ep = recipe.get("ep") or {}
+    if _is_ep(model) and callable(getattr(model, "min_steps", None)) and ep.get("T1") is not None:
+        need = model.min_steps(ep.get("update"))  # the free phase must reach the read-out
+        if int(ep["T1"]) < need:
+            raise UsageError(f"ep.T1={ep['T1']} is smaller than the {need} steps the input needs to reach the "
+                             f"read-out ({ep.get('update') or model.update} update)")
     if select not in SELECTS:
         raise UsageError(f"unknown checkpoint selection {select!r}: use {', '.join(SELECTS)}")
     if select == "best-val" and n_train < 2:

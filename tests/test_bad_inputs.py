@@ -276,6 +276,8 @@ CASES = [
      "recipe ep.rule must be one of symmetric, one-sided, bptt"),
     (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--set", "ep.T2=[1]"], 2,
      "recipe ep.T2 must be an integer >= 1"),
+    (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--T1", "1"], 2,
+     "ep.T1=1 is smaller than the 2 steps the input needs to reach the read-out (sync update)"),
     (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--set", "ep=null"], 2,
      "ep-cnn-tiny trains by EP, but recipe demo-ep has no ep settings"),
     (["train", "--model", "ep-cnn-tiny"], 2, "or optimizer.lrs=null for one lr"),
@@ -350,8 +352,8 @@ def test_table_is_large_enough():
 
 
 def test_refusals_that_need_more_runs(world, tmp_path):
-    """Usage errors about other stored runs (a 2-epoch run, a 2-class model, a corrupt run): refused before a run
-    opens, the store unchanged. On a copy of the world's store, with those runs added."""
+    """Usage errors about other stored runs (a 2-epoch run, a 2-class model, a corrupt run, an EP-CNN): refused
+    before a run opens, the store unchanged. On a copy of the world's store, with those runs added."""
     import shutil
 
     from PIL import Image
@@ -371,12 +373,16 @@ def test_refusals_that_need_more_runs(world, tmp_path):
     longer = run_id("train", "--resume", world["run"], "--epochs", 2, "--dataset", world["data"])
     binary = run_id("train", "--model", "cnn-small", "--epochs", 1, "--dataset", two)
     fog = run_id("corrupt", "--model", world["run"], "-c", "fog", "-s", 1, "--n", 4)
+    ep_run = run_id("train", "--model", "ep-cnn-tiny", "--epochs", 1, "--set", "optimizer.lrs=null", "--T1", 3,
+                    "--T2", 2, "--dataset", world["data"])
     cases = [
         (["train", "--resume", longer, "--epochs", 1, "--dataset", world["data"]], "already trained 2 epochs"),
         (["train", "--resume", longer, "--epochs", 3, "--seed", 5, "--dataset", world["data"]],
          "cannot resume with --seed 5: the run was seeded 0"),
         (["train", "--resume", longer, "--epochs", 3, "--model", "vit", "--dataset", world["data"]],
          "cannot resume a cnn-small run as --model vit"),
+        (A[:2] + [ep_run] + A[3:] + ["--grad-mode", "truncated:1"], "an unroll of 1 steps is shorter than the 2"),
+        (A[:2] + [ep_run] + A[3:] + ["--unroll-sweep", "1,5"], "an unroll of 1 steps is shorter than the 2"),
         (A[:2] + [binary] + A[3:] + ["-a", "apgd-t"], "apgd-t needs at least 3 classes"),
         (A[:2] + [binary] + A[3:] + ["-a", "autoattack"], "autoattack needs at least 3 classes"),
         (A[:2] + [binary] + A[3:] + ["-a", "apgd-ce", "--targeted"], "apgd-ce --targeted needs at least 3 classes"),

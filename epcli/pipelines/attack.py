@@ -139,6 +139,12 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     sweep = sorted(set(int(k) for k in unroll_sweep or []))
     if sweep and not hasattr(net, "grad_mode"):
         raise UsageError("--unroll-sweep applies to relaxation models (EP-CNN) only")
+    if callable(getattr(net, "min_steps", None)):  # an unroll too short to reach the read-out has no gradient
+        unrolls = sweep + ([int(grad_mode.split(":", 1)[1])] if grad_mode.startswith("truncated:") else [])
+        shortest = min(unrolls, default=None)
+        if shortest is not None and shortest < net.min_steps():
+            raise UsageError(f"an unroll of {shortest} steps is shorter than the {net.min_steps()} the input needs "
+                             f"to reach the read-out of {net.spec['name']}")
     if sweep and attack not in attacks.WHITE_BOX:
         raise UsageError("--unroll-sweep needs a white-box attack (it varies the gradient's unroll length)")
     ds = dataset_for(store, info, dataset, data_dir)

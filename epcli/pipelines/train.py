@@ -28,7 +28,8 @@ from epcli.store import Store, config_hash, describe_device
 DEFAULT_MODEL = "ep-cnn-small"  # what `epcli train` trains when no --model is given
 
 
-def train(*, model: str | None = None, dataset: str | None = None, data_dir: str | None = None, recipe: str | None = None,
+def train(*, model: str | None = None, dataset: str | None = None, data_dir: str | None = None,
+          recipe: str | None = None,
           overrides: dict | None = None, model_options: dict | None = None, seed: int | None = None,
           device: str | None = None, store: Store | None, resume: str | None = None, label: str | None = None,
           argv: list[str] | None = None, progress: Progress = no_progress, select: str | None = None) -> dict:
@@ -161,7 +162,8 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
                          else f"{model_name} trains by EP, but recipe {rec.get('name')} has no ep settings (use an EP "
                          "recipe such as demo-ep; --set ep=null is for backprop models)")
     select = select or "last"
-    training.check_plan(net, rec, len(ds.train_y), select, sample=ds.train_x[:2])  # before the run opens: a bad recipe is a usage error
+    # before the run opens: a bad recipe is a usage error
+    training.check_plan(net, rec, len(ds.train_y), select, sample=ds.train_x[:2])
     if distributed:
         dist.broadcast_object({"spec": net.spec, "recipe": rec, "seed": seed, "state": state, "select": select})
     config = {"model": model_name, "spec": net.spec, "dataset": ds.name, "dataset_sha256": ds.sha256,
