@@ -291,6 +291,7 @@ CASES = [
     (T + ["--model-set", "width=0"], 2, "leave layer features.0.weight with no weights"),
     (T + ["--model-set", "width=-3"], 2, "cannot build it with these options"),
     (T + ["--model-set", "num_classes=5"], 2, "the number of classes comes from the dataset"),
+    (["train", "--model", "vit", "--model-set", "patch_size=0"], 2, "model 'vit': bad option value"),
     (A + ["-a", "cw", "--norm", "linf"], 2, "cw is an L2 attack: use --norm l2"),
     (A[:-2] + ["--protocol", "paper", "--labels", "true"], 2, "--protocol paper fixes these settings; drop --labels"),
     (A + ["--norm", "l2", "--eps", "paper-linf"], 2, "--eps paper-linf is the paper's linf grid"),

@@ -141,7 +141,7 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
             with warnings.catch_warnings(record=True) as caught:  # torch warns of zero-size layers: said below
                 warnings.simplefilter("always")
                 net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
-        except (TypeError, ValueError) as e:  # a --model-set value the constructor cannot use
+        except (TypeError, ValueError, ArithmeticError) as e:  # a --model-set value the constructor cannot use
             raise UsageError(f"model {model!r}: bad option value ({e})") from None
         except RuntimeError as e:  # torch refusing the shapes (a negative width) or the memory (a huge one)
             raise UsageError(f"model {model!r}: cannot build it with these options "
