@@ -419,7 +419,8 @@ def attack(
     if not STATE.quiet:
         sweep = res.get("unroll_sweep") or {}
         # title and caption as lines of their own: a table's title wraps to the (narrow) table's width
-        err.print(_escape(f"{attack_name} {norm}, {res['model']}, {res['n_examples']} images, grad {res['grad_mode']}, "
+        err.print(_escape(f"{attack_name} {norm}, {res['model']}, {res['n_examples']} test images of "
+                          f"{res.get('dataset')}, grad {res['grad_mode']}, "
                           f"{res['labels']} labels{', protocol paper' if res['protocol'] == 'paper' else ''}, "
                           f"run {res['run_id']}, {out['attack_forward_passes'] or 0:,} attack forward passes"),
                   highlight=False)
@@ -493,7 +494,8 @@ def corrupt(
             c, sv = cell.rsplit("/", 1)
             by.setdefault(c, {})[sv] = acc
         sevs = sorted({sv for v in by.values() for sv in v})
-        err.print(f"corruption accuracy (%), {_escape(res['model'])} ({res['n_examples']} images"
+        err.print(f"corruption accuracy (%), {_escape(res['model'])} ({res['n_examples']} test images of "
+                  f"{_escape(str(res.get('dataset')))}"
                   + (f", from {_escape(str(res['source']))}" if res.get("source") else "") + f"; clean {clean})",
                   highlight=False)
         t = Table()
