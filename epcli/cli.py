@@ -444,7 +444,8 @@ def attack(
     if not STATE.quiet:
         sweep = res.get("unroll_sweep") or {}
         # title and caption as lines of their own: a table's title wraps to the (narrow) table's width
-        err.print(_escape(f"{attack_name} {norm}, {res['model']}, {res['n_examples']} images, grad {res['grad_mode']}, "
+        err.print(_escape(f"{attack_name} {norm}, {res['model']}, {res['n_examples']} test images of "
+                          f"{res.get('dataset')}, grad {res['grad_mode']}, "
                           f"{res['labels']} labels{', protocol paper' if res['protocol'] == 'paper' else ''}, "
                           f"run {res['run_id']}, {out['attack_forward_passes'] or 0:,} attack forward passes"),
                   highlight=False)
@@ -524,7 +525,8 @@ def corrupt(
             c, sv = cell.rsplit("/", 1)
             by.setdefault(c, {})[sv] = acc
         sevs = sorted({sv for v in by.values() for sv in v})
-        err.print(f"corruption accuracy (%), {_escape(res['model'])} ({res['n_examples']} images"
+        err.print(f"corruption accuracy (%), {_escape(res['model'])} ({res['n_examples']} test images of "
+                  f"{_escape(str(res.get('dataset')))}"
                   + (f", from {_escape(str(res['source']))}" if res.get("source") else "") + f"; clean {clean})",
                   highlight=False)
         t = Table()
@@ -1039,27 +1041,67 @@ def gc(
     _emit({"command": "gc", **res}, as_json)
 
 
+LongOpt = Annotated[Optional[bool], typer.Option(
+    "--long/--short", "-l", help="One row per entry with what it is (default on a terminal) or bare names "
+                                 "(default in a pipe).")]
+
+
+def _long(flag: Optional[bool]) -> bool:
+    return sys.stdout.isatty() if flag is None else flag
+
+
+def _listing(heads: list[str], rows: list[list[str]]) -> None:
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for i, h in enumerate(heads):
+        t.add_column(h, no_wrap=i == 0, overflow="fold")
+    for r in rows:
+        t.add_row(*[_escape(str(v)) for v in r])
+    Console().print(t)
+
+
 @app.command(rich_help_panel="Store")
-def models(as_json: JsonOpt = False) -> None:
-    """List the registered model names."""
-    from epcli.models import list_models
+def models(as_json: JsonOpt = False, long: LongOpt = None) -> None:
+    """List the registered model names (on a terminal: with their tags and what they are)."""
+    from epcli.models import list_models, model_info
     names = list_models()
+    info = [model_info(n) for n in names]
     if as_json:
-        _emit({"command": "models", "models": names}, True)
+        _emit({"command": "models", "models": names,
+               "details": [{"name": i["name"], "help": i["help"], "tags": list(i["tags"])} for i in info]}, True)
+    elif _long(long):
+        _listing(["model", "tags", "what it is"], [[i["name"], ",".join(i["tags"]), i["help"]] for i in info])
     else:
         typer.echo("\n".join(names))
 
 
 @app.command(rich_help_panel="Store")
 def recipes(name: Annotated[Optional[str], typer.Argument(help="Show one recipe in full.")] = None,
-            as_json: JsonOpt = False) -> None:
-    """List the training presets, or show one (as JSON)."""
+            as_json: JsonOpt = False, long: LongOpt = None) -> None:
+    """List the training presets (on a terminal: with model, data, epochs and method), or show one (as JSON)."""
+    from epcli.pipelines.common import eps_label
     from epcli.train import RECIPES, resolve_recipe
     if name:
         cfg = resolve_recipe(name, {})
         _emit({"command": "recipes", "recipe": name, "config": cfg} if as_json else cfg, True)
     elif as_json:
         _emit({"command": "recipes", "recipes": sorted(RECIPES)}, True)
+    elif _long(long):
+        rows = []
+        for k in sorted(RECIPES):
+            r = resolve_recipe(k, {})
+            ep = r.get("ep") or {}
+            adv = r.get("adv") or {}
+            if ep:
+                what = f"EP T1={ep['T1']} T2={ep['T2']} beta={ep['beta']}" + (f" tol={ep['tol']:g}" if ep.get("tol")
+                                                                               else "")
+            elif adv:
+                what = (f"PGD-AT {adv['norm']} eps={eps_label(adv['eps'])}" if adv.get("eps") is not None
+                        else "PGD-AT (give --adv-train NORM:EPS)")
+            else:
+                what = "backprop"
+            rows.append([k, r.get("model") or "-", r.get("dataset") or "any", str(r["epochs"]), str(r["batch_size"]),
+                         r["optimizer"]["name"], what])
+        _listing(["recipe", "for model", "dataset", "epochs", "batch", "optimizer", "training"], rows)
     else:
         typer.echo("\n".join(sorted(RECIPES)))
 

@@ -289,10 +289,10 @@ def _register_ep(name: str, help: str):
     register_model(name, help=help, tags=("ep",))(fn)
 
 
-_register_ep("ep-cnn", "EP-CNN of the paper (CIFAR-10): conv 128-256-512-512, hard-sigmoid, T=250")
-_register_ep("ep-cnn-cifar100", "EP-CNN of the paper for CIFAR-100: last conv 1024")
-_register_ep("ep-cnn-small", "a narrower EP-CNN for fast experiments")
-_register_ep("ep-cnn-tiny", "a tiny EP-CNN for CPU demos and tests")
+_register_ep("ep-cnn", "The paper's EP-CNN (CIFAR-10): conv 128-256-512-512, hard-sigmoid, T=250.")
+_register_ep("ep-cnn-cifar100", "The paper's EP-CNN for CIFAR-100: last conv 1024.")
+_register_ep("ep-cnn-small", "A narrower EP-CNN (conv 16-32-64) that relaxes until equilibrium (tol 1e-3, cap T=250).")
+_register_ep("ep-cnn-tiny", "A tiny EP-CNN (conv 4-8) for tests.")
 
 
 # --- feed-forward CNNs ----------------------------------------------------------------------------------

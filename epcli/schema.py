@@ -343,7 +343,8 @@ SCHEMAS: dict[str, dict] = {
                          "metrics": {"type": "array", "items": _obj({"name": _S, "a": _NN, "b": _NN,
                                                                      "diff": _NN})}})]},
     "trace": _cmd("trace", {"run_id": _RUN_ID, "tree": {"$ref": "#/$defs/node"}}),
-    "models": _cmd("models", {"models": {"type": "array", "items": _S}}),
+    "models": _cmd("models", {"models": {"type": "array", "items": _S}, "details": {"type": "array", "items": _obj(
+        {"name": _S, "help": _S, "tags": {"type": "array", "items": _S}})}}),
     "recipes": _cmd("recipes", {"recipes": {"type": "array", "items": _S}, "recipe": _S, "config": {"type": "object"}},
                     optional=("recipes", "recipe", "config")),
     "tag": _cmd("tag", {"run_id": _RUN_ID, "tags": {"type": "array", "items": _S}, "note": _SN}),

@@ -320,3 +320,20 @@ def test_show_prints_epochs_as_columns_and_says_which_it_leaves_out():
     short = io.StringIO()
     Console(file=short, width=200, color_system=None).print(_epoch_table(rows[:8], 200))
     assert short.getvalue().splitlines()[0].split() == ["per", "epoch", "1", "2", "3", "4"]
+
+
+def test_models_and_recipes_list_names_in_a_pipe_and_describe_them_with_long():
+    from epcli.models import list_models
+    from epcli.train import RECIPES
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0 and r.stdout.split() == list_models()  # CliRunner is a pipe: bare names
+    r = runner.invoke(app, ["models", "--long"], env={"COLUMNS": "200"})
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("ep-cnn "))
+    assert "ep" in line.split() and "T=250" in line
+    r = runner.invoke(app, ["recipes", "-l"], env={"COLUMNS": "200"})
+    rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines()[1:]}
+    assert set(rows) == set(RECIPES)
+    assert rows["paper-ep-cifar10"][1:5] == ["ep-cnn", "cifar10", "120", "128"] and "T2=30" in rows["paper-ep-cifar10"]
+    assert "eps=8/255" in rows["paper-cnn-at-linf"]
+    doc = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    assert [d["name"] for d in doc["details"]] == doc["models"]
