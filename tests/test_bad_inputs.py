@@ -317,6 +317,8 @@ CASES = [
     (T + ["--recipe", ""], 2, "--recipe is empty"),
     (T + ["--label", ""], 2, "--label is empty"),
     (["train", "--resume", ""], 2, "--resume is empty"),
+    (["train", "--model", ""], 2, "--model is empty"),
+    (A + ["--grad-mode", ""], 2, "--grad-mode is empty"),
     (A + ["--dataset", ""], 2, "--dataset is empty"),
     (C + ["--source", ""], 2, "--source is empty"),
     (C + ["--export", ""], 2, "--export is empty"),

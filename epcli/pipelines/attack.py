@@ -92,7 +92,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     device = dist.device_for(resolve_device(device))
     if shard.worker(device):  # a torchrun rank > 0: attacks the chunks rank 0 hands out (docs/distributed.md)
         return shard.serve(device)
-    check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir})
+    check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--grad-mode": grad_mode})
     eps_list = sorted(set(parse_eps(eps)))
     notes = check_eps(norm, eps_list)
     if attack not in attacks.ATTACKS:

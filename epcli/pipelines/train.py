@@ -51,11 +51,11 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
     if select is not None and select not in training.SELECTS:
         raise UsageError(f"unknown --select {select!r}: use {', '.join(training.SELECTS)}")
     check_numbers(seed=seed, **_numeric_overrides(overrides or {}, model_options or {}))
+    check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--recipe": recipe,
+                       "--resume": resume, "--label": label})
     given_model, given_seed = model, seed  # a resume takes both from its checkpoint: a different one is refused
     if not resume:
         model, seed = model or DEFAULT_MODEL, 0 if seed is None else seed
-    check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--recipe": recipe,
-                       "--resume": resume, "--label": label})
     if resume:  # a resume continues the run as it was configured: other settings would be silently ignored
         changed = sorted(_dotted({k: v for k, v in (overrides or {}).items() if k != "epochs"}))
         ignored = ([f"--recipe {recipe}"] if recipe else []) + (["--model-set"] if model_options else []) + \
