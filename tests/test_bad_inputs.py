@@ -110,15 +110,18 @@ def world(tmp_path_factory, mini):
         path.parent.mkdir(parents=True, exist_ok=True)
         pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(path)
+    classes = [p.name for p in sorted((Path(data) / "train").iterdir())]  # the trained model's (CIFAR-10's)
     for split in ("train", "test"):
-        for c in range(10):
-            png(files / "tiny" / split / f"c{c}" / "0.png", 2, c)
+        for c, name in enumerate(classes):
+            png(files / "tiny" / split / name / "0.png", 2, c)
+            png(files / "renamed" / split / f"c{c}" / "0.png", 32, c)  # the right size, other class names
         png(files / "oneclass" / split / "a" / "0.png", 32, 0)
         for c in "ab":
             png(files / "splitsize" / split / c / "0.png", 32 if split == "train" else 16, 0)
     from epcli.data import load_dataset
     s = Store(store)
-    load_dataset(str(files / "tiny"), cache_dir=s.cache_dir)  # decoded once here: the cases below add no cache file
+    for name in ("tiny", "renamed"):  # decoded once here: the cases below add no cache file
+        load_dataset(str(files / name), cache_dir=s.cache_dir)
     s.close()
     # an official-layout corruption folder with a wrongly shaped file and a pickled one
     (files / "csrc").mkdir()
@@ -311,6 +314,8 @@ CASES = [
     (["train", "--model", "resnet18", "--epochs", "1", "--dataset", "FILES/tiny"], 2,
      "augment crop-flip (pad_mode reflect) cannot work on 2x2 images"),
     (T + ["--dataset", "FILES/oneclass"], 3, "one class (a) in train/; a classifier needs at least 2"),
+    (A[:2] + ["RUN"] + A[3:] + ["--dataset", "FILES/renamed"], 2, "the model's class 0 is 'airplane' but dataset"),
+    (C[:2] + ["RUN"] + C[3:] + ["--dataset", "FILES/renamed"], 2, "the model's class 0 is 'airplane' but dataset"),
     (T + ["--dataset", "FILES/splitsize"], 3, "train images are 32x32 but test images are 16x16"),
     # an empty value is not "not given"
     (T + ["--dataset", ""], 2, "--dataset is empty"),

@@ -238,6 +238,11 @@ def dataset_for(store: Store, info: dict, dataset: str | None, data_dir: str | N
     want = info["meta"].get("num_classes") or info["meta"]["spec"].get("num_classes")
     if want and int(want) != ds.num_classes:
         raise UsageError(f"the model has {want} classes but dataset {ds.name} has {ds.num_classes}")
+    have = info["meta"].get("classes")  # what each output means: label k must name the same class in both
+    if have and list(have) != list(ds.classes):
+        k = next(i for i, (a, b) in enumerate(zip(have, ds.classes)) if a != b)
+        raise UsageError(f"the model's class {k} is {have[k]!r} but dataset {ds.name}'s is {ds.classes[k]!r}"
+                         + (" (the same classes in another order)" if sorted(have) == sorted(ds.classes) else ""))
     return ds
 
 
