@@ -189,9 +189,10 @@ def _check_source_fits(net, source: str, names: list[str]) -> None:
 
     from epcli.errors import DatasetError
     d = Path(source)
-    labels = np.load(d / "labels.npy", mmap_mode="r", allow_pickle=False)
+    labels = np.asarray(np.load(d / "labels.npy", mmap_mode="r", allow_pickle=False))
     k = net.spec.get("num_classes")
-    if not np.issubdtype(labels.dtype, np.integer) or (k and len(labels) and (labels.min() < 0 or labels.max() >= k)):
+    if k and len(labels) and (not np.issubdtype(labels.dtype, np.number) or labels.min() < 0 or labels.max() >= k
+                              or not np.array_equal(labels, np.round(labels))):
         raise DatasetError(f"{d / 'labels.npy'} holds {labels.dtype} labels in [{labels.min()}, {labels.max()}]; the "
                            f"model has {k} classes (labels 0..{k - 1})")
     for name in names:
