@@ -305,8 +305,10 @@ CASES = [
     (C + ["--source", "FILES/csrc2"], 2, "model cnn-small cannot take fog.npy's 2x2 images"),
     (C + ["--source", "FILES/csrc3"], 3, "labels.npy holds int64 labels in [99, 99]; the model has 10 classes"),
     (C + ["--export", "FILES/afile.txt"], 2, "is a file, not a folder"),
+    (C + ["--export", "FILES/afile.txt/sub"], 2, "/afile.txt/sub: cannot create the folder (Not a directory)"),
     (C[:3] + ["--export", "FILES/exported", "--n", "0"], 2, "--n must be >= 1"),
     (C + ["--export", "FILES/exported", "-s", "2"], 2, "--export only writes corrupted images"),
+    (C + ["--export", "FILES/exported", "--dataset", "nope"], 3, "dataset 'nope' not found"),
     # datasets a model cannot take: refused before the run opens (were RuntimeErrors in a failed run)
     (T + ["--dataset", "FILES/tiny"], 2, "model cnn-small cannot take tiny's 2x2 images"),
     (A[:2] + ["RUN"] + A[3:] + ["--dataset", "FILES/tiny"], 2, "model cnn-small cannot take tiny's 2x2 images"),

@@ -291,17 +291,33 @@ def export_corruptions(*, directory: str, names: list[str] | None = None, datase
                        data_dir: str | None = None, n: int | None = None, seed: int = 0,
                        store: Store) -> dict:
     """Write a generated CIFAR-10-C-style set (.npy per corruption + labels.npy) to `directory`."""
+    import contextlib
+    import os
     from pathlib import Path
 
     from epcli import corruptions as C
     check_numbers(n=n, seed=seed)
     check_not_blank(**{"--export": directory, "--dataset": dataset, "--data-dir": data_dir})
-    if Path(directory).exists() and not Path(directory).is_dir():
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
         raise UsageError(f"--export {directory} is a file, not a folder")
-    names = list(dict.fromkeys(names or C.CORRUPTIONS))
-    ds = load_dataset(dataset, data_dir=data_dir, cache_dir=store.cache_dir)
-    x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
-    C.export(directory, x, y, names=names, seed=seed)
+    created = not folder.exists()
+    try:  # before the dataset is read: a path that cannot be a folder is the user's to fix
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--export {directory}: cannot create the folder ({e.strerror or e})") from None
+    try:
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--export {directory}: the folder is not writable")
+        names = list(dict.fromkeys(names or C.CORRUPTIONS))
+        ds = load_dataset(dataset, data_dir=data_dir, cache_dir=store.cache_dir)
+        x, y, _ = subset(ds.test_x, ds.test_y, n, seed)
+        C.export(directory, x, y, names=names, seed=seed)
+    except BaseException:
+        if created:  # a refused export leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return {"directory": str(directory), "corruptions": names, "n_examples": len(y), "seed": seed,
             "dataset": ds.name}
 
