@@ -299,6 +299,11 @@ def _read_torchvision(name: str, folder: Path) -> dict:
         test_file = folder / "test"
     test_x = to_x(test, test_file)
     test_y = to_y(test, key, test_x, test_file, len(classes))
+    for split, x, where in (("train", tx, folder), ("test", test_x, test_file)):
+        if not len(x):  # nothing to train on, or every accuracy 0/0
+            raise DatasetError(f"{where}: the {split} split has no images")
+    if len(classes) < 2:
+        raise DatasetError(f"{folder}: one class ({classes[0] if classes else '?'}); a classifier needs at least 2")
     return {"classes": classes, "train_x": tx, "train_y": ty, "test_x": test_x, "test_y": test_y}
 
 

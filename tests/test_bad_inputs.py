@@ -89,7 +89,7 @@ def world(tmp_path_factory, mini):
     (files / "truncated.safetensors").write_bytes(ckpt.read_bytes()[:200])
     (files / "folder.safetensors").mkdir()
     # CIFAR python layouts: one whose batch runs code when unpickled, one with junk, one with bad labels
-    for name in ("exploit", "junk", "labels"):
+    for name in ("exploit", "junk", "labels", "emptytest"):
         folder = files / name / "cifar-10-batches-py"
         folder.mkdir(parents=True)
         good = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}
@@ -102,6 +102,8 @@ def world(tmp_path_factory, mini):
     (files / "junk" / "cifar-10-batches-py" / "test_batch").write_bytes(b"junk")
     pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 99]},
                 open(files / "labels" / "cifar-10-batches-py" / "test_batch", "wb"))
+    pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"labels": []},
+                open(files / "emptytest" / "cifar-10-batches-py" / "test_batch", "wb"))
     (files / "empty").mkdir()
     # ImageFolders no model here can use: 2x2 images, one class, train and test of different sizes
     from PIL import Image
@@ -216,6 +218,7 @@ CASES = [
     (T + ["--dataset", "cifar10", "--data-dir", "FILES/exploit"], 3, "refusing to load posix.system"),
     (T + ["--dataset", "cifar10", "--data-dir", "FILES/junk"], 3, "not a CIFAR python batch"),
     (T + ["--dataset", "cifar10", "--data-dir", "FILES/labels"], 3, "labels must be in 0..9"),
+    (T + ["--dataset", "cifar10", "--data-dir", "FILES/emptytest"], 3, "the test split has no images"),
     # checkpoints: metadata is untrusted
     (A[:2] + ["FILES/huge.safetensors"], 4, "refusing to build it"),
     (A[:2] + ["FILES/huge2.safetensors"], 4, "cannot rebuild its model"),
