@@ -82,6 +82,13 @@ EP_RECIPES: dict[str, dict] = {
                     schedule=dict(name="cosine", t_max=8, eta_min=1e-3),
                     augment="crop-flip", pad_mode="edge", label_smoothing=0.0,
                     ep=dict(T1=250, T2=6, beta=0.5, rule="symmetric", tol=EQUILIBRIUM_TOL), adv=None),
+    # ep-cnn-tiny (2 conv layers + read-out: 3 learning rates) for smoke runs and tests; not tuned.
+    "tiny-ep": dict(model="ep-cnn-tiny", dataset=None, epochs=3, batch_size=64,
+                    optimizer=dict(name="sgd", lr=0.05, lrs=[0.2, 0.1, 0.05], momentum=0.9, weight_decay=3e-4,
+                                   nesterov=False),
+                    schedule=dict(name="cosine", t_max=3, eta_min=1e-3),
+                    augment="crop-flip", pad_mode="edge", label_smoothing=0.0,
+                    ep=dict(T1=20, T2=4, beta=0.5, rule="symmetric"), adv=None),
     # UNMEASURED (no GPU in the sessions that wrote it) for >=87% in 10 min on one H100; see docs/ep.md. From the
     # CPU measurements of bench/bench_fixed_point.py: fp16 relaxation (amp) and a per-image tolerance stop in the
     # free phase (T1 the cap: the saving); the net's own update rule (sync), so training and prediction share a

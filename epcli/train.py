@@ -352,10 +352,14 @@ def default_recipe(model_name: str, dataset_name: str | None = None) -> str:
     mini = ds in ("", "cifar10-mini", "embedded")
     if model_name.startswith("ep-"):
         ep_names = list(_ep_recipes())
-        if model_name in ("ep-cnn-small", "ep-cnn-tiny") or mini:
-            for n in ("demo-ep", *ep_names):
-                if n in _recipes():
+        if mini:  # the embedded set: the recipe written for this net (its per-layer learning rates fit its layers)
+            for n in ("demo-ep", "tiny-ep", "paper-ep-cifar10", "paper-ep-cifar100", *ep_names):
+                if n in _recipes() and _recipes()[n].get("model") == model_name:
                     return n
+        if model_name == "ep-cnn-small" and "demo-ep" in _recipes():
+            return "demo-ep"
+        if model_name == "ep-cnn-tiny" and "tiny-ep" in _recipes():
+            return "tiny-ep"
         want = "paper-ep-cifar100" if ("100" in ds or model_name.endswith("cifar100")) else "paper-ep-cifar10"
         if want in _recipes():
             return want

@@ -285,8 +285,8 @@ CASES = [
     (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--T1", "1"], 2,
      "ep.T1=1 is smaller than the 2 steps the input needs to reach the read-out (sync update)"),
     (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--set", "ep=null"], 2,
-     "ep-cnn-tiny trains by EP, but recipe demo-ep has no ep settings"),
-    (["train", "--model", "ep-cnn-tiny"], 2, "or optimizer.lrs=null for one lr"),
+     "ep-cnn-tiny trains by EP, but recipe tiny-ep has no ep settings"),
+    (["train", "--model", "ep-cnn-tiny", "--recipe", "demo-ep"], 2, "or optimizer.lrs=null for one lr"),
     # options that contradict each other or would be ignored
     (T + ["--set", "epochs=2"], 2, "--epochs and --set epochs both set epochs"),
     (T + ["--set", "optimizer=sgd", "--lr", "0.1"], 2, "--lr sets optimizer.lr, but --set optimizer=\"sgd\""),

@@ -359,3 +359,15 @@ def test_recipe_ep_update_reaches_the_relaxation(cifar, monkeypatch):
     assert seen == ["alternate"]
     with pytest.raises(UsageError, match="ep.update"):
         resolve_recipe("demo-ep", {"ep.update": "sideways"})
+
+
+@pytest.mark.parametrize("dataset", ["cifar10-mini", "cifar10", "cifar100"])
+def test_every_model_default_recipe_fits_it(dataset):
+    """`epcli train --model M` without --recipe: the default recipe's per-layer learning rates fit M's layers
+    (the paper net on the embedded set once got demo-ep's 4 rates for its 5 layers: refused)."""
+    from epcli.models import create_model, list_models
+    from epcli.train import check_plan, default_recipe, resolve_recipe
+    classes = 100 if dataset == "cifar100" else 10
+    for name in list_models():
+        recipe = resolve_recipe(default_recipe(name, dataset), {})
+        check_plan(create_model(name, num_classes=classes), recipe, 1000)
