@@ -574,6 +574,9 @@ def report(
     from epcli import report as R
     from epcli import schema
     from epcli.pipelines.report import report as report_pipeline  # not epcli.api: a report never needs torch
+    for option, values in (("--run", run), ("--model", model), ("--dataset", [dataset]), ("--out", [out])):
+        if any(v is not None and not v.strip() for v in values or []):  # was "not given": the whole store
+            raise UsageError(f"{option} is empty: give a value or leave the option out")
     if curves:
         with _store(write=False) as store:
             ids = list(run or []) + [store.latest_train_run(m, dataset)["id"] for m in model or []]
@@ -981,7 +984,7 @@ def tag(
     with _store(write=False) as store:
         new = store.tag_run(run_id, add, remove)
         run = store.get_run(run_id)
-    _note(f"{run['id']}: tags {' '.join(new) or '(none)'}")
+    _note(f"{run['id']}: tags {_escape(' '.join(new)) or '(none)'}")  # user text, never markup
     _emit({"command": "tag", "run_id": run["id"], "tags": new, "note": run.get("note")}, as_json)
 
 
@@ -1080,6 +1083,8 @@ def recipes(name: Annotated[Optional[str], typer.Argument(help="Show one recipe 
     """List the training presets (on a terminal: with model, data, epochs and method), or show one (as JSON)."""
     from epcli.pipelines.common import eps_label
     from epcli.train import RECIPES, resolve_recipe
+    if name is not None and not name.strip():
+        raise UsageError("the recipe name is empty: `epcli recipes` lists them")
     if name:
         cfg = resolve_recipe(name, {})
         _emit({"command": "recipes", "recipe": name, "config": cfg} if as_json else cfg, True)

@@ -432,6 +432,8 @@ class Store:
 
     def get_run(self, run_id: str) -> dict:
         """A run by id or by a unique id prefix."""
+        if not str(run_id).strip():  # '' is a prefix of every id: it named the whole store as "ambiguous"
+            raise UsageError("the run id is empty: give a run id or a unique prefix (see `epcli runs`)")
         rows = list(self.db.query("SELECT * FROM runs WHERE id = ? OR id LIKE ? ESCAPE '\\' ORDER BY id "
                                   "LIMIT 2", [run_id, like_prefix(run_id)]))
         exact = [r for r in rows if r["id"] == run_id]
@@ -620,9 +622,14 @@ class Store:
         descending; default newest first. Runs without the NAME never match a condition and sort last."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise UsageError(f"--limit must be a whole number >= 0 (0: all), got {limit!r}")
+        for option, value in (("--model", model), ("--dataset", dataset), ("--tag", tag)):
+            if value is not None and not value.strip():  # an empty value matched nothing, silently
+                raise UsageError(f"{option} is empty: give a value or leave the option out")
+        if sort is not None and not sort.lstrip("-").strip():
+            raise UsageError(f"--sort {sort!r} names nothing: give NAME or -NAME, e.g. --sort -test_acc")
         conds = [parse_condition(w) for w in where or []]
         rows = self.runs(kind=kind, status=status, model=model, dataset=dataset)
-        if since:
+        if since is not None:
             cutoff = parse_since(since)
             rows = [r for r in rows if (r.get("started_at") or "") >= cutoff]
         if tag:
@@ -658,7 +665,13 @@ class Store:
         return got[0]["v"] if got else None
 
     def tag_run(self, run_id: str, add: list[str] = (), remove: list[str] = ()) -> list[str]:
-        """Add and remove tags of a run (kept sorted, unique); returns the new tags."""
+        """Add and remove tags of a run (kept sorted, unique); returns the new tags. A tag is one non-empty
+        word: `runs` shows tags space-separated as #tag, and a space inside one would read as two."""
+        for t in [*add, *remove]:
+            if not str(t).strip():
+                raise UsageError("a tag is empty: give a word (-TAG removes one)")
+            if len(str(t).split()) != 1 or str(t) != str(t).strip():
+                raise UsageError(f"tag {t!r} has whitespace: a tag is one word (e.g. {'-'.join(str(t).split())})")
         run = self.get_run(run_id)
         tags = sorted((set(run.get("tags") or []) | {t for t in add if t}) - set(remove))
         self.db["runs"].update(run["id"], {"tags": json.dumps(tags)})
@@ -822,11 +835,16 @@ def parse_condition(text: str) -> tuple[str, str, Any]:
         if op in text:
             name, raw = text.split(op, 1)
             name, raw = name.strip(), raw.strip()
+            if name and raw and raw[0] in "<>=!":  # 'test_acc>>1': an operator typo, not the string '>1'
+                raise UsageError(f"cannot read the condition {text!r}: one operator, one of {' '.join(_OPS)}")
             if name and raw:
                 try:
-                    return name, op, float(raw)
+                    value = float(raw)
                 except ValueError:
                     return name, op, raw
+                if value != value:  # NaN: every comparison is false, the condition would match nothing
+                    raise UsageError(f"cannot read the condition {text!r}: {raw} is not a number to compare with")
+                return name, op, value
     raise UsageError(f"cannot read the condition {text!r}: use NAME OP VALUE with OP one of "
                      f"{' '.join(_OPS)}, e.g. test_acc>0.5 or config.recipe.epochs=20")
 
@@ -838,17 +856,21 @@ def parse_since(text: str) -> str:
     from epcli.errors import UsageError
     t = text.strip()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    if t[:-1].replace(".", "", 1).isdigit() and t[-1:] in units:
-        return (datetime.now(timezone.utc) - timedelta(seconds=float(t[:-1]) * units[t[-1]])).isoformat(
-            timespec="milliseconds")
+    if not t:
+        raise UsageError("--since is empty: give a date like 2026-11-29 or an age like 12h, or leave it out")
     try:
+        if t[:-1].replace(".", "", 1).isdigit() and t[-1:] in units:
+            return (datetime.now(timezone.utc) - timedelta(seconds=float(t[:-1]) * units[t[-1]])).isoformat(
+                timespec="milliseconds")
         d = datetime.fromisoformat(t)
+        if d.tzinfo is None:
+            d = d.replace(tzinfo=timezone.utc)
+        return d.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    except OverflowError:  # an age beyond year 1, or a date that leaves the calendar once moved to UTC
+        raise UsageError(f"--since {text!r} is outside the calendar (years 1 to 9999)") from None
     except ValueError:
         raise UsageError(f"cannot read --since {text!r}: use a date like 2026-11-29, a time like "
                          "2026-11-29T14:00, or an age like 30m, 12h, 7d") from None
-    if d.tzinfo is None:
-        d = d.replace(tzinfo=timezone.utc)
-    return d.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _compare(value: Any, op: str, want: Any) -> bool:

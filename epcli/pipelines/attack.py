@@ -475,12 +475,24 @@ def _strength(attacks, net, x, y, res, norm, eps_list, params, seed, device, gra
     return out
 
 
-def _stored_outcomes(store: Store, run: dict) -> dict | None:
+def _stored_outcomes(store: Store, run: dict, required: bool = False) -> dict | None:
+    """A run's stored per-example outcomes, or None when it has none. A file deleted or damaged on disk is None
+    too (other runs' outcomes only add checks: one lost file failed every later attack of the model), unless
+    `required`: then a NotFoundError that names the run."""
     from safetensors.torch import load_file
     arts = store.artifacts_of(run["id"], role="output", kind="per-example")
     if not arts:
         return None
-    t = load_file(str(store.artifact_path(arts[0]["sha256"])))
+    path = store.artifact_path(arts[0]["sha256"])
+    try:
+        t = load_file(str(path))
+    except Exception as e:  # missing (OSError) or not safetensors (SafetensorError)
+        if not required:
+            return None
+        if not path.exists():
+            raise NotFoundError(f"run {run['id']}'s per-example outcomes {path} are missing from the store (`epcli "
+                                "gc` forgets lost files)") from None
+        raise NotFoundError(f"run {run['id']}'s per-example outcomes {path} cannot be read ({e})") from None
     robust = {float(k[len("robust_"):]): v.bool() for k, v in t.items() if k.startswith("robust_")}
     return {"attack": run["config"]["attack"], "norm": run["config"]["norm"], "index": t["index"],
             "y": t["label"], "robust": robust, "run_id": run["id"]}
@@ -623,7 +635,7 @@ def compare(*, store: Store, run_a: str, run_b: str) -> dict:
         if r["kind"] != "attack" or r["status"] != "finished":
             raise UsageError(f"run {r['id']} is a {r['status']} {r['kind']} run; compare needs two finished "
                              "attack runs")
-    a, b = _stored_outcomes(store, a_run), _stored_outcomes(store, b_run)
+    a, b = _stored_outcomes(store, a_run, required=True), _stored_outcomes(store, b_run, required=True)
     if a is None or b is None:
         raise NotFoundError("one of the runs has no per-example outcomes stored")
     if a_run["dataset"] != b_run["dataset"]:

@@ -92,6 +92,7 @@ from epcli.report.runs import (
     CURVE_METRICS,
     flatten_config,
     lineage_tree,
+    output_folder,
     training_curves,
     training_diff,
     training_history,
@@ -101,7 +102,8 @@ from epcli.report.tables import clean_note, leaderboard_table, model_notes, to_d
 __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
            "clean_note", "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label",
            "figures", "flatten_config", "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable",
-           "model_notes", "protocol_reasons", "render", "robustbench_files", "robustbench_id", "robustbench_json",
+           "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files", "robustbench_id",
+           "robustbench_json",
            "to_dict", "training_curves", "training_diff", "training_history", "write_robustbench",
            # constants callers read (tests, bench, the corrupt and report pipelines)
            "ACC_METRICS", "ADVERSARIAL_MODELS", "ATTACK_NAMES", "ATTACK_ORDER", "BENCHMARK_CORRUPTIONS",

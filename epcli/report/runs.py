@@ -88,17 +88,16 @@ def training_curves(store, run_ids: list[str], out_dir: str | Path) -> list[Path
     """Training curves (train loss, train and test accuracy vs epoch), one line per training run, drawn from
     the per-epoch metrics in the store; PNG and SVG. Raises UsageError for a run that is not a training run
     or has no per-epoch metrics."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plt = _plt()
     runs = [store.get_run(r) for r in run_ids]
     hist = {}
     for r in runs:
         if r["kind"] != "train":
-            raise UsageError(f"run {r['id']} is a {r['kind']} run; --curves draws training runs")
+            raise UsageError(f"run {r['id']} is {_a(r['kind'])} run; --curves draws training runs")
         hist[r["id"]] = training_history(store, r["id"])
         if not any(hist[r["id"]].get(k) for k in CURVE_METRICS):
             raise UsageError(f"training run {r['id']} has no per-epoch metrics")
+    out_dir = output_folder(out_dir, "--out")  # after the checks: a refused request leaves no folder behind
+    plt = _plt()
     labels = {r["id"]: f"{_label(r)} {r['id']}" for r in runs}  # the whole id: runs minutes apart share its head
     colors = _colors(list(labels.values()))
     fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4.2 * len(CURVE_METRICS), 3.4))
@@ -118,6 +117,26 @@ def training_curves(store, run_ids: list[str], out_dir: str | Path) -> list[Path
     return paths
 
 
+def _a(kind: str) -> str:
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind
+
+
+def output_folder(folder: str | Path, option: str) -> Path:
+    """The folder a report writes into, created if needed; one it cannot create or write is a usage error
+    (was a FileNotFoundError / NotADirectoryError / FileExistsError traceback line, exit 1)."""
+    import os
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} {folder} is a file; give a folder for the report and its figures")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{option} {folder}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{option} {folder}: no write permission on the folder")
+    return folder
+
+
 def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts as one level of dotted keys: {"recipe": {"lr": 0.1}} -> {"recipe.lr": 0.1}."""
     if isinstance(d, dict):
@@ -134,7 +153,7 @@ def training_diff(store, run_a: str, run_b: str) -> dict:
     a, b = store.get_run(run_a), store.get_run(run_b)
     for r in (a, b):
         if r["kind"] != "train":
-            raise UsageError(f"run {r['id']} is a {r['kind']} run; compare two training runs or two attack runs")
+            raise UsageError(f"run {r['id']} is {_a(r['kind'])} run; compare two training runs or two attack runs")
     fa, fb = flatten_config(a.get("config") or {}), flatten_config(b.get("config") or {})
     diff = [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb))
             if fa.get(k) != fb.get(k)]
