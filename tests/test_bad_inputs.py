@@ -248,6 +248,38 @@ CASES = [
     (["compare", "a", "b"], 3, "no run 'a'"),
     (["report", "--out", "FILES/afile.txt"], 2, "is a file"),
     (["recipes", "nope"], 2, "unknown recipe"),
+    # store commands, probed with hostile values: each was exit 1 (a Python exception), or exit 0 with the value
+    # silently ignored (an empty id named every run "ambiguous"; --since "" listed everything)
+    (["show", ""], 2, "the run id is empty"),
+    (["trace", " "], 2, "the run id is empty"),
+    (["rm", ""], 2, "the run id is empty"),
+    (["tag", "", "x"], 2, "the run id is empty"),
+    (["runs", "--since", "99999999999999d"], 2, "--since '99999999999999d' is outside the calendar"),
+    (["runs", "--since", "0001-01-01T00:00:00+14:00"], 2, "is outside the calendar"),
+    (["runs", "--since", ""], 2, "--since is empty"),
+    (["runs", "--tag", ""], 2, "--tag is empty"),
+    (["runs", "--model", ""], 2, "--model is empty"),
+    (["runs", "--dataset", " "], 2, "--dataset is empty"),
+    (["runs", "--sort", "-"], 2, "--sort '-' names nothing"),
+    (["runs", "--where", "test_acc>>0.5"], 2, "cannot read the condition 'test_acc>>0.5': one operator"),
+    (["runs", "--where", "test_acc=<0.5"], 2, "one operator"),
+    (["runs", "--where", "test_acc>nan"], 2, "nan is not a number to compare with"),
+    (["tag", "RUN", ""], 2, "a tag is empty"),
+    (["tag", "RUN", "-"], 2, "a tag is empty"),
+    (["tag", "RUN", "two words"], 2, "tag 'two words' has whitespace: a tag is one word (e.g. two-words)"),
+    (["tag", "RUN", "ok", "x y"], 2, "tag 'x y' has whitespace"),
+    (["recipes", ""], 2, "the recipe name is empty"),
+    (["report", "--out", ""], 2, "--out is empty"),
+    (["report", "--run", ""], 2, "--run is empty"),
+    (["report", "--model", ""], 2, "--model is empty"),
+    (["report", "--dataset", ""], 2, "--dataset is empty"),
+    (["report", "--out", "FILES/afile.txt/sub"], 2, "afile.txt/sub: cannot create the folder (Not a directory)"),
+    (["report", "-f", "html", "--out", "FILES/afile.txt/sub"], 2, "cannot create the folder (Not a directory)"),
+    (["report", "--figures", "--out", "FILES/afile.txt/sub"], 2, "cannot create the folder (Not a directory)"),
+    (["report", "--curves", "--out", "FILES/afile.txt"], 2, "afile.txt is a file; give a folder"),
+    (["report", "--curves", "--run", "RUN", "--out", "FILES/afile.txt/sub"], 2, "cannot create the folder"),
+    (["report", "--curves", "--run", ""], 2, "--run is empty"),
+    (["report", "--curves", "--model", ""], 2, "--model is empty"),
     (A + ["--grad-mode", "truncated:0"], 2, "unknown gradient mode"),
     (T + ["--set", "optimizer.lrs=[0.1,0.1]"], 2, "needs a model with layer_param_groups()"),
     (T + ["--set", "optimizer=sgd"], 2, "recipe key 'optimizer' is a group of keys"),
@@ -477,3 +509,28 @@ def test_markdown_report_of_hostile_labels_is_inert(world, tmp_path):
     assert "<script" not in r.stdout and "<img" not in r.stdout
     assert not re.search(r"(?<!\\)\]\(javascript:", r.stdout)  # no link: its brackets are escaped
     assert "&lt;script&gt;" in r.stdout and "\\[click\\](javascript:" in r.stdout  # still shown, inert
+
+
+def test_a_lost_outcomes_file_does_not_fail_later_attacks(world, tmp_path):
+    # every attack compares itself with the model's stored attacks: one deleted per-example file made every later
+    # attack of the model fail at its end (FileNotFoundError, a failed run, exit 1); compare names the lost file
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(world["store"], store)
+    attack = A[:2] + [world["run"]] + A[3:] + ["--device", "cpu", "--json"]
+    r = invoke(*attack, store=store)
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout)["run_id"]
+    s = Store(store)
+    lost = s.artifact_path(s.artifacts_of(first, role="output", kind="per-example")[0]["sha256"])
+    s.close()
+    lost.unlink()
+    r = invoke(*attack, store=store)
+    assert r.exit_code == 0, r.output
+    second = json.loads(r.stdout)["run_id"]
+    lost.unlink()  # the second run's outcomes are the same bytes: content-addressed, the same file came back
+    before = checksum(store)
+    r = invoke("compare", first, second, store=store)
+    assert r.exit_code == 3 and r.stderr.startswith(f"error: run {first}'s per-example outcomes") and \
+        "are missing from the store" in r.stderr and r.stderr.count("\n") == 1, r.output
+    assert checksum(store) == before

@@ -185,3 +185,38 @@ def test_gc_spares_fresh_files_while_a_run_writes(tmp_path):
         assert s.get_run(rid)["status"] == "running"
     assert s.gc()["files_removed"] == 1 and not fresh.exists()
     invariant(s)
+
+
+def test_tag_output_shows_markup_as_text(tmp_path):
+    # the tags line printed "[bold]x[/]" as a bold "x": the stored tag was not what the user saw
+    s, ids = build(tmp_path)
+    r = cli(s, "tag", ids["t1"], "[bold]x[/]")
+    assert r.exit_code == 0 and f"{ids['t1']}: tags [bold]x[/]" in r.stderr
+    assert s.get_run(ids["t1"])["tags"] == ["[bold]x[/]"]
+    with pytest.raises(UsageError, match="has whitespace"):
+        s.tag_run(ids["t1"], ["a\tb"])
+    with pytest.raises(UsageError, match="outside the calendar"):
+        s.find_runs(since="1000000000w")
+
+
+def test_refused_curves_leave_no_reports_folder(tmp_path):
+    # the reports/ folder was created in the store before the run kinds were checked
+    s, ids = build(tmp_path)
+    r = cli(s, "report", "--curves", "--run", ids["a1"])
+    assert r.exit_code == 2 and r.stderr == f"error: run {ids['a1']} is an attack run; --curves draws training runs\n"
+    assert not (s.root / "reports").exists()
+
+
+def test_compare_with_a_lost_or_damaged_outcomes_file(tmp_path):
+    # was exit 1 (SafetensorError / FileNotFoundError); the attack pipeline's cross-run checks read the same files
+    from epcli.pipelines.attack import _stored_outcomes
+    s, ids = build(tmp_path)
+    path = s.artifact_path(ids["out"])  # build() wrote b"outcomes": not a safetensors file
+    r = cli(s, "compare", ids["a1"], ids["a1"])
+    assert r.exit_code == 3 and f"run {ids['a1']}'s per-example outcomes" in r.stderr and "cannot be read" in r.stderr
+    assert _stored_outcomes(s, s.get_run(ids["a1"])) is None  # another attack's checks skip it
+    path.unlink()
+    r = cli(s, "compare", ids["a1"], ids["a1"])
+    assert r.exit_code == 3 and "are missing from the store (`epcli gc` forgets lost files)" in r.stderr
+    assert r.stderr.count("\n") == 1
+    assert _stored_outcomes(s, s.get_run(ids["a1"])) is None
