@@ -672,6 +672,7 @@ class Store:
                 raise UsageError("a tag is empty: give a word (-TAG removes one)")
             if len(str(t).split()) != 1 or str(t) != str(t).strip():
                 raise UsageError(f"tag {t!r} has whitespace: a tag is one word (e.g. {'-'.join(str(t).split())})")
+        self._writable()  # was sqlite's "attempt to write a readonly database"
         run = self.get_run(run_id)
         tags = sorted((set(run.get("tags") or []) | {t for t in add if t}) - set(remove))
         self.db["runs"].update(run["id"], {"tags": json.dumps(tags)})
@@ -679,6 +680,7 @@ class Store:
 
     def note_run(self, run_id: str, note: str | None) -> None:
         """Set (or with None clear) a run's note."""
+        self._writable()
         self.db["runs"].update(self.get_run(run_id)["id"], {"note": note or None})
 
     def dependents(self, run_ids: list[str]) -> list[dict]:
@@ -704,6 +706,7 @@ class Store:
         outside the store (checkpoints registered by path) are never deleted, only forgotten.
         Returns {removed: [run ids], files_removed, bytes_freed, dry_run}."""
         from epcli.errors import UsageError
+        self._writable()  # a dry run too: it previews by deleting inside a transaction it rolls back
         runs = [self.get_run(r) for r in run_ids]
         ids = list(dict.fromkeys(r["id"] for r in runs))
         deps = self.dependents(ids)
@@ -757,6 +760,8 @@ class Store:
         artifacts/ and tmp/ without a row. A file younger than `grace_seconds` may belong to a write in
         progress and is kept (default: 10 minutes while any run is running, else 0).
         Returns {artifacts_removed, files_removed, bytes_freed, dry_run}."""
+        if not dry_run:
+            self._writable()
         if grace_seconds is None:
             busy = list(self.db.query("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1"))
             grace_seconds = 600.0 if busy else 0.0

@@ -289,3 +289,29 @@ def test_a_kill_between_rename_and_row_leaves_no_orphan(tmp_path):
     assert s.get_run(rid)["status"] == "interrupted"
     assert not orphan.exists() and not list((s.root / "tmp").iterdir())
     assert s.artifact_path(kept).read_bytes() == b"kept"
+
+
+def test_run_management_on_a_read_only_store_says_so(tmp_path, monkeypatch):
+    # tag, note, rm (even --dry-run, which deletes inside a rolled-back transaction) and gc were sqlite's
+    # "OperationalError: attempt to write a readonly database"; now the store's own one-line StoreError
+    import os
+
+    from typer.testing import CliRunner
+
+    from epcli.cli import app
+    s = Store(tmp_path / "s")
+    with s.run("train", {}, model="cnn") as rid:
+        pass
+    s.close()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK else real_access(p, mode, **kw))
+    before = (tmp_path / "s" / "epcli.db").read_bytes()
+    for args in (["tag", rid, "x"], ["note", rid, "hello"], ["rm", rid], ["rm", rid, "--dry-run"], ["gc"]):
+        r = CliRunner().invoke(app, ["--store", str(tmp_path / "s"), *args], catch_exceptions=False)
+        assert r.exit_code == 5 and r.stderr.startswith(f"error: the store {tmp_path / 's'} is read-only here"), \
+            (args, r.output)
+        assert r.stderr.count("\n") == 1
+    r = CliRunner().invoke(app, ["--store", str(tmp_path / "s"), "gc", "--dry-run"], catch_exceptions=False)
+    assert r.exit_code == 0
+    assert (tmp_path / "s" / "epcli.db").read_bytes() == before
+    assert Store(tmp_path / "s", readonly=True).get_run(rid)["tags"] is None
