@@ -924,7 +924,10 @@ def _trace_tree(store, run_id: str) -> dict:
     from epcli import schema
     root = store.get_run(run_id)
     if root["kind"] != "train" and root.get("model_run_id"):
-        root = store.get_run(root["model_run_id"])
+        try:
+            root = store.get_run(root["model_run_id"])
+        except NotFoundError:  # its training run is gone (a hand-edited store): the tree starts at the run itself
+            pass
 
     def node(r: dict) -> dict:
         return {"run_id": r["id"], "kind": r["kind"], "status": r["status"], "model": r.get("model"),

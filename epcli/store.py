@@ -827,6 +827,10 @@ def _decode_run(row: dict) -> dict:
                 row[k] = json.loads(row[k])
             except (TypeError, ValueError):
                 pass
+    tags = row.get("tags")
+    if tags and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        # a hand-edited tags cell ("paper", 3, {...}): one tag as written, not a tag per character
+        row["tags"] = [tags if isinstance(tags, str) else json.dumps(tags)]
     return row
 
 

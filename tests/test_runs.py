@@ -220,3 +220,15 @@ def test_compare_with_a_lost_or_damaged_outcomes_file(tmp_path):
     assert r.exit_code == 3 and "are missing from the store (`epcli gc` forgets lost files)" in r.stderr
     assert r.stderr.count("\n") == 1
     assert _stored_outcomes(s, s.get_run(ids["a1"])) is None
+
+
+def test_hand_edited_rows(tmp_path):
+    # a tags cell that is not a JSON list was read per character (tag added "y" -> tags "j n o s t y"); trace of a
+    # run whose training run is gone said "no run '<that id>'" about a run the user never named
+    s, ids = build(tmp_path)
+    s.db.execute("UPDATE runs SET tags = 'notjson' WHERE id = ?", [ids["t1"]])
+    s.db.execute("UPDATE runs SET model_run_id = 'ghost' WHERE id = ?", [ids["a1"]])
+    assert s.tag_run(ids["t1"], ["y"]) == ["notjson", "y"]
+    assert [r["id"] for r in s.find_runs(tag="o")] == []
+    r = cli(s, "trace", ids["a1"], "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["tree"]["run_id"] == ids["a1"], r.output
