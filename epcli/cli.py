@@ -863,7 +863,11 @@ def compare(
     from epcli import api, schema
     from epcli import report as R
     with _store(write=False) as store:
-        kinds = {store.get_run(run_a)["kind"], store.get_run(run_b)["kind"]}
+        ra, rb = store.get_run(run_a), store.get_run(run_b)
+        kinds = {ra["kind"], rb["kind"]}
+        if len(kinds) == 2:  # said "compare needs two finished attack runs" of a train run, which compare takes
+            raise UsageError(f"runs {ra['id']} ({ra['kind']}) and {rb['id']} ({rb['kind']}) are of different kinds: "
+                             "compare two training runs or two attack runs")
         if kinds == {"train"}:
             doc = schema.compare_training(R.training_diff(store, run_a, run_b))
         else:
