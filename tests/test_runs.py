@@ -237,5 +237,6 @@ def test_hand_edited_rows(tmp_path):
 def test_compare_of_runs_of_two_kinds(tmp_path):
     s, ids = build(tmp_path)
     r = cli(s, "compare", ids["t1"], ids["a1"])
-    assert r.exit_code == 2 and r.stderr == (f"error: runs {ids['t1']} (train) and {ids['a1']} (attack) are of "
-                                             "different kinds: compare two training runs or two attack runs\n"), r.output
+    want = (f"error: runs {ids['t1']} (train) and {ids['a1']} (attack) are of different kinds: compare two training "
+            "runs or two attack runs\n")
+    assert r.exit_code == 2 and r.stderr == want, r.output
