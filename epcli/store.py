@@ -635,6 +635,10 @@ class Store:
         if tag:
             rows = [r for r in rows if tag in (r.get("tags") or [])]
         names = {c[0] for c in conds} | ({sort.lstrip("-")} if sort else set())
+        for n in sorted(names):  # these never had a value: the condition matched nothing, the sort did nothing
+            if n in ("config", "summary", "argv", "tags") or (n.startswith("config.") and not all(n.split(".")[1:])):
+                raise UsageError(f"{n!r} is not a value to filter or sort on: name one key, e.g. config.recipe.epochs, "
+                                 "test_acc or robust_acc (use --tag for tags)")
         values = {r["id"]: {n: self.run_value(r, n) for n in names} for r in rows} if names else {}
         rows = [r for r in rows if all(_compare(values[r["id"]][n], op, v) for n, op, v in conds)]
         if sort:
