@@ -584,9 +584,10 @@ def report(
                 ids = [r["id"] for r in store.runs(kind="train", status="finished", dataset=dataset, limit=5)]
             if not ids:
                 raise NotFoundError("no training run to draw (train one, or pass --run)")
-            files = R.training_curves(store, ids, out or store.root / "reports")
+            files = R.training_curves(store, ids, out or store.root / "reports",
+                                      option="--out" if out else "the report folder")
         for f in files:
-            _note(f"wrote {f}")
+            _note(f"wrote {_escape(str(f))}")
         _emit({"command": "report", "run_id": None, "files": [str(f) for f in files], "generated_at":
                _now(), "rows": [], "notes": [f"training curves of {', '.join(ids)}"]}, as_json)
         return

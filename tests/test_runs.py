@@ -240,3 +240,14 @@ def test_compare_of_runs_of_two_kinds(tmp_path):
     want = (f"error: runs {ids['t1']} (train) and {ids['a1']} (attack) are of different kinds: compare two training "
             "runs or two attack runs\n")
     assert r.exit_code == 2 and r.stderr == want, r.output
+
+
+def test_a_file_where_the_report_folder_goes(tmp_path):
+    # store/reports a file: FileExistsError, exit 1 (and no --out was given, so the message names the folder)
+    s, ids = build(tmp_path)
+    (s.root / "reports").write_text("not a folder")
+    for args in (["report", "--figures"], ["report", "--curves", "--run", ids["t1"]]):
+        r = cli(s, *args)
+        assert r.exit_code == 2 and r.stderr == f"error: the report folder {s.root / 'reports'} is a file; give a " \
+            "folder for the report and its figures\n", (args, r.output)
+    assert [r["kind"] for r in s.find_runs(kind="report")] == ["report"]  # build()'s own: no report run added

@@ -20,7 +20,7 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
     text = None if fmt == "table" or (fmt == "html" and out) else R.render(data, fmt)
     written = []
     if out or figures:
-        out_dir = R.output_folder(out or store.root / "reports", "--out")
+        out_dir = R.output_folder(out or store.root / "reports", "--out" if out else "the report folder")
         config = {"models": models, "runs": runs, "dataset": dataset, "format": fmt, "out": str(out_dir)}
         with store.run("report", config, argv=argv) as run_id:
             figs = _draw_figures(store, data, out_dir) if figures or fmt == "html" else []

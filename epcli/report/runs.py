@@ -84,7 +84,7 @@ def training_history(store, run_id: str) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in out.items()}
 
 
-def training_curves(store, run_ids: list[str], out_dir: str | Path) -> list[Path]:
+def training_curves(store, run_ids: list[str], out_dir: str | Path, option: str = "--out") -> list[Path]:
     """Training curves (train loss, train and test accuracy vs epoch), one line per training run, drawn from
     the per-epoch metrics in the store; PNG and SVG. Raises UsageError for a run that is not a training run
     or has no per-epoch metrics."""
@@ -96,7 +96,7 @@ def training_curves(store, run_ids: list[str], out_dir: str | Path) -> list[Path
         hist[r["id"]] = training_history(store, r["id"])
         if not any(hist[r["id"]].get(k) for k in CURVE_METRICS):
             raise UsageError(f"training run {r['id']} has no per-epoch metrics")
-    out_dir = output_folder(out_dir, "--out")  # after the checks: a refused request leaves no folder behind
+    out_dir = output_folder(out_dir, option)  # after the checks: a refused request leaves no folder behind
     plt = _plt()
     labels = {r["id"]: f"{_label(r)} {r['id']}" for r in runs}  # the whole id: runs minutes apart share its head
     colors = _colors(list(labels.values()))
