@@ -537,3 +537,21 @@ def test_a_lost_outcomes_file_does_not_fail_later_attacks(world, tmp_path):
     assert r.exit_code == 3 and r.stderr.startswith(f"error: run {first}'s per-example outcomes") and \
         "are missing from the store" in r.stderr and r.stderr.count("\n") == 1, r.output
     assert checksum(store) == before
+
+
+def test_a_stored_checkpoint_replaced_by_garbage(world, tmp_path):
+    # the store's own checkpoint file damaged on disk: attack and corrupt by run id or by model name are exit 4
+    # before any run opens (a guard: this already held when the store commands were probed)
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(world["store"], store)
+    s = Store(store)
+    ckpt = s.artifact_path(s.artifacts_of(world["run"], kind="checkpoint")[0]["sha256"])
+    s.close()
+    ckpt.write_bytes(b"\x00garbage" * 64)
+    before = checksum(store)
+    for args in (A[:2] + [world["run"]] + A[3:], A, C + ["-c", "fog"]):
+        r = invoke(*args, "--device", "cpu", store=store)
+        assert r.exit_code == 4 and r.stderr.startswith("error: ") and "is not a safetensors checkpoint" in r.stderr \
+            and r.stderr.count("\n") == 1, r.output
+    assert checksum(store) == before
