@@ -249,6 +249,11 @@ class Store:
                                  f"{e.strerror or e}") from None
         self.artifacts_dir = self.root / "artifacts"
         self.cache_dir = self.root / "cache"
+        if create and not self.readonly:  # before a command that writes does any work (was exit 1 at its first write)
+            for sub in (self.artifacts_dir, self.cache_dir, self.root / "tmp"):
+                if sub.exists() and not sub.is_dir():
+                    raise StoreError(f"{sub} is a file, not a folder: the store {self.root} is damaged (move the "
+                                     "file away)")
         self.db = self._open_readonly() if self.readonly else self._open()
 
     # connection and schema
@@ -343,7 +348,11 @@ class Store:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a") as f:
+        try:
+            f = open(self.root / ".lock", "a")
+        except OSError as e:  # a folder named .lock, say: was IsADirectoryError, exit 1, for every command
+            raise StoreError(f"cannot open the store's lock file {self.root / '.lock'}: {e.strerror or e}") from None
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -500,7 +509,8 @@ class Store:
                                  "on device") from None
             raise
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # an unlink error here would replace the StoreError above
+                tmp.unlink(missing_ok=True)
         rel = str(dest.relative_to(self.root))
         with self.write_transaction():  # row and lineage edge together: a kill never leaves an unlinked artifact
             self.db["artifacts"].insert({

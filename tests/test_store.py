@@ -315,3 +315,32 @@ def test_run_management_on_a_read_only_store_says_so(tmp_path, monkeypatch):
     assert r.exit_code == 0
     assert (tmp_path / "s" / "epcli.db").read_bytes() == before
     assert Store(tmp_path / "s", readonly=True).get_run(rid)["tags"] is None
+
+
+def test_store_subfolders_that_are_files(tmp_path):
+    # tmp/ a file: a write's cleanup raised NotADirectoryError over the StoreError (exit 1, a failed report run);
+    # artifacts/ a file: a failed report run; .lock a folder: IsADirectoryError, exit 1, for every command
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from epcli.cli import app
+    s = Store(tmp_path / "s")
+    with s.run("train", {}, model="cnn", dataset="mini") as rid:
+        s.log_metric(rid, "test_acc", 0.5, step=1)
+    s.close()
+    for name, args, needle in (("tmp", ["report", "--figures"], "tmp is a file, not a folder"),
+                               ("artifacts", ["report", "--figures"], "artifacts is a file, not a folder"),
+                               ("cache", ["report", "--out", str(tmp_path / "out")], "cache is a file, not a folder"),
+                               (".lock", ["runs"], "cannot open the store's lock file")):
+        root = tmp_path / name.strip(".")
+        shutil.copytree(tmp_path / "s", root)
+        target = root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        target.unlink(missing_ok=True)
+        target.mkdir() if name == ".lock" else target.write_text("x")
+        r = CliRunner().invoke(app, ["--store", str(root), *args], catch_exceptions=False)
+        assert r.exit_code == 5 and r.stderr.startswith("error: ") and needle in r.stderr, (name, r.output)
+        assert r.stderr.count("\n") == 1
+        assert [x["id"] for x in Store(root, readonly=True).find_runs()] == [rid]  # no run opened
