@@ -137,6 +137,7 @@ def world(tmp_path_factory, mini):
         np.save(files / name / "labels.npy", labels)
     (files / "bad.tar.xz").write_bytes(b"not an archive")
     (files / "afile.txt").write_text("x")
+    (files / "outclash" / "report.md").mkdir(parents=True)  # a folder where `report -f md --out` writes its file
     return {"store": store, "data": data, "files": files, "run": run["id"]}
 
 
@@ -283,6 +284,7 @@ CASES = [
     (["report", "--curves", "--run", "RUN", "--out", "FILES/afile.txt/sub"], 2, "cannot create the folder"),
     (["report", "--curves", "--run", ""], 2, "--run is empty"),
     (["report", "--curves", "--model", ""], 2, "--model is empty"),
+    (["report", "-f", "md", "--out", "FILES/outclash"], 2, "outclash: report.md there is not a file"),
     (A + ["--grad-mode", "truncated:0"], 2, "unknown gradient mode"),
     (T + ["--set", "optimizer.lrs=[0.1,0.1]"], 2, "needs a model with layer_param_groups()"),
     (T + ["--set", "optimizer=sgd"], 2, "recipe key 'optimizer' is a group of keys"),
