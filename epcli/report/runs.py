@@ -135,14 +135,14 @@ def output_folder(folder: str | Path, option: str) -> Path:
     if not os.access(folder, os.W_OK):
         raise UsageError(f"{option} {folder}: no write permission on the folder")
     # a folder named report.csv or robust-pgd-linf.png there: the write failed inside the report run (exit 1)
-    clash = sorted(p.name for p in folder.iterdir() if p.suffix in REPORT_SUFFIXES and not p.is_file())
+    clash = sorted(p.name for p in folder.iterdir() if p.suffix in _REPORT_SUFFIXES and not p.is_file())
     if clash:
         raise UsageError(f"{option} {folder}: {clash[0]} there is not a file; the report writes files by such names "
                          "(move it, or choose another folder)")
     return folder
 
 
-REPORT_SUFFIXES = (".csv", ".json", ".md", ".html", ".png", ".svg")  # what a report writes into its folder
+_REPORT_SUFFIXES = (".csv", ".json", ".md", ".html", ".png", ".svg")  # what a report writes into its folder
 
 
 def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
