@@ -54,7 +54,8 @@ An epoch's count is its batches plus one step for the test evaluation. `-q`/`--q
 command) silences progress and notes.
 
 Global options (`--store`, `--debug`, `--quiet`) go before the command. Environment variables:
-`EPCLI_STORE`, `EPCLI_DEVICE`, `EPCLI_SEED`, `EPCLI_DATA_DIR`, `EPCLI_DEBUG`.
+`EPCLI_STORE`, `EPCLI_DEVICE`, `EPCLI_SEED`, `EPCLI_DATA_DIR`, `EPCLI_DEBUG`; `EPCLI_DIST_TIMEOUT_S` (torchrun,
+docs/distributed.md) and `EPCLI_REPORT_FORK` (docs/report.md).
 
 ## Exit codes
 

@@ -143,7 +143,8 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
     height = 1.85 * nrows + 0.6
     # one panel per row: the row's tiles side by side in one image, labels written above each tile (an axes per
     # tile, 2 x 12 per model and norm at 11 eps, took most of a 10k-run report's time)
-    fig, axes = plt.subplots(nrows, 1, figsize=(1.7 * ncols, height), squeeze=False)
+    width = max(1.7 * ncols, 6.0)  # one or two eps: wide enough for the title (tight_layout warned otherwise)
+    fig, axes = plt.subplots(nrows, 1, figsize=(width, height), squeeze=False)
     axes = axes[:, 0]
     for ax in axes:
         ax.axis("off")
@@ -197,8 +198,12 @@ def _adversarial_grid(data: ReportData, names: dict[str, str]):
             for cx, text in zip(centres[1:], under):
                 bottom.text(cx, -2, text, ha="center", va="bottom", fontsize=6.5)
             r0 += 2
-    fig.suptitle("Adversarial examples: one test image every shown model classifies correctly when clean, attacked "
-                 "at growing ε (red: the prediction changed)" + left_out, fontsize=8.5, y=1 - 0.1 / height, va="top")
+    title = ("Adversarial examples: one test image every shown model classifies correctly when clean, attacked "
+             "at growing ε (red: the prediction changed)" + left_out)
+    if width < 8:
+        import textwrap
+        title = "\n".join(textwrap.wrap(title, int(width * 13)))
+    fig.suptitle(title, fontsize=8.5, y=1 - 0.1 / height, va="top")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
     return fig
 
