@@ -177,3 +177,21 @@ def test_training_records_the_size_of_the_test_split(store, folder):
     n = len(load_dataset(folder).test_y)
     rows = store.metrics(store.cnn["run_id"], name="test_acc")
     assert len(rows) == 2 and {m["n_examples"] for m in rows} == {n}
+
+
+def test_bench_ties_measures_the_relaxation_against_a_baseline(store, capsys):
+    """bench/bench_ties.py (docs/attacks.md's numbers) runs on stored models and reports what it says."""
+    import importlib.util
+    import json
+    import math
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_ties", Path(__file__).parents[1] / "bench" / "bench_ties.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--store", str(store.root), "--model", store.ep["run_id"], "--baseline", store.cnn["run_id"],
+                     "--n", "16", "--steps", "10", "--image", "3", "--noise", "1e-7"]) == 0
+    noise, jump = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert noise["n"] == 16 and 0 <= noise["changed"] <= 16 and noise["baseline"]["max_logit_change"] < 1e-3
+    assert jump["steps"] == 10 and len(jump["state_change_after_10_steps"]) == 2  # ep-cnn-tiny: two conv layers
+    assert set(jump["difference_quotients"]) == {"0.0001", "1e-06", "1e-08"} and math.isfinite(jump["autograd_slope"])
+    assert jump["pixel_range"][0] >= 0 and jump["pixel_range"][1] <= 255 and jump["dataset"] == noise["dataset"]
