@@ -667,10 +667,14 @@ def list_runs(
         raise UsageError(f"unknown run kind {kind!r}: use {', '.join(RUN_KINDS)}")
     if status and status not in STATUSES:
         raise UsageError(f"unknown status {status!r}: use {', '.join(STATUSES)}")
+    unknown: list[str] = []
     with _store(write=False) as store:
         rows = store.find_runs(kind=kind, status=status, model=model, dataset=dataset, since=since, tag=tag,
-                               where=where, sort=sort, limit=limit or None)
+                               where=where, sort=sort, limit=limit or None, unknown=unknown)
         sort_vals = {r["id"]: store.run_value(r, sort.lstrip("-")) for r in rows} if sort else {}
+    for name in unknown:  # not an error: a store may simply have no run of that kind yet
+        _note(f"[yellow]note:[/] no run of the selection has {_escape(repr(name))} (a run column, summary value, "
+              "metric or config.KEY): it matched and sorted nothing")
     if as_json:
         _emit(schema.runs(rows), True)
         return

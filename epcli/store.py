@@ -624,12 +624,14 @@ class Store:
     # run management: find, tag, note, remove, collect garbage
     def find_runs(self, *, kind: str | None = None, status: str | None = None, model: str | None = None,
                   dataset: str | None = None, since: str | None = None, tag: str | None = None,
-                  where: list[str] | None = None, sort: str | None = None, limit: int | None = None) -> list[dict]:
+                  where: list[str] | None = None, sort: str | None = None, limit: int | None = None,
+                  unknown: list[str] | None = None) -> list[dict]:
         """Runs matching every filter. `since`: an ISO date/time or an age like 30m, 12h, 7d. `where`:
         conditions NAME OP VALUE (OP one of >=, <=, !=, =, >, <) on a run column (seed, device...), a
         summary or metric value (the run's last value of that metric: test_acc, robust_acc (the worst over
         eps), clean_acc...), or a config key (config.recipe.epochs). `sort`: any such NAME, `-NAME` for
-        descending; default newest first. Runs without the NAME never match a condition and sort last."""
+        descending; default newest first. Runs without the NAME never match a condition and sort last.
+        `unknown`: a list that receives the NAMEs no run of the selection has (a typo, or runs of another kind)."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise UsageError(f"--limit must be a whole number >= 0 (0: all), got {limit!r}")
         for option, value in (("--model", model), ("--dataset", dataset), ("--tag", tag)):
@@ -650,6 +652,8 @@ class Store:
                 raise UsageError(f"{n!r} is not a value to filter or sort on: name one key, e.g. config.recipe.epochs, "
                                  "test_acc or robust_acc (use --tag for tags)")
         values = {r["id"]: {n: self.run_value(r, n) for n in names} for r in rows} if names else {}
+        if unknown is not None and rows:
+            unknown.extend(n for n in sorted(names) if all(values[r["id"]][n] is None for r in rows))
         rows = [r for r in rows if all(_compare(values[r["id"]][n], op, v) for n, op, v in conds)]
         if sort:
             key, desc = sort.lstrip("-"), sort.startswith("-")

@@ -76,6 +76,16 @@ def test_filters_sort_and_where(tmp_path):
     assert [x["run_id"] for x in json.loads(r.stdout)["runs"]] == [ids["t1"]]
     r = cli(s, "runs", "--since", "soon")
     assert r.exit_code == 2 and r.stderr.startswith("error:")
+    # a NAME no run of the selection has (a typo; attack metrics asked of train runs) is said, not an error
+    unknown = []
+    assert s.find_runs(kind="train", where=["test_ac>0.5"], sort="-robust_acc", unknown=unknown) == []
+    assert unknown == ["robust_acc", "test_ac"]
+    unknown = []
+    s.find_runs(where=["test_acc>0.5"], unknown=unknown)
+    assert unknown == []  # some runs have it
+    r = cli(s, "runs", "--where", "test_ac>0.5", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["runs"] == [] and "no run of the selection has 'test_ac'" in \
+        " ".join(r.stderr.split())
 
 
 def test_tags_and_notes(tmp_path):
