@@ -25,12 +25,12 @@ from __future__ import annotations
 from epcli.corruptions.core import (CHUNK, RANDOM_CORRUPTIONS, chunk_generator, corrupt, corrupt_range,
                                     corrupt_range_uint8, corrupt_uint8, sample_grid, to_uint8)
 from epcli.corruptions.evaluate import evaluate, evaluate_official, summarize
-from epcli.corruptions.files import export, export_files, load_clean, load_official
+from epcli.corruptions.files import export, export_files, load_clean, load_official, open_official
 from epcli.corruptions.params import BENCHMARK_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, PARAMS
 from epcli.corruptions.weather import FROST_DIR, FROST_FILES
 
 __all__ = [
     "CORRUPTIONS", "BENCHMARK_CORRUPTIONS", "EXTRA_CORRUPTIONS", "PARAMS", "corrupt", "corrupt_range",
     "corrupt_uint8", "corrupt_range_uint8", "chunk_generator", "evaluate", "summarize", "load_official",
-    "load_clean", "evaluate_official", "export", "sample_grid", "to_uint8",
+    "open_official", "load_clean", "evaluate_official", "export", "sample_grid", "to_uint8",
 ]

@@ -16,11 +16,9 @@ from epcli.corruptions.params import CORRUPTIONS
 from epcli.errors import DatasetError, UsageError
 
 
-def load_official(directory, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read `<directory>/<name>.npy` (uint8 (5N, H, W, 3), severity s in rows (s-1)N .. sN) and labels.npy.
-
-    Returns (x_uint8 (5N, 3, H, W), y int64 (5N,)); N is inferred as rows / 5 (10,000 for CIFAR-10-C).
-    """
+def open_official(directory, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """`<directory>/<name>.npy` and labels.npy memory-mapped and checked from their headers (nothing is read):
+    (images uint8 (5N, H, W, 3), labels (5N,)). A missing, broken or misshapen file is a DatasetError."""
     _check(name, 1)
     d = Path(directory)
     f, lf = d / f"{name}.npy", d / "labels.npy"
@@ -31,16 +29,25 @@ def load_official(directory, name: str) -> tuple[torch.Tensor, torch.Tensor]:
             raise DatasetError(f"{p} not found: expected the CIFAR-10-C layout (<name>.npy and labels.npy)")
     try:
         arr = np.load(f, mmap_mode="r", allow_pickle=False)
-        lab = np.load(lf, allow_pickle=False)
+        lab = np.load(lf, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # numpy raises several types for a broken file
-        raise DatasetError(f"cannot read {f.name} or labels.npy in {d}: {exc}") from None
+        raise DatasetError(f"cannot read {f.name} or labels.npy in {d}: {' '.join(str(exc).split())}") from None
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] % 5 or arr.shape[0] == 0:
         raise DatasetError(f"{f} has {arr.dtype} {arr.shape}: expected uint8 (5N, H, W, 3), "
                            "e.g. (50000, 32, 32, 3), severities stacked 1..5")
     if lab.ndim != 1 or lab.shape[0] != arr.shape[0]:
         raise DatasetError(f"{lf} has shape {lab.shape}: expected ({arr.shape[0]},) to match {f.name}")
+    return arr, lab
+
+
+def load_official(directory, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read `<directory>/<name>.npy` (uint8 (5N, H, W, 3), severity s in rows (s-1)N .. sN) and labels.npy.
+
+    Returns (x_uint8 (5N, 3, H, W), y int64 (5N,)); N is inferred as rows / 5 (10,000 for CIFAR-10-C).
+    """
+    arr, lab = open_official(directory, name)
     x = torch.from_numpy(np.array(arr)).permute(0, 3, 1, 2).contiguous()  # copy out of the read-only memmap
-    return x, torch.from_numpy(lab.astype(np.int64))
+    return x, torch.from_numpy(np.asarray(lab).astype(np.int64))
 
 
 def load_clean(directory) -> tuple[torch.Tensor, torch.Tensor] | None:

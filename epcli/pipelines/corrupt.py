@@ -49,7 +49,7 @@ def corrupt(*, model: str, names: list[str] | None = None, severities: list[int]
         raise UsageError(f"severity {bad[0]} is outside 1-5")
     if source:
         for c in names:  # fail before the run starts, not after the clean pass
-            _check_source_file(source, c)
+            C.open_official(source, c)  # the headers only (memory-mapped): a broken file is a DatasetError
     progress("load", 0, 1, {"model": model})
     net, info = load_model(store, model, dataset, device)
     if T is not None:
@@ -155,31 +155,6 @@ def _source_names(source: str) -> list[str]:
     return found
 
 
-def _check_source_file(source: str, name: str) -> None:
-    """The official-layout file of one corruption, checked from its .npy header (memory-mapped: nothing is read)
-    before the run opens, so that a broken file is a dataset error rather than a failed run."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from epcli.errors import DatasetError
-    d = Path(source)
-    f, lf = d / f"{name}.npy", d / "labels.npy"
-    for p in (f, lf):
-        if not p.is_file():
-            raise DatasetError(f"{p} not found: expected the CIFAR-10-C layout (<name>.npy and labels.npy)")
-    try:
-        arr = np.load(f, mmap_mode="r", allow_pickle=False)
-        lab = np.load(lf, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:  # numpy raises several types for a broken file
-        raise DatasetError(f"cannot read {f.name} or labels.npy in {d}: {' '.join(str(exc).split())}") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] % 5 or arr.shape[0] == 0:
-        raise DatasetError(f"{f} has {arr.dtype} {arr.shape}: expected uint8 (5N, H, W, 3), "
-                           "e.g. (50000, 32, 32, 3), severities stacked 1..5")
-    if lab.ndim != 1 or lab.shape[0] != arr.shape[0]:
-        raise DatasetError(f"{lf} has shape {lab.shape}: expected ({arr.shape[0]},) to match {f.name}")
-
-
 def _check_source_fits(net, source: str, names: list[str]) -> None:
     """The official files' labels are the model's classes and their images a size it takes (read from the memory
     map: one image per file), before the run opens."""
@@ -187,16 +162,17 @@ def _check_source_fits(net, source: str, names: list[str]) -> None:
 
     import numpy as np
 
+    from epcli import corruptions as C
     from epcli.errors import DatasetError
     d = Path(source)
-    labels = np.asarray(np.load(d / "labels.npy", mmap_mode="r", allow_pickle=False))
+    labels = np.asarray(C.open_official(source, names[0])[1]) if names else np.zeros(0)
     k = net.spec.get("num_classes")
     if k and len(labels) and (not np.issubdtype(labels.dtype, np.number) or labels.min() < 0 or labels.max() >= k
                               or not np.array_equal(labels, np.round(labels))):
         raise DatasetError(f"{d / 'labels.npy'} holds {labels.dtype} labels in [{labels.min()}, {labels.max()}]; the "
                            f"model has {k} classes (labels 0..{k - 1})")
     for name in names:
-        first = np.load(d / f"{name}.npy", mmap_mode="r", allow_pickle=False)[:1]
+        first = C.open_official(source, name)[0][:1]
         check_model_takes(net, torch.from_numpy(np.array(first)).permute(0, 3, 1, 2), f"{name}.npy")
 
 
