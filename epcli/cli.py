@@ -898,9 +898,8 @@ def compare(
             t.add_column(col, justify="right" if col != "metric" else "left", no_wrap=True)
         for m in doc["metrics"]:
             pct = m["name"].endswith("_acc")
-            f = (lambda v: "-" if v is None else f"{100 * v:.2f}%") if pct else \
-                (lambda v: "-" if v is None else f"{v:.4g}")
-            t.add_row(m["name"], f(m["a"]), f(m["b"]), "-" if m["diff"] is None else
+            t.add_row(m["name"], _metric_text(m["name"], m["a"]), _metric_text(m["name"], m["b"]),
+                      "-" if m["diff"] is None else
                       (f"{100 * m['diff']:+.2f} pt" if pct else f"{m['diff']:+.4g}"))
         c.print(t)
         return
