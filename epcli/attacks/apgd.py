@@ -4,7 +4,9 @@ diverse parameter-free attacks", https://arxiv.org/abs/2003.01690): APGD-CE, APG
 A PGD with momentum (0.75) whose step size starts at 2*eps and is halved at checkpoints (22% of the
 budget, then spacing shrinking by 3% down to 6%, in whole iterations) when the loss rose in at most rho = 75%
 of the steps of the last interval, or when neither the step size nor the best loss changed since the previous
-checkpoint; on a halving the iterate goes back to the best point found. Written from the paper.
+checkpoint; on a halving the iterate goes back to the best point found. Written from the paper; the start
+(a point on the ball's surface), the schedule and the choice of returned point follow the reference code
+(fra31/auto-attack), so that the same seed gives the same starts (tests/test_attack_references.py).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from epcli.attacks._common import (check_eps, check_inputs, check_norm, dlr_loss, dlr_targeted_loss,
-                                   eval_mode, need_classes, normalize_grad, num_classes_of, project,
-                                   random_start, runner_up_targets)
+                                   eval_mode, flat_norm, need_classes, normalize_grad, num_classes_of,
+                                   project, rand_like, runner_up_targets)
 from epcli.errors import UsageError
 
 
@@ -40,12 +42,26 @@ def _view(t, like):
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
+def surface_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    """APGD's random start, as the reference draws it: a point on the surface of the eps-ball (L-inf: uniform
+    noise in [-1, 1] scaled so its largest pixel is eps; L2: a Gaussian direction of length eps), clipped to
+    [0, 1]. One draw of x's shape from the generator, so a generator seeded s gives the starts of the
+    reference code after torch.manual_seed(s) (on the CPU)."""
+    if norm == "linf":
+        t = 2 * rand_like(x, generator) - 1
+    else:
+        t = rand_like(x, generator, "normal")
+    delta = eps * t / _view(flat_norm(t, norm) + 1e-12, x)
+    return (x + delta).clamp(0.0, 1.0)
+
+
 def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0.75, momentum=0.75,
              start=True, x_init=None, info=None):
     """One APGD run maximising objective(logits) (per example) in the eps-ball around x.
 
-    Returns x_adv: per example the first point where success(logits) held, otherwise the best-loss point.
-    x_init: the starting point (default: a random point of the ball, or x when start=False). info: a dict
+    Returns x_adv: per example the last iterate where success(logits) held (as the reference code keeps),
+    otherwise the best-loss point. x_init: the starting point (default: surface_start, or x when
+    start=False). info: a dict
     that receives the best-loss points and losses (x_best, loss_best) and the step sizes.
     A step size is halved at a checkpoint when the loss rose in at most rho * (interval) of the interval's
     steps, or when it was not halved at the previous checkpoint and the best loss did not improve since; as
@@ -66,7 +82,7 @@ def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0
     if x_init is not None:
         x_adv = x_init.detach().clone()
     else:
-        x_adv = random_start(x, eps, norm, generator) if start else x.clone()
+        x_adv = surface_start(x, eps, norm, generator) if start else x.clone()
     loss, grad, logits = loss_grad(x_adv)
     fooled = success(logits)
     x_best_adv = x_adv.clone()
@@ -86,7 +102,7 @@ def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0
             x_adv = x_new
         loss, grad, logits = loss_grad(x_adv)
         now = success(logits)
-        x_best_adv[now & ~fooled] = x_adv[now & ~fooled]
+        x_best_adv[now] = x_adv[now]  # the latest successful iterate, as in the reference
         fooled |= now
         n_increase += (loss > loss_prev).float()
         loss_prev = loss
@@ -107,10 +123,11 @@ def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0
     return torch.where(_view(fooled, x), x_best_adv, x_best), fooled
 
 
-def _cascade(model, x, y, runs, run_fn):
-    """Call run_fn(idx, r) for r in range(runs) on the examples not yet fooled; keep the first success."""
+def _cascade(model, x, y, runs, run_fn, done=None):
+    """Call run_fn(idx, r) for r in range(runs) on the examples not yet fooled (done: those fooled before
+    any run, left as they are); keep the first success."""
     out = x.clone()
-    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if done is None else done.clone()
     for r in range(runs):
         idx = (~done).nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -129,8 +146,9 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     """APGD with cross-entropy ("ce") or DLR ("dlr") loss; AutoAttack's defaults (100 steps, rho 0.75).
 
     Untargeted: y are true labels. targeted=True: y are target labels; the loss becomes -CE(target) or
-    the DLR margin of the target class, success means predicting the target. Restarts (random starts)
-    run only on the examples not yet fooled.
+    the DLR margin of the target class, success means predicting the target. As in the reference, only
+    the examples not already fooled by the clean image are attacked (the others come back unchanged), and
+    restarts (random starts) run only on the examples not yet fooled.
     """
     norm, eps = check_norm(norm), check_eps(eps)
     x, y = check_inputs(x, y)
@@ -157,7 +175,9 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
             return apgd_run(model, x[idx], obj, ok, eps=eps, norm=norm, steps=int(steps),
                             generator=generator, rho=rho)
 
-        return _cascade(model, x, y, int(restarts), run)
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        return _cascade(model, x, y, int(restarts), run, done=(pred == y) if targeted else (pred != y))
 
 
 def apgd_ce(model, x, y, *, eps, norm="linf", targeted=False, generator=None, steps=100, restarts=1,
