@@ -5,7 +5,9 @@ Published defaults: APGD-CE 100 steps, 1 restart; APGD-T 100 steps, 9 target cla
 steps, 9 target classes, 1 restart; Square 5000 queries, p_init 0.8, schedule not rescaled. For L2 the same
 list. This is fra31's ensemble (not ART's, which swaps FAB-T/APGD-T for DeepFool/APGD-DLR, and not
 torchattacks' wrapper, which runs 10 steps): our own implementation, so numbers are "AutoAttack-standard
-(epcli)", comparable to but not bit-identical with fra31/auto-attack.
+(epcli)". As fra31's AutoAttack(seed=s) reseeds every member with s, each member here gets a fresh generator
+seeded with the given generator's initial seed: APGD-CE, APGD-T and FAB-T then draw the same starts as the
+reference members (tests/test_attack_references.py); Square's random stream is its own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from epcli.errors import UsageError
 MEMBERS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
+def member_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """A fresh generator on the same device seeded with generator's initial seed (None stays None: the
+    global stream), so that every member starts from the same seed, as in the reference."""
+    if generator is None:
+        return None
+    return torch.Generator(device=generator.device).manual_seed(generator.initial_seed())
+
+
 def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
                targeted: bool = False, generator: torch.Generator | None = None, version: str = "standard",
                steps: int = 100, n_target_classes: int = 9, n_queries: int = 5000, p_init: float = 0.8,
@@ -37,13 +47,14 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     if targeted:
         raise UsageError("autoattack is untargeted (its targeted members choose their own targets)")
     out = x.clone()
+    fresh = lambda: member_generator(generator)  # noqa: E731
     members = {
-        "apgd-ce": lambda m, a, b: apgd_ce(m, a, b, eps=eps, norm=norm, generator=generator, steps=steps),
-        "apgd-t": lambda m, a, b: apgd_t(m, a, b, eps=eps, norm=norm, generator=generator, steps=steps,
+        "apgd-ce": lambda m, a, b: apgd_ce(m, a, b, eps=eps, norm=norm, generator=fresh(), steps=steps),
+        "apgd-t": lambda m, a, b: apgd_t(m, a, b, eps=eps, norm=norm, generator=fresh(), steps=steps,
                                          n_target_classes=n_target_classes),
-        "fab-t": lambda m, a, b: fab_t(m, a, b, eps=eps, norm=norm, generator=generator, steps=steps,
+        "fab-t": lambda m, a, b: fab_t(m, a, b, eps=eps, norm=norm, generator=fresh(), steps=steps,
                                        n_target_classes=n_target_classes),
-        "square": lambda m, a, b: square(m, a, b, eps=eps, norm=norm, generator=generator, n_queries=n_queries,
+        "square": lambda m, a, b: square(m, a, b, eps=eps, norm=norm, generator=fresh(), n_queries=n_queries,
                                          p_init=p_init, rescale_schedule=False),
     }
     with eval_mode(model):

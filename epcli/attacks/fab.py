@@ -7,7 +7,9 @@ distance), and moves to a convex combination of the two projections (weight alph
 original, with overshoot eta). When the iterate is adversarial it is recorded if it has the smallest norm
 so far and pulled back toward the original (factor beta). An example counts as broken when the smallest
 adversarial perturbation has norm <= eps. The box-constrained projections are solved by bisection
-(our own formulation), not by the sorting algorithms of the reference code.
+(our own formulation), not by the sorting algorithms of the reference code. As in the reference code
+(fra31/auto-attack), the first run toward each target starts at the image itself (deterministic), and each
+restart is a fresh run from a random point on the surface of the eps/2-ball, on the images not yet broken.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from epcli.attacks._common import (check_eps, check_inputs, check_norm, eval_mode, flat_norm,
-                                   project, random_start, runner_up_targets)
+                                   project, rand_like, runner_up_targets)
 from epcli.errors import UsageError
 
 
@@ -54,8 +56,17 @@ def project_hyperplane(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: 
     return extreme(hi_t)
 
 
-def _fab_target(model, x, y, t, *, eps, norm, steps, restarts, alpha_max, eta, beta, generator):
-    """FAB toward target t on a batch; returns (best adversarial point, its norm; inf where none found)."""
+def _fab_start(x, radius, norm, generator):
+    """A restart's starting point, as the reference draws it: on the surface of the radius-ball around x
+    (L-inf: uniform noise scaled so its largest pixel is radius; L2: a Gaussian direction), clipped to
+    [0, 1]. One draw of x's shape from the generator."""
+    t = 2 * rand_like(x, generator) - 1 if norm == "linf" else rand_like(x, generator, "normal")
+    return (x + radius * t / _view(flat_norm(t, norm), x)).clamp(0.0, 1.0)
+
+
+def _fab_target(model, x, y, t, start, *, norm, steps, alpha_max, eta, beta):
+    """One FAB run toward target t from start on a batch; returns (the adversarial point of smallest norm
+    found, its norm; inf where none was found)."""
     b = x.shape[0]
     shape = x.shape
     xf = x.flatten(1)
@@ -70,32 +81,25 @@ def _fab_target(model, x, y, t, *, eps, norm, steps, restarts, alpha_max, eta, b
             (g,) = torch.autograd.grad(f.sum(), z)
         return f.detach(), g.detach().flatten(1), logits.detach()
 
-    for r in range(restarts):
-        if r == 0:
-            cur = x.clone()
-        else:
-            radius = torch.minimum(best_norm, torch.full_like(best_norm, eps)) / 2
-            cur = x.clone()
-            for i in range(b):  # per-example radius, seeded
-                cur[i:i + 1] = random_start(x[i:i + 1], float(radius[i]), norm, generator)
-        for _ in range(steps):
-            f, g, logits = lin(cur)
-            # hyperplane <g, z> + (f - <g, cur>) = 0
-            bias = f - (g * cur.flatten(1)).sum(1)
-            d_cur = project_hyperplane(cur.flatten(1), g, bias, norm) - cur.flatten(1)
-            d_orig = project_hyperplane(xf, g, bias, norm) - xf
-            n_cur, n_orig = flat_norm(d_cur, norm), flat_norm(d_orig, norm)
-            alpha = torch.clamp(n_cur / (n_cur + n_orig).clamp_min(1e-12), max=alpha_max)[:, None]
-            nxt = ((1 - alpha) * (cur.flatten(1) + eta * d_cur) + alpha * (xf + eta * d_orig)).clamp(0, 1)
-            nxt = nxt.view(shape)
-            with torch.no_grad():
-                adv = model(nxt).argmax(1) != y
-            dist = flat_norm(nxt - x, norm)
-            improve = adv & (dist < best_norm)
-            best[improve], best_norm[improve] = nxt[improve], dist[improve]
-            # backward step for adversarial points: pull toward the original
-            back = _view(adv, x)
-            cur = torch.where(back, (1 - beta) * x + beta * nxt, nxt).detach()
+    cur = start.clone()
+    for _ in range(steps):
+        f, g, logits = lin(cur)
+        # hyperplane <g, z> + (f - <g, cur>) = 0
+        bias = f - (g * cur.flatten(1)).sum(1)
+        d_cur = project_hyperplane(cur.flatten(1), g, bias, norm) - cur.flatten(1)
+        d_orig = project_hyperplane(xf, g, bias, norm) - xf
+        n_cur, n_orig = flat_norm(d_cur, norm), flat_norm(d_orig, norm)
+        alpha = torch.clamp(n_cur / (n_cur + n_orig).clamp_min(1e-12), max=alpha_max)[:, None]
+        nxt = ((1 - alpha) * (cur.flatten(1) + eta * d_cur) + alpha * (xf + eta * d_orig)).clamp(0, 1)
+        nxt = nxt.view(shape)
+        with torch.no_grad():
+            adv = model(nxt).argmax(1) != y
+        dist = flat_norm(nxt - x, norm)
+        improve = adv & (dist < best_norm)
+        best[improve], best_norm[improve] = nxt[improve], dist[improve]
+        # backward step for adversarial points: pull toward the original
+        back = _view(adv, x)
+        cur = torch.where(back, (1 - beta) * x + beta * nxt, nxt).detach()
     return best, best_norm
 
 
@@ -120,15 +124,18 @@ def fab_t(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
         c = ranked.shape[1]
         out = x.clone()
         for k in range(n_t):
-            idx = (~done).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            order = ranked[idx]
-            order = order[order != y[idx][:, None]].view(len(idx), c - 1)
-            best, bn = _fab_target(model, x[idx], y[idx], order[:, k], eps=eps, norm=norm, steps=int(steps),
-                                   restarts=int(restarts), alpha_max=alpha_max, eta=eta, beta=beta,
-                                   generator=generator)
-            ok = bn <= eps * (1 + 1e-6)
-            out[idx[ok]] = project(best[ok], x[idx[ok]], eps, norm)
-            done[idx[ok]] = True
+            for r in range(int(restarts)):
+                idx = (~done).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    break
+                order = ranked[idx]
+                order = order[order != y[idx][:, None]].view(len(idx), c - 1)
+                # as the reference: the first run of each target starts at the image, a restart on the
+                # surface of the eps/2-ball around it, each only on the images not yet broken
+                start = x[idx] if r == 0 else _fab_start(x[idx], eps / 2, norm, generator)
+                best, bn = _fab_target(model, x[idx], y[idx], order[:, k], start, norm=norm, steps=int(steps),
+                                       alpha_max=alpha_max, eta=eta, beta=beta)
+                ok = bn <= eps
+                out[idx[ok]] = project(best[ok], x[idx[ok]], eps, norm)
+                done[idx[ok]] = True
         return out
