@@ -84,7 +84,7 @@ def _single_runs(model, x, y, loss, norm, steps):
 # Tolerances from the measurements in the module docstring, with headroom: L-inf is exact up to rounding
 # (sign() removes ulp noise), L2 carries float32 noise through 20 steps.
 TOL32 = {("ce", "linf"): (1e-6, 1e-6), ("dlr", "linf"): (1e-6, 1e-6),
-         ("ce", "l2"): (1e-3, 1e-5), ("dlr", "l2"): (2e-3, 5e-4)}
+         ("ce", "l2"): (1e-3, 1e-5), ("dlr", "l2"): (1e-3, 5e-4)}
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -222,13 +222,15 @@ def test_box_constrained_hyperplane_projection_equals_the_reference(norm):
 def test_autoattack_robust_masks_equal_the_reference_members_composed(data):
     """The ensemble against the reference members composed in AutoAttack's order on the points still robust,
     each member seeded 0 (as fra31's AutoAttack(seed=0) does). Matched image by image: the robust mask after
-    APGD-CE, APGD-T and FAB-T (their starts are the same draws). Not matched: Square's random stream (epcli's
-    own Square draws differently); only that it never makes a point robust again is checked."""
+    APGD-CE, APGD-T and FAB-T (their starts are the same draws) and the adversarial images each of them finds.
+    Not matched: Square's random stream (epcli's own Square draws differently); only that it never makes a point
+    robust again is checked. On this model FAB-T breaks no image that APGD-CE/APGD-T left robust: its own
+    agreement is tested above."""
     model, x, y = data
-    eps, steps, n_t = 4 / 255, 10, 3
+    eps, steps, n_t = 8 / 255, 5, 3
     masks = {}
-    autoattack(model, x, y, eps=eps, norm="linf", steps=steps, n_target_classes=n_t, n_queries=20,
-               generator=torch.Generator().manual_seed(0), on_member=lambda name, m: masks.update({name: m}))
+    out = autoattack(model, x, y, eps=eps, norm="linf", steps=steps, n_target_classes=n_t, n_queries=20,
+                     generator=torch.Generator().manual_seed(0), on_member=lambda name, m: masks.update({name: m}))
     apgd_ce_ref = ta.APGD(model, norm="Linf", eps=eps, steps=steps, loss="ce", seed=0, n_restarts=1)
     apgd_t_ref = ta.APGDT(model, norm="Linf", eps=eps, steps=steps, seed=0, n_restarts=1, n_classes=10)
     apgd_t_ref.n_target_classes = n_t
@@ -239,7 +241,10 @@ def test_autoattack_robust_masks_equal_the_reference_members_composed(data):
     for name, ref in (("apgd-ce", apgd_ce_ref), ("apgd-t", apgd_t_ref), ("fab-t", fab_ref)):
         idx = robust.nonzero().squeeze(1)
         adv = ref(x[idx], y[idx]).detach()
-        robust[idx[predict(model, adv) != y[idx]]] = False
+        broken = predict(model, adv) != y[idx]
+        robust[idx[broken]] = False
         assert torch.equal(masks[name], robust), name
-    assert int(masks["apgd-ce"].sum()) > int(masks["fab-t"].sum())  # the later members do work here
+        assert broken.any() or name == "fab-t", name  # on this model FAB-T finds none that APGD missed
+        # and the same adversarial images (FAB: to its projections' precision)
+        torch.testing.assert_close(out[idx[broken]], adv[broken], atol=1e-6 if name != "fab-t" else 1e-5, rtol=0)
     assert not (masks["square"] & ~masks["fab-t"]).any()
