@@ -83,7 +83,7 @@ def _fab_target(model, x, y, t, start, *, norm, steps, alpha_max, eta, beta):
 
     cur = start.clone()
     for _ in range(steps):
-        f, g, logits = lin(cur)
+        f, g, _ = lin(cur)
         # hyperplane <g, z> + (f - <g, cur>) = 0
         bias = f - (g * cur.flatten(1)).sum(1)
         d_cur = project_hyperplane(cur.flatten(1), g, bias, norm) - cur.flatten(1)
