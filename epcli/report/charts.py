@@ -85,8 +85,8 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True,
         ax.set_ylim(-2, 100)  # a point at 0 % stays visible
         ax.set_xlabel(f"ε ({NORM_NAMES.get(norm, norm)}" + (", pixel scale /255" if norm == "linf" else "") + ")")
         ax.set_ylabel("robust accuracy (%)")
-        ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on {', '.join(sorted(datasets))}:"
-                     f" robust accuracy vs ε" + left_out, fontsize=10)
+        ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on "
+                     f"{', '.join(sorted(datasets))}: robust accuracy vs ε" + left_out, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         _save(fig, out_dir, f"robust-{attack}-{norm}", paths)
