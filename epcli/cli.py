@@ -391,7 +391,8 @@ def attack(
     data_dir: DataDirOpt = None,
     unroll_sweep: Annotated[Optional[str], typer.Option(
         help="EP only: also attack with gradients through K-step unrolls, e.g. 10,15,20,25,29,60,70 (the paper's "
-             "obfuscation check); stored per K and checked. A K above --T runs with T = K (said in the notes).")] = None,
+             "obfuscation check); stored per K and checked. A K above --T runs with T = K (said in the notes).")
+    ] = None,
     checks: Annotated[bool, typer.Option(help="Run the reliability checks (monotone, large eps, PGD strength, "
                                          "white- vs black-box on stored runs).")] = True,
     strength_check: Annotated[bool, typer.Option(help="PGD: re-run 2x steps and restarts on a subset.")] = True,

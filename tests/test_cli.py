@@ -253,6 +253,28 @@ def test_attack_inside_a_batch_reports_progress(mini):
     assert all(0 <= s["robust"] <= 8 for s in ends)
 
 
+def test_cw_progress_moves_during_its_one_run_on_the_first_eps_line(mini, monkeypatch):
+    """C&W runs once per batch for every eps (before the eps loop): its bar is the first eps's, and its forward
+    passes are counted there, not lost (the bar stood still at 0 for the whole run, then showed 1 pass/image)."""
+    import sys
+
+    from epcli.attacks import evaluate
+    from epcli.models import create_model
+    ev = sys.modules["epcli.attacks.evaluate"]  # the module (the package re-exports the function by its name)
+    monkeypatch.setattr(ev.time, "perf_counter", iter(range(10**7)).__next__)  # every beat passes the throttle
+    net = create_model("cnn-small").eval()
+    steps = []
+    r = evaluate(net, mini.test_x[:8], mini.test_y[:8], attack="cw", norm="l2", eps_list=[0.25, 0.5],
+                 params={"steps": 4, "binary_search_steps": 2}, labels="predicted", batch_size=8, keep_adv=0,
+                 on_step=steps.append)
+    ends = {s["eps"]: s for s in steps if "robust" in s}
+    first_end = next(i for i, s in enumerate(steps) if "robust" in s)
+    during = steps[:first_end]
+    assert all(s["eps"] == 0.25 for s in during) and sum(s["forward_passes"] > 8 for s in during) >= 3
+    assert ends[0.5]["forward_passes"] == 8  # the scoring pass only
+    assert ends[0.25]["forward_passes"] == r["attack_forward_passes"] + 8
+
+
 def test_redirected_logs_hold_one_line_per_stage_and_epoch(pipeline):
     store, data, train = pipeline
     r = invoke("train", "--model", "cnn-small", "--dataset", data, "--epochs", 2, "--device", "cpu", store=store)
