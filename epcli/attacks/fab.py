@@ -34,7 +34,9 @@ def project_hyperplane(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: 
         def extreme(t):  # box point within L-inf t of p pushing <w,z> furthest in direction s
             up = torch.minimum(p + t[:, None], torch.ones_like(p))
             lo = torch.maximum(p - t[:, None], torch.zeros_like(p))
-            return torch.where(s * w > 0, up, lo)
+            # a pixel with zero weight does not move: the projection is not unique there, and this is
+            # the reference's choice (moving it changed FAB's images by up to eps on a max-pool model)
+            return torch.where(w == 0, p, torch.where(s * w > 0, up, lo))
         lo_t = torch.zeros_like(r)
         hi_t = torch.ones_like(r)
     else:
