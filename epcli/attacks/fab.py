@@ -90,8 +90,9 @@ def _fab_target(model, x, y, t, start, *, norm, steps, alpha_max, eta, beta):
         bias = f - (g * cur.flatten(1)).sum(1)
         d_cur = project_hyperplane(cur.flatten(1), g, bias, norm) - cur.flatten(1)
         d_orig = project_hyperplane(xf, g, bias, norm) - xf
-        n_cur, n_orig = flat_norm(d_cur, norm), flat_norm(d_orig, norm)
-        alpha = torch.clamp(n_cur / (n_cur + n_orig).clamp_min(1e-12), max=alpha_max)[:, None]
+        # each distance at least 1e-8, as in the reference (both zero: alpha = alpha_max, not 0)
+        n_cur, n_orig = flat_norm(d_cur, norm).clamp_min(1e-8), flat_norm(d_orig, norm).clamp_min(1e-8)
+        alpha = torch.clamp(n_cur / (n_cur + n_orig), max=alpha_max)[:, None]
         nxt = ((1 - alpha) * (cur.flatten(1) + eta * d_cur) + alpha * (xf + eta * d_orig)).clamp(0, 1)
         nxt = nxt.view(shape)
         with torch.no_grad():
