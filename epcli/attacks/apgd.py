@@ -61,8 +61,8 @@ def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0
 
     Returns x_adv: per example the last iterate where success(logits) held (as the reference code keeps),
     otherwise the best-loss point. x_init: the starting point (default: surface_start, or x when
-    start=False). info: a dict
-    that receives the best-loss points and losses (x_best, loss_best) and the step sizes.
+    start=False). info: a dict that receives the best-loss points and losses (x_best, loss_best) and the
+    step sizes.
     A step size is halved at a checkpoint when the loss rose in at most rho * (interval) of the interval's
     steps, or when it was not halved at the previous checkpoint and the best loss did not improve since; as
     in the reference, the first interval's first step is compared with a zero loss history.
