@@ -151,7 +151,7 @@ def _square_run(model, x, y, eps, norm, targeted, generator, n_queries, p_init, 
         act = (margin > 0).nonzero().squeeze(1)
         xa, xb = x[act], best[act]
         p = p_schedule(p_init, it, n_queries, rescale)
-        side = int(round(math.sqrt(p * (c * h * w) / c)))
+        side = round(math.sqrt(p * (c * h * w) / c))
         if norm == "linf":
             cand = _linf_candidate(xa, xb, eps, min(max(side, 1), h, w), generator)
         else:
