@@ -67,8 +67,8 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     robust = {r["eps_label"]: r["robust_acc"] for r in att["results"]}
     assert att["model_run_id"] == train["run_id"] and set(robust) == {"2/255", "8/255"}
     assert robust["8/255"] <= robust["2/255"] <= att["clean_acc"]
-    r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise", "-c", "contrast", "--n", 60,
-               "--json", store=store)
+    r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise,contrast", "-s", "1,2", "-s", "3,4,5",
+               "--n", 60, "--json", store=store)  # comma lists and repeats mix
     assert r.exit_code == 0, r.output
     cor = json.loads(r.stdout)
     assert {(c["corruption"], c["severity"]) for c in cor["cells"]} == \
