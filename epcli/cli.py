@@ -780,6 +780,10 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
     epochs = [row for row in doc["metrics"] if row.get("step") is not None and row["name"] != "epoch"]
     if epochs:
         c.print(_epoch_table(epochs, c.width))
+        shown = {row["name"] for row in epochs}
+        for keys, text in EPOCH_NOTES:
+            if shown & set(keys):
+                c.print(f"  [dim]{text}[/]", highlight=False)
     rest = [row for row in doc["metrics"] if row.get("step") is None]
     if rest:
         c.print("[bold]metrics[/]")
@@ -822,6 +826,14 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
 
 
 SHOW_ROWS = 200  # metric lines `show` prints; --json has them all
+# what the EP training columns are taken over (epcli.train.fit records them)
+EPOCH_NOTES = [
+    (("mean_steps", "mean_steps_nudged"), "mean_steps / mean_steps_nudged: relaxation steps per training image in "
+     "the free / each nudged phase, mean over the epoch"),
+    (("residual_free", "residual_nudged"), "residual_free / residual_nudged: the largest relative residual of any "
+     "training image at the end of that phase in the epoch; *_mean: the mean over the images (<= 1e-3 counts as "
+     "at equilibrium)"),
+]
 
 
 def _metric_text(name: str, value) -> str:

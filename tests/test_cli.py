@@ -344,6 +344,23 @@ def test_show_prints_epochs_as_columns_and_says_which_it_leaves_out():
     assert short.getvalue().splitlines()[0].split() == ["per", "epoch", "1", "2", "3", "4"]
 
 
+def test_show_says_what_the_ep_columns_are_taken_over(tmp_path):
+    from epcli.store import Store
+    s = Store(tmp_path / "s")
+    ep = s.start_run("train", {"model": "ep-cnn-tiny"}, model="ep-cnn-tiny", dataset="cifar10-mini")
+    s.log_metrics(ep, [{"name": k, "value": v, "step": 1} for k, v in
+                       (("train_loss", 2.0), ("mean_steps", 12.5), ("residual_free", 1e-3))])
+    s.finish_run(ep)
+    cnn = s.start_run("train", {"model": "cnn-small"}, model="cnn-small", dataset="cifar10-mini")
+    s.log_metrics(cnn, [{"name": "train_loss", "value": 2.0, "step": 1}])
+    s.finish_run(cnn)
+    s.close()
+    out = " ".join(invoke("show", ep, store=tmp_path / "s").stdout.split())
+    assert "mean_steps / mean_steps_nudged: relaxation steps per training image" in out
+    assert "largest relative residual of any training image at the end of that phase" in out
+    assert "relaxation steps" not in invoke("show", cnn, store=tmp_path / "s").stdout
+
+
 def test_models_and_recipes_list_names_in_a_pipe_and_describe_them_with_long():
     from epcli.models import list_models
     from epcli.train import RECIPES
