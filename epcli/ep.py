@@ -10,7 +10,8 @@ Conventions (Laborieux et al. 2021; Mansingh et al. 2024):
   s_0 = normalised x, P = 2x2 max/avg pool. Φ is *maximised*: one step is s_l <- σ(∂Φ^β/∂s_l), synchronous.
 - Φ^β = Φ - β·L(logits(s), y). With readout "ce" the logits W_o vec(s_N) + b_o sit outside Φ (only in the nudge);
   with readout "mse" the last state is a num_classes-wide layer inside Φ and L = ½‖s_N - onehot(y)‖².
-- EP gradient (β -> 0): dL/dθ = -[∂Φ^β/∂θ(s^β) - ∂Φ/∂θ(s^0)]/β; symmetric: -[∂Φ^{+β}/∂θ(s^{+β}) - ∂Φ^{-β}/∂θ(s^{-β})]/(2β).
+- EP gradient (β -> 0): dL/dθ = -[∂Φ^β/∂θ(s^β) - ∂Φ/∂θ(s^0)]/β;
+  symmetric: -[∂Φ^{+β}/∂θ(s^{+β}) - ∂Φ^{-β}/∂θ(s^{-β})]/(2β).
 This module imports no store, CLI or rich: tensors in, tensors and plain dicts out.
 """
 
@@ -328,7 +329,8 @@ class EPCNN(nn.Module):
         return [list(m.parameters()) for m in self._couplings()]
 
     def extra_repr(self) -> str:
-        return f"T={self.T}, update={self.update!r}, grad_mode={self.grad_mode!r}, activation={self.activation!r}, readout={self.readout!r}"
+        return (f"T={self.T}, update={self.update!r}, grad_mode={self.grad_mode!r}, "
+                f"activation={self.activation!r}, readout={self.readout!r}")
 
     # -- the primitive function Φ and its explicit state gradient ----------------------------------------------
     def _normalize(self, x):

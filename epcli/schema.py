@@ -207,7 +207,8 @@ def metric_row(m: dict) -> dict:
 
 
 def show(run: dict, metrics: list[dict], checks: list[dict], artifacts: list[dict]) -> dict:
-    return {"command": "show", "run": {**run_row(run), "argv": run.get("argv"), "config": clean_value(run.get("config")),
+    return {"command": "show", "run": {**run_row(run), "argv": run.get("argv"),
+                                       "config": clean_value(run.get("config")),
                                        "error": run.get("error"), "seed": run.get("seed"), "device": run.get("device"),
                                        "host": run.get("host"), "git_commit": run.get("git_commit"),
                                        "epcli_version": run.get("epcli_version"),

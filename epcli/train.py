@@ -914,8 +914,10 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
             torch.cuda.synchronize(device)
         test_correct = _correct(model, test_x, test_y, int(r.get("eval_batch_size") or 500), device, amp=amp,
                                 fwd=fwd if not ep_mode else None)
-        val_correct = (_correct(model, val_x, val_y, int(r.get("eval_batch_size") or 500), device, amp=amp,
-                                fwd=fwd if not ep_mode else None) if val_x is not None else torch.zeros((), device=device))
+        val_correct = torch.zeros((), device=device)
+        if val_x is not None:
+            val_correct = _correct(model, val_x, val_y, int(r.get("eval_batch_size") or 500), device, amp=amp,
+                                   fwd=fwd if not ep_mode else None)
         if world > 1:  # sums over the ranks; replicas keep rank 0's BatchNorm running statistics
             f64 = lambda v: torch.as_tensor(float(v), dtype=torch.float64, device=device)  # noqa: E731
             tot = dist.all_reduce_sum_([torch.stack([

@@ -67,8 +67,8 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     robust = {r["eps_label"]: r["robust_acc"] for r in att["results"]}
     assert att["model_run_id"] == train["run_id"] and set(robust) == {"2/255", "8/255"}
     assert robust["8/255"] <= robust["2/255"] <= att["clean_acc"]
-    r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise", "-c", "contrast", "--n", 60,
-               "--json", store=store)
+    r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise,contrast", "-s", "1,2", "-s", "3,4,5",
+               "--n", 60, "--json", store=store)  # comma lists and repeats mix
     assert r.exit_code == 0, r.output
     cor = json.loads(r.stdout)
     assert {(c["corruption"], c["severity"]) for c in cor["cells"]} == \
@@ -253,6 +253,28 @@ def test_attack_inside_a_batch_reports_progress(mini):
     assert all(0 <= s["robust"] <= 8 for s in ends)
 
 
+def test_cw_progress_moves_during_its_one_run_on_the_first_eps_line(mini, monkeypatch):
+    """C&W runs once per batch for every eps (before the eps loop): its bar is the first eps's, and its forward
+    passes are counted there, not lost (the bar stood still at 0 for the whole run, then showed 1 pass/image)."""
+    import sys
+
+    from epcli.attacks import evaluate
+    from epcli.models import create_model
+    ev = sys.modules["epcli.attacks.evaluate"]  # the module (the package re-exports the function by its name)
+    monkeypatch.setattr(ev.time, "perf_counter", iter(range(10**7)).__next__)  # every beat passes the throttle
+    net = create_model("cnn-small").eval()
+    steps = []
+    r = evaluate(net, mini.test_x[:8], mini.test_y[:8], attack="cw", norm="l2", eps_list=[0.25, 0.5],
+                 params={"steps": 4, "binary_search_steps": 2}, labels="predicted", batch_size=8, keep_adv=0,
+                 on_step=steps.append)
+    ends = {s["eps"]: s for s in steps if "robust" in s}
+    first_end = next(i for i, s in enumerate(steps) if "robust" in s)
+    during = steps[:first_end]
+    assert all(s["eps"] == 0.25 for s in during) and sum(s["forward_passes"] > 8 for s in during) >= 3
+    assert ends[0.5]["forward_passes"] == 8  # the scoring pass only
+    assert ends[0.25]["forward_passes"] == r["attack_forward_passes"] + 8
+
+
 def test_redirected_logs_hold_one_line_per_stage_and_epoch(pipeline):
     store, data, train = pipeline
     r = invoke("train", "--model", "cnn-small", "--dataset", data, "--epochs", 2, "--device", "cpu", store=store)
@@ -320,6 +342,23 @@ def test_show_prints_epochs_as_columns_and_says_which_it_leaves_out():
     short = io.StringIO()
     Console(file=short, width=200, color_system=None).print(_epoch_table(rows[:8], 200))
     assert short.getvalue().splitlines()[0].split() == ["per", "epoch", "1", "2", "3", "4"]
+
+
+def test_show_says_what_the_ep_columns_are_taken_over(tmp_path):
+    from epcli.store import Store
+    s = Store(tmp_path / "s")
+    ep = s.start_run("train", {"model": "ep-cnn-tiny"}, model="ep-cnn-tiny", dataset="cifar10-mini")
+    s.log_metrics(ep, [{"name": k, "value": v, "step": 1} for k, v in
+                       (("train_loss", 2.0), ("mean_steps", 12.5), ("residual_free", 1e-3))])
+    s.finish_run(ep)
+    cnn = s.start_run("train", {"model": "cnn-small"}, model="cnn-small", dataset="cifar10-mini")
+    s.log_metrics(cnn, [{"name": "train_loss", "value": 2.0, "step": 1}])
+    s.finish_run(cnn)
+    s.close()
+    out = " ".join(invoke("show", ep, store=tmp_path / "s").stdout.split())
+    assert "mean_steps / mean_steps_nudged: relaxation steps per training image" in out
+    assert "largest relative residual of any training image at the end of that phase" in out
+    assert "relaxation steps" not in invoke("show", cnn, store=tmp_path / "s").stdout
 
 
 def test_models_and_recipes_list_names_in_a_pipe_and_describe_them_with_long():

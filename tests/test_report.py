@@ -61,16 +61,16 @@ def _attack(store: Store, model_run: str, ckpt: str, model: str, attack: str, no
 
 
 def _corrupt(store: Store, model_run: str, ckpt: str, model: str, base: float, corrs=CORRS,
-             dataset: str = "cifar10-mini") -> str:
+             dataset: str = "cifar10-mini", n: int = 100) -> str:
     rid = store.start_run("corrupt", {"corruptions": list(corrs)}, model=model, dataset=dataset,
                           model_run_id=model_run)
     store.link(rid, ckpt, "input", "checkpoint")
-    rows = [{"name": "clean_acc", "value": base, "n_examples": 100}]
+    rows = [{"name": "clean_acc", "value": base, "n_examples": n}]
     for i, c in enumerate(corrs):
         for s in range(1, 6):
             rows.append({"name": "corruption_acc", "value": base - 0.05 * s - 0.01 * (i % 3), "corruption": c,
-                         "severity": s, "n_examples": 100})
-    rows += [{"name": "corruption_mean_acc", "value": base - 0.16, "n_examples": 100},
+                         "severity": s, "n_examples": n})
+    rows += [{"name": "corruption_mean_acc", "value": base - 0.16, "n_examples": n},
              {"name": "corruption_mean_acc_all", "value": base - 0.16},
              {"name": "mce_unnormalized", "value": 1 - (base - 0.15)}]
     store.log_metrics(rid, rows)
@@ -806,6 +806,20 @@ def test_figures_draw_the_newest_models_when_there_are_many(tmp_path):
     # the 10 newest (run ids sort by creation), in report order; the title says how many were left out
     assert legend == [f"model {i:02d} (n=100)" for i in range(2, n)]
     assert any(f"10 newest of {n} models" in t for t in text)
+    store.close()
+
+
+def test_corruption_figure_names_n_per_model_when_it_differs_and_every_model_in_its_legend(tmp_path):
+    from test_report_golden import svg_text
+    store = Store(tmp_path / "s")
+    a, a_ck = _train(store, "cnn", {"label": "A"}, [0.5])
+    b, b_ck = _train(store, "vit", {"label": "B"}, [0.6])
+    _corrupt(store, a, a_ck, "cnn", 0.5, n=100)
+    _corrupt(store, b, b_ck, "vit", 0.6, corrs=["gaussian_noise"], n=40)  # B is not in the first panel (fog)
+    paths = report.figures(report.collect(store), tmp_path / "fig")
+    text = svg_text(next(p for p in paths if p.name == "corruptions.svg"))
+    assert "A (n=100)" in text and "B (n=40)" in text and "B (n=40): clean" not in text
+    assert any("on cifar10-mini" in t for t in text) and not any("test images)" in t for t in text)
     store.close()
 
 

@@ -56,11 +56,17 @@ def cw_min_norm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, tar
         raise UsageError("cw needs steps >= 1 and binary_search_steps >= 1")
     n = x.shape[0]
     dev = x.device
-    w0 = torch.atanh((2 * x - 1) * (1 - 1e-6))
-    lo = torch.zeros(n, device=dev)
-    hi = torch.full((n,), 1e10, device=dev)
-    const = torch.full((n,), float(initial_const), device=dev)
-    best_norm = torch.full((n,), float("inf"), device=dev)
+    # tanh space; pixels at exactly 0 or 1 (atanh = ±inf) start 5e-7 inside. The distance is optimised to that
+    # start x0, as in Carlini's code: its gradient is then exactly 0 at the start (Adam scales every coordinate's
+    # step to about lr, so even a 1e-7 gradient would take full-size steps). The norm that is recorded and
+    # compared with eps is to x itself.
+    w0 = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+    x0 = (torch.tanh(w0) + 1) / 2
+    dt = x.dtype
+    lo = torch.zeros(n, device=dev, dtype=dt)
+    hi = torch.full((n,), 1e10, device=dev, dtype=dt)
+    const = torch.full((n,), float(initial_const), device=dev, dtype=dt)
+    best_norm = torch.full((n,), float("inf"), device=dev, dtype=dt)
     best = x.clone()
     last = x.clone()
 
@@ -78,9 +84,8 @@ def cw_min_norm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, tar
                 with torch.enable_grad():
                     xa = (torch.tanh(w) + 1) / 2
                     logits = model(xa)
-                    dist = (xa - x).flatten(1).pow(2).sum(1)
                     f = margin(logits).clamp_min(0)
-                    total = (dist + const * f).sum()
+                    total = ((xa - x0).flatten(1).pow(2).sum(1) + const * f).sum()
                     opt.zero_grad(set_to_none=True)
                     total.backward()
                 opt.step()
@@ -89,7 +94,7 @@ def cw_min_norm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, tar
                     adv = (pred == y) if targeted else (pred != y)
                     if kappa > 0:
                         adv &= f <= 0
-                    d = dist.sqrt()
+                    d = (xa.detach() - x).flatten(1).norm(dim=1)
                     better = adv & (d < best_norm)
                     best[better], best_norm[better] = xa.detach()[better], d[better]
                     found |= adv

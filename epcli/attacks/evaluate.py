@@ -226,8 +226,10 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         todo = torch.arange(len(yb), device=device) if labels == "predicted" else (cp == yb).nonzero().squeeze(1)
         mode = "bptt" if transfer else grad_mode
         found = None
-        if attack in MIN_NORM and todo.numel():  # one run, read at every eps
+        if attack in MIN_NORM and todo.numel():  # one run, read at every eps; its progress is the first eps's
             from epcli.attacks.cw import cw_min_norm
+            step.update(eps=eps_list[0], lo=lo, hi=hi, base=counter.n, todo=int(todo.numel()), last=0.0)
+            beat()
             before = counter.n
             with _gradient_mode(attacker, mode):
                 found = cw_min_norm(attacker, xb[todo], ref[todo], targeted=bool(targeted), **resolved)
@@ -235,8 +237,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         outs = {}
         for e in eps_list:
             xa = xb.clone()
-            step.update(eps=e, lo=lo, hi=hi, base=counter.n, todo=int(todo.numel()), last=0.0)
-            beat()
+            if not (found is not None and e == eps_list[0]):  # (the min-norm run is already on that line)
+                step.update(eps=e, lo=lo, hi=hi, base=counter.n, todo=int(todo.numel()), last=0.0)
+                beat()
             if todo.numel() and found is not None:
                 from epcli.attacks.cw import cw_at_eps
                 xa[todo] = cw_at_eps(xb[todo], found, e)

@@ -95,66 +95,16 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--grad-mode": grad_mode})
     eps_list = sorted(set(parse_eps(eps)))
     notes = check_eps(norm, eps_list)
-    if attack not in attacks.ATTACKS:
-        raise UsageError(f"unknown attack {attack!r}: choose from {', '.join(sorted(attacks.ATTACKS))}")
-    if labels not in (None, "true", "predicted"):
-        raise UsageError("labels must be 'true' or 'predicted'")
-    if select not in (None, "random", "first"):
-        raise UsageError(f"select must be 'random' or 'first', got {select!r}")
-    attack, labels, select, params = _apply_protocol(protocol, attack, labels, select, params, grad_mode,
-                                                     targeted)
-    select = select or "random"
-    if norm not in attacks.NORMS_OF[attack]:
-        raise UsageError(f"{attack} is an {' / '.join(n.upper() for n in attacks.NORMS_OF[attack])} attack: use "
-                         f"--norm {attacks.NORMS_OF[attack][0]}")
-    if targeted and attack in attacks.SELF_TARGETED:
-        raise UsageError(f"{attack} picks its own target classes; --targeted applies to fgsm, pgd, cw, apgd-ce, "
-                         "apgd-dlr and square")
-    params = attacks.resolve_params(attack, params or {})
-    attacks.check_grad_mode(grad_mode or "bptt")  # before any run is opened: a typo leaves the store as it was
+    attack, labels, select, params = _check_attack(attack, norm, labels, select, params, grad_mode, targeted,
+                                                   protocol)
     progress("load", 0, 1, {"model": model})
-    net, info = load_model(store, model, dataset, device)
-    if protocol == "paper" and hasattr(net, "grad_mode"):
-        grad_mode = grad_mode or PAPER_PROTOCOL["ep_grad_mode"]
-        T = PAPER_PROTOCOL["ep_T"] if T is None else T
-    grad_mode = grad_mode or "bptt"
-    k = net.spec.get("num_classes")
-    if k is not None and k < 3 and (attack in RANKING_ATTACKS or (targeted and attack.startswith("apgd"))):
-        raise UsageError(f"{attack}{' --targeted' if targeted else ''} needs at least 3 classes (the DLR loss ranks "
-                         f"logits); {net.spec['name']} has {k}")
-    if T is not None:
-        if not hasattr(net, "T"):
-            raise UsageError(f"--T applies to relaxation models; {net.spec['name']} has no relaxation")
-        net.T = int(T)
-    surrogate, surrogate_info = None, None
-    if grad_mode.startswith("transfer:"):
-        surrogate, surrogate_info = load_model(store, grad_mode.split(":", 1)[1], dataset, device)
-        if surrogate.spec.get("num_classes") != net.spec.get("num_classes"):
-            raise UsageError(f"the transfer surrogate {surrogate.spec.get('name')} has "
-                             f"{surrogate.spec.get('num_classes')} classes, the attacked model "
-                             f"{net.spec.get('num_classes')}")
-    elif grad_mode != "bptt" and not hasattr(net, "grad_mode"):
-        raise UsageError(f"gradient mode {grad_mode!r} applies to relaxation models only; "
-                         f"{net.spec['name']} supports bptt (plain backprop) and transfer:<model>")
-    sweep = sorted(set(int(k) for k in unroll_sweep or []))
-    if sweep and not hasattr(net, "grad_mode"):
-        raise UsageError("--unroll-sweep applies to relaxation models (EP-CNN) only")
-    if callable(getattr(net, "min_steps", None)):  # an unroll too short to reach the read-out has no gradient
-        unrolls = sweep + ([int(grad_mode.split(":", 1)[1])] if grad_mode.startswith("truncated:") else [])
-        shortest = min(unrolls, default=None)
-        if shortest is not None and shortest < net.min_steps():
-            raise UsageError(f"an unroll of {shortest} steps is shorter than the {net.min_steps()} the input needs "
-                             f"to reach the read-out of {net.spec['name']}")
-    if sweep and attack not in attacks.WHITE_BOX:
-        raise UsageError("--unroll-sweep needs a white-box attack (it varies the gradient's unroll length)")
+    net, info, surrogate, surrogate_info, grad_mode, sweep = _attacked_model(
+        store, model, dataset, device, attack=attack, protocol=protocol, grad_mode=grad_mode, T=T,
+        targeted=targeted, unroll_sweep=unroll_sweep)
     ds = dataset_for(store, info, dataset, data_dir)
     for m in (net, surrogate) if surrogate is not None else (net,):
         check_model_takes(m, ds.test_x, ds.name)
-    if select == "first":
-        k = len(ds.test_y) if n is None else min(int(n), len(ds.test_y))
-        x, y, idx = ds.test_x[:k], ds.test_y[:k], torch.arange(k)
-    else:
-        x, y, idx = subset(ds.test_x, ds.test_y, n, seed)
+    x, y, idx = _examples(ds, select, n, seed)
     chunk = chunk or attack_chunk(len(y), batch_size or 256)
     progress("load", 1, 1, {"model": net.spec["name"], "dataset": ds.name, "images": len(y)})
     train_run = info["train_run"] or {}
@@ -220,25 +170,10 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         clean = res["clean_correct"].float().mean().item()
         base = {"dataset": ds.name, "split": "test", "model": net.spec["name"], "attack": attack, "norm": norm,
                 "n_examples": len(y)}
-        rows = [{"name": "clean_acc", "value": clean, **base, "grad_mode": grad_mode, "eps": 0.0}]
-        robust, sweep_out = {}, {}
-        for gm, r in results.items():
-            for e in eps_list:
-                acc = r["robust"][e].float().mean().item()
-                if gm == grad_mode:
-                    robust[eps_label(e)] = acc
-                else:
-                    sweep_out.setdefault(gm, {})[eps_label(e)] = acc
-                rows.append({"name": "robust_acc", "value": acc, **base, "grad_mode": gm, "eps": e,
-                             "unreliable": bool(bad) and gm == grad_mode,
-                             "detail": {"reason": reason if gm == grad_mode else "",
-                                        "forward_passes": r.get("forward_passes"), "params": r.get("params"),
-                                        "batch_size": r.get("batch_size"),
-                                        "T": sweep_T.get(gm, T_main) if gm != grad_mode else T_main,
-                                        "labels": labels, "protocol": protocol, "select": select,
-                                        "targeted": bool(targeted),
-                                        **({"target_hit": float(r["target_hit"][e].float().mean())}
-                                           if r.get("target_hit") else {})}})
+        detail = {"labels": labels, "protocol": protocol, "select": select, "targeted": bool(targeted)}
+        rows, robust, sweep_out = _accuracy_rows(results, grad_mode, eps_list, clean, base, detail, reason,
+                                                 T_of={gm: T_main if gm == grad_mode else sweep_T.get(gm, T_main) for gm in results},
+                                                 unreliable=bool(bad))
         # how far from equilibrium the predictions are: the clean images, and every adversarial prediction
         rows += relax_residual_rows(net, x, device, base, adversarial=res.get("adv_residual"))
         progress("save", 0, 1, {})
@@ -267,6 +202,102 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         "attack_forward_passes": res.get("attack_forward_passes"),
         "protocol": protocol, "select": select, "targeted": bool(targeted), "T": T_main,
         "unroll_sweep_T": raised, **({"target_hit": target_hit} if target_hit else {}), **shards})
+
+
+def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, protocol):
+    """The attack's settings, checked before any model is loaded or run opened; the protocol applied.
+    Returns (attack, labels, select, params)."""
+    from epcli import attacks
+    if attack not in attacks.ATTACKS:
+        raise UsageError(f"unknown attack {attack!r}: choose from {', '.join(sorted(attacks.ATTACKS))}")
+    if labels not in (None, "true", "predicted"):
+        raise UsageError("labels must be 'true' or 'predicted'")
+    if select not in (None, "random", "first"):
+        raise UsageError(f"select must be 'random' or 'first', got {select!r}")
+    attack, labels, select, params = _apply_protocol(protocol, attack, labels, select, params, grad_mode,
+                                                     targeted)
+    if norm not in attacks.NORMS_OF[attack]:
+        raise UsageError(f"{attack} is an {' / '.join(n.upper() for n in attacks.NORMS_OF[attack])} attack: use "
+                         f"--norm {attacks.NORMS_OF[attack][0]}")
+    if targeted and attack in attacks.SELF_TARGETED:
+        raise UsageError(f"{attack} picks its own target classes; --targeted applies to fgsm, pgd, cw, apgd-ce, "
+                         "apgd-dlr and square")
+    params = attacks.resolve_params(attack, params or {})
+    attacks.check_grad_mode(grad_mode or "bptt")  # before any run is opened: a typo leaves the store as it was
+    return attack, labels, select or "random", params
+
+
+def _attacked_model(store, model, dataset, device, *, attack, protocol, grad_mode, T, targeted, unroll_sweep):
+    """Load the attacked model (and a transfer surrogate) and check what depends on it: classes, T, the
+    gradient mode, the unroll sweep. Returns (net, info, surrogate, surrogate_info, grad_mode, sweep)."""
+    from epcli import attacks
+    net, info = load_model(store, model, dataset, device)
+    if protocol == "paper" and hasattr(net, "grad_mode"):
+        grad_mode = grad_mode or PAPER_PROTOCOL["ep_grad_mode"]
+        T = PAPER_PROTOCOL["ep_T"] if T is None else T
+    grad_mode = grad_mode or "bptt"
+    k = net.spec.get("num_classes")
+    if k is not None and k < 3 and (attack in RANKING_ATTACKS or (targeted and attack.startswith("apgd"))):
+        raise UsageError(f"{attack}{' --targeted' if targeted else ''} needs at least 3 classes (the DLR loss ranks "
+                         f"logits); {net.spec['name']} has {k}")
+    if T is not None:
+        if not hasattr(net, "T"):
+            raise UsageError(f"--T applies to relaxation models; {net.spec['name']} has no relaxation")
+        net.T = int(T)
+    surrogate, surrogate_info = None, None
+    if grad_mode.startswith("transfer:"):
+        surrogate, surrogate_info = load_model(store, grad_mode.split(":", 1)[1], dataset, device)
+        if surrogate.spec.get("num_classes") != net.spec.get("num_classes"):
+            raise UsageError(f"the transfer surrogate {surrogate.spec.get('name')} has "
+                             f"{surrogate.spec.get('num_classes')} classes, the attacked model "
+                             f"{net.spec.get('num_classes')}")
+    elif grad_mode != "bptt" and not hasattr(net, "grad_mode"):
+        raise UsageError(f"gradient mode {grad_mode!r} applies to relaxation models only; "
+                         f"{net.spec['name']} supports bptt (plain backprop) and transfer:<model>")
+    sweep = sorted(set(int(k) for k in unroll_sweep or []))
+    if sweep and not hasattr(net, "grad_mode"):
+        raise UsageError("--unroll-sweep applies to relaxation models (EP-CNN) only")
+    if callable(getattr(net, "min_steps", None)):  # an unroll too short to reach the read-out has no gradient
+        unrolls = sweep + ([int(grad_mode.split(":", 1)[1])] if grad_mode.startswith("truncated:") else [])
+        shortest = min(unrolls, default=None)
+        if shortest is not None and shortest < net.min_steps():
+            raise UsageError(f"an unroll of {shortest} steps is shorter than the {net.min_steps()} the input needs "
+                             f"to reach the read-out of {net.spec['name']}")
+    if sweep and attack not in attacks.WHITE_BOX:
+        raise UsageError("--unroll-sweep needs a white-box attack (it varies the gradient's unroll length)")
+    return net, info, surrogate, surrogate_info, grad_mode, sweep
+
+
+def _examples(ds: Dataset, select: str, n: int | None, seed: int):
+    """The attacked test images: the first n, or a seeded random subset of n. Returns (x, y, test indices)."""
+    if select == "first":
+        k = len(ds.test_y) if n is None else min(int(n), len(ds.test_y))
+        return ds.test_x[:k], ds.test_y[:k], torch.arange(k)
+    return subset(ds.test_x, ds.test_y, n, seed)
+
+
+def _accuracy_rows(results: dict, grad_mode: str, eps_list: list[float], clean: float, base: dict, detail: dict,
+                   reason: str, *, T_of: dict, unreliable: bool):
+    """Metric rows: the clean accuracy and the robust accuracy per gradient mode and eps (the run's own mode
+    carries the reliability verdict; the unroll-sweep modes do not). Returns (rows, robust, sweep_out): the
+    robust accuracies by eps label, of the run's mode and of each sweep mode."""
+    rows = [{"name": "clean_acc", "value": clean, **base, "grad_mode": grad_mode, "eps": 0.0}]
+    robust, sweep_out = {}, {}
+    for gm, r in results.items():
+        for e in eps_list:
+            acc = r["robust"][e].float().mean().item()
+            if gm == grad_mode:
+                robust[eps_label(e)] = acc
+            else:
+                sweep_out.setdefault(gm, {})[eps_label(e)] = acc
+            rows.append({"name": "robust_acc", "value": acc, **base, "grad_mode": gm, "eps": e,
+                         "unreliable": unreliable and gm == grad_mode,
+                         "detail": {"reason": reason if gm == grad_mode else "",
+                                    "forward_passes": r.get("forward_passes"), "params": r.get("params"),
+                                    "batch_size": r.get("batch_size"), "T": T_of[gm], **detail,
+                                    **({"target_hit": float(r["target_hit"][e].float().mean())}
+                                       if r.get("target_hit") else {})}})
+    return rows, robust, sweep_out
 
 
 @contextlib.contextmanager

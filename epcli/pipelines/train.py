@@ -105,8 +105,9 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         resume_info = resolve_model(store, resume, ds.name)
         if resume_info["train_run"]:  # resume from the newest epoch, not from the selected one
             arts = store.artifacts_of(resume_info["train_run"]["id"], role="output", kind="checkpoint")
-            epoch_of = lambda a: (json.loads(a["meta"]) if isinstance(a["meta"], str) else a["meta"] or {}).get(  # noqa: E731
-                "epoch", -1)
+            def epoch_of(a):
+                meta = json.loads(a["meta"]) if isinstance(a["meta"], str) else a["meta"] or {}
+                return meta.get("epoch", -1)
             if arts:
                 newest = max(arts, key=epoch_of)
                 resume_info = {**resume_info, "path": store.artifact_path(newest["sha256"]),

@@ -85,8 +85,8 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True,
         ax.set_ylim(-2, 100)  # a point at 0 % stays visible
         ax.set_xlabel(f"ε ({NORM_NAMES.get(norm, norm)}" + (", pixel scale /255" if norm == "linf" else "") + ")")
         ax.set_ylabel("robust accuracy (%)")
-        ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on {', '.join(sorted(datasets))}:"
-                     f" robust accuracy vs ε" + left_out, fontsize=10)
+        ax.set_title(f"{ATTACK_NAMES.get(attack, attack)} {NORM_NAMES.get(norm, norm)} on "
+                     f"{', '.join(sorted(datasets))}: robust accuracy vs ε" + left_out, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         _save(fig, out_dir, f"robust-{attack}-{norm}", paths)
@@ -111,11 +111,18 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True,
         header = 0.75 + 0.2 * (legend_rows - 1)  # inches for the title and the legend
         height = 2.5 * nrow + header
         fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol, height), squeeze=False, sharey=True)
+        n_ex = sorted({r.corruption.get("n_examples") for r in shown_rows if r.corruption.get("n_examples")})
+        datasets = sorted({rows[rid].dataset or "?" for rid in shown})
+
+        def line_label(rid):  # n in the title when every model has the same, else per model
+            n = rows[rid].corruption.get("n_examples")
+            return names[rid] if len(n_ex) == 1 else f"{names[rid]} (n={n:,})" if n else f"{names[rid]} (n=?)"
+
         for ax, cn in zip(axes.flat, cnames):
             for rid in shown:
                 pts = sorted(by_panel.get((rid, cn), []))
                 if pts:
-                    ax.plot(*zip(*pts), "o-", ms=3, color=colors[names[rid]], label=names[rid])
+                    ax.plot(*zip(*pts), "o-", ms=3, color=colors[names[rid]], label=line_label(rid))
                     clean = rows[rid].corruption.get("clean")
                     if clean is not None:
                         ax.axhline(clean, ls=":", lw=1, color=colors[names[rid]],
@@ -126,15 +133,19 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True,
             ax.grid(True, alpha=0.3)
         for ax in list(axes.flat)[len(cnames):]:
             ax.axis("off")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        n_ex = sorted({r.corruption.get("n_examples") for r in shown_rows if r.corruption.get("n_examples")})
+        legend = {}  # every model once, whichever panel it first appears in (not all models have all corruptions)
+        for ax in axes.flat:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(lab, h)
+        handles, labels = list(legend.values()), list(legend)
         for i, ax in enumerate(axes.flat):
             if i % ncol == 0:
                 ax.set_ylabel("accuracy (%)")
             if i >= len(cnames) - ncol:
                 ax.set_xlabel("severity")
-        fig.suptitle("Accuracy under each corruption vs severity; dotted: the model's clean accuracy"
-                     + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else "") + left_out, fontsize=9,
+        fig.suptitle(f"Accuracy under each corruption vs severity on {', '.join(datasets)}; dotted: the model's "
+                     "clean accuracy" + (f" (n={n_ex[-1]:,} test images)" if len(n_ex) == 1 else "") + left_out,
+                     fontsize=9,
                      y=1 - 0.05 / height, va="top")
         fig.tight_layout(rect=(0, 0, 1, 1 - (header - 0.25) / height))
         fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,

@@ -42,7 +42,8 @@ def _html_cell(cell: Cell | None) -> str:
         paper_line = f'<span class="sub">paper {cell.paper:.2f} ({cell.diff:+.2f})</span>'
     elif cell.not_compared:
         title = title or f' title="not compared with the paper: {_h(cell.not_compared)}"'
-    return f'<td class="{cls}"{title}>{cell.value:.2f}{flag}<span class="sub">{_h(_sub(cell, " · "))}</span>{paper_line}</td>'
+    sub = f'<span class="sub">{_h(_sub(cell, " · "))}</span>'
+    return f'<td class="{cls}"{title}>{cell.value:.2f}{flag}{sub}{paper_line}</td>'
 
 
 def _html_leaderboard(data: ReportData, cols: list[Column], id_: str) -> str:

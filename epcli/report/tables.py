@@ -255,7 +255,8 @@ def _md(data: ReportData, columns: str = "headline") -> str:
         out += ["", "## The paper beside the results", "", _PAPER_NOTE]
         shown = [c for c in data.comparisons if c.not_compared is None]
         if shown:
-            out += ["", "| model | metric | epcli | paper | diff | protocol differences |", "|---|---|---:|---:|---:|---|"]
+            out += ["", "| model | metric | epcli | paper | diff | protocol differences |",
+                    "|---|---|---:|---:|---:|---|"]
             for c in shown:
                 p = f"{c.paper:.2f}" + (f" ± {c.paper_std:.2f}" if c.paper_std is not None else "")
                 out.append(f"| {_md_safe(c.label)} | {c.what} | {c.epcli:.2f} | {p} | {c.diff:+.2f} | "
