@@ -265,7 +265,7 @@ def _override(overrides: dict, path: str, value, option: str) -> None:
     node[key] = value
 
 
-def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+def _int_list(text: Optional[str], option: str, example: str = "10,15,20") -> Optional[list[int]]:
     """'10,15,20' -> [10, 15, 20]; anything else is a usage error naming the option."""
     if text is None:
         return None
@@ -274,7 +274,7 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
     except ValueError:
         values = []
     if not values:
-        raise UsageError(f"{option} expects comma-separated integers, e.g. 10,15,20; got {text!r}")
+        raise UsageError(f"{option} expects comma-separated integers, e.g. {example}; got {text!r}")
     return values
 
 
@@ -472,9 +472,10 @@ def attack(
 def corrupt(
     model: ModelRefOpt = "ep-cnn-small",
     corruption: Annotated[Optional[list[str]], typer.Option(
-        "--corruption", "-c", help="Corruption name (repeatable; default: all 19).")] = None,
-    severity: Annotated[Optional[list[int]], typer.Option("--severity", "-s",
-                                                          help="1-5 (repeatable; default all).")] = None,
+        "--corruption", "-c", metavar="<name,...>",
+        help="Corruption name (repeatable or comma-separated; default: all 19).")] = None,
+    severity: Annotated[Optional[list[str]], typer.Option(
+        "--severity", "-s", metavar="<int,...>", help="1-5 (repeatable or comma-separated; default all).")] = None,
     n: Annotated[Optional[int], typer.Option("--n", help="Seeded subset of n test images.")] = None,
     source: Annotated[Optional[str], typer.Option(help="Evaluate the official CIFAR-10-C/100-C .npy files (or an "
                                                   "--export folder) in this folder instead of generating; "
@@ -493,10 +494,14 @@ def corrupt(
 ) -> None:
     """Evaluate a trained model under CIFAR-10-C natural corruptions (19 x 5 severities), seeded.
 
-    Examples: `epcli corrupt --model ep-cnn`, `epcli corrupt -m cnn -c fog -c contrast -s 5`,
+    Examples: `epcli corrupt --model ep-cnn`, `epcli corrupt -m cnn -c fog,contrast -s 5`,
     `epcli corrupt --export cifar10c/ --dataset cifar10`.
     """
     from epcli import api, distributed, schema
+    if corruption is not None:  # -c fog,snow as -c fog -c snow
+        corruption = [c.strip() for v in corruption for c in v.split(",")]
+    if severity is not None:
+        severity = [s for v in severity for s in _int_list(v, "--severity", "1,3,5")]
     if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
         if not export:
             api.corrupt(model=model, device=device, store=None)
@@ -775,6 +780,10 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
     epochs = [row for row in doc["metrics"] if row.get("step") is not None and row["name"] != "epoch"]
     if epochs:
         c.print(_epoch_table(epochs, c.width))
+        shown = {row["name"] for row in epochs}
+        for keys, text in EPOCH_NOTES:
+            if shown & set(keys):
+                c.print(f"  [dim]{text}[/]", highlight=False)
     rest = [row for row in doc["metrics"] if row.get("step") is None]
     if rest:
         c.print("[bold]metrics[/]")
@@ -817,6 +826,14 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
 
 
 SHOW_ROWS = 200  # metric lines `show` prints; --json has them all
+# what the EP training columns are taken over (epcli.train.fit records them)
+EPOCH_NOTES = [
+    (("mean_steps", "mean_steps_nudged"), "mean_steps / mean_steps_nudged: relaxation steps per training image in "
+     "the free / each nudged phase, mean over the epoch"),
+    (("residual_free", "residual_nudged"), "residual_free / residual_nudged: the largest relative residual of any "
+     "training image at the end of that phase in the epoch; *_mean: the mean over the images (<= 1e-3 counts as "
+     "at equilibrium)"),
+]
 
 
 def _metric_text(name: str, value) -> str:

@@ -222,7 +222,7 @@ def test_evaluate_contract(data):
 def test_check_flags_square_beating_whitebox(data):
     model, x, y, _ = data
     wb = evaluate(model, x, y, attack="pgd", norm="linf", eps_list=[16 / 255], params={"steps": 1, "step_size": 0.0})
-    bb = evaluate(model, x, y, attack="square", norm="linf", eps_list=[16 / 255], params={"n_queries": 100})
+    bb = evaluate(model, x, y, attack="square", norm="linf", eps_list=[16 / 255], params={"n_queries": 300})
     checks = check_reliability([wb, bb])
     c = [c for c in checks if c["check"] == "white-vs-black"]
     assert c and not c[0]["passed"] and "unreliable" in wb

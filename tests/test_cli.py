@@ -67,8 +67,8 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     robust = {r["eps_label"]: r["robust_acc"] for r in att["results"]}
     assert att["model_run_id"] == train["run_id"] and set(robust) == {"2/255", "8/255"}
     assert robust["8/255"] <= robust["2/255"] <= att["clean_acc"]
-    r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise", "-c", "contrast", "--n", 60,
-               "--json", store=store)
+    r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise,contrast", "-s", "1,2", "-s", "3,4,5",
+               "--n", 60, "--json", store=store)  # comma lists and repeats mix
     assert r.exit_code == 0, r.output
     cor = json.loads(r.stdout)
     assert {(c["corruption"], c["severity"]) for c in cor["cells"]} == \
@@ -342,6 +342,23 @@ def test_show_prints_epochs_as_columns_and_says_which_it_leaves_out():
     short = io.StringIO()
     Console(file=short, width=200, color_system=None).print(_epoch_table(rows[:8], 200))
     assert short.getvalue().splitlines()[0].split() == ["per", "epoch", "1", "2", "3", "4"]
+
+
+def test_show_says_what_the_ep_columns_are_taken_over(tmp_path):
+    from epcli.store import Store
+    s = Store(tmp_path / "s")
+    ep = s.start_run("train", {"model": "ep-cnn-tiny"}, model="ep-cnn-tiny", dataset="cifar10-mini")
+    s.log_metrics(ep, [{"name": k, "value": v, "step": 1} for k, v in
+                       (("train_loss", 2.0), ("mean_steps", 12.5), ("residual_free", 1e-3))])
+    s.finish_run(ep)
+    cnn = s.start_run("train", {"model": "cnn-small"}, model="cnn-small", dataset="cifar10-mini")
+    s.log_metrics(cnn, [{"name": "train_loss", "value": 2.0, "step": 1}])
+    s.finish_run(cnn)
+    s.close()
+    out = " ".join(invoke("show", ep, store=tmp_path / "s").stdout.split())
+    assert "mean_steps / mean_steps_nudged: relaxation steps per training image" in out
+    assert "largest relative residual of any training image at the end of that phase" in out
+    assert "relaxation steps" not in invoke("show", cnn, store=tmp_path / "s").stdout
 
 
 def test_models_and_recipes_list_names_in_a_pipe_and_describe_them_with_long():

@@ -100,8 +100,9 @@ def forward_budget(attack: str, params: dict) -> int:
         "apgd-dlr": (steps + 1) * restarts,
         "apgd-t": (steps + 1) * restarts * targets,
         "fab-t": (steps + 2) * restarts * targets,
-        "square": int(p.get("n_queries") or 5000) * restarts,
-        "autoattack": (steps + 1) * (1 + targets) + (steps + 2) * targets + int(p.get("n_queries") or 5000),
+        # the initial query, n_queries, and one pass per restart to read which images broke; one clean pass
+        "square": (int(p.get("n_queries") or 5000) + 2) * restarts + 1,
+        "autoattack": (steps + 1) * (1 + targets) + (steps + 2) * targets + int(p.get("n_queries") or 5000) + 3,
     }.get(attack, steps * restarts))
 
 

@@ -1,22 +1,31 @@
 """Square attack (Andriushchenko et al. 2020, https://arxiv.org/abs/1912.00049), L-inf and L2: a
 score-based black-box random search that only needs logits (no gradients).
 
-Each query changes one random square window (side s shrinking with the schedule p, starting from p_init
-0.8): for L-inf the window gets a fresh +-eps value per channel; for L2 a centred "dipole" pattern takes the
-perturbation mass of that window and of a second, zeroed window, and the whole perturbation is rescaled to
-norm eps. A change is kept when it lowers the margin loss z_y - max_{i!=y} z_i (untargeted) or
-max_{i!=t} z_i - z_t (targeted). Examples stop being queried once fooled. The first query is the
-initialisation (vertical +-eps stripes for L-inf, a grid of dipoles for L2).
+This follows the reference implementation (square.py of fra31/auto-attack, which torchattacks ports) draw for
+draw: with generator=torch.Generator().manual_seed(s) it makes the same torch.rand calls, with the same shapes
+and in the same order, as the reference after torch.manual_seed(s), so on the CPU both give the same
+adversarial images (tests/test_square_reference.py). What the reference does, and so what this does:
+- only the images the model gets right (targeted: does not already put in the target class) are attacked; the
+  others, and the images still robust at the end, are returned unchanged;
+- the initialisation is the first query: vertical +-eps stripes (L-inf) or a grid of centred dipoles with a
+  random sign per tile and channel, scaled to norm eps (L2); then up to n_queries more queries;
+- each query changes ONE square window shared by the whole batch (side from the p schedule, p_init 0.8): L-inf
+  sets it to x +- eps with one random sign per channel (shared by the batch); L2 moves the perturbation mass of
+  the window and of a second random window into a dipole with a random sign per image and channel;
+- a candidate is kept when it lowers the loss (margin z_y - max_{i!=y} z_i; targeted: cross-entropy to the
+  target) or misclassifies (targeted: hits the target); an image stops being queried once its margin is <= 0;
+- a restart runs on the images not yet fooled, judged by the argmax on one more forward pass.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
-from epcli.attacks._common import (check_eps, check_inputs, check_norm, eval_mode, flat_norm, margin_loss,
-                                   project)
+from epcli.attacks._common import check_eps, check_inputs, check_norm, eval_mode, margin_loss
 from epcli.errors import UsageError
 
 _THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -29,52 +38,60 @@ def p_schedule(p_init: float, it: int, n_queries: int, rescale: bool) -> float:
     return p_init / 2 ** sum(it > t for t in _THRESHOLDS)
 
 
-def _margin(logits, y, targeted):
-    # to minimise; < 0 means success
-    return -margin_loss(logits, y) if not targeted else margin_loss(logits, y)
+# --- random draws: all torch.rand on the generator's device (the CPU by default, as in the reference) -------
 
-
-def _randint(high: int, n: int, generator, device):
-    dev = generator.device if generator is not None else "cpu"
-    return torch.randint(0, high, (n,), generator=generator, device=dev).to(device)
+def _uniform(shape, generator):
+    return torch.rand(shape, generator=generator, device=generator.device if generator is not None else "cpu")
 
 
 def _signs(shape, generator, device):
-    dev = generator.device if generator is not None else "cpu"
-    return (torch.randint(0, 2, shape, generator=generator, device=dev).to(device) * 2 - 1).float()
+    """+-1 (0 with probability ~2^-24, as in the reference): the sign of 2U - 1."""
+    return torch.sign(2 * _uniform(shape, generator) - 1).to(device)
 
 
-def _window(n, h, w, s, generator, device, corners=False):
-    """Per-example random s x s window masks (n, 1, h, w) (and the top-left corners when asked)."""
-    vh, vw = _randint(h - s + 1, n, generator, device), _randint(w - s + 1, n, generator, device)
-    rows = torch.arange(h, device=device)[None, :]
-    cols = torch.arange(w, device=device)[None, :]
-    mr = (rows >= vh[:, None]) & (rows < vh[:, None] + s)
-    mc = (cols >= vw[:, None]) & (cols < vw[:, None] + s)
-    m = (mr[:, :, None] & mc[:, None, :])[:, None]
-    return (m, vh, vw) if corners else m
+def _offset(span: int, generator) -> int:
+    """A window's top or left edge in [0, span): floor(span * U) in float32 (0 when span is 0). The last
+    position, span itself, is never drawn (the reference's convention)."""
+    return int((span * _uniform((1,), generator)).long())
 
 
-def dipole(s: int, device) -> torch.Tensor:
-    """s x s pattern: two centred bumps of opposite sign (mass ~ 1/(ring+1)^2), unit L2 norm."""
-    def bump(hh, ww):
-        i = torch.arange(hh, device=device).float()[:, None]
-        j = torch.arange(ww, device=device).float()[None, :]
-        ring = torch.maximum((i - (hh - 1) / 2).abs(), (j - (ww - 1) / 2).abs()).floor()
-        top = int(ring.max()) + 1
-        return sum(((ring <= r).float() / (r + 1) ** 2) for r in range(top))
-    half = s // 2
-    pat = torch.cat([bump(half, s), -bump(s - half, s)], 0) if half > 0 else bump(s, s)
-    return pat / pat.norm().clamp_min(1e-12)
+@functools.lru_cache(maxsize=64)
+def _bump(rows: int, cols: int) -> torch.Tensor:
+    """rows x cols, unit L2 norm: sum of 1/(k+1)^2 over the square rings k >= the Chebyshev distance from
+    (rows // 2, cols // 2), accumulated ring by ring in float32 as the reference does."""
+    i = (torch.arange(rows) - rows // 2).abs()[:, None]
+    j = (torch.arange(cols) - cols // 2).abs()[None, :]
+    ring = torch.maximum(i, j)
+    out = torch.zeros(rows, cols)
+    for k in range(max(rows, cols) // 2 + 1):
+        out += (ring <= k) * (1.0 / torch.tensor(float((k + 1) ** 2)))
+    return out / (out ** 2).sum(dim=(0, 1), keepdim=True).sqrt()
 
+
+@functools.lru_cache(maxsize=64)
+def dipole(s: int) -> torch.Tensor:
+    """s x s L2 pattern: a positive bump on the top s // 2 rows and a negative one below, unit L2 norm."""
+    pat = torch.cat([_bump(s // 2, s), -_bump(s - s // 2, s)])
+    return pat / (pat ** 2).sum(dim=(0, 1), keepdim=True).sqrt()
+
+
+def _random_dipole(s: int, generator, device) -> torch.Tensor:
+    pat = dipole(s)
+    # contiguous: the per-window sums below then add in the reference's order, bit for bit
+    return (pat.t().contiguous() if bool(_uniform((1,), generator) > 0.5) else pat).to(device)
+
+
+# --- the attack ---------------------------------------------------------------------------------------------
 
 def square(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
            targeted: bool = False, generator: torch.Generator | None = None, n_queries: int = 5000,
            p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = True) -> torch.Tensor:
-    """Square attack with a query budget per example (default 5000 queries, p_init 0.8, margin loss).
+    """Square attack: the initialisation and up to n_queries more queries per image and restart (default
+    5000, p_init 0.8; untargeted margin loss, targeted cross-entropy).
 
     rescale_schedule=True (standalone default, as in the reference) stretches the p schedule to the budget;
-    AutoAttack runs it with rescale_schedule=False. Restarts run only on examples not yet fooled.
+    AutoAttack runs it with rescale_schedule=False. Restarts run only on examples not yet fooled. For the
+    reference's numbers pass a CPU generator (the reference draws everything on the CPU).
     """
     norm, eps = check_norm(norm), check_eps(eps)
     x, y = check_inputs(x, y)
@@ -84,17 +101,32 @@ def square(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: flo
         return x.clone()
     out = x.clone()
     with eval_mode(model), torch.no_grad():
-        done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        pred = model(x).argmax(1)
+        todo = pred != y if targeted else pred == y
         for _ in range(int(restarts)):
-            idx = (~done).nonzero().squeeze(1)
+            idx = todo.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            adv, ok = _square_run(model, x[idx], y[idx], eps, norm, targeted, generator, int(n_queries),
-                                  p_init, rescale_schedule)
-            take = ok | ~done[idx]
-            out[idx[take]] = adv[take]
-            done[idx[ok]] = True
+            adv = _square_run(model, x[idx], y[idx], eps, norm, targeted, generator, int(n_queries), p_init,
+                              rescale_schedule)
+            pred = model(adv).argmax(1)
+            hit = pred == y[idx] if targeted else pred != y[idx]
+            out[idx[hit]] = adv[hit]
+            todo[idx[hit]] = False
     return out
+
+
+def _scores(model, x, y, targeted):
+    """(margin, loss) per image: margin > 0 means not fooled yet; the loss decides what is kept."""
+    logits = model(x)
+    if not targeted:
+        margin = -margin_loss(logits, y)
+        return margin, margin
+    return margin_loss(logits, y), F.cross_entropy(logits, y, reduction="none")
+
+
+def _l2_norm(d):
+    return (d ** 2).flatten(1).sum(-1).sqrt().view(-1, *([1] * (d.dim() - 1)))
 
 
 def _square_run(model, x, y, eps, norm, targeted, generator, n_queries, p_init, rescale):
@@ -103,56 +135,68 @@ def _square_run(model, x, y, eps, norm, targeted, generator, n_queries, p_init, 
     if norm == "linf":
         best = (x + eps * _signs((n, c, 1, w), generator, dev)).clamp(0, 1)
     else:
-        s0 = max(h // 5, 1)
+        s = max(h // 5, 1)
+        start = max((h - 5 * s) // 2, 0)
         delta = torch.zeros_like(x)
-        pat = dipole(s0, dev)
-        for i in range(0, h - s0 + 1, s0):
-            for j in range(0, w - s0 + 1, s0):
-                delta[:, :, i:i + s0, j:j + s0] = pat * _signs((n, c, 1, 1), generator, dev)
-        delta = delta / flat_norm(delta, "l2").clamp_min(1e-12).view(-1, 1, 1, 1) * eps
-        best = project(x + delta, x, eps, "l2")
-    loss = _margin(model(best), y, targeted)
-    for it in range(n_queries - 1):
-        act = (loss >= 0).nonzero().squeeze(1)  # not yet fooled
-        if act.numel() == 0:
-            break
+        for top in range(start, start + (h // s) * s, s):
+            for left in range(start, start + (w // s) * s, s):
+                tile = _random_dipole(s, generator, dev).view(1, 1, s, s) * _signs((n, c, 1, 1), generator, dev)
+                win = delta[:, :, top:top + s, left:left + s]  # cropped at the border (the reference fails there)
+                win += tile[:, :, :win.shape[2], :win.shape[3]]
+        best = (x + delta / (_l2_norm(delta) + 1e-12) * eps).clamp(0, 1)
+    margin, loss = _scores(model, best, y, targeted)
+    if bool((margin < 0).all()):
+        return best
+    for it in range(n_queries):
+        act = (margin > 0).nonzero().squeeze(1)
         xa, xb = x[act], best[act]
-        k = act.numel()
         p = p_schedule(p_init, it, n_queries, rescale)
+        side = round(math.sqrt(p * (c * h * w) / c))
         if norm == "linf":
-            s = int(min(max(round(math.sqrt(p * h * w)), 1), h - 1))
-            m = _window(k, h, w, s, generator, dev)
-            new = (xa + eps * _signs((k, c, 1, 1), generator, dev)).clamp(0, 1)
-            same = ((new - xb).abs() < 1e-7) | ~m
-            unchanged = same.flatten(1).all(1)
-            if bool(unchanged.any()):  # resample the value once by flipping: a query must change something
-                flip = (xa - eps * (new - xa).sign().where((new - xa) != 0, torch.ones_like(xa))).clamp(0, 1)
-                new = torch.where(unchanged.view(-1, 1, 1, 1), flip, new)
-            cand = torch.where(m, new, xb)
+            cand = _linf_candidate(xa, xb, eps, min(max(side, 1), h, w), generator)
         else:
-            s = int(min(max(round(math.sqrt(p * h * w)), 3), h - 1))
-            m1, vh, vw = _window(k, h, w, s, generator, dev, corners=True)
-            m2 = _window(k, h, w, s, generator, dev)
-            d = xb - xa
-            n_img = flat_norm(d, "l2")
-            n_w1 = (d * m1).pow(2).sum((2, 3)).sqrt()  # (k, c)
-            n_union = (d * (m1 | m2)).pow(2).sum((2, 3)).sqrt()
-            pats = dipole(s, dev)
-            flip_t = _signs((k,), generator, dev) > 0  # random transposition of the pattern
-            base = torch.where(flip_t.view(-1, 1, 1), pats.t()[None], pats[None])  # (k, s, s)
-            rr = (torch.arange(h, device=dev)[None] - vh[:, None]).clamp(0, s - 1)  # (k, h)
-            cc = (torch.arange(w, device=dev)[None] - vw[:, None]).clamp(0, s - 1)
-            pat = base[torch.arange(k, device=dev)[:, None, None], rr[:, :, None], cc[:, None, :]][:, None]
-            new_w = pat * _signs((k, c, 1, 1), generator, dev) + d * m1 / n_w1.clamp_min(1e-12)[:, :, None, None]
-            new_w = new_w * m1
-            target = ((eps ** 2 - n_img ** 2).clamp_min(0)[:, None] / c + n_union ** 2).sqrt()
-            new_w = new_w / new_w.pow(2).sum((2, 3)).sqrt().clamp_min(1e-12)[:, :, None, None] \
-                * target[:, :, None, None]
-            d_new = torch.where(m1, new_w, torch.where(m2, torch.zeros_like(d), d))
-            d_new = d_new / flat_norm(d_new, "l2").clamp_min(1e-12).view(-1, 1, 1, 1) * eps
-            cand = project(xa + d_new, xa, eps, "l2")
-        new_loss = _margin(model(cand), y[act], targeted)
-        better = new_loss < loss[act]
-        best[act[better]] = cand[better]
-        loss[act[better]] = new_loss[better]
-    return best, loss < 0
+            side = max(side, 3)
+            cand = _l2_candidate(xa, xb, eps, min(side + (side % 2 == 0), h, w), generator)
+        if act.numel():  # the draws above are made even for an empty batch, as in the reference
+            m_new, l_new = _scores(model, cand, y[act], targeted)
+            better = l_new < loss[act]
+            loss[act] = torch.where(better, l_new, loss[act])
+            keep = better | (m_new <= 0)
+            margin[act] = torch.where(keep, m_new, margin[act])
+            best[act] = torch.where(keep.view(-1, 1, 1, 1), cand, xb)
+        if bool((margin <= 0).all()):
+            break
+    return best
+
+
+def _linf_candidate(xa, xb, eps, s, generator):
+    """One s x s window (shared by the batch) pushed to x +- eps with a random sign per channel."""
+    _, c, h, w = xa.shape
+    top, left = _offset(h - s, generator), _offset(w - s, generator)
+    step = torch.zeros(c, h, w, device=xa.device)
+    step[:, top:top + s, left:left + s] = 2 * eps * _signs((c, 1, 1), generator, xa.device)
+    return torch.min(torch.max(xb + step, xa - eps), xa + eps).clamp(0, 1)
+
+
+def _l2_candidate(xa, xb, eps, s, generator):
+    """Window 1 gets a random dipole plus its old content, window 2 is emptied; the energy of both windows
+    (and what is left below eps) goes into window 1, per channel; then the whole delta is scaled to norm eps."""
+    k, c, h, w = xa.shape
+    top, left = _offset(h - s, generator), _offset(w - s, generator)
+    top2, left2 = _offset(h - s, generator), _offset(w - s, generator)
+    w1 = (slice(None), slice(None), slice(top, top + s), slice(left, left + s))
+    w2 = (slice(None), slice(None), slice(top2, top2 + s), slice(left2, left2 + s))
+    d = xb - xa
+    n_w1 = (d[w1] ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
+    both = torch.zeros_like(xa)
+    both[w1] = 1.0
+    both[w2] = 1.0
+    n_both = ((d * both) ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
+    n_img = _l2_norm(d)
+    new = _random_dipole(s, generator, xa.device).view(1, 1, s, s) * _signs((k, c, 1, 1), generator, xa.device)
+    new = new + d[w1] / (1e-12 + n_w1)
+    room = (torch.full_like(n_both, eps) ** 2 - n_img ** 2).clamp_min(0) / c + n_both ** 2
+    new = new / (1e-12 + (new ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()) * room.sqrt()
+    d[w2] = 0.0
+    d[w1] = new
+    return (xa + d / (_l2_norm(d) + 1e-12) * eps).clamp(0, 1)
