@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from epcli.attacks._common import (check_eps, check_inputs, check_norm, dlr_loss, dlr_targeted_loss,
-                                   eval_mode, flat_norm, need_classes, normalize_grad, num_classes_of,
+                                   eval_mode, flat_norm, need_classes, num_classes_of,
                                    project, rand_like, runner_up_targets)
 from epcli.errors import UsageError
 
@@ -40,6 +40,12 @@ def checkpoints(steps: int) -> list[int]:
 
 def _view(t, like):
     return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _direction(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """The step direction: sign(g) for L-inf, g / (|g|_2 + 1e-12) for L2 (the reference's 1e-12; PGD's
+    normalize_grad keeps torchattacks' 1e-10)."""
+    return g.sign() if norm == "linf" else g / _view(flat_norm(g, "l2") + 1e-12, g)
 
 
 def surface_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -96,7 +102,7 @@ def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0
     for k in range(steps):
         with torch.no_grad():
             a = momentum if k > 0 else 1.0
-            z = project(x_adv + _view(step, x) * normalize_grad(grad, norm), x, eps, norm)
+            z = project(x_adv + _view(step, x) * _direction(grad, norm), x, eps, norm)
             x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, eps, norm)
             x_prev = x_adv
             x_adv = x_new
