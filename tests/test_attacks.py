@@ -226,3 +226,17 @@ def test_check_flags_square_beating_whitebox(data):
     checks = check_reliability([wb, bb])
     c = [c for c in checks if c["check"] == "white-vs-black"]
     assert c and not c[0]["passed"] and "unreliable" in wb
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_forward_budget_bounds_what_each_attack_spends(data, name):
+    """The progress bar's fraction and ETA divide by forward_budget: it must not be below what an attack spends
+    (it was, for APGD, APGD-T and FAB-T after they matched the reference, and for Square's read-out passes)."""
+    from epcli.attacks import resolve_params
+    from epcli.attacks.evaluate import forward_budget
+    model, x, y, _ = data
+    params = {**FAST[name], **({"restarts": 2} if name in ("pgd", "square") else {})}
+    for norm in ["l2"] if name == "cw" else ["linf", "l2"]:
+        r = evaluate(model, x[:8], y[:8], attack=name, norm=norm, eps_list=[8 / 255 if norm == "linf" else 0.5],
+                     params=params, labels="predicted", keep_adv=0)
+        assert r["attack_forward_passes"] / 8 <= forward_budget(name, resolve_params(name, params)), norm

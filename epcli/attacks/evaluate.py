@@ -92,17 +92,19 @@ def forward_budget(attack: str, params: dict) -> int:
     p = params
     steps, restarts = int(p.get("steps") or 1), max(1, int(p.get("restarts") or 1))
     targets = int(p.get("n_target_classes") or 9)
+    nq = int(p.get("n_queries") or 5000)
     return max(1, {
         "fgsm": 2,
         "pgd": (steps + 1) * restarts,
         "cw": steps * int(p.get("binary_search_steps") or 1),
-        "apgd-ce": (steps + 1) * restarts,
-        "apgd-dlr": (steps + 1) * restarts,
-        "apgd-t": (steps + 1) * restarts * targets,
-        "fab-t": (steps + 2) * restarts * targets,
+        # + 2: the clean pass that picks the images to attack, and one that counts the classes
+        "apgd-ce": (steps + 1) * restarts + 2,
+        "apgd-dlr": (steps + 1) * restarts + 2,
+        "apgd-t": (steps + 2) * restarts * targets + 2,
+        "fab-t": (steps + 2) * restarts * targets + 2,
         # the initial query, n_queries, and one pass per restart to read which images broke; one clean pass
-        "square": (int(p.get("n_queries") or 5000) + 2) * restarts + 1,
-        "autoattack": (steps + 1) * (1 + targets) + (steps + 2) * targets + int(p.get("n_queries") or 5000) + 3,
+        "square": (nq + 2) * restarts + 1,
+        "autoattack": (steps + 3) + 2 * ((steps + 2) * targets + 2) + nq + 4,
     }.get(attack, steps * restarts))
 
 
