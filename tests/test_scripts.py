@@ -65,3 +65,26 @@ def test_every_command_parses_against_the_cli(commands, monkeypatch):
         if name == "attack":
             check_eps(kw["norm"], parse_eps(kw["eps"]))
     assert len(seen) == len(commands)
+
+
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory):
+    from typer.testing import CliRunner
+    store = tmp_path_factory.mktemp("agreement") / "store"
+    r = CliRunner().invoke(app, ["--store", str(store), "train", "--model", "cnn-small", "--epochs", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    return store
+
+
+@pytest.mark.parametrize("script, args", [
+    ("autoattack_agreement.py", ["--eps", "8/255"]),  # needs pyautoattack
+    ("art_agreement.py", ["--eps", "8/255"]),  # needs adversarial-robustness-toolbox
+])
+def test_agreement_scripts_run_and_agree_on_a_small_cnn(trained_store, script, args):
+    pytest.importorskip("pyautoattack" if script.startswith("autoattack") else "art")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--store", str(trained_store), "--model",
+                          "cnn-small", "--n", "16", *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    (line,) = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
+    assert line["n"] == 16 and line["same_prediction"] == 16, line
