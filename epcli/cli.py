@@ -461,6 +461,9 @@ def attack(
             t.add_row(e, _pct(r["robust_acc"]) + (" !" if res["unreliable"] else ""),
                       *[_pct(accs.get(e)) for accs in sweep.values()])
         err.print(t)
+        for e, accs in (res.get("members") or {}).items():  # AutoAttack, as the official code logs it
+            err.print(_escape(f"{e}: robust % after " + ", then ".join(f"{m} {_pct(v)}" for m, v in accs.items())),
+                      highlight=False)
         if res["unreliable"]:
             err.print(f"[red]unreliable:[/] {_escape(res['reason'])}", highlight=False)
     _emit(out, as_json)

@@ -96,7 +96,9 @@ def attack(res: dict) -> dict:
             "protocol": res.get("protocol", "epcli"), "select": res.get("select", "random"),
             "targeted": bool(res.get("targeted")), "T": res.get("T"),
             "target_hit": [{**eps_pair(e), "hit": acc((res.get("target_hit") or {}).get(eps_label(e)), n)}
-                           for e in eps_values if res.get("target_hit")]}
+                           for e in eps_values if res.get("target_hit")],
+            "members": [{**eps_pair(e), "member": name, "robust_acc": acc(v, n)} for e in eps_values
+                        for name, v in (res.get("members") or {}).get(eps_label(e), {}).items()]}
 
 
 def corrupt(res: dict) -> dict:
@@ -292,7 +294,8 @@ SCHEMAS: dict[str, dict] = {
         "forward_passes": _IN, "attack_forward_passes": _IN, "unreliable": _B, "reason": _S,
         "checks": {"type": "array", "items": _CHECK}, "notes": {"type": "array", "items": _S}, "seconds": _NN,
         "protocol": {"enum": ["epcli", "paper"]}, "select": {"enum": ["random", "first"]}, "targeted": _B,
-        "T": _IN, "target_hit": {"type": "array", "items": _obj({**_EPS, "hit": _ACC})}}),
+        "T": _IN, "target_hit": {"type": "array", "items": _obj({**_EPS, "hit": _ACC})},
+        "members": {"type": "array", "items": _obj({**_EPS, "member": _S, "robust_acc": _ACC})}}),
     "corrupt": _cmd("corrupt", {
         "run_id": _RUN_ID, "model": _S, "model_run_id": _RUN_IDN, "dataset": _S, "split": {"const": "test"},
         "n_examples": _I, "clean_acc": _ACCN, "corruption_mean_acc": _ACCN, "corruption_mean_over": _SN,

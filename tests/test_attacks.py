@@ -240,3 +240,21 @@ def test_forward_budget_bounds_what_each_attack_spends(data, name):
         r = evaluate(model, x[:8], y[:8], attack=name, norm=norm, eps_list=[8 / 255 if norm == "linf" else 0.5],
                      params=params, labels="predicted", keep_adv=0)
         assert r["attack_forward_passes"] / 8 <= forward_budget(name, resolve_params(name, params)), norm
+
+
+def test_autoattack_records_robustness_after_each_member(data):
+    """The official code logs robust accuracy after each member; evaluate keeps it per example: it only falls from
+    member to member, ends at the run's robust flags, and never counts an image the model gets wrong clean.
+    With predicted labels it is not kept (an image can end 'robust' by being pushed onto its true label)."""
+    from epcli.attacks.autoattack import MEMBERS
+    model, x, y, _ = data
+    r = evaluate(model, x, y, attack="autoattack", norm="linf", eps_list=[1 / 255, 4 / 255], batch_size=12,
+                 params=FAST["autoattack"], keep_adv=0)
+    for e, m in r["member_robust"].items():
+        assert m.shape == (len(y), len(MEMBERS))
+        assert torch.equal(m[:, -1], r["robust"][e])
+        assert bool((m[:, 1:] <= m[:, :-1]).all())  # robust after member k+1 implies robust after member k
+        assert not bool(m[~r["clean_correct"]].any())
+    assert int(r["member_robust"][1 / 255][:, 0].sum()) > int(r["robust"][4 / 255].sum())  # not all zero
+    assert evaluate(model, x[:4], y[:4], attack="autoattack", norm="linf", eps_list=[1 / 255], labels="predicted",
+                    params=FAST["autoattack"], keep_adv=0)["member_robust"] == {}

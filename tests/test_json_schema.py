@@ -142,3 +142,16 @@ def test_demo_json(store, monkeypatch, tmp_path):
     doc = json.loads(r.stdout)
     jsonschema.validate(doc, SCHEMAS["demo"])
     assert [x["id"] for x in Store(tmp_path / "d").runs(kind="train")] == doc["run_ids"]
+
+
+def test_autoattack_json_gives_robust_accuracy_after_each_member(store):
+    """In chunks (the per-member flags go through the chunk files too): the members come in AutoAttack's order,
+    their accuracies fall from member to member and end at the run's robust accuracy."""
+    root, _, a, _ = store
+    doc = run_json(root, "attack", "-m", a["run_id"], "-a", "autoattack", "--eps", "2/255,8/255", "--n", 30,
+                   "--steps", 2, "--chunk", 10, "--no-checks")
+    for r in doc["results"]:
+        accs = [m["robust_acc"] for m in doc["members"] if m["eps_label"] == r["eps_label"]]
+        assert [m["member"] for m in doc["members"] if m["eps_label"] == r["eps_label"]] == \
+            ["apgd-ce", "apgd-t", "fab-t", "square"]
+        assert accs == sorted(accs, reverse=True) and accs[-1] == r["robust_acc"] and accs[0] <= doc["clean_acc"]

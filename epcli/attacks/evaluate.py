@@ -184,6 +184,11 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     # equilibrium the adversarial predictions were (NaN where the model does not say)
     adv_residual = {e: torch.full((n,), float("nan")) for e in eps_list}
     x_keep = {e: [] for e in eps_list}
+    # AutoAttack: per example, robust after each member in turn (the official code's "robust accuracy after X");
+    # with true labels only: with predicted ones an image can end robust by being pushed onto its true label
+    from epcli.attacks.autoattack import MEMBERS
+    member_robust = ({e: torch.zeros((n, len(MEMBERS)), dtype=torch.bool) for e in eps_list}
+                     if attack == "autoattack" and labels == "true" else {})
     gens = {e: torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i, e in enumerate(eps_list)}
     counter = _Counter(model, attacker)
 
@@ -248,9 +253,16 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
                 xa[todo] = cw_at_eps(xb[todo], found, e)
             elif todo.numel():
                 before = counter.n
+                extra = {}
+                if member_robust:
+                    rows = lo + todo.cpu()  # the clean-correct images (the others stay not robust)
+
+                    def on_member(name, mask, e=e, rows=rows):
+                        member_robust[e][rows, MEMBERS.index(name)] = mask.cpu()
+                    extra["on_member"] = on_member
                 with _gradient_mode(attacker, mode):
                     xa[todo] = fn(attacker, xb[todo], ref[todo], eps=e, norm=norm, targeted=bool(targeted),
-                                  generator=gens[e], **resolved).detach()
+                                  generator=gens[e], **resolved, **extra).detach()
                 attack_passes += counter.n - before
             with eval_mode(model), torch.no_grad():
                 pa = model(xa).argmax(1)
@@ -317,6 +329,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         "robust_accuracy": {e: float(r.float().mean()) if n else 0.0 for e, r in robust.items()},
         "pred_adv": pred_adv,
         "adv_residual": adv_residual if any(not bool(v.isnan().all()) for v in adv_residual.values()) else {},
+        "member_robust": member_robust,
         "x_adv": {e: (torch.cat(v) if v else torch.empty(0)) for e, v in x_keep.items()},
         "forward_passes": counter.n,
         "attack_forward_passes": attack_passes,

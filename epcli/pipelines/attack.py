@@ -184,11 +184,13 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         seconds = time.time() - t0
         target_hit = ({eps_label(e): float(res["target_hit"][e].float().mean()) for e in eps_list}
                       if res.get("target_hit") else None)
+        members = _member_accuracy(res)
         shards = {"shards": res["shards"]} if "shards" in res else {}  # torchrun: who attacked what
         summary = {"clean_acc": clean, "robust_acc": robust, "unreliable": bool(bad), "reason": reason,
                    "seconds": seconds, "labels": labels, "protocol": protocol,
                    **({"unroll_sweep": sweep_out} if sweep_out else {}),
-                   **({"target_hit": target_hit} if target_hit else {}), **shards}
+                   **({"target_hit": target_hit} if target_hit else {}),
+                   **({"members": members} if members else {}), **shards}
         store.update_run(run_id, summary=summary)
         shutil.rmtree(partial, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -201,7 +203,8 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         "params": res.get("params") or params, "forward_passes": res.get("forward_passes"),
         "attack_forward_passes": res.get("attack_forward_passes"),
         "protocol": protocol, "select": select, "targeted": bool(targeted), "T": T_main,
-        "unroll_sweep_T": raised, **({"target_hit": target_hit} if target_hit else {}), **shards})
+        "unroll_sweep_T": raised, **({"target_hit": target_hit} if target_hit else {}),
+        **({"members": members} if members else {}), **shards})
 
 
 def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, protocol):
@@ -298,6 +301,13 @@ def _accuracy_rows(results: dict, grad_mode: str, eps_list: list[float], clean: 
                                     **({"target_hit": float(r["target_hit"][e].float().mean())}
                                        if r.get("target_hit") else {})}})
     return rows, robust, sweep_out
+
+
+def _member_accuracy(res: dict) -> dict:
+    """AutoAttack: robust accuracy after each member in turn, per eps label (the official code's log lines)."""
+    from epcli.attacks.autoattack import MEMBERS
+    return {eps_label(e): {name: float(m[:, k].float().mean()) for k, name in enumerate(MEMBERS)}
+            for e, m in (res.get("member_robust") or {}).items() if len(m)}
 
 
 @contextlib.contextmanager
@@ -426,7 +436,7 @@ def _attack_chunk(net, x, y, k: int, bounds: tuple[int, int], *, seed: int, **kw
 
 
 _CHUNK_TENSORS = ("clean_correct", "clean_pred", "y", "attack_labels", "targets")
-_CHUNK_GROUPS = ("robust", "pred_adv", "target_hit", "adv_residual")
+_CHUNK_GROUPS = ("robust", "pred_adv", "target_hit", "adv_residual", "member_robust")
 
 
 def _save_chunk(path: Path, r: dict, save_file) -> None:
