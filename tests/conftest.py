@@ -76,3 +76,16 @@ def train_briefly(model, dataset, steps: int = 60, n: int = 2000):
         F.cross_entropy(model(xt[j]), yt[j]).backward()
         opt.step()
     return model.eval()
+
+
+class SmallCNN(torch.nn.Module):
+    """One strided 5x5 conv (8 channels), ReLU and a linear read-out: the attack tests' model (fast, and with
+    train_briefly right often enough for attacks to have work to do)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4, padding=2)
+        self.fc = torch.nn.Linear(8 * 8 * 8, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))

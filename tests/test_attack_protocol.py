@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import train_briefly
+from conftest import SmallCNN, train_briefly
 
 from epcli.attacks import ATTACKS, evaluate, pgd
 from epcli.attacks.apgd import apgd_run, checkpoints
@@ -19,21 +19,10 @@ from epcli.ep import EPCNN
 from epcli.errors import UsageError
 
 
-
-class Small(nn.Module):
-    def __init__(self, classes=10):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 5, stride=4, padding=2)
-        self.fc = nn.Linear(8 * 8 * 8, classes)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.conv(x)).flatten(1))
-
-
 @pytest.fixture(scope="module")
 def data(mini):
     torch.manual_seed(0)
-    model = train_briefly(Small(), mini)
+    model = train_briefly(SmallCNN(), mini)
     return model, mini.test_x[:48].float() / 255, mini.test_y[:48]
 
 

@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import train_briefly
+from conftest import SmallCNN, train_briefly
 
 from epcli.attacks import apgd, apgd_t, autoattack, fab_t
 from epcli.attacks._common import dlr_loss, dlr_targeted_loss
@@ -44,20 +44,10 @@ EPS = {"linf": 8 / 255, "l2": 0.5}
 TA_NORM = {"linf": "Linf", "l2": "L2"}
 
 
-class Small(nn.Module):
-    def __init__(self, classes=10):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 5, stride=4, padding=2)
-        self.fc = nn.Linear(8 * 8 * 8, classes)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.conv(x)).flatten(1))
-
-
 @pytest.fixture(scope="module")
 def data(mini):
     torch.manual_seed(0)
-    model = train_briefly(Small(), mini)
+    model = train_briefly(SmallCNN(), mini)
     return model, mini.test_x[:32].float() / 255, mini.test_y[:32]
 
 
@@ -113,7 +103,7 @@ def test_apgd_l2_equals_the_reference_port_in_float64(data, loss):
     rounding, not algorithm. Measured: 1.2e-13 (CE) and 1.5e-13 (DLR) on x_best, 6e-13 and 4e-11 on the loss,
     every image, including one whose DLR gradient is rounding noise (true class ranked third at the start:
     DLR = 1 there), where only the same 1e-12 in the step direction's normaliser gives the same step."""
-    model = Small()
+    model = SmallCNN()
     model.load_state_dict(data[0].state_dict())
     model = model.double().eval()
     x, y = data[1].double(), data[2]

@@ -20,21 +20,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import train_briefly
+from conftest import SmallCNN, train_briefly
 
 from epcli.attacks.cw import cw_min_norm
 
 torchattacks = pytest.importorskip("torchattacks")
-
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 5, stride=4, padding=2)
-        self.fc = nn.Linear(8 * 8 * 8, 10)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
 class Shifted(nn.Module):
@@ -49,7 +39,7 @@ class Shifted(nn.Module):
 @pytest.fixture(scope="module")
 def case(mini):
     torch.manual_seed(0)
-    model = Shifted(train_briefly(Small(), mini)).double().eval()
+    model = Shifted(train_briefly(SmallCNN(), mini)).double().eval()
     x = (mini.test_x[:64].double() / 255).clamp(0.02, 0.98)
     return model, x, mini.test_y[:64]
 
