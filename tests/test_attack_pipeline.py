@@ -100,3 +100,20 @@ def test_corrupted_predictions_record_how_far_from_equilibrium_they_were(store):
         assert d["corrupted_checked"] == 2 * 10 and d["corrupted_at_equilibrium"] is at_equilibrium
         assert d["corrupted_sample"] == "the first 10 images of each of 2 corruptions at severity 4"
         assert (d["corrupted_unconverged"] > 0) is (not at_equilibrium)
+
+
+def test_chunks_from_an_older_epcli_merge_without_the_groups_they_lack():
+    """Resuming an attack interrupted under an older epcli: its chunk files lack newer per-example groups
+    (member_robust); the merge keeps the groups every chunk has instead of failing at the end of the run."""
+    import torch
+
+    from epcli.pipelines.attack import _merge_chunks
+    e = 0.5
+    old = {"clean_correct": torch.tensor([True, False]), "robust": {e: torch.tensor([True, False])}}
+    new = {"clean_correct": torch.tensor([True]), "robust": {e: torch.tensor([False])},
+           "member_robust": {e: torch.tensor([[True, True, False, False]])}}
+    for parts, robust in (([old, new], [True, False, False]), ([new, old], [False, True, False])):
+        out = _merge_chunks(parts)
+        assert "member_robust" not in out and out["robust"][e].tolist() == robust and out["n"] == 3
+    both = _merge_chunks([new, new])
+    assert both["member_robust"][e].shape == (2, 4)

@@ -478,9 +478,11 @@ def _merge_chunks(parts: list[dict]) -> dict:
     for k in _CHUNK_TENSORS:
         if isinstance(parts[0].get(k), torch.Tensor):
             out[k] = torch.cat([p[k].cpu() for p in parts])
-    for group in _CHUNK_GROUPS:
-        if parts[0].get(group):
+    for group in _CHUNK_GROUPS:  # a group some chunk lacks (written by an older epcli, resumed) is dropped
+        if all(p.get(group) for p in parts):
             out[group] = {e: torch.cat([p[group][e].cpu() for p in parts]) for e in parts[0][group]}
+        else:
+            out.pop(group, None)
     out["x_adv"] = parts[0].get("x_adv", {})
     out["n"] = int(out["clean_correct"].numel())
     out["robust_accuracy"] = {e: float(v.float().mean()) for e, v in out["robust"].items()}
