@@ -44,6 +44,8 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, clip: bool = True) -> tuple[t
         raise UsageError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise UsageError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if not x.is_floating_point():  # clamping uint8 to [0, 1] would attack a binarised image
+        raise UsageError(f"images must be floating point in [0, 1], got {x.dtype} (divide uint8 images by 255)")
     x = x.detach().clamp(0.0, 1.0) if clip else x.detach()
     return x, y.to(x.device)
 

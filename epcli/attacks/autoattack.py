@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from epcli.attacks._common import check_eps, check_inputs, check_norm, eval_mode
+from epcli.attacks._common import check_eps, check_inputs, check_norm, eval_mode, need_classes
 from epcli.attacks.apgd import apgd_ce, apgd_t
 from epcli.attacks.fab import fab_t
 from epcli.attacks.square import square
@@ -59,7 +59,10 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     }
     with eval_mode(model):
         with torch.no_grad():
-            robust = model(x).argmax(1) == y
+            logits = model(x)
+        # APGD-T and FAB-T rank the logits: refuse now, not after APGD-CE and only if images survive it
+        need_classes(logits.shape[1], 3, "AutoAttack (APGD-T, FAB-T)")
+        robust = logits.argmax(1) == y
         for name in MEMBERS:
             idx = robust.nonzero().squeeze(1)
             if idx.numel() == 0:

@@ -108,6 +108,11 @@ def forward_budget(attack: str, params: dict) -> int:
     }.get(attack, steps * restarts))
 
 
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model takes its images in: that of its first floating-point parameter (float32 without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -168,10 +173,11 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     model = model.to(device)
     attacker = surrogate.to(device) if transfer else model
     clip = bool(resolved.get("clip", True))
+    dtype, attacker_dtype = _float_dtype(model), _float_dtype(attacker)
     target_shift = None
     if targeted and n:
         from epcli.attacks._common import num_classes_of
-        c = num_classes_of(model, x[:1].to(device).float())
+        c = num_classes_of(model, x[:1].to(device, dtype))
         if c < 2:
             raise UsageError("a targeted attack needs at least 2 classes")
         # target = (label + shift) mod C with shift in 1..C-1: a seeded class other than the label
@@ -219,9 +225,10 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     t0 = time.perf_counter()
 
     def to_float(xb):
+        # in the model's dtype (a float64 or half model takes its own); out of place: x[lo:hi] may be the caller's
         xb = xb.to(device)
-        xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
-        return xb.clamp_(0, 1) if clip else xb
+        xb = xb.to(dtype).div(255) if xb.dtype == torch.uint8 else xb.to(dtype)
+        return xb.clamp(0, 1) if clip else xb
 
     def run_batch(lo, hi):
         nonlocal attack_passes
@@ -240,7 +247,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
             beat()
             before = counter.n
             with _gradient_mode(attacker, mode):
-                found = cw_min_norm(attacker, xb[todo], ref[todo], targeted=bool(targeted), **resolved)
+                found = cw_min_norm(attacker, xb[todo].to(attacker_dtype), ref[todo], targeted=bool(targeted),
+                                    **resolved)
             attack_passes += counter.n - before
         outs = {}
         for e in eps_list:
@@ -261,8 +269,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
                         member_robust[e][rows, MEMBERS.index(name)] = mask.cpu()
                     extra["on_member"] = on_member
                 with _gradient_mode(attacker, mode):
-                    xa[todo] = fn(attacker, xb[todo], ref[todo], eps=e, norm=norm, targeted=bool(targeted),
-                                  generator=gens[e], **resolved, **extra).detach()
+                    xa[todo] = fn(attacker, xb[todo].to(attacker_dtype), ref[todo], eps=e, norm=norm,
+                                  targeted=bool(targeted), generator=gens[e], **resolved, **extra).detach().to(dtype)
                 attack_passes += counter.n - before
             with eval_mode(model), torch.no_grad():
                 pa = model(xa).argmax(1)

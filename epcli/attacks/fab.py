@@ -73,7 +73,7 @@ def _fab_target(model, x, y, t, start, *, norm, steps, alpha_max, eta, beta):
     shape = x.shape
     xf = x.flatten(1)
     best = x.clone()
-    best_norm = torch.full((b,), float("inf"), device=x.device)
+    best_norm = torch.full((b,), float("inf"), device=x.device, dtype=x.dtype)
 
     def lin(z):
         z = z.detach().requires_grad_(True)

@@ -1,0 +1,257 @@
+"""Edge cases of the attacks that the reference-agreement tests (small CPU float32 CIFAR batches) do not reach:
+dtypes (float64, float16, uint8), class counts, image geometry, degenerate budgets and batches, determinism.
+
+Fast: untrained or seeded tiny models (an untrained CNN's logits are close, so small eps already breaks some
+images), a few steps or queries each.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from epcli.attacks import ATTACKS, apgd_t, autoattack, evaluate, fab_t, get_attack, square
+from epcli.errors import UsageError
+
+FAST = {"fgsm": {}, "pgd": {"steps": 3}, "cw": {"steps": 5, "binary_search_steps": 2},
+        "apgd-ce": {"steps": 5}, "apgd-dlr": {"steps": 5}, "apgd-t": {"steps": 5, "n_target_classes": 2},
+        "fab-t": {"steps": 5, "n_target_classes": 2}, "square": {"n_queries": 20},
+        "autoattack": {"steps": 3, "n_target_classes": 2, "n_queries": 10}}
+
+
+class PoolNet(nn.Module):
+    """A strided conv, an adaptive pool (any image size) and a linear read-out."""
+
+    def __init__(self, channels: int = 3, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 8, 5, stride=4, padding=2)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc = nn.Linear(8 * 16, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+def net(channels: int = 3, classes: int = 10, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return PoolNet(channels, classes).eval()
+
+
+def images(n: int, c: int = 3, h: int = 32, w: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def predicted(model, x):
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def norms(d: torch.Tensor, norm: str) -> torch.Tensor:
+    d = d.flatten(1).double()
+    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- dtypes -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.005), ("l2", 0.2)])
+def test_fab_t_in_float64_breaks_what_float32_breaks(norm, eps):
+    """FAB-T on a float64 model and images (it failed: its best-norm record was float32) gives float64 images
+    in the ball, and the same broken set and minimal norms as the float32 run of the same weights."""
+    m32 = net()
+    m64 = copy.deepcopy(m32).double()
+    x = images(8)
+    y = predicted(m32, x)
+    kw = dict(eps=eps, norm=norm, steps=10, n_target_classes=3)
+    a32 = fab_t(m32, x, y, **kw)
+    a64 = fab_t(m64, x.double(), y, **kw)
+    assert a64.dtype == torch.float64
+    assert float(norms(a64 - x.double(), norm).max()) <= eps * (1 + 1e-9)
+    b32, b64 = predicted(m32, a32) != y, predicted(m64, a64) != y
+    assert 0 < int(b32.sum()) < len(y)  # mixed outcomes: the comparison means something
+    assert torch.equal(b32, b64)
+    # the minimal norms agree (measured: 1.7e-4 relative); L-inf images may differ where pixels are free to move
+    torch.testing.assert_close(norms(a64 - x.double(), norm), norms(a32 - x, norm), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t", "square", "autoattack"])
+def test_float16_model_and_images(name):
+    """A half-precision model with half images: the attack keeps the dtype (Square's L-inf windows and FAB-T's
+    norm record were float32, so the model got float32 input or the record refused half values)."""
+    m = net().half()
+    x = images(6).half()
+    y = predicted(m, x)
+    eps = 8 / 255
+    out = get_attack(name)(m, x, y, eps=eps, norm="linf", generator=gen(), **FAST[name])
+    assert out.dtype == torch.float16
+    assert float(norms(out - x, "linf").max()) <= eps + 1e-3  # half rounding of x + delta
+    assert bool((predicted(m, out) != y).any())
+
+
+def test_evaluate_runs_a_float64_model_in_float64():
+    """evaluate() cast every batch to float32, so a float64 model failed on its first forward pass. The images go
+    in the model's dtype; the outcome equals the float32 model's (same weights, steps small enough to agree)."""
+    m32 = net()
+    m64 = copy.deepcopy(m32).double()
+    x = (images(10) * 255).to(torch.uint8)
+    y = predicted(m32, x.float() / 255)
+    kw = dict(attack="apgd-ce", norm="linf", eps_list=[1 / 255, 4 / 255], batch_size=4, params={"steps": 5})
+    r32, r64 = evaluate(m32, x, y, **kw), evaluate(m64, x, y, **kw)
+    assert r64["x_adv"][1 / 255].dtype == torch.float64
+    for e in kw["eps_list"]:
+        assert torch.equal(r32["robust"][e], r64["robust"][e])
+    assert 0 < int(r64["robust"][1 / 255].sum()) < 10
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_integer_images_are_refused_by_the_attack_functions(name):
+    """uint8 images given straight to an attack were clamped to {0, 1} (a binary image, attacked as such); the
+    functions take floats in [0, 1] and say so (evaluate() divides uint8 by 255)."""
+    m = net()
+    x = (images(2) * 255).to(torch.uint8)
+    with pytest.raises(UsageError, match="255"):
+        get_attack(name)(m, x, torch.zeros(2, dtype=torch.long), eps=0.5, norm="l2" if name == "cw" else "linf",
+                         **FAST[name])
+
+
+# --- class counts -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [1e-6, 0.5])
+def test_autoattack_on_two_classes_is_refused_whatever_apgd_ce_breaks(eps):
+    """APGD-T and FAB-T rank >= 3 logits. AutoAttack refused a 2-class model only when images survived APGD-CE
+    (eps 1e-6 raised, eps 0.5 broke everything first and returned): refused before any member runs."""
+    m = net(classes=2)
+    x = images(6)
+    with pytest.raises(UsageError, match="3 classes"):
+        autoattack(m, x, predicted(m, x), eps=eps, **FAST["autoattack"])
+
+
+def test_more_target_classes_than_classes_is_all_of_them():
+    """n_target_classes above C - 1 is C - 1: the same images as asking for exactly C - 1 (nine on ten)."""
+    m = net()
+    x = images(6)
+    y = predicted(m, x)
+    kw = dict(eps=1 / 255, steps=4)
+    assert torch.equal(apgd_t(m, x, y, n_target_classes=50, generator=gen(), **kw),
+                       apgd_t(m, x, y, n_target_classes=9, generator=gen(), **kw))
+    assert torch.equal(fab_t(m, x, y, n_target_classes=50, eps=1 / 255, steps=4),
+                       fab_t(m, x, y, n_target_classes=9, eps=1 / 255, steps=4))
+
+
+# --- budgets and batches ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "autoattack", "cw"])
+def test_nothing_to_attack_eps_zero_and_a_batch_of_one(name):
+    """Every image already misclassified, or eps 0: the images come back unchanged. A batch of one: in the ball."""
+    m = net()
+    x = images(5)
+    y = predicted(m, x)
+    norm = "l2" if name == "cw" else "linf"
+    p = FAST[name]
+    assert torch.equal(get_attack(name)(m, x, (y + 1) % 10, eps=0.5, norm=norm, generator=gen(), **p), x)
+    assert torch.equal(get_attack(name)(m, x, y, eps=0.0, norm=norm, generator=gen(), **p), x)
+    one = get_attack(name)(m, x[:1], y[:1], eps=8 / 255, norm=norm, generator=gen(), **p)
+    assert one.shape == x[:1].shape and float(norms(one - x[:1], norm).max()) <= 8 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t", "square"])
+def test_a_second_restart_only_adds_broken_images(name):
+    """Restarts run on the images not yet broken and the first run draws what a one-restart run draws: the
+    broken set with 2 restarts contains the one with 1."""
+    m = net()
+    x = images(10)
+    y = predicted(m, x)
+    p = {k: v for k, v in FAST[name].items()}
+    one = get_attack(name)(m, x, y, eps=1 / 255, norm="linf", generator=gen(3), restarts=1, **p)
+    two = get_attack(name)(m, x, y, eps=1 / 255, norm="linf", generator=gen(3), restarts=2, **p)
+    b1, b2 = predicted(m, one) != y, predicted(m, two) != y
+    assert bool((b2 | ~b1).all()) and int(b1.sum()) < len(y)
+
+
+def test_budgets_below_one_are_refused():
+    m = net()
+    x = images(2)
+    y = predicted(m, x)
+    for name, bad in (("square", {"n_queries": 0}), ("apgd-ce", {"steps": 0}), ("square", {"restarts": 0})):
+        with pytest.raises(UsageError):
+            get_attack(name)(m, x, y, eps=0.1, norm="linf", **bad)
+
+
+# --- Square's geometry against the reference ------------------------------------------------------------------
+
+def _official_run(model, x, y, *, norm, eps, seed, n_queries):
+    """fra31's attack_single_run (one run, no restarts, no selection of images)."""
+    SquareAttack = pytest.importorskip("pyautoattack.square").SquareAttack
+    ref = SquareAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, n_queries=n_queries, seed=seed)
+    ref.init_hyperparam(x)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return ref.attack_single_run(x, y)[1]
+
+
+def _our_run(model, x, y, *, norm, eps, seed, n_queries):
+    from epcli.attacks.square import _square_run
+    with torch.no_grad():
+        return _square_run(model, x, y, eps, norm, False, gen(seed), n_queries, 0.8, True)
+
+
+@pytest.mark.parametrize("c,h,w", [(1, 28, 28), (3, 30, 40), (3, 40, 30), (1, 25, 40), (3, 64, 64)])
+@pytest.mark.parametrize("norm,eps", [("linf", 4 / 255), ("l2", 0.5)])
+def test_square_on_other_image_shapes_draws_what_the_reference_draws(c, h, w, norm, eps):
+    """One channel, non-square and larger images (the reference tests are 32x32, three channels): the same
+    images as the official run, query by query (tile counts per row and column, window sides capped by the
+    shorter edge)."""
+    m = net(channels=c)
+    x = images(5, c, h, w)
+    y = predicted(m, x)
+    kw = dict(norm=norm, eps=eps, seed=4, n_queries=40)
+    ref, ours = _official_run(m, x, y, **kw), _our_run(m, x, y, **kw)
+    assert float((ref - x).abs().max()) > 0
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("c,h", [(1, 12), (3, 12)])
+def test_square_l2_init_below_25_pixels_is_the_reference_tiling_cropped(c, h):
+    """Below 25 pixels the reference's last L2 tile runs past the border (it fails). epcli crops it: its start
+    direction is the reference's on an image one pixel larger (same tile side, start and count, so the same
+    draws), cropped to the image and renormalised."""
+    m = net(channels=c)
+    x = torch.full((3, c, h, h), 0.5)
+    big = torch.full((3, c, h + 1, h + 1), 0.5)
+    s = h // 5
+    assert (h + 1) // 5 == s and (h + 1 - 5 * s) // 2 == (h - 5 * s) // 2 and (h + 1) // s == h // s
+    assert (h - 5 * s) // 2 + (h // s) * s > h  # the last tile does cross the border
+    eps = 0.1  # small: no clipping at 0 or 1
+    ref = (_official_run(m, big, predicted(m, big), norm="l2", eps=eps, seed=2, n_queries=0) - 0.5)[:, :, :h, :h]
+    ours = _our_run(m, x, predicted(m, x), norm="l2", eps=eps, seed=2, n_queries=0) - 0.5
+    want = ref / norms(ref, "l2").view(-1, 1, 1, 1) * eps
+    torch.testing.assert_close(ours.double(), want.double(), atol=1e-6, rtol=0)
+
+
+# --- determinism ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["square", "autoattack"])
+def test_same_seed_same_result_and_members_through_evaluate(name):
+    """Two evaluate() runs with the same seed and batch size: the same outcomes, images and AutoAttack
+    per-member record; the record is monotone (a member only removes robust images) and ends at the result."""
+    m = net()
+    x = images(12)
+    y = predicted(m, x)
+    y[0] = (y[0] + 1) % 10  # one image the model gets wrong: never robust, never attacked
+    kw = dict(attack=name, norm="linf", eps_list=[0.0, 1 / 255], batch_size=5, seed=3, params=FAST[name])
+    a, b = evaluate(m, x, y, **kw), evaluate(m, x, y, **kw)
+    for e in kw["eps_list"]:
+        assert torch.equal(a["robust"][e], b["robust"][e]) and torch.equal(a["x_adv"][e], b["x_adv"][e])
+    assert 0 < int(a["robust"][1 / 255].sum()) < 11
+    if name == "autoattack":
+        for e in kw["eps_list"]:
+            mr = a["member_robust"][e]
+            assert torch.equal(mr, b["member_robust"][e])
+            assert bool((mr[:, 1:] <= mr[:, :-1]).all()) and torch.equal(mr[:, -1], a["robust"][e])
+        assert torch.equal(a["member_robust"][0.0][:, 0], a["clean_correct"])
