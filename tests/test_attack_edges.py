@@ -255,3 +255,53 @@ def test_same_seed_same_result_and_members_through_evaluate(name):
             assert torch.equal(mr, b["member_robust"][e])
             assert bool((mr[:, 1:] <= mr[:, :-1]).all()) and torch.equal(mr[:, -1], a["robust"][e])
         assert torch.equal(a["member_robust"][0.0][:, 0], a["clean_correct"])
+
+
+def test_evaluate_leaves_the_callers_images_alone():
+    """evaluate() clipped each float batch in place, a view of the caller's tensor: images outside [0, 1] came
+    back clipped."""
+    m = net()
+    x = images(4) * 2 - 0.5
+    before = x.clone()
+    evaluate(m, x, torch.zeros(4, dtype=torch.long), attack="fgsm", norm="linf", eps_list=[1 / 255])
+    assert torch.equal(x, before)
+
+
+# --- host syncs -----------------------------------------------------------------------------------------------
+
+class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for the device on CUDA: a value read back (.item(), bool(),
+    int()), nonzero, and indexing with a boolean mask (its size is data-dependent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "nonzero", "is_nonzero", "masked_select"):
+            self.n += 1
+        elif name in ("index", "index_put", "index_put_") and any(
+                torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] or []) if i is not None):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _syncs(fn) -> int:
+    with _Syncs() as s:
+        fn()
+    return s.n
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t"])
+def test_no_host_sync_per_step(name):
+    """APGD's and FAB's steps update the per-image records with torch.where: the number of host syncs does not
+    grow with the steps (boolean-mask indexing made about eight per APGD step, four per FAB step)."""
+    m = net()
+    x = images(6)
+    y = predicted(m, x)
+    p = {k: v for k, v in FAST[name].items() if k != "steps"}
+
+    def run(steps):
+        return _syncs(lambda: get_attack(name)(m, x, y, eps=1 / 255, norm="linf", generator=gen(), steps=steps, **p))
+    assert run(5) > 0 and run(25) == run(5)

@@ -107,21 +107,23 @@ def apgd_run(model, x, objective, success, *, eps, norm, steps, generator, rho=0
             x_prev = x_adv
             x_adv = x_new
         loss, grad, logits = loss_grad(x_adv)
+        # per-image updates with torch.where, not boolean indexing: no host sync per step (each x[mask] is one)
         now = success(logits)
-        x_best_adv[now] = x_adv[now]  # the latest successful iterate, as in the reference
+        x_best_adv = torch.where(_view(now, x), x_adv, x_best_adv)  # the latest successful iterate, as the reference
         fooled |= now
         n_increase += (loss > loss_prev).float()
         loss_prev = loss
         better = loss > loss_best
-        x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
+        x_best, grad_best = torch.where(_view(better, x), x_adv, x_best), torch.where(_view(better, x), grad, grad_best)
+        loss_best = torch.where(better, loss, loss_best)
         if k + 1 in ckpts:
             h = k + 1 - last_ckpt
             reduce = (n_increase <= rho * h) | (~reduced_at_ckpt & (best_at_ckpt >= loss_best))
             reduced_at_ckpt = reduce
             best_at_ckpt = loss_best.clone()
-            step[reduce] /= 2
+            step = torch.where(reduce, step / 2, step)
             # back to the best point; the momentum term keeps the previous iterate, as in the reference
-            x_adv[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
+            x_adv, grad = torch.where(_view(reduce, x), x_best, x_adv), torch.where(_view(reduce, x), grad_best, grad)
             n_increase.zero_()
             last_ckpt = k + 1
     if info is not None:

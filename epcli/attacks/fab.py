@@ -99,7 +99,8 @@ def _fab_target(model, x, y, t, start, *, norm, steps, alpha_max, eta, beta):
             adv = model(nxt).argmax(1) != y
         dist = flat_norm(nxt - x, norm)
         improve = adv & (dist < best_norm)
-        best[improve], best_norm[improve] = nxt[improve], dist[improve]
+        # torch.where, not best[improve] = ...: no host sync per step
+        best, best_norm = torch.where(_view(improve, x), nxt, best), torch.where(improve, dist, best_norm)
         # backward step for adversarial points: pull toward the original
         back = _view(adv, x)
         cur = torch.where(back, (1 - beta) * x + beta * nxt, nxt).detach()
