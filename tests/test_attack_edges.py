@@ -174,13 +174,21 @@ def test_a_second_restart_only_adds_broken_images(name):
     assert bool((b2 | ~b1).all()) and int(b1.sum()) < len(y)
 
 
-def test_budgets_below_one_are_refused():
+@pytest.mark.parametrize("name,bad", [
+    ("square", {"n_queries": 0}), ("square", {"restarts": 0}), ("apgd-ce", {"steps": 0}),
+    ("apgd-t", {"steps": 0}), ("apgd-t", {"restarts": 0}), ("apgd-t", {"n_target_classes": 0}),
+    ("fab-t", {"steps": 0}), ("fab-t", {"restarts": 0}), ("fab-t", {"n_target_classes": 0}),
+    ("autoattack", {"n_queries": 0}), ("autoattack", {"n_target_classes": 0}), ("autoattack", {"p_init": 0.0}),
+])
+def test_budgets_below_one_are_refused(name, bad):
+    """A zero budget was run as something else: APGD-T with 0 steps returned its random starts, 0 target classes
+    ran one, FAB-T with 0 steps or restarts returned the images; AutoAttack's Square budget was checked only
+    when images survived the white-box members (here they all break first at eps 0.1)."""
     m = net()
-    x = images(2)
+    x = images(4)
     y = predicted(m, x)
-    for name, bad in (("square", {"n_queries": 0}), ("apgd-ce", {"steps": 0}), ("square", {"restarts": 0})):
-        with pytest.raises(UsageError):
-            get_attack(name)(m, x, y, eps=0.1, norm="linf", **bad)
+    with pytest.raises(UsageError, match=">= 1|p_init"):
+        get_attack(name)(m, x, y, eps=0.1, norm="linf", **bad)
 
 
 # --- Square's geometry against the reference ------------------------------------------------------------------

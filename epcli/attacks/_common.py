@@ -50,6 +50,14 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, clip: bool = True) -> tuple[t
     return x, y.to(x.device)
 
 
+def check_counts(what: str, **counts) -> None:
+    """Steps, restarts, queries, target classes: each a whole number >= 1 (0 would silently attack nothing, or
+    return the random start)."""
+    bad = [f"{k}={v!r}" for k, v in counts.items() if int(v) < 1]
+    if bad:
+        raise UsageError(f"{what} needs {', '.join(counts)} >= 1, got {', '.join(bad)}")
+
+
 def need_classes(num_classes: int, minimum: int, what: str) -> None:
     if num_classes < minimum:
         raise UsageError(f"{what} needs at least {minimum} classes (the DLR loss ranks logits); "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from epcli.attacks._common import (check_eps, check_inputs, check_norm, dlr_loss, dlr_targeted_loss,
+from epcli.attacks._common import (check_counts, check_eps, check_inputs, check_norm, dlr_loss, dlr_targeted_loss,
                                    eval_mode, flat_norm, need_classes, num_classes_of,
                                    project, rand_like, runner_up_targets)
 from epcli.errors import UsageError
@@ -214,6 +214,7 @@ def apgd_t(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: flo
     x, y = check_inputs(x, y)
     if targeted:
         raise UsageError("apgd-t picks its own target classes: pass the true labels with targeted=False")
+    check_counts("apgd-t", steps=steps, restarts=restarts, n_target_classes=n_target_classes)
     if eps == 0:
         return x.clone()
     with eval_mode(model):

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from epcli.attacks._common import check_eps, check_inputs, check_norm, eval_mode, need_classes
+from epcli.attacks._common import check_counts, check_eps, check_inputs, check_norm, eval_mode, need_classes
 from epcli.attacks.apgd import apgd_ce, apgd_t
 from epcli.attacks.fab import fab_t
 from epcli.attacks.square import square
@@ -46,6 +46,10 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
         raise UsageError(f"unknown AutoAttack version {version!r}: only 'standard' is implemented")
     if targeted:
         raise UsageError("autoattack is untargeted (its targeted members choose their own targets)")
+    # checked here, not by a member: a member runs only when images survive the ones before it
+    check_counts("autoattack", steps=steps, n_target_classes=n_target_classes, n_queries=n_queries)
+    if not 0 < p_init <= 1:
+        raise UsageError(f"autoattack needs 0 < p_init <= 1, got {p_init!r}")
     out = x.clone()
     fresh = lambda: member_generator(generator)  # noqa: E731
     members = {

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from epcli.attacks._common import (check_eps, check_inputs, check_norm, eval_mode, flat_norm,
+from epcli.attacks._common import (check_counts, check_eps, check_inputs, check_norm, eval_mode, flat_norm,
                                    project, rand_like, runner_up_targets)
 from epcli.errors import UsageError
 
@@ -121,6 +121,7 @@ def fab_t(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     x, y = check_inputs(x, y)
     if targeted:
         raise UsageError("fab-t picks its own target classes: pass the true labels with targeted=False")
+    check_counts("fab-t", steps=steps, restarts=restarts, n_target_classes=n_target_classes)
     if eps == 0:
         return x.clone()
     with eval_mode(model):
