@@ -313,3 +313,15 @@ def test_no_host_sync_per_step(name):
     def run(steps):
         return _syncs(lambda: get_attack(name)(m, x, y, eps=1 / 255, norm="linf", generator=gen(), steps=steps, **p))
     assert run(5) > 0 and run(25) == run(5)
+
+
+def test_a_batchs_draws_depend_on_the_batches_before_it():
+    """What docs/attacks.md says: each eps's generator runs on from batch to batch, so the images of a batch
+    get other draws when the batches before them change (why `--chunk` is part of the result)."""
+    m = net()
+    x = images(10)
+    y = predicted(m, x)
+    kw = dict(attack="square", norm="linf", eps_list=[8 / 255], batch_size=5, seed=3, params={"n_queries": 30})
+    whole, tail = evaluate(m, x, y, **kw)["x_adv"][8 / 255][5:], evaluate(m, x[5:], y[5:], **kw)["x_adv"][8 / 255]
+    changed = (whole - x[5:]).flatten(1).abs().amax(1) > 0
+    assert bool(changed.any()) and not torch.equal(whole, tail)
