@@ -8,6 +8,7 @@ images), a few steps or queries each.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -325,3 +326,48 @@ def test_a_batchs_draws_depend_on_the_batches_before_it():
     whole, tail = evaluate(m, x, y, **kw)["x_adv"][8 / 255][5:], evaluate(m, x[5:], y[5:], **kw)["x_adv"][8 / 255]
     changed = (whole - x[5:]).flatten(1).abs().amax(1) > 0
     assert bool(changed.any()) and not torch.equal(whole, tail)
+
+
+# --- AutoAttack's per-member record under torchrun ------------------------------------------------------------
+
+MEMBERS_SCRIPT = """
+import json, sys
+from epcli import api, distributed
+from epcli.store import Store
+store = Store(sys.argv[1]) if distributed.is_main() else None
+r = api.attack(model=sys.argv[2], attack="autoattack", store=store, **json.loads(sys.argv[3]))
+if distributed.is_main():
+    sys.stdout.write(json.dumps({"run_id": r["run_id"], "members": r.get("members"), "shards": r.get("shards"),
+                                 "robust_acc": r["robust_acc"]}))
+"""
+
+
+@pytest.mark.slow
+def test_autoattack_members_survive_the_shard_merge(tmp_path, mini):
+    """2 gloo processes, 4 chunks of 9 in batches of 5: AutoAttack's robust accuracy after each member (run
+    summary and result) equals one process's, and is not trivial (members break images at 2 of 2 eps)."""
+    from test_distributed import _memorised_folder, _torchrun
+
+    from epcli import api
+    from epcli.store import Store
+    data = _memorised_folder(tmp_path / "data", mini)
+    store = Store(tmp_path / "store")
+    model = api.train(model="cnn-small", dataset=str(data), store=store, device="cpu", seed=1,
+                      overrides={"epochs": 6, "batch_size": 20, "augment": None})["run_id"]
+    kw = dict(n=30, chunk=9, batch_size=5, seed=5, device="cpu", strength=False, checks=False,
+              eps="1/255,4/255", params={"steps": 2, "n_target_classes": 2, "n_queries": 20})
+    script = tmp_path / "members.py"
+    script.write_text(MEMBERS_SCRIPT)
+    out = _torchrun([str(script), str(store.root), model, json.dumps(kw)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads(out.stdout)
+    assert two["shards"]["world_size"] == 2 and two["shards"]["chunks"] == [2, 2]
+    one = api.attack(model=model, attack="autoattack", store=store, **kw)
+    assert "shards" not in one
+    assert two["members"] == one["members"] and two["robust_acc"] == one["robust_acc"]
+    summary = store.get_run(two["run_id"])["summary"]["members"]
+    assert summary == one["members"] == store.get_run(one["run_id"])["summary"]["members"]
+    for label, acc in one["members"].items():
+        after = [acc[m] for m in ("apgd-ce", "apgd-t", "fab-t", "square")]
+        assert after == sorted(after, reverse=True) and after[-1] == one["robust_acc"][label]
+    assert any(acc["apgd-ce"] > acc["square"] for acc in one["members"].values())
