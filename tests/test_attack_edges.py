@@ -371,3 +371,18 @@ def test_autoattack_members_survive_the_shard_merge(tmp_path, mini):
         after = [acc[m] for m in ("apgd-ce", "apgd-t", "fab-t", "square")]
         assert after == sorted(after, reverse=True) and after[-1] == one["robust_acc"][label]
     assert any(acc["apgd-ce"] > acc["square"] for acc in one["members"].values())
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t", "square"])
+def test_no_generator_draws_the_global_cpu_stream(name):
+    """generator=None on the CPU: the draws of torch's global generator, i.e. those of a generator seeded
+    the same (restarts included)."""
+    m = net()
+    x = images(8)
+    y = predicted(m, x)
+    p = {**FAST[name], "restarts": 2}
+    eps = 8 / 255 if name == "square" else 1 / 255
+    torch.manual_seed(7)
+    a = get_attack(name)(m, x, y, eps=eps, norm="linf", generator=None, **p)
+    b = get_attack(name)(m, x, y, eps=eps, norm="linf", generator=gen(7), **p)
+    assert torch.equal(a, b) and bool((a != x).any())
