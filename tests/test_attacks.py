@@ -274,3 +274,14 @@ def test_targeted_attacks_match_torchattacks_targeted_mode(data, name, norm):
         ours = pgd(model, x, t, eps=eps, norm=norm, steps=5, step_size=alpha, targeted=True)
     ref.set_mode_targeted_by_label(quiet=True)
     torch.testing.assert_close(ours, ref(x, t), atol=1e-6, rtol=0)
+
+
+def test_pgd_random_start_matches_torchattacks_draw_for_draw(data):
+    """L-inf random start: a generator seeded s draws what torchattacks draws after torch.manual_seed(s). (L2
+    differs by design: torchattacks draws the radius uniformly, epcli draws points uniformly in the ball.)"""
+    model, x, y, _ = data
+    torch.manual_seed(5)
+    ref = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=5, random_start=True)(x, y)
+    ours = pgd(model, x, y, eps=8 / 255, norm="linf", steps=5, step_size=2 / 255, random_start=True,
+               generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
