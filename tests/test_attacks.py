@@ -258,3 +258,30 @@ def test_autoattack_records_robustness_after_each_member(data):
     assert int(r["member_robust"][1 / 255][:, 0].sum()) > int(r["robust"][4 / 255].sum())  # not all zero
     assert evaluate(model, x[:4], y[:4], attack="autoattack", norm="linf", eps_list=[1 / 255], labels="predicted",
                     params=FAST["autoattack"], keep_adv=0)["member_robust"] == {}
+
+
+@pytest.mark.parametrize("name, norm", [("pgd", "linf"), ("pgd", "l2"), ("fgsm", "linf")])
+def test_targeted_attacks_match_torchattacks_targeted_mode(data, name, norm):
+    """targeted=True with y the targets is torchattacks' set_mode_targeted_by_label: the same images."""
+    model, x, y, _ = data
+    t = (y + 3) % 10
+    eps, alpha = (8 / 255, 2 / 255) if norm == "linf" else (0.5, 0.1)
+    if name == "fgsm":
+        ref, ours = torchattacks.FGSM(model, eps=eps), fgsm(model, x, t, eps=eps, targeted=True)
+    else:
+        cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+        ref = cls(model, eps=eps, alpha=alpha, steps=5, random_start=False)
+        ours = pgd(model, x, t, eps=eps, norm=norm, steps=5, step_size=alpha, targeted=True)
+    ref.set_mode_targeted_by_label(quiet=True)
+    torch.testing.assert_close(ours, ref(x, t), atol=1e-6, rtol=0)
+
+
+def test_pgd_random_start_matches_torchattacks_draw_for_draw(data):
+    """L-inf random start: a generator seeded s draws what torchattacks draws after torch.manual_seed(s). (L2
+    differs by design: torchattacks draws the radius uniformly, epcli draws points uniformly in the ball.)"""
+    model, x, y, _ = data
+    torch.manual_seed(5)
+    ref = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=5, random_start=True)(x, y)
+    ours = pgd(model, x, y, eps=8 / 255, norm="linf", steps=5, step_size=2 / 255, random_start=True,
+               generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)

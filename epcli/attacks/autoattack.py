@@ -4,10 +4,10 @@ Square run in that order, each only on the points still robust; the result is th
 Published defaults: APGD-CE 100 steps, 1 restart; APGD-T 100 steps, 9 target classes, 1 restart; FAB-T 100
 steps, 9 target classes, 1 restart; Square 5000 queries, p_init 0.8, schedule not rescaled. For L2 the same
 list. This is fra31's ensemble (not ART's, which swaps FAB-T/APGD-T for DeepFool/APGD-DLR, and not
-torchattacks' wrapper, which runs 10 steps): our own implementation, so numbers are "AutoAttack-standard
-(epcli)". As fra31's AutoAttack(seed=s) reseeds every member with s, each member here gets a fresh generator
-seeded with the given generator's initial seed: with a CPU generator seeded s the members draw what fra31's
-AutoAttack(seed=s) draws, and give its images (tests/test_attack_references.py, test_square_reference.py).
+torchattacks' wrapper, which runs 10 steps), our own code. As fra31's AutoAttack(seed=s) reseeds every member
+with s, each member here gets a fresh generator seeded with the given generator's initial seed: with a CPU
+generator seeded s the members draw what fra31's AutoAttack(seed=s) draws, and give its images
+(tests/test_attack_references.py, test_square_reference.py).
 """
 
 from __future__ import annotations
