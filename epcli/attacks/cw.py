@@ -96,7 +96,9 @@ def cw_min_norm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, tar
                         adv &= f <= 0
                     d = (xa.detach() - x).flatten(1).norm(dim=1)
                     better = adv & (d < best_norm)
-                    best[better], best_norm[better] = xa.detach()[better], d[better]
+                    # torch.where, not best[better] = ...: no host sync per step
+                    best = torch.where(better.view(-1, 1, 1, 1), xa.detach(), best)
+                    best_norm = torch.where(better, d, best_norm)
                     found |= adv
                 if abort_early and k % max(int(steps) // 10, 1) == 0:
                     if total.item() > prev * 0.9999:
