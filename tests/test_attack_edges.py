@@ -391,3 +391,55 @@ def test_no_generator_draws_the_global_cpu_stream(name):
     a = get_attack(name)(m, x, y, eps=eps, norm="linf", generator=None, **p)
     b = get_attack(name)(m, x, y, eps=eps, norm="linf", generator=gen(7), **p)
     assert torch.equal(a, b) and bool((a != x).any())
+
+
+class _Moved(nn.Module):
+    """Class 0 on the images x0 themselves, class 1 as soon as an image moves by more than 1e-3 (L-inf)."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, z):
+        d = (z - self.x0).flatten(1).abs().amax(1)
+        return torch.stack([torch.full_like(d, 1e-3), d], 1)
+
+
+def test_square_stops_when_the_start_fools_every_image():
+    """All images fooled by the initialisation (any move is misclassified): no query is made; three batch
+    passes in all (the clean one, the initialisation, the read-out)."""
+    x = images(6)
+    m = _Moved(x)
+    y = predicted(m, x)
+    assert bool((y == 0).all())
+    seen = []
+    h = m.register_forward_hook(lambda mod, inp, out: seen.append(len(inp[0])))
+    try:
+        out = square(m, x, y, eps=0.1, n_queries=100, generator=gen())
+    finally:
+        h.remove()
+    assert bool((predicted(m, out) != y).all()) and seen == [6, 6, 6]
+
+
+@pytest.mark.parametrize("grad_mode", ["bptt", "truncated:3", "implicit"])
+def test_ep_cnn_with_per_image_stopping_through_evaluate(grad_mode):
+    """ep-cnn-tiny relaxing each image to tol 1e-3 (so the batch shrinks as images stop), AutoAttack through
+    evaluate() in batches of 5 under each gradient mode: reproducible, mixed outcomes, the per-member record
+    monotone and ending at the result, every image's adversarial residual recorded."""
+    from epcli.ep import EPCNN
+    torch.manual_seed(1)
+    ep = EPCNN.preset("ep-cnn-tiny", tol=1e-3)
+    ep.T = 12
+    ep.eval()
+    x = torch.rand(8, 3, 32, 32, generator=gen(2))
+    y = predicted(ep, x)
+    eps = 0.5 / 255
+    kw = dict(attack="autoattack", norm="linf", eps_list=[eps], batch_size=5, seed=0, grad_mode=grad_mode,
+              params=FAST["autoattack"])
+    a, b = evaluate(ep, x, y, **kw), evaluate(ep, x, y, **kw)
+    assert torch.equal(a["robust"][eps], b["robust"][eps]) and torch.equal(a["x_adv"][eps], b["x_adv"][eps])
+    mr = a["member_robust"][eps]
+    assert torch.equal(mr, b["member_robust"][eps])
+    assert 0 < int(a["robust"][eps].sum()) < 8
+    assert bool((mr[:, 1:] <= mr[:, :-1]).all()) and torch.equal(mr[:, -1], a["robust"][eps])
+    assert bool(torch.isfinite(a["adv_residual"][eps]).all())
