@@ -37,6 +37,17 @@ def check_eps(eps) -> float:
     return value
 
 
+ATTACK_DTYPES = (torch.float32, torch.float64)
+
+
+def check_attack_dtype(dtype: torch.dtype, what: str) -> None:
+    """Attacks run in float32 or float64: in 16 bits the DLR and L2 normalisers (1e-12) vanish and steps of a
+    fraction of eps round away (float16 APGD-DLR L2 returned NaN images, FAB-T and C&W L2 failed)."""
+    if dtype not in ATTACK_DTYPES:
+        raise UsageError(f"attacks run in float32 or float64; the {what} are {dtype} (use model.float() and "
+                         "float32 images)")
+
+
 def check_inputs(x: torch.Tensor, y: torch.Tensor, clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate shapes; return the images detached (clipped to [0, 1] unless clip=False) and the labels on
     their device."""
@@ -46,6 +57,7 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, clip: bool = True) -> tuple[t
         raise UsageError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     if not x.is_floating_point():  # clamping uint8 to [0, 1] would attack a binarised image
         raise UsageError(f"images must be floating point in [0, 1], got {x.dtype} (divide uint8 images by 255)")
+    check_attack_dtype(x.dtype, "images")
     x = x.detach().clamp(0.0, 1.0) if clip else x.detach()
     return x, y.to(x.device)
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from epcli.attacks._common import check_eps, check_norm, eval_mode
+from epcli.attacks._common import check_attack_dtype, check_eps, check_norm, eval_mode
 from epcli.errors import UsageError
 
 _FIXED = {"model", "x", "y", "eps", "norm", "targeted", "generator", "on_member"}
@@ -174,6 +174,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     attacker = surrogate.to(device) if transfer else model
     clip = bool(resolved.get("clip", True))
     dtype, attacker_dtype = _float_dtype(model), _float_dtype(attacker)
+    check_attack_dtype(dtype, "model's parameters")
+    check_attack_dtype(attacker_dtype, "surrogate's parameters")
     target_shift = None
     if targeted and n:
         from epcli.attacks._common import num_classes_of

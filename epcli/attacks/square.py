@@ -133,8 +133,7 @@ def _square_run(model, x, y, eps, norm, targeted, generator, n_queries, p_init, 
     n, c, h, w = x.shape
     dev = x.device
     if norm == "linf":
-        # the signs are float32 as in the reference; .to: a half x stays half (the model's input dtype)
-        best = (x + eps * _signs((n, c, 1, w), generator, dev)).clamp(0, 1).to(x.dtype)
+        best = (x + eps * _signs((n, c, 1, w), generator, dev)).clamp(0, 1)
     else:
         s = max(h // 5, 1)
         start = max((h - 5 * s) // 2, 0)
@@ -176,7 +175,7 @@ def _linf_candidate(xa, xb, eps, s, generator):
     top, left = _offset(h - s, generator), _offset(w - s, generator)
     step = torch.zeros(c, h, w, device=xa.device)
     step[:, top:top + s, left:left + s] = 2 * eps * _signs((c, 1, 1), generator, xa.device)
-    return torch.min(torch.max(xb + step, xa - eps), xa + eps).clamp(0, 1).to(xa.dtype)
+    return torch.min(torch.max(xb + step, xa - eps), xa + eps).clamp(0, 1)
 
 
 def _l2_candidate(xa, xb, eps, s, generator):
