@@ -447,3 +447,28 @@ def test_ep_cnn_with_per_image_stopping_through_evaluate(grad_mode):
     assert 0 < int(a["robust"][eps].sum()) < 8
     assert bool((mr[:, 1:] <= mr[:, :-1]).all()) and torch.equal(mr[:, -1], a["robust"][eps])
     assert bool(torch.isfinite(a["adv_residual"][eps]).all())
+
+
+def test_transfer_autoattack_keeps_no_member_record():
+    """With a surrogate the members judge the surrogate: the record said 0 % robust after Square while the
+    scored model kept every image (measured here). No record then, as with predicted labels."""
+    m, s = net(seed=0), net(seed=5)
+    x = images(12)
+    y = predicted(m, x)
+    r = evaluate(m, x, y, attack="autoattack", norm="linf", eps_list=[2 / 255], grad_mode="transfer:s",
+                 surrogate=s, params=FAST["autoattack"])
+    assert r["member_robust"] == {} and int(r["robust"][2 / 255].sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "autoattack", "cw"])
+@pytest.mark.parametrize("norm,eps", [("linf", 2 / 255), ("l2", 0.2)])
+def test_one_step(name, norm, eps):
+    """steps=1 (APGD's checkpoint list is then [1]): runs, stays in the ball, breaks images."""
+    if name == "cw" and norm == "linf":
+        pytest.skip("cw is L2 only")
+    m = net()
+    x = images(6)
+    y = predicted(m, x)
+    p = {**FAST[name], "steps": 1}
+    out = get_attack(name)(m, x, y, eps=eps, norm=norm, generator=gen(), **p)
+    assert float(norms(out - x, norm).max()) <= eps * (1 + 1e-6) and bool((predicted(m, out) != y).any())

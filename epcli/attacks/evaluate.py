@@ -193,10 +193,11 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     adv_residual = {e: torch.full((n,), float("nan")) for e in eps_list}
     x_keep = {e: [] for e in eps_list}
     # AutoAttack: per example, robust after each member in turn (the official code's "robust accuracy after X");
-    # with true labels only: with predicted ones an image can end robust by being pushed onto its true label
+    # with true labels only: with predicted ones an image can end robust by being pushed onto its true label;
+    # not in transfer: the members' verdicts are then the surrogate's, not the scored model's
     from epcli.attacks.autoattack import MEMBERS
     member_robust = ({e: torch.zeros((n, len(MEMBERS)), dtype=torch.bool) for e in eps_list}
-                     if attack == "autoattack" and labels == "true" else {})
+                     if attack == "autoattack" and labels == "true" and not transfer else {})
     gens = {e: torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i, e in enumerate(eps_list)}
     counter = _Counter(model, attacker)
 
