@@ -1,5 +1,5 @@
 """Edge cases of the attacks that the reference-agreement tests (small CPU float32 CIFAR batches) do not reach:
-dtypes (float64, float16, uint8), class counts, image geometry, degenerate budgets and batches, determinism.
+dtypes (float64; float16 and uint8 refused), class counts, image geometry, degenerate budgets and batches, determinism.
 
 Fast: untrained or seeded tiny models (an untrained CNN's logits are close, so small eps already breaks some
 images), a few steps or queries each.
@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from epcli.attacks import ATTACKS, apgd_t, autoattack, evaluate, fab_t, get_attack, square
 from epcli.errors import UsageError
@@ -282,7 +283,7 @@ def test_evaluate_leaves_the_callers_images_alone():
 
 # --- host syncs -----------------------------------------------------------------------------------------------
 
-class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
+class _Syncs(TorchDispatchMode):
     """Counts the ops that make the host wait for the device on CUDA: a value read back (.item(), bool(),
     int()), nonzero, and indexing with a boolean mask (its size is data-dependent)."""
 
