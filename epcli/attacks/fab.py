@@ -6,8 +6,8 @@ both the current point and the original image onto that hyperplane within the [0
 distance), and moves to a convex combination of the two projections (weight alpha <= alpha_max toward the
 original, with overshoot eta). When the iterate is adversarial it is recorded if it has the smallest norm
 so far and pulled back toward the original (factor beta). An example counts as broken when the smallest
-adversarial perturbation has norm <= eps. The box-constrained projections are solved by bisection
-(our own formulation), not by the sorting algorithms of the reference code. As in the reference code
+adversarial perturbation has norm <= eps. The box-constrained projections are our own formulation (L-inf
+exact from sorted kinks, L2 by bisection), not the reference's sorting algorithms. As in the reference code
 (fra31/auto-attack), the first run toward each target starts at the image itself (deterministic), and each
 restart is a fresh run from a random point on the surface of the eps/2-ball, on the images not yet broken.
 """
@@ -37,8 +37,7 @@ def project_hyperplane(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: 
             # a pixel with zero weight does not move: the projection is not unique there, and this is
             # the reference's choice (moving it changed FAB's images by up to eps on a max-pool model)
             return torch.where(w == 0, p, torch.where(s * w > 0, up, lo))
-        lo_t = torch.zeros_like(r)
-        hi_t = torch.ones_like(r)
+        return extreme(_linf_radius(p, w, r, s))
     else:
         def extreme(lam):  # clip(p + s * lam * w): the KKT form of the L2 projection
             return (p + s * lam[:, None] * w).clamp(0, 1)
@@ -56,6 +55,28 @@ def project_hyperplane(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: 
         hi_t = torch.where(crossed, mid, hi_t)
         lo_t = torch.where(crossed, lo_t, mid)
     return extreme(hi_t)
+
+
+def _linf_radius(p, w, r, s):
+    """The smallest L-inf radius t at which the box point extreme(t) reaches the plane (1 when it never does).
+    Moving every pixel t toward the plane changes <w, z> by f(t) = sum_i |w_i| min(t, room_i), room_i being how
+    far pixel i can go before the box stops it: f is piecewise linear, with a kink at each room_i. After sorting
+    the rooms, f at each kink is a prefix sum plus the kink times the weight still free; t is then read off the
+    segment where f first reaches |r|. Exact, unlike a bisection, and one sort instead of 30 passes."""
+    room = torch.where(s * w > 0, 1 - p, p).clamp_min(0)
+    room, order = room.sort(1)
+    aw = w.abs().gather(1, order)
+    done = torch.cumsum(aw * room, 1)                        # sum over the pixels already stopped, at each kink
+    free = aw.sum(1, keepdim=True) - torch.cumsum(aw, 1)     # weight of the pixels still moving after each kink
+    f = done + room * free                                   # f(room_k)
+    need = r.abs()[:, None]
+    k = (f < need).sum(1, keepdim=True)                      # kinks passed before f reaches |r|
+    reachable = k.squeeze(1) < room.shape[1]
+    k0 = (k - 1).clamp_min(0)
+    done_before = torch.where(k > 0, done.gather(1, k0), torch.zeros_like(need))
+    free_before = torch.where(k > 0, free.gather(1, k0), aw.sum(1, keepdim=True))
+    t = ((need - done_before) / free_before.clamp_min(1e-30)).squeeze(1)
+    return torch.where(reachable, t, torch.ones_like(t))
 
 
 def _fab_start(x, radius, norm, generator):
