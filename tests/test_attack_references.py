@@ -254,8 +254,8 @@ def test_fab_t_with_restarts_equals_the_reference_port_on_a_max_pool_model(data)
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_box_constrained_hyperplane_projection_equals_the_reference(norm):
-    """epcli's projections (L-inf: exact, from the sorted kinks of a piecewise-linear function; L2: bisection)
-    against the reference's sorting projections, on random points, planes and offsets that the box meets (the
+    """epcli's projections (exact, from the sorted kinks of a piecewise-linear function) against the
+    reference's sorting projections, on random points, planes and offsets that the box meets (the
     exact projection) and that it does not (the box point closest to the plane). A fifth of the weights are
     zero, as for pixels a max-pool or a dead ReLU ignores: such a pixel stays. In float64, so that the
     comparison is of the solutions and not of float32 rounding."""
@@ -269,8 +269,8 @@ def test_box_constrained_hyperplane_projection_equals_the_reference(norm):
     assert 50 < int(meets.sum()) < 350  # both kinds
     mine = project_hyperplane(p, w, b, norm) - p
     ref = (projection_linf if norm == "linf" else projection_l2)(p, w, -b)  # reference plane: <w, z> = b'
-    # measured: L-inf 2.8e-16 (was 9.3e-10 by bisection), L2 1.4e-9 (bisection's precision)
-    torch.testing.assert_close(mine, ref, atol=1e-12 if norm == "linf" else 1e-7, rtol=0)
+    # measured: L-inf 2.8e-16, L2 8.5e-15 (by bisection, as before 2026-11-30: 9.3e-10 and 1.4e-9)
+    torch.testing.assert_close(mine, ref, atol=1e-12, rtol=0)
 
 
 def test_autoattack_robust_masks_equal_the_reference_members_composed(data):

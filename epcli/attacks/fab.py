@@ -6,8 +6,9 @@ both the current point and the original image onto that hyperplane within the [0
 distance), and moves to a convex combination of the two projections (weight alpha <= alpha_max toward the
 original, with overshoot eta). When the iterate is adversarial it is recorded if it has the smallest norm
 so far and pulled back toward the original (factor beta). An example counts as broken when the smallest
-adversarial perturbation has norm <= eps. The box-constrained projections are our own formulation (L-inf
-exact from sorted kinks, L2 by bisection), not the reference's sorting algorithms. As in the reference code
+adversarial perturbation has norm <= eps. The box-constrained projections are our own formulation (exact,
+from the sorted kinks of a piecewise-linear function), not the reference's sorting algorithms. As in the
+reference code
 (fra31/auto-attack), the first run toward each target starts at the image itself (deterministic), and each
 restart is a fresh run from a random point on the surface of the eps/2-ball, on the images not yet broken.
 """
@@ -25,58 +26,47 @@ def _view(t, like):
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-def project_hyperplane(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str, iters: int = 30):
+def project_hyperplane(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str):
     """Closest point (in Lp) to p on {z: <w, z> + b = 0} inside [0,1]^d, per example; when the plane does
-    not meet the box, the box point closest to crossing it. Shapes: p, w (B, d); b (B,)."""
+    not meet the box, the box point closest to crossing it. Shapes: p, w (B, d); b (B,).
+
+    Both norms move each pixel toward the plane until the box stops it: by t (L-inf: z_i = p_i +- t) or by
+    lam * |w_i| (L2, the KKT form z = clip(p + s * lam * w)). Either way <w, z> changes by a piecewise-linear
+    f(t) = sum_i slope_i * min(t, kink_i), solved exactly by `_first_reach`. A pixel with zero weight does
+    not move: there the L-inf projection is not unique, and this is the reference's choice (moving it changed
+    FAB's images by up to eps on a max-pool model)."""
     r = (w * p).sum(1) + b                      # current value; we need to bring it to 0
     s = torch.where(r > 0, -1.0, 1.0)[:, None]  # direction of change of <w, z>
+    room = torch.where(s * w > 0, 1 - p, p).clamp_min(0)  # how far each pixel can move before the box stops it
+    aw = w.abs()
     if norm == "linf":
-        def extreme(t):  # box point within L-inf t of p pushing <w,z> furthest in direction s
-            up = torch.minimum(p + t[:, None], torch.ones_like(p))
-            lo = torch.maximum(p - t[:, None], torch.zeros_like(p))
-            # a pixel with zero weight does not move: the projection is not unique there, and this is
-            # the reference's choice (moving it changed FAB's images by up to eps on a max-pool model)
-            return torch.where(w == 0, p, torch.where(s * w > 0, up, lo))
-        return extreme(_linf_radius(p, w, r, s))
-    else:
-        def extreme(lam):  # clip(p + s * lam * w): the KKT form of the L2 projection
-            return (p + s * lam[:, None] * w).clamp(0, 1)
-        wn = (w * w).sum(1).clamp_min(1e-20)
-        lo_t = torch.zeros_like(r)
-        hi_t = r.abs() / wn
-        for _ in range(60):  # grow the bracket until the plane is crossed or the box saturates
-            crossed = ((w * extreme(hi_t)).sum(1) + b) * s.squeeze(1) >= 0
-            if bool(crossed.all()):
-                break
-            hi_t = torch.where(crossed, hi_t, hi_t * 2)
-    for _ in range(iters):
-        mid = (lo_t + hi_t) / 2
-        crossed = ((w * extreme(mid)).sum(1) + b) * s.squeeze(1) >= 0
-        hi_t = torch.where(crossed, mid, hi_t)
-        lo_t = torch.where(crossed, lo_t, mid)
-    return extreme(hi_t)
+        t = _first_reach(room, aw, r.abs(), cap=1.0)[:, None]
+        moved = torch.where(s * w > 0, torch.minimum(p + t, torch.ones_like(p)),
+                            torch.maximum(p - t, torch.zeros_like(p)))
+        return torch.where(w == 0, p, moved)
+    kink = torch.where(w == 0, torch.full_like(room, 1e30), room / aw.clamp_min(1e-30))
+    lam = _first_reach(kink, aw * aw, r.abs(), cap=1e30)[:, None]
+    return (p + s * lam * w).clamp(0, 1)
 
 
-def _linf_radius(p, w, r, s):
-    """The smallest L-inf radius t at which the box point extreme(t) reaches the plane (1 when it never does).
-    Moving every pixel t toward the plane changes <w, z> by f(t) = sum_i |w_i| min(t, room_i), room_i being how
-    far pixel i can go before the box stops it: f is piecewise linear, with a kink at each room_i. After sorting
-    the rooms, f at each kink is a prefix sum plus the kink times the weight still free; t is then read off the
-    segment where f first reaches |r|. Exact, unlike a bisection, and one sort instead of 30 passes."""
-    room = torch.where(s * w > 0, 1 - p, p).clamp_min(0)
-    room, order = room.sort(1)
-    aw = w.abs().gather(1, order)
-    done = torch.cumsum(aw * room, 1)                        # sum over the pixels already stopped, at each kink
-    free = aw.sum(1, keepdim=True) - torch.cumsum(aw, 1)     # weight of the pixels still moving after each kink
-    f = done + room * free                                   # f(room_k)
-    need = r.abs()[:, None]
-    k = (f < need).sum(1, keepdim=True)                      # kinks passed before f reaches |r|
-    reachable = k.squeeze(1) < room.shape[1]
+def _first_reach(kink: torch.Tensor, slope: torch.Tensor, need: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per row, the smallest t >= 0 with f(t) = sum_i slope_i * min(t, kink_i) >= need (cap when f never gets
+    there). f is piecewise linear and concave: after sorting the kinks, f at each kink is the part of the pixels
+    already stopped plus the kink times the slope of those still moving, and t is read off the segment where f
+    first reaches `need`. Exact, and one sort instead of the bisection's 30 passes (and no host syncs)."""
+    kink, order = kink.sort(1)
+    slope = slope.gather(1, order)
+    done = torch.cumsum(slope * kink, 1)                          # the stopped pixels' part, at each kink
+    # the slope still moving after each kink, as suffix sums: exactly 0 past the last moving pixel (a total
+    # minus a prefix sum leaves rounding there, which the 1e30 kinks of zero-weight pixels would blow up)
+    free = torch.flip(torch.cumsum(torch.flip(slope, [1]), 1), [1]) - slope
+    need = need[:, None]
+    k = ((done + kink * free) < need).sum(1, keepdim=True)        # kinks passed before f reaches need
     k0 = (k - 1).clamp_min(0)
     done_before = torch.where(k > 0, done.gather(1, k0), torch.zeros_like(need))
-    free_before = torch.where(k > 0, free.gather(1, k0), aw.sum(1, keepdim=True))
+    free_before = torch.where(k > 0, free.gather(1, k0), slope.sum(1, keepdim=True))
     t = ((need - done_before) / free_before.clamp_min(1e-30)).squeeze(1)
-    return torch.where(reachable, t, torch.ones_like(t))
+    return torch.where(k.squeeze(1) < kink.shape[1], t, torch.full_like(t, cap))
 
 
 def _fab_start(x, radius, norm, generator):
