@@ -33,13 +33,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=5000)
     a = ap.parse_args()
 
-    from epcli.pipelines.common import dataset_for, load_model, parse_eps
+    from epcli.pipelines.common import model_and_first_test_images, parse_eps
     from epcli.store import Store
-    store = Store(a.store)
-    net, info = load_model(store, a.model, None, "cpu")
-    net.eval()
-    ds = dataset_for(store, info, None, None)
-    x, y = ds.test_x[:a.n].float() / 255, ds.test_y[:a.n]
+    net, _, _, x, y = model_and_first_test_images(Store(a.store), a.model, a.n)
     (eps,) = parse_eps(a.eps)
     t0 = time.perf_counter()
     if a.impl == "epcli":

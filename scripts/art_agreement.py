@@ -32,19 +32,15 @@ def main() -> None:
 
     from epcli.attacks import evaluate
     from epcli.pipelines.attack import PAPER_PROTOCOL
-    from epcli.pipelines.common import dataset_for, load_model, parse_eps
+    from epcli.pipelines.common import model_and_first_test_images, parse_eps
     from epcli.store import Store
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    store = Store(a.store)
-    net, info = load_model(store, a.model, None, "cpu")
-    net.eval()
+    net, info, ds, x, y = model_and_first_test_images(Store(a.store), a.model, a.n)
     ep = hasattr(net, "grad_mode")
     grad_mode = a.grad_mode or (PAPER_PROTOCOL["ep_grad_mode"] if ep else "bptt")
     if ep:
         net.T = a.T or PAPER_PROTOCOL["ep_T"]
-    ds = dataset_for(store, info, None, None)
-    x, y = ds.test_x[:a.n].float() / 255, ds.test_y[:a.n]
     for eps in sorted(parse_eps(a.eps)):
         r = evaluate(net, x, y, attack="pgd", norm=a.norm, eps_list=[eps], params=PAPER_PROTOCOL["params"],
                      labels="predicted", grad_mode=grad_mode, keep_adv=len(y), batch_size=100)

@@ -31,14 +31,10 @@ def main() -> None:
     from pyautoattack.autoattack import AutoAttack
 
     from epcli.attacks import autoattack
-    from epcli.pipelines.common import dataset_for, load_model, parse_eps
+    from epcli.pipelines.common import model_and_first_test_images, parse_eps
     from epcli.store import Store
 
-    store = Store(a.store)
-    net, info = load_model(store, a.model, None, "cpu")
-    net.eval()
-    ds = dataset_for(store, info, None, None)
-    x, y = ds.test_x[:a.n].float() / 255, ds.test_y[:a.n]
+    net, info, ds, x, y = model_and_first_test_images(Store(a.store), a.model, a.n)
     (eps,) = parse_eps(a.eps)
     t0 = time.time()
     ours = autoattack(net, x, y, eps=eps, norm=a.norm, generator=torch.Generator().manual_seed(a.seed))

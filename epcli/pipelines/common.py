@@ -246,6 +246,14 @@ def dataset_for(store: Store, info: dict, dataset: str | None, data_dir: str | N
     return ds
 
 
+def model_and_first_test_images(store: Store, ref: str, n: int, device: str = "cpu"):
+    """For scripts and benchmarks: a stored model in eval mode, the dataset it was trained on (as `epcli attack`
+    reads it) and that dataset's first n test images as floats in [0, 1]. Returns (net, info, ds, x, y)."""
+    net, info = load_model(store, ref, None, device)
+    ds = dataset_for(store, info, None, None)
+    return net.eval(), info, ds, ds.test_x[:n].float() / 255, ds.test_y[:n]
+
+
 def link_model_input(store: Store, run_id: str, info: dict) -> None:
     if info["sha256"]:
         store.link(run_id, info["sha256"], "input", "checkpoint")
