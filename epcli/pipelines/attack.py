@@ -239,6 +239,9 @@ def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, pro
         raise UsageError("labels must be 'true' or 'predicted'")
     if select not in (None, "random", "first"):
         raise UsageError(f"select must be 'random' or 'first', got {select!r}")
+    params = dict(params or {})
+    if "n_queries" in params and (attack == "art-square" or (protocol == "paper" and attack == "square")):
+        params["max_iter"] = params.pop("n_queries")  # ART's Square counts iterations (about 3 model calls each)
     attack, labels, select, params, n, batch_size = _apply_protocol(protocol, attack, labels, select, params,
                                                                     grad_mode, targeted, n, batch_size)
     if norm not in attacks.NORMS_OF[attack]:
