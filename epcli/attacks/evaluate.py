@@ -105,6 +105,11 @@ def forward_budget(attack: str, params: dict) -> int:
         # the initial query, n_queries, and one pass per restart to read which images broke; one clean pass
         "square": (nq + 2) * restarts + 1,
         "autoattack": (steps + 3) + 2 * ((steps + 2) * targets + 2) + nq + 4,
+        # ART's: per APGD restart a gradient and a loss pass per iteration, f_0 and two predictions; DeepFool a
+        # prediction and a gradient pass per iteration; Square three queries per iteration; 5 verdict passes
+        "art-autoattack": 2 * restarts * (2 * int(p.get("apgd_iter") or 100) + 3)
+        + 2 * int(p.get("deepfool_iter") or 100) + 2
+        + max(1, int(p.get("square_restarts") or 5)) * (3 * int(p.get("square_iter") or 5000) + 3) + 5,
     }.get(attack, steps * restarts))
 
 
