@@ -36,6 +36,7 @@ whole ensemble from one draw of the torch generator (`ensemble_seed`), and the m
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Callable
@@ -64,9 +65,76 @@ def _predict(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
             model(x)
 
 
+@functools.lru_cache(maxsize=32)
+def _pairwise_tree(n: int) -> tuple[tuple, tuple, tuple]:
+    """numpy's pairwise summation order for n numbers: blocks of at most 128 (leaves: start, length), and the
+    halving splits above them (n // 2 rounded down to a multiple of 8) as (left, right) pairs, operands first."""
+    leaves, nodes = [], []
+
+    def split(start, m):
+        if m <= 128:
+            leaves.append((start, m))
+            return ("leaf", len(leaves) - 1)
+        half = m // 2 - (m // 2) % 8
+        pair = (split(start, half), split(start + half, m - half))
+        nodes.append(pair)
+        return ("node", len(nodes) - 1)
+
+    root = split(0, n)
+    return tuple(leaves), tuple(nodes), root
+
+
+def _block_sum(a: torch.Tensor) -> torch.Tensor:
+    """numpy's sum of one block (last dim, <= 128): under 8 numbers one after the other from 0; else 8 running
+    sums over strided elements, added as ((0+1)+(2+3))+((4+5)+(6+7)), then the rest one by one."""
+    n = a.shape[-1]
+    if n < 8:
+        out = torch.zeros_like(a[..., 0])
+        for i in range(n):
+            out = out + a[..., i]
+        return out
+    m = n - n % 8
+    r = a[..., 0:8]
+    for i in range(8, m, 8):
+        r = r + a[..., i:i + 8]
+    out = ((r[..., 0] + r[..., 1]) + (r[..., 2] + r[..., 3])) + ((r[..., 4] + r[..., 5]) + (r[..., 6] + r[..., 7]))
+    for i in range(m, n):
+        out = out + a[..., i]
+    return out
+
+
+def numpy_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim in numpy's order (np.add.reduce of a contiguous float array: pairwise), so that float32
+    norms round as ART's do; torch.sum adds in another order and its last bit differs for about 1 row in 2."""
+    leaves, nodes, root = _pairwise_tree(v.shape[-1])
+    vals = {}
+    by_len: dict[int, list[int]] = {}
+    for i, (_, n) in enumerate(leaves):
+        by_len.setdefault(n, []).append(i)
+    for n, ids in by_len.items():  # all blocks of one length at once
+        idx = torch.tensor([leaves[i][0] for i in ids], device=v.device)[:, None] + torch.arange(n, device=v.device)
+        sums = _block_sum(v[..., idx])
+        for j, i in enumerate(ids):
+            vals[("leaf", i)] = sums[..., j]
+    for i, (a, b) in enumerate(nodes):
+        vals[("node", i)] = vals[a] + vals[b]
+    return vals[root]
+
+
+def _sumsq(v: torch.Tensor, start: int) -> torch.Tensor:
+    """Sum of squares over the dims from `start` on, in numpy's order: every L2 norm goes through here (through a
+    long L2 run a last-bit difference in a norm grows to 1e-1 and flips predictions)."""
+    return numpy_sum(v.flatten(start).square())
+
+
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded square root: torch's vectorised float32 sqrt on the CPU is off by one ulp for ~16% of
+    inputs (numpy's is exact), and through a long L2 run that alone moves images; via float64 it is exact."""
+    return v.double().sqrt().to(v.dtype) if v.dtype == torch.float32 else v.sqrt()
+
+
 def _norms(v: torch.Tensor, norm: str) -> torch.Tensor:
-    v = v.flatten(1)
-    return v.abs().amax(1) if norm == "linf" else v.square().sum(1).sqrt()
+    return v.flatten(1).abs().amax(1) if norm == "linf" else _sqrt(_sumsq(v, 1))
 
 
 def art_projection(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -142,7 +210,7 @@ def _apgd_batch(model, x_k, x_init, y, fn, *, eps, norm, eps_step, max_iter) -> 
         if norm == "linf":
             g = g.sign()
         else:
-            g = g / (g.square().sum(dim=tuple(range(1, g.dim())), keepdim=True).sqrt() + GRAD_TOL)
+            g = g / _view(_sqrt(_sumsq(g, 1)) + GRAD_TOL, g)
         z = (x_k + _view(eta, x_k) * g).clamp(0.0, 1.0)
         if k == 0:
             x_1 = x_init + art_projection(z - x_init, eps, norm)
@@ -277,12 +345,12 @@ def art_deepfool_run(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int =
                 # active use them (the others no longer move), so they are computed for those alone here
                 grad_diff = grd - grd[rows, pos][:, None]
                 f_diff = f[:, labels_set] - f[rows, pos][:, None]
-                dist = grad_diff.flatten(2).square().sum(2).sqrt() + GRAD_TOL
+                dist = _sqrt(_sumsq(grad_diff, 2)) + GRAD_TOL
                 value = f_diff.abs() / dist
                 value[rows, pos] = float("inf")
                 best = value.argmin(1)
                 w = grad_diff[rows, best]
-                r = f_diff[rows, best].abs() / (w.flatten(1).square().sum(1).sqrt().square() + GRAD_TOL)
+                r = f_diff[rows, best].abs() / (_sqrt(_sumsq(w, 1)).square() + GRAD_TOL)
                 batch = torch.where(_view(active, batch), (batch + _view(r, w) * w).clamp(0.0, 1.0), batch)
                 act = active.nonzero().squeeze(1)
                 f = f.clone()
