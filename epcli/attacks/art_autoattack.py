@@ -61,8 +61,9 @@ def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _predict(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Logits with no gradient, in chunks (ART's predict)."""
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else \
-            model(x)
+        if len(x) <= batch_size:
+            return model(x)
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 @functools.lru_cache(maxsize=32)
@@ -103,16 +104,23 @@ def _block_sum(a: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _block_index(n: int, device: torch.device) -> tuple:
+    """For each block length of the tree: the blocks' ids and a (blocks, length) index of their elements."""
+    leaves = _pairwise_tree(n)[0]
+    by_len: dict[int, list[int]] = {}
+    for i, (_, m) in enumerate(leaves):
+        by_len.setdefault(m, []).append(i)
+    return tuple((tuple(ids), torch.tensor([leaves[i][0] for i in ids], device=device)[:, None]
+                  + torch.arange(m, device=device)) for m, ids in by_len.items())
+
+
 def numpy_sum(v: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim in numpy's order (np.add.reduce of a contiguous float array: pairwise), so that float32
     norms round as ART's do; torch.sum adds in another order and its last bit differs for about 1 row in 2."""
     leaves, nodes, root = _pairwise_tree(v.shape[-1])
     vals = {}
-    by_len: dict[int, list[int]] = {}
-    for i, (_, n) in enumerate(leaves):
-        by_len.setdefault(n, []).append(i)
-    for n, ids in by_len.items():  # all blocks of one length at once
-        idx = torch.tensor([leaves[i][0] for i in ids], device=v.device)[:, None] + torch.arange(n, device=v.device)
+    for ids, idx in _block_index(v.shape[-1], v.device):  # all blocks of one length at once
         sums = _block_sum(v[..., idx])
         for j, i in enumerate(ids):
             vals[("leaf", i)] = sums[..., j]
