@@ -21,7 +21,8 @@ from epcli.errors import UsageError
 FAST = {"fgsm": {}, "pgd": {"steps": 3}, "cw": {"steps": 5, "binary_search_steps": 2},
         "apgd-ce": {"steps": 5}, "apgd-dlr": {"steps": 5}, "apgd-t": {"steps": 5, "n_target_classes": 2},
         "fab-t": {"steps": 5, "n_target_classes": 2}, "square": {"n_queries": 20},
-        "autoattack": {"steps": 3, "n_target_classes": 2, "n_queries": 10}}
+        "autoattack": {"steps": 3, "n_target_classes": 2, "n_queries": 10},
+        "art-autoattack": {"apgd_iter": 3, "restarts": 1, "deepfool_iter": 3, "square_iter": 10, "square_restarts": 1}}
 
 
 class PoolNet(nn.Module):

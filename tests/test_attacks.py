@@ -116,7 +116,8 @@ def test_apgd_cw_square_not_weaker_than_torchattacks(data):
 FAST = {"fgsm": {}, "pgd": {"steps": 2}, "cw": {"steps": 3, "binary_search_steps": 2},
         "apgd-ce": {"steps": 3}, "apgd-dlr": {"steps": 3}, "apgd-t": {"steps": 2, "n_target_classes": 1},
         "fab-t": {"steps": 2, "n_target_classes": 1}, "square": {"n_queries": 4},
-        "autoattack": {"steps": 2, "n_target_classes": 1, "n_queries": 3}}
+        "autoattack": {"steps": 2, "n_target_classes": 1, "n_queries": 3},
+        "art-autoattack": {"apgd_iter": 2, "restarts": 1, "deepfool_iter": 2, "square_iter": 3, "square_restarts": 1}}
 
 
 @settings(max_examples=12, deadline=None)

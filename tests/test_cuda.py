@@ -216,7 +216,8 @@ def test_every_gradient_mode_agrees(mode, exact_cuda):
 FAST = {"fgsm": {}, "pgd": {"steps": 10}, "cw": {"steps": 20, "binary_search_steps": 2},
         "apgd-ce": {"steps": 20}, "apgd-dlr": {"steps": 20}, "apgd-t": {"steps": 10, "n_target_classes": 2},
         "fab-t": {"steps": 5, "n_target_classes": 2}, "square": {"n_queries": 50},
-        "autoattack": {"steps": 5, "n_target_classes": 2, "n_queries": 30}}
+        "autoattack": {"steps": 5, "n_target_classes": 2, "n_queries": 30},
+        "art-autoattack": {"apgd_iter": 5, "restarts": 1, "deepfool_iter": 5, "square_iter": 30, "square_restarts": 1}}
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
