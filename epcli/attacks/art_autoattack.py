@@ -58,8 +58,11 @@ def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _predict(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits with no gradient, in chunks (ART's predict)."""
+PREDICT_BATCH = 128  # ART's predict() default chunk, where its callers pass none
+
+
+def _predict(model, x: torch.Tensor, batch_size: int = PREDICT_BATCH) -> torch.Tensor:
+    """Logits with no gradient, in chunks of batch_size (ART's predict; a conv's last bits depend on the batch)."""
     with torch.no_grad():
         if len(x) <= batch_size:
             return model(x)
@@ -286,7 +289,7 @@ def art_apgd_run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
         if loss == "dlr":
             need_classes(int(_predict(model, x[:1], 1).shape[1]), 3, "ART APGD-DLR")
         for _ in range(int(restarts)):
-            robust = _predict(model, x_adv, 128).argmax(1) == y
+            robust = _predict(model, x_adv).argmax(1) == y
             idx = robust.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
@@ -299,7 +302,7 @@ def art_apgd_run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
                 sl = slice(lo, lo + batch_size)
                 x_k = _apgd_batch(model, x_rob[sl], x_init[sl], y_rob[sl], fn, eps=eps, norm=norm,
                                   eps_step=eps_step, max_iter=max_iter)
-                broken = _predict(model, x_k, 128).argmax(1) != y_rob[sl]
+                broken = _predict(model, x_k).argmax(1) != y_rob[sl]
                 x_rob[sl] = torch.where(_view(broken, x_k), x_k, x_rob[sl])
             x_adv[idx] = x_rob
     return x_adv
@@ -362,7 +365,7 @@ def art_deepfool_run(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int =
                 batch = torch.where(_view(active, batch), (batch + _view(r, w) * w).clamp(0.0, 1.0), batch)
                 act = active.nonzero().squeeze(1)
                 f = f.clone()
-                f[act] = _predict(model, batch[act], batch_size)
+                f[act] = _predict(model, batch[act])
                 active = f.argmax(1) == fk_hat
                 step += 1
                 act = active.nonzero().squeeze(1)
@@ -385,9 +388,9 @@ def ensemble_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=dev).item())
 
 
-def _broken(model, adv, x, y, eps, norm, batch_size):
+def _broken(model, adv, x, y, eps, norm):
     """ART's run_attack verdict: the prediction left y and (1 - 1e-4) * ||adv - x|| <= eps."""
-    pred = _predict(model, adv, batch_size).argmax(1)
+    pred = _predict(model, adv).argmax(1)
     return (pred != y) & ((1 - REL_ACC) * _norms(adv - x, norm) <= eps)
 
 
@@ -435,7 +438,7 @@ def art_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     }
     out = x.clone()
     with eval_mode(model):
-        logits = _predict(model, x, bs)
+        logits = _predict(model, x)
         need_classes(logits.shape[1], 3, "ART AutoAttack (APGD-DLR)")
         robust = logits.argmax(1) == y
         for name in MEMBERS:
@@ -444,7 +447,7 @@ def art_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                 break
             if eps > 0:
                 adv = members[name](model, x[idx], y[idx])
-                broken = _broken(model, adv, x[idx], y[idx], eps, norm, bs)
+                broken = _broken(model, adv, x[idx], y[idx], eps, norm)
                 out[idx[broken]] = adv[broken]
                 robust[idx[broken]] = False
             if on_member is not None:
