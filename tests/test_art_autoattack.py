@@ -3,8 +3,8 @@
 ART draws from numpy's global stream (and Python's `random` in Square): np.random.seed(s) before ART and a
 RandomState(s) here give both the same draws, so the adversarial images must agree up to float rounding. ART runs
 the torch model through PyTorchClassifier with clip_values (0, 1), as in the paper. Models: the small CNN trained
-for a few seconds (conftest) on all ten classes, on 32 real CIFAR-10 test images of every class, and an EP-CNN with truncated gradients
-(values and gradients from different forward passes); CPU, one thread, small budgets (seconds).
+for a few seconds (conftest) on all ten classes, on 32 real CIFAR-10 test images of every class, and an EP-CNN
+with truncated gradients (values and gradients from different forward passes); CPU, one thread, small budgets.
 
 Measured on 2026-11-30 (these images, float32): APGD-CE/DLR, L-inf and L2, bit-identical images; DeepFool within
 2.7e-7 (bit-identical with ART's whole-batch recomputation, see the module); the ensemble bit-identical with the
@@ -16,7 +16,6 @@ prediction.
 from __future__ import annotations
 
 import importlib
-import math
 import random
 
 import numpy as np
@@ -28,11 +27,11 @@ from conftest import SmallCNN, train_briefly
 from epcli.attacks import ATTACKS, evaluate
 from epcli.errors import UsageError
 
-aa = importlib.import_module("epcli.attacks.art_autoattack")  # the module (epcli.attacks.art_autoattack is the function)
+aa = importlib.import_module("epcli.attacks.art_autoattack")  # the module: the package attribute is the function
 
 pytest.importorskip("art")
-from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, DeepFool  # noqa: E402
-from art.estimators.classification import PyTorchClassifier  # noqa: E402
+from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, DeepFool
+from art.estimators.classification import PyTorchClassifier
 
 ART_LOSS = {"ce": "cross_entropy", "dlr": "difference_logits_ratio"}
 ART_NORM = {"linf": np.inf, "l2": 2}

@@ -121,7 +121,7 @@ def _block_index(n: int, device: torch.device) -> tuple:
 def numpy_sum(v: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim in numpy's order (np.add.reduce of a contiguous float array: pairwise), so that float32
     norms round as ART's do; torch.sum adds in another order and its last bit differs for about 1 row in 2."""
-    leaves, nodes, root = _pairwise_tree(v.shape[-1])
+    _, nodes, root = _pairwise_tree(v.shape[-1])
     vals = {}
     for ids, idx in _block_index(v.shape[-1], v.device):  # all blocks of one length at once
         sums = _block_sum(v[..., idx])
@@ -421,7 +421,8 @@ def art_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     rng, py_rng = np.random.RandomState(seed), random.Random(seed)
 
     def square_member(m, a, b):
-        from epcli.attacks.art_square import art_square_run  # helper module: ART's SquareAttack
+        from epcli.attacks.art_square import art_square_run  # ART's SquareAttack
+
         return art_square_run(m, a, b, eps=eps, norm=norm, max_iter=int(square_iter), p_init=float(p_init),
                               restarts=int(square_restarts), scores="logits", rng=rng, py_rng=py_rng)
 
