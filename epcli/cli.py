@@ -357,7 +357,8 @@ def train(
 def attack(
     model: ModelRefOpt = "ep-cnn-small",
     attack_name: Annotated[str, typer.Option("--attack", "-a", help="fgsm, pgd, cw, apgd-ce, apgd-dlr, apgd-t, "
-                                             "fab-t, square, autoattack.")] = "pgd",
+                                             "fab-t, square, autoattack (fra31's), art-square, art-autoattack "
+                                             "(ART's, as the paper ran them).")] = "pgd",
     norm: Annotated[str, typer.Option(help="linf or l2.")] = "linf",
     eps: Annotated[str, typer.Option(help="Comma-separated list, fractions allowed: 1/255,2/255,8/255. "
                                      "Presets: paper-linf, paper-l2.")] = "8/255",
@@ -365,9 +366,12 @@ def attack(
                                              "first n with --select first (default: the whole test split).")] = None,
     select: Annotated[Optional[str], typer.Option(help="Which n test images: random (seeded, the default) or "
                                                   "first (the paper's first-N).")] = None,
-    protocol: Annotated[str, typer.Option(help="epcli (defaults below) or paper: Mansingh et al.'s ART PGD exactly "
-                                          "(predicted labels, no clipping, 20 steps of 2.5*eps/20, no random start, "
-                                          "first n images; EP: truncated:70 gradient, T=250).")] = "epcli",
+    protocol: Annotated[str, typer.Option(help="epcli (defaults below) or paper: Mansingh et al.'s ART protocol "
+                                          "for -a pgd (predicted labels, no clipping, 20 steps of 2.5*eps/20, no "
+                                          "random start, the first n images; EP: truncated:70 gradient, T=250), "
+                                          "-a square (ART's Square, 1000 iterations on the softmax) or -a "
+                                          "autoattack (ART's ensemble); those two: the first 200 images in "
+                                          "batches of 200.")] = "epcli",
     grad_mode: Annotated[Optional[str], typer.Option(
         help="Gradients through a relaxation: bptt (exact; the default), truncated:K (K >= T: all T steps), "
              "implicit, ep, or transfer:<model>. --protocol paper on EP models: truncated:70.")] = None,
@@ -375,7 +379,8 @@ def attack(
     step_size: Annotated[Optional[float], typer.Option(help="PGD step size (default 2.5*eps/steps).")] = None,
     restarts: Annotated[Optional[int], typer.Option(help="Random restarts.")] = None,
     random_start: Annotated[Optional[bool], typer.Option(help="PGD random start.")] = None,
-    queries: Annotated[Optional[int], typer.Option(help="Square: query budget.")] = None,
+    queries: Annotated[Optional[int], typer.Option(help="Square: query budget (art-square: ART's max_iter, "
+                                                   "iterations of about 3 model calls each).")] = None,
     targeted: Annotated[bool, typer.Option(help="Targeted variant (fgsm, pgd, cw, apgd-ce, apgd-dlr, square): a "
                                            "seeded random target class per image; robust accuracy is still "
                                            "against the true labels, and the target hit rate is recorded.")] = False,
@@ -410,7 +415,8 @@ def attack(
 
     Examples: `epcli attack --model vit`, `epcli attack -m ep-cnn --norm l2 --eps paper-l2`,
     `epcli attack -m ep-cnn -a autoattack --eps 8/255`, `epcli attack -m ep-cnn --grad-mode truncated:70`,
-    `epcli attack -m ep-cnn --protocol paper --eps paper-linf --n 10000`.
+    `epcli attack -m ep-cnn --protocol paper --eps paper-linf --n 10000`,
+    `epcli attack -m ep-cnn -a square --protocol paper --eps paper-linf`.
     """
     from epcli import api
     STATE.quiet = STATE.quiet or quiet

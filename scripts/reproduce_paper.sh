@@ -12,8 +12,9 @@ json() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
 LINF="0.0001,0.000215,0.000464,0.001,0.002154,0.004642,0.01,0.021544,8/255,0.046416,0.1"
 L2="0.05,0.0788,0.1242,0.1957,0.3085,0.4862,0.7663,1.0,1.2077,1.9035,3.0"
-SQ_LINF="0.001,0.002154,0.004642,0.01,0.021544,8/255,0.046416"
+SQ_LINF="0.001,0.002154,0.004642,0.01,0.021544,8/255,0.046416,0.1"
 SQ_L2="0.4862,0.7663,1.0,1.2077,1.9035,3.0"
+AA_LINF="0.0001,0.000215,0.000464,0.001,0.002154,0.004642,0.01,0.021544,8/255,0.046416,0.1"
 
 RUNS=()
 for seed in $SEEDS; do
@@ -35,7 +36,11 @@ for run in "${RUNS[@]}"; do
   # honest versions: exact gradients (bptt through every prediction step), true labels, full 10k
   $E attack -m "$run" -a pgd --norm linf --eps "$LINF"
   $E attack -m "$run" -a pgd --norm l2 --eps "$L2"
-  # black box and the standard AutoAttack (the paper: 200 images; epcli: 1,000 and 10k)
+  # the paper's Square and AutoAttack: ART's algorithms, the model's predictions, the first 200 images
+  $E attack -m "$run" -a square --protocol paper --norm linf --eps "$SQ_LINF"
+  $E attack -m "$run" -a square --protocol paper --norm l2 --eps "$SQ_L2"
+  $E attack -m "$run" -a autoattack --protocol paper --norm linf --eps "$AA_LINF"
+  # black box and the standard AutoAttack (fra31's; epcli: 1,000 and 10k images)
   $E attack -m "$run" -a square --norm linf --eps "$SQ_LINF" --queries 3000 --n 1000
   $E attack -m "$run" -a square --norm l2 --eps "$SQ_L2" --queries 3000 --n 1000
   $E attack -m "$run" -a autoattack --norm linf --eps 8/255

@@ -39,7 +39,7 @@ def test_paper_protocol_on_an_ep_cnn(store):
     t = _outcome(store, res["run_id"])
     assert t["index"].tolist() == list(range(12))  # the first 12 test images
     assert "attack_label" in t  # the labels the attack used: the clean predictions
-    with pytest.raises(UsageError, match="fixes these settings"):
+    with pytest.raises(UsageError, match="covers the attacks the paper ran: pgd, square and autoattack"):
         api.attack(model=store.ep["run_id"], protocol="paper", attack="apgd-ce", n=4, store=store, device="cpu")
     with pytest.raises(UsageError, match="fixes these settings"):
         api.attack(model=store.cnn["run_id"], protocol="paper", params={"steps": 5}, n=4, store=store, device="cpu")

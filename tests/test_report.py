@@ -420,8 +420,32 @@ def test_comparability_rule(tmp_path):
             dataset="cifar10")
     narrow, ck4 = _train(store, "ep-cnn", {"label": "EP narrow", "spec": {"name": "ep-cnn", "channels": [64, 128]}},
                          [0.8], dataset="cifar10")
+    # Square and AutoAttack: the paper ran ART's algorithms; only epcli's ports of them stand beside its numbers
+    paper_cfg = {"labels": "predicted", "select": "first", "batch_size": 200, "protocol": "paper"}
+    _attack(store, ep, ck, "ep-cnn", "square", "linf", {8 / 255: 0.30}, n=200, dataset="cifar10",
+            config={**paper_cfg, "params": {"n_queries": 5000}})
+    _attack(store, ep, ck, "ep-cnn", "art-square", "linf", {8 / 255: 0.45}, n=200, dataset="cifar10",
+            config={**paper_cfg, "params": {"max_iter": 1000, "scores": "softmax", "restarts": 1}})
+    _attack(store, ep_b, ck_b, "ep-cnn", "art-square", "linf", {8 / 255: 0.40}, n=200, dataset="cifar10",
+            config={**paper_cfg, "batch_size": 50, "select": "random",
+                    "params": {"max_iter": 300, "scores": "logits", "restarts": 1}})
+    # a --protocol paper PGD does not clip: no clipping difference is listed beside it
+    _attack(store, ep_c, ck_c, "ep-cnn", "pgd", "l2", {0.486219: 0.40}, grad_mode="truncated:70", n=10000,
+            dataset="cifar10", config={**paper_cfg, "params": {"clip": False}})
     data = report.collect(store)
     comp = {(c.run_id, c.what): c for c in data.comparisons}
+    fra31 = comp[(ep, "Square L∞ 8/255")]
+    assert fra31.paper is None and "a different algorithm from the paper's ART square" in fra31.not_compared
+    art = comp[(ep, "Square (ART) L∞ 8/255")]
+    assert art.not_compared is None and art.paper == 47.12 and art.diff == pytest.approx(45.0 - 47.12)
+    assert not any("Square" in r or "batch" in r or "images" in r for r in art.reasons), art.reasons
+    off = comp[(ep_b, "Square (ART) L∞ 8/255")].reasons
+    assert "Square: 300 iterations, paper 1000" in off and "Square: margin of the logits, paper of the softmax" in off
+    assert any(r.startswith("batch: 50, paper 200") for r in off)
+    assert "images: a random subset, paper the first 200 test images" in off
+    (unclipped,) = [c for (r, w), c in comp.items() if r == ep_c and w.startswith("PGD L2")]
+    assert unclipped.not_compared is None and not any("clip" in r for r in unclipped.reasons), unclipped.reasons
+    assert any("clip" in r for r in comp[(ep, "PGD L∞ 8/255")].reasons)
     assert "channels 64-128" in comp[(narrow, "clean")].not_compared
     ok = comp[(ep, "PGD L∞ 8/255")]
     assert ok.not_compared is None and ok.paper == 11.96 and ok.diff == pytest.approx(10.0 - 11.96)

@@ -43,7 +43,8 @@ def test_the_study_is_all_there(commands):
     trains = [c for c, s in zip(commands, subs) if s == "train"]
     assert len(trains) == 2 * 6 + 1  # per seed: EP-CNN, CNN, 4 adversarially trained CNNs; one ViT
     attacks = [c for c, s in zip(commands, subs) if s == "attack"]
-    assert len(attacks) == 13 * 7 + 1  # per model: 2 paper-protocol PGD, 2 PGD, 2 Square, AutoAttack; + the sweep
+    assert len(attacks) == 13 * 10 + 1  # per model: paper protocol 2 PGD, 2 Square, AutoAttack; 2 PGD, 2 Square,
+    # AutoAttack (fra31); + the sweep
     assert subs.count("corrupt") == 13 and subs.count("report") == 2
     # each attack and corruption names a model the script trained (a run id the recorder handed out)
     handed = {f"RUN{i}" for i in range(1, len(commands) + 1)}

@@ -117,6 +117,17 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def ensemble_members(attack: str) -> tuple[str, ...]:
+    """The members of an ensemble attack, in the order it runs them (() for a single attack)."""
+    if attack == "autoattack":
+        from epcli.attacks.autoattack import MEMBERS
+        return MEMBERS
+    if attack == "art-autoattack":
+        from epcli.attacks.art_autoattack import MEMBERS
+        return MEMBERS
+    return ()
+
+
 SELF_TARGETED = ("apgd-t", "fab-t", "autoattack")  # pick their own target classes
 MIN_NORM = ("cw",)  # minimum-norm attacks: one run per example serves every eps
 
@@ -195,9 +206,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     # AutoAttack: per example, robust after each member in turn (the official code's "robust accuracy after X");
     # with true labels only: with predicted ones an image can end robust by being pushed onto its true label;
     # not in transfer: the members' verdicts are then the surrogate's, not the scored model's
-    from epcli.attacks.autoattack import MEMBERS
+    MEMBERS = ensemble_members(attack)
     member_robust = ({e: torch.zeros((n, len(MEMBERS)), dtype=torch.bool) for e in eps_list}
-                     if attack == "autoattack" and labels == "true" and not transfer else {})
+                     if MEMBERS and labels == "true" and not transfer else {})
     gens = {e: torch.Generator().manual_seed(int(seed) * 1_000_003 + i) for i, e in enumerate(eps_list)}
     counter = _Counter(model, attacker)
 

@@ -33,33 +33,53 @@ from epcli.pipelines.common import relax_residual_rows
 from epcli.store import Store, describe_device
 
 
-# Mansingh et al.'s ART PGD (docs/attacks.md "paper protocol"): y=None (the model's predictions), clip_values=None,
-# eps_step 2.5*eps/20, max_iter 20, num_random_init 0, the first test images; EP gradients by BPTT through a
-# 70-step unroll while predictions relax 250 steps.
-PAPER_PROTOCOL = {"attack": "pgd", "labels": "predicted", "select": "first",
-                  "params": {"steps": 20, "step_size": None, "random_start": False, "restarts": 1, "clip": False,
-                             "loss": "ce"},
-                  "ep_grad_mode": "truncated:70", "ep_T": 250}
+# Mansingh et al.'s protocols (docs/attacks.md "paper protocol"), one per attack they ran, all through IBM ART
+# with y=None (the model's predictions as labels) on the first test images:
+# - PGD: clip_values=None, eps_step 2.5*eps/20, max_iter 20, num_random_init 0; EP gradients by BPTT through a
+#   70-step unroll while predictions relax 250 steps;
+# - Square: ART's SquareAttack on the softmax of a T=250 prediction, max_iter 1000, 1 restart, p_init 0.8, the
+#   first 200 images in one call (the windows are shared by the batch, so the batch is part of the protocol);
+# - AutoAttack: ART's AutoAttack with its defaults (eps_step 0.1), batch 200, the first 200 images; the EP
+#   unroll of its gradients is not recorded: truncated:70, as their PGD.
+PAPER_PROTOCOLS = {
+    "pgd": {"attack": "pgd", "labels": "predicted", "select": "first",
+            "params": {"steps": 20, "step_size": None, "random_start": False, "restarts": 1, "clip": False,
+                       "loss": "ce"},
+            "ep_grad_mode": "truncated:70", "ep_T": 250},
+    "square": {"attack": "art-square", "labels": "predicted", "select": "first", "n": 200, "batch_size": 200,
+               "params": {"max_iter": 1000, "p_init": 0.8, "restarts": 1, "scores": "softmax"}, "ep_T": 250},
+    "autoattack": {"attack": "art-autoattack", "labels": "predicted", "select": "first", "n": 200,
+                   "batch_size": 200, "params": {"eps_step": 0.1}, "ep_grad_mode": "truncated:70", "ep_T": 250},
+}
+PAPER_PROTOCOLS["art-square"] = PAPER_PROTOCOLS["square"]
+PAPER_PROTOCOLS["art-autoattack"] = PAPER_PROTOCOLS["autoattack"]
+PAPER_PROTOCOL = PAPER_PROTOCOLS["pgd"]  # the one most users mean (scripts/art_agreement.py)
 PROTOCOLS = ("epcli", "paper")
-RANKING_ATTACKS = ("apgd-dlr", "apgd-t", "fab-t", "autoattack")  # DLR loss or runner-up targets: >= 3 classes
+RANKING_ATTACKS = ("apgd-dlr", "apgd-t", "fab-t", "autoattack", "art-autoattack")  # DLR/runner-up: >= 3 classes
 
 
-def _apply_protocol(protocol, attack, labels, select, params, grad_mode, targeted):
-    """The paper protocol's settings; an explicit choice that contradicts it is a UsageError."""
+def _apply_protocol(protocol, attack, labels, select, params, grad_mode, targeted, n=None, batch_size=None):
+    """The paper protocol's settings; an explicit choice that contradicts it is a UsageError.
+    Returns (attack, labels, select, params, n, batch_size)."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {protocol!r}: use 'epcli' or 'paper'")
     if protocol == "epcli":
-        return attack, labels or "true", select, params
-    p = PAPER_PROTOCOL
-    clash = [f"--attack {attack}" if attack != p["attack"] else "",
-             "--select random" if select == "random" else "", "--targeted" if targeted else "",
+        return attack, labels or "true", select, params, n, batch_size
+    if attack not in PAPER_PROTOCOLS:
+        raise UsageError(f"--protocol paper covers the attacks the paper ran: pgd, square and autoattack (ART's); "
+                         f"got --attack {attack}")
+    p = PAPER_PROTOCOLS[attack]
+    clash = ["--select random" if select == "random" else "", "--targeted" if targeted else "",
              f"--labels {labels}" if labels not in (None, p["labels"]) else "",
              *[f"{k}={v!r}" for k, v in (params or {}).items() if k in p["params"] and v != p["params"][k]],
-             f"--grad-mode {grad_mode}" if (grad_mode or "").startswith("transfer") else ""]
+             f"--grad-mode {grad_mode}" if (grad_mode or "").startswith("transfer") else "",
+             f"--batch-size {batch_size}" if "batch_size" in p and batch_size not in (None, p["batch_size"])
+             else ""]
     clash = [c for c in clash if c]
     if clash:
         raise UsageError(f"--protocol paper fixes these settings; drop {', '.join(clash)}")
-    return p["attack"], p["labels"], p["select"], {**(params or {}), **p["params"]}
+    return (p["attack"], p["labels"], p["select"], {**(params or {}), **p["params"]},
+            p.get("n") if n is None else n, p.get("batch_size", batch_size))
 
 
 def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[float] | str = "8/255",
@@ -78,8 +98,10 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     the same points, and the unroll-length sweep when asked) are stored with the result.
     select: "random" (a seeded subset of n, the default) or "first" (the first n test images).
     grad_mode: None is bptt; labels: None is "true".
-    protocol "paper": Mansingh et al.'s ART PGD exactly (PAPER_PROTOCOL); on EP models the gradient mode
-    becomes truncated:70 and T 250 unless given; labels are "predicted" (an explicit "true" is refused).
+    protocol "paper": Mansingh et al.'s ART protocol for pgd, square or autoattack (PAPER_PROTOCOLS): square and
+    autoattack become ART's algorithms (art-square, art-autoattack) on the first 200 images in batches of 200;
+    on EP models the gradient mode becomes truncated:70 and T 250 unless given; labels are "predicted" (an
+    explicit "true" is refused).
     """
     from epcli import attacks
     from epcli import distributed as dist
@@ -95,8 +117,8 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
     check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--grad-mode": grad_mode})
     eps_list = sorted(set(parse_eps(eps)))
     notes = check_eps(norm, eps_list)
-    attack, labels, select, params = _check_attack(attack, norm, labels, select, params, grad_mode, targeted,
-                                                   protocol)
+    attack, labels, select, params, n, batch_size = _check_attack(attack, norm, labels, select, params, grad_mode,
+                                                                  targeted, protocol, n, batch_size)
     progress("load", 0, 1, {"model": model})
     net, info, surrogate, surrogate_info, grad_mode, sweep = _attacked_model(
         store, model, dataset, device, attack=attack, protocol=protocol, grad_mode=grad_mode, T=T,
@@ -207,9 +229,9 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         **({"members": members} if members else {}), **shards})
 
 
-def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, protocol):
+def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, protocol, n=None, batch_size=None):
     """The attack's settings, checked before any model is loaded or run opened; the protocol applied.
-    Returns (attack, labels, select, params)."""
+    Returns (attack, labels, select, params, n, batch_size)."""
     from epcli import attacks
     if attack not in attacks.ATTACKS:
         raise UsageError(f"unknown attack {attack!r}: choose from {', '.join(sorted(attacks.ATTACKS))}")
@@ -217,8 +239,11 @@ def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, pro
         raise UsageError("labels must be 'true' or 'predicted'")
     if select not in (None, "random", "first"):
         raise UsageError(f"select must be 'random' or 'first', got {select!r}")
-    attack, labels, select, params = _apply_protocol(protocol, attack, labels, select, params, grad_mode,
-                                                     targeted)
+    params = dict(params or {})
+    if "n_queries" in params and (attack == "art-square" or (protocol == "paper" and attack == "square")):
+        params["max_iter"] = params.pop("n_queries")  # ART's Square counts iterations (about 3 model calls each)
+    attack, labels, select, params, n, batch_size = _apply_protocol(protocol, attack, labels, select, params,
+                                                                    grad_mode, targeted, n, batch_size)
     if norm not in attacks.NORMS_OF[attack]:
         raise UsageError(f"{attack} is an {' / '.join(n.upper() for n in attacks.NORMS_OF[attack])} attack: use "
                          f"--norm {attacks.NORMS_OF[attack][0]}")
@@ -227,7 +252,7 @@ def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, pro
                          "apgd-dlr and square")
     params = attacks.resolve_params(attack, params or {})
     attacks.check_grad_mode(grad_mode or "bptt")  # before any run is opened: a typo leaves the store as it was
-    return attack, labels, select or "random", params
+    return attack, labels, select or "random", params, n, batch_size
 
 
 def _attacked_model(store, model, dataset, device, *, attack, protocol, grad_mode, T, targeted, unroll_sweep):
@@ -236,8 +261,9 @@ def _attacked_model(store, model, dataset, device, *, attack, protocol, grad_mod
     from epcli import attacks
     net, info = load_model(store, model, dataset, device)
     if protocol == "paper" and hasattr(net, "grad_mode"):
-        grad_mode = grad_mode or PAPER_PROTOCOL["ep_grad_mode"]
-        T = PAPER_PROTOCOL["ep_T"] if T is None else T
+        p = PAPER_PROTOCOLS[attack]
+        grad_mode = grad_mode or p.get("ep_grad_mode")
+        T = p["ep_T"] if T is None else T
     grad_mode = grad_mode or "bptt"
     k = net.spec.get("num_classes")
     if k is not None and k < 3 and (attack in RANKING_ATTACKS or (targeted and attack.startswith("apgd"))):
@@ -305,7 +331,8 @@ def _accuracy_rows(results: dict, grad_mode: str, eps_list: list[float], clean: 
 
 def _member_accuracy(res: dict) -> dict:
     """AutoAttack: robust accuracy after each member in turn, per eps label (the official code's log lines)."""
-    from epcli.attacks.autoattack import MEMBERS
+    from epcli.attacks.evaluate import ensemble_members
+    MEMBERS = ensemble_members(res.get("attack") or "autoattack")
     return {eps_label(e): {name: float(m[:, k].float().mean()) for k, name in enumerate(MEMBERS)}
             for e, m in (res.get("member_robust") or {}).items() if len(m)}
 

@@ -9,7 +9,7 @@ import functools
 import math
 
 from epcli import paper
-from epcli.report.datamodel import PAPER_EPOCHS, WHITE_BOX, Cell, Column, Comparison, Row, _grad
+from epcli.report.datamodel import PAPER_ATTACK_OF, PAPER_EPOCHS, WHITE_BOX, Cell, Column, Comparison, Row, _grad
 
 # --- comparability ------------------------------------------------------------------------------------------
 # A number is set beside another (the paper's, or another run's) only when model, dataset, threat model, n and
@@ -56,9 +56,13 @@ def model_not_comparable(row: "Row") -> str | None:
     return "; ".join(why) or None
 
 
-def cell_not_comparable(cell: "Cell", fact: dict, paper_key: str | None) -> str | None:
-    """Why one result cannot stand beside the paper's number for the same threat (n, gradient mode), or None."""
+def cell_not_comparable(cell: "Cell", fact: dict, paper_key: str | None, attack: str | None = None) -> str | None:
+    """Why one result cannot stand beside the paper's number for the same threat (the attack's algorithm, n,
+    gradient mode), or None. attack: epcli's attack name (None: taken to be the paper's)."""
     why = []
+    if attack is not None and PAPER_ATTACK_OF.get(attack) != fact.get("attack"):
+        why.append(f"attack {attack}: a different algorithm from the paper's ART {fact.get('attack')} "
+                   f"(epcli attack -a {fact.get('attack')} --protocol paper runs ART's)")
     n_fact, n = fact.get("n_examples"), cell.n_examples
     if n_fact and (n or 0) < min(n_fact, MIN_N):
         why.append(f"n={n or '?'}: the paper's number is over {n_fact:,} images (need ≥ {min(n_fact, MIN_N):,})")
@@ -100,7 +104,8 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
     attack = fact.get("attack")
     if attack and cell is not None:
         cfg = attack_cfg or {}
-        if attack == "pgd":
+        params = cfg.get("params") if isinstance(cfg.get("params"), dict) else {}
+        if attack == "pgd" and params.get("clip", True) is not False:
             reasons.append("clipping: epcli clips to [0,1], paper PGD does not")
         lm = _labels_mode(cfg)
         if lm is None or not lm.startswith("pred"):
@@ -111,13 +116,21 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
                 reasons.append(f"gradient: {_grad(cell.grad_mode)}, paper {pg}")
             elif not pg and attack == "autoattack":
                 reasons.append(f"gradient: {_grad(cell.grad_mode)}, paper's AutoAttack unroll not recorded")
-        if attack == "autoattack":
-            version = cfg.get("version") or "standard"
-            reasons.append(f"AutoAttack: epcli {version}, paper ART's (APGD-CE, APGD-DLR, DeepFool, Square)")
         if attack == "square":
-            q = cfg.get("n_queries") or cfg.get("queries") or cfg.get("max_iter") or cfg.get("steps")
-            if q and int(q) != 1000:
-                reasons.append(f"Square: {int(q)} iterations, paper 1000")
+            if params.get("max_iter") not in (None, 1000):
+                reasons.append(f"Square: {params['max_iter']} iterations, paper 1000")
+            if params.get("scores") not in (None, "softmax"):
+                reasons.append(f"Square: margin of the {params['scores']}, paper of the softmax")
+            if params.get("restarts") not in (None, 1):
+                reasons.append(f"Square: {params['restarts']} restarts, paper 1")
+        if attack in ("square", "autoattack"):
+            bs = cfg.get("batch_size")
+            if bs not in (None, 200):
+                reasons.append(f"batch: {bs}, paper 200 (Square's windows are shared by a batch)")
+            if params.get("eps_step") not in (None, 0.1):
+                reasons.append(f"AutoAttack: APGD eps_step {params['eps_step']}, paper ART's default 0.1")
+        if cfg.get("select") == "random" and n_fact and n_fact < 10000:
+            reasons.append(f"images: a random subset, paper the first {n_fact:,} test images")
     if fact.get("metric") == "corruption_mean_acc":
         reasons.append("corruptions: epcli generates them (seeded) unless --source gave the official files")
     if fact.get("eps") is not None and eps is not None and not math.isclose(fact["eps"], eps, rel_tol=1e-3):
@@ -169,10 +182,11 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
             col = columns[key]
             if cell.value is None:
                 continue
-            fact = _paper_cell_fact(row.paper_key, ds, col.attack, col.norm, col.eps, cell.grad_mode)
+            fact = _paper_cell_fact(row.paper_key, ds, PAPER_ATTACK_OF.get(col.attack, col.attack), col.norm,
+                                    col.eps, cell.grad_mode)
             if fact is None:
                 continue
-            why = row.not_compared or cell_not_comparable(cell, fact, row.paper_key)
+            why = row.not_compared or cell_not_comparable(cell, fact, row.paper_key, col.attack)
             reasons = []
             if why is None:  # the protocol differences are listed only beside a number that is compared
                 cfg = run_info.get(cell.run_id or "", {}).get("config", {})
