@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from epcli.attacks._common import NORMS, check_norm, eval_mode, project
 from epcli.attacks.apgd import apgd, apgd_ce, apgd_dlr, apgd_t
+from epcli.attacks.art_square import art_square
 from epcli.attacks.autoattack import autoattack
 from epcli.attacks.cw import cw
 from epcli.attacks.fab import fab_t
@@ -24,10 +25,11 @@ ATTACKS = {
     "apgd-t": apgd_t,
     "fab-t": fab_t,
     "square": square,
+    "art-square": art_square,
     "autoattack": autoattack,
 }
 WHITE_BOX = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "autoattack")
-BLACK_BOX = ("square",)
+BLACK_BOX = ("square", "art-square")
 NORMS_OF = {name: (("l2",) if name == "cw" else NORMS) for name in ATTACKS}
 
 
@@ -43,6 +45,6 @@ from epcli.attacks.evaluate import MIN_NORM, SELF_TARGETED, check_grad_mode, eva
 from epcli.attacks.checks import check_reliability, strength_check  # noqa: E402
 
 __all__ = ["ATTACKS", "BLACK_BOX", "MIN_NORM", "NORMS", "NORMS_OF", "SELF_TARGETED", "WHITE_BOX", "apgd", "apgd_ce",
-           "apgd_dlr", "apgd_t", "autoattack", "check_grad_mode", "check_norm", "check_reliability", "cw",
-           "eval_mode", "evaluate", "fab_t", "fgsm", "get_attack", "pgd", "project", "resolve_params", "square",
+           "apgd_dlr", "apgd_t", "art_square", "autoattack", "check_grad_mode", "check_norm", "check_reliability",
+           "cw", "eval_mode", "evaluate", "fab_t", "fgsm", "get_attack", "pgd", "project", "resolve_params", "square",
            "strength_check"]

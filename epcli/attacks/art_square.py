@@ -3,26 +3,26 @@ attack Mansingh et al. ran (max_iter=1000, nb_restarts=1, p_init=0.8, clip_value
 read through a softmax), reproduced draw for draw in torch.
 
 ART's Square is not fra31's (epcli/attacks/square.py). What ART does, and so what this does:
-- it runs on the images the model does not already misclassify (argmax of the scores != y), judged afresh by a
-  query on ALL images at the start of every restart and of every iteration, and it continues from the current
-  images: an image fooled at iteration i is never queried again, but an image that gets back to its label
-  would be attacked again;
+- it attacks the images whose scores still put y on top, judged afresh by a query on ALL images at the start of
+  every restart and of every iteration, and its loss by another (fra31 keeps each image's margin and loss from
+  the query that made it: one model call per iteration where ART makes three);
 - the score is whatever the estimator's `predict` returns: the softmax of the logits (the paper's black-box
   closure) or the logits (a PyTorchClassifier, as inside ART's AutoAttack); the loss is
-  score[y] - (second largest score), which is 0, not negative, when y is the runner-up; a candidate is kept
-  only when its loss is strictly lower (fra31 also keeps any candidate that misclassifies);
-- every restart starts again from the clean images (fra31 restarts only the images not yet fooled, from scratch);
+  score[y] - (second largest score) (0, not negative, when y is the runner-up: as the images attacked have y on
+  top, this keeps the same candidates as fra31's margin except at exact ties); a candidate is kept only when its
+  loss is strictly lower;
+- a restart attacks the images still not fooled again from the clean images (as fra31's);
 - L-inf: the first query adds +-eps vertical stripes (a sign per image, channel and column); each iteration
   moves ONE window shared by the whole batch by +-2 eps (one sign per channel) and projects back onto the ball;
-  the window's side is max(round(sqrt(p h w)), 1) and its corner np.random.randint(0, h - side), so the last
-  row and column are never inside a window's top-left corner range (fra31 draws the same way);
+  the window's side is max(round(sqrt(p h w)), 1) and its corner np.random.randint(0, h - side), so no window
+  ever covers the last row or column (as fra31's);
 - L2: the first query sums a 5 x 5 grid of (h // 5)-wide dipoles laid from the top-left corner (fra31 centres
   the grid), each with a random sign per image and channel and its own random transpose and sign (Python's
   `random`), scaled to norm eps; each iteration builds a dipole in window 1 and empties window 2 as fra31 does,
   but with ART's norms: the window energy w_norm summed over channels, and the new window content DIVIDED by
   sqrt(room) where fra31 multiplies, before the whole perturbation is rescaled to norm eps;
-- the fraction p follows ART's schedule: p_init halved at iteration i / max_iter > 0.001, 0.005, 0.02, 0.05,
-  0.1, 0.2, 0.4, 0.6, 0.8 (fra31 uses its query thresholds rescaled to the budget);
+- the fraction p follows ART's schedule: p_init halved each time i / max_iter passes 0.001, 0.005, 0.02, 0.05,
+  0.1, 0.2, 0.4, 0.6, 0.8 (fra31's fractions when it rescales, but fra31 compares int(10000 i / n) > 10000 f);
 - each query runs in chunks of `batch_size` images (ART's default 128), as ART's predict does.
 Per iteration that is three model calls: the scores of all current images, the loss of the robust ones and the
 loss of their candidates; per restart one more round of the same three; so at most 3 (max_iter + 1) restarts
@@ -30,9 +30,11 @@ forward passes per image (3003 for the paper's budget; ART with y=None adds the 
 
 `art_square_run` makes the same calls, with the same arguments and in the same order, on a
 `numpy.random.RandomState` and a `random.Random` as ART makes on the global `np.random` and `random`, and does
-its arithmetic in ART's dtypes (images float32, the window steps and the L2 window norms in float64); with
-`RandomState(s), Random(s)` it gives the images ART gives after `np.random.seed(s); random.seed(s)`
-(tests/test_art_square.py).
+its arithmetic in ART's dtypes (images float32, the window steps and the L2 window norms in float64), its sums
+in numpy's pairwise order and its square roots correctly rounded, as numpy's: with `RandomState(s), Random(s)`
+it gives, bit for bit, the images ART gives after `np.random.seed(s); random.seed(s)` (tests/test_art_square.py).
+ART's L2 step divides 0 by 0 when an image's perturbation already has norm eps and both windows hold none of it
+(numpy warns); the NaN candidate is never kept, here as there.
 """
 
 from __future__ import annotations
