@@ -117,6 +117,7 @@ FAST = {"fgsm": {}, "pgd": {"steps": 2}, "cw": {"steps": 3, "binary_search_steps
         "apgd-ce": {"steps": 3}, "apgd-dlr": {"steps": 3}, "apgd-t": {"steps": 2, "n_target_classes": 1},
         "fab-t": {"steps": 2, "n_target_classes": 1}, "square": {"n_queries": 4},
         "autoattack": {"steps": 2, "n_target_classes": 1, "n_queries": 3}}
+FAST["art-square"] = {"max_iter": 3}
 
 
 @settings(max_examples=12, deadline=None)

@@ -217,6 +217,7 @@ FAST = {"fgsm": {}, "pgd": {"steps": 10}, "cw": {"steps": 20, "binary_search_ste
         "apgd-ce": {"steps": 20}, "apgd-dlr": {"steps": 20}, "apgd-t": {"steps": 10, "n_target_classes": 2},
         "fab-t": {"steps": 5, "n_target_classes": 2}, "square": {"n_queries": 50},
         "autoattack": {"steps": 5, "n_target_classes": 2, "n_queries": 30}}
+FAST["art-square"] = {"max_iter": 20}
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
