@@ -182,6 +182,8 @@ def art_square_run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     f64 = torch.float64
     x = x.detach()
     y = y.to(dev)
+    if n == 0:
+        return x.clone()
 
     def predict(xb: torch.Tensor) -> torch.Tensor:
         outs = []
