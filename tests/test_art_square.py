@@ -5,8 +5,8 @@ np.random and random; epcli's art_square_run from a RandomState and a Random see
 real CIFAR-10 test images on the same small CNN (conftest's SmallCNN, trained a few seconds), read through a
 softmax (ART's BlackBoxClassifierNeuralNetwork, the paper's black-box closure) or as logits (ART's
 PyTorchClassifier): the adversarial images must be bit-identical, every prediction the same, and the model
-must be queried on as many images as ART queries it. CPU, 32 images (one run: 200, the paper's batch),
-<= 60 iterations.
+must be queried on as many images as ART queries it. Also on an untrained EP-CNN (16 images). CPU, 32 images
+(one run: 200, the paper's batch), <= 60 iterations.
 """
 
 from __future__ import annotations
@@ -111,6 +111,24 @@ def test_same_images_as_art(data, norm, eps, scores, restarts, max_iter, seed, n
     bound = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
     # inside the ball up to float32 rounding (ART's x + eps * d / ||d|| in float32: 1.3e-6 over measured)
     assert float(bound.max()) <= eps * (1 + 1e-5) and 0 <= float(ours.min()) and float(ours.max()) <= 1
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 1.0)])
+def test_same_images_as_art_on_an_ep_cnn(mini, norm, eps):
+    """The model the paper attacked: an EP-CNN (untrained ep-cnn-tiny, 8 relaxation steps per query)."""
+    from epcli.ep import EPCNN
+    torch.manual_seed(1)
+    ep = EPCNN.preset("ep-cnn-tiny")
+    ep.T = 8
+    ep.eval()
+    x = mini.test_x[:16].float() / 255
+    pred = predict(ep, x)
+    ref, queries = art(ep, x, norm=norm, eps=eps, scores="softmax", restarts=1, max_iter=20, seed=0)
+    counted = Counted(ep)
+    ours = art_square_run(counted, x, pred, eps=eps, norm=norm, max_iter=20, p_init=0.8, restarts=1,
+                          scores="softmax", rng=np.random.RandomState(0), py_rng=random.Random(0))
+    assert torch.equal(ours, ref) and counted.rows == queries
+    assert 0 < int((predict(ep, ours) != pred).sum()) < len(x)
 
 
 def test_true_labels_given_as_art_y(data):
