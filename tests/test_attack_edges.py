@@ -23,6 +23,7 @@ FAST = {"fgsm": {}, "pgd": {"steps": 3}, "cw": {"steps": 5, "binary_search_steps
         "fab-t": {"steps": 5, "n_target_classes": 2}, "square": {"n_queries": 20},
         "autoattack": {"steps": 3, "n_target_classes": 2, "n_queries": 10},
         "art-autoattack": {"apgd_iter": 3, "restarts": 1, "deepfool_iter": 3, "square_iter": 10, "square_restarts": 1}}
+FAST["art-square"] = {"max_iter": 5}
 
 
 class PoolNet(nn.Module):
@@ -153,7 +154,8 @@ def test_more_target_classes_than_classes_is_all_of_them():
 
 # --- budgets and batches ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "autoattack", "cw"])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "autoattack", "cw",
+                                  "art-square"])
 def test_nothing_to_attack_eps_zero_and_a_batch_of_one(name):
     """Every image already misclassified, or eps 0: the images come back unchanged. A batch of one: in the ball."""
     m = net()
@@ -167,7 +169,7 @@ def test_nothing_to_attack_eps_zero_and_a_batch_of_one(name):
     assert one.shape == x[:1].shape and float(norms(one - x[:1], norm).max()) <= 8 / 255 + 1e-6
 
 
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t", "square"])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t", "square", "art-square"])
 def test_a_second_restart_only_adds_broken_images(name):
     """Restarts run on the images not yet broken and the first run draws what a one-restart run draws: the
     broken set with 2 restarts contains the one with 1."""

@@ -118,6 +118,7 @@ FAST = {"fgsm": {}, "pgd": {"steps": 2}, "cw": {"steps": 3, "binary_search_steps
         "fab-t": {"steps": 2, "n_target_classes": 1}, "square": {"n_queries": 4},
         "autoattack": {"steps": 2, "n_target_classes": 1, "n_queries": 3},
         "art-autoattack": {"apgd_iter": 2, "restarts": 1, "deepfool_iter": 2, "square_iter": 3, "square_restarts": 1}}
+FAST["art-square"] = {"max_iter": 3}
 
 
 @settings(max_examples=12, deadline=None)

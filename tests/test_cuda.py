@@ -218,6 +218,7 @@ FAST = {"fgsm": {}, "pgd": {"steps": 10}, "cw": {"steps": 20, "binary_search_ste
         "fab-t": {"steps": 5, "n_target_classes": 2}, "square": {"n_queries": 50},
         "autoattack": {"steps": 5, "n_target_classes": 2, "n_queries": 30},
         "art-autoattack": {"apgd_iter": 5, "restarts": 1, "deepfool_iter": 5, "square_iter": 30, "square_restarts": 1}}
+FAST["art-square"] = {"max_iter": 20}
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))

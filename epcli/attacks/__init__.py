@@ -9,6 +9,7 @@ from __future__ import annotations
 from epcli.attacks._common import NORMS, check_norm, eval_mode, project
 from epcli.attacks.apgd import apgd, apgd_ce, apgd_dlr, apgd_t
 from epcli.attacks.art_autoattack import art_autoattack
+from epcli.attacks.art_square import art_square
 from epcli.attacks.autoattack import autoattack
 from epcli.attacks.cw import cw
 from epcli.attacks.fab import fab_t
@@ -25,11 +26,12 @@ ATTACKS = {
     "apgd-t": apgd_t,
     "fab-t": fab_t,
     "square": square,
+    "art-square": art_square,
     "autoattack": autoattack,
     "art-autoattack": art_autoattack,
 }
 WHITE_BOX = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "autoattack", "art-autoattack")
-BLACK_BOX = ("square",)
+BLACK_BOX = ("square", "art-square")
 NORMS_OF = {name: (("l2",) if name == "cw" else NORMS) for name in ATTACKS}
 
 
@@ -45,7 +47,6 @@ from epcli.attacks.evaluate import MIN_NORM, SELF_TARGETED, check_grad_mode, eva
 from epcli.attacks.checks import check_reliability, strength_check  # noqa: E402
 
 __all__ = ["ATTACKS", "BLACK_BOX", "MIN_NORM", "NORMS", "NORMS_OF", "SELF_TARGETED", "WHITE_BOX", "apgd", "apgd_ce",
-           "apgd_dlr", "apgd_t", "art_autoattack", "autoattack", "check_grad_mode", "check_norm", "check_reliability",
-           "cw",
-           "eval_mode", "evaluate", "fab_t", "fgsm", "get_attack", "pgd", "project", "resolve_params", "square",
-           "strength_check"]
+           "apgd_dlr", "apgd_t", "art_autoattack", "art_square", "autoattack", "check_grad_mode", "check_norm",
+           "check_reliability", "cw", "eval_mode", "evaluate", "fab_t", "fgsm", "get_attack", "pgd", "project",
+           "resolve_params", "square", "strength_check"]

@@ -104,6 +104,8 @@ def forward_budget(attack: str, params: dict) -> int:
         "fab-t": (steps + 2) * restarts * targets + 2,
         # the initial query, n_queries, and one pass per restart to read which images broke; one clean pass
         "square": (nq + 2) * restarts + 1,
+        # ART's Square: per restart and per iteration, all images, then the robust ones and their candidates
+        "art-square": 3 * (int(p.get("max_iter") or 1000) + 1) * restarts,
         "autoattack": (steps + 3) + 2 * ((steps + 2) * targets + 2) + nq + 4,
         # ART's: per APGD restart a gradient and a loss pass per iteration, f_0 and two predictions; DeepFool a
         # prediction and a gradient pass per iteration; Square three queries per iteration; 5 verdict passes
