@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from epcli.attacks._common import check_counts, check_eps, check_inputs, check_norm, eval_mode, need_classes
+from epcli.attacks.art_square import art_square_run, check_windows
 from epcli.errors import UsageError
 
 MEMBERS = ("apgd-ce", "apgd-dlr", "deepfool", "square")
@@ -412,8 +413,9 @@ def art_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                  deepfool_iter=deepfool_iter, nb_grads=nb_grads, square_iter=square_iter,
                  square_restarts=square_restarts)
     _check_step(eps_step)
-    if not 0 < p_init <= 1:
-        raise UsageError(f"art-autoattack needs 0 < p_init <= 1, got {p_init!r}")
+    if not 0 < float(p_init) < 1:
+        raise UsageError(f"art-autoattack needs 0 < p_init < 1, got {p_init!r}")
+    check_windows(norm, x.shape[2], x.shape[3], float(p_init))  # Square's: before any member runs
     if not float(overshoot) >= 0:
         raise UsageError(f"art-autoattack needs overshoot >= 0, got {overshoot!r}")
     bs = int(batch_size)
@@ -421,8 +423,6 @@ def art_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     rng, py_rng = np.random.RandomState(seed), random.Random(seed)
 
     def square_member(m, a, b):
-        from epcli.attacks.art_square import art_square_run  # ART's SquareAttack
-
         return art_square_run(m, a, b, eps=eps, norm=norm, max_iter=int(square_iter), p_init=float(p_init),
                               restarts=int(square_restarts), scores="logits", rng=rng, py_rng=py_rng)
 
