@@ -45,6 +45,33 @@ def test_paper_protocol_on_an_ep_cnn(store):
         api.attack(model=store.cnn["run_id"], protocol="paper", params={"steps": 5}, n=4, store=store, device="cpu")
 
 
+def test_paper_protocol_square_is_arts_on_the_first_images_in_one_batch(store):
+    """-a square --protocol paper runs ART's Square (art-square) with the paper's settings: the model's own
+    predictions, the first images, batches of 200, 1000 iterations on the softmax; explicit clashes refused."""
+    res = api.attack(model=store.cnn["run_id"], attack="square", protocol="paper", eps="8/255", n=8, store=store,
+                     device="cpu")
+    assert res["attack"] == "art-square" and res["labels"] == "predicted" and res["select"] == "first"
+    cfg = store.get_run(res["run_id"])["config"]
+    assert cfg["batch_size"] == 200 and cfg["attack"] == "art-square"
+    assert {k: cfg["params"][k] for k in ("max_iter", "scores", "restarts", "p_init")} == \
+        {"max_iter": 1000, "scores": "softmax", "restarts": 1, "p_init": 0.8}
+    assert _outcome(store, res["run_id"])["index"].tolist() == list(range(8))
+    # ART's count: per iteration a prediction on every image, then the loss before and after on those still
+    # robust (the paper's "about 3004 calls per batch")
+    assert 1000 * 8 < res["attack_forward_passes"] <= 3 * 1001 * 8
+    for kw, why in [({"batch_size": 50}, "--batch-size 50"), ({"params": {"n_queries": 10}}, "max_iter=10"),
+                    ({"labels": "true"}, "--labels true")]:
+        with pytest.raises(UsageError, match=f"fixes these settings; drop {why}"):
+            api.attack(model=store.cnn["run_id"], attack="square", protocol="paper", n=4, store=store, device="cpu",
+                       **kw)
+    with pytest.raises(UsageError, match="art-square is untargeted"):
+        api.attack(model=store.cnn["run_id"], attack="art-square", targeted=True, n=4, store=store, device="cpu")
+    # outside the paper protocol, --queries is ART's max_iter
+    res = api.attack(model=store.cnn["run_id"], attack="art-square", eps="8/255", n=4, store=store, device="cpu",
+                     params={"n_queries": 5})
+    assert res["params"]["max_iter"] == 5 and "n_queries" not in res["params"]
+
+
 def test_unroll_sweep_past_T_raises_T_and_says_so(store):
     res = api.attack(model=store.ep["run_id"], eps="8/255", n=8, T=6, unroll_sweep=[3, 6, 9], store=store,
                      device="cpu", params={"steps": 2}, strength=False)

@@ -247,6 +247,9 @@ def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, pro
     if norm not in attacks.NORMS_OF[attack]:
         raise UsageError(f"{attack} is an {' / '.join(n.upper() for n in attacks.NORMS_OF[attack])} attack: use "
                          f"--norm {attacks.NORMS_OF[attack][0]}")
+    if targeted and attack in ("art-square", "art-autoattack"):
+        raise UsageError(f"{attack} is untargeted, as the paper ran it through ART; --targeted applies to fgsm, pgd, "
+                         "cw, apgd-ce, apgd-dlr and square")
     if targeted and attack in attacks.SELF_TARGETED:
         raise UsageError(f"{attack} picks its own target classes; --targeted applies to fgsm, pgd, cw, apgd-ce, "
                          "apgd-dlr and square")

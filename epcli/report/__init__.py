@@ -63,6 +63,7 @@ from epcli.report.datamodel import (
     ATTACK_ORDER,
     HEADLINE_ATTACKS,
     NORM_NAMES,
+    PAPER_ATTACK_OF,
     PAPER_EPOCHS,
     STANDARD_EPS,
     WHITE_BOX,
@@ -108,6 +109,6 @@ __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell
            # constants callers read (tests, bench, the corrupt and report pipelines)
            "ACC_METRICS", "ADVERSARIAL_MODELS", "ATTACK_NAMES", "ATTACK_ORDER", "BENCHMARK_CORRUPTIONS",
            "CURVE_METRICS", "EXTRA_CORRUPTIONS", "FIGURE_KINDS", "FIGURE_MODELS", "HEADLINE_ATTACKS",
-           "METRIC_COLUMNS", "MIN_N", "NORM_NAMES", "PAPER_AUTHORS", "PAPER_DATASETS", "PAPER_EP_CHANNELS",
+           "METRIC_COLUMNS", "MIN_N", "NORM_NAMES", "PAPER_ATTACK_OF", "PAPER_AUTHORS", "PAPER_DATASETS", "PAPER_EP_CHANNELS",
            "PAPER_EPOCHS", "PAPER_LINK", "PAPER_REGISTRY", "ROBUSTBENCH_DATASETS", "ROBUSTBENCH_EPS", "SEVERITIES",
            "STANDARD_EPS", "WHITE_BOX"]
