@@ -232,3 +232,13 @@ def test_unknown_parameter_refused_by_evaluate(data):
     model, x, y, _ = data
     with pytest.raises(UsageError, match="unknown parameter.*n_queries"):
         evaluate(model, x[:2], y[:2], attack="art-square", norm="linf", eps_list=[0.03], params={"n_queries": 10})
+
+
+@pytest.mark.parametrize("attack", ["art-square", "art-autoattack"])
+def test_targeted_refused_by_evaluate_before_any_image_is_attacked(data, attack):
+    """The attack function refuses targeted=True, but only when it runs; evaluate refuses it up front, also
+    when no image would be attacked (every clean prediction wrong)."""
+    model, x, y, _ = data
+    wrong = (predict(model, x[:4]) + 1) % 10
+    with pytest.raises(UsageError, match=f"{attack} is untargeted"):
+        evaluate(model, x[:4], wrong, attack=attack, norm="linf", eps_list=[0.03], targeted=True)

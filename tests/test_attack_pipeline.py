@@ -72,6 +72,24 @@ def test_paper_protocol_square_is_arts_on_the_first_images_in_one_batch(store):
     assert res["params"]["max_iter"] == 5 and "n_queries" not in res["params"]
 
 
+def test_paper_protocol_autoattack_is_arts_with_arts_defaults(store):
+    """-a autoattack --protocol paper runs ART's ensemble (art-autoattack) with ART's defaults, as the paper
+    did; outside the protocol the CLI's budget flags reach ART's members under their names."""
+    from epcli.pipelines.attack import _check_attack  # the settings only: ART's full budgets take minutes
+    attack, labels, select, p, n, batch_size = _check_attack("autoattack", "linf", None, None, {}, None, False,
+                                                             "paper")
+    assert (attack, labels, select, n, batch_size) == ("art-autoattack", "predicted", "first", 200, 200)
+    assert (p["eps_step"], p["apgd_iter"], p["restarts"], p["deepfool_iter"], p["square_iter"],
+            p["square_restarts"], p["batch_size"], p["nb_grads"]) == (0.1, 100, 5, 100, 5000, 5, 200, 10)
+    with pytest.raises(UsageError, match="fixes these settings; drop apgd_iter=5"):
+        api.attack(model=store.cnn["run_id"], attack="autoattack", protocol="paper", n=4, store=store,
+                   device="cpu", params={"steps": 5})
+    res = api.attack(model=store.cnn["run_id"], attack="art-autoattack", eps="8/255", n=6, store=store,
+                     device="cpu", params={"steps": 3, "restarts": 1, "n_queries": 4})
+    assert (res["params"]["apgd_iter"], res["params"]["restarts"], res["params"]["square_iter"]) == (3, 1, 4)
+    assert set(res["members"]["8/255"]) == {"apgd-ce", "apgd-dlr", "deepfool", "square"}  # true labels: per member
+
+
 def test_unroll_sweep_past_T_raises_T_and_says_so(store):
     res = api.attack(model=store.ep["run_id"], eps="8/255", n=8, T=6, unroll_sweep=[3, 6, 9], store=store,
                      device="cpu", params={"steps": 2}, strength=False)

@@ -43,10 +43,11 @@ def get_attack(name: str):
     return ATTACKS[key]
 
 
-from epcli.attacks.evaluate import MIN_NORM, SELF_TARGETED, check_grad_mode, evaluate, resolve_params  # noqa: E402
+from epcli.attacks.evaluate import (  # noqa: E402
+    MIN_NORM, SELF_TARGETED, UNTARGETED, check_grad_mode, evaluate, resolve_params)
 from epcli.attacks.checks import check_reliability, strength_check  # noqa: E402
 
-__all__ = ["ATTACKS", "BLACK_BOX", "MIN_NORM", "NORMS", "NORMS_OF", "SELF_TARGETED", "WHITE_BOX", "apgd", "apgd_ce",
-           "apgd_dlr", "apgd_t", "art_autoattack", "art_square", "autoattack", "check_grad_mode", "check_norm",
-           "check_reliability", "cw", "eval_mode", "evaluate", "fab_t", "fgsm", "get_attack", "pgd", "project",
-           "resolve_params", "square", "strength_check"]
+__all__ = ["ATTACKS", "BLACK_BOX", "MIN_NORM", "NORMS", "NORMS_OF", "SELF_TARGETED", "UNTARGETED", "WHITE_BOX",
+           "apgd", "apgd_ce", "apgd_dlr", "apgd_t", "art_autoattack", "art_square", "autoattack", "check_grad_mode",
+           "check_norm", "check_reliability", "cw", "eval_mode", "evaluate", "fab_t", "fgsm", "get_attack", "pgd",
+           "project", "resolve_params", "square", "strength_check"]

@@ -136,6 +136,7 @@ def ensemble_members(attack: str) -> tuple[str, ...]:
 
 
 SELF_TARGETED = ("apgd-t", "fab-t", "autoattack")  # pick their own target classes
+UNTARGETED = ("art-square", "art-autoattack")  # ART's, untargeted as the paper ran them
 MIN_NORM = ("cw",)  # minimum-norm attacks: one run per example serves every eps
 
 
@@ -166,6 +167,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     attack = str(attack).strip().lower().replace("_", "-")
     if targeted and attack in SELF_TARGETED:
         raise UsageError(f"{attack} picks its own target classes; --targeted applies to "
+                         "fgsm, pgd, cw, apgd-ce, apgd-dlr and square")
+    if targeted and attack in UNTARGETED:
+        raise UsageError(f"{attack} is untargeted, as ART runs it; --targeted applies to "
                          "fgsm, pgd, cw, apgd-ce, apgd-dlr and square")
     norm = check_norm(norm)
     if attack == "cw" and norm != "l2":

@@ -49,7 +49,10 @@ PAPER_PROTOCOLS = {
     "square": {"attack": "art-square", "labels": "predicted", "select": "first", "n": 200, "batch_size": 200,
                "params": {"max_iter": 1000, "p_init": 0.8, "restarts": 1, "scores": "softmax"}, "ep_T": 250},
     "autoattack": {"attack": "art-autoattack", "labels": "predicted", "select": "first", "n": 200,
-                   "batch_size": 200, "params": {"eps_step": 0.1}, "ep_grad_mode": "truncated:70", "ep_T": 250},
+                   "batch_size": 200, "params": {"eps_step": 0.1, "batch_size": 200, "apgd_iter": 100, "restarts": 5,
+                                                 "deepfool_iter": 100, "overshoot": 1e-3, "nb_grads": 10,
+                                                 "square_iter": 5000, "p_init": 0.8, "square_restarts": 5},
+                   "ep_grad_mode": "truncated:70", "ep_T": 250},
 }
 PAPER_PROTOCOLS["art-square"] = PAPER_PROTOCOLS["square"]
 PAPER_PROTOCOLS["art-autoattack"] = PAPER_PROTOCOLS["autoattack"]
@@ -240,14 +243,20 @@ def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, pro
     if select not in (None, "random", "first"):
         raise UsageError(f"select must be 'random' or 'first', got {select!r}")
     params = dict(params or {})
-    if "n_queries" in params and (attack == "art-square" or (protocol == "paper" and attack == "square")):
-        params["max_iter"] = params.pop("n_queries")  # ART's Square counts iterations (about 3 model calls each)
+    art = {"square": "art-square", "autoattack": "art-autoattack"}.get(attack, attack) if protocol == "paper" \
+        else attack
+    # the CLI's budget flags under the names ART's attacks take (ART's Square counts iterations, about 3 model
+    # calls each; in AutoAttack --steps and --restarts are APGD's, --queries Square's)
+    for flag, name in {"art-square": {"n_queries": "max_iter"},
+                       "art-autoattack": {"steps": "apgd_iter", "n_queries": "square_iter"}}.get(art, {}).items():
+        if flag in params:
+            params[name] = params.pop(flag)
     attack, labels, select, params, n, batch_size = _apply_protocol(protocol, attack, labels, select, params,
                                                                     grad_mode, targeted, n, batch_size)
     if norm not in attacks.NORMS_OF[attack]:
         raise UsageError(f"{attack} is an {' / '.join(n.upper() for n in attacks.NORMS_OF[attack])} attack: use "
                          f"--norm {attacks.NORMS_OF[attack][0]}")
-    if targeted and attack in ("art-square", "art-autoattack"):
+    if targeted and attack in attacks.UNTARGETED:
         raise UsageError(f"{attack} is untargeted, as the paper ran it through ART; --targeted applies to fgsm, pgd, "
                          "cw, apgd-ce, apgd-dlr and square")
     if targeted and attack in attacks.SELF_TARGETED:
