@@ -451,10 +451,12 @@ def attack(
     from epcli import schema
     out = schema.attack(res)
     if not STATE.quiet:
+        from epcli.attacks import BLACK_BOX
         sweep = res.get("unroll_sweep") or {}
         # title and caption as lines of their own: a table's title wraps to the (narrow) table's width
-        err.print(_escape(f"{attack_name} {norm}, {res['model']}, {res['n_examples']} test images of "
-                          f"{res.get('dataset')}, grad {res['grad_mode']}, "
+        err.print(_escape(f"{res['attack']} {norm}, {res['model']}, {res['n_examples']} test images of "
+                          f"{res.get('dataset')}, "
+                          f"{'black box' if res['attack'] in BLACK_BOX else 'grad ' + res['grad_mode']}, "
                           f"{res['labels']} labels{', protocol paper' if res['protocol'] == 'paper' else ''}, "
                           f"run {res['run_id']}, {out['attack_forward_passes'] or 0:,} attack forward passes"),
                   highlight=False)
