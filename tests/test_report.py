@@ -958,3 +958,25 @@ def test_figures_drawn_in_a_child_process_equal_the_sequential_ones(built, tmp_p
         assert a.parent == tmp_path / "1" and a.exists()
         if a.suffix == ".svg":
             assert svg_text(a) == svg_text(b), a.name
+
+
+def test_black_box_results_show_no_gradient_mode(tmp_path):
+    """Square (fra31's or ART's) only queries the model: the bptt its run records as the default gradient mode
+    is not shown beside its numbers (table, csv, json, legend, worst-case names); a transfer surrogate is."""
+    store = Store(tmp_path / "s")
+    m, ck = _train(store, "cnn", {"label": "CNN"}, [0.8])
+    e = 8 / 255
+    _attack(store, m, ck, "cnn", "art-square", "linf", {4 / 255: 0.5, e: 0.4}, grad_mode="bptt", n=4)
+    _attack(store, m, ck, "cnn", "square", "linf", {e: 0.3}, grad_mode="transfer:vit", n=4)
+    _attack(store, m, ck, "cnn", "art-autoattack", "linf", {e: 0.2}, grad_mode="bptt", n=4)
+    data = report.collect(store)
+    cells = data.rows[0].cells
+    assert cells["art-square:linf:8/255"].grad_mode is None
+    assert cells["square:linf:8/255"].grad_mode == "transfer:vit"
+    assert cells["art-autoattack:linf:8/255"].grad_mode == "bptt"
+    md = report.render(data, "md")
+    assert "40.00 (n=4) |" in md and "20.00 (n=4, bptt)" in md
+    row = next(csv.DictReader(io.StringIO(report.render(data, "csv"))))
+    assert row["art-square:linf:8/255:grad_mode"] == "" and row["art-autoattack:linf:8/255:grad_mode"] == "bptt"
+    assert {c["grad_mode"] for c in data.curves if c["attack"] == "art-square"} == {None}
+    store.close()

@@ -15,6 +15,7 @@ ATTACK_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "cw": "C&W", "apgd-ce": "APGD-CE",
                 "art-autoattack": "AutoAttack (ART)", "worst": "worst case over attacks"}
 HEADLINE_ATTACKS = ("fgsm", "pgd", "cw", "square", "art-square", "autoattack", "art-autoattack", "worst")
 WHITE_BOX = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "autoattack", "art-autoattack")
+BLACK_BOX = ("square", "art-square")  # they only query the model: a gradient mode means nothing for them
 # The paper ran its Square and AutoAttack through ART: only epcli's ports of ART's algorithms measure the same
 # thing; epcli's own square/autoattack follow fra31's code, a different algorithm (docs/report.md).
 PAPER_ATTACK_OF = {"pgd": "pgd", "art-square": "square", "art-autoattack": "autoattack"}
@@ -163,6 +164,14 @@ def _grad(g: str | None) -> str:
     if g.startswith("transfer:"):
         return "transfer:" + _short(g.split(":", 1)[1])
     return g
+
+
+def result_grad_mode(attack: str | None, grad_mode: str | None) -> str | None:
+    """The gradient mode a result was obtained with, as shown: None for a black-box attack, which takes no
+    gradient (the run's grad_mode config is then only the default bptt), unless it queried a transfer model."""
+    if attack in BLACK_BOX and not (grad_mode or "").startswith("transfer"):
+        return None
+    return grad_mode
 
 
 def _fmt(v: float | None, nd: int = 2) -> str:

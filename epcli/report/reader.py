@@ -32,6 +32,7 @@ from epcli.report.datamodel import (
     _label,
     _short,
     eps_label,
+    result_grad_mode,
 )
 
 
@@ -153,13 +154,15 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
         reason = detail(m).get("reason") or "; ".join(failed_checks.get(m["run_id"], [])) or "marked unreliable"
     modes = []
     for m in members:
-        if m["grad_mode"] and m["grad_mode"] not in modes:
-            modes.append(m["grad_mode"])
+        g = result_grad_mode(m["attack"], m["grad_mode"])
+        if g and g not in modes:
+            modes.append(g)
     return Cell(value=value, n_examples=base["n_examples"], grad_mode="+".join(modes) or None,
                 unreliable=bool(flagged), reason=reason, run_id=base["run_id"], status=base["run_status"],
                 n_results=len(members), forward_passes=first.get("forward_passes"),
                 forward_passes_T=first.get("T"),
-                worst_of=[f"{m['run_id']} {m['attack']} {m['grad_mode'] or '-'}" for m in members]
+                worst_of=[f"{m['run_id']} {m['attack']} {result_grad_mode(m['attack'], m['grad_mode']) or '-'}"
+                          for m in members]
                 if len(members) > 1 else [],
                 attack_clean=attack_clean_by_run.get(base["run_id"]))
 
@@ -439,7 +442,7 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                            "label": rows[a["model_run_id"]].label, "sha256": a["sha256"],
                            "path": _abs(store, a["path"]), "per_example": per_example.get(a["run_id"]),
                            "norm": cfg.get("norm") or "linf", "attack": cfg.get("attack"),
-                           "grad_mode": cfg.get("grad_mode"), "n_eps": len(eps), "n": cfg.get("n_examples"),
+                           "grad_mode": result_grad_mode(cfg.get("attack"), cfg.get("grad_mode")), "n_eps": len(eps), "n": cfg.get("n_examples"),
                            "meta": _json(a["meta"]) or {}, "config": cfg})
     adversarial = _pick_adversarial(candidates)
     adversarial.sort(key=lambda a: (0 if a["norm"] == "linf" else 1, a["run_id"]))
