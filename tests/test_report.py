@@ -980,3 +980,29 @@ def test_black_box_results_show_no_gradient_mode(tmp_path):
     assert row["art-square:linf:8/255:grad_mode"] == "" and row["art-autoattack:linf:8/255:grad_mode"] == "bptt"
     assert {c["grad_mode"] for c in data.curves if c["attack"] == "art-square"} == {None}
     store.close()
+
+
+def test_art_autoattack_beside_the_paper_names_its_budgets(tmp_path):
+    """ART's AutoAttack stands beside the paper's number; a run with budgets other than ART's defaults (which
+    the paper ran) lists each difference, and a run with the defaults lists none."""
+    from epcli.pipelines.attack import PAPER_PROTOCOLS
+    from epcli.report.comparison import ART_AUTOATTACK_BUDGET
+    defaults = PAPER_PROTOCOLS["autoattack"]["params"]
+    assert {k: v[1] for k, v in ART_AUTOATTACK_BUDGET.items()} == {k: defaults[k] for k in ART_AUTOATTACK_BUDGET}
+    store = Store(tmp_path / "s")
+    ep, ck = _train(store, "ep-cnn", {"label": "EP", "T": 250}, [0.87], dataset="cifar10")
+    ep_b, ck_b = _train(store, "ep-cnn", {"label": "EP", "T": 250}, [0.87], dataset="cifar10", seed=1)
+    cfg = {"labels": "predicted", "select": "first", "batch_size": 200, "protocol": "paper"}
+    _attack(store, ep, ck, "ep-cnn", "art-autoattack", "linf", {8 / 255: 0.08}, grad_mode="truncated:70", n=200,
+            dataset="cifar10", config={**cfg, "params": dict(defaults)})
+    _attack(store, ep_b, ck_b, "ep-cnn", "art-autoattack", "linf", {8 / 255: 0.30}, grad_mode="truncated:70",
+            n=200, dataset="cifar10", config={**cfg, "protocol": "epcli", "params": {
+                **defaults, "apgd_iter": 3, "restarts": 1, "square_iter": 20}})
+    comp = {c.run_id: c for c in report.collect(store).comparisons if c.what == "AutoAttack (ART) L∞ 8/255"}
+    assert comp[ep].not_compared is None and not any("AutoAttack:" in r for r in comp[ep].reasons), comp[ep].reasons
+    weak = comp[ep_b].reasons
+    assert comp[ep_b].paper == 8.0
+    assert {"AutoAttack: APGD iterations 3, paper ART's default 100", "AutoAttack: APGD restarts 1, paper ART's "
+            "default 5", "AutoAttack: Square iterations 20, paper ART's default 5000"} <= set(weak), weak
+    assert not any("DeepFool" in r for r in weak)
+    store.close()

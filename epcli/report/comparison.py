@@ -74,6 +74,14 @@ def cell_not_comparable(cell: "Cell", fact: dict, paper_key: str | None, attack:
 
 # --- the paper beside the results -----------------------------------------------------------------------------
 
+# ART's AutoAttack defaults, which the paper ran (pipelines.attack.PAPER_PROTOCOLS["autoattack"], checked equal
+# by the tests): art-autoattack's parameter -> (what it is, ART's value); a run with other budgets says so
+ART_AUTOATTACK_BUDGET = {"apgd_iter": ("APGD iterations", 100), "restarts": ("APGD restarts", 5),
+                         "deepfool_iter": ("DeepFool iterations", 100), "nb_grads": ("DeepFool classes", 10),
+                         "overshoot": ("DeepFool overshoot", 1e-3), "square_iter": ("Square iterations", 5000),
+                         "square_restarts": ("Square restarts", 5), "p_init": ("Square p_init", 0.8)}
+
+
 def _labels_mode(cfg: dict) -> str | None:
     for key in ("labels", "label_mode", "targets"):
         if isinstance(cfg.get(key), str):
@@ -123,6 +131,10 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
                 reasons.append(f"Square: margin of the {params['scores']}, paper of the softmax")
             if params.get("restarts") not in (None, 1):
                 reasons.append(f"Square: {params['restarts']} restarts, paper 1")
+        if attack == "autoattack":  # ART's ensemble with ART's defaults, as the paper ran it
+            for key, (what, theirs) in ART_AUTOATTACK_BUDGET.items():
+                if params.get(key) not in (None, theirs):
+                    reasons.append(f"AutoAttack: {what} {params[key]:g}, paper ART's default {theirs:g}")
         if attack in ("square", "autoattack"):
             bs = cfg.get("batch_size")
             if bs not in (None, 200):
