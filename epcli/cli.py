@@ -819,6 +819,11 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
         c.print(m)
         if len(rest) > SHOW_ROWS:
             c.print(f"  ... and {len(rest) - SHOW_ROWS} more metrics (all of them: epcli show {r['run_id']} --json)")
+    by_eps: dict[str, list] = {}
+    for mem in (r.get("result") or {}).get("members") or []:  # an ensemble: as `attack` printed it
+        by_eps.setdefault(mem["eps_label"], []).append(f"{mem['member']} {_pct(mem['robust_acc'])}")
+    for e, accs in by_eps.items():
+        c.print(escape(f"{e}: robust % after " + ", then ".join(accs)), highlight=False)
     for ch in doc["checks"]:
         c.print(f"check {ch['check']}: {'[green]passed' if ch['passed'] else '[red]FAILED'}[/] "
                 f"{escape(ch['detail'])}")

@@ -183,7 +183,11 @@ def run_result(run: dict) -> dict:
         return {"attack": cfg.get("attack"), "norm": cfg.get("norm"), "clean_acc": acc(s.get("clean_acc"), n),
                 "results": [{**eps_pair(e), "robust_acc": acc(by_label.get(eps_label(e)), n)} for e in eps_values
                             if eps_label(e) in by_label],
-                "unreliable": bool(s.get("unreliable"))}
+                "unreliable": bool(s.get("unreliable")),
+                # an ensemble (autoattack, art-autoattack): robust accuracy after each member, as `attack` printed
+                **({"members": [{**eps_pair(e), "member": name, "robust_acc": acc(v, n)} for e in eps_values
+                                for name, v in (s.get("members") or {}).get(eps_label(e), {}).items()]}
+                   if s.get("members") else {})}
     if run["kind"] == "corrupt":
         return {k: acc(s.get(k)) for k in ("clean_acc", "corruption_mean_acc", "corruption_mean_acc_all",
                                            "mce_unnormalized") if s.get(k) is not None}

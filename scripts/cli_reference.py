@@ -19,6 +19,9 @@ the human tables), rounded to what their example count resolves (4 decimals up t
 eps comes as `eps` (a number) and `eps_label` (`8/255` for multiples of 1/255, else the number); attack
 results carry the resolved attack `params` and forward-pass counts (`forward_passes`: every image through
 the model; `attack_forward_passes`: those made by the attack itself). `null` means not measured.
+A run's `result` (`runs`, `show`) is what matters for its kind: for an attack `attack`, `norm`, `clean_acc`,
+`results[]` and `unreliable`, and for an ensemble (`autoattack`, `art-autoattack`) attacked with true labels
+`members[]`, the robust accuracy after each member in turn, as `attack` gave it.
 """
 
 INTRO = """# CLI reference

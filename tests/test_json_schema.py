@@ -155,3 +155,20 @@ def test_autoattack_json_gives_robust_accuracy_after_each_member(store):
         assert [m["member"] for m in doc["members"] if m["eps_label"] == r["eps_label"]] == \
             ["apgd-ce", "apgd-t", "fab-t", "square"]
         assert accs == sorted(accs, reverse=True) and accs[-1] == r["robust_acc"] and accs[0] <= doc["clean_acc"]
+
+
+def test_art_autoattack_members_in_show_and_runs(store):
+    """ART's ensemble: the robust accuracy after each member (apgd-ce, apgd-dlr, deepfool, square) that
+    `attack` printed is kept with the run: in `show` (JSON and text) and `runs --json`, equal to attack's."""
+    root, _, a, _ = store
+    doc = run_json(root, "attack", "-m", a["run_id"], "-a", "art-autoattack", "--eps", "8/255", "--n", 12,
+                   "--steps", 2, "--restarts", 1, "--queries", 3, "--no-checks")
+    assert [m["member"] for m in doc["members"]] == ["apgd-ce", "apgd-dlr", "deepfool", "square"]
+    shown = run_json(root, "show", doc["run_id"])
+    assert shown["run"]["result"]["members"] == doc["members"]
+    listed = run_json(root, "runs")
+    assert next(r for r in listed["runs"] if r["run_id"] == doc["run_id"])["result"]["members"] == doc["members"]
+    text = runner.invoke(app, ["--store", str(root), "show", doc["run_id"]], catch_exceptions=False).stdout
+    line = "8/255: robust % after " + ", then ".join(f"{m['member']} {100 * m['robust_acc']:.2f}"
+                                                    for m in doc["members"])
+    assert line in " ".join(text.split()), text
