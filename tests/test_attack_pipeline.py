@@ -59,7 +59,7 @@ def test_paper_protocol_square_is_arts_on_the_first_images_in_one_batch(store):
     # ART's count: per iteration a prediction on every image, then the loss before and after on those still
     # robust (the paper's "about 3004 calls per batch")
     assert 1000 * 8 < res["attack_forward_passes"] <= 3 * 1001 * 8
-    for kw, why in [({"batch_size": 50}, "--batch-size 50"), ({"params": {"n_queries": 10}}, "max_iter=10"),
+    for kw, why in [({"batch_size": 50}, "--batch-size 50"), ({"params": {"n_queries": 10}}, r"--queries 10 \(max_iter\)"),
                     ({"labels": "true"}, "--labels true")]:
         with pytest.raises(UsageError, match=f"fixes these settings; drop {why}"):
             api.attack(model=store.cnn["run_id"], attack="square", protocol="paper", n=4, store=store, device="cpu",
@@ -81,7 +81,8 @@ def test_paper_protocol_autoattack_is_arts_with_arts_defaults(store):
     assert (attack, labels, select, n, batch_size) == ("art-autoattack", "predicted", "first", 200, 200)
     assert (p["eps_step"], p["apgd_iter"], p["restarts"], p["deepfool_iter"], p["square_iter"],
             p["square_restarts"], p["batch_size"], p["nb_grads"]) == (0.1, 100, 5, 100, 5000, 5, 200, 10)
-    with pytest.raises(UsageError, match="fixes these settings; drop apgd_iter=5"):
+    # named as the user gave it (--steps), with the ART parameter it set
+    with pytest.raises(UsageError, match=r"fixes these settings; drop --steps 5 \(apgd_iter\)"):
         api.attack(model=store.cnn["run_id"], attack="autoattack", protocol="paper", n=4, store=store,
                    device="cpu", params={"steps": 5})
     res = api.attack(model=store.cnn["run_id"], attack="art-autoattack", eps="8/255", n=6, store=store,

@@ -61,9 +61,28 @@ PROTOCOLS = ("epcli", "paper")
 RANKING_ATTACKS = ("apgd-dlr", "apgd-t", "fab-t", "autoattack", "art-autoattack")  # DLR/runner-up: >= 3 classes
 
 
-def _apply_protocol(protocol, attack, labels, select, params, grad_mode, targeted, n=None, batch_size=None):
-    """The paper protocol's settings; an explicit choice that contradicts it is a UsageError.
-    Returns (attack, labels, select, params, n, batch_size)."""
+# the attack parameters the CLI's flags set (cli.attack), to name a refused one as the user gave it
+PARAM_FLAGS = {"steps": "--steps", "step_size": "--step-size", "restarts": "--restarts", "n_queries": "--queries",
+               "random_start": ("--random-start", "--no-random-start"), "clip": ("--clip", "--no-clip")}
+
+
+def _as_given(key: str, value, renamed: dict) -> str:
+    """A parameter as the user set it: its CLI flag (with the ART name it became, when renamed), else key=value."""
+    flag = PARAM_FLAGS.get(renamed.get(key, key))
+    if isinstance(flag, tuple):
+        text = flag[0] if value else flag[1]
+    elif flag:
+        text = f"{flag} {value:g}" if isinstance(value, (int, float)) else f"{flag} {value}"
+    else:
+        return f"{key}={value!r}"
+    return f"{text} ({key})" if key in renamed else text
+
+
+def _apply_protocol(protocol, attack, labels, select, params, grad_mode, targeted, n=None, batch_size=None,
+                    renamed=None):
+    """The paper protocol's settings; an explicit choice that contradicts it is a UsageError, named as the user
+    gave it (renamed: ART parameter -> the CLI parameter it came from). Returns (attack, labels, select, params,
+    n, batch_size)."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {protocol!r}: use 'epcli' or 'paper'")
     if protocol == "epcli":
@@ -74,7 +93,8 @@ def _apply_protocol(protocol, attack, labels, select, params, grad_mode, targete
     p = PAPER_PROTOCOLS[attack]
     clash = ["--select random" if select == "random" else "", "--targeted" if targeted else "",
              f"--labels {labels}" if labels not in (None, p["labels"]) else "",
-             *[f"{k}={v!r}" for k, v in (params or {}).items() if k in p["params"] and v != p["params"][k]],
+             *[_as_given(k, v, renamed or {}) for k, v in (params or {}).items()
+               if k in p["params"] and v != p["params"][k]],
              f"--grad-mode {grad_mode}" if (grad_mode or "").startswith("transfer") else "",
              f"--batch-size {batch_size}" if "batch_size" in p and batch_size not in (None, p["batch_size"])
              else ""]
@@ -247,12 +267,14 @@ def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, pro
         else attack
     # the CLI's budget flags under the names ART's attacks take (ART's Square counts iterations, about 3 model
     # calls each; in AutoAttack --steps and --restarts are APGD's, --queries Square's)
+    renamed = {}
     for flag, name in {"art-square": {"n_queries": "max_iter"},
                        "art-autoattack": {"steps": "apgd_iter", "n_queries": "square_iter"}}.get(art, {}).items():
         if flag in params:
             params[name] = params.pop(flag)
+            renamed[name] = flag
     attack, labels, select, params, n, batch_size = _apply_protocol(protocol, attack, labels, select, params,
-                                                                    grad_mode, targeted, n, batch_size)
+                                                                    grad_mode, targeted, n, batch_size, renamed)
     if norm not in attacks.NORMS_OF[attack]:
         raise UsageError(f"{attack} is an {' / '.join(n.upper() for n in attacks.NORMS_OF[attack])} attack: use "
                          f"--norm {attacks.NORMS_OF[attack][0]}")
