@@ -80,6 +80,8 @@ def trained_store(tmp_path_factory):
 @pytest.mark.parametrize("script, args", [
     ("autoattack_agreement.py", ["--eps", "8/255"]),  # needs pyautoattack
     ("art_agreement.py", ["--eps", "8/255"]),  # needs adversarial-robustness-toolbox
+    ("art_agreement.py", ["--eps", "8/255", "--attack", "square", "--max-iter", "40"]),
+    ("art_agreement.py", ["--eps", "2/255", "--attack", "autoattack", "--max-iter", "20", "--apgd-iter", "5"]),
 ])
 def test_agreement_scripts_run_and_agree_on_a_small_cnn(trained_store, script, args):
     pytest.importorskip("pyautoattack" if script.startswith("autoattack") else "art")
@@ -89,3 +91,5 @@ def test_agreement_scripts_run_and_agree_on_a_small_cnn(trained_store, script, a
     assert out.returncode == 0, out.stderr[-2000:]
     (line,) = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
     assert line["n"] == 16 and line["same_prediction"] == 16, line
+    if "--attack" in args:  # ART's own algorithms, ported: bit for bit
+        assert line["max_abs_pixel_diff"] == 0.0 and line["robust_epcli"] == line["robust_art"], line

@@ -12,7 +12,7 @@ and counts an image as broken only when its prediction left y AND (1 - 1e-4) * |
 
 ART's APGD is not the paper's APGD (apgd.py), and that is kept here on purpose:
 - the first step is eps_step (not 2 eps); the momentum step is always taken; the checkpoints are
-  ceil(p * max_iter) of the fractions 0.22, 0.41, ... computed in floats (0.22 * 100 -> 23);
+  ceil(p * max_iter) of the fractions 0.22, 0.41, ... summed in floats (N = 100: 22, 41, 58, 70, ...);
 - the random start is uniform in the cube (L-inf) or in the ball (L2), added to the current point, clipped and
   projected; an image not broken by a restart keeps that random start, the next restart adds its noise on top,
   and the attack returns it;
