@@ -939,8 +939,16 @@ def compare(
                       (f"{100 * m['diff']:+.2f} pt" if pct else f"{m['diff']:+.4g}"))
         c.print(t)
         return
-    c.print(f"A = {a['run_id']} ({a['model']}, {a['attack']} {a['norm']}, gradients {a['grad_mode']})\n"
-            f"B = {b['run_id']} ({b['model']}, {b['attack']} {b['norm']}, gradients {b['grad_mode']})", highlight=False)
+    from epcli.attacks import BLACK_BOX
+
+    def who(s: dict) -> str:  # as attack's header says it: a black-box attack takes no gradient
+        how = ("black box" if s["attack"] in BLACK_BOX and not (s["grad_mode"] or "").startswith("transfer")
+               else f"gradients {s['grad_mode']}")
+        return f"{s['run_id']} ({s['model']}, {s['attack']} {s['norm']}, {how}, {s['labels']} labels)"
+    c.print(f"A = {who(a)}\nB = {who(b)}", highlight=False)
+    if a["labels"] != b["labels"]:
+        c.print("[yellow]note:[/] the runs scored robustness differently: with predicted labels every image was "
+                "attacked, and a misclassified one pushed onto its true label counts as robust", highlight=False)
     t = Table(title=f"robust accuracy (%) on the test points both attacked ({doc['dataset']}); McNemar: exact, "
                     "two-sided, on the points robust under only one", title_justify="left")
     for col in ("eps", "n", "A", "B", "both", "only A", "only B", "McNemar p"):

@@ -229,7 +229,8 @@ def show(run: dict, metrics: list[dict], checks: list[dict], artifacts: list[dic
 
 def compare_attacks(res: dict) -> dict:
     side = lambda s: {"run_id": res[f"run_{s}"], "model": res[f"model_{s}"], "attack": res[f"attack_{s}"],  # noqa: E731
-                      "norm": res[f"norm_{s}"], "grad_mode": res.get(f"grad_mode_{s}")}
+                      "norm": res[f"norm_{s}"], "grad_mode": res.get(f"grad_mode_{s}"),
+                      "labels": res.get(f"labels_{s}") or "true"}
     rows = [{**eps_pair(r["eps"]), "n": r["n"], "robust_acc_a": acc(r["acc_a"], r["n"]),
              "robust_acc_b": acc(r["acc_b"], r["n"]), "both": r["both"], "only_a": r["only_a"],
              "only_b": r["only_b"], "mcnemar_p": sig(r["mcnemar_p"], 4)} for r in res["rows"]]
@@ -339,8 +340,10 @@ SCHEMAS: dict[str, dict] = {
                                                       "name": _SN, "kind": _S, "size": _I, "path": _S})}}),
     "compare": {"oneOf": [
         _cmd("compare", {"kind": {"const": "attack"}, "dataset": _SN, "split": {"const": "test"},
-                         "a": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S, "grad_mode": _SN}),
-                         "b": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S, "grad_mode": _SN}),
+                         "a": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S, "grad_mode": _SN,
+                                    "labels": {"enum": ["true", "predicted"]}}),
+                         "b": _obj({"run_id": _RUN_ID, "model": _SN, "attack": _S, "norm": _S, "grad_mode": _SN,
+                                    "labels": {"enum": ["true", "predicted"]}}),
                          "rows": {"type": "array", "items": _obj({
                              **_EPS, "n": _I, "robust_acc_a": _ACC, "robust_acc_b": _ACC, "both": _I, "only_a": _I,
                              "only_b": _I, "mcnemar_p": {"type": "number", "minimum": 0, "maximum": 1}})}}),

@@ -172,3 +172,19 @@ def test_art_autoattack_members_in_show_and_runs(store):
     line = "8/255: robust % after " + ", then ".join(f"{m['member']} {100 * m['robust_acc']:.2f}"
                                                     for m in doc["members"])
     assert line in " ".join(text.split()), text
+
+
+def test_compare_names_black_box_and_labels(store):
+    """compare says what each run was: ART's Square is black box (no gradient mode), and a run with predicted
+    labels is named so, with a note that robustness was scored differently; the JSON carries the labels."""
+    root, _, a, _ = store
+    sq = run_json(root, "attack", "-m", a["run_id"], "-a", "art-square", "--n", 12, "--queries", 3, "--no-checks")
+    pg = run_json(root, "attack", "-m", a["run_id"], "--n", 12, "--steps", 1, "--labels", "predicted",
+                  "--no-checks")
+    doc = run_json(root, "compare", sq["run_id"], pg["run_id"])
+    assert (doc["a"]["labels"], doc["b"]["labels"]) == ("true", "predicted")
+    text = " ".join(runner.invoke(app, ["--store", str(root), "compare", sq["run_id"], pg["run_id"]],
+                                  catch_exceptions=False).stdout.split())
+    assert f"A = {sq['run_id']} (cnn-small, art-square linf, black box, true labels)" in text, text
+    assert f"B = {pg['run_id']} (cnn-small, pgd linf, gradients bptt, predicted labels)" in text, text
+    assert "scored robustness differently" in text

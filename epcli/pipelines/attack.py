@@ -762,6 +762,8 @@ def compare(*, store: Store, run_a: str, run_b: str) -> dict:
     return {"run_a": a_run["id"], "run_b": b_run["id"], "model_a": a_run["model"], "model_b": b_run["model"],
             "attack_a": a["attack"], "attack_b": b["attack"], "norm_a": a["norm"], "norm_b": b["norm"],
             "grad_mode_a": a_run["config"].get("grad_mode"), "grad_mode_b": b_run["config"].get("grad_mode"),
+            # what "robust" meant in each run (predicted: a misclassified image pushed onto its label counts)
+            "labels_a": a_run["config"].get("labels") or "true", "labels_b": b_run["config"].get("labels") or "true",
             "dataset": a_run["dataset"], "rows": rows}
 
 
