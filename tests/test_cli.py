@@ -244,13 +244,15 @@ def test_attack_inside_a_batch_reports_progress(mini):
     from epcli.models import create_model
     net = create_model("cnn-small").eval()
     steps = []
-    evaluate(net, mini.test_x[:8], mini.test_y[:8], attack="pgd", norm="linf", eps_list=[2 / 255, 8 / 255],
-             params={"steps": 3}, batch_size=8, keep_adv=0, on_step=steps.append)
+    r = evaluate(net, mini.test_x[:8], mini.test_y[:8], attack="pgd", norm="linf", eps_list=[2 / 255, 8 / 255],
+                 params={"steps": 3}, batch_size=8, keep_adv=0, on_step=steps.append, labels="predicted")
     todo_eps = [s["eps"] for s in steps if s["fraction"] == 0.0]
     ends = [s for s in steps if "robust" in s]
     assert todo_eps == [2 / 255, 8 / 255] and [s["eps"] for s in ends] == [2 / 255, 8 / 255]
     assert all(s["fraction"] == 1.0 and s["hi"] == 8 for s in ends)
     assert all(0 <= s["robust"] <= 8 for s in ends)
+    # the progress line's fwd= and the header's "attack forward passes" are one count (it had the scoring pass)
+    assert sum(s["forward_passes"] for s in ends) == r["attack_forward_passes"] >= 2 * 8 * 3
 
 
 def test_cw_progress_moves_during_its_one_run_on_the_first_eps_line(mini, monkeypatch):
@@ -271,8 +273,9 @@ def test_cw_progress_moves_during_its_one_run_on_the_first_eps_line(mini, monkey
     first_end = next(i for i, s in enumerate(steps) if "robust" in s)
     during = steps[:first_end]
     assert all(s["eps"] == 0.25 for s in during) and sum(s["forward_passes"] > 8 for s in during) >= 3
-    assert ends[0.5]["forward_passes"] == 8  # the scoring pass only
-    assert ends[0.25]["forward_passes"] == r["attack_forward_passes"] + 8
+    # the attack's own passes, as the run's attack_forward_passes counts them (not the pass scoring x_adv)
+    assert ends[0.5]["forward_passes"] == 0
+    assert ends[0.25]["forward_passes"] == r["attack_forward_passes"]
 
 
 def test_redirected_logs_hold_one_line_per_stage_and_epoch(pipeline):

@@ -238,7 +238,10 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         if final_robust is None and t - step["last"] < 0.5:
             return
         step["last"] = t
-        passes = counter.n - step["base"]
+        # at the end, the attack's own passes: not the pass that scores the adversarial images (the attack's
+        # forward-pass count and the progress line then agree)
+        passes = (step["attack_end"] if final_robust is not None and step.get("attack_end") is not None
+                  else counter.n) - step["base"]
         frac = 1.0 if final_robust is not None else min(0.99, passes / max(1, step["todo"] * budget))
         info = {"eps": step["eps"], "lo": step["lo"], "hi": step["hi"], "fraction": frac, "forward_passes": passes}
         if final_robust is not None:
@@ -268,7 +271,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         found = None
         if attack in MIN_NORM and todo.numel():  # one run, read at every eps; its progress is the first eps's
             from epcli.attacks.cw import cw_min_norm
-            step.update(eps=eps_list[0], lo=lo, hi=hi, base=counter.n, todo=int(todo.numel()), last=0.0)
+            step.update(eps=eps_list[0], lo=lo, hi=hi, base=counter.n, todo=int(todo.numel()), last=0.0,
+                        attack_end=None)
             beat()
             before = counter.n
             with _gradient_mode(attacker, mode):
@@ -279,7 +283,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         for e in eps_list:
             xa = xb.clone()
             if not (found is not None and e == eps_list[0]):  # (the min-norm run is already on that line)
-                step.update(eps=e, lo=lo, hi=hi, base=counter.n, todo=int(todo.numel()), last=0.0)
+                step.update(eps=e, lo=lo, hi=hi, base=counter.n, todo=int(todo.numel()), last=0.0, attack_end=None)
                 beat()
             if todo.numel() and found is not None:
                 from epcli.attacks.cw import cw_at_eps
@@ -297,6 +301,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
                     xa[todo] = fn(attacker, xb[todo].to(attacker_dtype), ref[todo], eps=e, norm=norm,
                                   targeted=bool(targeted), generator=gens[e], **resolved, **extra).detach().to(dtype)
                 attack_passes += counter.n - before
+            step["attack_end"] = counter.n
             with eval_mode(model), torch.no_grad():
                 pa = model(xa).argmax(1)
             r = getattr(model, "last_residual", None)
