@@ -42,12 +42,13 @@ epcli attack --model "$RUN" --eps 2/255,8/255 --n 500 --json | jq -c '.results[]
 **Progress.** Every stage (loading, each attack and eps, each check, saving; each training epoch and the whole
 training) is a named task. On a terminal it shows a bar with count, elapsed time and ETA, refreshed a few
 times a second, also inside a long attack batch (counted by the attack's forward passes). When stderr is a
-file or a pipe there are no bars: one plain line per finished stage or epoch, with its metrics, never cut:
+file or a pipe there are no bars: one plain line per finished stage or epoch, with its metrics, never cut
+(an attack's `fwd`: the images its own forward passes took, the count its result gives as `attack_forward_passes`):
 
 ```
 load  1/1  0.0s  model=cnn-small  dataset=cifar10-mini  images=300
-pgd 2/255  300/300  2.9s  robust_acc=0.2333  fwd=3060
-pgd 8/255  300/300  3.2s  robust_acc=0.01333  fwd=3060
+pgd 2/255  300/300  2.9s  robust_acc=0.2333  fwd=2760
+pgd 8/255  300/300  3.2s  robust_acc=0.01333  fwd=2760
 check strength 2/255  100/100  1.8s  base=0.22  strong=0.22  passed=yes
 checks  1/1  1.8s  passed=2  failed=0
 save  1/1  0.0s  run_id=01m8mmdrjnd72163
