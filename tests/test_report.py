@@ -1006,3 +1006,21 @@ def test_art_autoattack_beside_the_paper_names_its_budgets(tmp_path):
             "default 5", "AutoAttack: Square iterations 20, paper ART's default 5000"} <= set(weak), weak
     assert not any("DeepFool" in r for r in weak)
     store.close()
+
+
+def test_square_batch_difference_counts_the_chunk(tmp_path):
+    """ART's Square shares its windows across a batch: a run on the paper's 200 first images whose --chunk (or
+    --batch-size) split them is said to differ in batch, even when --batch-size was left to its default."""
+    store = Store(tmp_path / "s")
+    ep, ck = _train(store, "ep-cnn", {"label": "EP", "T": 250}, [0.87], dataset="cifar10")
+    ep_b, ck_b = _train(store, "ep-cnn", {"label": "EP", "T": 250}, [0.87], dataset="cifar10", seed=1)
+    cfg = {"labels": "predicted", "select": "first", "n_examples": 200,
+           "params": {"max_iter": 1000, "scores": "softmax", "restarts": 1}}
+    _attack(store, ep, ck, "ep-cnn", "art-square", "linf", {8 / 255: 0.45}, n=200, dataset="cifar10",
+            config={**cfg, "batch_size": None, "chunk": 200})
+    _attack(store, ep_b, ck_b, "ep-cnn", "art-square", "linf", {8 / 255: 0.40}, n=200, dataset="cifar10",
+            config={**cfg, "batch_size": None, "chunk": 50})
+    comp = {c.run_id: c for c in report.collect(store).comparisons if c.what == "Square (ART) L∞ 8/255"}
+    assert comp[ep].not_compared is None and not any("batch" in r for r in comp[ep].reasons), comp[ep].reasons
+    assert any(r.startswith("batch: 50, paper 200") for r in comp[ep_b].reasons), comp[ep_b].reasons
+    store.close()

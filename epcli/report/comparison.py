@@ -136,7 +136,11 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
                 if params.get(key) not in (None, theirs):
                     reasons.append(f"AutoAttack: {what} {params[key]:g}, paper ART's default {theirs:g}")
         if attack in ("square", "autoattack"):
-            bs = cfg.get("batch_size")
+            # the batch the attack saw: a chunk (recorded even when --batch-size was left to its default) or the
+            # whole set can be smaller than --batch-size
+            sizes = [v for v in (cfg.get("batch_size"), cfg.get("chunk"), cfg.get("n_examples"))
+                     if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+            bs = min(sizes) if sizes else None
             if bs not in (None, 200):
                 reasons.append(f"batch: {bs}, paper 200 (Square's windows are shared by a batch)")
             if params.get("eps_step") not in (None, 0.1):
