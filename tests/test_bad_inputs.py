@@ -339,6 +339,8 @@ CASES = [
     (T + ["--model-set", "num_classes=5"], 2, "the number of classes comes from the dataset"),
     (["train", "--model", "vit", "--model-set", "patch_size=0"], 2, "model 'vit': bad option value"),
     (A + ["-a", "cw", "--norm", "linf"], 2, "cw is an L2 attack: use --norm l2"),
+    (["attack", "-m", "RUN", "-a", "art-square", "--grad-mode", "truncated:5"], 2,
+     "--grad-mode truncated:5 does nothing for art-square: a black-box attack only queries the model"),
     (A[:-2] + ["--protocol", "paper", "--labels", "true"], 2, "--protocol paper fixes these settings; drop --labels"),
     (["attack", "-m", "RUN", "--protocol", "paper", "-a", "autoattack", "--steps", "3", "--queries", "20"], 2,
      "--protocol paper fixes these settings; drop --steps 3 (apgd_iter), --queries 20 (square_iter)"),

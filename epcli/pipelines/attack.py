@@ -314,6 +314,9 @@ def _attacked_model(store, model, dataset, device, *, attack, protocol, grad_mod
             raise UsageError(f"the transfer surrogate {surrogate.spec.get('name')} has "
                              f"{surrogate.spec.get('num_classes')} classes, the attacked model "
                              f"{net.spec.get('num_classes')}")
+    elif grad_mode != "bptt" and attack in attacks.BLACK_BOX:  # it would be recorded, yet change nothing
+        raise UsageError(f"--grad-mode {grad_mode} does nothing for {attack}: a black-box attack only queries the "
+                         "model (transfer:<model> queries a surrogate instead)")
     elif grad_mode != "bptt" and not hasattr(net, "grad_mode"):
         raise UsageError(f"gradient mode {grad_mode!r} applies to relaxation models only; "
                          f"{net.spec['name']} supports bptt (plain backprop) and transfer:<model>")
