@@ -743,6 +743,12 @@ def _result_text(run: dict) -> str:
         cfg = run.get("config") or {}
         robust = s.get("robust_acc") or {}
         text = f"{cfg.get('attack', '')} {cfg.get('norm', '')}"
+        # what robust means differs with these: said beside the numbers, as attack's header says it
+        how = ["protocol paper" if cfg.get("protocol") == "paper" else
+               ("predicted labels" if cfg.get("labels") == "predicted" else ""), "targeted" if cfg.get("targeted")
+               else ""]
+        if any(how):
+            text += f" ({', '.join(h for h in how if h)})"
         if s:
             text += " robust " + ", ".join(f"{e} {_pct(a)}%" for e, a in robust.items()) + \
                 f" (clean {_pct(s.get('clean_acc'))}%)" + (" UNRELIABLE" if s.get("unreliable") else "")

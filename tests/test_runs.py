@@ -261,3 +261,26 @@ def test_a_file_where_the_report_folder_goes(tmp_path):
         assert r.exit_code == 2 and r.stderr == f"error: the report folder {s.root / 'reports'} is a file; give a " \
             "folder for the report and its figures\n", (args, r.output)
     assert [r["kind"] for r in s.find_runs(kind="report")] == ["report"]  # build()'s own: no report run added
+
+
+def test_runs_line_says_how_an_attack_scored_robustness(tmp_path):
+    """The same attack with predicted labels (every image attacked; a misclassified one pushed onto its label
+    counts), under the paper's protocol or targeted gives numbers that mean something else: the line says so."""
+    s = Store(tmp_path / "s")
+    kinds = {"true": {"labels": "true"}, "pred": {"labels": "predicted"},
+             "paper": {"labels": "predicted", "protocol": "paper"}, "tgt": {"labels": "true", "targeted": True}}
+    ids = {}
+    for k, extra in kinds.items():
+        with s.run("attack", {"attack": "art-square", "norm": "linf", "eps": [8 / 255], **extra}, model="cnn") as a:
+            s.update_run(a, summary={"robust_acc": {"8/255": 0.25}, "clean_acc": 0.5})
+        ids[k] = a
+    out = cli(s, "runs", "--json").stdout
+    assert len(json.loads(out)["runs"]) == 4
+    lines = {k: next(ln for ln in runner.invoke(app, ["--store", str(s.root), "runs"], catch_exceptions=False,
+                                                env={"COLUMNS": "200"}).stdout.splitlines() if ln.startswith(a))
+             for k, a in ids.items()}
+    assert "art-square linf robust 8/255 25.00% (clean 50.00%)" in lines["true"]
+    assert "art-square linf (predicted labels) robust 8/255" in lines["pred"]
+    assert "art-square linf (protocol paper) robust 8/255" in lines["paper"]
+    assert "art-square linf (targeted) robust 8/255" in lines["tgt"]
+    s.close()
