@@ -374,15 +374,17 @@ def attack(
                                           "batches of 200.")] = "epcli",
     grad_mode: Annotated[Optional[str], typer.Option(
         help="Gradients through a relaxation: bptt (exact; the default), truncated:K (K >= T: all T steps), "
-             "implicit, ep, or transfer:<model>. --protocol paper on EP models: truncated:70.")] = None,
+             "implicit, ep, or transfer:<model>. --protocol paper on EP models: truncated:70. Black-box "
+             "square, art-square: bptt or transfer only.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Attack iterations (PGD/APGD/C&W; art-autoattack: its "
                                                  "APGD's).")] = None,
     step_size: Annotated[Optional[float], typer.Option(help="PGD step size (default 2.5*eps/steps).")] = None,
-    restarts: Annotated[Optional[int], typer.Option(help="Random restarts.")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Random restarts (art-autoattack: its APGD's; its "
+                                                    "Square keeps ART's 5).")] = None,
     random_start: Annotated[Optional[bool], typer.Option(help="PGD random start.")] = None,
-    queries: Annotated[Optional[int], typer.Option(help="Square: query budget (art-square, and art-autoattack's "
+    queries: Annotated[Optional[int], typer.Option(help="Square: query budget. art-square and art-autoattack's "
                                                    "Square: ART's max_iter, iterations of about 3 model calls "
-                                                   "each).")] = None,
+                                                   "each, not queries.")] = None,
     targeted: Annotated[bool, typer.Option(help="Targeted variant (fgsm, pgd, cw, apgd-ce, apgd-dlr, square): a "
                                            "seeded random target class per image; robust accuracy is still "
                                            "against the true labels, and the target hit rate is recorded.")] = False,
