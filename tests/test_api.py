@@ -195,3 +195,20 @@ def test_bench_ties_measures_the_relaxation_against_a_baseline(store, capsys):
     assert jump["steps"] == 10 and len(jump["state_change_after_10_steps"]) == 2  # ep-cnn-tiny: two conv layers
     assert set(jump["difference_quotients"]) == {"0.0001", "1e-06", "1e-08"} and math.isfinite(jump["autograd_slope"])
     assert jump["pixel_range"][0] >= 0 and jump["pixel_range"][1] <= 255 and jump["dataset"] == noise["dataset"]
+
+
+def test_white_vs_black_pairs_runs_of_one_classifier(store):
+    """The cross-run check sets ART's Square (black box) against a stored PGD only on the same classifier: an
+    EP-CNN relaxed for other steps (--T) predicts otherwise, so those runs are not paired."""
+    kw = dict(model=store.ep["run_id"], eps="8/255", n=12, store=store, device="cpu")
+    pgd = api.attack(**kw, T=6, params={"steps": 1}, strength=False)
+    other_T = api.attack(**kw, T=9, attack="art-square", params={"n_queries": 2})
+    same_T = api.attack(**kw, T=6, attack="art-square", params={"n_queries": 2})
+    paired = lambda r: [c["detail"] for c in r["checks"] if c["check"] == "white-vs-black"  # noqa: E731
+                        and pgd["run_id"] in c["detail"]]
+    assert paired(other_T) == [] and len(paired(same_T)) == 1
+    # nor on another test set: the same indices name other images
+    kw = dict(model=store.cnn["run_id"], eps="8/255", n=12, store=store, device="cpu")
+    mini = api.attack(**kw, dataset="cifar10-mini", params={"steps": 1}, strength=False)
+    sq = api.attack(**kw, attack="art-square", params={"n_queries": 2})
+    assert not any(mini["run_id"] in c["detail"] for c in sq["checks"]), sq["checks"]

@@ -203,7 +203,8 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
                 flags.append(_strength(attacks, net, x, y, res, norm, eps_list, params, seed, device, grad_mode,
                                        surrogate, batch_size, labels, progress))
             if labels == "true" and not targeted:  # robust means the same thing as in the stored runs
-                flags += _cross_run_checks(store, run_id, train_run.get("id"), attack, norm, idx, y, res)
+                flags += _cross_run_checks(store, run_id, train_run.get("id"), attack, norm, idx, y, res,
+                                           T=T_main, dataset=ds.name)
             if sweep:
                 flags.append(_unroll_check(results, grad_mode, eps_list, len(y)))
             progress("checks", 1, 1, {"passed": sum(bool(f["passed"]) for f in flags), "failed":
@@ -606,8 +607,11 @@ def _stored_outcomes(store: Store, run: dict, required: bool = False) -> dict | 
 
 
 def _cross_run_checks(store: Store, run_id: str, model_run_id: str | None, attack: str, norm: str, idx, y,
-                      res: dict) -> list[dict]:
+                      res: dict, T: int | None = None, dataset: str | None = None) -> list[dict]:
     """White-box vs black-box on the same points, against the stored runs of the same model.
+
+    Same points means the same test set (`dataset`: indices of another set name other images) and the same
+    classifier (`T`: an EP-CNN relaxed for other steps predicts otherwise).
 
     Every other stored white-box run of the model (same norm) is used to tell a weak white-box attack from
     gradient masking (checks.white_vs_black). When the black-box result beats a stored white-box one, the
@@ -627,6 +631,8 @@ def _cross_run_checks(store: Store, run_id: str, model_run_id: str | None, attac
             continue
         if cfg.get("labels", "true") != "true" or cfg.get("targeted"):
             continue  # robust means something else there
+        if cfg.get("T") != T or (dataset is not None and cfg.get("dataset", dataset) != dataset):
+            continue  # another classifier, or other images under the same indices
         o = _stored_outcomes(store, other)
         if o is not None:
             stored.append(o)
