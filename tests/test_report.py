@@ -1024,3 +1024,33 @@ def test_square_batch_difference_counts_the_chunk(tmp_path):
     assert comp[ep].not_compared is None and not any("batch" in r for r in comp[ep].reasons), comp[ep].reasons
     assert any(r.startswith("batch: 50, paper 200") for r in comp[ep_b].reasons), comp[ep_b].reasons
     store.close()
+
+
+def test_worst_case_joins_only_results_of_one_classifier(tmp_path):
+    """An EP-CNN attacked at another relaxation length T is another classifier: its result on the same images
+    does not join the cell's (or the worst case over attacks'); a result at the same T does."""
+    store = Store(tmp_path / "s")
+    m, ck = _train(store, "ep-cnn-small", {"label": "EP"}, [0.8])
+    e = 8 / 255
+    # a (T=250) is the strongest PGD result, so the cells rest on it; b (T=20) would lower them (AND: 25%)
+    flags = {"a": np.array([1, 1, 0, 0], dtype=bool), "b": np.array([0, 1, 1, 1], dtype=bool),
+             "c": np.array([1, 0, 1, 1], dtype=bool)}
+    runs = {}
+    for i, (name, attack, T) in enumerate([("a", "pgd", 250), ("b", "pgd", 20), ("c", "art-square", 250)]):
+        rid = store.start_run("attack", {"attack": attack, "norm": "linf", "eps": [e], "T": T}, model="ep-cnn-small",
+                              dataset="cifar10-mini", model_run_id=m)
+        store.link(rid, ck, "input", "checkpoint")
+        store.log_metrics(rid, [{"name": "robust_acc", "value": float(flags[name].mean()), "attack": attack,
+                                 "norm": "linf", "eps": e, "grad_mode": "bptt", "n_examples": 4,
+                                 "detail": {"T": T}}])
+        _adv_artifact(store, rid, [e], i, index=(3, 5, 7, 9), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
+                      robust={e: flags[name]})
+        store.finish_run(rid, "finished", summary={})
+        runs[name] = rid
+    cells = report.collect(store).rows[0].cells
+    pgd = cells["pgd:linf:8/255"]
+    assert pgd.n_results == 1 and pgd.value == 50.0 and pgd.run_id == runs["a"]  # not a AND b (25%)
+    worst = cells["worst:linf:8/255"]
+    assert {w.split()[0] for w in worst.worst_of} == {runs["a"], runs["c"]}
+    assert worst.value == pytest.approx(100 * (flags["a"] & flags["c"]).mean())
+    store.close()

@@ -135,11 +135,14 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
     b = outcome(base) if len(ms) > 1 else None
     if b is not None:
         robust = b[1].copy()
+        base_T = _detail(base["detail"]).get("T") if base["detail"] else None
         for m in ms:
             if m is base:
                 continue
             o = outcome(m)
-            if o is not None and len(o[0]) == len(b[0]) and np.array_equal(o[0], b[0]):
+            # the same images and the same classifier: an EP-CNN relaxed for other steps T predicts otherwise
+            if o is not None and len(o[0]) == len(b[0]) and np.array_equal(o[0], b[0]) and \
+                    (_detail(m["detail"]).get("T") if m["detail"] else None) == base_T:
                 robust &= o[1]
                 members.append(m)
         if len(members) > 1:
