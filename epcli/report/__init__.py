@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from epcli.report.charts import FIGURE_KINDS, figures
 from epcli.report.comparison import (
+    ART_AUTOATTACK_BUDGET,
     MIN_N,
     PAPER_DATASETS,
     PAPER_EP_CHANNELS,
@@ -61,6 +62,7 @@ from epcli.report.datamodel import (
     ACC_METRICS,
     ATTACK_NAMES,
     ATTACK_ORDER,
+    BLACK_BOX,
     HEADLINE_ATTACKS,
     NORM_NAMES,
     PAPER_ATTACK_OF,
@@ -73,6 +75,7 @@ from epcli.report.datamodel import (
     ReportData,
     Row,
     eps_label,
+    result_grad_mode,
 )
 from epcli.report.formats import FORMATS, render
 from epcli.report.html_page import html_report
@@ -105,9 +108,10 @@ __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell
            "figures", "flatten_config", "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable",
            "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files", "robustbench_id",
            "robustbench_json",
-           "to_dict", "training_curves", "training_diff", "training_history", "write_robustbench",
+           "result_grad_mode", "to_dict", "training_curves", "training_diff", "training_history", "write_robustbench",
            # constants callers read (tests, bench, the corrupt and report pipelines)
-           "ACC_METRICS", "ADVERSARIAL_MODELS", "ATTACK_NAMES", "ATTACK_ORDER", "BENCHMARK_CORRUPTIONS",
+           "ACC_METRICS", "ADVERSARIAL_MODELS", "ART_AUTOATTACK_BUDGET", "ATTACK_NAMES", "ATTACK_ORDER",
+           "BENCHMARK_CORRUPTIONS", "BLACK_BOX",
            "CURVE_METRICS", "EXTRA_CORRUPTIONS", "FIGURE_KINDS", "FIGURE_MODELS", "HEADLINE_ATTACKS",
            "METRIC_COLUMNS", "MIN_N", "NORM_NAMES", "PAPER_ATTACK_OF", "PAPER_AUTHORS", "PAPER_DATASETS", "PAPER_EP_CHANNELS",
            "PAPER_EPOCHS", "PAPER_LINK", "PAPER_REGISTRY", "ROBUSTBENCH_DATASETS", "ROBUSTBENCH_EPS", "SEVERITIES",
