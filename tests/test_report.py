@@ -341,6 +341,11 @@ def test_robustbench_nothing_qualifies(tmp_path):
     _attack(store, rid, ck, "cnn", "autoattack", "linf", {4 / 255: 0.2})  # not RobustBench's eps
     with pytest.raises(NotFoundError, match="nothing to export for RobustBench.*cnn: no AutoAttack result at L∞ 8/255"):
         report.robustbench_json(report.collect(store))
+    # ART's ensemble at RobustBench's eps is not RobustBench's AutoAttack: the message says why it does not count
+    _attack(store, rid, ck, "cnn", "art-autoattack", "linf", {8 / 255: 0.1})
+    with pytest.raises(NotFoundError, match=r"cnn: no AutoAttack result at L∞ 8/255 or L2 0.5 \(AutoAttack \(ART\) "
+                                            r"is ART's ensemble, not RobustBench's standard one: -a autoattack\)"):
+        report.robustbench_json(report.collect(store))
     store.close()
 
 

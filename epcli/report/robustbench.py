@@ -100,6 +100,8 @@ def robustbench_files(data: ReportData) -> tuple[dict[str, dict], list[str]]:
                 "corruptions_acc": _fmt(corr["mean"]), "footnote": ". ".join(n for n in notes if n) + "."}
         if not found:
             why = "no AutoAttack result at L∞ 8/255 or L2 0.5"
+            if any(c.attack == "art-autoattack" and c.key in row.cells for c in data.columns):
+                why += " (AutoAttack (ART) is ART's ensemble, not RobustBench's standard one: -a autoattack)"
             if corr.get("mean") is not None:
                 why += f", corruptions only a {corr.get('mean_label')}"
             skipped.append(f"{name}: {why}")
