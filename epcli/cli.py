@@ -458,7 +458,7 @@ def attack(
         # title and caption as lines of their own: a table's title wraps to the (narrow) table's width
         err.print(_escape(f"{res['attack']} {norm}, {res['model']}, {res['n_examples']} test images of "
                           f"{res.get('dataset')}, "
-                          f"{'black box' if res['attack'] in BLACK_BOX else 'grad ' + res['grad_mode']}, "
+                          f"{_how_attacked(res['attack'], res['grad_mode'], BLACK_BOX)}, "
                           f"{res['labels']} labels{', protocol paper' if res['protocol'] == 'paper' else ''}, "
                           f"run {res['run_id']}, {out['attack_forward_passes'] or 0:,} attack forward passes"),
                   highlight=False)
@@ -563,6 +563,14 @@ def corrupt(
           f"{_pct(res.get('corruption_mean_acc'))}% (mCE unnormalised {_pct(res.get('mce_unnormalized'))}%); "
           f"mean of all 19 x 5: {all19} (run {res['run_id']})")
     _emit(schema.corrupt(res), as_json)
+
+
+def _how_attacked(attack: str, grad_mode: str, black_box) -> str:
+    """How an attack saw the model: a black-box one only queries it (or a transfer surrogate), others take
+    gradients in a mode."""
+    if attack in black_box:
+        return f"black box on {grad_mode}" if grad_mode.startswith("transfer") else "black box"
+    return f"grad {grad_mode}"
 
 
 def _pct(v) -> str:
@@ -950,8 +958,7 @@ def compare(
     from epcli.attacks import BLACK_BOX
 
     def who(s: dict) -> str:  # as attack's header says it: a black-box attack takes no gradient
-        how = ("black box" if s["attack"] in BLACK_BOX and not (s["grad_mode"] or "").startswith("transfer")
-               else f"gradients {s['grad_mode']}")
+        how = _how_attacked(s["attack"], s["grad_mode"] or "bptt", BLACK_BOX).replace("grad ", "gradients ")
         return f"{s['run_id']} ({s['model']}, {s['attack']} {s['norm']}, {how}, {s['labels']} labels)"
     c.print(f"A = {who(a)}\nB = {who(b)}", highlight=False)
     if a["labels"] != b["labels"]:

@@ -188,3 +188,19 @@ def test_compare_names_black_box_and_labels(store):
     assert f"A = {sq['run_id']} (cnn-small, art-square linf, black box, true labels)" in text, text
     assert f"B = {pg['run_id']} (cnn-small, pgd linf, gradients bptt, predicted labels)" in text, text
     assert "scored robustness differently" in text
+
+
+def test_attack_header_says_how_the_attack_saw_the_model(store):
+    """The attack's header line: ART's Square is black box (no gradient mode), on a transfer surrogate it says
+    so; a white-box attack names its gradient mode."""
+    root, _, a, b = store
+    heads = {}
+    for name, extra in {"sq": ["-a", "art-square", "--queries", 2], "tr": ["-a", "art-square", "--queries", 2,
+                        "--grad-mode", f"transfer:{b['run_id']}"], "pgd": ["--steps", 1]}.items():
+        r = runner.invoke(app, ["--store", str(root), "attack", "-m", a["run_id"], "--n", 8, "--no-checks",
+                                *map(str, extra)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        heads[name] = " ".join(r.stderr.split())
+    assert "art-square linf, cnn-small, 8 test images of imgs, black box, true labels" in heads["sq"], heads["sq"]
+    assert f"black box on transfer:{b['run_id']}, true labels" in heads["tr"], heads["tr"]
+    assert "grad bptt, true labels" in heads["pgd"], heads["pgd"]
