@@ -365,7 +365,9 @@ def attack(
     n: Annotated[Optional[int], typer.Option("--n", help="Attack n test images: a seeded random subset, or the "
                                              "first n with --select first (default: the whole test split).")] = None,
     select: Annotated[Optional[str], typer.Option(help="Which n test images: random (seeded, the default) or "
-                                                  "first (the paper's first-N).")] = None,
+                                                  "first (the paper's first-N; a set stored class by class, "
+                                                  "such as an ImageFolder copy, one class after another).")
+                      ] = None,
     protocol: Annotated[str, typer.Option(help="epcli (defaults below) or paper: Mansingh et al.'s ART protocol "
                                           "for -a pgd (predicted labels, no clipping, 20 steps of 2.5*eps/20, no "
                                           "random start, the first n images; EP: truncated:70 gradient, T=250), "
@@ -465,14 +467,21 @@ def attack(
         t = Table()
         t.add_column("eps", no_wrap=True)
         t.add_column("robust %", justify="right", no_wrap=True)
+        errors = res.get("robust_from_clean_errors")
+        if errors:  # predicted labels: robust includes misclassified images the attack moved onto their label
+            t.add_column("of which clean errors %", justify="right", no_wrap=True)
         for gm in sweep:
             t.add_column(gm, justify="right")
-        t.add_row("clean", _pct(res["clean_acc"]), *["" for _ in sweep])
+        t.add_row("clean", _pct(res["clean_acc"]), *([""] if errors else []), *["" for _ in sweep])
         for r in out["results"]:
             e = r["eps_label"]
             t.add_row(e, _pct(r["robust_acc"]) + (" !" if res["unreliable"] else ""),
+                      *([_pct(r["from_clean_errors"])] if errors else []),
                       *[_pct(accs.get(e)) for accs in sweep.values()])
         err.print(t)
+        if errors:
+            err.print("of which clean errors: images misclassified clean that the attack moved onto their true "
+                      "label (predicted labels, the paper's protocol, count them as robust)", highlight=False)
         for e, accs in (res.get("members") or {}).items():  # AutoAttack, as the official code logs it
             err.print(_escape(f"{e}: robust % after " + ", then ".join(f"{m} {_pct(v)}" for m, v in accs.items())),
                       highlight=False)

@@ -145,6 +145,20 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0):
     return x[idx], y[idx], idx
 
 
+def first_order(y: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The order "the first n test images" are taken in, and its name. A set whose labels come sorted by class
+    (an ImageFolder copy, such as the JPEG CIFAR-10 here: test/airplane/0000.jpg, ...) has no order of its own
+    beyond its classes, and its first 200 images would be 200 airplanes; there the classes are interleaved
+    (the first image of every class, then the second, ...), so the first n cover the classes evenly, as the
+    first images of CIFAR-10's official test order do. Any other set keeps its own order ("dataset")."""
+    n = len(y)
+    if n < 2 or int(y.unique().numel()) < 2 or not bool((y[1:] >= y[:-1]).all()):
+        return torch.arange(n), "dataset"
+    start = torch.searchsorted(y, y, right=False)  # each image's rank within its class: i - first index of it
+    rank = torch.arange(n) - start
+    return torch.argsort(rank * (int(y.max()) + 1) + y, stable=True), "class-interleaved"
+
+
 # --- decoding -------------------------------------------------------------------------------------------
 
 def _decode(data: bytes, where: str) -> np.ndarray:

@@ -80,7 +80,9 @@ def attack(res: dict) -> dict:
     eps_values = res.get("eps") or []
     by_label = res.get("robust_acc") or {}
     from epcli.pipelines.common import eps_label
-    results = [{**eps_pair(e), "robust_acc": acc(by_label.get(eps_label(e)), n)} for e in eps_values]
+    errors = res.get("robust_from_clean_errors") or {}
+    results = [{**eps_pair(e), "robust_acc": acc(by_label.get(eps_label(e)), n),
+                "from_clean_errors": acc(errors.get(eps_label(e)), n) if errors else None} for e in eps_values]
     sweep = [{"grad_mode": gm, **eps_pair(e), "robust_acc": acc(accs.get(eps_label(e)), n)}
              for gm, accs in (res.get("unroll_sweep") or {}).items() for e in eps_values]
     return {"command": "attack", "run_id": res["run_id"], "model": res["model"],
@@ -294,7 +296,7 @@ SCHEMAS: dict[str, dict] = {
         "attack": _S, "norm": {"enum": ["linf", "l2"]},
         "grad_mode": _S, "labels": {"enum": ["true", "predicted"]}, "params": {"type": "object"},
         "n_examples": _I, "clean_acc": _ACC,
-        "results": {"type": "array", "items": _obj({**_EPS, "robust_acc": _ACC})},
+        "results": {"type": "array", "items": _obj({**_EPS, "robust_acc": _ACC, "from_clean_errors": _ACCN})},
         "unroll_sweep": {"type": "array", "items": _obj({"grad_mode": _S, **_EPS, "robust_acc": _ACC})},
         "forward_passes": _IN, "attack_forward_passes": _IN, "unreliable": _B, "reason": _S,
         "checks": {"type": "array", "items": _CHECK}, "notes": {"type": "array", "items": _S}, "seconds": _NN,

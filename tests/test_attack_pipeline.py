@@ -37,7 +37,10 @@ def test_paper_protocol_on_an_ep_cnn(store):
     p = run["config"]["params"]
     assert (p["clip"], p["random_start"], p["steps"], p["restarts"], p["step_size"]) == (False, False, 20, 1, None)
     t = _outcome(store, res["run_id"])
-    assert t["index"].tolist() == list(range(12))  # the first 12 test images
+    # the first 12 test images: these files are sorted by class (10 per class), so one of each class in turn
+    assert t["index"].tolist() == [0, 1, 10, 11, 20, 30, 40, 50, 60, 70, 80, 90]
+    assert sorted(t["label"].tolist()) == [0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert run["config"]["first_order"] == "class-interleaved"
     assert "attack_label" in t  # the labels the attack used: the clean predictions
     with pytest.raises(UsageError, match="covers the attacks the paper ran: pgd, square and autoattack"):
         api.attack(model=store.ep["run_id"], protocol="paper", attack="apgd-ce", n=4, store=store, device="cpu")
@@ -55,7 +58,14 @@ def test_paper_protocol_square_is_arts_on_the_first_images_in_one_batch(store):
     assert cfg["batch_size"] == 200 and cfg["attack"] == "art-square"
     assert {k: cfg["params"][k] for k in ("max_iter", "scores", "restarts", "p_init")} == \
         {"max_iter": 1000, "scores": "softmax", "restarts": 1, "p_init": 0.8}
-    assert _outcome(store, res["run_id"])["index"].tolist() == list(range(8))
+    t = _outcome(store, res["run_id"])
+    assert t["index"].tolist() == [0, 10, 20, 30, 40, 50, 60, 70]  # the first image of 8 classes
+    # predicted labels: robust counts misclassified images moved onto their true label; the run says how many
+    (robust,) = [v.bool() for k, v in t.items() if k.startswith("robust_")]
+    wrong = ~t["clean_correct"].bool()
+    assert wrong.any()  # the small model gets some of the first 8 wrong: the split is tested
+    assert res["robust_from_clean_errors"] == {"8/255": pytest.approx(float((robust & wrong).float().mean()))}
+    assert res["robust_acc"]["8/255"] == pytest.approx(float(robust.float().mean()))
     # ART's count: per iteration a prediction on every image, then the loss before and after on those still
     # robust (the paper's "about 3004 calls per batch")
     assert 1000 * 8 < res["attack_forward_passes"] <= 3 * 1001 * 8

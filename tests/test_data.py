@@ -186,3 +186,17 @@ def test_a_failed_cache_write_is_not_an_error_and_leaves_nothing(tmp_path, monke
     d = load_dataset("cifar10", data_dir=tmp_path, cache_dir=cache, download=False)
     assert d.train_x.shape[0] == 50
     assert os.listdir(cache) == []  # neither this process's partial file nor the dead one's
+
+
+def test_first_order_interleaves_a_class_sorted_set_and_keeps_any_other_order():
+    """"The first n test images" of a set stored class by class (ImageFolder: test/airplane/0000.jpg ...) would
+    be one class; they are taken one class after another instead. A set in its own order keeps it."""
+    from epcli.data import first_order
+    y = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    order, name = first_order(y)
+    assert name == "class-interleaved" and sorted(order.tolist()) == list(range(12))
+    assert y[order].tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 2, 0]
+    assert order[:3].tolist() == [0, 5, 8] and order[3:6].tolist() == [1, 6, 9]  # within a class: file order
+    official = torch.tensor([3, 8, 8, 0, 6, 6, 1, 6, 3, 1])  # CIFAR-10's first test labels: not sorted
+    assert first_order(official)[1] == "dataset" and first_order(official)[0].tolist() == list(range(10))
+    assert first_order(torch.tensor([4, 4, 4]))[1] == "dataset"  # one class: nothing to interleave

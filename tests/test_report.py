@@ -434,6 +434,9 @@ def test_comparability_rule(tmp_path):
     _attack(store, ep_b, ck_b, "ep-cnn", "art-square", "linf", {8 / 255: 0.40}, n=200, dataset="cifar10",
             config={**paper_cfg, "batch_size": 50, "select": "random",
                     "params": {"max_iter": 300, "scores": "logits", "restarts": 1}})
+    _attack(store, ep_c, ck_c, "ep-cnn", "art-square", "l2", {1.0: 0.40}, n=200, dataset="cifar10",
+            config={**paper_cfg, "first_order": "class-interleaved",
+                    "params": {"max_iter": 1000, "scores": "softmax", "restarts": 1}})
     # a --protocol paper PGD does not clip: no clipping difference is listed beside it
     _attack(store, ep_c, ck_c, "ep-cnn", "pgd", "l2", {0.486219: 0.40}, grad_mode="truncated:70", n=10000,
             dataset="cifar10", config={**paper_cfg, "params": {"clip": False}})
@@ -448,6 +451,8 @@ def test_comparability_rule(tmp_path):
     assert "Square: 300 iterations, paper 1000" in off and "Square: margin of the logits, paper of the softmax" in off
     assert any(r.startswith("batch: 50, paper 200") for r in off)
     assert "images: a random subset, paper the first 200 test images" in off
+    interleaved = comp[(ep_c, "Square (ART) L2 1")].reasons
+    assert any(r.startswith("images: the first of each class in turn") for r in interleaved), interleaved
     (unclipped,) = [c for (r, w), c in comp.items() if r == ep_c and w.startswith("PGD L2")]
     assert unclipped.not_compared is None and not any("clip" in r for r in unclipped.reasons), unclipped.reasons
     assert any("clip" in r for r in comp[(ep, "PGD L∞ 8/255")].reasons)

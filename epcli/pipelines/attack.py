@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from epcli.attacks.checks import mcnemar_p  # re-exported: the API and compare use it from here
-from epcli.data import Dataset, subset
+from epcli.data import Dataset, first_order, subset
 from epcli.errors import NotFoundError, UsageError
 from epcli.pipelines.common import (
     Progress,
@@ -165,6 +165,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
               "labels": labels, "params": params, "T": T_main, "batch_size": batch_size,
               "unroll_sweep": sweep, "chunk": chunk, "checkpoint": info["sha256"] or str(info["path"]),
               "targeted": bool(targeted), "protocol": protocol, "select": select,
+              **({"first_order": first_order(ds.test_y)[1]} if select == "first" else {}),
               **({"unroll_sweep_T": raised} if raised else {})}
     prefix = f"attack-{config_hash(config)[:20]}"
     modes = [grad_mode] + [f"truncated:{k}" for k in sweep if f"truncated:{k}" != grad_mode]
@@ -231,12 +232,17 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         target_hit = ({eps_label(e): float(res["target_hit"][e].float().mean()) for e in eps_list}
                       if res.get("target_hit") else None)
         members = _member_accuracy(res)
+        # predicted labels (the paper's ART protocol): robust means "on its true label after the attack", which an
+        # image the model got wrong reaches when the attack moves it there: say how much of robust that is
+        from_errors = ({eps_label(e): float((res["robust"][e].bool() & ~res["clean_correct"].bool()).float().mean())
+                        for e in eps_list} if labels == "predicted" else None)
         shards = {"shards": res["shards"]} if "shards" in res else {}  # torchrun: who attacked what
         summary = {"clean_acc": clean, "robust_acc": robust, "unreliable": bool(bad), "reason": reason,
                    "seconds": seconds, "labels": labels, "protocol": protocol,
                    **({"unroll_sweep": sweep_out} if sweep_out else {}),
                    **({"target_hit": target_hit} if target_hit else {}),
-                   **({"members": members} if members else {}), **shards}
+                   **({"members": members} if members else {}),
+                   **({"robust_from_clean_errors": from_errors} if from_errors else {}), **shards}
         store.update_run(run_id, summary=summary)
         shutil.rmtree(partial, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -250,7 +256,8 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         "attack_forward_passes": res.get("attack_forward_passes"),
         "protocol": protocol, "select": select, "targeted": bool(targeted), "T": T_main,
         "unroll_sweep_T": raised, **({"target_hit": target_hit} if target_hit else {}),
-        **({"members": members} if members else {}), **shards})
+        **({"members": members} if members else {}),
+        **({"robust_from_clean_errors": from_errors} if from_errors else {}), **shards})
 
 
 def _check_attack(attack, norm, labels, select, params, grad_mode, targeted, protocol, n=None, batch_size=None):
@@ -336,10 +343,12 @@ def _attacked_model(store, model, dataset, device, *, attack, protocol, grad_mod
 
 
 def _examples(ds: Dataset, select: str, n: int | None, seed: int):
-    """The attacked test images: the first n, or a seeded random subset of n. Returns (x, y, test indices)."""
+    """The attacked test images, in index order: the first n (data.first_order: a class-sorted ImageFolder set
+    is taken class by class in turn), or a seeded random subset of n. Returns (x, y, test indices)."""
     if select == "first":
         k = len(ds.test_y) if n is None else min(int(n), len(ds.test_y))
-        return ds.test_x[:k], ds.test_y[:k], torch.arange(k)
+        idx = first_order(ds.test_y)[0][:k].sort().values
+        return ds.test_x[idx], ds.test_y[idx], idx
     return subset(ds.test_x, ds.test_y, n, seed)
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from epcli import checkpoint
-from epcli.data import Dataset, load_dataset
+from epcli.data import Dataset, first_order, load_dataset
 from epcli.errors import NotFoundError, UsageError
 from epcli.store import Store
 
@@ -248,10 +248,12 @@ def dataset_for(store: Store, info: dict, dataset: str | None, data_dir: str | N
 
 def model_and_first_test_images(store: Store, ref: str, n: int, device: str = "cpu"):
     """For scripts and benchmarks: a stored model in eval mode, the dataset it was trained on (as `epcli attack`
-    reads it) and that dataset's first n test images as floats in [0, 1]. Returns (net, info, ds, x, y)."""
+    reads it) and that dataset's first n test images (as `epcli attack --select first` takes them:
+    data.first_order) as floats in [0, 1]. Returns (net, info, ds, x, y)."""
     net, info = load_model(store, ref, None, device)
     ds = dataset_for(store, info, None, None)
-    return net.eval(), info, ds, ds.test_x[:n].float() / 255, ds.test_y[:n]
+    idx = first_order(ds.test_y)[0][:n].sort().values
+    return net.eval(), info, ds, ds.test_x[idx].float() / 255, ds.test_y[idx]
 
 
 def link_model_input(store: Store, run_id: str, info: dict) -> None:

@@ -147,6 +147,9 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
                 reasons.append(f"AutoAttack: APGD eps_step {params['eps_step']}, paper ART's default 0.1")
         if cfg.get("select") == "random" and n_fact and n_fact < 10000:
             reasons.append(f"images: a random subset, paper the first {n_fact:,} test images")
+        elif cfg.get("first_order") == "class-interleaved" and n_fact and n_fact < 10000:
+            reasons.append(f"images: the first of each class in turn (these files are sorted by class, with no "
+                           f"test order of their own), paper the first {n_fact:,} of CIFAR-10's test order")
     if fact.get("metric") == "corruption_mean_acc":
         reasons.append("corruptions: epcli generates them (seeded) unless --source gave the official files")
     if fact.get("eps") is not None and eps is not None and not math.isclose(fact["eps"], eps, rel_tol=1e-3):
