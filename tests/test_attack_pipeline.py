@@ -66,6 +66,9 @@ def test_paper_protocol_square_is_arts_on_the_first_images_in_one_batch(store):
     assert wrong.any()  # the small model gets some of the first 8 wrong: the split is tested
     assert res["robust_from_clean_errors"] == {"8/255": pytest.approx(float((robust & wrong).float().mean()))}
     assert res["robust_acc"]["8/255"] == pytest.approx(float(robust.float().mean()))
+    (m,) = store.metrics(res["run_id"], name="robust_acc")  # the report reads it from the metric's detail
+    d = json.loads(m["detail"]) if isinstance(m["detail"], str) else m["detail"]
+    assert d["from_clean_errors"] == pytest.approx(float((robust & wrong).float().mean()))
     # ART's count: per iteration a prediction on every image, then the loss before and after on those still
     # robust (the paper's "about 3004 calls per batch")
     assert 1000 * 8 < res["attack_forward_passes"] <= 3 * 1001 * 8

@@ -234,8 +234,7 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
         members = _member_accuracy(res)
         # predicted labels (the paper's ART protocol): robust means "on its true label after the attack", which an
         # image the model got wrong reaches when the attack moves it there: say how much of robust that is
-        from_errors = ({eps_label(e): float((res["robust"][e].bool() & ~res["clean_correct"].bool()).float().mean())
-                        for e in eps_list} if labels == "predicted" else None)
+        from_errors = {eps_label(e): _from_clean_errors(res, e) for e in eps_list} if labels == "predicted" else None
         shards = {"shards": res["shards"]} if "shards" in res else {}  # torchrun: who attacked what
         summary = {"clean_acc": clean, "robust_acc": robust, "unreliable": bool(bad), "reason": reason,
                    "seconds": seconds, "labels": labels, "protocol": protocol,
@@ -372,8 +371,16 @@ def _accuracy_rows(results: dict, grad_mode: str, eps_list: list[float], clean: 
                                     "forward_passes": r.get("forward_passes"), "params": r.get("params"),
                                     "batch_size": r.get("batch_size"), "T": T_of[gm], **detail,
                                     **({"target_hit": float(r["target_hit"][e].float().mean())}
-                                       if r.get("target_hit") else {})}})
+                                       if r.get("target_hit") else {}),
+                                    **({"from_clean_errors": _from_clean_errors(r, e)}
+                                       if detail.get("labels") == "predicted" else {})}})
     return rows, robust, sweep_out
+
+
+def _from_clean_errors(r: dict, e: float) -> float:
+    """Predicted labels (the paper's ART protocol): the fraction of all images that count as robust at eps
+    although the model got them wrong clean (the attack moved them onto their true label)."""
+    return float((r["robust"][e].bool() & ~r["clean_correct"].bool()).float().mean())
 
 
 def _member_accuracy(res: dict) -> dict:

@@ -118,6 +118,10 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
         lm = _labels_mode(cfg)
         if lm is None or not lm.startswith("pred"):
             reasons.append("labels: true labels, paper attacks the model's predictions")
+        elif cell.from_clean_errors is not None:  # as the paper, which logged no such split
+            reasons.append(f"of which {cell.from_clean_errors:.2f} points: images misclassified clean that the "
+                           "attack moved onto their true label (predicted labels count them; the paper's "
+                           "logs do not say how many)")
         if row.paper_key == "ep-cnn" and attack in WHITE_BOX:
             pg = fact.get("grad_mode")
             if pg and cell.grad_mode != pg:

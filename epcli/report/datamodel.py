@@ -57,6 +57,9 @@ class Cell:
     not_compared: str | None = None  # why the paper's number is not set beside this one (comparability rule)
     worst_of: list[str] = field(default_factory=list)  # "run_id grad_mode" of each result the minimum is exact over
     attack_clean: float | None = None  # clean accuracy (percent) on the images this result attacked
+    # predicted labels (the paper's protocol), one result: the part of value (percent points) that is images
+    # misclassified clean which the attack moved onto their true label
+    from_clean_errors: float | None = None
 
 
 @dataclass

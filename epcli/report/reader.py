@@ -167,7 +167,9 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
                 worst_of=[f"{m['run_id']} {m['attack']} {result_grad_mode(m['attack'], m['grad_mode']) or '-'}"
                           for m in members]
                 if len(members) > 1 else [],
-                attack_clean=attack_clean_by_run.get(base["run_id"]))
+                attack_clean=attack_clean_by_run.get(base["run_id"]),
+                from_clean_errors=(first["from_clean_errors"] * k if len(members) == 1 and
+                                   isinstance(first.get("from_clean_errors"), (int, float)) else None))
 
 
 # --- collect -----------------------------------------------------------------------------------------------
