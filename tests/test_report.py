@@ -452,6 +452,7 @@ def test_comparability_rule(tmp_path):
     assert not any(r.startswith(("Square", "batch", "images")) for r in art.reasons), art.reasons
     # predicted labels: the part of the number that is images misclassified clean is said beside it
     assert any(r.startswith("of which 3.50 points: images misclassified clean") for r in art.reasons), art.reasons
+    assert "predicted labels, incl. 3.50 clean errors" in report.render(data, "md")  # in the cell itself too
     off = comp[(ep_b, "Square (ART) L∞ 8/255")].reasons
     assert "Square: 300 iterations, paper 1000" in off and "Square: margin of the logits, paper of the softmax" in off
     assert any(r.startswith("batch: 50, paper 200") for r in off)

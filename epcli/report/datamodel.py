@@ -60,6 +60,7 @@ class Cell:
     # predicted labels (the paper's protocol), one result: the part of value (percent points) that is images
     # misclassified clean which the attack moved onto their true label
     from_clean_errors: float | None = None
+    labels: str | None = None  # one result: "predicted" or "true", the labels its attack moved away from
 
 
 @dataclass

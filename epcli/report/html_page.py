@@ -117,7 +117,9 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
              f'the exact worst case over the other results on those same images; below the value: example count '
              f'and gradient mode (none for the black-box Square attacks). The clean column is the training run\'s accuracy on its whole test split (its '
              f'own n, not the attacked images\'). A paper number stands beside a result only when model, dataset, '
-             f'threat model, n and gradient mode are comparable.</p>']
+             f'threat model, n and gradient mode are comparable. "predicted labels, incl. X clean errors": the '
+             f'attack moved away from the model\'s own predictions (the paper\'s protocol), and X points of the '
+             f'value are images misclassified clean that it moved onto their true label.</p>']
     if data.notes:
         parts.append("<ul>" + "".join(f"<li>{_h(n)}</li>" for n in data.notes) + "</ul>")
     parts.append("<h2>Leaderboard</h2>")

@@ -169,7 +169,9 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
                 if len(members) > 1 else [],
                 attack_clean=attack_clean_by_run.get(base["run_id"]),
                 from_clean_errors=(first["from_clean_errors"] * k if len(members) == 1 and
-                                   isinstance(first.get("from_clean_errors"), (int, float)) else None))
+                                   isinstance(first.get("from_clean_errors"), (int, float)) else None),
+                labels=(run_info.get(base["run_id"], {}).get("config", {}).get("labels") or "true"
+                        if len(members) == 1 else None))
 
 
 # --- collect -----------------------------------------------------------------------------------------------

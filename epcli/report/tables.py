@@ -29,6 +29,9 @@ def _sub(cell: Cell, sep: str) -> str:
                     "worst of " + "+".join(_grad(g) for g in cell.grad_mode.split("+")))
     elif cell.n_results > 1:
         bits.append(f"worst of {cell.n_results}")
+    if cell.labels == "predicted":  # robust then includes errors moved onto their label: how many, when recorded
+        bits.append("predicted labels" + (f", incl. {cell.from_clean_errors:.2f} clean errors"
+                                          if cell.from_clean_errors is not None else ""))
     if cell.status == "running":
         bits.append("running")
     return sep.join(bits)
@@ -123,7 +126,8 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
               caption="cells: the result on the most images (n), then the exact worst case over other results on "
                       "those images; n = examples, then gradient mode. ⚠ = unreliable. clean: the training run's "
                       "accuracy on its whole test split (its own n). CIFAR-C: mean of k/15 benchmark corruptions × "
-                      "severities run")
+                      "severities run. \"predicted labels, incl. X clean errors\": X points of the value are "
+                      "images misclassified clean that the attack moved onto their true label")
     t.add_column("model", style="bold")
     t.add_column("run")
     if not one:
@@ -232,7 +236,10 @@ def _md(data: ReportData, columns: str = "headline") -> str:
            f"Accuracy in %. Store `{data.store_root}`, generated {data.generated_at}. Cells: the result on the most "
            "images, then the exact worst case over the other results on the same images (n = examples, gradient "
            "mode); ⚠ = unreliable (see notes). clean: the training run's accuracy on its whole test split (its own "
-           "n, not the attacked images'). CIFAR-C: mean over the corruptions × severities that were run.", ""]
+           "n, not the attacked images'). CIFAR-C: mean over the corruptions × severities that were run. "
+           "\"predicted labels, incl. X clean errors\": attacked away from the model's own predictions (the "
+           "paper's protocol), so X points of the value are images misclassified clean that the attack moved onto "
+           "their true label.", ""]
     head = ["model", "run", "data", "status", "clean"] + [c.label for c in cols] + ["CIFAR-C", "mCE"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
