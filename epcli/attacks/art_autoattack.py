@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from epcli.attacks._common import check_counts, check_eps, check_inputs, check_norm, eval_mode, need_classes
 from epcli.attacks.art_square import _pairwise_sum, _sqrt, art_square_run, check_windows
+from epcli.attacks.autoattack import run_members
 from epcli.errors import UsageError
 
 MEMBERS = ("apgd-ce", "apgd-dlr", "deepfool", "square")
@@ -369,20 +370,8 @@ def art_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                                                      nb_grads=int(nb_grads), batch_size=bs),
         "square": square_member,
     }
-    out = x.clone()
     with eval_mode(model):
         logits = _predict(model, x)
         need_classes(logits.shape[1], 3, "ART AutoAttack (APGD-DLR)")
-        robust = logits.argmax(1) == y
-        for name in MEMBERS:
-            idx = robust.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            if eps > 0:
-                adv = members[name](model, x[idx], y[idx])
-                broken = _broken(model, adv, x[idx], y[idx], eps, norm)
-                out[idx[broken]] = adv[broken]
-                robust[idx[broken]] = False
-            if on_member is not None:
-                on_member(name, robust.clone())
-    return out
+        return run_members(model, x, y, logits, {name: members[name] for name in MEMBERS},
+                           lambda adv, x0, y0: _broken(model, adv, x0, y0, eps, norm), eps=eps, on_member=on_member)

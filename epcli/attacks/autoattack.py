@@ -50,7 +50,6 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     check_counts("autoattack", steps=steps, n_target_classes=n_target_classes, n_queries=n_queries)
     if not 0 < p_init <= 1:
         raise UsageError(f"autoattack needs 0 < p_init <= 1, got {p_init!r}")
-    out = x.clone()
     fresh = lambda: member_generator(generator)  # noqa: E731
     members = {
         "apgd-ce": lambda m, a, b: apgd_ce(m, a, b, eps=eps, norm=norm, generator=fresh(), steps=steps),
@@ -66,17 +65,30 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
             logits = model(x)
         # APGD-T and FAB-T rank the logits: refuse now, not after APGD-CE and only if images survive it
         need_classes(logits.shape[1], 3, "AutoAttack (APGD-T, FAB-T)")
-        robust = logits.argmax(1) == y
-        for name in MEMBERS:
-            idx = robust.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            if eps > 0:
-                adv = members[name](model, x[idx], y[idx])
-                with torch.no_grad():
-                    broken = model(adv).argmax(1) != y[idx]
-                out[idx[broken]] = adv[broken]
-                robust[idx[broken]] = False
-            if on_member is not None:
-                on_member(name, robust.clone())
+
+        def broken(adv, x0, y0):
+            with torch.no_grad():
+                return model(adv).argmax(1) != y0
+
+        return run_members(model, x, y, logits, members, broken, eps=eps, on_member=on_member)
+
+
+def run_members(model, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, members: dict, broken, *, eps: float,
+                on_member=None) -> torch.Tensor:
+    """An ensemble: each member (name -> fn(model, x, y) -> x_adv, in order) runs on the images still robust
+    (their clean logits give y), keeping the images broken(adv, x, y) says it broke; on_member(name, robust
+    mask) after each. Returns the adversarial images (the clean ones where nothing broke)."""
+    out = x.clone()
+    robust = logits.argmax(1) == y
+    for name, member in members.items():
+        idx = robust.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        if eps > 0:
+            adv = member(model, x[idx], y[idx])
+            hit = broken(adv, x[idx], y[idx])
+            out[idx[hit]] = adv[hit]
+            robust[idx[hit]] = False
+        if on_member is not None:
+            on_member(name, robust.clone())
     return out
