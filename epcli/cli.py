@@ -363,7 +363,8 @@ def attack(
     eps: Annotated[str, typer.Option(help="Comma-separated list, fractions allowed: 1/255,2/255,8/255. "
                                      "Presets: paper-linf, paper-l2.")] = "8/255",
     n: Annotated[Optional[int], typer.Option("--n", help="Attack n test images: a seeded random subset, or the "
-                                             "first n with --select first (default: the whole test split).")] = None,
+                                             "first n with --select first (default: the whole test split; --protocol "
+                                             "paper -a square or autoattack: the paper's 200).")] = None,
     select: Annotated[Optional[str], typer.Option(help="Which n test images: random (seeded, the default) or "
                                                   "first (the paper's first-N; a set stored class by class, "
                                                   "such as an ImageFolder copy, one class after another).")
