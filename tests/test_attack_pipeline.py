@@ -72,7 +72,8 @@ def test_paper_protocol_square_is_arts_on_the_first_images_in_one_batch(store):
     # ART's count: per iteration a prediction on every image, then the loss before and after on those still
     # robust (the paper's "about 3004 calls per batch")
     assert 1000 * 8 < res["attack_forward_passes"] <= 3 * 1001 * 8
-    for kw, why in [({"batch_size": 50}, "--batch-size 50"), ({"params": {"n_queries": 10}}, r"--queries 10 \(max_iter\)"),
+    for kw, why in [({"batch_size": 50}, "--batch-size 50"),
+                    ({"params": {"n_queries": 10}}, r"--queries 10 \(max_iter\)"),
                     ({"labels": "true"}, "--labels true")]:
         with pytest.raises(UsageError, match=f"fixes these settings; drop {why}"):
             api.attack(model=store.cnn["run_id"], attack="square", protocol="paper", n=4, store=store, device="cpu",

@@ -219,7 +219,8 @@ def attack(*, model: str, attack: str = "pgd", norm: str = "linf", eps: list[flo
                 "n_examples": len(y)}
         detail = {"labels": labels, "protocol": protocol, "select": select, "targeted": bool(targeted)}
         rows, robust, sweep_out = _accuracy_rows(results, grad_mode, eps_list, clean, base, detail, reason,
-                                                 T_of={gm: T_main if gm == grad_mode else sweep_T.get(gm, T_main) for gm in results},
+                                                 T_of={gm: T_main if gm == grad_mode else sweep_T.get(gm, T_main)
+                                                       for gm in results},
                                                  unreliable=bool(bad))
         # how far from equilibrium the predictions are: the clean images, and every adversarial prediction
         rows += relax_residual_rows(net, x, device, base, adversarial=res.get("adv_residual"))

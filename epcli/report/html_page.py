@@ -84,7 +84,8 @@ def _inline_figure(path: Path) -> str:
 
 _CAPTIONS = {
     "robust": "Robust accuracy vs ε (linear axis; L∞ ticks at the measured k/255), one line per model with its n "
-              "and gradient mode (none for a black-box attack); dashed: the paper's curve, only for a model comparable with the paper's; red ×: "
+              "and gradient mode (none for a black-box attack); dashed: the paper's curve, only for a model "
+              "comparable with the paper's; red ×: "
               "result flagged unreliable.",
     "corruptions": "Accuracy vs corruption severity (latest corrupt run per model); dotted: the model's clean "
                    "accuracy on the same images. The y axis is fitted to the data.",
@@ -115,7 +116,8 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
              f'<p class="muted">Store <code>{_h(data.store_root)}</code> · generated {_h(data.generated_at)} · '
              f'{len(data.rows)} model(s) · accuracies in %. Each cell is the result on the most images (n), then '
              f'the exact worst case over the other results on those same images; below the value: example count '
-             f'and gradient mode (none for the black-box Square attacks). The clean column is the training run\'s accuracy on its whole test split (its '
+             f'and gradient mode (none for the black-box Square attacks). The clean column is the training run\'s '
+             f'accuracy on its whole test split (its '
              f'own n, not the attacked images\'). A paper number stands beside a result only when model, dataset, '
              f'threat model, n and gradient mode are comparable. "predicted labels, incl. X clean errors": the '
              f'attack moved away from the model\'s own predictions (the paper\'s protocol), and X points of the '

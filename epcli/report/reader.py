@@ -449,7 +449,8 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
                            "label": rows[a["model_run_id"]].label, "sha256": a["sha256"],
                            "path": _abs(store, a["path"]), "per_example": per_example.get(a["run_id"]),
                            "norm": cfg.get("norm") or "linf", "attack": cfg.get("attack"),
-                           "grad_mode": result_grad_mode(cfg.get("attack"), cfg.get("grad_mode")), "n_eps": len(eps), "n": cfg.get("n_examples"),
+                           "grad_mode": result_grad_mode(cfg.get("attack"), cfg.get("grad_mode")), "n_eps": len(eps),
+                           "n": cfg.get("n_examples"),
                            "meta": _json(a["meta"]) or {}, "config": cfg})
     adversarial = _pick_adversarial(candidates)
     adversarial.sort(key=lambda a: (0 if a["norm"] == "linf" else 1, a["run_id"]))
