@@ -824,6 +824,9 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
             if shown & set(keys):
                 c.print(f"  [dim]{text}[/]", highlight=False)
     rest = [row for row in doc["metrics"] if row.get("step") is None]
+    labels = (r.get("result") or {}).get("labels") if r["kind"] == "attack" else None
+    errors = {x["eps_label"]: x["from_clean_errors"] for x in (r.get("result") or {}).get("results") or []
+              if x.get("from_clean_errors") is not None}
     if rest:
         c.print("[bold]metrics[/]")
         m = Table.grid(padding=(0, 2))
@@ -839,6 +842,9 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
                 facets += f" grad {row['grad_mode']}"
             if row.get("n_examples"):
                 facets += f" (n={row['n_examples']})"
+            if row["name"] == "robust_acc" and labels == "predicted":  # robust includes clean errors moved on
+                part = errors.get(row.get("eps_label"))
+                facets += ", predicted labels" + (f", incl. {_pct(part)} clean errors" if part is not None else "")
             val = row["value"]
             shown = _metric_text(row["name"], val)
             m.add_row("  " + row["name"], shown + (" !" if row["unreliable"] else ""), escape(facets))

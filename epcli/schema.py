@@ -181,10 +181,13 @@ def run_result(run: dict) -> dict:
     if run["kind"] == "attack":
         n = cfg.get("n_examples")
         by_label = s.get("robust_acc") or {}
+        errors = s.get("robust_from_clean_errors") or {}  # predicted labels: the part that is clean errors
         eps_values = cfg.get("eps") or []
         return {"attack": cfg.get("attack"), "norm": cfg.get("norm"), "clean_acc": acc(s.get("clean_acc"), n),
-                "results": [{**eps_pair(e), "robust_acc": acc(by_label.get(eps_label(e)), n)} for e in eps_values
-                            if eps_label(e) in by_label],
+                "labels": cfg.get("labels") or "true",
+                "results": [{**eps_pair(e), "robust_acc": acc(by_label.get(eps_label(e)), n),
+                             **({"from_clean_errors": acc(errors.get(eps_label(e)), n)} if errors else {})}
+                            for e in eps_values if eps_label(e) in by_label],
                 "unreliable": bool(s.get("unreliable")),
                 # an ensemble (autoattack, art-autoattack): robust accuracy after each member, as `attack` printed
                 **({"members": [{**eps_pair(e), "member": name, "robust_acc": acc(v, n)} for e in eps_values

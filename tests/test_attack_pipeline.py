@@ -69,6 +69,11 @@ def test_paper_protocol_square_is_arts_on_the_first_images_in_one_batch(store):
     (m,) = store.metrics(res["run_id"], name="robust_acc")  # the report reads it from the metric's detail
     d = json.loads(m["detail"]) if isinstance(m["detail"], str) else m["detail"]
     assert d["from_clean_errors"] == pytest.approx(float((robust & wrong).float().mean()))
+    shown = CliRunner().invoke(app, ["--store", str(store.root), "show", res["run_id"], "--json"])
+    (r,) = json.loads(shown.stdout)["run"]["result"]["results"]
+    assert r["from_clean_errors"] == pytest.approx(res["robust_from_clean_errors"]["8/255"], abs=1e-4)
+    text = CliRunner().invoke(app, ["--store", str(store.root), "show", res["run_id"]], env={"COLUMNS": "200"})
+    assert "predicted labels, incl." in text.output and "clean errors" in text.output
     # ART's count: per iteration a prediction on every image, then the loss before and after on those still
     # robust (the paper's "about 3004 calls per batch")
     assert 1000 * 8 < res["attack_forward_passes"] <= 3 * 1001 * 8
