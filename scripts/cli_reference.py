@@ -20,8 +20,11 @@ eps comes as `eps` (a number) and `eps_label` (`8/255` for multiples of 1/255, e
 results carry the resolved attack `params` and forward-pass counts (`forward_passes`: every image through
 the model; `attack_forward_passes`: those made by the attack itself). `null` means not measured.
 A run's `result` (`runs`, `show`) is what matters for its kind: for an attack `attack`, `norm`, `clean_acc`,
-`results[]` and `unreliable`, and for an ensemble (`autoattack`, `art-autoattack`) attacked with true labels
-`members[]`, the robust accuracy after each member in turn, as `attack` gave it.
+`labels`, `results[]` and `unreliable`, and for an ensemble (`autoattack`, `art-autoattack`) attacked with true
+labels `members[]`, the robust accuracy after each member in turn, as `attack` gave it. With predicted labels
+(the paper's protocol) an image the model got wrong counts as robust when the attack moves it onto its true
+label; `results[].from_clean_errors` (also in `attack`'s `results[]`; null with true labels) is that part of
+`robust_acc`.
 """
 
 INTRO = """# CLI reference
