@@ -1196,6 +1196,8 @@ def recipes(name: Annotated[Optional[str], typer.Argument(help="Show one recipe 
             elif adv:
                 what = (f"PGD-AT {adv['norm']} eps={eps_label(adv['eps'])}" if adv.get("eps") is not None
                         else "PGD-AT (give --adv-train NORM:EPS)")
+            elif r.get("distill"):
+                what = f"distill {r['distill']['target']} (give --teacher)"
             else:
                 what = "backprop"
             rows.append([k, r.get("model") or "-", r.get("dataset") or "any", str(r["epochs"]), str(r["batch_size"]),
