@@ -217,3 +217,18 @@ def test_report_shows_autoattack_member_by_member(store):
     assert doc["rows"][0]["cells"]["autoattack:linf:8/255"]["members"][-1][0] == "square"
     # a non-ensemble cell carries none
     assert all(c.members is None for k, c in row.cells.items() if not k.startswith("autoattack"))
+
+
+def test_paper_protocol_square_takes_the_papers_second_budget():
+    """The paper ran ART's Square L2 also at 20,000 iterations: --protocol paper takes --queries 20000 (ART's
+    max_iter) under L2, and refuses it under L∞ and any other budget."""
+    from epcli.pipelines.attack import _check_attack
+    attack, labels, select, p, n, batch = _check_attack("square", "l2", None, None, {"n_queries": 20000}, None,
+                                                        False, "paper")
+    assert (attack, labels, select, p["max_iter"], p["restarts"], n, batch) == \
+        ("art-square", "predicted", "first", 20000, 1, 200, 200)
+    assert _check_attack("square", "l2", None, None, {}, None, False, "paper")[3]["max_iter"] == 1000
+    with pytest.raises(UsageError, match=r"only under L2; drop --queries 20000 \(max_iter\)"):
+        _check_attack("square", "linf", None, None, {"n_queries": 20000}, None, False, "paper")
+    with pytest.raises(UsageError, match=r"fixes these settings; drop --queries 5000 \(max_iter\)"):
+        _check_attack("square", "l2", None, None, {"n_queries": 5000}, None, False, "paper")
