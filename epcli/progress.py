@@ -1,5 +1,6 @@
 """Progress on stderr for the CLI: the pipelines call `progress(task, done, total, info)`; this turns it into
-a live display on a terminal, or into one plain line per finished stage when stderr is a file or a pipe.
+a live display on a terminal, or into one plain line per finished stage when stderr is a file or a pipe (plus,
+every EPCLI_PROGRESS_EVERY seconds, default 60, a line for each stage still running, with its ETA).
 
 A task is a named stage ("load", "pgd 8/255", "check strength", "epoch 2/3", "save"). It appears on its
 first call (pipelines call with done=0 when a stage starts, so nothing is ever silent) and is finished when
@@ -60,9 +61,13 @@ class StageProgress:
     live: a rich display (stderr is a terminal); otherwise plain lines on `stream` (default sys.stderr).
     """
 
-    def __init__(self, *, live: bool | None = None, stream: TextIO | None = None, console: Console | None = None):
+    def __init__(self, *, live: bool | None = None, stream: TextIO | None = None, console: Console | None = None,
+                 every: float | None = None):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
+        # plain lines only: a stage still running says where it is every `every` seconds (a log of a long job
+        # under nohup or a batch scheduler is otherwise silent for hours); EPCLI_PROGRESS_EVERY, 0 = never
+        self.every = _every_from_env() if every is None else float(every)
         self.console = console or Console(file=self.stream, stderr=self.stream is sys.stderr)
         self._bar: Progress | None = None
         self._tasks: dict[str, dict[str, Any]] = {}  # name -> {id, start, done, total, info}
@@ -82,7 +87,7 @@ class StageProgress:
             self._drop(task)
             t = None
         if t is None:
-            t = {"start": now, "done": 0.0, "total": total, "info": "", "id": None}
+            t = {"start": now, "done": 0.0, "total": total, "info": "", "id": None, "said": now}
             self._tasks[task] = t
             if self.live:
                 self._ensure_bar()
@@ -95,6 +100,9 @@ class StageProgress:
             self._bar.update(t["id"], completed=done, total=total or None, info=t["info"])
         if total and done >= total:
             self._finish(task, now)
+        elif not self.live and self.every > 0 and now - t["said"] >= self.every:
+            t["said"] = now
+            self._write(self._running_line(task, t, now))
 
     def note(self, markup: str) -> None:
         """A message between stages (rich markup), printed above the live bars or as a plain line."""
@@ -146,10 +154,33 @@ class StageProgress:
         if t is not None and t["id"] is not None and self._bar is not None:
             self._bar.remove_task(t["id"])
 
+    @staticmethod
+    def _running_line(name: str, t: dict, now: float) -> str:
+        """"pgd 8/255  120/1000  1:05  eta 7:57  robust_acc=0.3": a stage still running, in a plain log."""
+        elapsed = now - t["start"]
+        eta = (f"  eta {format_seconds(elapsed * (t['total'] - t['done']) / t['done'])}"
+               if t["total"] and t["done"] > 0 else "")
+        return (f"{name}  {_count(t['done'], t['total'])}  {format_seconds(elapsed)}{eta}"
+                + (f"  {t['info']}" if t["info"] else ""))
+
     def _emit(self, line: str) -> None:
         self.lines.append(line)
         if self.live and self._bar is not None:
             self._bar.console.print(Text(line), soft_wrap=True)  # above the live bars; wraps, never cut
         else:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            self._write(line)
+
+    def _write(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _every_from_env() -> float:
+    """EPCLI_PROGRESS_EVERY: seconds between a running stage's plain lines (default 60; 0 = only finished
+    stages). A bad value is the default, not an error: progress must never stop a run."""
+    import os
+    try:
+        value = float(os.environ.get("EPCLI_PROGRESS_EVERY", "60"))
+    except ValueError:
+        return 60.0
+    return value if value >= 0 and value == value else 60.0

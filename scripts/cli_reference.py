@@ -57,12 +57,15 @@ checks  1/1  1.8s  passed=2  failed=0
 save  1/1  0.0s  run_id=01m8mmdrjnd72163
 ```
 
-An epoch's count is its batches plus one step for the test evaluation. `-q`/`--quiet` (before or after the
+A stage still running also writes a line every `EPCLI_PROGRESS_EVERY` seconds (default 60; 0: never), with
+its ETA, so that the log of a long job (nohup, a batch scheduler) says where it is:
+`autoattack 8/255  50/200  1:01  eta 3:03  robust_acc=0.5`. An epoch's count is its batches plus one step for the
+test evaluation. `-q`/`--quiet` (before or after the
 command) silences progress and notes.
 
 Global options (`--store`, `--debug`, `--quiet`) go before the command. Environment variables:
 `EPCLI_STORE`, `EPCLI_DEVICE`, `EPCLI_SEED`, `EPCLI_DATA_DIR`, `EPCLI_DEBUG`; `EPCLI_DIST_TIMEOUT_S` (torchrun,
-docs/distributed.md) and `EPCLI_REPORT_FORK` (docs/report.md).
+docs/distributed.md), `EPCLI_REPORT_FORK` (docs/report.md) and `EPCLI_PROGRESS_EVERY` (above).
 
 ## Exit codes
 

@@ -182,3 +182,53 @@ def test_chunks_from_an_older_epcli_merge_without_the_groups_they_lack():
         assert "member_robust" not in out and out["robust"][e].tolist() == robust and out["n"] == 3
     both = _merge_chunks([new, new])
     assert both["member_robust"][e].shape == (2, 4)
+
+
+def test_report_shows_autoattack_member_by_member(store):
+    """The report carries an ensemble cell's robust accuracy after each member, matched to its eps: the last
+    member equals the cell (computed from the per-example robust mask), members never rise, and each export says
+    it (terminal footnote, md list, csv column, html sub-line, json field)."""
+    import csv
+    import io
+
+    from epcli import report
+    res = api.attack(model=store.cnn["run_id"], attack="autoattack", eps="1/255,8/255", n=16, store=store,
+                     device="cpu", params={"steps": 3, "n_queries": 8})
+    data = report.collect(store, runs=[store.cnn["run_id"]])
+    (row,) = data.rows
+    for label, key in (("1/255", "autoattack:linf:1/255"), ("8/255", "autoattack:linf:8/255")):
+        cell = row.cells[key]
+        assert [m for m, _ in cell.members] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+        assert [v for _, v in cell.members] == pytest.approx([100 * res["members"][label][m]
+                                                              for m in ("apgd-ce", "apgd-t", "fab-t", "square")])
+        values = [v for _, v in cell.members]
+        assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(cell.value)
+    assert row.cells["autoattack:linf:1/255"].members != row.cells["autoattack:linf:8/255"].members
+    after = ", ".join(f"{n} {100 * res['members']['8/255'][m]:.2f}" for n, m in
+                      (("APGD-CE", "apgd-ce"), ("APGD-T", "apgd-t"), ("FAB-T", "fab-t"), ("Square", "square")))
+    line = f"AutoAttack L∞ 8/255, robust % after each member in turn (n=16): {after}"
+    assert line in report.render(data, "md")
+    assert line in " ".join(report.render(data, "table").split())
+    (r,) = csv.DictReader(io.StringIO(report.render(data, "csv")))
+    assert r["autoattack:linf:8/255:members"] == ";".join(f"{m}={v!r}" for m, v in
+                                                         row.cells["autoattack:linf:8/255"].members)
+    assert "after APGD-CE" in report.render(data, "html")
+    doc = json.loads(report.render(data, "json"))
+    assert doc["rows"][0]["cells"]["autoattack:linf:8/255"]["members"][-1][0] == "square"
+    # a non-ensemble cell carries none
+    assert all(c.members is None for k, c in row.cells.items() if not k.startswith("autoattack"))
+
+
+def test_paper_protocol_square_takes_the_papers_second_budget():
+    """The paper ran ART's Square L2 also at 20,000 iterations: --protocol paper takes --queries 20000 (ART's
+    max_iter) under L2, and refuses it under L∞ and any other budget."""
+    from epcli.pipelines.attack import _check_attack
+    attack, labels, select, p, n, batch = _check_attack("square", "l2", None, None, {"n_queries": 20000}, None,
+                                                        False, "paper")
+    assert (attack, labels, select, p["max_iter"], p["restarts"], n, batch) == \
+        ("art-square", "predicted", "first", 20000, 1, 200, 200)
+    assert _check_attack("square", "l2", None, None, {}, None, False, "paper")[3]["max_iter"] == 1000
+    with pytest.raises(UsageError, match=r"only under L2; drop --queries 20000 \(max_iter\)"):
+        _check_attack("square", "linf", None, None, {"n_queries": 20000}, None, False, "paper")
+    with pytest.raises(UsageError, match=r"fixes these settings; drop --queries 5000 \(max_iter\)"):
+        _check_attack("square", "l2", None, None, {"n_queries": 5000}, None, False, "paper")

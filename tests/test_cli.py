@@ -220,6 +220,35 @@ def test_stage_progress_plain_lines_are_whole_and_one_per_stage():
     assert "\r" not in buf.getvalue() and "\x1b" not in buf.getvalue()
 
 
+def test_stage_progress_plain_says_where_a_long_stage_is(monkeypatch):
+    """In a plain log (nohup, a batch scheduler) a running stage writes a line with its ETA every `every`
+    seconds, then its finished line; quicker calls write nothing; every=0 writes only the finished line."""
+    import io
+    from types import SimpleNamespace
+
+    from epcli import progress
+    clock = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    for every, expected in ((60, 3), (0, 1)):
+        buf = io.StringIO()
+        with progress.StageProgress(live=False, stream=buf, every=every) as p:
+            clock[0] = 0.0
+            p("autoattack 8/255", 0, 200, {})
+            for t, done in ((10, 10), (61, 50), (90, 60), (125, 100), (130, 120)):
+                clock[0] = t
+                p("autoattack 8/255", done, 200, {"robust_acc": 0.5})
+            clock[0] = 200.0
+            p("autoattack 8/255", 200, 200, {"robust_acc": 0.25})
+        lines = buf.getvalue().splitlines()
+        assert len(lines) == expected and lines[-1].startswith("autoattack 8/255  200/200  3:20")
+        assert p.lines == [lines[-1]]  # the finished lines only, as before
+        if every:  # at 61 s (50 of 200 done: eta 3:03) and at 125 s (the next call 60 s after that line)
+            assert lines[0] == "autoattack 8/255  50/200  1:01  eta 3:03  robust_acc=0.5"
+            assert lines[1].startswith("autoattack 8/255  100/200  2:05  eta 2:05")
+    monkeypatch.setenv("EPCLI_PROGRESS_EVERY", "nope")
+    assert progress._every_from_env() == 60.0
+
+
 def test_stage_progress_live_shows_bars_then_lines():
     import io
 

@@ -1070,3 +1070,26 @@ def test_worst_case_joins_only_results_of_one_classifier(tmp_path):
     assert {w.split()[0] for w in worst.worst_of} == {runs["a"], runs["c"]}
     assert worst.value == pytest.approx(100 * (flags["a"] & flags["c"]).mean())
     store.close()
+
+
+def test_square_at_20000_iterations_stands_beside_the_papers_20000_table(tmp_path):
+    """The paper ran Square L2 twice: 1,000 iterations (its main table) and 20,000 (CNNs only). A result with
+    max_iter 20000 is set beside the 20,000 table, one with 1,000 beside the main one; neither lists an
+    iteration difference; a third budget is compared with the main table and says so; a standard CNN, which
+    the main table lacks, is compared only at 20,000."""
+    store = Store(tmp_path / "s")
+    at = {"label": "CNN-AT", "adv": {"norm": "l2", "eps": 0.5}}
+    runs = [_train(store, "cnn", at, [0.85], dataset="cifar10", seed=s) for s in range(3)]
+    runs += [_train(store, "cnn", {"label": "CNN"}, [0.88], dataset="cifar10", seed=s) for s in range(2)]
+    cfg = {"labels": "predicted", "select": "first", "n_examples": 200, "batch_size": 200}
+    for (m, ck), it in zip(runs, (20000, 1000, 5000, 20000, 1000)):
+        _attack(store, m, ck, "cnn", "art-square", "l2", {1.0: 0.2}, n=200, dataset="cifar10",
+                config={**cfg, "params": {"max_iter": it, "scores": "softmax", "restarts": 1}})
+    comp = {c.run_id: c for c in report.collect(store).comparisons if c.what == "Square (ART) L2 1"}
+    at20k, at1k, at5k, cnn20k, cnn1k = (comp.get(m) for m, _ in runs)
+    assert (at20k.paper, at1k.paper, at5k.paper, cnn20k.paper) == (41.7, 82.2, 82.2, 19.0)  # paper-facts §6
+    assert at20k.reasons[0] == cnn20k.reasons[0] == "paper run: max_iter-20000"
+    assert not any("iterations" in r for r in at20k.reasons + at1k.reasons + cnn20k.reasons)
+    assert "Square: 5000 iterations, paper 1000" in at5k.reasons
+    assert cnn1k is None  # the main table has no standard CNN
+    store.close()

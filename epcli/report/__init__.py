@@ -63,6 +63,7 @@ from epcli.report.datamodel import (
     ATTACK_NAMES,
     ATTACK_ORDER,
     BLACK_BOX,
+    ENSEMBLES,
     HEADLINE_ATTACKS,
     NORM_NAMES,
     PAPER_ATTACK_OF,
@@ -101,17 +102,17 @@ from epcli.report.runs import (
     training_diff,
     training_history,
 )
-from epcli.report.tables import clean_note, leaderboard_table, model_notes, to_dict
+from epcli.report.tables import clean_note, leaderboard_table, member_notes, model_notes, to_dict
 
 __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
            "clean_note", "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label",
            "figures", "flatten_config", "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable",
-           "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files", "robustbench_id",
+           "member_notes", "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files", "robustbench_id",
            "robustbench_json",
            "result_grad_mode", "to_dict", "training_curves", "training_diff", "training_history", "write_robustbench",
            # constants callers read (tests, bench, the corrupt and report pipelines)
            "ACC_METRICS", "ADVERSARIAL_MODELS", "ART_AUTOATTACK_BUDGET", "ATTACK_NAMES", "ATTACK_ORDER",
-           "BENCHMARK_CORRUPTIONS", "BLACK_BOX",
+           "BENCHMARK_CORRUPTIONS", "BLACK_BOX", "ENSEMBLES",
            "CURVE_METRICS", "EXTRA_CORRUPTIONS", "FIGURE_KINDS", "FIGURE_MODELS", "HEADLINE_ATTACKS",
            "METRIC_COLUMNS", "MIN_N", "NORM_NAMES", "PAPER_ATTACK_OF", "PAPER_AUTHORS", "PAPER_DATASETS",
            "PAPER_EP_CHANNELS",

@@ -129,8 +129,9 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
             elif not pg and attack == "autoattack":
                 reasons.append(f"gradient: {_grad(cell.grad_mode)}, paper's AutoAttack unroll not recorded")
         if attack == "square":
-            if params.get("max_iter") not in (None, 1000):
-                reasons.append(f"Square: {params['max_iter']} iterations, paper 1000")
+            theirs = SQUARE_VARIANT_ITERATIONS.get(fact.get("variant"), 1000)
+            if params.get("max_iter") not in (None, theirs):
+                reasons.append(f"Square: {params['max_iter']} iterations, paper {theirs}")
             if params.get("scores") not in (None, "softmax"):
                 reasons.append(f"Square: margin of the {params['scores']}, paper of the softmax")
             if params.get("restarts") not in (None, 1):
@@ -170,14 +171,21 @@ def _paper_facts(model_key: str, dataset: str, metric: str, attack: str | None =
                                     variant=variant))
 
 
+# the paper's Square tables by iterations: its primary one (1000) and the L2 one at 20,000 (paper-facts §6)
+SQUARE_VARIANT_ITERATIONS = {None: 1000, "max_iter-20000": 20000}
+
+
 @functools.lru_cache(maxsize=4096)
 def _paper_cell_fact(model_key: str, dataset: str, attack: str, norm: str, eps: float,
-                     grad_mode: str | None) -> dict | None:
-    """The paper's number a result is set beside: the one with the result's gradient mode, else the primary."""
+                     grad_mode: str | None, max_iter: int | None = None) -> dict | None:
+    """The paper's number a result is set beside: the one with the result's gradient mode, or for Square the
+    table run with the result's iterations, else the primary."""
     facts = _paper_facts(model_key, dataset, "robust_acc", attack, norm, eps)
     same_grad = [f for f in facts if f.get("grad_mode") and f.get("grad_mode") == grad_mode]
+    same_iterations = [f for f in facts if attack == "square" and max_iter is not None
+                       and f.get("variant") is not None and SQUARE_VARIANT_ITERATIONS.get(f["variant"]) == max_iter]
     primary = [f for f in facts if f.get("variant") is None]
-    return (same_grad or primary or [None])[0]
+    return (same_grad or same_iterations or primary or [None])[0]
 
 
 def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, dict]) -> list[Comparison]:
@@ -205,14 +213,16 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
             col = columns[key]
             if cell.value is None:
                 continue
+            cfg = run_info.get(cell.run_id or "", {}).get("config", {})
+            params = cfg.get("params") if isinstance(cfg.get("params"), dict) else {}
+            max_iter = params.get("max_iter") if col.attack == "art-square" else None
             fact = _paper_cell_fact(row.paper_key, ds, PAPER_ATTACK_OF.get(col.attack, col.attack), col.norm,
-                                    col.eps, cell.grad_mode)
+                                    col.eps, cell.grad_mode, max_iter if isinstance(max_iter, int) else None)
             if fact is None:
                 continue
             why = row.not_compared or cell_not_comparable(cell, fact, row.paper_key, col.attack)
             reasons = []
             if why is None:  # the protocol differences are listed only beside a number that is compared
-                cfg = run_info.get(cell.run_id or "", {}).get("config", {})
                 reasons = protocol_reasons(row, cell, fact, cfg, eps=col.eps)
                 if fact.get("variant"):
                     reasons.insert(0, f"paper run: {fact['variant']}")

@@ -12,9 +12,11 @@ ATTACK_ORDER = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "square", "ar
                 "art-autoattack", "worst")
 ATTACK_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "cw": "C&W", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T",
                 "fab-t": "FAB-T", "square": "Square", "art-square": "Square (ART)", "autoattack": "AutoAttack",
-                "art-autoattack": "AutoAttack (ART)", "worst": "worst case over attacks"}
+                "art-autoattack": "AutoAttack (ART)", "worst": "worst case over attacks",
+                "apgd-dlr": "APGD-DLR", "deepfool": "DeepFool"}  # the last two: members of ART's AutoAttack
 HEADLINE_ATTACKS = ("fgsm", "pgd", "cw", "square", "art-square", "autoattack", "art-autoattack", "worst")
 WHITE_BOX = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-t", "fab-t", "autoattack", "art-autoattack")
+ENSEMBLES = ("autoattack", "art-autoattack")  # their cells carry the robust accuracy after each member
 BLACK_BOX = ("square", "art-square")  # they only query the model: a gradient mode means nothing for them
 # The paper ran its Square and AutoAttack through ART: only epcli's ports of ART's algorithms measure the same
 # thing; epcli's own square/autoattack follow fra31's code, a different algorithm (docs/report.md).
@@ -61,6 +63,8 @@ class Cell:
     # misclassified clean which the attack moved onto their true label
     from_clean_errors: float | None = None
     labels: str | None = None  # one result: "predicted" or "true", the labels its attack moved away from
+    # one ensemble result (AutoAttack): [member, robust % after it], in the order the members ran
+    members: list[list] | None = None
 
 
 @dataclass

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from epcli.report.datamodel import Cell, Column, ReportData, _fmt, _short
+from epcli.report.datamodel import ATTACK_NAMES, Cell, Column, ReportData, _fmt, _short
 from epcli.report.tables import _PAPER_NOTE, _corr_text, _not_compared_lines, _sub, clean_note, model_notes
 
 _CSS = """
@@ -43,6 +43,9 @@ def _html_cell(cell: Cell | None) -> str:
     elif cell.not_compared:
         title = title or f' title="not compared with the paper: {_h(cell.not_compared)}"'
     sub = f'<span class="sub">{_h(_sub(cell, " · "))}</span>'
+    if cell.members:  # an ensemble: robust % after each member in turn, the last being the value
+        sub += '<span class="sub">after ' + _h(" · ".join(f"{ATTACK_NAMES.get(m, m)} {v:.2f}"
+                                                          for m, v in cell.members)) + "</span>"
     return f'<td class="{cls}"{title}>{cell.value:.2f}{flag}{sub}{paper_line}</td>'
 
 

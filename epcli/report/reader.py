@@ -21,6 +21,7 @@ from epcli.report.datamodel import (
     ACC_METRICS,
     ATTACK_NAMES,
     ATTACK_ORDER,
+    ENSEMBLES,
     HEADLINE_ATTACKS,
     NORM_NAMES,
     STANDARD_EPS,
@@ -171,7 +172,25 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
                 from_clean_errors=(first["from_clean_errors"] * k if len(members) == 1 and
                                    isinstance(first.get("from_clean_errors"), (int, float)) else None),
                 labels=(run_info.get(base["run_id"], {}).get("config", {}).get("labels") or "true"
-                        if len(members) == 1 else None))
+                        if len(members) == 1 else None),
+                members=_members(run_info.get(base["run_id"], {}), eps) if len(members) == 1 else None)
+
+
+def _members(run: dict, eps: float) -> list[list] | None:
+    """An ensemble run's robust accuracy (percent) after each member at eps, from the run's summary (which keys
+    it by eps label: matched by value, as labels are written by the attack pipeline's own rule)."""
+    if run.get("config", {}).get("attack") not in ENSEMBLES:
+        return None
+    summary = _json(run.get("summary"))
+    for label, accs in ((summary or {}).get("members") or {}).items() if isinstance(summary, dict) else ():
+        num, _, den = str(label).partition("/")
+        try:
+            value = float(num) / float(den or 1)
+        except ValueError:
+            continue
+        if math.isclose(value, eps, rel_tol=1e-6) and isinstance(accs, dict):
+            return [[name, 100.0 * acc] for name, acc in accs.items() if isinstance(acc, (int, float))]
+    return None
 
 
 # --- collect -----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import io
 import json
 from dataclasses import fields
 
-from epcli.report.datamodel import ATTACK_NAMES, Cell, Column, ReportData, Row, _fmt, _grad, _short
+from epcli.report.datamodel import ATTACK_NAMES, ENSEMBLES, Cell, Column, ReportData, Row, _fmt, _grad, _short
 
 
 def _columns(data: ReportData, which: str) -> list[Column]:
@@ -90,6 +90,18 @@ def model_notes(row: Row) -> list[str]:
     return notes
 
 
+def member_notes(row: Row, cols: list[Column]) -> list[str]:
+    """An ensemble cell's robust accuracy after each member in turn (AutoAttack's own log lines): the cell's
+    value is the last; the earlier ones say which member did the work."""
+    notes = []
+    for c in cols:
+        cell = row.cells.get(c.key)
+        if c.attack in ENSEMBLES and cell is not None and cell.members:
+            after = ", ".join(f"{ATTACK_NAMES.get(m, m)} {v:.2f}" for m, v in cell.members)
+            notes.append(f"{c.label}, robust % after each member in turn (n={cell.n_examples}): {after}")
+    return notes
+
+
 def clean_note(row: Row) -> str:
     """What the clean accuracy was measured on: "n=1000, test split" (the training run's own evaluation of the
     whole test split, not the attack cells' images) or "n=200, attacked images" when it comes from an attack."""
@@ -148,7 +160,7 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
                 txt.stylize("red")
             cells.append(txt)
         corr = row.corruption
-        notes, mark = model_notes(row), ""
+        notes, mark = model_notes(row) + member_notes(row, cols), ""
         if notes:
             footnotes.append(f"[{len(footnotes) + 1}] {row.name or row.label}: " + "; ".join(notes))
             mark = f" [{len(footnotes)}]"
@@ -173,6 +185,7 @@ def _csv(data: ReportData) -> str:
     head = ["run_id", "model", "label", "dataset", "status", "paper_key", "clean_acc", "clean_acc:n", "clean_acc:from"]
     for c in data.columns:
         head += [c.key, f"{c.key}:n", f"{c.key}:grad_mode", f"{c.key}:unreliable", f"{c.key}:paper"]
+        head += [f"{c.key}:members"] if c.attack in ENSEMBLES else []
     head += ["corruption_mean_acc", "corruption_mean_over", "corruption_mean_acc_all", "mce_unnormalized",
              "relative_mce"]
     w.writerow(head)
@@ -183,12 +196,14 @@ def _csv(data: ReportData) -> str:
         for c in data.columns:
             cell = row.cells.get(c.key)
             if cell is None:
-                line += ["", "", "", "", ""]
+                line += [""] * (6 if c.attack in ENSEMBLES else 5)
             else:
                 line += [repr(cell.value), cell.n_examples if cell.n_examples is not None else "",
                          cell.grad_mode or "", int(cell.unreliable),
                          cell.paper if cell.paper is not None else (f"not compared: {cell.not_compared}"
                                                                     if cell.not_compared else "")]
+                if c.attack in ENSEMBLES:  # "apgd-ce=20.0;apgd-t=15.5;...": robust % after each member
+                    line.append(";".join(f"{m}={v!r}" for m, v in cell.members or []))
         for k in ("mean", "mean_label", "mean_all", "mce", "relative_mce"):
             v = row.corruption.get(k)
             line.append("" if v is None else (v if isinstance(v, str) else repr(v)))
@@ -243,10 +258,11 @@ def _md(data: ReportData, columns: str = "headline") -> str:
     head = ["model", "run", "data", "status", "clean"] + [c.label for c in cols] + ["CIFAR-C", "mCE"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
-    flags = []
+    flags, members = [], []
     for row in data.rows:
         name = row.name or row.label
         notes = model_notes(row)
+        members += [f"- {name}: {m}" for m in member_notes(row, cols)]
         line = [name + (f" ({'; '.join(notes)})" if notes else ""), f"`{_short(row.run_id)}`", row.dataset or "—",
                 row.status, _clean_text(row, "md")]
         for c in cols:
@@ -256,6 +272,8 @@ def _md(data: ReportData, columns: str = "headline") -> str:
                 flags.append(f"- ⚠ {name}, {c.label}: {cell.reason}")
         line += [_corr_text(row.corruption), _fmt(row.corruption.get("mce"))]
         out.append("| " + " | ".join(_md_safe(x).replace("|", "\\|") for x in line) + " |")
+    if members:
+        out += ["", "AutoAttack, member by member:", ""] + [_md_safe(m) for m in members]
     if flags:
         out += ["", "Unreliable results:", ""] + [_md_safe(f) for f in flags]
     if data.comparisons:
