@@ -325,3 +325,39 @@ def test_store_round_trip_teacher_student_attack(mini, tmp_path):
     assert r.exit_code == 2 and [ln for ln in lines if ln.startswith("error")] == lines[-1:], r.output
     assert "teacher " + t_run + " was trained on data, not on other" in lines[-1] and "Traceback" not in r.output
     assert len(Store(store).runs()) == n_runs
+
+
+def test_torchrun_student_equals_one_process(mini, tmp_path):
+    """Two processes (gloo) distil the same student as one: the teacher's path travels in the plan, the data
+    defaults to the teacher's on every rank, and the teacher statistics are reduced over the ranks."""
+    import os
+    import subprocess
+    import sys
+    data = write_imagefolder(tmp_path / "data", mini, 10, 4)  # 100 train images: batches of 25, 12 + 13 per rank
+    store = tmp_path / "store"
+    r = _cli(store, "train", "--model", "ep-cnn-tiny", "--dataset", data, "--epochs", 1, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    t_run = json.loads(r.stdout)["run_id"]
+    common = ["--teacher", t_run, "--epochs", "1", "--batch-size", "25", "--set", "augment=null", "--device", "cpu",
+              "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EPCLI_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "epcli", "--store", str(store), "train", *common], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads(out.stdout)
+    r = _cli(store, "train", *common)
+    assert r.exit_code == 0, r.output
+    one = json.loads(r.stdout)
+    s = Store(store)
+    weights = []
+    for res in (two, one):
+        ck = s.artifacts_of(res["run_id"], role="output", kind="checkpoint")[0]
+        weights.append(load_file(str(s.artifact_path(ck["sha256"]))))
+    h2, h1 = (s.metrics(res["run_id"], name="teacher_agreement")[0]["value"] for res in (two, one))
+    assert two["world_size"] == 2 and s.get_run(two["run_id"])["config"]["teacher"]["run_id"] == t_run
+    model_keys = [k for k in weights[1] if k.startswith("model.")]
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in model_keys) < 1e-5
+    tk = load_file(str(s.artifact_path(s.get_run(two["run_id"])["config"]["teacher"]["sha256"])))
+    assert max(float((tk[k] - weights[1][k]).abs().max()) for k in model_keys) > 1e-3  # it trained from the teacher
+    assert h2 == pytest.approx(h1)
