@@ -87,11 +87,11 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         if model not in list_models():
             create_model(model)  # an unknown name fails here, before any data is read
     if main and not resume:  # the recipe as it will resolve, checked before a large dataset is decoded
-        planned = training.resolve_recipe(recipe or training.default_recipe(model, dataset_name(dataset)),
-                                          overrides or {})
+        planned_name = recipe or training.default_recipe(model, dataset_name(dataset))
+        planned = training.resolve_recipe(planned_name, overrides or {})
         if teacher and not planned.get("distill"):
-            raise UsageError(f"recipe {recipe} has no distill section: a student learns from its teacher with a "
-                             "distillation recipe such as distill-ep")
+            raise UsageError(f"recipe {planned_name} has no distill section: a student learns from its teacher with "
+                             "a distillation recipe such as distill-ep")
     teacher_info = teacher_net = None
     if main and not resume and teacher:  # resolved and loaded before the data: a bad teacher reads nothing
         teacher_info, teacher_net = _load_teacher(store, teacher, dataset, device)
