@@ -311,6 +311,15 @@ def test_store_round_trip_teacher_student_attack(mini, tmp_path):
     assert f"EP-student (distilled from ep-cnn-tiny {t_run[:10]})" in md
     assert paper_key_for(Store(store).get_run(s_run)) is None
 
+    # a teacher given as a file: recorded by path, and linked by content (here: the stored checkpoint's copy)
+    copy_path = tmp_path / "teacher.safetensors"
+    copy_path.write_bytes(Store(store).artifact_path(t_ckpt["sha256"]).read_bytes())
+    r = _cli(store, "train", "--teacher", copy_path, "--epochs", 1, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    by_file = Store(store).get_run(json.loads(r.stdout)["run_id"])
+    assert by_file["config"]["teacher"]["path"] == str(copy_path.resolve()) and by_file["dataset"] == "data"
+    assert [a["sha256"] for a in Store(store).artifacts_of(by_file["id"], role="input")] == [t_ckpt["sha256"]]
+
     # resume: the same teacher, from the run's record
     r = _cli(store, "train", "--resume", s_run, "--epochs", 2, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
