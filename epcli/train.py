@@ -359,8 +359,9 @@ def _validate(r: dict) -> None:
         _check_number(d["logit_weight"], "distill.logit_weight", low=0)
         _check_number(d["temperature"], "distill.temperature", low=0, low_open=True)
         _check_number(d["label_weight"], "distill.label_weight", low=0)
-        need(d["target"] != "logits" or d["logit_weight"] > 0,
-             "recipe distill.target logits needs a distill.logit_weight > 0 (it is the whole loss)")
+        need(d["target"] != "logits" or d["logit_weight"] > 0 or d["label_weight"] > 0,
+             "recipe distill.target logits needs a distill.logit_weight or distill.label_weight > 0 (else the loss "
+             "is zero)")
 
 
 def check_adv_eps(eps, norm: str) -> float:

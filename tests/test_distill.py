@@ -232,7 +232,12 @@ def test_recipe_and_plan_refusals(mini, teacher):
                          ({"distill.label_weight": "x"}, "distill.label_weight must be a number"),
                          ({"distill.teacher": 3}, "distill.teacher must be a run id"),
                          ({"distill.target": "logits", "distill.logit_weight": 0}, "needs a distill.logit_weight"),
+                         ({"distill.target": "logits", "distill.logit_weight": 0, "distill.label_weight": 1.0},
+                          None),
                          ({"distill.nope": 1}, "unknown recipe key 'distill.nope'")):
+        if needle is None:  # labels only: the control, the same student trained by backprop on the same batches
+            assert resolve_recipe("distill-ep", over)["distill"]["label_weight"] == 1.0
+            continue
         with pytest.raises(UsageError, match=needle):
             resolve_recipe("distill-ep", over)
     assert resolve_recipe("demo-cnn", {"distill.temperature": 3.0})["distill"]["target"] == "states"
