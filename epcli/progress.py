@@ -125,7 +125,7 @@ class StageProgress:
         now = time.monotonic()
         for name in list(self._tasks):  # stages cut short: say where they stopped, unless it was at once
             t = self._tasks[name]        # (a bad argument's one-line error then stands alone)
-            if exc_type is not None and exc_type is not KeyboardInterrupt and now - t["start"] < 2.0:
+            if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt) and now - t["start"] < 2.0:
                 self._drop(name)
                 continue
             self._emit(f"{name}  stopped at {_count(t['done'], t['total'])} after "

@@ -81,6 +81,7 @@ docs/distributed.md), `EPCLI_REPORT_FORK` (docs/report.md) and `EPCLI_PROGRESS_E
 | 6 | training diverged (NaN or exploding states); the last good checkpoint is kept |
 | 7 | `attack --strict`: a reliability check failed and the result is flagged unreliable |
 | 130 | interrupted (Ctrl-C); the run is marked interrupted and everything stored so far is kept |
+| 143 | terminated by SIGTERM (a batch scheduler's time limit or preemption, `kill`): as Ctrl-C, the run is marked interrupted ("terminated by SIGTERM") and everything stored so far is kept |
 
 """
 

@@ -2,6 +2,7 @@
 import json
 import shutil
 import subprocess
+import signal
 import sys
 from pathlib import Path
 
@@ -180,6 +181,30 @@ def test_interrupted_training_is_marked_and_keeps_the_store(pipeline, monkeypatc
     s = Store(store)
     assert s.runs(kind="train", limit=1)[0]["status"] == "interrupted"
     assert s.get_run(train["run_id"])["status"] == "finished"
+
+
+def test_sigterm_closes_the_run_as_interrupted(tmp_path, small_data):
+    """A batch scheduler's SIGTERM (time limit, preemption) closes the run at once as interrupted, says so, and
+    exits 143; without the handler the run stayed 'running' until another epcli process found the pid gone."""
+    import time
+    store = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "epcli", "--store", str(store), "train", "--model", "cnn-small",
+                          "--dataset", str(small_data), "--epochs", "500", "--device", "cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait for the first epoch's line: the run is open and training
+            line = p.stderr.readline()
+            if line.startswith("epoch 1/500") or not line:
+                break
+        p.send_signal(signal.SIGTERM)
+        _, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    (run,) = Store(store).runs(kind="train")
+    assert run["status"] == "interrupted" and run["error"] == "terminated by SIGTERM"
 
 
 def test_installed_console_script(pipeline):
