@@ -215,6 +215,17 @@ def test_report_shows_autoattack_member_by_member(store):
     assert "after APGD-CE" in report.render(data, "html")
     doc = json.loads(report.render(data, "json"))
     assert doc["rows"][0]["cells"]["autoattack:linf:8/255"]["members"][-1][0] == "square"
+    # the `report --json` document (docs/cli.md's schema) carries them too, as fractions
+    import jsonschema
+
+    from epcli import schema
+    out = schema.report({"data": data})
+    jsonschema.validate(out, schema.SCHEMAS["report"])
+    (res8,) = [c for c in out["rows"][0]["results"] if c["attack"] == "autoattack" and c["eps_label"] == "8/255"]
+    assert [m["robust_acc"] for m in res8["members"]] == pytest.approx(
+        [res["members"]["8/255"][m] for m in ("apgd-ce", "apgd-t", "fab-t", "square")])
+    assert res8["labels"] == "true" and res8["from_clean_errors"] is None
+    assert res8["ci95"][0] <= res8["robust_acc"] <= res8["ci95"][1] and res8["ci95"][1] - res8["ci95"][0] > 0.2
     # a non-ensemble cell carries none
     assert all(c.members is None for k, c in row.cells.items()
                if k.split(":")[0] not in ("autoattack", "art-autoattack", "worst"))

@@ -47,6 +47,7 @@ from epcli.report.comparison import (
     PAPER_DATASETS,
     PAPER_EP_CHANNELS,
     PAPER_REGISTRY,
+    SQUARE_VARIANT_ITERATIONS,
     cell_not_comparable,
     model_not_comparable,
     protocol_reasons,
@@ -77,6 +78,7 @@ from epcli.report.datamodel import (
     Row,
     eps_label,
     result_grad_mode,
+    wilson95,
 )
 from epcli.report.formats import FORMATS, render
 from epcli.report.html_page import html_report
@@ -102,13 +104,13 @@ from epcli.report.runs import (
     training_diff,
     training_history,
 )
-from epcli.report.tables import clean_note, leaderboard_table, member_notes, model_notes, to_dict
+from epcli.report.tables import ci_text, clean_note, leaderboard_table, member_notes, model_notes, to_dict
 
 __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
            "clean_note", "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label",
            "figures", "flatten_config", "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable",
-           "member_notes", "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files", "robustbench_id",
-           "robustbench_json",
+           "member_notes", "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files",
+           "robustbench_id", "robustbench_json", "ci_text", "wilson95",
            "result_grad_mode", "to_dict", "training_curves", "training_diff", "training_history", "write_robustbench",
            # constants callers read (tests, bench, the corrupt and report pipelines)
            "ACC_METRICS", "ADVERSARIAL_MODELS", "ART_AUTOATTACK_BUDGET", "ATTACK_NAMES", "ATTACK_ORDER",
@@ -117,4 +119,5 @@ __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell
            "METRIC_COLUMNS", "MIN_N", "NORM_NAMES", "PAPER_ATTACK_OF", "PAPER_AUTHORS", "PAPER_DATASETS",
            "PAPER_EP_CHANNELS",
            "PAPER_EPOCHS", "PAPER_LINK", "PAPER_REGISTRY", "ROBUSTBENCH_DATASETS", "ROBUSTBENCH_EPS", "SEVERITIES",
+           "SQUARE_VARIANT_ITERATIONS",
            "STANDARD_EPS", "WHITE_BOX"]
