@@ -244,3 +244,29 @@ def test_paper_protocol_square_takes_the_papers_second_budget():
         _check_attack("square", "linf", None, None, {"n_queries": 20000}, None, False, "paper")
     with pytest.raises(UsageError, match=r"fixes these settings; drop --queries 5000 \(max_iter\)"):
         _check_attack("square", "l2", None, None, {"n_queries": 5000}, None, False, "paper")
+
+
+def test_report_draws_the_perturbation_spectrum_of_real_attacks(store, tmp_path):
+    """Real L2 PGD runs (predicted labels: every image attacked) on the CNN and the EP-CNN: the report's spectrum of each kept perturbation set sums to
+    1 over its rings, counts the images the attack changed, and is drawn as perturbation-spectrum.png/svg."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from epcli import report
+    runs = [api.attack(model=m["run_id"], norm="l2", eps="0.25,0.5", n=8, store=store, device="cpu",
+                       labels="predicted", params={"steps": 3}, strength=False) for m in (store.cnn, store.ep)]
+    data = report.collect(store, runs=[store.cnn["run_id"], store.ep["run_id"]])
+    found = report.spectra(data, {r.run_id: r.name for r in data.rows})
+    for res in runs:
+        mine = {s["eps"]: s for s in found if s["norm"] == "l2" and s["run_id"] == res["model_run_id"]}
+        assert set(mine) == {0.25, 0.5}
+        (art,) = store.artifacts_of(res["run_id"], role="output", kind="adversarial-examples")
+        t = load_file(str(store.artifact_path(art["sha256"])))
+        for eps, s in mine.items():
+            changed = int((np.abs(t[f"x_adv_{eps!r}"] - t["x"]).reshape(len(t["x"]), -1).max(axis=1) > 0).sum())
+            assert s["n"] == changed > 0 and s["fraction"].sum() == pytest.approx(1.0)
+            assert 0 < s["low"] < 1
+    paths = report.figures(data, tmp_path / "fig", only=["spectrum"])
+    assert {p.name for p in paths} == {"perturbation-spectrum.png", "perturbation-spectrum.svg"}
+    svg = (tmp_path / "fig" / "perturbation-spectrum.svg").read_text()
+    assert "Perturbation spectrum, L2" in svg and "cycles per image" in svg

@@ -32,6 +32,7 @@ The modules, each importing only those above it:
     formats      render(data, fmt): a format name -> text
     plotting     what every figure shares (Agg backend, PNG + SVG, colours, which models to draw)
     image_grids  the adversarial-example grid and the corruption sample grid
+    perturbations  the perturbations' spatial-frequency spectrum per model
     charts       figures(): every figure the data supports
     runs         lineage tree, training history, curves and diff of single training runs
 
@@ -85,6 +86,7 @@ from epcli.report.html_page import html_report
 from epcli.report.image_grids import choose_image, corruption_samples
 from epcli.report.plotting import ADVERSARIAL_MODELS, FIGURE_MODELS
 from epcli.report.reader import METRIC_COLUMNS, collect
+from epcli.report.perturbations import LOW_FREQUENCY, low_frequency_share, radial_spectrum, spectra, spectrum_figure
 from epcli.report.robustbench import (
     PAPER_AUTHORS,
     PAPER_LINK,
@@ -110,12 +112,13 @@ __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell
            "clean_note", "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label",
            "figures", "flatten_config", "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable",
            "member_notes", "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files",
-           "robustbench_id", "robustbench_json", "ci_text", "wilson95",
+           "robustbench_id", "robustbench_json", "ci_text", "wilson95", "low_frequency_share", "radial_spectrum",
+           "spectra", "spectrum_figure",
            "result_grad_mode", "to_dict", "training_curves", "training_diff", "training_history", "write_robustbench",
            # constants callers read (tests, bench, the corrupt and report pipelines)
            "ACC_METRICS", "ADVERSARIAL_MODELS", "ART_AUTOATTACK_BUDGET", "ATTACK_NAMES", "ATTACK_ORDER",
            "BENCHMARK_CORRUPTIONS", "BLACK_BOX", "ENSEMBLES",
-           "CURVE_METRICS", "EXTRA_CORRUPTIONS", "FIGURE_KINDS", "FIGURE_MODELS", "HEADLINE_ATTACKS",
+           "CURVE_METRICS", "EXTRA_CORRUPTIONS", "FIGURE_KINDS", "LOW_FREQUENCY", "FIGURE_MODELS", "HEADLINE_ATTACKS",
            "METRIC_COLUMNS", "MIN_N", "NORM_NAMES", "PAPER_ATTACK_OF", "PAPER_AUTHORS", "PAPER_DATASETS",
            "PAPER_EP_CHANNELS",
            "PAPER_EPOCHS", "PAPER_LINK", "PAPER_REGISTRY", "ROBUSTBENCH_DATASETS", "ROBUSTBENCH_EPS", "SEVERITIES",

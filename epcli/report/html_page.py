@@ -101,6 +101,11 @@ _CAPTIONS = {
     "adversarial-examples": "Per norm, one test image every shown model classifies correctly when clean, attacked at "
                             "growing ε: adversarial image with the predicted class (red: changed) and the "
                             "perturbation amplified by the factor written above it.",
+    "perturbation-spectrum": "Where in spatial frequency each model's attack put its perturbation δ = x_adv − x: "
+                             "the share of its energy at frequencies up to r cycles per image (2-D DFT, mean over "
+                             "the adversarial images the attack run kept and their channels). A curve that rises "
+                             "early: smooth, object-like perturbations (the paper saw them on the EP-CNN); late: "
+                             "high-frequency noise. n: kept images the attack changed.",
 }
 
 
@@ -152,7 +157,8 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
         parts.append(f"<h2>The paper beside the results</h2><p class=\"muted\">{_h(_PAPER_NOTE)}</p>")
         if rows:
             parts.append("<table id=\"paper\"><thead><tr><th>model</th><th>metric</th><th>epcli</th>"
-                         "<th>epcli 95% CI (n)</th><th>paper</th><th>diff</th><th>protocol differences</th><th>paper §</th></tr></thead><tbody>"
+                         "<th>epcli 95% CI (n)</th><th>paper</th><th>diff</th><th>protocol differences</th>"
+                         "<th>paper §</th></tr></thead><tbody>"
                          + "".join(rows) + "</tbody></table>")
         lines = _not_compared_lines(data)
         if lines:
