@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import warnings
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from epcli import __version__
-from epcli.errors import EpcliError, NotFoundError, UsageError
+from epcli.errors import EpcliError, NotFoundError, Terminated, UsageError
 
 def _typer_click_exceptions() -> list[type]:
     try:  # Typer >= 0.24 vendors Click under typer._click
@@ -107,9 +108,10 @@ class EpcliGroup(TyperGroup):
                 raise
             print_error(str(e))
             raise typer.Exit(e.code)
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/] (the run is marked interrupted; everything stored so far is kept)")
-            raise typer.Exit(130)
+        except KeyboardInterrupt as e:
+            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            err.print(f"[yellow]{what}[/] (the run is marked interrupted; everything stored so far is kept)")
+            raise typer.Exit(e.code if isinstance(e, Terminated) else 130)
         except _PASS_THROUGH:  # exits, help, usage errors: Typer/Click handle them
             raise
         except Exception as e:  # anything else is a bug: still one line unless --debug
@@ -128,7 +130,8 @@ app = typer.Typer(
     help="How robust are energy-based models trained with Equilibrium Propagation? Train EP-CNNs and "
          "baselines, attack them, corrupt them, and report - every run recorded in a local artifact store.",
     epilog="Exit codes: 0 ok, 1 runtime error, 2 usage error, 3 not found, 4 bad checkpoint, 5 store error, "
-           "6 training diverged, 7 results flagged unreliable (--strict), 130 interrupted.",
+           "6 training diverged, 7 results flagged unreliable (--strict), 130 interrupted, 143 terminated "
+           "(SIGTERM).",
 )
 
 
@@ -470,21 +473,30 @@ def attack(
                           f"{res['labels']} labels{', protocol paper' if res['protocol'] == 'paper' else ''}, "
                           f"run {res['run_id']}, {out['attack_forward_passes'] or 0:,} attack forward passes"),
                   highlight=False)
+        from epcli.report.datamodel import wilson95
+        n = res["n_examples"]
+
+        def ci(fraction):  # how far the accuracy could move on other images of the same number
+            bounds = wilson95(None if fraction is None else 100 * fraction, n)
+            return f"{bounds[0]:.2f}–{bounds[1]:.2f}" if bounds else ""
         t = Table()
         t.add_column("eps", no_wrap=True)
         t.add_column("robust %", justify="right", no_wrap=True)
+        t.add_column("95% CI", justify="right", no_wrap=True)
         errors = res.get("robust_from_clean_errors")
         if errors:  # predicted labels: robust includes misclassified images the attack moved onto their label
             t.add_column("of which clean errors %", justify="right", no_wrap=True)
         for gm in sweep:
             t.add_column(gm, justify="right")
-        t.add_row("clean", _pct(res["clean_acc"]), *([""] if errors else []), *["" for _ in sweep])
+        t.add_row("clean", _pct(res["clean_acc"]), ci(res["clean_acc"]), *([""] if errors else []),
+                  *["" for _ in sweep])
         for r in out["results"]:
             e = r["eps_label"]
-            t.add_row(e, _pct(r["robust_acc"]) + (" !" if res["unreliable"] else ""),
+            t.add_row(e, _pct(r["robust_acc"]) + (" !" if res["unreliable"] else ""), ci(r["robust_acc"]),
                       *([_pct(r["from_clean_errors"])] if errors else []),
                       *[_pct(accs.get(e)) for accs in sweep.values()])
         err.print(t)
+        err.print(f"95% CI: Wilson interval over the {n:,} images (their sampling only)", highlight=False)
         if errors:
             err.print("of which clean errors: images misclassified clean that the attack moved onto their true "
                       "label (predicted labels, the paper's protocol, count them as robust)", highlight=False)
@@ -1218,8 +1230,14 @@ for _c in app.registered_commands:
         _c.help = _unwrap(_c.callback.__doc__)
 
 
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM closes the run as interrupted, as Ctrl-C does (the library itself
+    installs no signal handler)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

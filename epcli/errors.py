@@ -45,3 +45,13 @@ class Diverged(EpcliError):
     """Training produced NaN or exploding values; the last good checkpoint is kept."""
 
     code = 6
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit or preemption, `kill`, torchrun stopping its workers), raised in
+    the CLI's main thread so that the run closes as interrupted, as on Ctrl-C. Exit code 143 (128 + 15)."""
+
+    code = 143
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM"

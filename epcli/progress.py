@@ -91,13 +91,16 @@ class StageProgress:
             self._tasks[task] = t
             if self.live:
                 self._ensure_bar()
-                t["id"] = self._bar.add_task(task, total=total or None, info="")
+                t["id"] = self._bar.add_task(task, total=total or None, info="", eta=_eta_word(False))
         t["done"], t["total"] = float(done), total
         text = format_info(info)
         if text:
             t["info"] = text
+        if info and info.get("_eta_bound") is not None:  # the stage may end early: its ETA is an upper bound
+            t["bound"] = bool(info["_eta_bound"])
         if self.live and t["id"] is not None:
-            self._bar.update(t["id"], completed=done, total=total or None, info=t["info"])
+            self._bar.update(t["id"], completed=done, total=total or None, info=t["info"],
+                             eta=_eta_word(t.get("bound", False)))
         if total and done >= total:
             self._finish(task, now)
         elif not self.live and self.every > 0 and now - t["said"] >= self.every:
@@ -122,7 +125,7 @@ class StageProgress:
         now = time.monotonic()
         for name in list(self._tasks):  # stages cut short: say where they stopped, unless it was at once
             t = self._tasks[name]        # (a bad argument's one-line error then stands alone)
-            if exc_type is not None and exc_type is not KeyboardInterrupt and now - t["start"] < 2.0:
+            if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt) and now - t["start"] < 2.0:
                 self._drop(name)
                 continue
             self._emit(f"{name}  stopped at {_count(t['done'], t['total'])} after "
@@ -137,7 +140,7 @@ class StageProgress:
         if self._bar is None:
             self._bar = Progress(
                 TextColumn("{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), _Info(),
+                TimeElapsedColumn(), TextColumn("{task.fields[eta]}"), TimeRemainingColumn(), _Info(),
                 console=self.console, transient=True, refresh_per_second=4, redirect_stdout=False,
                 redirect_stderr=False)
             self._bar.start()
@@ -158,8 +161,8 @@ class StageProgress:
     def _running_line(name: str, t: dict, now: float) -> str:
         """"pgd 8/255  120/1000  1:05  eta 7:57  robust_acc=0.3": a stage still running, in a plain log."""
         elapsed = now - t["start"]
-        eta = (f"  eta {format_seconds(elapsed * (t['total'] - t['done']) / t['done'])}"
-               if t["total"] and t["done"] > 0 else "")
+        left = elapsed * (t["total"] - t["done"]) / t["done"] if t["total"] and t["done"] > 0 else None
+        eta = f"  {_eta_word(t.get('bound', False))} {format_seconds(left)}" if left is not None else ""
         return (f"{name}  {_count(t['done'], t['total'])}  {format_seconds(elapsed)}{eta}"
                 + (f"  {t['info']}" if t["info"] else ""))
 
@@ -173,6 +176,11 @@ class StageProgress:
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _eta_word(bound: bool) -> str:
+    """"eta", or "eta ≤" for a stage whose count is an upper bound (an attack that stops on broken images)."""
+    return "eta ≤" if bound else "eta"
 
 
 def _every_from_env() -> float:

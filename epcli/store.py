@@ -425,12 +425,12 @@ class Store:
 
     @contextlib.contextmanager
     def run(self, kind: str, config: dict, **kwargs) -> Iterator[str]:
-        """Open a run; close it as finished, failed (with the error text) or interrupted (Ctrl-C)."""
+        """Open a run; close it as finished, failed (with the error text) or interrupted (Ctrl-C, SIGTERM)."""
         run_id = self.start_run(kind, config, **kwargs)
         try:
             yield run_id
-        except KeyboardInterrupt:
-            self.finish_run(run_id, "interrupted", "interrupted by the user (Ctrl-C)")
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM in the CLI (errors.Terminated)
+            self.finish_run(run_id, "interrupted", str(e) or "interrupted by the user (Ctrl-C)")
             raise
         except BaseException as e:
             self.finish_run(run_id, "failed", f"{type(e).__name__}: {e}".strip())

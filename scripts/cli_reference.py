@@ -59,7 +59,8 @@ save  1/1  0.0s  run_id=01m8mmdrjnd72163
 
 A stage still running also writes a line every `EPCLI_PROGRESS_EVERY` seconds (default 60; 0: never), with
 its ETA, so that the log of a long job (nohup, a batch scheduler) says where it is:
-`autoattack 8/255  50/200  1:01  eta 3:03  robust_acc=0.5`. An epoch's count is its batches plus one step for the
+`autoattack 8/255  50/200  1:01  eta 3:03  robust_acc=0.5`. "eta ≤" (also on the bars) marks an upper bound: an
+attack that stops on the images it broke (all but FGSM and PGD without restarts) is counted at its full budget. An epoch's count is its batches plus one step for the
 test evaluation. `-q`/`--quiet` (before or after the
 command) silences progress and notes.
 
@@ -80,6 +81,7 @@ docs/distributed.md), `EPCLI_REPORT_FORK` (docs/report.md) and `EPCLI_PROGRESS_E
 | 6 | training diverged (NaN or exploding states); the last good checkpoint is kept |
 | 7 | `attack --strict`: a reliability check failed and the result is flagged unreliable |
 | 130 | interrupted (Ctrl-C); the run is marked interrupted and everything stored so far is kept |
+| 143 | terminated by SIGTERM (a batch scheduler's time limit or preemption, `kill`): as Ctrl-C, the run is marked interrupted ("terminated by SIGTERM") and everything stored so far is kept |
 
 """
 

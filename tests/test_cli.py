@@ -2,6 +2,7 @@
 import json
 import shutil
 import subprocess
+import signal
 import sys
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     robust = {r["eps_label"]: r["robust_acc"] for r in att["results"]}
     assert att["model_run_id"] == train["run_id"] and set(robust) == {"2/255", "8/255"}
     assert robust["8/255"] <= robust["2/255"] <= att["clean_acc"]
+    from epcli.report import wilson95  # the table on stderr gives each accuracy's interval over the 60 images
+    lo, hi = wilson95(100 * robust["8/255"], 60)
+    assert f"{lo:.2f}–{hi:.2f}" in r.stderr and "95% CI: Wilson interval over the 60 images" in r.stderr
     r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise,contrast", "-s", "1,2", "-s", "3,4,5",
                "--n", 60, "--json", store=store)  # comma lists and repeats mix
     assert r.exit_code == 0, r.output
@@ -182,6 +186,30 @@ def test_interrupted_training_is_marked_and_keeps_the_store(pipeline, monkeypatc
     assert s.get_run(train["run_id"])["status"] == "finished"
 
 
+def test_sigterm_closes_the_run_as_interrupted(tmp_path, small_data):
+    """A batch scheduler's SIGTERM (time limit, preemption) closes the run at once as interrupted, says so, and
+    exits 143; without the handler the run stayed 'running' until another epcli process found the pid gone."""
+    import time
+    store = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "epcli", "--store", str(store), "train", "--model", "cnn-small",
+                          "--dataset", str(small_data), "--epochs", "500", "--device", "cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait for the first epoch's line: the run is open and training
+            line = p.stderr.readline()
+            if line.startswith("epoch 1/500") or not line:
+                break
+        p.send_signal(signal.SIGTERM)
+        _, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    (run,) = Store(store).runs(kind="train")
+    assert run["status"] == "interrupted" and run["error"] == "terminated by SIGTERM"
+
+
 def test_installed_console_script(pipeline):
     store, _, train = pipeline
     exe = shutil.which("epcli", path=str(Path(sys.executable).parent))
@@ -245,6 +273,13 @@ def test_stage_progress_plain_says_where_a_long_stage_is(monkeypatch):
         if every:  # at 61 s (50 of 200 done: eta 3:03) and at 125 s (the next call 60 s after that line)
             assert lines[0] == "autoattack 8/255  50/200  1:01  eta 3:03  robust_acc=0.5"
             assert lines[1].startswith("autoattack 8/255  100/200  2:05  eta 2:05")
+    buf = io.StringIO()  # an attack that stops on broken images: its count, so its ETA, is an upper bound
+    with progress.StageProgress(live=False, stream=buf, every=60) as p:
+        clock[0] = 0.0
+        p("square 8/255", 0, 100, {})
+        clock[0] = 70.0
+        p("square 8/255", 10, 100, {"robust_acc": 0.5, "_eta_bound": True})
+    assert buf.getvalue().splitlines()[0] == "square 8/255  10/100  1:10  eta ≤ 10:30  robust_acc=0.5"
     monkeypatch.setenv("EPCLI_PROGRESS_EVERY", "nope")
     assert progress._every_from_env() == 60.0
 
@@ -262,9 +297,12 @@ def test_stage_progress_live_shows_bars_then_lines():
         p("pgd 8/255", 16.5, 32, {"robust_acc": 0.25})
         p._bar.refresh()
         during = buf.getvalue()
+        p("square 8/255", 3, 32, {"_eta_bound": True})
+        p._bar.refresh()
+        assert "eta ≤" in buf.getvalue()[len(during):]
         p("pgd 8/255", 32, 32, {"robust_acc": 0.25, "fwd": 640})
-    assert "pgd 8/255" in during and "16/32" in during and "eta" in during
-    assert p.lines == [p.lines[0]] and p.lines[0].startswith("pgd 8/255  32/32  ")
+    assert "pgd 8/255" in during and "16/32" in during and "eta" in during and "eta ≤" not in during
+    assert p.lines[0].startswith("pgd 8/255  32/32  ") and "square 8/255  stopped at 3/32" in p.lines[1]
     assert p.lines[0].endswith("robust_acc=0.25  fwd=640")
 
 
@@ -282,6 +320,11 @@ def test_attack_inside_a_batch_reports_progress(mini):
     assert all(0 <= s["robust"] <= 8 for s in ends)
     # the progress line's fwd= and the header's "attack forward passes" are one count (it had the scoring pass)
     assert sum(s["forward_passes"] for s in ends) == r["attack_forward_passes"] >= 2 * 8 * 3
+    assert all(s["exact"] for s in steps)  # PGD without restarts makes its budget exactly: a true ETA
+    squares = []
+    evaluate(net, mini.test_x[:8], mini.test_y[:8], attack="square", norm="linf", eps_list=[8 / 255],
+             params={"n_queries": 5}, batch_size=8, keep_adv=0, on_step=squares.append)
+    assert squares and not any(s["exact"] for s in squares)  # stops on broken images: an upper bound
 
 
 def test_cw_progress_moves_during_its_one_run_on_the_first_eps_line(mini, monkeypatch):

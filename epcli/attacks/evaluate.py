@@ -115,6 +115,12 @@ def forward_budget(attack: str, params: dict) -> int:
     }.get(attack, steps * restarts))
 
 
+def budget_is_exact(attack: str, params: dict) -> bool:
+    """Whether forward_budget is the attack's count (FGSM; PGD without restarts), not an upper bound: the
+    others stop early on the images already broken, so an ETA from it is one too."""
+    return attack == "fgsm" or (attack == "pgd" and max(1, int(params.get("restarts") or 1)) == 1)
+
+
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype a model takes its images in: that of its first floating-point parameter (float32 without one)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -160,7 +166,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     batch_size=None starts at 256; on CUDA out-of-memory the batch is halved and retried.
     on_step(info), for progress inside a batch: called when the attack at one eps starts on a batch, every
     ~0.5 s while it runs and when it ends, with eps, lo, hi (the batch), fraction (forward passes so far over
-    forward_budget(), an estimate capped below 1 until the end) and, at the end, robust (count in the batch).
+    forward_budget(), an estimate capped below 1 until the end; exact: False when that budget is an upper bound,
+    the attack stopping early on broken images) and, at the end, robust (count in the batch).
     """
     from epcli.attacks import get_attack
     fn = get_attack(attack)
@@ -228,7 +235,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         return (pred == truth) if labels == "predicted" else (pred == truth) & (clean == truth)
 
     attack_passes = 0
-    budget = forward_budget(attack, resolved)
+    budget, exact = forward_budget(attack, resolved), budget_is_exact(attack, resolved)
     step = {"eps": None, "lo": 0, "hi": 0, "base": 0, "todo": 0, "last": 0.0}
 
     def beat(final_robust: int | None = None):  # progress inside one attack call, throttled
@@ -243,7 +250,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
         passes = (step["attack_end"] if final_robust is not None and step.get("attack_end") is not None
                   else counter.n) - step["base"]
         frac = 1.0 if final_robust is not None else min(0.99, passes / max(1, step["todo"] * budget))
-        info = {"eps": step["eps"], "lo": step["lo"], "hi": step["hi"], "fraction": frac, "forward_passes": passes}
+        info = {"eps": step["eps"], "lo": step["lo"], "hi": step["hi"], "fraction": frac, "forward_passes": passes,
+                "exact": exact}
         if final_robust is not None:
             info["robust"] = final_robust
         on_step(info)

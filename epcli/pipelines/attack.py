@@ -490,7 +490,8 @@ def _attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress: Progres
             shown = {"robust_acc": robust[e] / (start + info["hi"]), "fwd": passes[e]}
         else:
             seen = start + info["lo"]
-            shown = {"robust_acc": robust[e] / seen if seen else None, "fwd": passes[e] + info["forward_passes"]}
+            shown = {"robust_acc": robust[e] / seen if seen else None, "fwd": passes[e] + info["forward_passes"],
+                     "_eta_bound": not info.get("exact", True)}  # the display then says "eta ≤"
         progress(names[e], done, total, shown)
 
     for k, (start, stop) in enumerate(_chunks(total, chunk)):

@@ -106,7 +106,8 @@ def attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, task: st
 
     def on_step(info: dict) -> None:
         ahead = world * (info["lo"] + info["fraction"] * (info["hi"] - info["lo"]))
-        progress(names[info["eps"]], min(done + ahead, total), total, {"ranks": world})
+        progress(names[info["eps"]], min(done + ahead, total), total,
+                 {"ranks": world, "_eta_bound": not info.get("exact", True)})
 
     def on_result(rank: int, k: int, r: dict) -> None:
         nonlocal done
