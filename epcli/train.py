@@ -4,7 +4,9 @@
 - EP models (they have `ep_train_step`) fill `.grad` with the EP (or BPTT) estimate, then the optimiser steps;
 - everything else trains by cross-entropy back-propagation; with `recipe["adv"]` each batch is first replaced
   by its PGD adversarial version (`epcli.attacks.pgd`, the one PGD implementation; model in eval mode while
-  attacking), Madry et al. style, with no clean/adversarial mix.
+  attacking), Madry et al. style, with no clean/adversarial mix;
+- with `recipe["distill"]` an `ep-student` (epcli.student) learns by backprop from a teacher EP-CNN's fixed points
+  on the same batch (`fit(..., teacher=...)`; `distill_loss`).
 
 After every epoch the test accuracy is measured and `on_epoch(epoch, metrics, state)` gets a `state` that
 resumes training *exactly* (same final weights as an uninterrupted run): weights, optimiser, schedule position,
