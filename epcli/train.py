@@ -868,9 +868,7 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
 
     model.to(device)
     if distill:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher.to(device).eval()  # it only relaxes, under no_grad: its weights never change
         if state is None and distill["init"] == "teacher":  # before rank 0's weights are broadcast
             from epcli.student import init_from_teacher
             init_from_teacher(model, teacher)

@@ -199,7 +199,9 @@ def test_epoch_history_records_how_close_the_teacher_got(mini, teacher):
         b, _ = teacher.relax(x, teacher.T - 1)
         res = relative_residual(a, b)
         agree = float((st(x).argmax(1) == teacher.logits(a).argmax(1)).float().mean())
+    before = copy.deepcopy(teacher.state_dict())
     h = fit(st, ds, recipe, teacher=teacher)[0]
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # the teacher never learns
     assert math.isclose(h["teacher_residual"], float(res.max()), rel_tol=1e-4)
     assert math.isclose(h["teacher_residual_mean"], float(res.mean()), rel_tol=1e-4)
     assert math.isclose(h["teacher_agreement"], agree) and h["teacher_steps"] == teacher.T
