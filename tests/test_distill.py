@@ -313,6 +313,8 @@ def test_store_round_trip_teacher_student_attack(mini, tmp_path):
     assert child["kind"] == "train" and [g["run_id"] for g in child["children"]] == [a_run]
     out = _cli(store, "trace", s_run).stdout
     assert f"input teacher {t_ckpt['sha256'][:12]} of train {t_run}" in out
+    r = _cli(store, "rm", t_run)  # the students depend on their teacher
+    assert r.exit_code == 2 and s_run in r.stderr and "--cascade" in r.stderr
     # the report names the student after its teacher, and compares it with no paper number
     md = _cli(store, "report", "-f", "md").stdout
     assert f"EP-student (distilled from ep-cnn-tiny {t_run[:10]})" in md
