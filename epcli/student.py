@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from epcli.ep import ACTIVATIONS, PRESETS
+from epcli.ep import ACTIVATIONS, PRESETS, layer_stack
 from epcli.errors import UsageError
 
 __all__ = ["EPStudent", "ARCH_KEYS", "arch_from", "init_from_teacher", "check_matches_teacher"]
@@ -89,24 +89,8 @@ class EPStudent(nn.Module):
         # constants live in the spec, not in the weights (as models.Normalize)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.convs, self.shapes = nn.ModuleList(), []
-        c, (h, w) = in_channels, hw
-        for cout, k, p, pool in zip(channels, kernels, paddings, pools):
-            self.convs.append(nn.Conv2d(c, cout, k, padding=p))
-            h, w = h + 2 * p - k + 1, w + 2 * p - k + 1
-            if pool != "i":
-                h, w = h // 2, w // 2
-            if h < 1 or w < 1:
-                raise UsageError(f"ep-student: the conv stack {list(channels)} does not fit {hw[0]}x{hw[1]} images")
-            c = cout
-            self.shapes.append((c, h, w))
-        self.fcs = nn.ModuleList()
-        d = c * h * w
-        for width in list(fc) + ([num_classes] if readout == "mse" else []):
-            self.fcs.append(nn.Linear(d, int(width)))
-            d = int(width)
-            self.shapes.append((d,))
-        self.out = nn.Linear(d, num_classes) if readout == "ce" else None
+        self.convs, self.fcs, self.out, self.shapes = layer_stack(num_classes, in_channels, hw, channels, kernels,
+                                                                  paddings, pools, fc, readout)
         if init_gain != 1.0:  # the teacher's init (EPCNN scales its couplings the same way)
             with torch.no_grad():
                 for m in self._couplings():
