@@ -431,13 +431,21 @@ class Store:
             yield run_id
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM in the CLI (errors.Terminated)
             self.finish_run(run_id, "interrupted", str(e) or "interrupted by the user (Ctrl-C)")
+            self._clean_after_stop(run_id)
             raise
         except BaseException as e:
             self.finish_run(run_id, "failed", f"{type(e).__name__}: {e}".strip())
+            self._clean_after_stop(run_id)
             raise
         else:
             if self.get_run(run_id)["status"] == "running":
                 self.finish_run(run_id, "finished")
+
+    def _clean_after_stop(self, run_id: str) -> None:
+        """A run stopped by an exception (a signal may land between an artifact's rename and its row): its temp
+        files and row-less artifact files go now, as a killed run's do when the store next opens."""
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self._clean_after(self.db, run_id)
 
     def get_run(self, run_id: str) -> dict:
         """A run by id or by a unique id prefix."""

@@ -284,3 +284,29 @@ def test_runs_line_says_how_an_attack_scored_robustness(tmp_path):
     assert "art-square linf (protocol paper) robust 8/255" in lines["paper"]
     assert "art-square linf (targeted) robust 8/255" in lines["tgt"]
     s.close()
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, "Terminated", RuntimeError])
+def test_a_run_stopped_while_an_artifact_lands_leaves_a_consistent_store(tmp_path, monkeypatch, stop):
+    """Ctrl-C / SIGTERM (errors.Terminated) / an error between an artifact's rename into place and its row: the
+    run closes, and the file it renamed in is removed at once (not left for gc: no stale-run cleanup follows an
+    orderly close)."""
+    from epcli.errors import Terminated
+    stop = Terminated if stop == "Terminated" else stop
+    s = Store(tmp_path / "s")
+    with s.run("train", {}, model="cnn", dataset="mini", seed=0) as kept:
+        s.write_artifact(kept, "checkpoint", lambda p: p.write_bytes(b"kept"))
+    real_link = Store.link
+
+    def link(self, *a, **k):  # the signal lands after the rename, inside the row's transaction
+        raise stop("stopped")
+
+    monkeypatch.setattr(Store, "link", link)
+    with pytest.raises(stop):
+        with s.run("train", {}, model="cnn", dataset="mini", seed=1) as rid:
+            s.write_artifact(rid, "checkpoint", lambda p: p.write_bytes(b"half"))
+    monkeypatch.setattr(Store, "link", real_link)
+    assert s.get_run(rid)["status"] == ("failed" if stop is RuntimeError else "interrupted")
+    invariant(s)
+    assert not list((s.root / "tmp").glob(f"{rid}-*"))
+    assert s.db["artifacts"].count == 1 and s.artifact_path(s.artifacts_of(kept)[0]["sha256"]).read_bytes() == b"kept"
