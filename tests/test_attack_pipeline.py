@@ -270,3 +270,16 @@ def test_report_draws_the_perturbation_spectrum_of_real_attacks(store, tmp_path)
     assert {p.name for p in paths} == {"perturbation-spectrum.png", "perturbation-spectrum.svg"}
     svg = (tmp_path / "fig" / "perturbation-spectrum.svg").read_text()
     assert "Perturbation spectrum, L2" in svg and "cycles per image" in svg
+
+
+@pytest.mark.parametrize("eps", [0.0001, 1 / 255, 0.031, 8 / 255, 0.5, 3.0, 0.123456789, 1 / 3, 1.23456789e-5])
+def test_report_finds_each_eps_members_under_the_attack_pipelines_label(eps):
+    """The summary keys members by pipelines.common.eps_label (k/255 or %g, six digits); the report matches them
+    to the metric's exact eps, each eps to its own members, however many digits it has."""
+    from epcli.pipelines.common import eps_label as run_label
+    from epcli.report.reader import _members
+    others = [e for e in (0.0001, 1 / 255, 0.031, 8 / 255, 0.5, 3.0, 0.123456789, 1 / 3, 1.23456789e-5) if e != eps]
+    summary = {"members": {run_label(e): {"apgd-ce": 0.5, "square": round(e, 12) % 1} for e in [eps, *others]}}
+    run = {"config": {"attack": "autoattack"}, "summary": json.dumps(summary)}
+    assert _members(run, eps) == [["apgd-ce", 50.0], ["square", 100.0 * (round(eps, 12) % 1)]]
+    assert _members(run, 0.25) is None  # an eps the run did not attack

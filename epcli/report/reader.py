@@ -184,15 +184,19 @@ def _members(run: dict, eps: float) -> list[list] | None:
     if run.get("config", {}).get("attack") not in ENSEMBLES:
         return None
     summary = _json(run.get("summary"))
+    best = None  # the nearest label: %g keeps six significant digits, so a label is within 5e-6 (relative)
     for label, accs in ((summary or {}).get("members") or {}).items() if isinstance(summary, dict) else ():
         num, _, den = str(label).partition("/")
         try:
             value = float(num) / float(den or 1)
-        except ValueError:
+        except (ValueError, ZeroDivisionError):
             continue
-        if math.isclose(value, eps, rel_tol=1e-6) and isinstance(accs, dict):
-            return [[name, 100.0 * acc] for name, acc in accs.items() if isinstance(acc, (int, float))]
-    return None
+        off = abs(value - eps)
+        if math.isclose(value, eps, rel_tol=1e-5) and isinstance(accs, dict) and (best is None or off < best[0]):
+            best = (off, accs)
+    if best is None:
+        return None
+    return [[name, 100.0 * acc] for name, acc in best[1].items() if isinstance(acc, (int, float))]
 
 
 # --- collect -----------------------------------------------------------------------------------------------
