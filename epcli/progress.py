@@ -87,12 +87,17 @@ class StageProgress:
             self._drop(task)
             t = None
         if t is None:
-            t = {"start": now, "done": 0.0, "total": total, "info": "", "id": None, "said": now}
+            # base: when and where this process's own work began (the ETA's rate): a stage may open with work
+            # already done, or jump to it (an attack's saved chunks, info "resumed")
+            t = {"start": now, "done": 0.0, "total": total, "info": "", "id": None, "said": now,
+                 "base": (now, float(done))}
             self._tasks[task] = t
             if self.live:
                 self._ensure_bar()
                 t["id"] = self._bar.add_task(task, total=total or None, info="", eta=_eta_word(False))
         t["done"], t["total"] = float(done), total
+        if info and info.get("resumed"):
+            t["base"] = (now, float(done))
         text = format_info(info)
         if text:
             t["info"] = text
@@ -161,7 +166,9 @@ class StageProgress:
     def _running_line(name: str, t: dict, now: float) -> str:
         """"pgd 8/255  120/1000  1:05  eta 7:57  robust_acc=0.3": a stage still running, in a plain log."""
         elapsed = now - t["start"]
-        left = elapsed * (t["total"] - t["done"]) / t["done"] if t["total"] and t["done"] > 0 else None
+        since, base = t["base"]
+        left = ((now - since) * (t["total"] - t["done"]) / (t["done"] - base)
+                if t["total"] and t["done"] > base and now > since else None)
         eta = f"  {_eta_word(t.get('bound', False))} {format_seconds(left)}" if left is not None else ""
         return (f"{name}  {_count(t['done'], t['total'])}  {format_seconds(elapsed)}{eta}"
                 + (f"  {t['info']}" if t["info"] else ""))

@@ -284,6 +284,29 @@ def test_stage_progress_plain_says_where_a_long_stage_is(monkeypatch):
     assert progress._every_from_env() == 60.0
 
 
+def test_stage_progress_eta_of_a_resumed_stage_counts_only_this_process_work(monkeypatch):
+    """A resumed attack starts with chunks already done (loaded in a second, or the first call's done under
+    torchrun): the plain line's ETA is from the images attacked since, not from the resumed ones."""
+    import io
+    from types import SimpleNamespace
+
+    from epcli import progress
+    clock = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    buf = io.StringIO()
+    with progress.StageProgress(live=False, stream=buf, every=60) as p:
+        p("pgd 8/255", 0, 1000, {})  # one process: the stage opens at 0, then the saved chunks load
+        clock[0] = 1.0
+        p("pgd 8/255", 900, 1000, {"robust_acc": 0.5, "resumed": "yes"})
+        p("torchrun 8/255", 900, 1000, {"robust_acc": 0.5})  # torchrun: the first call counts the saved ones
+        clock[0] = 61.0
+        p("pgd 8/255", 910, 1000, {"robust_acc": 0.5})  # 10 images in 60 s: 90 more take 9 minutes
+        p("torchrun 8/255", 905, 1000, {"robust_acc": 0.5})  # 5 in 60 s: 95 more take 19 minutes
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("pgd 8/255  910/1000  1:01  eta 9:00")
+    assert lines[1].startswith("torchrun 8/255  905/1000  1:00  eta 19:00")
+
+
 def test_stage_progress_live_shows_bars_then_lines():
     import io
 
