@@ -375,3 +375,43 @@ def test_batch_span_covers_whole_batches():
             assert spans[0][0] == 0 and spans[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
             assert all(lo % bs == 0 for lo, _ in spans)
+
+
+def test_sharded_attack_progress_never_runs_ahead_of_its_round(tmp_path, monkeypatch):
+    """Rank 0 extrapolates its own chunk to the world; in a round with fewer chunks than ranks (the last) or a
+    short chunk that overshot the round, so the stage "finished" early, then restarted at the true count and
+    finished twice. Counts now never pass the round in flight, never go back, and end once."""
+    import io
+
+    from epcli.pipelines import shard
+    from epcli.progress import StageProgress
+    monkeypatch.setattr(shard.dist, "world_size", lambda: 2)
+    monkeypatch.setattr(shard.dist, "broadcast_object", lambda obj=None, src=0: obj)
+    eps = 8 / 255
+
+    def rounds(net, surrogate, x, y, job, device, on_step=None, on_result=None):  # two ranks at the same pace
+        from epcli.pipelines.attack import _chunks
+        bounds = _chunks(job["n"], job["chunk"])
+        pending = job["pending"]
+        for i in range(0, len(pending), 2):
+            turn = pending[i:i + 2]
+            lo, hi = bounds[turn[0]]
+            for frac in (0.5, 1.0):
+                on_step({"eps": eps, "lo": 0, "hi": hi - lo, "fraction": frac, "exact": True})
+            for rank, k in enumerate(turn):
+                size = bounds[k][1] - bounds[k][0]
+                on_result(rank, k, {"robust": {eps: torch.zeros(size, dtype=torch.bool)},
+                                    "clean_correct": torch.ones(size, dtype=torch.bool)})
+
+    monkeypatch.setattr(shard, "_attack_rounds", rounds)
+    calls = []
+    buf = io.StringIO()
+    with StageProgress(live=False, stream=buf, every=0) as p:
+        def progress(task, done, total, info=None):
+            calls.append(done)
+            p(task, done, total, info)
+        shard.attack_in_chunks(None, torch.zeros(10, 1), torch.zeros(10, dtype=torch.long), chunk=4,
+                               partial=tmp_path / "partial", progress=progress, task="pgd {eps}", seed=0,
+                               eps_list=[eps], device="cpu")
+    assert calls == sorted(calls) and calls[-1] == 10 and calls.count(10) == 1, calls
+    assert len(buf.getvalue().splitlines()) == 1  # one finished line

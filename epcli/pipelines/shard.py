@@ -101,13 +101,22 @@ def attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, task: st
     names = {e: task.format(eps=eps_label(e)) for e in kw["eps_list"]}
     robust = {e: sum(int(r["robust"][e].sum()) for r in parts.values()) for e in kw["eps_list"]}
     total, done = len(y), sum(bounds[k][1] - bounds[k][0] for k in parts)
+    shown = {e: done for e in kw["eps_list"]}  # counts shown: they never go back (a stage would restart)
+
+    def show(e: float, count: float, info: dict) -> None:
+        shown[e] = max(shown[e], count)
+        progress(names[e], shown[e], total, info)
+
     for e in kw["eps_list"]:
-        progress(names[e], done, total, {"robust_acc": robust[e] / done if done else None})
+        show(e, done, {"robust_acc": robust[e] / done if done else None})
 
     def on_step(info: dict) -> None:
         ahead = world * (info["lo"] + info["fraction"] * (info["hi"] - info["lo"]))
-        progress(names[info["eps"]], min(done + ahead, total), total,
-                 {"ranks": world, "_eta_bound": not info.get("exact", True)})
+        # an estimate, kept below the end of the round in flight (the last round may have fewer chunks than
+        # ranks, a chunk fewer images): only the round's outcomes, gathered, complete it
+        in_flight = [k for k in pending if k not in parts][:world]
+        end = done + sum(bounds[k][1] - bounds[k][0] for k in in_flight)
+        show(info["eps"], min(done + ahead, end - 1), {"ranks": world, "_eta_bound": not info.get("exact", True)})
 
     def on_result(rank: int, k: int, r: dict) -> None:
         nonlocal done
@@ -118,7 +127,7 @@ def attack_in_chunks(net, x, y, *, chunk: int, partial: Path, progress, task: st
         done += bounds[k][1] - bounds[k][0]
         for e in kw["eps_list"]:
             robust[e] += int(r["robust"][e].sum())
-            progress(names[e], done, total, {"robust_acc": robust[e] / done if done else None, "ranks": world})
+            show(e, done, {"robust_acc": robust[e] / done if done else None, "ranks": world})
 
     _attack_rounds(net, surrogate, x, y, job, device, on_step=on_step, on_result=on_result)
     merged = _merge_chunks([parts[k] for k in range(len(bounds))])
