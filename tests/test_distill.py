@@ -379,3 +379,20 @@ def test_torchrun_student_equals_one_process(mini, tmp_path):
     tk = load_file(str(s.artifact_path(s.get_run(two["run_id"])["config"]["teacher"]["sha256"])))
     assert max(float((tk[k] - weights[1][k]).abs().max()) for k in model_keys) > 1e-3  # it trained from the teacher
     assert h2 == pytest.approx(h1)
+
+
+def test_resume_takes_the_teacher_file_it_was_given_not_its_runs_final(tmp_path):
+    """A teacher given as a file records the file and the run named in its metadata; that run's final
+    checkpoint may be another epoch than the file (a --select run, an exported epoch), so a resume loads the
+    recorded file while it exists, and the run's checkpoint only when the file is gone."""
+    from epcli.pipelines.train import _recorded_teacher
+    f = tmp_path / "epoch-3.safetensors"
+    f.write_bytes(b"x")
+    config = {"teacher": {"run_id": "0123456789abcdef", "path": str(f), "sha256": None},
+              "recipe": {"distill": {"teacher": "0123456789abcdef"}}}
+    assert _recorded_teacher(config) == str(f)
+    f.unlink()
+    assert _recorded_teacher(config) == "0123456789abcdef"
+    by_run = {"teacher": {"run_id": "0123456789abcdef", "path": None, "sha256": "ab" * 32},
+              "recipe": {"distill": {"teacher": "0123456789abcdef"}}}
+    assert _recorded_teacher(by_run) == "0123456789abcdef"

@@ -412,8 +412,12 @@ def _teacher_record(info: dict, net) -> dict:
 
 
 def _recorded_teacher(config: dict) -> str:
-    """A resumed student's teacher: the training run (its final checkpoint) or the file its run recorded."""
+    """A resumed student's teacher: the file its run recorded (given as a file: it may be another epoch than
+    the final checkpoint of the run its metadata names) while it exists, else the training run (its final
+    checkpoint)."""
     t = config.get("teacher") or {}
+    if t.get("path") and Path(t["path"]).is_file():
+        return str(t["path"])
     ref = t.get("run_id") or t.get("path") or ((config.get("recipe") or {}).get("distill") or {}).get("teacher")
     if not ref:
         raise CheckpointError("this distillation run does not record its teacher")
