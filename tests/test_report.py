@@ -942,6 +942,37 @@ def test_clean_column_says_what_it_was_measured_on(tmp_path):
     store.close()
 
 
+def test_a_report_stopped_while_drawing_takes_its_drawing_child_down(tmp_path, monkeypatch):
+    """SIGTERM or Ctrl-C (a KeyboardInterrupt) in the report while the forked child draws: the child is ended and
+    reaped at once, not left drawing into the output folder after the command has exited."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    import epcli.pipelines.report as pipeline
+    from epcli.errors import Terminated
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setenv("EPCLI_REPORT_FORK", "1")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    def figures(data, out_dir, only=None, **kw):
+        if list(only) == list(pipeline._CHILD_KINDS):  # the child: a long drawing
+            time.sleep(30)
+            return []
+        raise Terminated()  # the parent is stopped meanwhile
+
+    monkeypatch.setattr(report, "figures", figures)
+    children, real_fork = [], pipeline._fork
+    monkeypatch.setattr(pipeline, "_fork", lambda work: children.append(real_fork(work)) or children[-1])
+    t0 = time.monotonic()
+    with pytest.raises(Terminated):
+        pipeline._draw_figures(None, SimpleNamespace(rows=[]), tmp_path)
+    assert len(children) == 1 and children[0] is not None
+    with pytest.raises(ChildProcessError):  # already reaped: no orphan, no zombie
+        os.waitpid(children[0].pid, os.WNOHANG)
+    assert time.monotonic() - t0 < 10
+
+
 def test_figures_drawn_in_a_child_process_equal_the_sequential_ones(built, tmp_path, monkeypatch):
     """report -f html --out forks a child for the corruption figures: the same files, in the same order, with
     the same text as drawing everything in this process (EPCLI_REPORT_FORK=0); and the page lists them all."""

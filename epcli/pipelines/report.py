@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from epcli.store import Store
@@ -73,7 +74,12 @@ def _draw_figures(store: Store, data, out_dir: Path) -> list[Path]:
     if (sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1 and threading.active_count() == 1
             and os.environ.get("EPCLI_REPORT_FORK", "1") != "0"):
         forked = _fork(child_work)
-    mine = R.figures(data, out_dir, only=[k for k in R.FIGURE_KINDS if k not in _CHILD_KINDS])
+    try:
+        mine = R.figures(data, out_dir, only=[k for k in R.FIGURE_KINDS if k not in _CHILD_KINDS])
+    except BaseException:  # an error, Ctrl-C or SIGTERM here: the child must not draw on after this process
+        if forked is not None and hasattr(forked, "cancel"):
+            forked.cancel()
+        raise
     theirs = forked() if forked is not None else None
     if theirs is None:  # no child, or it failed: draw its part here
         theirs = child_work()
@@ -91,8 +97,8 @@ def _draw_figures(store: Store, data, out_dir: Path) -> list[Path]:
 
 def _fork(work):
     """Run work() (returning JSON-able data) in a forked child; returns a function that waits for it and gives
-    its result, or None when the child failed. The child leaves with os._exit: no atexit handlers, no flushing
-    of this process's buffers, no store access."""
+    its result, or None when the child failed; its .cancel() ends and reaps the child (this process stopping).
+    The child leaves with os._exit: no atexit handlers, no flushing of this process's buffers, no store access."""
     import json
     import os
     r, w = os.pipe()
@@ -113,14 +119,34 @@ def _fork(work):
             os._exit(code)
     os.close(w)
 
+    reading = []  # the pipe's end is the file's once read() opens it (closed with it)
+
     def result():
-        with os.fdopen(r) as f:
-            text = f.read()
+        try:
+            with os.fdopen(r) as f:
+                reading.append(f)
+                text = f.read()
+        except BaseException:  # stopped while waiting (Ctrl-C, SIGTERM): end the child too
+            cancel()
+            raise
         _, status = os.waitpid(pid, 0)
         try:
             return json.loads(text) if status == 0 else None
         except ValueError:
             return None
+
+    def cancel():
+        """End the child now and reap it (this process is stopping: nothing more is drawn)."""
+        import signal
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        if not reading:
+            with contextlib.suppress(OSError):
+                os.close(r)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    result.pid, result.cancel = pid, cancel
     return result
 
 
