@@ -600,7 +600,9 @@ def report(
         "--format", "-f", help="table, csv, json, md, html or robustbench. md and html set the paper's numbers "
                                "beside comparable results; robustbench with --out writes RobustBench's "
                                "<dataset>/<threat_model>/<ModelID>.json files.")] = "table",
-    out: Annotated[Optional[str], typer.Option(help="Write files (and figures) to this folder.")] = None,
+    out: Annotated[Optional[str], typer.Option(help=(
+        "Write the report to this folder: report.<format> (html: the page with every figure; robustbench: "
+        "RobustBench's files); with --figures also the figures and report.html."))] = None,
     figures: Annotated[bool, typer.Option(help="Also draw the figures (PNG + SVG).")] = False,
     curves: Annotated[bool, typer.Option(
         "--curves", help="Draw training curves (loss, train and test accuracy per epoch) of the --run ids, or "
@@ -633,6 +635,9 @@ def report(
         _emit({"command": "report", "run_id": None, "files": [str(f) for f in files], "generated_at":
                _now(), "rows": [], "notes": [f"training curves of {', '.join(ids)}"]}, as_json)
         return
+    if out and fmt == "table" and not (figures or as_json):  # the table is a terminal view: --out had nothing to write
+        raise UsageError(f"--out {out}: the table format writes no file; add -f md, csv, json, html or "
+                         "robustbench, or --figures")
     with _store(write=bool(out or figures)) as store:
         res = report_pipeline(store=store, models=model, runs=run, dataset=dataset,
                               fmt="json" if as_json and fmt == "table" else fmt, out=out, figures=figures,
