@@ -266,3 +266,90 @@ def test_store_example_queries_run(tmp_path):
                            text=True)
         assert r.returncode == 0, (args, r.stderr)
         assert r.stdout.strip() not in ("", "[]"), (args, "no rows")
+
+
+def _doc_signatures(text: str) -> list[tuple[str, list[str] | None]]:
+    """(name, parameter names) of every signature a doc shows, `name(params) -> result` at the start of a code line
+    or in `backticks`, plus the EPCNN constructor; None for `name(...)` (parameters not listed)."""
+    text = re.sub(r"#[^\n]*", "", text)
+    out = []
+    for m in re.finditer(r"(?:^|`)([A-Za-z_][\w.]*)\(", text, re.M):
+        depth, j = 1, m.end()
+        while j < len(text) and depth:
+            depth += {"(": 1, ")": -1}.get(text[j], 0)
+            j += 1
+        if depth or not (re.match(r"\s*->", text[j:]) or m.group(1) == "EPCNN"):
+            continue
+        parts, level, cur = [], 0, ""
+        for ch in text[m.end():j - 1]:
+            level += (ch in "([{") - (ch in ")]}")
+            if ch == "," and level == 0:
+                parts, cur = parts + [cur], ""
+            else:
+                cur += ch
+        names = [p.split("=")[0].strip().lstrip("*") for p in parts + [cur] if p.strip() and p.strip() != "*"]
+        if names == ["..."]:
+            out.append((m.group(1), None))
+        elif all(re.fullmatch(r"[A-Za-z_]\w*", n) for n in names):  # a signature, not a call with values
+            out.append((m.group(1), names))
+    return out
+
+
+def test_documented_signatures_match_the_code():
+    """Every Python signature the docs show (docs/ep.md's API, attacks.md's evaluate(), architecture.md's contracts,
+    report.md's paper lookups...) names a function that exists, with exactly those parameters in that order; the
+    attack contract `fn(model, x, y, *, eps, norm, ...)` holds for every registered attack."""
+    import importlib
+    import inspect
+
+    from epcli.attacks import ATTACKS
+    from epcli.ep import EPCNN
+    modules = ["epcli.models", "epcli.data", "epcli.train", "epcli.attacks", "epcli.corruptions", "epcli.ep",
+               "epcli.paper", "epcli.report", "epcli.store"]
+    checked = 0
+    for doc in sorted(DOCS.glob("*.md")):
+        if doc.name == "cli.md":
+            continue
+        own = f"epcli.{doc.stem}"  # a bare name in attacks.md is epcli.attacks' evaluate, not epcli.train's
+        order = ([own] if own in modules else []) + (["epcli.paper"] if doc.stem == "report" else []) + modules
+        for name, params in _doc_signatures(doc.read_text()):
+            where = f"docs/{doc.name}: {name}({', '.join(params or ['...'])})"
+            if name == "fn":  # the contract every attack follows; its other parameters are **params
+                for attack, fn in ATTACKS.items():
+                    real = list(inspect.signature(fn).parameters)
+                    assert [p for p in real if p in params] == params[:-1], (where, attack, real)
+                continue
+            head, _, attr = name.rpartition(".")
+            if head in ("model", "EPCNN") or name in ("model", "EPCNN"):
+                fn = {"model": EPCNN.forward, "EPCNN": EPCNN.__init__}.get(name) or getattr(EPCNN, attr, None)
+            else:
+                fn = None
+                for module in order:
+                    fn = importlib.import_module(module)
+                    for part in name.split("."):
+                        fn = getattr(fn, part, None)
+                    if callable(fn):
+                        break
+            assert callable(fn), f"{where}: no such function"
+            real = [p for p in inspect.signature(fn).parameters if p != "self"]
+            assert params is None or params == real, f"{where}: the code has ({', '.join(real)})"
+            checked += 1
+    assert checked >= 20
+
+
+def test_ep_api_results_have_the_documented_keys():
+    """docs/ep.md: the dicts ep_train_step and prediction_residual return have exactly the keys it lists, and every
+    `model.<attribute>` it names exists on an EP-CNN that has relaxed."""
+    import torch
+
+    from epcli.ep import EPCNN, prediction_residual
+    text = (DOCS / "ep.md").read_text()
+    model = EPCNN.preset("ep-cnn-tiny")
+    x, y = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    results = {"model.ep_train_step": model.ep_train_step(x, y, 3, 2, 0.5),
+               "prediction_residual": prediction_residual(model, x)}
+    for name, result in results.items():
+        listed = re.search(re.escape(name) + r"\([^)]*\) -> dict\(([^)]*)\)", text).group(1)
+        assert sorted(k.strip() for k in listed.split(",")) == sorted(result), name
+    for attr in set(re.findall(r"^model\.(\w+)|, model\.(\w+)", text, re.M)):
+        assert hasattr(model, attr[0] or attr[1]), f"docs/ep.md names model.{attr[0] or attr[1]}"
