@@ -353,3 +353,18 @@ def test_ep_api_results_have_the_documented_keys():
         assert sorted(k.strip() for k in listed.split(",")) == sorted(result), name
     for attr in set(re.findall(r"^model\.(\w+)|, model\.(\w+)", text, re.M)):
         assert hasattr(model, attr[0] or attr[1]), f"docs/ep.md names model.{attr[0] or attr[1]}"
+
+
+def test_documented_script_commands_name_real_flags():
+    """Every `python bench/X.py --flag` / `python scripts/X.py --flag` the docs show names a script that exists and
+    flags it defines (read from its source: no torch import, no subprocess)."""
+    uses = 0
+    for doc in [DOCS.parent / "README.md"] + sorted(DOCS.glob("*.md")):
+        for m in re.finditer(r"python (?:-m )?((?:bench|scripts)/\w+\.py)([^`\n|#]*)", doc.read_text()):
+            script = DOCS.parent / m.group(1)
+            assert script.is_file(), f"{doc.name}: {m.group(1)} does not exist"
+            source = script.read_text()
+            for flag in re.findall(r"(?<![\w-])(--[\w-]+)", m.group(2)):
+                assert f'"{flag}"' in source, f"{doc.name}: {m.group(1)} has no flag {flag}: {m.group(0)}"
+                uses += 1
+    assert uses >= 40
