@@ -368,3 +368,14 @@ def test_documented_script_commands_name_real_flags():
                 assert f'"{flag}"' in source, f"{doc.name}: {m.group(1)} has no flag {flag}: {m.group(0)}"
                 uses += 1
     assert uses >= 40
+
+
+def test_report_json_cells_are_documented():
+    """docs/report.md's json row lists every field a cell of `report -f json` carries."""
+    import dataclasses
+
+    from epcli.report.datamodel import Cell
+    text = (DOCS / "report.md").read_text()
+    listed = re.search(r"rows with every cell \(every `Cell` field: (.*?)\), comparisons", text)
+    names = {re.sub(r"\s*\(.*", "", n).strip() for n in re.sub(r"\([^()]*\)", "", listed.group(1)).split(",")}
+    assert names == {f.name for f in dataclasses.fields(Cell)}
