@@ -468,21 +468,30 @@ def attack(
                           f"{res['labels']} labels{', protocol paper' if res['protocol'] == 'paper' else ''}, "
                           f"run {res['run_id']}, {out['attack_forward_passes'] or 0:,} attack forward passes"),
                   highlight=False)
+        from epcli.report.datamodel import wilson95
+        n = res["n_examples"]
+
+        def ci(fraction):  # how far the accuracy could move on other images of the same number
+            bounds = wilson95(None if fraction is None else 100 * fraction, n)
+            return f"{bounds[0]:.2f}–{bounds[1]:.2f}" if bounds else ""
         t = Table()
         t.add_column("eps", no_wrap=True)
         t.add_column("robust %", justify="right", no_wrap=True)
+        t.add_column("95% CI", justify="right", no_wrap=True)
         errors = res.get("robust_from_clean_errors")
         if errors:  # predicted labels: robust includes misclassified images the attack moved onto their label
             t.add_column("of which clean errors %", justify="right", no_wrap=True)
         for gm in sweep:
             t.add_column(gm, justify="right")
-        t.add_row("clean", _pct(res["clean_acc"]), *([""] if errors else []), *["" for _ in sweep])
+        t.add_row("clean", _pct(res["clean_acc"]), ci(res["clean_acc"]), *([""] if errors else []),
+                  *["" for _ in sweep])
         for r in out["results"]:
             e = r["eps_label"]
-            t.add_row(e, _pct(r["robust_acc"]) + (" !" if res["unreliable"] else ""),
+            t.add_row(e, _pct(r["robust_acc"]) + (" !" if res["unreliable"] else ""), ci(r["robust_acc"]),
                       *([_pct(r["from_clean_errors"])] if errors else []),
                       *[_pct(accs.get(e)) for accs in sweep.values()])
         err.print(t)
+        err.print(f"95% CI: Wilson interval over the {n:,} images (their sampling only)", highlight=False)
         if errors:
             err.print("of which clean errors: images misclassified clean that the attack moved onto their true "
                       "label (predicted labels, the paper's protocol, count them as robust)", highlight=False)

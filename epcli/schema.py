@@ -141,7 +141,15 @@ def report(res: dict) -> dict:
                           "attack_run_id": c.run_id, "forward_passes": c.forward_passes,
                           "paper_robust_acc": acc(None if c.paper is None else c.paper / scale),
                           "paper_not_compared": getattr(c, "not_compared", None),  # why no paper number
-                          "worst_of": list(getattr(c, "worst_of", []) or [])})
+                          "worst_of": list(getattr(c, "worst_of", []) or []),
+                          # one result: the labels it attacked away from, and with predicted labels the part of
+                          # robust_acc that is clean errors moved onto their true label
+                          "labels": c.labels, "from_clean_errors": acc(None if c.from_clean_errors is None
+                                                                       else c.from_clean_errors / scale, c.n_examples),
+                          "ci95": _ci(c.ci95, scale, c.n_examples),  # Wilson 95 % over its n images
+                          # AutoAttack, one result: robust accuracy after each member in turn
+                          "members": [{"member": m, "robust_acc": acc(v / scale, c.n_examples)}
+                                      for m, v in c.members or []]})
         corr = row.corruption or {}
         rows.append({"run_id": row.run_id, "model": row.model, "label": row.label, "dataset": row.dataset,
                      "status": row.status, "epochs": row.epochs,
@@ -151,6 +159,7 @@ def report(res: dict) -> dict:
                      # attacked images') or, without a test evaluation, an attack's images
                      "clean_n_examples": getattr(row, "clean_n", None),
                      "clean_from": getattr(row, "clean_from", "test split"),
+                     "clean_ci95": _ci(getattr(row, "clean_ci95", None), scale, getattr(row, "clean_n", None)),
                      "unreliable": bool(row.unreliable), "results": cells,
                      "name": getattr(row, "name", None) or row.label,
                      "paper_not_compared": getattr(row, "not_compared", None),
@@ -160,6 +169,10 @@ def report(res: dict) -> dict:
                                                     else corr["mean_all"] / scale)})
     return {"command": "report", "run_id": res.get("run_id"), "files": [str(f) for f in res.get("files") or []],
             "generated_at": data.generated_at, "rows": rows, "notes": list(data.notes)}
+
+
+def _ci(interval: list[float] | None, scale: float, n: int | None) -> list[float] | None:
+    return None if not interval else [acc(v / scale, n) for v in interval]
 
 
 def run_row(run: dict) -> dict:
@@ -266,6 +279,7 @@ _NN = {"type": ["number", "null"]}
 _B = {"type": "boolean"}
 _ACC = {"type": "number", "minimum": 0, "maximum": 1}
 _ACCN = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
+_CIN = {"anyOf": [{"type": "array", "items": _ACC, "minItems": 2, "maxItems": 2}, {"type": "null"}]}
 _RUN_ID = {"type": "string", "pattern": "^[0-9a-z]{16}$"}
 _RUN_IDN = {"anyOf": [_RUN_ID, {"type": "null"}]}
 _EPS = {"eps": {"type": "number", "minimum": 0}, "eps_label": _S}
@@ -321,14 +335,16 @@ SCHEMAS: dict[str, dict] = {
         "notes": {"type": "array", "items": _S},
         "rows": {"type": "array", "items": _obj({
             "run_id": _RUN_ID, "model": _S, "label": _SN, "dataset": _SN, "status": _S, "epochs": _IN,
-            "clean_acc": _ACCN, "clean_n_examples": _IN, "clean_from": _S, "unreliable": _B,
+            "clean_acc": _ACCN, "clean_n_examples": _IN, "clean_from": _S, "clean_ci95": _CIN, "unreliable": _B,
             "corruption_mean_acc": _ACCN, "corruption_mean_acc_all": _ACCN,
             "name": _S, "paper_not_compared": _SN, "corruption_mean_over": _SN,
             "results": {"type": "array", "items": _obj({
                 "attack": _S, "norm": _SN, "eps": _NN, "eps_label": _S, "robust_acc": _ACCN, "n_examples": _IN,
                 "grad_mode": _SN, "unreliable": _B, "attack_run_id": _RUN_IDN, "forward_passes": _IN,
                 "paper_robust_acc": _ACCN, "paper_not_compared": _SN,
-                "worst_of": {"type": "array", "items": _S}})}})}}),
+                "worst_of": {"type": "array", "items": _S}, "labels": {"enum": ["true", "predicted", None]},
+                "from_clean_errors": _ACCN, "ci95": _CIN,
+                "members": {"type": "array", "items": _obj({"member": _S, "robust_acc": _ACC})}})}})}}),
     "demo": _cmd("demo", {"run_ids": {"type": "array", "items": _RUN_ID}, "store": _S}),
     "runs": _cmd("runs", {"runs": {"type": "array", "items": _RUN}}),
     "show": _cmd("show", {
@@ -381,7 +397,7 @@ def _type_text(s: dict) -> str:
     if "const" in s:
         return f'`"{s["const"]}"`'
     if "enum" in s:
-        return " \\| ".join(f"`{v}`" for v in s["enum"])
+        return " \\| ".join("`null`" if v is None else f"`{v}`" for v in s["enum"])
     if "$ref" in s:
         return "node (the same fields, recursively)"
     if "anyOf" in s:

@@ -215,6 +215,17 @@ def test_report_shows_autoattack_member_by_member(store):
     assert "after APGD-CE" in report.render(data, "html")
     doc = json.loads(report.render(data, "json"))
     assert doc["rows"][0]["cells"]["autoattack:linf:8/255"]["members"][-1][0] == "square"
+    # the `report --json` document (docs/cli.md's schema) carries them too, as fractions
+    import jsonschema
+
+    from epcli import schema
+    out = schema.report({"data": data})
+    jsonschema.validate(out, schema.SCHEMAS["report"])
+    (res8,) = [c for c in out["rows"][0]["results"] if c["attack"] == "autoattack" and c["eps_label"] == "8/255"]
+    assert [m["robust_acc"] for m in res8["members"]] == pytest.approx(
+        [res["members"]["8/255"][m] for m in ("apgd-ce", "apgd-t", "fab-t", "square")])
+    assert res8["labels"] == "true" and res8["from_clean_errors"] is None
+    assert res8["ci95"][0] <= res8["robust_acc"] <= res8["ci95"][1] and res8["ci95"][1] - res8["ci95"][0] > 0.2
     # a non-ensemble cell carries none
     assert all(c.members is None for k, c in row.cells.items()
                if k.split(":")[0] not in ("autoattack", "art-autoattack", "worst"))
@@ -233,3 +244,29 @@ def test_paper_protocol_square_takes_the_papers_second_budget():
         _check_attack("square", "linf", None, None, {"n_queries": 20000}, None, False, "paper")
     with pytest.raises(UsageError, match=r"fixes these settings; drop --queries 5000 \(max_iter\)"):
         _check_attack("square", "l2", None, None, {"n_queries": 5000}, None, False, "paper")
+
+
+def test_report_draws_the_perturbation_spectrum_of_real_attacks(store, tmp_path):
+    """Real L2 PGD runs (predicted labels: every image attacked) on the CNN and the EP-CNN: the report's spectrum of each kept perturbation set sums to
+    1 over its rings, counts the images the attack changed, and is drawn as perturbation-spectrum.png/svg."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from epcli import report
+    runs = [api.attack(model=m["run_id"], norm="l2", eps="0.25,0.5", n=8, store=store, device="cpu",
+                       labels="predicted", params={"steps": 3}, strength=False) for m in (store.cnn, store.ep)]
+    data = report.collect(store, runs=[store.cnn["run_id"], store.ep["run_id"]])
+    found = report.spectra(data, {r.run_id: r.name for r in data.rows})
+    for res in runs:
+        mine = {s["eps"]: s for s in found if s["norm"] == "l2" and s["run_id"] == res["model_run_id"]}
+        assert set(mine) == {0.25, 0.5}
+        (art,) = store.artifacts_of(res["run_id"], role="output", kind="adversarial-examples")
+        t = load_file(str(store.artifact_path(art["sha256"])))
+        for eps, s in mine.items():
+            changed = int((np.abs(t[f"x_adv_{eps!r}"] - t["x"]).reshape(len(t["x"]), -1).max(axis=1) > 0).sum())
+            assert s["n"] == changed > 0 and s["fraction"].sum() == pytest.approx(1.0)
+            assert 0 < s["low"] < 1
+    paths = report.figures(data, tmp_path / "fig", only=["spectrum"])
+    assert {p.name for p in paths} == {"perturbation-spectrum.png", "perturbation-spectrum.svg"}
+    svg = (tmp_path / "fig" / "perturbation-spectrum.svg").read_text()
+    assert "Perturbation spectrum, L2" in svg and "cycles per image" in svg

@@ -68,6 +68,9 @@ def test_attack_corrupt_report_and_lineage(pipeline):
     robust = {r["eps_label"]: r["robust_acc"] for r in att["results"]}
     assert att["model_run_id"] == train["run_id"] and set(robust) == {"2/255", "8/255"}
     assert robust["8/255"] <= robust["2/255"] <= att["clean_acc"]
+    from epcli.report import wilson95  # the table on stderr gives each accuracy's interval over the 60 images
+    lo, hi = wilson95(100 * robust["8/255"], 60)
+    assert f"{lo:.2f}–{hi:.2f}" in r.stderr and "95% CI: Wilson interval over the 60 images" in r.stderr
     r = invoke("corrupt", "--model", train["run_id"], "-c", "gaussian_noise,contrast", "-s", "1,2", "-s", "3,4,5",
                "--n", 60, "--json", store=store)  # comma lists and repeats mix
     assert r.exit_code == 0, r.output

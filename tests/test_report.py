@@ -484,7 +484,9 @@ def test_comparability_rule(tmp_path):
     assert row.corruption["mean_label"] == "mean of 15/15 benchmark corruptions × 5 severities"
     assert row.corruption["mean_all"] is not None and row.corruption["mce"] is not None
     md = report.render(data, "md")
-    assert "| EP full · seed 0 | PGD L∞ 8/255 | 10.00 | 11.96 ± 0.55 | -1.96 |" in md
+    assert "| EP full · seed 0 | PGD L∞ 8/255 | 10.00 | 9.43–10.60 (n=10,000) | 11.96 ± 0.55 | -1.96 |" in md
+    (corr_line,) = [ln for ln in md.splitlines() if ln.startswith("| EP full · seed 0 | CIFAR-C mean")]
+    assert corr_line.split(" | ")[3] == "—"  # a mean over corruptions is no one proportion: no interval
     assert "EP small: not compared with the paper (demo model ep-cnn-small" in md
     page = report.html_report(data, [])
     assert "paper 11.96 (-1.96)" in page and "paper 11.96" not in page.split("EP small")[1].split("</tr>")[0]
@@ -1093,3 +1095,19 @@ def test_square_at_20000_iterations_stands_beside_the_papers_20000_table(tmp_pat
     assert "Square: 5000 iterations, paper 1000" in at5k.reasons
     assert cnn1k is None  # the main table has no standard CNN
     store.close()
+
+
+def test_wilson_interval_against_an_independent_solution():
+    """The report's 95 % interval of an accuracy on n images is Wilson's: the two roots of
+    (p̂ − q)² = z² q (1 − q) / n, solved here as a quadratic; and the textbook case 81 of 263: 25.53–36.62 %."""
+    import numpy as np
+
+    from epcli.report import wilson95
+    z = 1.959963984540054
+    for p, n in ((0.1, 10000), (0.25, 200), (0.5, 16), (0.03, 1000), (0.0, 200), (1.0, 200)):
+        a, b, c = 1 + z * z / n, -(2 * p + z * z / n), p * p
+        want = sorted(np.roots([a, b, c]).real) if p not in (0.0, 1.0) else ([0.0, z * z / n / a] if p == 0.0
+                                                                             else [1 - z * z / n / a, 1.0])
+        assert wilson95(100 * p, n) == pytest.approx([100 * w for w in want], abs=1e-3)
+    assert wilson95(100 * 81 / 263, 263) == pytest.approx([25.53, 36.62], abs=0.01)
+    assert wilson95(50.0, 0) is None and wilson95(None, 10) is None and wilson95(120.0, 10) is None

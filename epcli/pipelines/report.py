@@ -84,7 +84,7 @@ def _draw_figures(store: Store, data, out_dir: Path) -> list[Path]:
     for f in mine + figs:
         stem = f.stem
         kind = ("robust" if stem.startswith("robust-") else "adversarial" if stem == "adversarial-examples"
-                else stem)
+                else "spectrum" if stem == "perturbation-spectrum" else stem)
         by_kind.setdefault(kind, []).append(f)
     return [f for k in by_kind for f in by_kind[k]] + [Path(p) for p in theirs["samples"]]
 

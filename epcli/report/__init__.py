@@ -32,6 +32,7 @@ The modules, each importing only those above it:
     formats      render(data, fmt): a format name -> text
     plotting     what every figure shares (Agg backend, PNG + SVG, colours, which models to draw)
     image_grids  the adversarial-example grid and the corruption sample grid
+    perturbations  the perturbations' spatial-frequency spectrum per model
     charts       figures(): every figure the data supports
     runs         lineage tree, training history, curves and diff of single training runs
 
@@ -47,6 +48,7 @@ from epcli.report.comparison import (
     PAPER_DATASETS,
     PAPER_EP_CHANNELS,
     PAPER_REGISTRY,
+    SQUARE_VARIANT_ITERATIONS,
     cell_not_comparable,
     model_not_comparable,
     protocol_reasons,
@@ -77,12 +79,14 @@ from epcli.report.datamodel import (
     Row,
     eps_label,
     result_grad_mode,
+    wilson95,
 )
 from epcli.report.formats import FORMATS, render
 from epcli.report.html_page import html_report
 from epcli.report.image_grids import choose_image, corruption_samples
 from epcli.report.plotting import ADVERSARIAL_MODELS, FIGURE_MODELS
 from epcli.report.reader import METRIC_COLUMNS, collect
+from epcli.report.perturbations import LOW_FREQUENCY, low_frequency_share, radial_spectrum, spectra, spectrum_figure
 from epcli.report.robustbench import (
     PAPER_AUTHORS,
     PAPER_LINK,
@@ -102,19 +106,21 @@ from epcli.report.runs import (
     training_diff,
     training_history,
 )
-from epcli.report.tables import clean_note, leaderboard_table, member_notes, model_notes, to_dict
+from epcli.report.tables import ci_text, clean_note, leaderboard_table, member_notes, model_notes, to_dict
 
 __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
            "clean_note", "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label",
            "figures", "flatten_config", "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable",
-           "member_notes", "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files", "robustbench_id",
-           "robustbench_json",
+           "member_notes", "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files",
+           "robustbench_id", "robustbench_json", "ci_text", "wilson95", "low_frequency_share", "radial_spectrum",
+           "spectra", "spectrum_figure",
            "result_grad_mode", "to_dict", "training_curves", "training_diff", "training_history", "write_robustbench",
            # constants callers read (tests, bench, the corrupt and report pipelines)
            "ACC_METRICS", "ADVERSARIAL_MODELS", "ART_AUTOATTACK_BUDGET", "ATTACK_NAMES", "ATTACK_ORDER",
            "BENCHMARK_CORRUPTIONS", "BLACK_BOX", "ENSEMBLES",
-           "CURVE_METRICS", "EXTRA_CORRUPTIONS", "FIGURE_KINDS", "FIGURE_MODELS", "HEADLINE_ATTACKS",
+           "CURVE_METRICS", "EXTRA_CORRUPTIONS", "FIGURE_KINDS", "LOW_FREQUENCY", "FIGURE_MODELS", "HEADLINE_ATTACKS",
            "METRIC_COLUMNS", "MIN_N", "NORM_NAMES", "PAPER_ATTACK_OF", "PAPER_AUTHORS", "PAPER_DATASETS",
            "PAPER_EP_CHANNELS",
            "PAPER_EPOCHS", "PAPER_LINK", "PAPER_REGISTRY", "ROBUSTBENCH_DATASETS", "ROBUSTBENCH_EPS", "SEVERITIES",
+           "SQUARE_VARIANT_ITERATIONS",
            "STANDARD_EPS", "WHITE_BOX"]

@@ -1,6 +1,6 @@
 """figures(): every figure the data supports, as PNG and SVG: robust accuracy vs ε per attack and norm,
-accuracy vs corruption severity, accuracy vs relaxation steps, the unroll-length sweep, and the
-adversarial-example grid (drawn by image_grids)."""
+accuracy vs corruption severity, accuracy vs relaxation steps, the unroll-length sweep, the adversarial-example
+grid (drawn by image_grids) and the perturbations' spectrum (drawn by perturbations)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Iterable
 from epcli import paper
 from epcli.report.datamodel import ATTACK_NAMES, ATTACK_ORDER, NORM_NAMES, ReportData, _grad, eps_label
 from epcli.report.image_grids import _adversarial_grid
+from epcli.report.perturbations import spectrum_figure
 from epcli.report.plotting import _figure_models, _plt, _row_labels, _save
 
-FIGURE_KINDS = ("robust", "corruptions", "steps", "unroll", "adversarial")
+FIGURE_KINDS = ("robust", "corruptions", "steps", "unroll", "adversarial", "spectrum")
 
 
 def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True,
@@ -222,4 +223,8 @@ def figures(data: ReportData, out_dir: str | Path, paper_curves: bool = True,
     grid = _adversarial_grid(data, names) if "adversarial" in only else None
     if grid is not None:
         _save(grid, out_dir, "adversarial-examples", paths)
+    # where in spatial frequency the attacks put their perturbations (the paper's "semantic" perturbations)
+    spectrum = spectrum_figure(data, names) if "spectrum" in only else None
+    if spectrum is not None:
+        _save(spectrum, out_dir, "perturbation-spectrum", paths)
     return paths

@@ -9,7 +9,8 @@ import functools
 import math
 
 from epcli import paper
-from epcli.report.datamodel import PAPER_ATTACK_OF, PAPER_EPOCHS, WHITE_BOX, Cell, Column, Comparison, Row, _grad
+from epcli.report.datamodel import (PAPER_ATTACK_OF, PAPER_EPOCHS, WHITE_BOX, Cell, Column, Comparison, Row, _grad,
+                                    wilson95)
 
 # --- comparability ------------------------------------------------------------------------------------------
 # A number is set beside another (the paper's, or another run's) only when model, dataset, threat model, n and
@@ -198,7 +199,9 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
         out.append(Comparison(row.run_id, row.name or row.label, row.paper_key, what, value,
                               fact["value"] if ok else None, fact.get("std") if ok else None,
                               value - fact["value"] if ok else None, n, reasons if ok else [],
-                              fact.get("section"), why))
+                              fact.get("section"), why,
+                              # a corruption mean is no single proportion of n images: no interval
+                              wilson95(value, n) if fact.get("metric") != "corruption_mean_acc" else None))
 
     for row in rows:
         if not row.paper_key:

@@ -5,6 +5,7 @@ Comparison, ReportData), the names and order of attacks and norms, and the small
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class Cell:
     labels: str | None = None  # one result: "predicted" or "true", the labels its attack moved away from
     # one ensemble result (AutoAttack): [member, robust % after it], in the order the members ran
     members: list[list] | None = None
+    ci95: list[float] | None = None  # Wilson 95 % interval of value, a proportion of n_examples images (percent)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Row:
     config: dict
     clean_n: int | None = None   # the images clean_acc was measured on (None: not recorded by older runs)
     clean_from: str = "test split"  # "test split": the training run's own test evaluation; else an attack's images
+    clean_ci95: list[float] | None = None  # Wilson 95 % interval of clean_acc over clean_n images (percent)
     cells: dict[str, Cell] = field(default_factory=dict)
     corruption: dict[str, Any] = field(default_factory=dict)  # mean, mean_all, mce, relative_mce, run_id, ...
     failed_checks: list[str] = field(default_factory=list)
@@ -109,6 +112,7 @@ class Comparison:
     reasons: list[str]
     section: str | None
     not_compared: str | None = None
+    ci95: list[float] | None = None  # Wilson 95 % interval of epcli (clean and robust accuracies; percent)
 
 
 @dataclass
@@ -140,6 +144,18 @@ def eps_label(eps: float, norm: str | None = None) -> str:
         if k >= 0.5 and abs(k - round(k)) < 1e-3 * max(1.0, k):
             return f"{int(round(k))}/255"
     return f"{eps:g}"
+
+
+def wilson95(percent: float | None, n: int | None) -> list[float] | None:
+    """The Wilson score 95 % interval (percent) of a proportion measured on n images: how far the same model's
+    accuracy on other images of the same size could lie. Valid for a worst case over attacks on the same n
+    images too (still a proportion of them); not for a mean over corruptions (correlated, not one proportion)."""
+    if percent is None or not n or n <= 0 or not 0.0 <= percent <= 100.0:
+        return None
+    z, p = 1.959963984540054, percent / 100.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(100.0 * max(0.0, centre - half), 4), round(100.0 * min(1.0, centre + half), 4)]
 
 
 def _json(text: Any) -> Any:

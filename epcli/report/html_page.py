@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from epcli.report.datamodel import ATTACK_NAMES, Cell, Column, ReportData, _fmt, _short
-from epcli.report.tables import _PAPER_NOTE, _corr_text, _not_compared_lines, _sub, clean_note, model_notes
+from epcli.report.tables import _PAPER_NOTE, _corr_text, _not_compared_lines, _sub, ci_text, clean_note, model_notes
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1b1f24;max-width:1400px}
@@ -101,6 +101,11 @@ _CAPTIONS = {
     "adversarial-examples": "Per norm, one test image every shown model classifies correctly when clean, attacked at "
                             "growing ε: adversarial image with the predicted class (red: changed) and the "
                             "perturbation amplified by the factor written above it.",
+    "perturbation-spectrum": "Where in spatial frequency each model's attack put its perturbation δ = x_adv − x: "
+                             "the share of its energy at frequencies up to r cycles per image (2-D DFT, mean over "
+                             "the adversarial images the attack run kept and their channels). A curve that rises "
+                             "early: smooth, object-like perturbations (the paper saw them on the EP-CNN); late: "
+                             "high-frequency noise. n: kept images the attack changed.",
 }
 
 
@@ -146,12 +151,14 @@ def html_report(data: ReportData, figures: Iterable[str | Path] | None = None) -
             p = f"{c.paper:.2f}" + (f" ± {c.paper_std:.2f}" if c.paper_std is not None else "")
             cls = "pos" if c.diff >= 0 else "neg"
             rows.append(f"<tr><td>{_h(c.label)}</td><td>{_h(c.what)}</td><td class=\"num\">{c.epcli:.2f}</td>"
-                        f"<td class=\"num\">{p}</td><td class=\"num {cls}\">{c.diff:+.2f}</td>"
+                        f"<td class=\"num\">{_h(ci_text(c.ci95, c.n_examples))}</td><td class=\"num\">{p}</td>"
+                        f"<td class=\"num {cls}\">{c.diff:+.2f}</td>"
                         f"<td>{_h('; '.join(c.reasons) or '—')}</td><td>{_h(c.section)}</td></tr>")
         parts.append(f"<h2>The paper beside the results</h2><p class=\"muted\">{_h(_PAPER_NOTE)}</p>")
         if rows:
-            parts.append("<table id=\"paper\"><thead><tr><th>model</th><th>metric</th><th>epcli</th><th>paper</th>"
-                         "<th>diff</th><th>protocol differences</th><th>paper §</th></tr></thead><tbody>"
+            parts.append("<table id=\"paper\"><thead><tr><th>model</th><th>metric</th><th>epcli</th>"
+                         "<th>epcli 95% CI (n)</th><th>paper</th><th>diff</th><th>protocol differences</th>"
+                         "<th>paper §</th></tr></thead><tbody>"
                          + "".join(rows) + "</tbody></table>")
         lines = _not_compared_lines(data)
         if lines:

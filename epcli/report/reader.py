@@ -34,6 +34,7 @@ from epcli.report.datamodel import (
     _short,
     eps_label,
     result_grad_mode,
+    wilson95,
 )
 
 
@@ -173,7 +174,8 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
                                    isinstance(first.get("from_clean_errors"), (int, float)) else None),
                 labels=(run_info.get(base["run_id"], {}).get("config", {}).get("labels") or "true"
                         if len(members) == 1 else None),
-                members=_members(run_info.get(base["run_id"], {}), eps) if len(members) == 1 else None)
+                members=_members(run_info.get(base["run_id"], {}), eps) if len(members) == 1 else None,
+                ci95=wilson95(value, base["n_examples"]))
 
 
 def _members(run: dict, eps: float) -> list[list] | None:
@@ -475,6 +477,8 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
     adversarial.sort(key=lambda a: (0 if a["norm"] == "linf" else 1, a["run_id"]))
 
     row_list = list(rows.values())
+    for row in row_list:
+        row.clean_ci95 = wilson95(row.clean_acc, row.clean_n)
     comparisons = _compare(row_list, {c.key: c for c in cols}, run_info)
     notes = []
     if scale == "percent":

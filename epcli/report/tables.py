@@ -280,12 +280,12 @@ def _md(data: ReportData, columns: str = "headline") -> str:
         out += ["", "## The paper beside the results", "", _PAPER_NOTE]
         shown = [c for c in data.comparisons if c.not_compared is None]
         if shown:
-            out += ["", "| model | metric | epcli | paper | diff | protocol differences |",
-                    "|---|---|---:|---:|---:|---|"]
+            out += ["", "| model | metric | epcli | epcli 95% CI (n) | paper | diff | protocol differences |",
+                    "|---|---|---:|---:|---:|---:|---|"]
             for c in shown:
                 p = f"{c.paper:.2f}" + (f" ± {c.paper_std:.2f}" if c.paper_std is not None else "")
-                out.append(f"| {_md_safe(c.label)} | {c.what} | {c.epcli:.2f} | {p} | {c.diff:+.2f} | "
-                           f"{'; '.join(c.reasons) or '—'} |")
+                out.append(f"| {_md_safe(c.label)} | {c.what} | {c.epcli:.2f} | {ci_text(c.ci95, c.n_examples)} | "
+                           f"{p} | {c.diff:+.2f} | {'; '.join(c.reasons) or '—'} |")
         out += [""] + [f"- {line}" for line in _not_compared_lines(data)]
     if data.notes:
         out += ["", "Notes:", ""] + [f"- {_md_safe(n)}" for n in data.notes]
@@ -301,7 +301,13 @@ def _md_safe(text: str) -> str:
 
 _PAPER_NOTE = ("A paper number (Mansingh et al. 2024, from the authors' logs, mean ± std over seeds) stands beside "
                "epcli's only when model, dataset, threat model, n and gradient mode are comparable; diff = epcli − "
-               "paper, in points.")
+               "paper, in points. epcli 95% CI: the Wilson interval of epcli's accuracy as a proportion of its n "
+               "images (sampling of images only, one seed; none for a mean over corruptions).")
+
+
+def ci_text(ci: list[float] | None, n: int | None) -> str:
+    """"19.54–31.42 (n=200)", or — when there is no interval."""
+    return f"{ci[0]:.2f}–{ci[1]:.2f} (n={n:,})" if ci else "—"
 
 
 def _not_compared_lines(data: ReportData) -> list[str]:
