@@ -1,4 +1,5 @@
-"""Docs cannot drift: every command, option and registry entry appears in docs/."""
+"""Docs cannot drift: every command, option and registry entry appears in docs/, and what the docs show (commands,
+options, flags, signatures, the store schema, sqlite-utils queries, Python examples) exists and runs as written."""
 import re
 from pathlib import Path
 
