@@ -366,8 +366,9 @@ def attack(
     eps: Annotated[str, typer.Option(help="Comma-separated list, fractions allowed: 1/255,2/255,8/255. "
                                      "Presets: paper-linf, paper-l2.")] = "8/255",
     n: Annotated[Optional[int], typer.Option("--n", help="Attack n test images: a seeded random subset, or the "
-                                             "first n with --select first (default: the whole test split; --protocol "
-                                             "paper -a square or autoattack: the paper's 200).")] = None,
+                                             "first n with --select first (default, or an n above the split's size: "
+                                             "the whole test split; --protocol paper -a square or autoattack: the "
+                                             "paper's 200).")] = None,
     select: Annotated[Optional[str], typer.Option(help="Which n test images: random (seeded, the default) or "
                                                   "first (the paper's first-N; a set stored class by class, "
                                                   "such as an ImageFolder copy, one class after another).")
@@ -513,7 +514,8 @@ def corrupt(
         help="Corruption name (repeatable or comma-separated; default: all 19).")] = None,
     severity: Annotated[Optional[list[str]], typer.Option(
         "--severity", "-s", metavar="<int,...>", help="1-5 (repeatable or comma-separated; default all).")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="Seeded subset of n test images.")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Seeded subset of n test images (default, or an n above "
+                                             "the split's size: all of them).")] = None,
     source: Annotated[Optional[str], typer.Option(help="Evaluate the official CIFAR-10-C/100-C .npy files (or an "
                                                   "--export folder) in this folder instead of generating; "
                                                   "--n takes the first n of each severity.")] = None,
