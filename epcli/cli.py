@@ -308,6 +308,9 @@ def train(
         "--model-set", help="Any model option: --model-set update=alternate, --model-set T=60, "
                             "--model-set channels=[64,128,256,256] (repeatable; see docs/models.md).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Resume exactly from a run id or checkpoint.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(
+        help="Distil this EP-CNN (run id, model name = its newest finished run, or .safetensors) into an "
+             "ep-student (the model then defaults to ep-student, the data to the teacher's).")] = None,
     label: Annotated[Optional[str], typer.Option(help="Display name in reports.")] = None,
     select: Annotated[Optional[str], typer.Option(
         help="Which epoch the run hands on: last (default), best-val (best on a seeded 10% of the training "
@@ -321,7 +324,8 @@ def train(
     """Train a model (EP-CNN by Equilibrium Propagation, or a baseline by backprop) and checkpoint it.
 
     Examples: `epcli train --model ep-cnn --dataset cifar10 --data-dir ~/data`,
-    `epcli train --model cnn --adv-train l2:0.5`, `epcli train --resume <run-id>`.
+    `epcli train --model cnn --adv-train l2:0.5`, `epcli train --resume <run-id>`,
+    `epcli train --model ep-student --teacher <ep-cnn run id>`.
     """
     from epcli import api
     STATE.quiet = STATE.quiet or quiet
@@ -342,13 +346,14 @@ def train(
     from epcli import distributed
     if not distributed.is_main():  # a torchrun worker: rank 0 owns the store and the output
         api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
-                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv, select=select)
+                  seed=seed, device=device, store=None, resume=resume, label=label, argv=sys.argv, select=select,
+                  teacher=teacher)
         return
     with _store() as store, _progress() as progress:
         res = api.train(model=model, dataset=dataset, data_dir=data_dir, recipe=recipe, overrides=overrides,
                         model_options=_parse_kv(model_set or [], "--model-set"),
                         seed=seed, device=device, store=store, resume=resume, label=label, argv=sys.argv,
-                        progress=progress, select=select)
+                        progress=progress, select=select, teacher=teacher)
     _note(f"[green]trained[/] {_escape(res['model'])} on {_escape(res['dataset'])}: test accuracy "
           f"{_pct(res['test_acc'])}% "
           f"(run {res['run_id']})")
@@ -1068,6 +1073,9 @@ def _trace_render(store, tree: dict):
             grow(parent.add(label(child)), child)
 
     root = Tree(label(tree))
+    for a in store.artifacts_of(tree["run_id"], role="input"):  # e.g. a distilled student's teacher
+        if a["name"] == "teacher":
+            root.add(f"[dim]input teacher {a['sha256'][:12]} of train {a['run_id'] or '(file)'}[/dim]")
     for a in store.artifacts_of(tree["run_id"], role="output"):
         root.add(f"[dim]{a['kind']} {a['name'] or ''} {a['sha256'][:12]}[/dim]")
     grow(root, tree)
@@ -1207,6 +1215,8 @@ def recipes(name: Annotated[Optional[str], typer.Argument(help="Show one recipe 
             elif adv:
                 what = (f"PGD-AT {adv['norm']} eps={eps_label(adv['eps'])}" if adv.get("eps") is not None
                         else "PGD-AT (give --adv-train NORM:EPS)")
+            elif r.get("distill"):
+                what = f"distill {r['distill']['target']} (give --teacher)"
             else:
                 what = "backprop"
             rows.append([k, r.get("model") or "-", r.get("dataset") or "any", str(r["epochs"]), str(r["batch_size"]),

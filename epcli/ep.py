@@ -148,6 +148,31 @@ def _pair(v, n, what):
     return v
 
 
+def layer_stack(num_classes: int, in_channels: int, hw: list, channels, kernels, paddings, pools: str, fc,
+                readout: str) -> tuple[nn.ModuleList, nn.ModuleList, nn.Module | None, list[tuple]]:
+    """An EP-CNN's couplings (shared with its feed-forward student, epcli.student): convs, hidden linear layers
+    and the read-out (None for "mse": the last state is the logits), created in that order, with the per-sample
+    shape of every state they give. A stack that shrinks a feature map to nothing is refused."""
+    convs, fcs, shapes = nn.ModuleList(), nn.ModuleList(), []
+    c, (h, w) = in_channels, hw
+    for cout, k, p, pool in zip(channels, kernels, paddings, pools):
+        convs.append(nn.Conv2d(c, cout, k, padding=p))
+        h, w = h + 2 * p - k + 1, w + 2 * p - k + 1
+        if pool != "i":
+            h, w = h // 2, w // 2
+        if h < 1 or w < 1:
+            raise UsageError(f"the conv stack {list(channels)} (kernels {kernels}, paddings {paddings}) "
+                             f"does not fit {hw[0]}x{hw[1]} images: a feature map shrinks to nothing")
+        c = cout
+        shapes.append((c, h, w))
+    d = c * h * w
+    for width in list(fc) + ([num_classes] if readout == "mse" else []):
+        fcs.append(nn.Linear(d, int(width)))
+        d = int(width)
+        shapes.append((d,))
+    return convs, fcs, (nn.Linear(d, num_classes) if readout == "ce" else None), shapes
+
+
 class EPCNN(nn.Module):
     """Convolutional energy-based model relaxed to a fixed point of Φ; logits = read-out of the last state.
 
@@ -183,27 +208,8 @@ class EPCNN(nn.Module):
         self.act = ACTIVATIONS[activation]
 
         # Couplings l = 1..N map state l-1 -> state l. State shapes are checked here, once.
-        self.convs = nn.ModuleList()
-        self.shapes: list[tuple] = []  # per-sample state shapes
-        c, (h, w) = in_channels, hw
-        for cout, k, p, pool in zip(channels, kernels, paddings, pools):
-            self.convs.append(nn.Conv2d(c, cout, k, padding=p))
-            h, w = h + 2 * p - k + 1, w + 2 * p - k + 1
-            if pool != "i":
-                h, w = h // 2, w // 2
-            if h < 1 or w < 1:
-                raise UsageError(f"the conv stack {list(channels)} (kernels {kernels}, paddings {paddings}) "
-                                 f"does not fit {hw[0]}x{hw[1]} images: a feature map shrinks to nothing")
-            c = cout
-            self.shapes.append((c, h, w))
-        widths = list(fc) + ([num_classes] if readout == "mse" else [])
-        self.fcs = nn.ModuleList()
-        d = c * h * w
-        for width in widths:
-            self.fcs.append(nn.Linear(d, width))
-            d = width
-            self.shapes.append((width,))
-        self.out = nn.Linear(d, num_classes) if readout == "ce" else None  # read-out outside Φ
+        self.convs, self.fcs, self.out, self.shapes = layer_stack(num_classes, in_channels, hw, channels, kernels,
+                                                                  paddings, pools, fc, readout)
         if not isinstance(init_gain, (int, float)) or isinstance(init_gain, bool) or not init_gain > 0:
             raise UsageError(f"init_gain must be a positive number, got {init_gain!r}")
         self.init_gain = float(init_gain)

@@ -6,6 +6,7 @@ carries `model.spec`, a JSON-serialisable dict with "name", "num_classes" and ev
 
 Entries (see docs/models.md):
 - `ep-cnn`, `ep-cnn-cifar100`, `ep-cnn-small`, `ep-cnn-tiny`: the EP-CNN (`epcli.ep.EPCNN.preset`);
+- `ep-student`: a feed-forward copy of an EP-CNN distilled from it (`epcli.student`);
 - `cnn` (the paper's feed-forward baseline), `cnn-cifar100`, `cnn-hardsigmoid`, `cnn-small`;
 - `resnet18`, `vit`, `vit-p8`, and `timm:<name>` for any timm architecture that accepts 32x32 inputs.
 
@@ -293,6 +294,27 @@ _register_ep("ep-cnn", "The paper's EP-CNN (CIFAR-10): conv 128-256-512-512, har
 _register_ep("ep-cnn-cifar100", "The paper's EP-CNN for CIFAR-100: last conv 1024.")
 _register_ep("ep-cnn-small", "A narrower EP-CNN (conv 16-32-64) that relaxes until equilibrium (tol 1e-3, cap T=250).")
 _register_ep("ep-cnn-tiny", "A tiny EP-CNN (conv 4-8) for tests.")
+
+
+# --- EP student (epcli.student, imported lazily: it needs epcli.ep's activations) ---------------------------
+
+@register_model("ep-student", tags=("student", "distilled"))
+def ep_student(num_classes: int, *, teacher_spec: dict | None = None, in_channels: int | None = None,
+               image_size: int | list | None = None, channels: list | None = None, kernels: list | None = None,
+               paddings: list | None = None, pools: str | None = None, fc: list | None = None,
+               activation: str | None = None, readout: str | None = None, mean: list | None = None,
+               std: list | None = None, init_gain: float | None = None) -> nn.Module:
+    """Feed-forward copy of an EP-CNN (no feedback), distilled from its fixed points (epcli train --teacher)."""
+    try:
+        from epcli import student
+    except ImportError as e:
+        raise UnknownModelError(f"the EP student is not available in this build (epcli.student: {e})") from None
+    given = dict(in_channels=in_channels, image_size=image_size, channels=channels, kernels=kernels,
+                 paddings=paddings, pools=pools, fc=fc, activation=activation, readout=readout, mean=mean,
+                 std=std, init_gain=init_gain)
+    model = student.EPStudent(num_classes, **student.arch_from(teacher_spec, num_classes, given))
+    model.spec = _jsonable(dict(model.spec))  # explicit: build_from_spec needs no teacher
+    return model
 
 
 # --- feed-forward CNNs ----------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ def paper_key_for(run: dict) -> str | None:
     """Map a training run (a `runs` row, config decoded or not) to a paper model key, or None.
 
     ep-* models -> "ep-cnn"; vit* -> "vit"; a cnn with config["adv"] = {"norm": "l2", "eps": e} ->
-    "cnn-at-l2-<e>" when the paper trained that eps (0.05, 0.5, 0.75, 1), else None; a plain cnn -> "cnn".
+    "cnn-at-l2-<e>" when the paper trained that eps (0.05, 0.5, 0.75, 1), else None; a plain cnn -> "cnn";
+    a distilled student (recipe distill) -> None (the follow-up's numbers are unknown).
     """
     cfg = run.get("config") or {}
     if isinstance(cfg, str):
@@ -126,6 +127,8 @@ def paper_key_for(run: dict) -> str | None:
         return str(cfg["paper_key"])
     recipe = cfg.get("recipe")
     adv = cfg.get("adv") or (recipe.get("adv") if isinstance(recipe, dict) else None)
+    if isinstance(recipe, dict) and recipe.get("distill"):  # a distilled student: the paper has no such model
+        return None
     if name.startswith("ep"):
         return "ep-cnn" if not adv else None
     if name.startswith("vit"):

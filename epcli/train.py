@@ -4,7 +4,9 @@
 - EP models (they have `ep_train_step`) fill `.grad` with the EP (or BPTT) estimate, then the optimiser steps;
 - everything else trains by cross-entropy back-propagation; with `recipe["adv"]` each batch is first replaced
   by its PGD adversarial version (`epcli.attacks.pgd`, the one PGD implementation; model in eval mode while
-  attacking), Madry et al. style, with no clean/adversarial mix.
+  attacking), Madry et al. style, with no clean/adversarial mix;
+- with `recipe["distill"]` an `ep-student` (epcli.student) learns by backprop from a teacher EP-CNN's fixed points
+  on the same batch (`fit(..., teacher=...)`; `distill_loss`).
 
 After every epoch the test accuracy is measured and `on_epoch(epoch, metrics, state)` gets a `state` that
 resumes training *exactly* (same final weights as an uninterrupted run): weights, optimiser, schedule position,
@@ -35,7 +37,7 @@ from epcli.errors import Diverged, UsageError
 
 __all__ = ["RECIPES", "BP_RECIPES", "DEFAULTS", "resolve_recipe", "default_recipe", "check_plan", "fit", "evaluate",
            "check_adv_eps", "lr_factor", "state_to_tensors", "tensors_to_state", "PAPER_AT_EPS",
-           "SELECTS", "validation_split"]
+           "SELECTS", "validation_split", "DISTILL_DEFAULTS", "distill_loss"]
 
 PAPER_AT_EPS = (0.05, 0.5, 0.75, 1.0)  # the paper's L2 adversarial-training budgets
 SCHEDULES = ("constant", "step", "cosine", "warmup-cosine", "onecycle")
@@ -67,6 +69,7 @@ DEFAULTS: dict = {
     "compile": False,  # torch.compile the forward for backprop models, CUDA only
     "ep": None,  # {T1, T2, beta, rule} for EP models
     "adv": None,  # {norm, eps, steps, step_size, random_start, labels: true|predicted} adversarial training
+    "distill": None,  # {teacher, target, logit_weight, temperature, label_weight, init}: distil an EP-CNN
 }
 # update / solver None: the model's own. tol / tol_nudged: each sample's phase stops once its relative residual
 # is below it (T1 / T2 the caps). warm_start: start each example's free phase from its fixed point of the last epoch.
@@ -76,6 +79,15 @@ SELECTS = ("last", "best-val", "best-test")  # which epoch's weights a training 
 VAL_FRACTION = 0.1  # --select best-val holds out this fraction of the training set (seeded)
 ADV_DEFAULTS = {"norm": "l2", "eps": None, "steps": 20, "step_size": None, "random_start": False,
                 "labels": "predicted"}
+# Distillation of an EP-CNN teacher into a feed-forward student (epcli.student; docs/models.md, "Distillation").
+# teacher: the reference the pipeline resolved (fit is handed the loaded model). target "states": Σ_l MSE(student
+# layer l, teacher fixed point s*_l) + logit_weight·τ²·KL(teacher softmax ‖ student softmax) at temperature τ;
+# "logits": the KL term only. label_weight: + that times CE on the true labels. init: the student starts from the
+# teacher's weights ("teacher") or from its own random init ("random").
+DISTILL_TARGETS = ("states", "logits")
+DISTILL_INITS = ("teacher", "random")
+DISTILL_DEFAULTS = {"teacher": None, "target": "states", "logit_weight": 1.0, "temperature": 1.0,
+                    "label_weight": 0.0, "init": "teacher"}
 
 _PAPER_CNN = {
     "model": "cnn", "dataset": "cifar10", "epochs": 45, "batch_size": 200, "drop_last": True,
@@ -118,6 +130,13 @@ BP_RECIPES: dict[str, dict] = {
                  "schedule": {"name": "warmup-cosine", "warmup_epochs": 5, "eta_min": 1e-5},
                  "augment": "randaugment", "pad_mode": "reflect", "label_smoothing": 0.1, "grad_clip": 1.0,
                  "amp": True, "compile": True},
+    # The EP student (ep-student, docs/models.md "Distillation"): a GUESS, the follow-up's protocol is unknown.
+    # Adam and a cosine decay (the student is a plain feed-forward net); the teacher relaxes on the same
+    # crop-flipped batch. The teacher comes from --teacher (the pipeline fills distill.teacher).
+    "distill-ep": {"model": "ep-student", "dataset": None, "epochs": 10, "batch_size": 64,
+                   "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999]},
+                   "schedule": {"name": "cosine", "eta_min": 1e-5}, "augment": "crop-flip", "pad_mode": "edge",
+                   "distill": dict(DISTILL_DEFAULTS)},
     # ResNet-18 (CIFAR stem): the common 0.1 / 5e-4 / cosine recipe.
     "resnet": {"model": "resnet18", "dataset": "cifar10", "epochs": 100, "batch_size": 128,
                "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True},
@@ -159,7 +178,7 @@ def _merge(base: dict, over: dict, path: str, strict: bool) -> dict:
             known = ", ".join(sorted(out))
             raise UsageError(f"unknown recipe key {where!r}; known{' under ' + path[:-1] if path else ''}: {known}")
         group, value_is_group = isinstance(out.get(k), dict), isinstance(v, dict)
-        switch = k in ("adv", "ep") and (v is None or out.get(k) is None)  # adv/ep: None is off
+        switch = k in ("adv", "ep", "distill") and (v is None or out.get(k) is None)  # None is off
         if strict and group != value_is_group and not switch:
             raise UsageError(f"recipe key {where!r} is a group of keys ({', '.join(sorted(out[k]))}): set one "
                              f"of them, e.g. {where}.{'name' if 'name' in out[k] else sorted(out[k])[0]}=..."
@@ -207,9 +226,10 @@ def resolve_recipe(name: str | None, overrides: dict | None = None) -> dict:
     base = _merge(DEFAULTS, {k: v for k, v in preset.items() if k not in DEFAULTS}, "", False)  # ep extras
     recipe = _merge(base, _nested_defaults(preset), "", True)
     over = _unflatten({k: v for k, v in (overrides or {}).items()})
-    for k in ("adv", "ep"):  # a sub-dict switched on by an override starts from its defaults
+    sections = {"adv": ADV_DEFAULTS, "ep": EP_DEFAULTS, "distill": DISTILL_DEFAULTS}
+    for k, defaults in sections.items():  # a sub-dict switched on by an override starts from its defaults
         if isinstance(over.get(k), dict) and recipe.get(k) is None:
-            recipe[k] = dict(ADV_DEFAULTS if k == "adv" else EP_DEFAULTS)
+            recipe[k] = dict(defaults)
     recipe = _merge(recipe, over, "", True)
     for k in ("model", "dataset"):
         if k in over:
@@ -226,6 +246,8 @@ def _nested_defaults(preset: dict) -> dict:
         out["adv"] = {**ADV_DEFAULTS, **out["adv"]}
     if isinstance(out.get("ep"), dict):
         out["ep"] = {**EP_DEFAULTS, **out["ep"]}
+    if isinstance(out.get("distill"), dict):
+        out["distill"] = {**DISTILL_DEFAULTS, **out["distill"]}
     return out
 
 
@@ -327,6 +349,21 @@ def _validate(r: dict) -> None:
         _check_flag(a["random_start"], "adv.random_start")
         if a["eps"] is not None:
             a["eps"] = check_adv_eps(a["eps"], a["norm"])
+    if r["distill"] is not None:
+        d = r["distill"]
+        need(isinstance(d, dict), "recipe distill must be a dict {teacher, target, logit_weight, ...} or None")
+        need(d["teacher"] is None or (isinstance(d["teacher"], str) and d["teacher"].strip()),
+             f"recipe distill.teacher must be a run id, model name or checkpoint path (or null), got {d['teacher']!r}")
+        need(d["target"] in DISTILL_TARGETS, f"recipe distill.target must be one of {', '.join(DISTILL_TARGETS)}, "
+                                             f"got {d['target']!r}")
+        need(d["init"] in DISTILL_INITS, f"recipe distill.init must be one of {', '.join(DISTILL_INITS)}, "
+                                         f"got {d['init']!r}")
+        _check_number(d["logit_weight"], "distill.logit_weight", low=0)
+        _check_number(d["temperature"], "distill.temperature", low=0, low_open=True)
+        _check_number(d["label_weight"], "distill.label_weight", low=0)
+        need(d["target"] != "logits" or d["logit_weight"] > 0 or d["label_weight"] > 0,
+             "recipe distill.target logits needs a distill.logit_weight or distill.label_weight > 0 (else the loss "
+             "is zero)")
 
 
 def check_adv_eps(eps, norm: str) -> float:
@@ -350,6 +387,8 @@ def default_recipe(model_name: str, dataset_name: str | None = None) -> str:
     """The preset that `epcli train MODEL` uses when none is given."""
     ds = (dataset_name or "").lower()
     mini = ds in ("", "cifar10-mini", "embedded")
+    if model_name == "ep-student":  # a feed-forward net trained by backprop on its teacher's fixed points
+        return "distill-ep"
     if model_name.startswith("ep-"):
         ep_names = list(_ep_recipes())
         if mini:  # the embedded set: the recipe written for this net (its per-layer learning rates fit its layers)
@@ -658,6 +697,44 @@ def _crop_flip_slice(x: torch.Tensor, lo: int, n_global: int, pad_mode: str, gen
     return crop_flip(full, pad=4, pad_mode=pad_mode, generator=generator)[lo:lo + len(x)]
 
 
+def distill_loss(student_states: list, student_logits: torch.Tensor, teacher_states: list,
+                 teacher_logits: torch.Tensor, y: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """The distillation loss of one batch (recipe `distill`): for target "states" Σ_l mean((s_l − s*_l)²) over
+    the student's layers and the teacher's fixed point, plus (both targets) logit_weight · τ² · KL(softmax(t/τ) ‖
+    softmax(s/τ)) (batch mean; τ² keeps the gradient's scale as τ changes, Hinton et al. 2015), plus label_weight
+    · CE(student logits, y)."""
+    loss = student_logits.new_zeros(())
+    if cfg["target"] == "states":
+        for s, t in zip(student_states, teacher_states):
+            loss = loss + F.mse_loss(s.float(), t.float())
+    w, tau = float(cfg["logit_weight"]), float(cfg["temperature"])
+    if w:
+        log_p_student = F.log_softmax(student_logits.float() / tau, 1)
+        log_p_teacher = F.log_softmax(teacher_logits.float() / tau, 1)
+        loss = loss + w * tau * tau * F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    if cfg["label_weight"]:
+        loss = loss + float(cfg["label_weight"]) * F.cross_entropy(student_logits.float(), y)
+    return loss
+
+
+def _distill_step(model, teacher, xb, yb, cfg, device, amp, teach: dict):
+    """The teacher relaxes (no_grad, its own T and tol, fp32, outside autocast) on the student's batch; returns
+    (the distillation loss, the student's logits) and adds the teacher's residuals and the agreement to `teach`."""
+    with torch.no_grad():
+        t_states, _ = teacher.relax(xb, teacher.T, tol=getattr(teacher, "tol", None))
+        t_logits = teacher.logits(t_states).float()
+        r = teacher.last_residual.double()
+        teach["max"] = torch.maximum(teach["max"], r.max())
+        teach["sum"] += r.sum()
+        teach["steps"] += teacher.last_sample_steps.double().sum()
+    with _autocast(device, amp):
+        s_states = model.states(xb)
+        logits = model.logits(s_states)
+    loss = distill_loss(s_states, logits, t_states, t_logits, yb, cfg)
+    teach["agree"] += (logits.detach().argmax(1) == t_logits.argmax(1)).sum()
+    return loss, logits
+
+
 def validation_split(n: int, seed: int, fraction: float = VAL_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, validation indices) of an n-image training set: a seeded random `fraction` (at least one
     image) held out, both sorted. The same seed gives the same split (resume, reruns)."""
@@ -668,11 +745,26 @@ def validation_split(n: int, seed: int, fraction: float = VAL_FRACTION) -> tuple
 
 
 def check_plan(model: nn.Module, recipe: dict, n_train: int, select: str = "last",
-               sample: torch.Tensor | None = None) -> None:
+               sample: torch.Tensor | None = None, teacher: nn.Module | None = None) -> None:
     """The checks `fit` makes before it trains, without side effects: callers run them before they open a run,
     so that a recipe the model cannot use is a usage error, not a failed run. `sample` (a few uint8 training
-    images): the recipe's augmentation is tried on them (a 4-pixel reflect pad needs images larger than 4)."""
+    images): the recipe's augmentation is tried on them (a 4-pixel reflect pad needs images larger than 4).
+    `teacher`: the EP-CNN a recipe with `distill` learns from (checked against the student's layers)."""
     adv = recipe.get("adv")
+    if recipe.get("distill"):
+        if not callable(getattr(model, "states", None)) or _is_ep(model):
+            raise UsageError("distillation (recipe distill) trains an ep-student (a feed-forward copy of the "
+                             f"EP-CNN), not {getattr(model, 'spec', {}).get('name', type(model).__name__)}")
+        if adv:
+            raise UsageError("recipe distill and adv do not combine: distillation trains on the teacher's fixed "
+                             "points of clean images (--set adv=null)")
+        if teacher is not None:
+            if not callable(getattr(teacher, "relax", None)):
+                raise UsageError("the teacher of a distillation must be an EP-CNN (it has no relaxation)")
+            from epcli.student import check_matches_teacher
+            check_matches_teacher(model, teacher)
+    elif teacher is not None:
+        raise UsageError("a teacher is only used by a recipe with a distill section (such as distill-ep)")
     if _is_ep(model) and adv:
         raise UsageError("adversarial training (recipe adv) is for backprop models, not the EP-CNN")
     if adv and adv.get("eps") is None:
@@ -707,7 +799,7 @@ def check_plan(model: nn.Module, recipe: dict, n_train: int, select: str = "last
 
 def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.device = "cpu", seed: int = 0,
         state: dict | None = None, on_epoch: Callable | None = None, on_batch: Callable | None = None,
-        max_epochs: int | None = None, select: str = "last") -> list[dict]:
+        max_epochs: int | None = None, select: str = "last", teacher: nn.Module | None = None) -> list[dict]:
     """Train `model` on `dataset` (an `epcli.data.Dataset`) with `recipe`; return one metrics dict per epoch.
 
     Args:
@@ -722,6 +814,14 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         select: "best-val" holds out a seeded `validation_split` of the training set (not trained on) and adds
             val_acc to the metrics; "last" and "best-test" train on everything. Which epoch is kept is the
             caller's business (`on_epoch` sees every epoch's metrics).
+        teacher: the EP-CNN a recipe with `distill` learns from (needed then, refused otherwise). It relaxes
+            under no_grad, at its own T and tol, on the same augmented batch as the student; a fresh run with
+            distill.init "teacher" starts from the teacher's weights. It is not part of `state`.
+
+    Distillation adds, per epoch: teacher_residual / teacher_residual_mean (the largest / mean per-example
+    relative residual of the teacher's last relaxation step on the training batches: how close its targets are
+    to a fixed point), teacher_steps (mean relaxation steps per example) and teacher_agreement (the fraction of
+    training examples on which the student's prediction is the teacher's).
 
     EP models also get, per epoch: mean_steps / mean_steps_nudged (steps per example of the free / nudged
     phases), residual_free / residual_nudged (the largest per-example relative residual at the end of the
@@ -754,7 +854,10 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
     if rank != 0:  # progress and checkpoints are rank 0's business
         on_epoch = on_batch = None
     ep_mode = _is_ep(model)
-    check_plan(model, r, len(dataset.train_y), select, sample=dataset.train_x[:2])
+    check_plan(model, r, len(dataset.train_y), select, sample=dataset.train_x[:2], teacher=teacher)
+    distill = r.get("distill")
+    if distill and teacher is None:
+        raise UsageError("recipe distill needs the teacher model: fit(..., teacher=an EP-CNN)")
     adv = r.get("adv")
     if adv:
         adv = {**adv, "eps": check_adv_eps(adv["eps"], adv["norm"])}
@@ -764,6 +867,11 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
     cuda = device.type == "cuda"
 
     model.to(device)
+    if distill:
+        teacher.to(device).eval()  # it only relaxes, under no_grad: its weights never change
+        if state is None and distill["init"] == "teacher":  # before rank 0's weights are broadcast
+            from epcli.student import init_from_teacher
+            init_from_teacher(model, teacher)
     if world > 1 and cuda:
         _sync_batchnorm(model)
     if cuda and r.get("channels_last"):
@@ -840,6 +948,8 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen, steps_sum, steps2_sum = 0, 0, 0
+        # distillation: the teacher's residuals, steps and agreement, summed on the device (no per-batch sync)
+        teach = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("max", "sum", "steps", "agree")}
         res = {"residual_free": 0.0, "residual_nudged": 0.0, "residual_free_mean": 0.0, "residual_nudged_mean": 0.0}
         lr0 = _set_lr(optimizer, r["schedule"], epoch, 0.0, epochs)
         it = batches(train_x, index, bs, shuffle=True, augment="crop-flip" if aug and not policy else None,
@@ -878,6 +988,9 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
                 if bank is not None:  # this batch's free fixed points start its next epoch
                     for t, s in zip(bank, out["states"]):
                         t[ib] = s.to(t.dtype)
+            elif distill:
+                loss, logits = _distill_step(model, teacher, xb, yb, distill, device, amp, teach)
+                loss.backward()
             else:
                 if adv:
                     if adv["labels"] == "predicted":  # ART's default: attack the model's own predictions
@@ -923,10 +1036,12 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
             tot = dist.all_reduce_sum_([torch.stack([
                 loss_sum.to(torch.float64), correct.to(torch.float64), test_correct.to(torch.float64),
                 f64(seen), f64(steps_sum), f64(steps2_sum), val_correct.to(torch.float64),
-                f64(res["residual_free_mean"]), f64(res["residual_nudged_mean"])])])[0].tolist()
+                f64(res["residual_free_mean"]), f64(res["residual_nudged_mean"]), f64(teach["sum"]),
+                f64(teach["steps"]), f64(teach["agree"])])])[0].tolist()
             loss_sum, correct, test_correct, seen, steps_sum = tot[0], tot[1], tot[2], int(tot[3]), tot[4]
             steps2_sum, val_correct = tot[5], tot[6]
             res["residual_free_mean"], res["residual_nudged_mean"] = tot[7], tot[8]  # maxima: rank 0's slices
+            teach["sum"], teach["steps"], teach["agree"] = tot[9], tot[10], tot[11]
             dist.broadcast_([bf for bf in model.buffers()])
         seconds = time.perf_counter() - t0
         train_loss = float(loss_sum) / max(seen, 1)
@@ -941,6 +1056,11 @@ def fit(model: nn.Module, dataset, recipe: dict | str, *, device: str | torch.de
             metrics["mean_steps"] = steps_sum / max(seen, 1)
             metrics["mean_steps_nudged"] = steps2_sum / max(seen, 1)
             metrics.update({k: (v / max(seen, 1) if k.endswith("_mean") else v) for k, v in res.items()})
+        if distill:
+            metrics.update(teacher_residual=float(teach["max"]),
+                           teacher_residual_mean=float(teach["sum"]) / max(seen, 1),
+                           teacher_steps=float(teach["steps"]) / max(seen, 1),
+                           teacher_agreement=float(teach["agree"]) / max(seen, 1))
         history.append(metrics)
         rng_ranks = dist.all_gather_object(_cpu_clone(_rank_rng(device, adv_gen))) if world > 1 else None
         if on_epoch is not None:

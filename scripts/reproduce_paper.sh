@@ -17,14 +17,20 @@ SQ_L2="0.4862,0.7663,1.0,1.2077,1.9035,3.0"
 AA_LINF="0.0001,0.000215,0.000464,0.001,0.002154,0.004642,0.01,0.021544,8/255,0.046416,0.1"
 
 RUNS=()
+CNN_RUNS=()  # the models of the paper's second Square L2 table (20,000 iterations): its CNNs
 for seed in $SEEDS; do
-  RUNS+=("$($E train --model ep-cnn --dataset "$DATA" --recipe paper-ep-cifar10 --seed "$seed" --label EP-CNN --json | json run_id)")
-  RUNS+=("$($E train --model cnn --dataset "$DATA" --recipe paper-cnn --seed "$seed" --label CNN --json | json run_id)")
+  ep=$($E train --model ep-cnn --dataset "$DATA" --recipe paper-ep-cifar10 --seed "$seed" --label EP-CNN --json | json run_id)
+  RUNS+=("$ep")
+  CNN_RUNS+=("$($E train --model cnn --dataset "$DATA" --recipe paper-cnn --seed "$seed" --label CNN --json | json run_id)")
   for eps in 0.05 0.5 0.75 1.0; do
-    RUNS+=("$($E train --model cnn --dataset "$DATA" --recipe paper-cnn-at --adv-train "l2:$eps" --seed "$seed" \
-              --label "CNN (AT L2 eps=$eps)" --json | json run_id)")
+    CNN_RUNS+=("$($E train --model cnn --dataset "$DATA" --recipe paper-cnn-at --adv-train "l2:$eps" --seed "$seed" \
+                  --label "CNN (AT L2 eps=$eps)" --json | json run_id)")
   done
+  # beyond the paper: its follow-up (NFAM 2025), a feed-forward student distilled from this EP-CNN's fixed
+  # points (epcli's guess of that protocol: docs/models.md, "Distillation"), attacked like every other model
+  RUNS+=("$($E train --teacher "$ep" --seed "$seed" --json | json run_id)")
 done
+RUNS+=("${CNN_RUNS[@]}")
 RUNS+=("$($E train --model vit --dataset "$DATA" --recipe vit --seed 0 --label "ViT (patch 4)" --json | json run_id)")
 
 for run in "${RUNS[@]}"; do
@@ -45,6 +51,10 @@ for run in "${RUNS[@]}"; do
   $E attack -m "$run" -a square --norm l2 --eps "$SQ_L2" --queries 3000 --n 1000
   $E attack -m "$run" -a autoattack --norm linf --eps 8/255
   $E corrupt -m "$run"
+done
+# the paper's second Square L2 table: ART's Square at 20,000 iterations on its CNNs (paper-facts §6)
+for run in "${CNN_RUNS[@]}"; do
+  $E attack -m "$run" -a square --protocol paper --norm l2 --eps "$SQ_L2" --queries 20000
 done
 # the paper's obfuscation check (§9.1) on the first EP-CNN
 $E attack -m "${RUNS[0]}" -a pgd --norm l2 --eps "$L2" --unroll-sweep 10,15,20,25,29,60,70

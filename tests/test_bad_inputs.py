@@ -328,6 +328,18 @@ CASES = [
     (["train", "--model", "ep-cnn-tiny", "--set", "optimizer.lrs=null", "--set", "ep=null"], 2,
      "ep-cnn-tiny trains by EP, but recipe tiny-ep has no ep settings"),
     (["train", "--model", "ep-cnn-tiny", "--recipe", "demo-ep"], 2, "or optimizer.lrs=null for one lr"),
+    # distillation: the teacher (an EP-CNN trained on the same data) and the recipe's distill section
+    (["train", "--model", "ep-student", "--epochs", "1"], 2, "--model ep-student is distilled from an EP-CNN: give "
+     "--teacher"),
+    (T + ["--teacher", "RUN"], 2, "--teacher is for --model ep-student"),
+    (["train", "--teacher", "RUN", "--epochs", "1"], 2, "is not an EP-CNN but a cnn-small"),
+    (["train", "--teacher", "nosuch", "--epochs", "1"], 3, "'nosuch' is neither a model name"),
+    (["train", "--teacher", "ep-cnn-tiny", "--epochs", "1"], 3, "no finished training run of model 'ep-cnn-tiny'"),
+    (["train", "--teacher", "FILES/garbage.safetensors"], 4, "not a safetensors checkpoint"),
+    (["train", "--teacher", "RUN", "--recipe", "demo-cnn"], 2, "recipe demo-cnn has no distill section"),
+    (["train", "--teacher", "RUN", "--set", "distill.temperature=0"], 2, "distill.temperature must be a number > 0"),
+    (["train", "--teacher", "RUN", "--set", "distill.init=zeros"], 2, "distill.init must be one of teacher, random"),
+    (["train", "--resume", "RUN", "--teacher", "RUN"], 2, "--resume continues a run with its own teacher"),
     # options that contradict each other or would be ignored
     (T + ["--set", "epochs=2"], 2, "--epochs and --set epochs both set epochs"),
     (T + ["--set", "optimizer=sgd", "--lr", "0.1"], 2, "--lr sets optimizer.lr, but --set optimizer=\"sgd\""),
@@ -375,6 +387,7 @@ CASES = [
     (T + ["--label", ""], 2, "--label is empty"),
     (["train", "--resume", ""], 2, "--resume is empty"),
     (["train", "--model", ""], 2, "--model is empty"),
+    (["train", "--teacher", ""], 2, "--teacher is empty"),
     (A + ["--grad-mode", ""], 2, "--grad-mode is empty"),
     (A + ["--dataset", ""], 2, "--dataset is empty"),
     (C + ["--source", ""], 2, "--source is empty"),

@@ -1094,6 +1094,16 @@ def test_square_at_20000_iterations_stands_beside_the_papers_20000_table(tmp_pat
     assert not any("iterations" in r for r in at20k.reasons + at1k.reasons + cnn20k.reasons)
     assert "Square: 5000 iterations, paper 1000" in at5k.reasons
     assert cnn1k is None  # the main table has no standard CNN
+    assert not any("worst case" in r for r in at20k.reasons + at1k.reasons)
+    # both budgets on one model's same images make a cell that is their worst case: it says so beside the paper's
+    data = report.collect(store)
+    row = next(r for r in data.rows if r.run_id == runs[0][0])
+    cell = row.cells["art-square:l2:1"]
+    fact = {"attack": "square", "n_examples": 200, "variant": "max_iter-20000", "metric": "robust_acc"}
+    assert not any("worst case" in r for r in report.protocol_reasons(row, cell, fact))
+    cell.n_results = 2
+    assert any(r.startswith("epcli: the worst case over 2 results on the same images")
+               for r in report.protocol_reasons(row, cell, fact))
     store.close()
 
 

@@ -41,13 +41,22 @@ def commands(tmp_path_factory):
 def test_the_study_is_all_there(commands):
     subs = [c[c.index("--store") + 2] for c in commands]
     trains = [c for c, s in zip(commands, subs) if s == "train"]
-    assert len(trains) == 2 * 6 + 1  # per seed: EP-CNN, CNN, 4 adversarially trained CNNs; one ViT
+    # per seed: EP-CNN, CNN, 4 adversarially trained CNNs, the EP-CNN's distilled student; one ViT
+    assert len(trains) == 2 * 7 + 1
+    students = [c for c in trains if "--teacher" in c]
+    eps_cnns = [c for c in trains if "--model" in c and c[c.index("--model") + 1] == "ep-cnn"]
+    assert len(students) == len(eps_cnns) == 2
     attacks = [c for c, s in zip(commands, subs) if s == "attack"]
-    assert len(attacks) == 13 * 10 + 1  # per model: paper protocol 2 PGD, 2 Square, AutoAttack; 2 PGD, 2 Square,
-    # AutoAttack (fra31); + the sweep
-    assert subs.count("corrupt") == 13 and subs.count("report") == 2
+    assert len(attacks) == 15 * 10 + 1 + 2 * 5  # per model: paper protocol 2 PGD, 2 Square, AutoAttack; 2 PGD,
+    # 2 Square, AutoAttack (fra31); + the sweep; + the paper's 20,000-iteration Square L2 on its 5 CNNs per seed
+    long_square = [c for c in attacks if "20000" in c]
+    assert len(long_square) == 10 and all("--protocol" in c and "l2" in c for c in long_square)
+    assert subs.count("corrupt") == 15 and subs.count("report") == 2
     # each attack and corruption names a model the script trained (a run id the recorder handed out)
     handed = {f"RUN{i}" for i in range(1, len(commands) + 1)}
+    # each student learns from an EP-CNN the script trained (the run id handed out for it)
+    ep_ids = {f"RUN{commands.index(c) + 1}" for c in eps_cnns}
+    assert {c[c.index("--teacher") + 1] for c in students} == ep_ids
     for c in attacks + [c for c, s in zip(commands, subs) if s == "corrupt"]:
         assert c[c.index("-m") + 1] in handed
 

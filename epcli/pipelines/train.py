@@ -32,13 +32,19 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
           recipe: str | None = None,
           overrides: dict | None = None, model_options: dict | None = None, seed: int | None = None,
           device: str | None = None, store: Store | None, resume: str | None = None, label: str | None = None,
-          argv: list[str] | None = None, progress: Progress = no_progress, select: str | None = None) -> dict:
+          argv: list[str] | None = None, progress: Progress = no_progress, select: str | None = None,
+          teacher: str | None = None) -> dict:
     """Train `model` on `dataset` with a recipe; checkpoint every epoch into the store.
 
     select: which epoch's weights become the run's "final" checkpoint (what attack/corrupt/report use):
     "last" (default), "best-val" (best accuracy on a seeded held-out 10% of the training set, not trained on) or
     "best-test" (the paper's choice: best test accuracy, i.e. selected on the test set; labelled in reports).
     It is stored in the config as `select`; the newest epoch stays as checkpoint "last" for --resume.
+
+    teacher: for `ep-student` (the default model when a teacher is given): the EP-CNN to distil, as a run id, a
+    registry name (its newest finished training run) or a .safetensors path. It must have been trained on the
+    dataset asked for (by default the teacher's own); the student copies its architecture, and the run records
+    the teacher's checkpoint as an input (lineage) and in its config (`teacher`, `recipe.distill.teacher`).
 
     Under torchrun every process calls this with the same arguments and trains one model data-parallel
     (docs/distributed.md): only rank 0 uses `store` (others may pass None), resolves a resume and records the
@@ -52,10 +58,14 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         raise UsageError(f"unknown --select {select!r}: use {', '.join(training.SELECTS)}")
     check_numbers(seed=seed, **_numeric_overrides(overrides or {}, model_options or {}))
     check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--recipe": recipe,
-                       "--resume": resume, "--label": label})
-    given_model, given_seed = model, seed  # a resume takes both from its checkpoint: a different one is refused
+                       "--resume": resume, "--label": label, "--teacher": teacher})
+    # a resume takes the model and seed from its checkpoint: a different one is refused
+    given_model, given_seed, given_dataset = model, seed, dataset
+    if resume and teacher:
+        raise UsageError("--resume continues a run with its own teacher; drop --teacher")
     if not resume:
-        model, seed = model or DEFAULT_MODEL, 0 if seed is None else seed
+        model, seed = model or (STUDENT_MODEL if teacher else DEFAULT_MODEL), 0 if seed is None else seed
+        _check_teacher_flag(model, teacher)
     if resume:  # a resume continues the run as it was configured: other settings would be silently ignored
         changed = sorted(_dotted({k: v for k, v in (overrides or {}).items() if k != "epochs"}))
         ignored = ([f"--recipe {recipe}"] if recipe else []) + (["--model-set"] if model_options else []) + \
@@ -77,7 +87,19 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         if model not in list_models():
             create_model(model)  # an unknown name fails here, before any data is read
     if main and not resume:  # the recipe as it will resolve, checked before a large dataset is decoded
-        training.resolve_recipe(recipe or training.default_recipe(model, dataset_name(dataset)), overrides or {})
+        planned_name = recipe or training.default_recipe(model, dataset_name(dataset))
+        planned = training.resolve_recipe(planned_name, overrides or {})
+        if teacher and not planned.get("distill"):
+            raise UsageError(f"recipe {planned_name} has no distill section: a student learns from its teacher with "
+                             "a distillation recipe such as distill-ep")
+    teacher_info = teacher_net = None
+    if main and not resume and teacher:  # resolved and loaded before the data: a bad teacher reads nothing
+        teacher_info, teacher_net = _load_teacher(store, teacher, dataset, device)
+        if dataset is None:  # by default the student learns on the teacher's own data
+            cfg = _teacher_config(teacher_info)
+            dataset, data_dir = cfg.get("dataset_ref") or cfg.get("dataset"), data_dir or cfg.get("data_dir")
+    if teacher and not resume and given_dataset is None:  # every rank loads what rank 0 chose
+        dataset, data_dir = dist.broadcast_object((dataset, data_dir) if main else None)
     if resume and dataset is None:  # resume on the dataset the checkpoint was trained on (rank 0 reads it)
         if main:
             cfg = (resolve_model(store, resume).get("meta") or {}).get("config") or {}
@@ -97,8 +119,9 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         plan = dist.broadcast_object(None)
         net = build_from_spec(plan["spec"])
         _check_fits(net, ds)
+        tnet = checkpoint.load(plan["teacher"], device=device)[0] if plan.get("teacher") else None
         training.fit(net, ds, plan["recipe"], device=device, seed=plan["seed"], state=plan["state"],
-                     select=plan.get("select", "last"))
+                     select=plan.get("select", "last"), teacher=tnet)
         return dist.broadcast_object(None)
     state, resume_info = None, None
     if resume:
@@ -136,12 +159,18 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         if select is not None and select != config.get("select", "last"):
             raise UsageError(f"cannot resume with --select {select}: the run selects {config.get('select', 'last')}")
         select = config.get("select", "last")
+        if rec.get("distill"):  # the same teacher checkpoint as the run started with
+            teacher_info, teacher_net = _load_teacher(store, _recorded_teacher(config), None, device)
     else:
         torch.manual_seed(int(seed))  # the initial weights follow --seed too (rank 0's are broadcast)
+        student_of = {}
+        if teacher_net is not None:
+            _check_teacher_data(teacher, teacher_info, teacher_net, ds)
+            student_of = {"teacher_spec": teacher_net.spec}
         try:
             with warnings.catch_warnings(record=True) as caught:  # torch warns of zero-size layers: said below
                 warnings.simplefilter("always")
-                net = create_model(model, num_classes=ds.num_classes, **(model_options or {}))
+                net = create_model(model, num_classes=ds.num_classes, **(model_options or {}), **student_of)
         except (TypeError, ValueError, ArithmeticError) as e:  # a --model-set value the constructor cannot use
             raise UsageError(f"model {model!r}: bad option value ({e})") from None
         except RuntimeError as e:  # torch refusing the shapes (a negative width) or the memory (a huge one)
@@ -156,6 +185,8 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         rec_name = recipe or training.default_recipe(model, ds.name)
         rec = training.resolve_recipe(rec_name, overrides or {})
         rec.setdefault("name", rec_name)
+        if teacher_info is not None:  # the reference as resolved: a resume finds the same teacher
+            rec["distill"]["teacher"] = _teacher_ref(teacher_info)
     _check_fits(net, ds)
     if not resume and bool(rec.get("ep")) != training._is_ep(net):
         raise UsageError(f"EP settings (recipe {rec.get('name')}, --T1, --T2, --beta, --rule or --set ep.*) apply to "
@@ -164,19 +195,27 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
                          "recipe such as demo-ep; --set ep=null is for backprop models)")
     select = select or "last"
     # before the run opens: a bad recipe is a usage error
-    training.check_plan(net, rec, len(ds.train_y), select, sample=ds.train_x[:2])
+    training.check_plan(net, rec, len(ds.train_y), select, sample=ds.train_x[:2], teacher=teacher_net)
     if distributed:
-        dist.broadcast_object({"spec": net.spec, "recipe": rec, "seed": seed, "state": state, "select": select})
+        dist.broadcast_object({"spec": net.spec, "recipe": rec, "seed": seed, "state": state, "select": select,
+                               "teacher": str(teacher_info["path"]) if teacher_info else None})
     config = {"model": model_name, "spec": net.spec, "dataset": ds.name, "dataset_sha256": ds.sha256,
               "dataset_ref": dataset_ref(dataset), "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-              "recipe": rec, "seed": seed, "label": label or _default_label(model_name, rec),
+              "recipe": rec, "seed": seed, "label": label or _default_label(model_name, rec, teacher_info),
               "world_size": dist.world_size(), "select": select}
+    if teacher_info is not None:
+        config["teacher"] = _teacher_record(teacher_info, teacher_net)
     if resume_info:
         config["resumed_from"] = (resume_info["train_run"] or {}).get("id") or str(resume_info["path"])
     with store.run("train", config, argv=argv, seed=seed, model=model_name, dataset=ds.name,
                    device=describe_device(device)) as run_id:
         if resume_info:
             link_model_input(store, run_id, resume_info)
+        if teacher_info is not None:  # lineage: the teacher's checkpoint is an input of the student's run
+            if teacher_info["sha256"]:
+                store.link(run_id, teacher_info["sha256"], "input", "teacher")
+            else:
+                store.register_external(run_id, "checkpoint", teacher_info["path"], "input", "teacher")
         last_sha: list[str] = []
         history: list[dict] = []
         score_key = {"best-val": "val_acc", "best-test": "test_acc"}.get(select)
@@ -237,7 +276,7 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
             progress("training", 0, n_epochs - first, {})
             progress(f"epoch {first + 1}/{n_epochs}", 0, per_epoch[0] + 1, {})
         training.fit(net, ds, rec, device=device, seed=seed, state=state, on_epoch=on_epoch, on_batch=on_batch,
-                     select=select)
+                     select=select, teacher=teacher_net)
         if not last_sha and resume_info:  # killed after its last epoch's checkpoint: that checkpoint is final
             last_sha[:] = [_adopt_final(store, run_id, resume_info, history)]
         if not last_sha:
@@ -317,10 +356,103 @@ def _check_fits(net: torch.nn.Module, ds: Dataset) -> None:
     check_model_takes(net, ds.train_x, ds.name)
 
 
-def _default_label(model: str, recipe: dict) -> str:
+def _default_label(model: str, recipe: dict, teacher_info: dict | None = None) -> str:
+    if teacher_info is not None:
+        return f"EP-student (distilled from {_teacher_label(teacher_info)})"
     adv = recipe.get("adv")
     if adv:
         return f"{model} (AT {adv.get('norm', '').upper()} eps={adv.get('eps')})"
     return model
 
 
+
+
+# --- distillation: the teacher of an ep-student ------------------------------------------------------------
+
+STUDENT_MODEL = "ep-student"  # what `epcli train --teacher T` trains when no --model is given
+
+
+def _is_student(model: str) -> bool:
+    from epcli.models import list_models, model_info
+    return model in list_models() and "student" in model_info(model)["tags"]
+
+
+def _check_teacher_flag(model: str, teacher: str | None) -> None:
+    """--teacher goes with a student model, and a student model needs one (its layers copy the teacher's)."""
+    if teacher and not _is_student(model):
+        raise UsageError(f"--teacher is for --model {STUDENT_MODEL} (a feed-forward net distilled from an EP-CNN); "
+                         f"{model} does not learn from a teacher")
+    if not teacher and _is_student(model):
+        raise UsageError(f"--model {model} is distilled from an EP-CNN: give --teacher with its training run id, "
+                         "its model name (the newest finished run) or a .safetensors checkpoint")
+
+
+def _teacher_config(info: dict) -> dict:
+    return (info["train_run"] or {}).get("config") or (info["meta"] or {}).get("config") or {}
+
+
+def _teacher_label(info: dict) -> str:
+    cfg = _teacher_config(info)
+    run_id = (info["train_run"] or {}).get("id")
+    name = cfg.get("label") or cfg.get("model") or (info["meta"].get("spec") or {}).get("name") or "?"
+    return f"{name} {run_id[:10]}" if run_id else str(name)
+
+
+def _teacher_ref(info: dict) -> str:
+    return (info["train_run"] or {}).get("id") or str(Path(info["path"]).resolve())
+
+
+def _teacher_record(info: dict, net) -> dict:
+    """What the student's config says about its teacher."""
+    cfg = _teacher_config(info)
+    return {"run_id": (info["train_run"] or {}).get("id"), "sha256": info["sha256"],
+            "path": None if info["sha256"] else str(Path(info["path"]).resolve()),
+            "model": cfg.get("model") or net.spec.get("name"), "label": _teacher_label(info),
+            "dataset": cfg.get("dataset"), "T": getattr(net, "T", None), "tol": getattr(net, "tol", None)}
+
+
+def _recorded_teacher(config: dict) -> str:
+    """A resumed student's teacher: the training run (its final checkpoint) or the file its run recorded."""
+    t = config.get("teacher") or {}
+    ref = t.get("run_id") or t.get("path") or ((config.get("recipe") or {}).get("distill") or {}).get("teacher")
+    if not ref:
+        raise CheckpointError("this distillation run does not record its teacher")
+    return ref
+
+
+def _load_teacher(store: Store, ref: str, dataset: str | None, device: str):
+    """Resolve a teacher reference like `epcli attack --model` does, load it on the device and check that it is
+    an EP-CNN. Returns (resolve_model's info, the model)."""
+    from epcli import train as training
+    key = dataset if (dataset and Path(dataset).exists()) else (dataset_name(dataset) if dataset else None)
+    info = resolve_model(store, ref, key)
+    if info["train_run"] is not None and info["train_run"]["status"] != "finished":
+        raise UsageError(f"teacher run {info['train_run']['id']} is {info['train_run']['status']}, not finished")
+    net, _ = checkpoint.load(info["path"], device=device)
+    if not training._is_ep(net):
+        raise UsageError(f"teacher {ref} is not an EP-CNN but a {net.spec.get('name')}: an ep-student is distilled "
+                         "from an EP-CNN's fixed points (train one with `epcli train --model ep-cnn-small`)")
+    return info, net.eval()
+
+
+def _check_teacher_data(ref: str, info: dict, net, ds: Dataset) -> None:
+    """The teacher was trained on this dataset: same data, classes in the same order, same image size."""
+    cfg = _teacher_config(info)
+    meta = info["meta"] or {}
+    if cfg.get("dataset_sha256") and cfg["dataset_sha256"] != ds.sha256:
+        where = cfg.get("dataset") or "another dataset"
+        same = " (another copy or version of it)" if where == ds.name else ""
+        raise UsageError(f"teacher {ref} was trained on {where}, not on {ds.name}{same}: distil on the teacher's "
+                         "data (leave --dataset out)")
+    classes = meta.get("classes")
+    if classes and list(classes) != list(ds.classes):
+        raise UsageError(f"teacher {ref} has the classes {', '.join(map(str, classes[:3]))}..., dataset {ds.name} "
+                         f"{', '.join(map(str, ds.classes[:3]))}...: a student learns its teacher's classes")
+    n = net.spec.get("num_classes")
+    if n != ds.num_classes:
+        raise UsageError(f"teacher {ref} has {n} classes, dataset {ds.name} has {ds.num_classes}")
+    size = net.spec.get("image_size")
+    want = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    if tuple(ds.image_shape[1:]) != want:
+        raise UsageError(f"teacher {ref} takes {want[0]}x{want[1]} images, dataset {ds.name} has "
+                         f"{ds.image_shape[1]}x{ds.image_shape[2]}")

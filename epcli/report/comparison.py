@@ -111,6 +111,9 @@ def protocol_reasons(row: Row, cell: Cell | None, fact: dict, attack_cfg: dict |
     if n_fact and n_ours and n_ours != n_fact:
         reasons.append(f"examples: {n_ours:,}, paper {n_fact:,}")
     attack = fact.get("attack")
+    if cell is not None and cell.n_results > 1:  # e.g. Square at 1,000 and at 20,000 iterations on the same images
+        reasons.append(f"epcli: the worst case over {cell.n_results} results on the same images (at most any one "
+                       "of them); the paper's number is one attack run")
     if attack and cell is not None:
         cfg = attack_cfg or {}
         params = cfg.get("params") if isinstance(cfg.get("params"), dict) else {}

@@ -61,7 +61,7 @@ def robustbench_files(data: ReportData) -> tuple[dict[str, dict], list[str]]:
         data_note = ("data: the embedded mini CIFAR-10 (real CIFAR-10 test images, JPEG q75), not the full test "
                      "set" if str(row.dataset).lower() == "cifar10-mini" else "")
         relax = ("the EP-CNN relaxes to an energy minimum at inference (an optimization loop), so it is outside "
-                 "RobustBench's standardized track" if str(row.model).startswith("ep") else "")
+                 "RobustBench's standardized track" if str(row.model).startswith("ep-cnn") else "")
         found = False
         for norm, threat in (("linf", "Linf"), ("l2", "L2")):
             col = next((c for c in data.columns if c.attack == "autoattack" and c.norm == norm and c.key in row.cells
