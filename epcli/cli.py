@@ -371,8 +371,9 @@ def attack(
     eps: Annotated[str, typer.Option(help="Comma-separated list, fractions allowed: 1/255,2/255,8/255. "
                                      "Presets: paper-linf, paper-l2.")] = "8/255",
     n: Annotated[Optional[int], typer.Option("--n", help="Attack n test images: a seeded random subset, or the "
-                                             "first n with --select first (default: the whole test split; --protocol "
-                                             "paper -a square or autoattack: the paper's 200).")] = None,
+                                             "first n with --select first (default, or an n above the split's size: "
+                                             "the whole test split; --protocol paper -a square or autoattack: the "
+                                             "paper's 200).")] = None,
     select: Annotated[Optional[str], typer.Option(help="Which n test images: random (seeded, the default) or "
                                                   "first (the paper's first-N; a set stored class by class, "
                                                   "such as an ImageFolder copy, one class after another).")
@@ -518,7 +519,8 @@ def corrupt(
         help="Corruption name (repeatable or comma-separated; default: all 19).")] = None,
     severity: Annotated[Optional[list[str]], typer.Option(
         "--severity", "-s", metavar="<int,...>", help="1-5 (repeatable or comma-separated; default all).")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="Seeded subset of n test images.")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Seeded subset of n test images (default, or an n above "
+                                             "the split's size: all of them).")] = None,
     source: Annotated[Optional[str], typer.Option(help="Evaluate the official CIFAR-10-C/100-C .npy files (or an "
                                                   "--export folder) in this folder instead of generating; "
                                                   "--n takes the first n of each severity.")] = None,
@@ -614,7 +616,9 @@ def report(
         "--format", "-f", help="table, csv, json, md, html or robustbench. md and html set the paper's numbers "
                                "beside comparable results; robustbench with --out writes RobustBench's "
                                "<dataset>/<threat_model>/<ModelID>.json files.")] = "table",
-    out: Annotated[Optional[str], typer.Option(help="Write files (and figures) to this folder.")] = None,
+    out: Annotated[Optional[str], typer.Option(help=(
+        "Write the report to this folder: report.<format> (html: the page with every figure; robustbench: "
+        "RobustBench's files); with --figures also the figures and report.html."))] = None,
     figures: Annotated[bool, typer.Option(help="Also draw the figures (PNG + SVG).")] = False,
     curves: Annotated[bool, typer.Option(
         "--curves", help="Draw training curves (loss, train and test accuracy per epoch) of the --run ids, or "
@@ -647,6 +651,9 @@ def report(
         _emit({"command": "report", "run_id": None, "files": [str(f) for f in files], "generated_at":
                _now(), "rows": [], "notes": [f"training curves of {', '.join(ids)}"]}, as_json)
         return
+    if out and fmt == "table" and not (figures or as_json):  # the table is a terminal view: --out had nothing to write
+        raise UsageError(f"--out {out}: the table format writes no file; add -f md, csv, json, html or "
+                         "robustbench, or --figures")
     with _store(write=bool(out or figures)) as store:
         res = report_pipeline(store=store, models=model, runs=run, dataset=dataset,
                               fmt="json" if as_json and fmt == "table" else fmt, out=out, figures=figures,

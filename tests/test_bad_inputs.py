@@ -250,7 +250,8 @@ CASES = [
     (["show", "[/]"], 3, "no run '[/]'"),
     (["trace", "nope"], 3, "no run 'nope'"),
     (["compare", "a", "b"], 3, "no run 'a'"),
-    (["report", "--out", "FILES/afile.txt"], 2, "is a file"),
+    (["report", "-f", "md", "--out", "FILES/afile.txt"], 2, "is a file"),
+    (["report", "--out", "FILES/newdir"], 2, "the table format writes no file"),
     (["recipes", "nope"], 2, "unknown recipe"),
     # store commands, probed with hostile values: each was exit 1 (a Python exception), or exit 0 with the value
     # silently ignored (an empty id named every run "ambiguous"; --since "" listed everything)
@@ -280,7 +281,7 @@ CASES = [
     (["report", "--run", ""], 2, "--run is empty"),
     (["report", "--model", ""], 2, "--model is empty"),
     (["report", "--dataset", ""], 2, "--dataset is empty"),
-    (["report", "--out", "FILES/afile.txt/sub"], 2, "afile.txt/sub: cannot create the folder (Not a directory)"),
+    (["report", "-f", "csv", "--out", "FILES/afile.txt/sub"], 2, "afile.txt/sub: cannot create the folder (Not a directory)"),
     (["report", "-f", "html", "--out", "FILES/afile.txt/sub"], 2, "cannot create the folder (Not a directory)"),
     (["report", "--figures", "--out", "FILES/afile.txt/sub"], 2, "cannot create the folder (Not a directory)"),
     (["report", "--curves", "--out", "FILES/afile.txt"], 2, "afile.txt is a file; give a folder"),

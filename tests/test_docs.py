@@ -1,4 +1,6 @@
-"""Docs cannot drift: every command, option and registry entry appears in docs/."""
+"""Docs cannot drift: every command, option and registry entry appears in docs/, and what the docs show (commands,
+options, flags, signatures, the store schema, sqlite-utils queries, Python examples) exists and runs as written."""
+import re
 from pathlib import Path
 
 import click
@@ -9,15 +11,23 @@ from epcli.cli import app
 DOCS = Path(__file__).parent.parent / "docs"
 
 
+def _is_option(param) -> bool:
+    # not isinstance(param, click.Option): Typer >= 0.24 builds its commands with its own vendored Click
+    return getattr(param, "param_type_name", None) == "option"
+
+
 def test_cli_reference_covers_every_command_and_option():
     text = (DOCS / "cli.md").read_text()
     group = typer.main.get_command(app)
+    checked = 0
     for name, cmd in group.commands.items():
         assert f"## epcli {name}" in text, f"docs/cli.md misses `epcli {name}`: run scripts/cli_reference.py"
         assert cmd.help, f"`epcli {name}` has no help text"
         for p in cmd.params:
-            if isinstance(p, click.Option):
+            if _is_option(p):
                 assert p.opts[0] in text, f"docs/cli.md misses {name} {p.opts[0]}: run scripts/cli_reference.py"
+                checked += 1
+    assert checked >= 100  # the options were seen at all
 
 
 def test_every_model_is_documented():
@@ -74,12 +84,14 @@ except ImportError:
     USAGE_ERRORS = (click.UsageError,)
 
 
-def _documented_commands(text: str) -> list[list[str]]:
-    """`epcli ...` invocations in fenced code blocks and in `backticks`, as argument lists after `epcli`
-    (a shell line is split at ; && | and parentheses, quotes respected, comments dropped)."""
+def _documented_commands(text: str, *, plain_blocks: bool = True, inline: bool = True) -> list[list[str]]:
+    """`epcli ...` invocations in fenced code blocks (bash, sh and, with plain_blocks, unlabelled ones) and in
+    `backticks`, as argument lists after `epcli` (a shell line is split at ; && | and parentheses, quotes
+    respected, comments dropped; a leading `$VAR`, as in `epcli $S attack`, stands for global options)."""
     import re
     import shlex
-    chunks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S) + re.findall(r"`(epcli [^`\n]+)`", text)
+    chunks = re.findall(r"```(?:bash|sh)%s\n(.*?)```" % ("?" if plain_blocks else ""), text, re.S)
+    chunks += re.findall(r"`(epcli [^`\n]+)`", text) if inline else []
     out = []
     for chunk in chunks:
         for line in chunk.splitlines():
@@ -93,7 +105,10 @@ def _documented_commands(text: str) -> list[list[str]]:
             for tok in tokens + [";"]:
                 if tok and set(tok) <= set(";&|()"):
                     if "epcli" in part:
-                        out.append(part[part.index("epcli") + 1:])
+                        args = part[part.index("epcli") + 1:]
+                        while args and args[0].startswith("$"):
+                            args = args[1:]
+                        out.append(args)
                     part = []
                 else:
                     part.append(tok)
@@ -101,25 +116,267 @@ def _documented_commands(text: str) -> list[list[str]]:
 
 
 def test_every_documented_command_parses():
-    """Every epcli command line shown in README.md and docs/cli.md is accepted by the CLI's parser (options,
-    types, arguments); placeholders like RUN stand for a run id, `...` for omitted options."""
+    """Every epcli command line shown in README.md and docs/cli.md, and in a bash block of any other doc, is
+    accepted by the CLI's parser (options, types, arguments); placeholders like RUN stand for a run id, `...`
+    for omitted options."""
     group = typer.main.get_command(app)
     texts = {"README.md": (DOCS.parent / "README.md").read_text(), "docs/cli.md": (DOCS / "cli.md").read_text()}
+    commands = [(where, args) for where, text in texts.items() for args in _documented_commands(text)]
+    for doc in sorted(DOCS.glob("*.md")):
+        if doc.name != "cli.md":
+            commands += [(f"docs/{doc.name}", args)
+                         for args in _documented_commands(doc.read_text(), plain_blocks=False, inline=False)]
     seen = 0
-    for where, text in texts.items():
-        for args in _documented_commands(text):
+    for where, args in commands:
+        line = " ".join(args)
+        args = [a for a in args if a != "..."]
+        if not args or args[0] in ("--help", "--version") or "[OPTIONS]" in line or args[0] == "[OPTIONS]":
+            continue
+        ctx = group.make_context("epcli", list(args), resilient_parsing=False)
+        tail = list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])) + ctx.args
+        name, rest = tail[0], tail[1:]
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, f"{where}: `{line}`: no command {name!r}"
+        try:
+            cmd.make_context(name, list(rest), parent=ctx)
+        except USAGE_ERRORS as e:
+            raise AssertionError(f"{where}: `{line}` does not parse: {e}") from None
+        seen += 1
+    assert seen >= 60  # the README's, the help texts' and the other docs' examples
+
+
+def _option_names(cmd) -> dict[str, bool]:
+    """Every spelling of cmd's options -> whether it takes a value."""
+    names = {}
+    for p in cmd.params:
+        if _is_option(p):
+            for o in list(p.opts) + list(p.secondary_opts):
+                names[o] = not p.is_flag and not p.count
+    return names
+
+
+def test_every_option_a_doc_names_exists():
+    """Every `epcli CMD --option` in README.md and docs/*.md, in any code block or `backticks` (where a command
+    is often named without its arguments, so no full parse), names a command and options that exist."""
+    group = typer.main.get_command(app)
+    top = _option_names(group)
+    seen = 0
+    for doc in [DOCS.parent / "README.md"] + sorted(DOCS.glob("*.md")):
+        for args in _documented_commands(doc.read_text(), plain_blocks=False):
             line = " ".join(args)
             args = [a for a in args if a != "..."]
-            if not args or args[0] in ("--help", "--version") or "[OPTIONS]" in line or args[0] == "[OPTIONS]":
+            while args and args[0] in top:  # global options before the command
+                args = args[1 + top[args[0]]:]
+            if not args or args[0] == "--" and len(args) == 1 or args[0] == "[OPTIONS]":
                 continue
-            ctx = group.make_context("epcli", list(args), resilient_parsing=False)
-            tail = list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])) + ctx.args
-            name, rest = tail[0], tail[1:]
-            cmd = group.get_command(ctx, name)
-            assert cmd is not None, f"{where}: `{line}`: no command {name!r}"
-            try:
-                cmd.make_context(name, list(rest), parent=ctx)
-            except USAGE_ERRORS as e:
-                raise AssertionError(f"{where}: `{line}` does not parse: {e}") from None
-            seen += 1
-    assert seen >= 25  # the README's and the help texts' examples
+            args = args[1:] if args[0] == "--" else args  # torchrun ... -m epcli -- attack
+            cmd = group.commands.get(args[0])
+            assert cmd is not None, f"{doc.name}: `epcli {line}`: no command {args[0]!r}"
+            options = _option_names(cmd)
+            rest = args[1:]
+            while rest:
+                tok, rest = rest[0], rest[1:]
+                if tok.startswith("-") and tok not in ("-", "--") and not tok[1:2].isdigit():
+                    name = tok.split("=")[0]
+                    if name not in options and (cmd.context_settings or {}).get("ignore_unknown_options"):
+                        continue  # an argument (`epcli tag RUN -draft` removes a tag)
+                    assert name in options, f"{doc.name}: `epcli {line}`: {args[0]} has no option {name}"
+                    if options[name] and "=" not in tok:
+                        rest = rest[1:]  # its value, which may start with '-' (--sort -test_acc)
+                    seen += 1
+    assert seen >= 150
+
+
+def _built_store(root):
+    """A store with results (tests/test_report.py's build_store: cifar10-mini) plus an EP-CNN and a CNN trained on
+    cifar10 with PGD results, the runs the docs' Python examples look up."""
+    from test_report import _attack, _train, build_store
+    store, _ = build_store(root)
+    for model in ("ep-cnn", "cnn"):
+        rid, ck = _train(store, model, {"label": model}, [0.5], dataset="cifar10")
+        _attack(store, rid, ck, model, "pgd", "linf", {8 / 255: 0.2}, dataset="cifar10")
+    return store
+
+
+def _python_blocks(doc: str) -> list[str]:
+    import re
+    return re.findall(r"```python\n(.*?)```", (DOCS / doc).read_text(), re.S)
+
+
+def test_store_and_report_python_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    """The Python examples of docs/store.md and docs/report.md run verbatim on a store at ./store."""
+    _built_store(tmp_path / "store").close()
+    monkeypatch.chdir(tmp_path)
+    for doc in ("store.md", "report.md"):
+        (block,) = _python_blocks(doc)
+        exec(compile(block, doc, "exec"), {})
+    out = capsys.readouterr().out
+    assert "pgd linf 0.03137" in out  # store.md prints the EP-CNN's robust accuracy
+    assert "epcli leaderboard" in out and "train " in out  # report.md: the table, then the lineage tree
+    assert (tmp_path / "out/report.html").is_file() and list((tmp_path / "out/rb/cifar10").glob("*/*.json"))
+
+
+def test_store_tables_are_the_documented_ones(tmp_path):
+    """docs/store.md's table of tables lists every table of a new store with exactly its columns, and the
+    leaderboard view's columns."""
+    import re
+
+    from epcli.store import Store
+    text = (DOCS / "store.md").read_text()
+    documented = {}
+    for m in re.finditer(r"^\| `(\w+)` \| [^|]+ \| (.*) \|$", text, re.M):
+        cols = m.group(2)
+        while re.search(r"\([^()]*\)", cols):  # drop explanations: (JSON), (`epcli tag`), ...
+            cols = re.sub(r"\([^()]*\)", "", cols)
+        documented[m.group(1)] = re.findall(r"`(\w+)`", cols)
+    store = Store(tmp_path / "s")
+    actual = {t.name: [c.name for c in t.columns] for t in store.db.tables}
+    assert set(documented) == set(actual), (set(documented) ^ set(actual))
+    for table, cols in actual.items():
+        assert sorted(documented[table]) == sorted(cols), table
+    board = re.search(r"- `leaderboard`: one row per finished training run: (.*?)\n  \(", text, re.S).group(1)
+    assert re.findall(r"`(\w+)`", board) == [c.name for c in store.db["leaderboard"].columns]
+    store.close()
+
+
+def test_store_example_queries_run(tmp_path):
+    """Every `sqlite-utils store/epcli.db "..."` query in docs/store.md and README.md runs with the sqlite-utils
+    CLI on a store with results (no epcli code), and the ones that filter on a run id find rows for a real one."""
+    import shlex
+    import subprocess
+    import sys
+    _built_store(tmp_path / "store").close()
+    commands = []
+    for text in ((DOCS / "store.md").read_text(), (DOCS.parent / "README.md").read_text()):
+        for chunk in re.findall(r"```bash\n(.*?)```", text, re.S) + re.findall(r"`([^`]*sqlite-utils [^`]+)`", text):
+            tokens = shlex.split(chunk, comments=True)
+            starts = [i for i, t in enumerate(tokens) if t.endswith("sqlite-utils")]
+            commands += [tokens[i + 1:j] for i, j in zip(starts, starts[1:] + [len(tokens)])]
+    assert len(commands) >= 6, commands
+    db = str(tmp_path / "store" / "epcli.db")
+    import sqlite3
+    con = sqlite3.connect(db)
+    attack, train = con.execute("select id, model_run_id from runs where kind = 'attack' limit 1").fetchone()
+    con.close()
+    for args in commands:
+        assert args[0] == "store/epcli.db", args
+        if "-p" in args:  # a placeholder run id: use a real one of the right kind
+            i = args.index("-p")
+            args[i + 2] = attack if args[i + 1] == "run" else train
+        r = subprocess.run([sys.executable, "-m", "sqlite_utils", "query", db, *args[1:]], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, (args, r.stderr)
+        assert r.stdout.strip() not in ("", "[]"), (args, "no rows")
+
+
+def _doc_signatures(text: str) -> list[tuple[str, list[str] | None]]:
+    """(name, parameter names) of every signature a doc shows, `name(params) -> result` at the start of a code line
+    or in `backticks`, plus the EPCNN constructor; None for `name(...)` (parameters not listed)."""
+    text = re.sub(r"#[^\n]*", "", text)
+    out = []
+    for m in re.finditer(r"(?:^|`)([A-Za-z_][\w.]*)\(", text, re.M):
+        depth, j = 1, m.end()
+        while j < len(text) and depth:
+            depth += {"(": 1, ")": -1}.get(text[j], 0)
+            j += 1
+        if depth or not (re.match(r"\s*->", text[j:]) or m.group(1) == "EPCNN"):
+            continue
+        parts, level, cur = [], 0, ""
+        for ch in text[m.end():j - 1]:
+            level += (ch in "([{") - (ch in ")]}")
+            if ch == "," and level == 0:
+                parts, cur = parts + [cur], ""
+            else:
+                cur += ch
+        names = [p.split("=")[0].strip().lstrip("*") for p in parts + [cur] if p.strip() and p.strip() != "*"]
+        if names == ["..."]:
+            out.append((m.group(1), None))
+        elif all(re.fullmatch(r"[A-Za-z_]\w*", n) for n in names):  # a signature, not a call with values
+            out.append((m.group(1), names))
+    return out
+
+
+def test_documented_signatures_match_the_code():
+    """Every Python signature the docs show (docs/ep.md's API, attacks.md's evaluate(), architecture.md's contracts,
+    report.md's paper lookups...) names a function that exists, with exactly those parameters in that order; the
+    attack contract `fn(model, x, y, *, eps, norm, ...)` holds for every registered attack."""
+    import importlib
+    import inspect
+
+    from epcli.attacks import ATTACKS
+    from epcli.ep import EPCNN
+    modules = ["epcli.models", "epcli.data", "epcli.train", "epcli.attacks", "epcli.corruptions", "epcli.ep",
+               "epcli.paper", "epcli.report", "epcli.store"]
+    checked = 0
+    for doc in sorted(DOCS.glob("*.md")):
+        if doc.name == "cli.md":
+            continue
+        own = f"epcli.{doc.stem}"  # a bare name in attacks.md is epcli.attacks' evaluate, not epcli.train's
+        order = ([own] if own in modules else []) + (["epcli.paper"] if doc.stem == "report" else []) + modules
+        for name, params in _doc_signatures(doc.read_text()):
+            where = f"docs/{doc.name}: {name}({', '.join(params or ['...'])})"
+            if name == "fn":  # the contract every attack follows; its other parameters are **params
+                for attack, fn in ATTACKS.items():
+                    real = list(inspect.signature(fn).parameters)
+                    assert [p for p in real if p in params] == params[:-1], (where, attack, real)
+                continue
+            head, _, attr = name.rpartition(".")
+            if head in ("model", "EPCNN") or name in ("model", "EPCNN"):
+                fn = {"model": EPCNN.forward, "EPCNN": EPCNN.__init__}.get(name) or getattr(EPCNN, attr, None)
+            else:
+                fn = None
+                for module in order:
+                    fn = importlib.import_module(module)
+                    for part in name.split("."):
+                        fn = getattr(fn, part, None)
+                    if callable(fn):
+                        break
+            assert callable(fn), f"{where}: no such function"
+            real = [p for p in inspect.signature(fn).parameters if p != "self"]
+            assert params is None or params == real, f"{where}: the code has ({', '.join(real)})"
+            checked += 1
+    assert checked >= 20
+
+
+def test_ep_api_results_have_the_documented_keys():
+    """docs/ep.md: the dicts ep_train_step and prediction_residual return have exactly the keys it lists, and every
+    `model.<attribute>` it names exists on an EP-CNN that has relaxed."""
+    import torch
+
+    from epcli.ep import EPCNN, prediction_residual
+    text = (DOCS / "ep.md").read_text()
+    model = EPCNN.preset("ep-cnn-tiny")
+    x, y = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    results = {"model.ep_train_step": model.ep_train_step(x, y, 3, 2, 0.5),
+               "prediction_residual": prediction_residual(model, x)}
+    for name, result in results.items():
+        listed = re.search(re.escape(name) + r"\([^)]*\) -> dict\(([^)]*)\)", text).group(1)
+        assert sorted(k.strip() for k in listed.split(",")) == sorted(result), name
+    for attr in set(re.findall(r"^model\.(\w+)|, model\.(\w+)", text, re.M)):
+        assert hasattr(model, attr[0] or attr[1]), f"docs/ep.md names model.{attr[0] or attr[1]}"
+
+
+def test_documented_script_commands_name_real_flags():
+    """Every `python bench/X.py --flag` / `python scripts/X.py --flag` the docs show names a script that exists and
+    flags it defines (read from its source: no torch import, no subprocess)."""
+    uses = 0
+    for doc in [DOCS.parent / "README.md"] + sorted(DOCS.glob("*.md")):
+        for m in re.finditer(r"python (?:-m )?((?:bench|scripts)/\w+\.py)([^`\n|#]*)", doc.read_text()):
+            script = DOCS.parent / m.group(1)
+            assert script.is_file(), f"{doc.name}: {m.group(1)} does not exist"
+            source = script.read_text()
+            for flag in re.findall(r"(?<![\w-])(--[\w-]+)", m.group(2)):
+                assert f'"{flag}"' in source, f"{doc.name}: {m.group(1)} has no flag {flag}: {m.group(0)}"
+                uses += 1
+    assert uses >= 40
+
+
+def test_report_json_cells_are_documented():
+    """docs/report.md's json row lists every field a cell of `report -f json` carries."""
+    import dataclasses
+
+    from epcli.report.datamodel import Cell
+    text = (DOCS / "report.md").read_text()
+    listed = re.search(r"rows with every cell \(every `Cell` field: (.*?)\), (?:rows'|comparisons)", text)
+    names = {re.sub(r"\s*\(.*", "", n).strip() for n in re.sub(r"\([^()]*\)", "", listed.group(1)).split(",")}
+    assert names == {f.name for f in dataclasses.fields(Cell)}

@@ -331,7 +331,7 @@ def test_store_subfolders_that_are_files(tmp_path):
     s.close()
     for name, args, needle in (("tmp", ["report", "--figures"], "tmp is a file, not a folder"),
                                ("artifacts", ["report", "--figures"], "artifacts is a file, not a folder"),
-                               ("cache", ["report", "--out", str(tmp_path / "out")], "cache is a file, not a folder"),
+                               ("cache", ["report", "-f", "md", "--out", str(tmp_path / "out")], "cache is a file, not a folder"),
                                (".lock", ["runs"], "cannot open the store's lock file")):
         root = tmp_path / name.strip(".")
         shutil.copytree(tmp_path / "s", root)
