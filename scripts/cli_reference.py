@@ -59,7 +59,8 @@ save  1/1  0.0s  run_id=01m8mmdrjnd72163
 
 A stage still running also writes a line every `EPCLI_PROGRESS_EVERY` seconds (default 60; 0: never), with
 its ETA, so that the log of a long job (nohup, a batch scheduler) says where it is:
-`autoattack 8/255  50/200  1:01  eta 3:03  robust_acc=0.5`. "eta ≤" (also on the bars) marks an upper bound: an
+`autoattack 8/255  50/200  1:01  eta 3:03  robust_acc=0.5` (the ETA from the images done since the stage
+began or resumed: the saved chunks a resumed attack loads do not count). "eta ≤" (also on the bars) marks an upper bound: an
 attack that stops on the images it broke (all but FGSM and PGD without restarts) is counted at its full budget. An epoch's count is its batches plus one step for the
 test evaluation. `-q`/`--quiet` (before or after the
 command) silences progress and notes.
