@@ -680,6 +680,15 @@ def test_percent_store(tmp_path):
     data = report.collect(store)
     assert data.scale == "percent" and data.rows[0].clean_acc == 70.5
     assert data.rows[0].cells["pgd:linf:8/255"].value == 12.5
+    # the interval is on the value's scale (percent) whatever the store's: each bound p of a Wilson interval
+    # solves the score equation (p̂ - p)² = z² p (1 - p) / n, here p̂ = 0.125 of n = 100 images
+    cell = data.rows[0].cells["pgd:linf:8/255"]
+    assert cell.n_examples == 100 and cell.ci95[0] < cell.value < cell.ci95[1]
+    for bound in cell.ci95:
+        p = bound / 100
+        assert (0.125 - p) ** 2 == pytest.approx(1.959964 ** 2 * p * (1 - p) / 100, rel=1e-3)
+    row = data.rows[0]  # clean: 70.5 % of the 1,000 test images
+    assert row.clean_n == 1000 and row.clean_ci95[0] < 70.5 < row.clean_ci95[1] < 70.5 + 3
     store.close()
 
 
