@@ -240,6 +240,10 @@ def test_paper_protocol_square_takes_the_papers_second_budget():
     assert (attack, labels, select, p["max_iter"], p["restarts"], n, batch) == \
         ("art-square", "predicted", "first", 20000, 1, 200, 200)
     assert _check_attack("square", "l2", None, None, {}, None, False, "paper")[3]["max_iter"] == 1000
+    # ART's Square named directly: --queries is its max_iter as well, under the same rules
+    assert _check_attack("art-square", "l2", None, None, {"n_queries": 20000}, None, False, "paper")[3] == p
+    with pytest.raises(UsageError, match=r"only under L2; drop --queries 20000 \(max_iter\)"):
+        _check_attack("art-square", "linf", None, None, {"n_queries": 20000}, None, False, "paper")
     with pytest.raises(UsageError, match=r"only under L2; drop --queries 20000 \(max_iter\)"):
         _check_attack("square", "linf", None, None, {"n_queries": 20000}, None, False, "paper")
     with pytest.raises(UsageError, match=r"fixes these settings; drop --queries 5000 \(max_iter\)"):
