@@ -192,6 +192,13 @@ def _paper_cell_fact(model_key: str, dataset: str, attack: str, norm: str, eps: 
     return (same_grad or same_iterations or primary or [None])[0]
 
 
+def _square_iterations(run_info: dict[str, dict], run_id: str) -> int | None:
+    """An ART Square run's iterations (params.max_iter), or None when it does not record them."""
+    params = run_info.get(run_id, {}).get("config", {}).get("params")
+    it = params.get("max_iter") if isinstance(params, dict) else None
+    return it if isinstance(it, int) and not isinstance(it, bool) else None
+
+
 def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, dict]) -> list[Comparison]:
     """Every (model, metric) the paper also logged. The paper's number is set beside epcli's only under the
     comparability rule; otherwise the comparison carries `not_compared` (why) and no paper number or diff."""
@@ -222,6 +229,12 @@ def _compare(rows: list[Row], columns: dict[str, Column], run_info: dict[str, di
             cfg = run_info.get(cell.run_id or "", {}).get("config", {})
             params = cfg.get("params") if isinstance(cfg.get("params"), dict) else {}
             max_iter = params.get("max_iter") if col.attack == "art-square" else None
+            if col.attack == "art-square" and cell.worst_of:  # a worst case: as strong as its longest run
+                runs_iter = [_square_iterations(run_info, w.split()[0]) for w in cell.worst_of]
+                runs_iter = [i for i in runs_iter if i is not None]
+                if runs_iter and max(runs_iter) != max_iter:
+                    max_iter = max(runs_iter)
+                    cfg = {**cfg, "params": {**params, "max_iter": max_iter}}
             fact = _paper_cell_fact(row.paper_key, ds, PAPER_ATTACK_OF.get(col.attack, col.attack), col.norm,
                                     col.eps, cell.grad_mode, max_iter if isinstance(max_iter, int) else None)
             if fact is None:
