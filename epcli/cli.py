@@ -16,7 +16,6 @@ import warnings
 from contextlib import contextmanager
 from typing import Annotated, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 from rich.console import Console
@@ -33,11 +32,19 @@ def _typer_click_exceptions() -> list[type]:
         return []
 
 
+def _plain_click_exceptions() -> list[type]:
+    try:  # older Typer builds on plain Click; newer ones vendor it, and Click itself may then be absent
+        import click
+        return [click.ClickException, click.exceptions.Abort, click.exceptions.Exit]
+    except ImportError:
+        return []
+
+
 err = Console(stderr=True)
-_CLICK_ERRORS = tuple({click.ClickException, *_typer_click_exceptions()[:1]})
-_ABORTS = tuple({click.exceptions.Abort, *_typer_click_exceptions()[1:]})
-_PASS_THROUGH = tuple({typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException,
-                       click.exceptions.Abort, *_typer_click_exceptions()})
+_PLAIN, _VENDORED = _plain_click_exceptions(), _typer_click_exceptions()
+_CLICK_ERRORS = tuple({*_PLAIN[:1], *_VENDORED[:1]})
+_ABORTS = tuple({*_PLAIN[1:2], *_VENDORED[1:]})
+_PASS_THROUGH = tuple({typer.Exit, typer.Abort, *_PLAIN, *_VENDORED})
 
 
 def _flag_metavars(params: list) -> list:

@@ -69,3 +69,28 @@ def test_planned_run_is_the_recipe_run_with_that_many_epochs(mini):
     five = fresh()
     fit(five, ds, recipe, device="cpu", seed=3, max_epochs=3)
     assert any(not torch.equal(a, b) for a, b in zip(five.state_dict().values(), plain.state_dict().values()))
+
+
+def test_the_cuda_tests_collect_on_an_image_without_the_test_extras(tmp_path):
+    """The GPU image has torch, timm, typer, rich, safetensors, matplotlib, pytest and hypothesis (and the device
+    check installs sqlite-utils and torchattacks), not the test extras. pytest stops at any collection error, so
+    one test file importing an extra at its top would cancel every CUDA test: collect them with the extras
+    blocked (as the device check does) and find no error."""
+    import subprocess
+    import sys
+    blocked = ("jsonschema", "scipy", "cv2", "art", "autoattack", "multiprocess", "skimage")
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"BLOCKED = {blocked!r}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (not on the GPU image)')\n"
+        "sys.meta_path.insert(0, Block())\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p",
+                          "no:cacheprovider", "tests"], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "error" not in out.stdout.lower().split("tests collected")[-1], out.stdout[-2000:]
+    assert "not on the GPU image" in out.stdout  # the block did bite: some modules skipped for it
