@@ -1194,3 +1194,12 @@ def test_wilson_interval_against_an_independent_solution():
         assert wilson95(100 * p, n) == pytest.approx([100 * w for w in want], abs=1e-3)
     assert wilson95(100 * 81 / 263, 263) == pytest.approx([25.53, 36.62], abs=0.01)
     assert wilson95(50.0, 0) is None and wilson95(None, 10) is None and wilson95(120.0, 10) is None
+
+
+def test_eps_labels_say_k_over_255_only_for_k_over_255():
+    """A column is labelled k/255 only when its eps is k/255 to rounding: 0.0314 is not 8/255 (the label said
+    so, 0.09 % off), 8/255 typed to seven digits is."""
+    from epcli.report import eps_label
+    assert eps_label(8 / 255) == eps_label(0.0313725) == "8/255"
+    assert eps_label(0.0314) == "0.0314" and eps_label(0.031) == "0.031"
+    assert eps_label(0.5, "l2") == "0.5" and eps_label(1e-4) == "0.0001"

@@ -141,7 +141,7 @@ def eps_label(eps: float, norm: str | None = None) -> str:
     """8/255-style for L-inf values that are k/255, else %g."""
     if norm != "l2":
         k = eps * 255
-        if k >= 0.5 and abs(k - round(k)) < 1e-3 * max(1.0, k):
+        if k >= 0.5 and abs(k - round(k)) < 1e-5 * max(1.0, k):  # 0.0314 is not 8/255; 0.0313725 is
             return f"{int(round(k))}/255"
     return f"{eps:g}"
 
