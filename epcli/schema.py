@@ -67,11 +67,16 @@ def train(res: dict, history: list[dict] | None = None) -> dict:
            "label": res.get("label"), "epochs": res.get("epochs"), "checkpoint": res.get("checkpoint"),
            "test_acc": acc(res.get("test_acc")), "history": []}
     for h in history or []:
-        out["history"].append({"epoch": int(h["epoch"]), **{k: (acc(h[k]) if k.endswith("_acc") else sig(h[k]))
+        out["history"].append({"epoch": int(h["epoch"]), **{k: (acc(h[k]) if k.endswith(("_acc", "_agreement"))
+                                                                else sig(h[k]))
                                                             for k in ("train_loss", "train_acc", "test_acc", "lr",
-                                                                      "seconds", "mean_steps") if k in h}})
+                                                                      "seconds", "mean_steps", "teacher_residual",
+                                                                      "teacher_agreement") if k in h}})
     if res.get("world_size"):
         out["world_size"] = res["world_size"]
+    if res.get("teacher"):  # a distilled student: the EP-CNN it learnt from
+        t = res["teacher"]
+        out["teacher"] = {"run_id": t.get("run_id"), "path": t.get("path"), "label": t.get("label")}
     return out
 
 
@@ -307,7 +312,9 @@ SCHEMAS: dict[str, dict] = {
         "test_acc": _ACCN, "world_size": _I,
         "history": {"type": "array", "items": _obj({
             "epoch": _I, "train_loss": _N, "train_acc": _ACC, "test_acc": _ACC, "lr": _N, "seconds": _N,
-            "mean_steps": _N}, ["epoch", "train_loss", "train_acc", "test_acc"])}}, optional=("world_size",)),
+            "mean_steps": _N, "teacher_residual": _N, "teacher_agreement": _ACC},
+            ["epoch", "train_loss", "train_acc", "test_acc"])},
+        "teacher": _obj({"run_id": _RUN_IDN, "path": _SN, "label": _SN})}, optional=("world_size", "teacher")),
     "attack": _cmd("attack", {
         "run_id": _RUN_ID, "model": _S, "model_run_id": _RUN_IDN, "dataset": _S, "split": {"const": "test"},
         "attack": _S, "norm": {"enum": ["linf", "l2"]},

@@ -273,7 +273,18 @@ def test_store_round_trip_teacher_student_attack(mini, tmp_path):
     # the data defaults to the teacher's; the model to ep-student
     r = _cli(store, "train", "--teacher", t_run, "--epochs", 1, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
-    s_run = json.loads(r.stdout)["run_id"]
+    doc = json.loads(r.stdout)
+    s_run = doc["run_id"]
+    # --json says whom it learnt from and how the teacher did (docs/cli.md's schema)
+    import jsonschema
+
+    from epcli.schema import SCHEMAS
+    jsonschema.validate(doc, SCHEMAS["train"])
+    assert doc["teacher"]["run_id"] == t_run and doc["teacher"]["label"]
+    (h,) = doc["history"]
+    assert 0 <= h["teacher_agreement"] <= 1 and 0 <= h["teacher_residual"]
+    stored = {m["name"]: m["value"] for m in Store(store).metrics(s_run) if m["name"].startswith("teacher_")}
+    assert h["teacher_agreement"] == pytest.approx(stored["teacher_agreement"], abs=1e-3)
     r = _cli(store, "attack", "--model", s_run, "--n", 20, "--steps", 2, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
     a_run = json.loads(r.stdout)["run_id"]

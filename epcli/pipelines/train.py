@@ -298,7 +298,8 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
         store.update_run(run_id, summary=summary)
     result = {"run_id": run_id, "model": model_name, "dataset": ds.name, "checkpoint": final_sha,
               "test_acc": summary["test_acc"], "epochs": rec["epochs"], "label": config["label"],
-              "select": select, "selected_epoch": final_epoch, "history": history}
+              "select": select, "selected_epoch": final_epoch, "history": history,
+              **({"teacher": config["teacher"]} if config.get("teacher") else {})}
     if distributed:
         result["world_size"] = dist.world_size()
         dist.broadcast_object(result)
