@@ -95,6 +95,11 @@ class StageProgress:
             if self.live:
                 self._ensure_bar()
                 t["id"] = self._bar.add_task(task, total=total or None, info="", eta=_eta_word(False))
+        elif t["done"] == 0 and done == 0:  # opened ahead of its work (an attack's later eps): its clock starts now
+            t["start"] = t["said"] = now
+            t["base"] = (now, 0.0)
+            if self.live and t["id"] is not None:
+                self._bar.reset(t["id"], total=total or None, completed=0)
         t["done"], t["total"] = float(done), total
         if info and info.get("resumed"):
             t["base"] = (now, float(done))

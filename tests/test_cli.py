@@ -307,6 +307,29 @@ def test_stage_progress_eta_of_a_resumed_stage_counts_only_this_process_work(mon
     assert lines[1].startswith("torchrun 8/255  905/1000  1:00  eta 19:00")
 
 
+def test_a_stage_opened_ahead_of_its_work_times_only_its_work(monkeypatch):
+    """An attack opens every eps's stage at once (none is silent) but runs them in turn: a stage's time starts
+    when its own work does (its next call at 0), so "pgd 8/255 ... 10.0s" is the time 8/255 took, not the time
+    since the attack began."""
+    import io
+    from types import SimpleNamespace
+
+    from epcli import progress
+    clock = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    buf = io.StringIO()
+    with progress.StageProgress(live=False, stream=buf, every=0) as p:
+        p("pgd 2/255", 0, 100, {})
+        p("pgd 8/255", 0, 100, {})
+        clock[0] = 5.0
+        p("pgd 2/255", 100, 100, {"robust_acc": 0.3})
+        p("pgd 8/255", 0, 100, {})  # its own work begins
+        clock[0] = 15.0
+        p("pgd 8/255", 100, 100, {"robust_acc": 0.1})
+    assert buf.getvalue().splitlines() == ["pgd 2/255  100/100  5.0s  robust_acc=0.3",
+                                           "pgd 8/255  100/100  10.0s  robust_acc=0.1"]
+
+
 def test_stage_progress_live_shows_bars_then_lines():
     import io
 
