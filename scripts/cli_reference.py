@@ -50,12 +50,14 @@ file or a pipe there are no bars: one plain line per finished stage or epoch, wi
 
 ```
 load  1/1  0.0s  model=cnn-small  dataset=cifar10-mini  images=300
-pgd 2/255  300/300  2.9s  robust_acc=0.2333  fwd=2760
-pgd 8/255  300/300  3.2s  robust_acc=0.01333  fwd=2760
-check strength 2/255  100/100  1.8s  base=0.22  strong=0.22  passed=yes
-checks  1/1  1.8s  passed=2  failed=0
-save  1/1  0.0s  run_id=01m8mmdrjnd72163
+pgd 2/255  300/300  1.7s  robust_acc=0.23  fwd=2640
+pgd 8/255  300/300  1.1s  robust_acc=0.01  fwd=2640
+check strength 2/255  80/80  2.6s  base=0.23  strong=0.23  passed=yes
+checks  1/1  2.6s  passed=2  failed=0
+save  1/1  0.0s  run_id=01m8p6bjrk9dddk3
 ```
+
+A stage's time is its own work's: an attack opens every eps at once but runs them in turn.
 
 A stage still running also writes a line every `EPCLI_PROGRESS_EVERY` seconds (default 60; 0: never), with
 its ETA, so that the log of a long job (nohup, a batch scheduler) says where it is:
