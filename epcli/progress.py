@@ -103,6 +103,8 @@ class StageProgress:
         t["done"], t["total"] = float(done), total
         if info and info.get("resumed"):
             t["base"] = (now, float(done))
+            if self.live and t["id"] is not None:  # the jump to the saved work is no speed: restart the bar's rate
+                self._bar.reset(t["id"], total=total or None, completed=done)
         text = format_info(info)
         if text:
             t["info"] = text

@@ -330,6 +330,29 @@ def test_a_stage_opened_ahead_of_its_work_times_only_its_work(monkeypatch):
                                            "pgd 8/255  100/100  10.0s  robust_acc=0.1"]
 
 
+def test_live_bar_rate_ignores_the_jump_to_resumed_work():
+    """A resumed attack jumps to its saved chunks at once: the live bar's speed (hence its ETA) must come from
+    the work done after the resume, not from that jump (it read as thousands of images a second)."""
+    import io
+
+    from rich.console import Console
+
+    from epcli.progress import StageProgress
+    con = Console(file=io.StringIO(), force_terminal=True, width=100)
+    with StageProgress(live=True, console=con) as p:
+        p("pgd 8/255", 0, 1000, {})
+        clock = [p._bar.get_time()]
+        p._bar.get_time = lambda: clock[0]  # the bar's own clock, stepped by hand
+        for done in (450, 900):  # two saved chunks loaded at once
+            clock[0] += 0.5
+            p("pgd 8/255", done, 1000, {"robust_acc": 0.1, "resumed": "yes"})
+        for done in (905, 910):  # then 5 images every 5 s: 1 image/s
+            clock[0] += 5
+            p("pgd 8/255", done, 1000, {"robust_acc": 0.1})
+        task = p._bar.tasks[0]
+        assert task.completed == 910 and task.speed < 5  # was 44/s: a saved chunk counted as done in 10 s
+
+
 def test_stage_progress_live_shows_bars_then_lines():
     import io
 
