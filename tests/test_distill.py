@@ -407,3 +407,24 @@ def test_resume_takes_the_teacher_file_it_was_given_not_its_runs_final(tmp_path)
     by_run = {"teacher": {"run_id": "0123456789abcdef", "path": None, "sha256": "ab" * 32},
               "recipe": {"distill": {"teacher": "0123456789abcdef"}}}
     assert _recorded_teacher(by_run) == "0123456789abcdef"
+
+
+def test_an_unfinished_teacher_only_as_a_file(mini, tmp_path):
+    """A teacher run that did not finish is refused by run id (its last checkpoint may be any epoch); the same
+    checkpoint given as a file is the user's explicit choice, and is recorded by path."""
+    data = write_imagefolder(tmp_path / "data", mini, 10, 5)
+    store = tmp_path / "store"
+    r = _cli(store, "train", "--model", "ep-cnn-tiny", "--dataset", data, "--epochs", 1, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    t_run = json.loads(r.stdout)["run_id"]
+    s = Store(store)
+    s.db.execute("UPDATE runs SET status = 'interrupted' WHERE id = ?", [t_run])
+    s.db.conn.commit()
+    (ckpt,) = s.artifacts_of(t_run, role="output", kind="checkpoint")
+    r = _cli(store, "train", "--teacher", t_run, "--epochs", 1, "--device", "cpu")
+    assert r.exit_code == 2 and "is interrupted, not finished" in r.stderr and ".safetensors file" in r.stderr
+    path = tmp_path / "teacher.safetensors"
+    path.write_bytes(s.artifact_path(ckpt["sha256"]).read_bytes())
+    r = _cli(store, "train", "--teacher", path, "--epochs", 1, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    assert Store(store).get_run(json.loads(r.stdout)["run_id"])["config"]["teacher"]["path"] == str(path.resolve())

@@ -431,8 +431,10 @@ def _load_teacher(store: Store, ref: str, dataset: str | None, device: str):
     from epcli import train as training
     key = dataset if (dataset and Path(dataset).exists()) else (dataset_name(dataset) if dataset else None)
     info = resolve_model(store, ref, key)
-    if info["train_run"] is not None and info["train_run"]["status"] != "finished":
-        raise UsageError(f"teacher run {info['train_run']['id']} is {info['train_run']['status']}, not finished")
+    # a run id or a name must name a finished teacher; a checkpoint file given as such is the user's choice
+    if info["train_run"] is not None and info["train_run"]["status"] != "finished" and not Path(ref).is_file():
+        raise UsageError(f"teacher run {info['train_run']['id']} is {info['train_run']['status']}, not finished "
+                         "(to distil from its last checkpoint anyway, give that .safetensors file)")
     net, _ = checkpoint.load(info["path"], device=device)
     if not training._is_ep(net):
         raise UsageError(f"teacher {ref} is not an EP-CNN but a {net.spec.get('name')}: an ep-student is distilled "
