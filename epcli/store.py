@@ -261,12 +261,11 @@ class Store:
         """Look at an existing database through a read-only connection; refuse it unless it is an epcli
         store this epcli can read. Nothing is written (no WAL switch, no migrations table)."""
         try:
-            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+            conn = self._connect_readonly(isolation_level="")
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path} is not a readable SQLite database ({e}); it was left untouched") \
                 from None
         try:
-            conn.execute("PRAGMA busy_timeout = 60000")
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             runs_cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")} if "runs" in tables else set()
             version = 0
@@ -288,15 +287,22 @@ class Store:
                              f"({SCHEMA_VERSION}); upgrade epcli")
 
     def _open_readonly(self) -> sqlite_utils.Database:
+        return sqlite_utils.Database(self._connect_readonly(isolation_level=None))
+
+    def _connect_readonly(self, **kwargs) -> sqlite3.Connection:
+        """A read-only connection. A WAL database in a folder we cannot write (a shared or read-only mount)
+        cannot be read that way, since SQLite cannot create its -shm file: then the file is read as it is
+        (nobody can be writing it). _inspect needs this as much as the commands do (it refused such a store as
+        "not a readable SQLite database (attempt to write a readonly database)", exit 5, for every command)."""
         uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False, **kwargs)
         try:
-            conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 60000")
-            conn.execute("SELECT COUNT(*) FROM runs").fetchone()
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
         except sqlite3.DatabaseError:
-            # a WAL database in a folder we cannot write: read the file as it is (nobody can be writing it)
-            conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
-        return sqlite_utils.Database(conn)
+            conn.close()
+            return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False, **kwargs)
 
     def _open(self) -> sqlite_utils.Database:
         try:

@@ -1,3 +1,4 @@
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -289,6 +290,51 @@ def test_a_kill_between_rename_and_row_leaves_no_orphan(tmp_path):
     assert s.get_run(rid)["status"] == "interrupted"
     assert not orphan.exists() and not list((s.root / "tmp").iterdir())
     assert s.artifact_path(kept).read_bytes() == b"kept"
+
+
+def test_a_store_in_a_folder_no_one_here_may_write_is_read(tmp_path):
+    # a store on a read-only mount or in another user's folder: every command, even `runs`, was exit 5 "epcli.db is
+    # not a readable SQLite database (attempt to write a readonly database)". SQLite cannot create a WAL database's
+    # -shm file there, and the check of what the file holds opened it without the fallback the commands had.
+    # Real permissions: as root (who ignores them) the commands run as nobody, in a folder nobody can reach.
+    import shutil
+    import tempfile
+    from pathlib import Path
+    root_user = os.geteuid() == 0
+    if root_user and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot take write permission away")
+    base = Path(tempfile.mkdtemp()) if root_user else tmp_path
+    try:
+        base.chmod(0o755)
+        store = base / "shared store"
+        s = Store(store)
+        with s.run("train", {}, model="cnn") as rid:
+            s.log_metric(rid, "test_acc", 0.5, step=1)
+        s.close()
+        assert not (store / "epcli.db-wal").exists()  # closed cleanly: nothing for a reader to create either
+        before, listing = (store / "epcli.db").read_bytes(), sorted(p.name for p in store.iterdir())
+        for p in [store, *store.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if root_user else []
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HOME": str(base)}
+
+        def epcli(*args):
+            return subprocess.run([*as_nobody, sys.executable, "-m", "epcli", "--store", str(store), *args],
+                                  capture_output=True, text=True, env=env, cwd=base, timeout=120)
+        r = epcli("runs", "--json")
+        assert r.returncode == 0 and [x["run_id"] for x in json.loads(r.stdout)["runs"]] == [rid], r.stderr
+        r = epcli("show", rid[:8], "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["run"]["status"] == "finished", r.stderr
+        r = epcli("tag", rid, "x")  # a write is still refused, with the store's own message
+        assert r.returncode == 5 and r.stderr.startswith(f"error: the store {store} is read-only here"), r.stderr
+        assert r.stderr.count("\n") == 1
+        assert (store / "epcli.db").read_bytes() == before
+        assert sorted(p.name for p in store.iterdir()) == listing  # no -wal, -shm
+    finally:
+        for p in [base, *base.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if root_user:
+            shutil.rmtree(base)
 
 
 def test_run_management_on_a_read_only_store_says_so(tmp_path, monkeypatch):
