@@ -564,6 +564,11 @@ def corrupt(
         if ignored:
             raise UsageError(f"--export only writes corrupted images (no model is evaluated); drop "
                              f"{', '.join(ignored)}")
+        # unused by an export, but a value no evaluation would take is still refused (was accepted, exit 0)
+        from epcli.pipelines.common import check_numbers, resolve_device
+        check_numbers(batch_size=batch_size)
+        if device and not device.startswith("cuda"):  # an unknown name; a GPU is not needed here
+            resolve_device(device)
     with _store() as store, _progress() as progress:
         if export is not None:
             res = api.export_corruptions(directory=export, names=corruption, dataset=dataset,

@@ -371,6 +371,9 @@ CASES = [
     (C[:3] + ["--export", "FILES/exported", "--n", "0"], 2, "--n must be >= 1"),
     (C + ["--export", "FILES/exported", "-s", "2"], 2, "--export only writes corrupted images"),
     (C + ["--export", "FILES/exported", "--dataset", "nope"], 3, "dataset 'nope' not found"),
+    # unused by an export, still refused (the fuzz found both accepted: the whole set written, exit 0)
+    (C + ["--export", "FILES/exported", "--batch-size", "0"], 2, "--batch-size must be >= 1"),
+    (C + ["--export", "FILES/exported", "--device", "tpu"], 2, "unknown device 'tpu'"),
     # datasets a model cannot take: refused before the run opens (were RuntimeErrors in a failed run)
     (T + ["--dataset", "FILES/tiny"], 2, "model cnn-small cannot take tiny's 2x2 images"),
     (A[:2] + ["RUN"] + A[3:] + ["--dataset", "FILES/tiny"], 2, "model cnn-small cannot take tiny's 2x2 images"),
