@@ -78,6 +78,19 @@ def _failure_code(e: BaseException) -> int | None:
     return None
 
 
+def _reader_left() -> None:
+    """The reader of our output closed the pipe (`epcli runs --json | head -3`): end quietly, as Click does (exit
+    1, no message: there is no one to tell, and what was stored is kept). Was `error: BrokenPipeError` (and
+    Python's own complaint when it flushed stdout at exit). Stdout now goes to /dev/null for that last flush."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (CliRunner)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 class EpcliGroup(TyperGroup):
     """Maps expected failures to one line on stderr and a documented exit code (CliRunner sees it too)."""
 
@@ -105,6 +118,9 @@ class EpcliGroup(TyperGroup):
         except _ABORTS:
             print_error("aborted")
             sys.exit(1)
+        except BrokenPipeError:
+            _reader_left()
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
@@ -120,6 +136,8 @@ class EpcliGroup(TyperGroup):
             err.print(f"[yellow]{what}[/] (the run is marked interrupted; everything stored so far is kept)")
             raise typer.Exit(e.code if isinstance(e, Terminated) else 130)
         except _PASS_THROUGH:  # exits, help, usage errors: Typer/Click handle them
+            raise
+        except BrokenPipeError:  # the reader of our output left: main() ends quietly
             raise
         except Exception as e:  # anything else is a bug: still one line unless --debug
             if STATE.debug or os.environ.get("EPCLI_DEBUG"):

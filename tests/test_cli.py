@@ -210,6 +210,23 @@ def test_sigterm_closes_the_run_as_interrupted(tmp_path, small_data):
     assert run["status"] == "interrupted" and run["error"] == "terminated by SIGTERM"
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
+    # `epcli show RUN --json | true`, `epcli runs --json | head -1` on a large store: the reader closed the pipe
+    # before epcli wrote, and epcli said "error: BrokenPipeError: [Errno 32] Broken pipe (rerun with --debug ...)"
+    # as if it had failed. Now it ends as Click does: no message, exit 1; what it stored is kept.
+    s = Store(tmp_path / "s")
+    with s.run("train", {}, model="cnn") as rid:
+        pass
+    s.close()
+    for args in (["show", rid, "--json"], ["runs"], ["models", "--json"], ["--help"]):
+        p = subprocess.Popen([sys.executable, "-m", "epcli", "--store", str(tmp_path / "s"), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdout.close()  # before epcli has imported itself, let alone written
+        _, stderr = p.communicate(timeout=120)
+        assert p.returncode == 1 and stderr == "", (args, stderr)
+    assert Store(tmp_path / "s").get_run(rid)["status"] == "finished"
+
+
 def test_installed_console_script(pipeline):
     store, _, train = pipeline
     exe = shutil.which("epcli", path=str(Path(sys.executable).parent))
