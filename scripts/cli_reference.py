@@ -35,7 +35,8 @@ INTRO = """# CLI reference
 so commands compose in pipelines. Without it, the commands that show the store (`runs`, `show`, `trace`,
 `compare`, `report`, `models`, `recipes`) print their tables on stdout; the pipeline commands (`train`,
 `attack`, `corrupt`, `demo`) print progress, notes and their result table on stderr and nothing on stdout.
-Errors are one line `error: ...` on stderr.
+Errors are one line `error: ...` on stderr. A reader that closes the pipe early (`epcli runs --json | head -1`)
+ends the command quietly with exit 1, as Click's own commands do; what the command stored is kept.
 
 ```bash
 RUN=$(epcli train --model cnn-small --epochs 1 --json | jq -r .run_id)
@@ -76,7 +77,7 @@ docs/distributed.md), `EPCLI_REPORT_FORK` (docs/report.md) and `EPCLI_PROGRESS_E
 | code | meaning |
 |---|---|
 | 0 | success |
-| 1 | runtime error (including unexpected internal errors, printed on one line; `--debug` for the traceback) |
+| 1 | runtime error (including unexpected internal errors, printed on one line; `--debug` for the traceback); also, with no message, the reader of stdout closed the pipe before the output was written |
 | 2 | usage error: bad option value (eps out of range, unknown attack, norm, corruption, severity, device; a count, size or step that is NaN, infinite or below its minimum; a malformed `--set` / `--model-set` / `--adv-train` / `--unroll-sweep`; `report --out` naming a file, a folder that cannot be created, or one holding a folder where the report writes a file (`report.md/`); a `runs --where` / `--since` that cannot be read (an operator typo, NaN, a date outside the calendar); a tag with whitespace; a recipe value of the wrong type or range, or one the model cannot use; a dataset whose images or class names the model cannot take; options that contradict each other or that the command would ignore (`--resume` with `--lr`, `--export` with `--severity`, `report --out` with the table format and no `--figures`); an empty value; an unknown option or command, a missing argument or a value of the wrong type). Every usage error is raised before a run is opened: no run is recorded for it |
 | 3 | not found: model name, run, dataset (missing or malformed, including a CIFAR batch that is not plain data), checkpoint file, a stored per-example outcomes file that is lost or damaged (`compare`) |
 | 4 | bad checkpoint: not an epcli checkpoint, damaged, malformed metadata, a spec that asks for far more than the file holds, or spec/shapes that do not match |
