@@ -773,7 +773,8 @@ def compare(*, store: Store, run_a: str, run_b: str) -> dict:
     a_run, b_run = store.get_run(run_a), store.get_run(run_b)
     for r in (a_run, b_run):
         if r["kind"] != "attack" or r["status"] != "finished":
-            raise UsageError(f"run {r['id']} is a {r['status']} {r['kind']} run; compare needs two finished "
+            raise UsageError(f"run {r['id']} is {'an' if r['status'] == 'interrupted' else 'a'} {r['status']} "
+                             f"{r['kind']} run; compare needs two finished "
                              "attack runs")
     a, b = _stored_outcomes(store, a_run, required=True), _stored_outcomes(store, b_run, required=True)
     if a is None or b is None:

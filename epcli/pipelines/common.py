@@ -186,7 +186,8 @@ def resolve_model(store: Store, ref: str, dataset: str | None = None) -> dict:
     except NotFoundError:
         run = None
     if run is not None and run["kind"] != "train":
-        raise UsageError(f"run {run['id']} is a {run['kind']} run, not a training run")
+        raise UsageError(f"run {run['id']} is {'an' if run['kind'] == 'attack' else 'a'} {run['kind']} run, not a "
+                         "training run")
     if run is None:
         from epcli.models import list_models
         if ref not in list_models() and not ref.startswith("timm:"):
