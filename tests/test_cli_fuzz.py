@@ -289,6 +289,13 @@ POISON = {
 
 # --- the properties ----------------------------------------------------------------------------------------
 
+def strict_json(text: str):
+    """JSON as jq and other strict readers take it: NaN and Infinity (which json.loads accepts) are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
 def check(args, store: Path, slow: list, env=None, via_env=False):
     before_rows, before_files = rows(store), files(store)
     t0 = time.perf_counter()
@@ -312,9 +319,9 @@ def check(args, store: Path, slow: list, env=None, via_env=False):
     if "--json" in args and not {"--version", "--help"} & set(args):
         if code == 0 or r.stdout.strip():
             try:
-                json.loads(r.stdout)
-            except ValueError:
-                pytest.fail(f"--json printed no whole JSON document\n{text}")
+                strict_json(r.stdout)
+            except ValueError as e:
+                pytest.fail(f"--json printed no whole, strict JSON document ({e})\n{text}")
     # (d) the store
     after_rows = rows(store)
     lost, added = store_changes(before_rows, after_rows)
@@ -424,7 +431,7 @@ def test_store_locations(world, tmp_path, monkeypatch):
                 check(args, fresh, slow, env={"EPCLI_STORE": str(fresh)}, via_env=True)
             assert r.exit_code == 0, r.output
             if "--json" in args:
-                json.loads(r.stdout)
+                strict_json(r.stdout)
 
 
 def test_refusals_name_the_run_kind(world):
