@@ -1122,6 +1122,10 @@ def tag(
 
     Example: `epcli tag RUN baseline paper -draft`.
     """
+    for t in tags or []:  # unknown options reach us as tags: `--jsno` removed a tag "-jsno" (exit 0, nothing done)
+        if t.startswith("--"):
+            raise UsageError(f"No such option: {t} (a tag to remove is written -TAG, e.g. -draft; see "
+                             "'epcli tag --help')")
     add = [t for t in tags or [] if not t.startswith("-")]
     remove = [t[1:] for t in tags or [] if t.startswith("-")]
     with _store(write=False) as store:

@@ -276,6 +276,8 @@ CASES = [
     (["tag", "RUN", "-"], 2, "a tag is empty"),
     (["tag", "RUN", "two words"], 2, "tag 'two words' has whitespace: a tag is one word (e.g. two-words)"),
     (["tag", "RUN", "ok", "x y"], 2, "tag 'x y' has whitespace"),
+    (["tag", "RUN", "--jsno"], 2, "No such option: --jsno (a tag to remove is written -TAG"),  # removed tag "-jsno"
+    (["tag", "RUN", "ok", "---"], 2, "No such option: ---"),
     (["recipes", ""], 2, "the recipe name is empty"),
     (["report", "--out", ""], 2, "--out is empty"),
     (["report", "--run", ""], 2, "--run is empty"),
