@@ -674,6 +674,8 @@ def report(
                 ids = [r["id"] for r in store.runs(kind="train", status="finished", dataset=dataset, limit=5)]
             if not ids:
                 raise NotFoundError("no training run to draw (train one, or pass --run)")
+            if out:
+                store.refuse_inside(out, "--out")
             files = R.training_curves(store, ids, out or store.root / "reports",
                                       option="--out" if out else "the report folder")
         for f in files:

@@ -347,6 +347,19 @@ class Store:
         else:
             self.db.execute("ROLLBACK" if dry_run else "COMMIT")
 
+    MANAGED = ("artifacts", "tmp", "cache", "partial")  # folders whose every file epcli accounts for
+
+    def refuse_inside(self, path: str | os.PathLike, option: str) -> None:
+        """A folder the user names for output (`report --out`, `corrupt --export`) must lie outside the folders
+        the store manages: there the files would have no row (check_invariants fails, `gc` deletes them), be
+        cleared by the next command (tmp/, partial/) or mix with a cache. Was accepted, exit 0."""
+        target = Path(path).resolve()
+        for name in self.MANAGED:
+            managed = (self.root / name).resolve()
+            if target == managed or managed in target.parents:
+                raise UsageError(f"{option} {path} is inside the store's {name}/ folder, whose files epcli manages "
+                                 f"(gc removes those it has no row for): choose a folder outside it")
+
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError(f"the store {self.root} is read-only here (no write permission); commands that "

@@ -370,6 +370,12 @@ CASES = [
     (C + ["--source", "FILES/csrc3"], 3, "labels.npy holds int64 labels in [99, 99]; the model has 10 classes"),
     (C + ["--export", "FILES/afile.txt"], 2, "is a file, not a folder"),
     (C + ["--export", "FILES/afile.txt/sub"], 2, "/afile.txt/sub: cannot create the folder (Not a directory)"),
+    # output folders inside the store's own folders: files without a row there, which gc deletes (were exit 0)
+    (["report", "-f", "md", "--out", "STORE/artifacts"], 2, "is inside the store's artifacts/ folder"),
+    (["report", "--figures", "--out", "STORE/tmp/figs"], 2, "is inside the store's tmp/ folder"),
+    (["report", "--curves", "--out", "STORE/artifacts/ab"], 2, "is inside the store's artifacts/ folder"),
+    (C + ["--export", "STORE/cache/c10c"], 2, "is inside the store's cache/ folder"),
+    (C + ["--export", "STORE/artifacts/../partial"], 2, "is inside the store's partial/ folder"),
     (C[:3] + ["--export", "FILES/exported", "--n", "0"], 2, "--n must be >= 1"),
     (C + ["--export", "FILES/exported", "-s", "2"], 2, "--export only writes corrupted images"),
     (C + ["--export", "FILES/exported", "--dataset", "nope"], 3, "dataset 'nope' not found"),
@@ -409,7 +415,7 @@ CASES = [
 @pytest.mark.parametrize("args,code,needle", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
 def test_bad_input(world, args, code, needle):
     store, files = world["store"], world["files"]
-    args = [world["run"] if a == "RUN" else a.replace("FILES", str(files)) for a in args]
+    args = [world["run"] if a == "RUN" else a.replace("FILES", str(files)).replace("STORE", str(store)) for a in args]
     if args[0] == "train" and "--dataset" not in args:
         args += ["--dataset", str(world["data"])]
     before = checksum(store)

@@ -85,14 +85,13 @@ def world(tmp_path_factory, mini):
     common = os.path.commonprefix(ids)
     assert len(set(ids)) == len(ids) >= 5 and len(common) < 16
     return {"root": root, "store": store, "data": data, "files": files, "cnn": cnn, "ep": ep, "attack": att,
-            "corrupt": cor, "report": rep, "ids": ids, "ambiguous": common, "n": 0}
+            "corrupt": cor, "report": rep, "ids": ids, "ambiguous": common}
 
 
 def fresh_store(world) -> Path:
     """A copy of the module's store for one example (the decoded-dataset cache shared, not copied)."""
-    world["n"] += 1
-    dst = world["root"] / "examples" / f"s{world['n']}"
-    shutil.rmtree(dst.parent, ignore_errors=True)  # the previous example's copy
+    dst = world["root"] / "examples" / "store"
+    shutil.rmtree(dst.parent, ignore_errors=True)  # the previous example's copy and what it wrote beside it
     shutil.copytree(world["store"], dst, ignore=shutil.ignore_patterns("cache", "tmp", ".lock"))
     return dst
 
@@ -154,6 +153,12 @@ def paths(w, new: Path) -> list[str]:
             str(f / "näme with spaces")]
 
 
+def inside(new: Path) -> list[str]:
+    """The store an example runs on (`new` lies beside it) and folders inside it, some that epcli manages."""
+    return [str(new.with_name("store") / sub) for sub in ("", "reports", "artifacts", "artifacts/ab", "tmp", "cache/x",
+                                                        "partial")]
+
+
 def run_refs(w) -> list[str]:
     return [w["cnn"], w["ep"], w["attack"], w["corrupt"], w["report"], w["cnn"][:10], w["ambiguous"], "zzzz",
             w["cnn"].upper(), w["cnn"] + "x", "%", "_"]
@@ -186,7 +191,7 @@ def valid_values(name: str, cmd: str, w, new: Path) -> list[str]:
         "model_set": ["width=4", "T=3", "nosuch=1", "oops", "width=-1"],
         "resume": [w["cnn"], w["ep"], w["attack"]], "teacher": [w["ep"], w["cnn"], "ep-cnn-tiny"],
         "reference": [w["cnn"], w["corrupt"], "cnn-small"],
-        "source": paths(w, new), "export": [str(new)], "out": [str(new)],
+        "source": paths(w, new), "export": [str(new)] + inside(new), "out": [str(new)] + inside(new),
         "device": ["cpu", "auto", "cuda", "cuda:7", "tpu", "CPU"],
         "kind": ["train", "attack", "corrupt", "report", "nope"],
         "status": ["running", "finished", "failed", "interrupted", "weird"],

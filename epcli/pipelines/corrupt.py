@@ -274,6 +274,7 @@ def export_corruptions(*, directory: str, names: list[str] | None = None, datase
     from epcli import corruptions as C
     check_numbers(n=n, seed=seed)
     check_not_blank(**{"--export": directory, "--dataset": dataset, "--data-dir": data_dir})
+    store.refuse_inside(directory, "--export")
     folder = Path(directory)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--export {directory} is a file, not a folder")

@@ -16,6 +16,8 @@ def report(*, store: Store, models: list[str] | None = None, runs: list[str] | N
     from epcli.errors import UsageError
     if out and Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the report and its figures")
+    if out:
+        store.refuse_inside(out, "--out")
     data = R.collect(store, models=models, runs=runs, dataset=dataset)
     # with --out the html page (with figures) is written below; rendering it here too would be thrown away
     text = None if fmt == "table" or (fmt == "html" and out) else R.render(data, fmt)
