@@ -72,7 +72,17 @@ def world(tmp_path_factory, mini):
     rep = ok("report", "-f", "md", "--out", root / "report")["run_id"]
     ok("tag", cnn, "base")
     ok("note", att, "a note")
+    r = invoke(["train", "--model", "cnn-small", "--dataset", data, "--epochs", 3, "--lr", "1e10", "--device", "cpu"],
+               store=store)
+    assert r.exit_code == 6, r.output  # diverged: a failed training run
     s = Store(store)
+    (failed,) = [x["id"] for x in s.runs(status="failed")]
+    # runs whose process died (what Ctrl-C, SIGTERM or a kill leaves): a training run and an attack of the model
+    stopped = [s.start_run("train", {}, model="cnn-small", dataset=data.name),
+               s.start_run("attack", {"attack": "pgd", "norm": "linf"}, model="cnn-small", dataset=data.name,
+                           model_run_id=cnn)]
+    for rid in stopped:
+        s.finish_run(rid, status="interrupted", error="terminated by SIGTERM")
     ckpt = s.artifact_path(s.artifacts_of(cnn, kind="checkpoint")[0]["sha256"])
     ids = [r["id"] for r in s.runs()]
     s.close()
@@ -83,9 +93,9 @@ def world(tmp_path_factory, mini):
     shutil.copy(ckpt, files / "model.safetensors")
     (root / "cwd").mkdir()
     common = os.path.commonprefix(ids)
-    assert len(set(ids)) == len(ids) >= 5 and len(common) < 16
+    assert len(set(ids)) == len(ids) >= 8 and len(common) < 16
     return {"root": root, "store": store, "data": data, "files": files, "cnn": cnn, "ep": ep, "attack": att,
-            "corrupt": cor, "report": rep, "ids": ids, "ambiguous": common}
+            "corrupt": cor, "report": rep, "failed": failed, "stopped": stopped, "ids": ids, "ambiguous": common}
 
 
 def fresh_store(world) -> Path:
@@ -160,7 +170,8 @@ def inside(new: Path) -> list[str]:
 
 
 def run_refs(w) -> list[str]:
-    return [w["cnn"], w["ep"], w["attack"], w["corrupt"], w["report"], w["cnn"][:10], w["ambiguous"], "zzzz",
+    return [w["cnn"], w["ep"], w["attack"], w["corrupt"], w["report"], w["failed"], *w["stopped"], w["cnn"][:10],
+            w["ambiguous"], "zzzz",
             w["cnn"].upper(), w["cnn"] + "x", "%", "_"]
 
 
@@ -189,7 +200,8 @@ def valid_values(name: str, cmd: str, w, new: Path) -> list[str]:
         "set_": ["epochs=1", "optimizer.lr=0.1", "garbage", "a..b=1", "optimizer.lrs=null", "ep.T1=[1]",
                  "epochs=1e309"],
         "model_set": ["width=4", "T=3", "nosuch=1", "oops", "width=-1"],
-        "resume": [w["cnn"], w["ep"], w["attack"]], "teacher": [w["ep"], w["cnn"], "ep-cnn-tiny"],
+        "resume": [w["cnn"], w["ep"], w["attack"], w["failed"], w["stopped"][0]],
+        "teacher": [w["ep"], w["cnn"], "ep-cnn-tiny"],
         "reference": [w["cnn"], w["corrupt"], "cnn-small"],
         "source": paths(w, new), "export": [str(new)] + inside(new), "out": [str(new)] + inside(new),
         "device": ["cpu", "auto", "cuda", "cuda:7", "tpu", "CPU"],
@@ -201,7 +213,7 @@ def valid_values(name: str, cmd: str, w, new: Path) -> list[str]:
         "sort": ["-test_acc", "seed", "-", "config", "started_at", "nope"],
         "limit": ["0", "1", "-1", "1000000000000000000000"],
         "fmt": ["table", "csv", "json", "md", "html", "robustbench", "pdf"],
-        "run": [w["cnn"], w["ep"], w["attack"]], "run_id": run_refs(w), "run_a": run_refs(w),
+        "run": [w["cnn"], w["ep"], w["attack"], w["failed"], w["stopped"][0]], "run_id": run_refs(w), "run_a": run_refs(w),
         "run_b": run_refs(w), "run_ids": run_refs(w), "text": ["a note", ""], "label": ["mine", "[x]"],
         "store": [str(new), str(w["files"] / "afile.txt")],
         "n": ["1", "4", "8", "100000"], "chunk": ["1", "4", "0"], "steps": ["1", "2"], "restarts": ["1"],
