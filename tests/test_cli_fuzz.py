@@ -4,17 +4,20 @@ command objects, so a new option is fuzzed without touching this file), with val
 On every example, whatever the input:
   (a) no traceback: `Traceback` is in neither stream, and the command ended by SystemExit or returned;
   (b) the exit code is one of those `epcli --help` documents;
-  (c) a failure (any code but 0, 7, 130, 143) prints exactly one `error: ...` line on stderr, as its last line;
-      with --json, stdout is empty or one whole JSON document (a success: always one);
+  (c) a failure (any code but 0, 7, 130, 143) prints exactly one `error: ...` line on stderr, as its last line,
+      and it is an expected failure (not an internal error the CLI words as "... (rerun with --debug ...)");
+      with --json, stdout is empty or one whole, strict JSON document (a success: always one);
   (d) the store still holds what it held: every row of every table of epcli.db and every artifact file
       (sha256) is as before. A usage / not-found / checkpoint error (2, 3, 4) adds nothing at all; another
       failure may add only runs marked failed (and their rows); a success may change the store, but never
       leaves a run `running`; and `Store.check_invariants()` holds after every command.
 
 Each example runs on a fresh copy of one small store built once per module (a trained cnn-small and
-ep-cnn-tiny, an attack, a corrupt and a report run, a tag and a note), so what one example removes or adds
-never shapes the next. The pipelines (train, attack, corrupt, demo) always get one value they must refuse
-before any work starts (last on the line, so it wins over a duplicate), so a fuzzed example stays cheap;
+ep-cnn-tiny, an attack, a corrupt and a report run, a tag and a note, a diverged training run, interrupted
+training and attack runs), so what one example removes or adds never shapes the next. Relative paths land in a
+scratch folder (the working directory during the test). The pipelines (train, attack, corrupt, demo) always get one value they must refuse
+before any work starts (last on the line, so it wins over a duplicate; such a line must fail), so a fuzzed
+example stays cheap;
 `test_fuzz_tiny_valid_pipelines` draws valid but tiny ones that do run.
 """
 import hashlib
@@ -333,6 +336,8 @@ def check(args, store: Path, slow: list, env=None, via_env=False):
     if code not in NO_ERROR_LINE:
         errors = [ln for ln in lines if ln.startswith("error")]
         assert len(errors) == 1 and errors == lines[-1:] and errors[0].startswith("error: "), text
+        # (c') and an expected one: the CLI words an unexpected exception as "TypeName: ... (rerun with --debug)"
+        assert "rerun with --debug" not in errors[0], f"an internal error, not a refusal\n{text}"
     if "--json" in args and not {"--version", "--help"} & set(args):
         if code == 0 or r.stdout.strip():
             try:
@@ -382,6 +387,7 @@ def _report(slow: list, label: str) -> None:
 
 def test_fuzz_every_command(world, monkeypatch):
     """Random command lines over every command; the pipelines always carry one value refused up front."""
+    assert {0, 1, 2, 3, 4, 5, 130} <= EXIT_CODES  # the epilog was read
     slow: list = []
 
     @FUZZ
