@@ -517,3 +517,55 @@ def test_fuzz_tiny_valid_pipelines(world, monkeypatch):
 
     example()
     _report(slow, "tiny pipelines")
+
+
+# appended last to an unpoisoned pipeline line: small enough to run (they win over a drawn duplicate)
+CAPS = {"train": ["--epochs", "1"], "attack": ["--n", "2"], "corrupt": ["--n", "2", "-c", "fog,contrast"]}
+COSTLY = {"cifar10-mini", "vit", "resnet18", "ep-cnn", "ep-cnn-small", "cifar10", "cifar100", "paper-ep-cifar10",
+          "paper-ep-cifar100", "autoattack", "art-autoattack"}  # minutes on a CPU, even for one epoch or 2 images
+
+
+@st.composite
+def mostly_valid_line(draw, w, new: Path, name: str):
+    """A pipeline line of options with values they take (or meaningful near-misses), and at most one hostile value:
+    the checks behind the first one are reached (a line full of bad values stops at the first check)."""
+    cmd = GROUP.commands[name]
+    options = [p for p in cmd.params if p.param_type_name == "option" and p.name not in ("quiet",)]
+    models = ["cnn-small", "ep-cnn-tiny"] + ([w["cnn"], w["ep"], str(w["files"] / "model.safetensors")]
+                                             if name != "train" else [])
+    line = [name, "--model", draw(st.sampled_from(models))] + (["--dataset", str(w["data"])] if name == "train" else [])
+    for p in draw(st.lists(st.sampled_from(options), unique_by=lambda p: p.name, max_size=6)):
+        if getattr(p, "is_flag", False):
+            line.append(draw(st.sampled_from(flag_names(p))))
+            continue
+        valid = [v for v in valid_values(p.name, name, w, new) if v not in COSTLY]
+        if valid:
+            line += [draw(st.sampled_from(p.opts)), draw(st.sampled_from(valid))]
+    fault = draw(st.one_of(st.none(), st.sampled_from([p for p in options if not getattr(p, "is_flag", False)])))
+    if fault is not None:
+        line += [draw(st.sampled_from(fault.opts)), draw(value(fault, name, w, new))]
+    return line
+
+
+@pytest.mark.slow
+def test_fuzz_pipelines_unpoisoned(world, monkeypatch):
+    """Train / attack / corrupt lines with valid values and at most one hostile one, and no value refused up front:
+    they run when they are valid, kept small (one epoch, two images, two corruptions; no costly model or dataset)."""
+    from hypothesis import assume
+    slow: list = []
+    monkeypatch.chdir(world["root"] / "cwd")
+
+    @settings(FUZZ, max_examples=int(os.environ.get("EPCLI_FUZZ_UNPOISONED", "40")))
+    @given(data=st.data())
+    def example(data):
+        store = fresh_store(world)
+        name = data.draw(st.sampled_from(PIPELINES[:3]))
+        line = data.draw(mostly_valid_line(world, store.parent / "new place", name))
+        assume(not COSTLY & set(line))
+        line += CAPS[name]
+        if "--device" not in line:
+            line += ["--device", "cpu"]
+        check(line, store, slow)
+
+    example()
+    _report(slow, "unpoisoned pipelines")
