@@ -581,3 +581,27 @@ def test_fuzz_pipelines_unpoisoned(world, monkeypatch):
 
     example()
     _report(slow, "unpoisoned pipelines")
+
+
+def test_json_of_every_failing_command_is_nothing(world, tmp_path, monkeypatch):
+    """`--json` with a command that fails, each command (a new one must be added here): stdout stays empty, not half
+    a document, and the one error line is on stderr. Among them failures after work began: a training run that
+    diverges (exit 6, after an epoch's progress) and a corrupt run refused late."""
+    monkeypatch.chdir(tmp_path)
+    w = world
+    failing = {
+        "train": ["--model", "cnn-small", "--dataset", str(w["data"]), "--epochs", "3", "--lr", "1e10"],
+        "attack": ["--model", w["cnn"], "--eps", "1/0"],
+        "corrupt": ["--model", w["cnn"], "--n", "2", "--source", str(w["files"] / "folder")],
+        "report": ["-f", "md", "--out", str(w["files"] / "afile.txt")],
+        "demo": ["--device", "tpu", "--store", str(tmp_path / "demo")],
+        "runs": ["--where", "test_acc>>1"], "show": ["zzzz"], "trace": [w["ambiguous"]],
+        "compare": [w["attack"], w["cnn"]], "tag": [w["cnn"], "two words"], "note": ["zzzz", "x"],
+        "rm": [w["cnn"]], "gc": ["--no-such-option"], "models": ["--long", "--no-such-option"], "recipes": ["nope"],
+    }
+    assert set(failing) == set(GROUP.commands)
+    for name, args in failing.items():
+        store = fresh_store(w)
+        r = check([name, *args, "--json"] + (["--device", "cpu"] if name in PIPELINES[:3] else []), store, [])
+        assert r.exit_code not in (0, 1) and r.stdout == "", (name, r.exit_code, r.stdout[:300])
+        assert name != "train" or (r.exit_code == 6 and "epoch 1/3" in r.stderr), r.stderr
