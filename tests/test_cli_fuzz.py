@@ -10,7 +10,9 @@ On every example, whatever the input:
   (d) the store still holds what it held: every row of every table of epcli.db and every artifact file
       (sha256) is as before. A usage / not-found / checkpoint error (2, 3, 4) adds nothing at all; another
       failure may add only runs marked failed (and their rows); a success may change the store, but never
-      leaves a run `running`; and `Store.check_invariants()` holds after every command.
+      leaves a run `running`; and `Store.check_invariants()` holds after every command. A command that only
+      reads (runs, show, trace, compare, models, recipes, rm/gc --dry-run, report writing no file) changes
+      nothing, whatever its exit code.
 
 Each example runs on a fresh copy of one small store built once per module (a trained cnn-small and
 ep-cnn-tiny, an attack, a corrupt and a report run, a tag and a note, a diverged training run, interrupted
@@ -327,6 +329,15 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+def reads_only(args: list[str]) -> bool:
+    """Commands that only read the store: the store commands that show it, and rm / gc --dry-run, and a report
+    that writes no file (no --out, --figures or --curves)."""
+    name = next((a for a in args if a in GROUP.commands), None)
+    return (name in ("runs", "show", "trace", "compare", "models", "recipes") or
+            (name in ("rm", "gc") and "--dry-run" in args) or
+            (name == "report" and not {"--out", "--figures", "--curves"} & set(args)))
+
+
 def check(args, store: Path, slow: list, env=None, via_env=False):
     before_rows, before_files = rows(store), files(store)
     t0 = time.perf_counter()
@@ -363,6 +374,8 @@ def check(args, store: Path, slow: list, env=None, via_env=False):
         problems = s.check_invariants()
     assert not problems, f"{problems}\n{text}"
     assert "running" not in status.values(), text
+    if reads_only(args):  # whatever its exit code, a command that only reads changed nothing
+        assert after_rows == before_rows and files(store) == before_files, f"a reading command wrote\n{text}"
     if code == 0:
         return r
     assert not lost, f"rows lost or changed by a failing command: {lost[:5]}\n{text}"
