@@ -113,6 +113,13 @@ class EpcliGroup(TyperGroup):
                 sys.exit(e.exit_code)
             ctx = getattr(e, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+            option = getattr(e, "option_name", None)
+            own = {o: p for p in self.params for o in p.opts}
+            if type(e).__name__ == "NoSuchOption" and option in own:
+                # `epcli runs --store x`: was only "No such option: --store (Possible options: --json, --sort)"
+                value = "" if getattr(own[option], "is_flag", False) else " VALUE"
+                hint = f" ({option} is an option of epcli itself: give it before the command, 'epcli {option}{value} " \
+                       f"{ctx.info_name if ctx else 'COMMAND'} ...')"
             print_error(e.format_message(), hint=_escape(hint))
             sys.exit(e.exit_code)
         except _ABORTS:

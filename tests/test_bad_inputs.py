@@ -409,6 +409,10 @@ CASES = [
     (A[:-2] + ["--steps", "many"], 2, "Invalid value for '--steps'"),
     (["show"], 2, "Missing argument"),
     (["atack"], 2, "No such command 'atack'"),
+    # a global option after the command: was only "No such option: --store (Possible options: --json, --sort)"
+    (["runs", "--store", "FILES"], 2, "(--store is an option of epcli itself: give it before the command, 'epcli "
+     "--store VALUE runs ...')"),
+    (["show", "RUN", "--debug"], 2, "give it before the command, 'epcli --debug show ...')"),
 ]
 
 
