@@ -147,7 +147,7 @@ class EpcliGroup(TyperGroup):
         except BrokenPipeError:  # the reader of our output left: main() ends quietly
             raise
         except Exception as e:  # anything else is a bug: still one line unless --debug
-            if STATE.debug or os.environ.get("EPCLI_DEBUG"):
+            if STATE.debug:  # --debug or EPCLI_DEBUG as Click reads it (was any EPCLI_DEBUG at all: "0", "false")
                 raise
             code = _failure_code(e)
             if code is not None:

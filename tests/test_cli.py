@@ -210,6 +210,24 @@ def test_sigterm_closes_the_run_as_interrupted(tmp_path, small_data):
     assert run["status"] == "interrupted" and run["error"] == "terminated by SIGTERM"
 
 
+def test_debug_env_is_read_as_a_flag(tmp_path, monkeypatch):
+    # EPCLI_DEBUG=0 or false turned debugging on for unexpected errors (a traceback instead of one line)
+    s = Store(tmp_path / "s")
+    s.close()
+
+    def broken(self, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(Store, "find_runs", broken)
+    for value, debug in (("0", False), ("false", False), ("no", False), ("", False), ("1", True), ("true", True)):
+        r = runner.invoke(app, ["--store", str(tmp_path / "s"), "runs"], env={"EPCLI_DEBUG": value})
+        assert r.exit_code == 1, (value, r.output)
+        if debug:
+            assert isinstance(r.exception, RuntimeError) and r.stderr == "", value
+        else:
+            assert isinstance(r.exception, SystemExit) and \
+                r.stderr == "error: RuntimeError: boom (rerun with --debug for the traceback)\n", (value, r.stderr)
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
     # `epcli show RUN --json | true`, `epcli runs --json | head -1` on a large store: the reader closed the pipe
     # before epcli wrote, and epcli said "error: BrokenPipeError: [Errno 32] Broken pipe (rerun with --debug ...)"
