@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import unicodedata
 import warnings
 from contextlib import contextmanager
 from typing import Annotated, Optional
@@ -60,9 +61,8 @@ def _plain_flags(cmd) -> None:
     cmd.get_params = lambda ctx: _flag_metavars(get_params(ctx))
 def print_error(message: str, *, hint: str = "") -> None:
     """The one error printer: `error: <message>` on stderr, user text escaped so it is never read as markup."""
-    from rich.markup import escape
     line = " ".join(str(message).split())  # one line, whatever the message carried
-    err.print(f"[red]error:[/] {escape(line)}{hint}", highlight=False, soft_wrap=True, markup=True)
+    err.print(f"[red]error:[/] {_escape(line)}{hint}", highlight=False, soft_wrap=True, markup=True)
 
 
 def _failure_code(e: BaseException) -> int | None:
@@ -224,8 +224,11 @@ def _store(path: Optional[str] = None, write: bool = True):
 
 
 def _escape(text: str) -> str:
+    """User text (notes, tags, labels, paths) as shown: never read as markup, and its terminal control characters
+    written out (ESC as \\x1b), so that a note in a shared store cannot clear the screen or retitle the terminal."""
     from rich.markup import escape
-    return escape(text)
+    return escape("".join(f"\\x{ord(c):02x}" if c not in "\n\t" and unicodedata.category(c) == "Cc" else c
+                          for c in str(text)))
 
 
 def _emit(result, as_json: bool) -> None:
@@ -857,7 +860,7 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or unique prefix.")]
     if as_json:
         _emit(doc, True)
         return
-    from rich.markup import escape
+    escape = _escape  # user text: no markup, no terminal control characters
     c = Console()
     r = doc["run"]
     color = {"finished": "green", "failed": "red", "interrupted": "yellow"}.get(r["status"], "cyan")
@@ -1097,7 +1100,7 @@ def _strip_private(node: dict) -> dict:
 
 def _trace_render(store, tree: dict):
     """The lineage as a rich Tree; each node shows the result that matters for its kind."""
-    from rich.markup import escape
+    escape = _escape  # user text: no markup, no terminal control characters
     from rich.tree import Tree
 
     def label(node: dict) -> str:

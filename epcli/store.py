@@ -25,6 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -717,6 +718,8 @@ class Store:
                 raise UsageError("a tag is empty: give a word (-TAG removes one)")
             if len(str(t).split()) != 1 or str(t) != str(t).strip():
                 raise UsageError(f"tag {t!r} has whitespace: a tag is one word (e.g. {'-'.join(str(t).split())})")
+            if any(unicodedata.category(c) == "Cc" for c in str(t)):  # an escape sequence: was stored as the tag
+                raise UsageError(f"tag {t!r} has a control character: a tag is one printable word")
         self._writable()  # was sqlite's "attempt to write a readonly database"
         run = self.get_run(run_id)
         tags = sorted((set(run.get("tags") or []) | {t for t in add if t}) - set(remove))

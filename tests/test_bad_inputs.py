@@ -276,6 +276,7 @@ CASES = [
     (["tag", "RUN", "-"], 2, "a tag is empty"),
     (["tag", "RUN", "two words"], 2, "tag 'two words' has whitespace: a tag is one word (e.g. two-words)"),
     (["tag", "RUN", "ok", "x y"], 2, "tag 'x y' has whitespace"),
+    (["tag", "RUN", "t\x1b[31m"], 2, "tag 't\\x1b[31m' has a control character"),  # was stored, colouring `runs`
     (["tag", "RUN", "--jsno"], 2, "No such option: --jsno (a tag to remove is written -TAG"),  # removed tag "-jsno"
     (["tag", "RUN", "ok", "---"], 2, "No such option: ---"),
     (["recipes", ""], 2, "the recipe name is empty"),

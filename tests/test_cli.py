@@ -210,6 +210,23 @@ def test_sigterm_closes_the_run_as_interrupted(tmp_path, small_data):
     assert run["status"] == "interrupted" and run["error"] == "terminated by SIGTERM"
 
 
+def test_terminal_control_characters_in_user_text_are_shown_inert(tmp_path):
+    # a note (or a model name) in a shared store holding escape sequences was written raw to the terminal by runs,
+    # show and trace: it could clear the screen, retitle the window or fake other output
+    s = Store(tmp_path / "s")
+    with s.run("train", {}, model="cnn\x1b[2J", dataset="d\x9b31m") as rid:
+        pass
+    s.note_run(rid, "evil\x1b]0;TITLE\x07 and\x1b[1A\rfake")
+    s.close()
+    for args in (["runs"], ["show", rid], ["trace", rid]):
+        r = invoke(*args, store=tmp_path / "s")
+        assert r.exit_code == 0, r.output
+        shown = r.stdout + r.stderr
+        assert not any(c in shown for c in "\x1b\x07\x9b\r"), (args, shown)
+        assert "\\x1b" in shown, (args, shown)
+    assert "evil\\x1b]0;TITLE\\x07 and\\x1b[1A\\x0dfake" in invoke("show", rid, store=tmp_path / "s").stdout
+
+
 def test_debug_env_is_read_as_a_flag(tmp_path, monkeypatch):
     # EPCLI_DEBUG=0 or false turned debugging on for unexpected errors (a traceback instead of one line)
     s = Store(tmp_path / "s")
