@@ -2,7 +2,8 @@
 command objects, so a new option is fuzzed without touching this file), with valid and hostile values.
 
 On every example, whatever the input:
-  (a) no traceback: `Traceback` is in neither stream, and the command ended by SystemExit or returned;
+  (a) no traceback: `Traceback` is in neither stream, and the command ended by SystemExit or returned; no
+      terminal control character in either (user text shows them written out, `\x1b`);
   (b) the exit code is one of those `epcli --help` documents;
   (c) a failure (any code but 0, 7, 130, 143) prints exactly one `error: ...` line on stderr, as its last line,
       and it is an expected failure (not an internal error the CLI words as "... (rerun with --debug ...)");
@@ -35,6 +36,7 @@ import re
 import shutil
 import sqlite3
 import time
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -160,7 +162,7 @@ def store_changes(before: dict, after: dict) -> tuple[list[str], set[str]]:
 # --- values ---------------------------------------------------------------------------------------------
 
 HOSTILE = ["", " ", "\t", "-", "--", "%", "_", "ünï©ødé ✓ 日本", "[bold red]x[/]", "a\nb", "null", "x" * 3000,
-           "../..", "~", "=", "a=b=c", "$HOME"]
+           "../..", "~", "=", "a=b=c", "$HOME", "\x1b]0;title\x07\x1b[2J", "a\rb\x9b"]  # terminal control codes
 INTS = ["0", "-1", "1", "2", "3", "-0", "99999999999999999999999", "1e3", "2.5", "nan", "0x10", "+4", "abc"]
 FLOATS = ["0", "-0.1", "0.5", "1", "nan", "inf", "-inf", "1e309", "1e-320", "1/255", "-0", "abc"]
 EPS = ["8/255", "8/255,,", "1/0", "-1", "1e309", "0", "0.5", ",", "nan", "8/255/2", "1/255,2/255", "paper-linf",
@@ -358,6 +360,10 @@ def check(args, store: Path, slow: list, env=None, via_env=False):
     # (a) no traceback
     assert "Traceback" not in r.stdout + r.stderr, text
     assert r.exception is None or isinstance(r.exception, SystemExit), f"{r.exception!r}\n{text}"
+    # (a') nothing a terminal would obey: user text is shown with its control characters written out (CliRunner
+    # is no terminal, so rich adds no styles of its own)
+    controls = {c for c in r.stdout + r.stderr if c not in "\n\t" and unicodedata.category(c) == "Cc"}
+    assert not controls, f"control characters {sorted(controls)} reached the terminal\n{text}"
     # (b) a documented exit code
     code = r.exit_code
     assert code in EXIT_CODES, text
