@@ -397,6 +397,8 @@ CASES = [
     (T + ["--dataset", ""], 2, "--dataset is empty"),
     (T + ["--recipe", ""], 2, "--recipe is empty"),
     (T + ["--label", ""], 2, "--label is empty"),
+    (T + ["--label", "a\x1b[2Jb"], 2, "--label 'a\\x1b[2Jb' has a control character"),  # reports printed it raw
+    (T + ["--label", "two\nlines"], 2, "has a control character or line break"),
     (["train", "--resume", ""], 2, "--resume is empty"),
     (["train", "--model", ""], 2, "--model is empty"),
     (["train", "--teacher", ""], 2, "--teacher is empty"),

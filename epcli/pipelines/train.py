@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
     check_numbers(seed=seed, **_numeric_overrides(overrides or {}, model_options or {}))
     check_not_blank(**{"--model": model, "--dataset": dataset, "--data-dir": data_dir, "--recipe": recipe,
                        "--resume": resume, "--label": label, "--teacher": teacher})
+    if label is not None and any(unicodedata.category(c) == "Cc" for c in label):  # reports would print it raw
+        raise UsageError(f"--label {label!r} has a control character or line break: give one line of text")
     # a resume takes the model and seed from its checkpoint: a different one is refused
     given_model, given_seed, given_dataset = model, seed, dataset
     if resume and teacher:
