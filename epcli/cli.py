@@ -231,10 +231,15 @@ def _escape(text: str) -> str:
                           for c in str(text)))
 
 
+# DEL and the C1 controls, which JSON may carry raw (json.dumps does): as \u escapes, the same JSON value, and
+# nothing a terminal obeys when the document is printed to one (a note holding "\x9b" was a CSI sequence)
+_JSON_CONTROLS = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
 def _emit(result, as_json: bool) -> None:
     """Print one JSON document on stdout (already shaped by epcli.schema: the documented contract)."""
     if as_json:
-        typer.echo(json.dumps(result, default=_jsonable, indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(result, default=_jsonable, indent=2, ensure_ascii=False).translate(_JSON_CONTROLS))
 
 
 def _jsonable(o):

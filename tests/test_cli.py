@@ -225,6 +225,13 @@ def test_terminal_control_characters_in_user_text_are_shown_inert(tmp_path):
         assert not any(c in shown for c in "\x1b\x07\x9b\r"), (args, shown)
         assert "\\x1b" in shown, (args, shown)
     assert "evil\\x1b]0;TITLE\\x07 and\\x1b[1A\\x0dfake" in invoke("show", rid, store=tmp_path / "s").stdout
+    # --json: JSON escapes C0 itself; DEL and the C1 controls (CSI is \x9b) were printed raw (found by the fuzz)
+    s = Store(tmp_path / "s")
+    s.note_run(rid, "del\x7f csi\x9b2J esc\x1b")
+    s.close()
+    r = invoke("show", rid, "--json", store=tmp_path / "s")
+    assert not any(c in r.stdout for c in "\x7f\x9b\x1b") and "\\u009b" in r.stdout, r.stdout
+    assert json.loads(r.stdout)["run"]["note"] == "del\x7f csi\x9b2J esc\x1b"
 
 
 def test_debug_env_is_read_as_a_flag(tmp_path, monkeypatch):
