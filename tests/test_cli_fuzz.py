@@ -25,9 +25,10 @@ variants run them for real, kept tiny: `test_fuzz_tiny_valid_pipelines` (valid l
 `test_fuzz_pipelines_unpoisoned` (valid values and at most one hostile one, reaching the checks behind the first).
 
 Found so far (each fixed, with a test in the file of its room): by the fuzz, `corrupt --export` taking a
---batch-size or --device no evaluation would take; by hand, then added to the values drawn here, `report --out` /
-`corrupt --export` inside the store's artifacts/, tmp/ or cache/ (files with no row) and `tag RUN --jsno`
-(removed a tag "-jsno").
+--batch-size or --device no evaluation would take, and --json printing DEL and C1 control characters of a note
+raw; by hand, then added to the values drawn here, `report --out` / `corrupt --export` inside the store's
+artifacts/, tmp/ or cache/ (files with no row), `tag RUN --jsno` (removed a tag "-jsno") and terminal escape
+sequences in notes, tags and labels reaching the terminal.
 """
 import hashlib
 import json
