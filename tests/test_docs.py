@@ -503,3 +503,34 @@ def test_corruptions_python_example_runs(tmp_path, monkeypatch):
     assert table["clean_accuracy"] == 100 * clean.float().mean().item() and len(table["cells"]) == 19
     assert table["reference_label"] == "resnet18" and table["mce_vs_reference"] is not None
     assert ns["grid"].dtype == torch.uint8 and ns["grid"].shape[0] == 3
+
+
+def test_store_and_report_python_examples_on_a_demo_store(tmp_path, monkeypatch, capsys):
+    """What docs/store.md and docs/report.md say around their Python examples: on a store without the paper's models
+    (the `make demo` store) the examples as written raise NotFoundError, and with the demo's names the text gives
+    they run (store.md's prints the demo EP-CNN's robust accuracy)."""
+    import pytest
+    from test_report import _attack, _train
+
+    from epcli.errors import NotFoundError
+    from epcli.store import Store
+    store = Store(tmp_path / "store")
+    for model in ("ep-cnn-small", "cnn-small"):  # what `epcli demo` trains, on the embedded data
+        rid, ck = _train(store, model, {"label": model}, [0.45])
+        _attack(store, rid, ck, model, "pgd", "linf", {8 / 255: 0.055 if model == "ep-cnn-small" else 0.015})
+    store.close()
+    monkeypatch.chdir(tmp_path)
+    store_block, report_block = _python_blocks("store.md")[0], _python_blocks("report.md")[0]
+    for doc, block in (("store.md", store_block), ("report.md", report_block)):
+        with pytest.raises(NotFoundError):
+            exec(compile(block, doc, "exec"), {})
+    text = (DOCS / "store.md").read_text()
+    demo_call = re.search(r"`make demo` store.*?`s\.(latest_train_run\([^`]*\))`", text, re.S).group(1)
+    exec(compile(re.sub(r"latest_train_run\([^)]*\)", demo_call, store_block), "store.md", "exec"), {})
+    assert capsys.readouterr().out.split() == ["pgd", "linf", str(8 / 255), "0.055"]
+    demo_models = re.search(r"on the `make demo` store: `(models=\[[^\]]*\])`", (DOCS / "report.md").read_text()).group(1)
+    collect_line = next(line for line in report_block.splitlines() if "report.collect(" in line)
+    ns = {}
+    exec(compile("from epcli.store import Store\nfrom epcli import report\nstore = Store('store')\n"
+                 + re.sub(r"models=\[[^\]]*\]", demo_models, collect_line), "report.md", "exec"), ns)
+    assert sorted(r.model for r in ns["data"].rows) == ["cnn-small", "ep-cnn-small"]
