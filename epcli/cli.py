@@ -782,6 +782,15 @@ def _value_text(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _eps_key(item: tuple) -> float:
+    """An eps label ("8/255", "0.1") as its value: the store keeps a summary's keys sorted as strings."""
+    from fractions import Fraction
+    try:
+        return float(Fraction(str(item[0])))
+    except (ValueError, ZeroDivisionError):
+        return float("inf")
+
+
 def _result_text(run: dict) -> str:
     """The result that matters for the run's kind, short: test accuracy, robust accuracy per eps, mCE."""
     s = run.get("summary") if isinstance(run.get("summary"), dict) else {}
@@ -801,7 +810,7 @@ def _result_text(run: dict) -> str:
         if any(how):
             text += f" ({', '.join(h for h in how if h)})"
         if s:
-            text += " robust " + ", ".join(f"{e} {_pct(a)}%" for e, a in robust.items()) + \
+            text += " robust " + ", ".join(f"{e} {_pct(a)}%" for e, a in sorted(robust.items(), key=_eps_key)) + \
                 f" (clean {_pct(s.get('clean_acc'))}%)" + (" UNRELIABLE" if s.get("unreliable") else "")
     elif run["kind"] == "corrupt":
         text = f"mean {_pct(s.get('corruption_mean_acc'))}%, clean {_pct(s.get('clean_acc'))}%" if s else ""

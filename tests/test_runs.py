@@ -286,6 +286,22 @@ def test_runs_line_says_how_an_attack_scored_robustness(tmp_path):
     s.close()
 
 
+def test_runs_and_trace_list_an_attacks_eps_in_increasing_order(tmp_path):
+    """The stored summary's keys come back sorted as strings ("0.1" before "8/255"); the runs and trace lines
+    order the eps by value, as attack printed them (the paper's L-inf grid mixes decimals and /255)."""
+    s = Store(tmp_path / "s")
+    with s.run("train", {"model": "cnn"}, model="cnn") as t:
+        pass
+    with s.run("attack", {"attack": "pgd", "norm": "linf", "eps": [0.01, 8 / 255, 0.1]}, model="cnn",
+               model_run_id=t) as a:
+        s.update_run(a, summary={"robust_acc": {"0.01": 0.5, "8/255": 0.25, "0.1": 0.125}, "clean_acc": 0.5})
+    want = "robust 0.01 50.00%, 8/255 25.00%, 0.1 12.50% (clean 50.00%)"
+    for args in (["runs"], ["trace", t]):
+        out = runner.invoke(app, ["--store", str(s.root), *args], catch_exceptions=False, env={"COLUMNS": "200"})
+        assert want in " ".join(out.stdout.split()), (args, out.stdout)
+    s.close()
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, "Terminated", RuntimeError])
 def test_a_run_stopped_while_an_artifact_lands_leaves_a_consistent_store(tmp_path, monkeypatch, stop):
     """Ctrl-C / SIGTERM (errors.Terminated) / an error between an artifact's rename into place and its row: the
