@@ -152,6 +152,11 @@ def report(res: dict) -> dict:
                           "labels": c.labels, "from_clean_errors": acc(None if c.from_clean_errors is None
                                                                        else c.from_clean_errors / scale, c.n_examples),
                           "ci95": _ci(c.ci95, scale, c.n_examples),  # Wilson 95 % over its n images
+                          # results for this cell its value is not exact over (other images or T), lowest first
+                          "left_out": [{"attack_run_id": r["run_id"], "attack": r["attack"],
+                                        "grad_mode": r["grad_mode"], "n_examples": r["n_examples"],
+                                        "robust_acc": acc(r["value"] / scale, r["n_examples"]), "why": r["why"]}
+                                       for r in getattr(c, "left_out", []) or []],
                           # AutoAttack, one result: robust accuracy after each member in turn
                           "members": [{"member": m, "robust_acc": acc(v / scale, c.n_examples)}
                                       for m, v in c.members or []]})
@@ -351,7 +356,11 @@ SCHEMAS: dict[str, dict] = {
                 "paper_robust_acc": _ACCN, "paper_not_compared": _SN,
                 "worst_of": {"type": "array", "items": _S}, "labels": {"enum": ["true", "predicted", None]},
                 "from_clean_errors": _ACCN, "ci95": _CIN,
-                "members": {"type": "array", "items": _obj({"member": _S, "robust_acc": _ACC})}})}})}}),
+                "members": {"type": "array", "items": _obj({"member": _S, "robust_acc": _ACC})},
+                "left_out": {"type": "array", "items": _obj({
+                    "attack_run_id": _RUN_ID, "attack": _S, "grad_mode": _SN, "n_examples": _IN,
+                    "robust_acc": _ACC, "why": {"enum": ["other images", "other relaxation steps T",
+                                                         "no per-image outcomes"]}})}})}})}}),
     "demo": _cmd("demo", {"run_ids": {"type": "array", "items": _RUN_ID}, "store": _S}),
     "runs": _cmd("runs", {"runs": {"type": "array", "items": _RUN}}),
     "show": _cmd("show", {

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from epcli import paper, report
+from epcli import paper, report, schema
 from epcli.errors import EpcliError, NotFoundError, UsageError
 from epcli.report.image_grids import _load_adv_entry
 from epcli.report.reader import _pick_adversarial
@@ -521,7 +521,7 @@ def test_cell_policy(tmp_path):
     rs = _attack(store, m1, ck, "cnn", "square", "linf", {e: sq.mean()}, n=4)                # same images
     _adv_artifact(store, rs, [e], 3, index=(3, 5, 7, 9), labels=(1, 2, 3, 4), pred_clean=(1, 2, 3, 4),
                   robust={e: sq})
-    _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=2)                          # a tiny run
+    tiny = _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=2)                   # a tiny run
     _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=1000, status="interrupted")  # never used
     _attack(store, m1, ck, "cnn", "pgd", "linf", {e: 0.0}, n=1000, status="failed")
     data = report.collect(store)
@@ -534,6 +534,19 @@ def test_cell_policy(tmp_path):
     assert cell.value == pytest.approx(100 * np.logical_and(a, c).mean())  # 50.0, lower than either run
     assert {w.split()[0] for w in cell.worst_of} == {ra, rc}
     assert "n=4" in report.render(data, "md") and "CNN · seed 2" in report.render(data, "md")
+    # the results the value is not exact over are named, lowest first; a lower one is shown beside the table
+    assert [(r["run_id"], r["n_examples"], r["value"], r["why"]) for r in cell.left_out] == [
+        (tiny, 2, 0.0, "no per-image outcomes"), (rd, 4, pytest.approx(80.0), "other images")]
+    md = report.render(data, "md")
+    assert f"PGD L∞ 8/255, lower results not in the cell: 0.00 (n=2, no per-image outcomes, run {tiny[:10]})" in md
+    assert "80.00 (n=4" not in md  # a higher result on other images does not put the value in doubt
+    assert "lower results not in the cell: 0.00" in report.render(data, "table")
+    assert "lower, not in the cell: 0.00 (n=2, no per-image outcomes)" in report.render(data, "html")
+    js = schema.report({"data": data, "run_id": None, "files": []})
+    row = next(r for r in js["rows"] if r["run_id"] == m1)
+    res = next(r for r in row["results"] if r["attack"] == "pgd" and r["eps_label"] == "8/255")
+    assert [(r["attack_run_id"], r["robust_acc"], r["why"]) for r in res["left_out"]] == [
+        (tiny, 0.0, "no per-image outcomes"), (rd, pytest.approx(0.8), "other images")]
     # the worst case over attacks (PGD x2 and Square on the same four images), exact per image
     worst = next(r for r in data.rows if r.run_id == m1).cells["worst:linf:8/255"]
     assert worst.value == pytest.approx(100 * (a & c & sq).mean()) and worst.n_results == 3

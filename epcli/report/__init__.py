@@ -106,12 +106,14 @@ from epcli.report.runs import (
     training_diff,
     training_history,
 )
-from epcli.report.tables import ci_text, clean_note, leaderboard_table, member_notes, model_notes, to_dict
+from epcli.report.tables import (ci_text, clean_note, leaderboard_table, left_out_notes, member_notes, model_notes,
+                                 to_dict)
 
 __all__ = ["Cell", "Column", "Comparison", "ReportData", "Row", "FORMATS", "cell_not_comparable", "choose_image",
            "clean_note", "collect", "corruption_coverage", "corruption_mean_label", "corruption_samples", "eps_label",
            "figures", "flatten_config", "html_report", "leaderboard_table", "lineage_tree", "model_not_comparable",
-           "member_notes", "model_notes", "output_folder", "protocol_reasons", "render", "robustbench_files",
+           "left_out_notes", "member_notes", "model_notes", "output_folder", "protocol_reasons", "render",
+           "robustbench_files",
            "robustbench_id", "robustbench_json", "ci_text", "wilson95", "low_frequency_share", "radial_spectrum",
            "spectra", "spectrum_figure",
            "result_grad_mode", "to_dict", "training_curves", "training_diff", "training_history", "write_robustbench",

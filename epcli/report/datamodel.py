@@ -67,6 +67,9 @@ class Cell:
     # one ensemble result (AutoAttack): [member, robust % after it], in the order the members ran
     members: list[list] | None = None
     ci95: list[float] | None = None  # Wilson 95 % interval of value, a proportion of n_examples images (percent)
+    # results for this cell that value is not exact over (other images, other T, no per-image outcomes), lowest
+    # first: {run_id, attack, grad_mode, n_examples, value (percent), why}; a lower one means value may overstate
+    left_out: list[dict] = field(default_factory=list)
 
 
 @dataclass

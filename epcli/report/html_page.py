@@ -31,7 +31,7 @@ def _h(x: Any) -> str:
     return html.escape("" if x is None else str(x))
 
 
-def _html_cell(cell: Cell | None) -> str:
+def _html_cell(cell: Cell | None, worst: bool = False) -> str:
     if cell is None or cell.value is None:
         return '<td class="num">—</td>'
     cls = "num unreliable" if cell.unreliable else "num"
@@ -46,6 +46,10 @@ def _html_cell(cell: Cell | None) -> str:
     if cell.members:  # an ensemble: robust % after each member in turn, the last being the value
         sub += '<span class="sub">after ' + _h(" · ".join(f"{ATTACK_NAMES.get(m, m)} {v:.2f}"
                                                           for m, v in cell.members)) + "</span>"
+    lower = [] if worst else [r for r in cell.left_out if r["value"] < cell.value]
+    if lower:  # results it is not exact over (other images or T) that are lower: the value may overstate
+        sub += '<span class="sub">lower, not in the cell: ' + _h(" · ".join(
+            f"{r['value']:.2f} (n={r['n_examples']}, {r['why']})" for r in lower[:3])) + "</span>"
     return f'<td class="{cls}"{title}>{cell.value:.2f}{flag}{sub}{paper_line}</td>'
 
 
@@ -64,7 +68,7 @@ def _html_leaderboard(data: ReportData, cols: list[Column], id_: str) -> str:
                     f"<td>{_h(row.dataset)}</td><td class=\"num\">{_fmt(row.clean_acc)}"
                     + (f'<span class="sub">{_h(clean_note(row))}</span>' if row.clean_acc is not None else "")
                     + "</td>"
-                    + "".join(_html_cell(row.cells.get(c.key)) for c in cols) + cc + "</tr>")
+                    + "".join(_html_cell(row.cells.get(c.key), c.attack == "worst") for c in cols) + cc + "</tr>")
     return f'<table id="{id_}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 

@@ -135,20 +135,27 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
 
     members, value = [base], base["value"] * k
     b = outcome(base) if len(ms) > 1 else None
+    base_T = _detail(base["detail"]).get("T") if base["detail"] else None
+    left_out = []  # (result, why): results for this cell that its value is not exact over
     if b is not None:
         robust = b[1].copy()
-        base_T = _detail(base["detail"]).get("T") if base["detail"] else None
-        for m in ms:
-            if m is base:
-                continue
-            o = outcome(m)
-            # the same images and the same classifier: an EP-CNN relaxed for other steps T predicts otherwise
-            if o is not None and len(o[0]) == len(b[0]) and np.array_equal(o[0], b[0]) and \
-                    (_detail(m["detail"]).get("T") if m["detail"] else None) == base_T:
-                robust &= o[1]
-                members.append(m)
-        if len(members) > 1:
-            value = float(robust.mean()) * 100.0
+    for m in ms:
+        if m is base:
+            continue
+        cfg = run_info.get(m["run_id"], {}).get("config", {})
+        if (m["grad_mode"] or None) != (cfg.get("grad_mode") or m["grad_mode"] or None):
+            continue  # an unroll-sweep result: shown by the unroll figure and judged by its own check
+        o = outcome(m) if b is not None else None
+        m_T = _detail(m["detail"]).get("T") if m["detail"] else None
+        # the same images and the same classifier: an EP-CNN relaxed for other steps T predicts otherwise
+        if o is not None and len(o[0]) == len(b[0]) and np.array_equal(o[0], b[0]) and m_T == base_T:
+            robust &= o[1]
+            members.append(m)
+        else:
+            left_out.append((m, "other relaxation steps T" if m_T != base_T else
+                             "no per-image outcomes" if o is None or b is None else "other images"))
+    if len(members) > 1:
+        value = float(robust.mean()) * 100.0
     def detail(m: dict) -> dict:
         return _detail(m["detail"]) if m["detail"] else {}
     first = detail(base)  # decoded only where read: a cell of thousands of results reads one or two
@@ -175,7 +182,11 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
                 labels=(run_info.get(base["run_id"], {}).get("config", {}).get("labels") or "true"
                         if len(members) == 1 else None),
                 members=_members(run_info.get(base["run_id"], {}), eps) if len(members) == 1 else None,
-                ci95=wilson95(value, base["n_examples"]))
+                ci95=wilson95(value, base["n_examples"]),
+                left_out=[{"run_id": m["run_id"], "attack": m["attack"],
+                           "grad_mode": result_grad_mode(m["attack"], m["grad_mode"]), "n_examples": m["n_examples"],
+                           "value": m["value"] * k, "why": why}
+                          for m, why in sorted(left_out, key=lambda mw: (mw[0]["value"], mw[0]["run_id"]))])
 
 
 def _members(run: dict, eps: float) -> list[list] | None:

@@ -102,6 +102,23 @@ def member_notes(row: Row, cols: list[Column]) -> list[str]:
     return notes
 
 
+def left_out_notes(row: Row, cols: list[Column]) -> list[str]:
+    """Results for a cell that are lower than its value yet not part of it (on other images, with other
+    relaxation steps, or without per-image outcomes): the cell may overstate robustness, so the reader sees them."""
+    notes = []
+    for c in cols:
+        cell = row.cells.get(c.key)
+        if c.attack == "worst" or cell is None or cell.value is None:
+            continue  # a worst-case cell's other results are each in their own attack's column
+        lower = [r for r in cell.left_out if r["value"] < cell.value]
+        if lower:
+            shown = "; ".join(f"{r['value']:.2f} (n={r['n_examples']}, {r['why']}, run {_short(r['run_id'])})"
+                              for r in lower[:3])
+            more = f"; {len(lower) - 3} more" if len(lower) > 3 else ""
+            notes.append(f"{c.label}, lower results not in the cell: {shown}{more}")
+    return notes
+
+
 def clean_note(row: Row) -> str:
     """What the clean accuracy was measured on: "n=1000, test split" (the training run's own evaluation of the
     whole test split, not the attack cells' images) or "n=200, attacked images" when it comes from an attack."""
@@ -160,7 +177,7 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
                 txt.stylize("red")
             cells.append(txt)
         corr = row.corruption
-        notes, mark = model_notes(row) + member_notes(row, cols), ""
+        notes, mark = model_notes(row) + member_notes(row, cols) + left_out_notes(row, cols), ""
         if notes:
             footnotes.append(f"[{len(footnotes) + 1}] {row.name or row.label}: " + "; ".join(notes))
             mark = f" [{len(footnotes)}]"
@@ -258,11 +275,12 @@ def _md(data: ReportData, columns: str = "headline") -> str:
     head = ["model", "run", "data", "status", "clean"] + [c.label for c in cols] + ["CIFAR-C", "mCE"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
-    flags, members = [], []
+    flags, members, left_out = [], [], []
     for row in data.rows:
         name = row.name or row.label
         notes = model_notes(row)
         members += [f"- {name}: {m}" for m in member_notes(row, cols)]
+        left_out += [f"- {name}: {m}" for m in left_out_notes(row, cols)]
         line = [name + (f" ({'; '.join(notes)})" if notes else ""), f"`{_short(row.run_id)}`", row.dataset or "—",
                 row.status, _clean_text(row, "md")]
         for c in cols:
@@ -274,6 +292,10 @@ def _md(data: ReportData, columns: str = "headline") -> str:
         out.append("| " + " | ".join(_md_safe(x).replace("|", "\\|") for x in line) + " |")
     if members:
         out += ["", "AutoAttack, member by member:", ""] + [_md_safe(m) for m in members]
+    if left_out:
+        out += ["", "Lower results not in their cell (on other images or with other relaxation steps, so no exact "
+                "per-image worst case exists; the cell may overstate robustness):", ""]
+        out += [_md_safe(m) for m in left_out]
     if flags:
         out += ["", "Unreliable results:", ""] + [_md_safe(f) for f in flags]
     if data.comparisons:
