@@ -60,7 +60,9 @@ save  1/1  0.0s  run_id=01m8p6bjrk9dddk3
 A stage's time is its own work's: an attack opens every eps at once but runs them in turn.
 
 A stage still running also writes a line every `EPCLI_PROGRESS_EVERY` seconds (default 60; 0: never), with
-its ETA, so that the log of a long job (nohup, a batch scheduler) says where it is:
+its ETA, so that the log of a long job (nohup, a batch scheduler) says where it is. The line comes with the
+stage's first update after that time: updates come after every training batch and every attack forward pass,
+so one slow step delays it (the first batch of `--model ep-cnn --recipe fast-ep` on 2 shared CPU cores: 1 min 50 s):
 `autoattack 8/255  50/200  1:01  eta 3:03  robust_acc=0.5` (the ETA from the images done since the stage
 began or resumed: the saved chunks a resumed attack loads do not count). "eta ≤" (also on the bars) marks an upper bound: an
 attack that stops on the images it broke (all but FGSM and PGD without restarts) is counted at its full budget. An epoch's count is its batches plus one step for the
