@@ -532,3 +532,52 @@ def test_store_and_report_python_examples_on_a_demo_store(tmp_path, monkeypatch,
     exec(compile("from epcli.store import Store\nfrom epcli import report\nstore = Store('store')\n"
                  + re.sub(r"models=\[[^\]]*\]", demo_models, collect_line), "report.md", "exec"), ns)
     assert sorted(r.model for r in ns["data"].rows) == ["cnn-small", "ep-cnn-small"]
+
+
+def test_readme_and_cli_store_commands_run_as_written(tmp_path):
+    """Every `epcli` command of README.md and docs/cli.md that reads or labels the store (runs, show, trace, compare,
+    tag, note, rm, gc, models, recipes; the report commands have their own test) runs with exit 0 on a store with
+    results, placeholders filled with real runs of the kind the text names (RUN: a training run; README's RUN_A /
+    RUN_B: two attack runs on the same points; TRAIN_A / TRAIN_B: two training runs), and does what its comment says."""
+    import shlex
+
+    from typer.testing import CliRunner
+    import json
+
+    from epcli.pipelines.common import eps_label
+    store = _built_store(tmp_path / "store")
+    for run in store.find_runs(kind="attack"):  # the attack pipeline's summary: robust accuracy per eps label
+        rows = store.metrics(run["id"], name="robust_acc")
+        store.db["runs"].update(run["id"], {"summary": json.dumps(
+            {**(run.get("summary") or {}), "robust_acc": {eps_label(m["eps"]): m["value"] for m in rows}})})
+    attacks = [r["id"] for r in store.db.query(
+        "select r.id from runs r join run_artifacts ra on ra.run_id = r.id join artifacts a on a.sha256 = ra.sha256 "
+        "where r.kind = 'attack' and a.kind = 'per-example' and r.config like '%\"norm\":\"linf\"%' order by r.id")]
+    trains = [r["id"] for r in store.find_runs(kind="train", status="finished")]
+    n_runs = store.db["runs"].count
+    store.close()
+    assert len(attacks) >= 2 and len(trains) >= 2
+    fill = {"RUN": trains[0], "RUN_A": attacks[0], "RUN_B": attacks[1], "TRAIN_A": trains[0], "TRAIN_B": trains[1]}
+    reading = {"runs", "show", "trace", "compare", "tag", "note", "rm", "gc", "models", "recipes"}
+    seen, runner = [], CliRunner()
+    for doc in (DOCS.parent / "README.md", DOCS / "cli.md"):
+        for args in _documented_commands(doc.read_text()):
+            if not args or args[0] not in reading or any(a in ("...", "T") or a[:1] in "<[" for a in args):
+                continue  # usage lines ([OPTIONS], <run-id>) and `epcli runs --tag T` in a help sentence
+            if doc.name == "cli.md" and {"RUN_A", "RUN_B"} & set(args):
+                continue
+            argv = [fill.get(a, a) for a in args]
+            r = runner.invoke(app, ["--store", str(tmp_path / "store")] + argv, env={"COLUMNS": "200"})
+            assert r.exit_code == 0, f"{doc.name}: `epcli {shlex.join(args)}` failed: {r.output[-500:]}"
+            seen.append((args[0], r.output))
+    kinds = [k for k, _ in seen]
+    assert len(kinds) >= 15, kinds  # README's 12 and cli.md's help examples (19 on 2026-11-30)
+    assert {"runs", "show", "trace", "compare", "tag", "note", "rm", "gc", "models", "recipes"} <= set(kinds), kinds
+    compare_out = [out for k, out in seen if k == "compare"]
+    assert any("McNemar" in out for out in compare_out)  # README: "paired: ... McNemar per eps"
+    assert any("config" in out for out in compare_out)  # README: "two training runs: config diff, final metrics"
+    from epcli.store import Store
+    store = Store(tmp_path / "store")
+    assert store.db["runs"].count == n_runs  # `rm --dry-run` removed nothing
+    assert "baseline" in store.get_run(trains[0])["tags"] and store.get_run(trains[0])["note"]  # tag, note
+    store.close()
