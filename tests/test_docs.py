@@ -391,12 +391,12 @@ PYTHON_EXAMPLES = {
         "run: test_models_python_examples_run",
     ("models.md", "from epcli.train import fit, evaluate, resolve_recipe, state_to_tensors, tensors_to_state"):
         "run: test_models_python_examples_run",
-    ("corruptions.md", "from epcli.corruptions import (CORRUPTIONS, BENCHMARK_CORRUPTIONS, corrupt, corrupt_uint8, "
-                       "evaluate, summarize,"): "run: test_corruptions_python_example_runs",
-    ("ep.md", "from epcli.ep import (EPCNN, EP_RECIPES, PRESETS, ACTIVATIONS, gradient_mode, parse_grad_mode, "
-              "EQUILIBRIUM_TOL,"): "signatures: test_documented_signatures_match_the_code",
-    ("attacks.md", "evaluate(model, x, y, *, attack, norm, eps_list, batch_size=256, device=\"cpu\", seed=0, "
-                   "params=None,"): "signature: test_documented_signatures_match_the_code",
+    ("corruptions.md", ("from epcli.corruptions import (CORRUPTIONS, BENCHMARK_CORRUPTIONS, corrupt, corrupt_uint8, "
+                        "evaluate, summarize,")): "run: test_corruptions_python_example_runs",
+    ("ep.md", ("from epcli.ep import (EPCNN, EP_RECIPES, PRESETS, ACTIVATIONS, gradient_mode, parse_grad_mode, "
+               "EQUILIBRIUM_TOL,")): "signatures: test_documented_signatures_match_the_code",
+    ("attacks.md", ("evaluate(model, x, y, *, attack, norm, eps_list, batch_size=256, device=\"cpu\", seed=0, "
+                    "params=None,")): "signature: test_documented_signatures_match_the_code",
 }
 
 
@@ -539,10 +539,10 @@ def test_readme_and_cli_store_commands_run_as_written(tmp_path):
     tag, note, rm, gc, models, recipes; the report commands have their own test) runs with exit 0 on a store with
     results, placeholders filled with real runs of the kind the text names (RUN: a training run; README's RUN_A /
     RUN_B: two attack runs on the same points; TRAIN_A / TRAIN_B: two training runs), and does what its comment says."""
+    import json
     import shlex
 
     from typer.testing import CliRunner
-    import json
 
     from epcli.pipelines.common import eps_label
     store = _built_store(tmp_path / "store")
