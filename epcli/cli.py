@@ -611,7 +611,7 @@ def _how_attacked(attack: str, grad_mode: str, black_box) -> str:
 
 def _pct(v) -> str:
     """An accuracy fraction as a percent for people (JSON keeps fractions)."""
-    return "-" if v is None else f"{100 * v:.2f}"
+    return f"{100 * v:.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
 @app.command(rich_help_panel="Pipeline")
@@ -758,6 +758,8 @@ def list_runs(
     heads = ["run id", "kind", "status", "model", "started"] + ([sort.lstrip("-")] if sort else []) + ["result"]
     widths = [max([len(h)] + [len(d[i]) for d in data]) for i, h in enumerate(heads)]
     width = _width()
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):  # a file or a pipe: every line whole
+        width = max(width, sum(widths) + 2 * (len(heads) - 1))
     fixed = sum(widths[:-1]) + 2 * (len(heads) - 1)
     if width - fixed < 20 and widths[3] > 10:  # the model column gives way before the result
         fixed -= widths[3] - 10
@@ -773,7 +775,7 @@ def list_runs(
         d = [_escape(str(x)) for x in d]  # models, datasets, errors and tags are user text, never markup
         d[2] = f"[{colors.get(d[2], 'cyan')}]{d[2]}[/]"
         t.add_row(*d)
-    Console().print(t)
+    Console(width=width).print(t)
 
 
 def _value_text(v) -> str:
@@ -802,6 +804,8 @@ def _result_text(run: dict) -> str:
     elif run["kind"] == "attack":
         cfg = run.get("config") or {}
         robust = s.get("robust_acc") or {}
+        if not isinstance(robust, dict):  # a summary not written by the attack pipeline (an eps -> accuracy map)
+            robust = {"": robust} if isinstance(robust, (int, float)) else {}
         text = f"{cfg.get('attack', '')} {cfg.get('norm', '')}"
         # what robust means differs with these: said beside the numbers, as attack's header says it
         how = ["protocol paper" if cfg.get("protocol") == "paper" else

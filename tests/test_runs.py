@@ -326,3 +326,24 @@ def test_a_run_stopped_while_an_artifact_lands_leaves_a_consistent_store(tmp_pat
     invariant(s)
     assert not list((s.root / "tmp").glob(f"{rid}-*"))
     assert s.db["artifacts"].count == 1 and s.artifact_path(s.artifacts_of(kept)[0]["sha256"]).read_bytes() == b"kept"
+
+
+def test_runs_and_trace_read_summaries_other_tools_wrote(tmp_path):
+    """A summary not in the attack pipeline's shape (robust_acc a number, not an eps map; a value that is not a
+    number; an empty reason) is shown as far as it goes, never a traceback; empty fields are left out of trace."""
+    s = Store(tmp_path / "s")
+    with s.run("train", {"recipe": {"epochs": 1}}, model="cnn", dataset="mini", seed=0) as t:
+        s.update_run(t, summary={"test_acc": "n/a", "epochs": 1})
+    with s.run("attack", {"attack": "pgd", "norm": "linf", "eps": [8 / 255]}, model="cnn", model_run_id=t) as a:
+        s.update_run(a, summary={"robust_acc": 0.25, "clean_acc": 0.5, "reason": "", "unreliable": False})
+    out = cli(s, "runs")
+    assert out.exit_code == 0, out.output
+    assert "robust  25.00% (clean 50.00%)" in out.output and "test -%" in out.output
+    tr = cli(s, "trace", t)
+    assert tr.exit_code == 0, tr.output
+    assert "robust 25.00% (clean 50.00%)" in tr.output and "test -%" in tr.output
+    from epcli import report
+    from epcli.report.tables import _rich_text
+    tree = _rich_text(report.lineage_tree(s, t))
+    assert "robust_acc=0.25" in tree and "reason=" not in tree
+    s.close()
