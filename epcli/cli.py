@@ -649,7 +649,7 @@ def _how_attacked(attack: str, grad_mode: str, black_box) -> str:
 
 def _pct(v) -> str:
     """An accuracy fraction as a percent for people (JSON keeps fractions)."""
-    return "-" if v is None else f"{100 * v:.2f}"
+    return f"{100 * v:.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
 @app.command(rich_help_panel="Pipeline")
@@ -798,6 +798,8 @@ def list_runs(
     heads = ["run id", "kind", "status", "model", "started"] + ([sort.lstrip("-")] if sort else []) + ["result"]
     widths = [max([len(h)] + [len(d[i]) for d in data]) for i, h in enumerate(heads)]
     width = _width()
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):  # a file or a pipe: every line whole
+        width = max(width, sum(widths) + 2 * (len(heads) - 1))
     fixed = sum(widths[:-1]) + 2 * (len(heads) - 1)
     if width - fixed < 20 and widths[3] > 10:  # the model column gives way before the result
         fixed -= widths[3] - 10
@@ -813,13 +815,22 @@ def list_runs(
         d = [_escape(str(x)) for x in d]  # models, datasets, errors and tags are user text, never markup
         d[2] = f"[{colors.get(d[2], 'cyan')}]{d[2]}[/]"
         t.add_row(*d)
-    Console().print(t)
+    Console(width=width).print(t)
 
 
 def _value_text(v) -> str:
     if v is None:
         return "-"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _eps_key(item: tuple) -> float:
+    """An eps label ("8/255", "0.1") as its value: the store keeps a summary's keys sorted as strings."""
+    from fractions import Fraction
+    try:
+        return float(Fraction(str(item[0])))
+    except (ValueError, ZeroDivisionError):
+        return float("inf")
 
 
 def _result_text(run: dict) -> str:
@@ -833,6 +844,8 @@ def _result_text(run: dict) -> str:
     elif run["kind"] == "attack":
         cfg = run.get("config") or {}
         robust = s.get("robust_acc") or {}
+        if not isinstance(robust, dict):  # a summary not written by the attack pipeline (an eps -> accuracy map)
+            robust = {"": robust} if isinstance(robust, (int, float)) else {}
         text = f"{cfg.get('attack', '')} {cfg.get('norm', '')}"
         # what robust means differs with these: said beside the numbers, as attack's header says it
         how = ["protocol paper" if cfg.get("protocol") == "paper" else
@@ -841,7 +854,7 @@ def _result_text(run: dict) -> str:
         if any(how):
             text += f" ({', '.join(h for h in how if h)})"
         if s:
-            text += " robust " + ", ".join(f"{e} {_pct(a)}%" for e, a in robust.items()) + \
+            text += " robust " + ", ".join(f"{e} {_pct(a)}%" for e, a in sorted(robust.items(), key=_eps_key)) + \
                 f" (clean {_pct(s.get('clean_acc'))}%)" + (" UNRELIABLE" if s.get("unreliable") else "")
     elif run["kind"] == "corrupt":
         text = f"mean {_pct(s.get('corruption_mean_acc'))}%, clean {_pct(s.get('clean_acc'))}%" if s else ""

@@ -18,8 +18,8 @@ from typing import Any
 
 def acc(value: float | None, n: int | None = None) -> float | None:
     """An accuracy fraction rounded to what n examples can resolve (1/n), at least 4 decimals."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None  # also what a hand-written summary may hold instead of a number ("n/a")
     places = max(4, math.ceil(math.log10(n))) if n and n > 1 else 4
     return round(float(value), places)
 
@@ -205,6 +205,9 @@ def run_result(run: dict) -> dict:
         n = cfg.get("n_examples")
         by_label = s.get("robust_acc") or {}
         errors = s.get("robust_from_clean_errors") or {}  # predicted labels: the part that is clean errors
+        if not isinstance(by_label, dict):  # not the attack pipeline's eps -> accuracy map: one number, one eps
+            by_label = {eps_label(cfg["eps"][0]): by_label} if len(cfg.get("eps") or []) == 1 else {}
+        errors = errors if isinstance(errors, dict) else {}
         eps_values = cfg.get("eps") or []
         return {"attack": cfg.get("attack"), "norm": cfg.get("norm"), "clean_acc": acc(s.get("clean_acc"), n),
                 "labels": cfg.get("labels") or "true",

@@ -468,6 +468,10 @@ def test_refusals_that_need_more_runs(world, tmp_path):
                     "--T2", 2, "--dataset", world["data"])
     cases = [
         (["train", "--resume", longer, "--epochs", 1, "--dataset", world["data"]], "already trained 2 epochs"),
+        (["train", "--resume", longer, "--dataset", world["data"]],
+         f"run {longer} finished all its 2 epochs: nothing to resume"),
+        (["train", "--resume", longer, "--epochs", 2, "--dataset", world["data"]],
+         f"run {longer} finished all its 2 epochs: nothing to resume"),
         (["train", "--resume", longer, "--epochs", 3, "--seed", 5, "--dataset", world["data"]],
          "cannot resume with --seed 5: the run was seeded 0"),
         (["train", "--resume", longer, "--epochs", 3, "--model", "vit", "--dataset", world["data"]],

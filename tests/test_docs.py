@@ -380,3 +380,204 @@ def test_report_json_cells_are_documented():
     listed = re.search(r"rows with every cell \(every `Cell` field: (.*?)\), (?:rows'|comparisons)", text)
     names = {re.sub(r"\s*\(.*", "", n).strip() for n in re.sub(r"\([^()]*\)", "", listed.group(1)).split(",")}
     assert names == {f.name for f in dataclasses.fields(Cell)}
+
+
+# Every ```python block of README.md and docs/*.md, keyed by its file and first line (a moved, changed or new block
+# fails test_every_python_example_is_accounted_for): how a test runs it, or why nothing runs it.
+PYTHON_EXAMPLES = {
+    ("store.md", "from epcli.store import Store"): "run: test_store_and_report_python_examples_run_as_written",
+    ("report.md", "import rich"): "run: test_store_and_report_python_examples_run_as_written",
+    ("models.md", "from epcli.models import create_model, build_from_spec, list_models"):
+        "run: test_models_python_examples_run",
+    ("models.md", "from epcli.train import fit, evaluate, resolve_recipe, state_to_tensors, tensors_to_state"):
+        "run: test_models_python_examples_run",
+    ("corruptions.md", ("from epcli.corruptions import (CORRUPTIONS, BENCHMARK_CORRUPTIONS, corrupt, corrupt_uint8, "
+                        "evaluate, summarize,")): "run: test_corruptions_python_example_runs",
+    ("ep.md", ("from epcli.ep import (EPCNN, EP_RECIPES, PRESETS, ACTIVATIONS, gradient_mode, parse_grad_mode, "
+               "EQUILIBRIUM_TOL,")): "signatures: test_documented_signatures_match_the_code",
+    ("attacks.md", ("evaluate(model, x, y, *, attack, norm, eps_list, batch_size=256, device=\"cpu\", seed=0, "
+                    "params=None,")): "signature: test_documented_signatures_match_the_code",
+}
+
+
+def _all_python_blocks() -> dict[tuple[str, str], str]:
+    out = {}
+    for doc in [DOCS.parent / "README.md"] + sorted(DOCS.glob("*.md")):
+        for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
+            out[(doc.name, block.splitlines()[0].rstrip())] = block
+    return out
+
+
+def test_every_python_example_is_accounted_for():
+    """No Python example in the docs is left unchecked: each is run by a test below (or above), or is a list of
+    signatures that test_documented_signatures_match_the_code compares with the code."""
+    assert set(_all_python_blocks()) == set(PYTHON_EXAMPLES), set(_all_python_blocks()) ^ set(PYTHON_EXAMPLES)
+
+
+def _run_example(doc: str, first_line: str, namespace: dict) -> dict:
+    """Execute the doc's block as written, except `device="cuda"` -> "cpu" (the tests run on the CPU; the inputs
+    they check against stay there)."""
+    block = _all_python_blocks()[(doc, first_line)].replace('device="cuda"', 'device="cpu"')
+    exec(compile(block, f"docs/{doc}", "exec"), namespace)
+    return namespace
+
+
+def _small_dataset(n_train: int, n_test: int):
+    """The embedded CIFAR-10 cut to seeded random subsets (all classes, unlike its first images: one class)."""
+    import dataclasses
+
+    from epcli.data import load_dataset, subset
+    ds = load_dataset()
+    train_x, train_y, _ = subset(ds.train_x, ds.train_y, n_train, seed=0)
+    test_x, test_y, _ = subset(ds.test_x, ds.test_y, n_test, seed=1)
+    return dataclasses.replace(ds, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+
+def test_models_python_examples_run():
+    """docs/models.md: the registry example runs as written (the rebuilt architecture takes the weights and gives the
+    same logits); the training-loop example runs on a cnn-small and 64 images, and its numbers mean what it says:
+    one history entry per epoch of the recipe, and `acc` the fraction of test images the model gets right."""
+    import torch
+
+    from epcli.models import create_model
+    ns = _run_example("models.md", "from epcli.models import create_model, build_from_spec, list_models", {})
+    assert ns["model"].spec["name"] == "timm:convnext_atto"
+    ns["again"].load_state_dict(ns["model"].state_dict())  # strict: the same architecture
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ns["model"].eval()(x), ns["again"].eval()(x))
+    assert ns["list_models"]() == sorted(ns["list_models"]()) and "ep-cnn" in ns["list_models"]()
+    assert set(ns["list_models"]("ep-*")) == {m for m in ns["list_models"]() if m.startswith("ep-")}
+
+    torch.manual_seed(0)
+    dataset = _small_dataset(64, 40)
+    ns = _run_example("models.md", "from epcli.train import fit, evaluate, resolve_recipe, state_to_tensors, "
+                      "tensors_to_state", {"model": create_model("cnn-small"), "dataset": dataset})
+    assert [h["epoch"] for h in ns["history"]] == [1, 2, 3, 4, 5]  # {"epochs": 5}
+    model = ns["model"].eval()
+    with torch.no_grad():
+        right = (model(dataset.test_x.float() / 255).argmax(1) == dataset.test_y).sum().item()
+    assert ns["acc"] == right / 40
+    assert ns["history"][-1]["test_acc"] == ns["acc"]  # the last epoch's test accuracy is the same measure
+
+
+def test_corruptions_python_example_runs(tmp_path, monkeypatch):
+    """docs/corruptions.md's public-API example runs as written on 4 embedded test images, a cnn-small, and a
+    CIFAR-10-C folder written by `export` (the published files are not here), and each line gives what its comment
+    says: y == y8 / 255, the result's keys, the severity rows of load_official, the files export writes."""
+    import numpy as np
+    import torch
+
+    from epcli.corruptions import CORRUPTIONS, corrupt_range_uint8, evaluate, export
+    from epcli.data import load_dataset
+    from epcli.models import create_model
+    ds = load_dataset()
+    x_uint8, labels = ds.test_x[:4], ds.test_y[:4]
+    torch.manual_seed(0)
+    model, other = create_model("cnn-small").eval(), create_model("cnn-small").eval()
+    monkeypatch.chdir(tmp_path)
+    export("CIFAR-10-C", x_uint8, labels, names=["fog"], seed=1)  # the published folder's layout
+    ns = _run_example("corruptions.md", next(k for d, k in PYTHON_EXAMPLES if d == "corruptions.md"), {
+        "torch": torch, "x_uint8": x_uint8, "labels": labels, "x": x_uint8.float() / 255, "model": model,
+        "res_resnet": evaluate(other, x_uint8, labels, seed=0), "x_test": x_uint8, "y_test": labels})
+    assert ns["y8"].dtype == torch.uint8 and ns["y8"].shape == x_uint8.shape
+    assert torch.equal(ns["y"], ns["y8"].float() / 255)
+    res = ns["res"]  # the last one: evaluate_official's on the folder (fog only), "same result shape"
+    assert set(res) == {"clean_correct", "correct", "seconds"} and set(res["correct"]) == {
+        ("fog", s) for s in range(1, 6)}
+    assert all(v.dtype == torch.bool and v.shape == (4,) for v in res["correct"].values())
+    x5, y5 = ns["x5"], ns["y5"]
+    assert x5.shape == (20, 3, 32, 32) and torch.equal(y5, labels.repeat(5))
+    for s in (1, 5):  # severity s = rows (s-1)N..sN
+        assert torch.equal(x5[(s - 1) * 4:s * 4], corrupt_range_uint8(x_uint8, "fog", s, 1, 0, 4))
+    assert sorted(p.name for p in (tmp_path / "my-cifar10-c").iterdir()) == sorted(
+        [f"{c}.npy" for c in CORRUPTIONS] + ["labels.npy", "clean.npy"])
+    assert ((tmp_path / "my-cifar10-c" / "fog.npy").stat().st_mode & 0o777) == 0o644
+    assert np.load(tmp_path / "my-cifar10-c" / "fog.npy").shape == (20, 32, 32, 3)
+    clean_x, clean_y = ns["clean"]
+    assert torch.equal(clean_x, x_uint8) and torch.equal(clean_y, labels)
+    table = ns["table"]  # the last summarize: the generated sweep against res_resnet, accuracies in %
+    clean = evaluate(model, x_uint8, labels, names=["fog"], severities=(1,), seed=0)["clean_correct"]
+    assert table["clean_accuracy"] == 100 * clean.float().mean().item() and len(table["cells"]) == 19
+    assert table["reference_label"] == "resnet18" and table["mce_vs_reference"] is not None
+    assert ns["grid"].dtype == torch.uint8 and ns["grid"].shape[0] == 3
+
+
+def test_store_and_report_python_examples_on_a_demo_store(tmp_path, monkeypatch, capsys):
+    """What docs/store.md and docs/report.md say around their Python examples: on a store without the paper's models
+    (the `make demo` store) the examples as written raise NotFoundError, and with the demo's names the text gives
+    they run (store.md's prints the demo EP-CNN's robust accuracy)."""
+    import pytest
+    from test_report import _attack, _train
+
+    from epcli.errors import NotFoundError
+    from epcli.store import Store
+    store = Store(tmp_path / "store")
+    for model in ("ep-cnn-small", "cnn-small"):  # what `epcli demo` trains, on the embedded data
+        rid, ck = _train(store, model, {"label": model}, [0.45])
+        _attack(store, rid, ck, model, "pgd", "linf", {8 / 255: 0.055 if model == "ep-cnn-small" else 0.015})
+    store.close()
+    monkeypatch.chdir(tmp_path)
+    store_block, report_block = _python_blocks("store.md")[0], _python_blocks("report.md")[0]
+    for doc, block in (("store.md", store_block), ("report.md", report_block)):
+        with pytest.raises(NotFoundError):
+            exec(compile(block, doc, "exec"), {})
+    text = (DOCS / "store.md").read_text()
+    demo_call = re.search(r"`make demo` store.*?`s\.(latest_train_run\([^`]*\))`", text, re.S).group(1)
+    exec(compile(re.sub(r"latest_train_run\([^)]*\)", demo_call, store_block), "store.md", "exec"), {})
+    assert capsys.readouterr().out.split() == ["pgd", "linf", str(8 / 255), "0.055"]
+    demo_models = re.search(r"on the `make demo` store: `(models=\[[^\]]*\])`", (DOCS / "report.md").read_text()).group(1)
+    collect_line = next(line for line in report_block.splitlines() if "report.collect(" in line)
+    ns = {}
+    exec(compile("from epcli.store import Store\nfrom epcli import report\nstore = Store('store')\n"
+                 + re.sub(r"models=\[[^\]]*\]", demo_models, collect_line), "report.md", "exec"), ns)
+    assert sorted(r.model for r in ns["data"].rows) == ["cnn-small", "ep-cnn-small"]
+
+
+def test_readme_and_cli_store_commands_run_as_written(tmp_path):
+    """Every `epcli` command of README.md and docs/cli.md that reads or labels the store (runs, show, trace, compare,
+    tag, note, rm, gc, models, recipes; the report commands have their own test) runs with exit 0 on a store with
+    results, placeholders filled with real runs of the kind the text names (RUN: a training run; README's RUN_A /
+    RUN_B: two attack runs on the same points; TRAIN_A / TRAIN_B: two training runs), and does what its comment says."""
+    import json
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from epcli.pipelines.common import eps_label
+    store = _built_store(tmp_path / "store")
+    for run in store.find_runs(kind="attack"):  # the attack pipeline's summary: robust accuracy per eps label
+        rows = store.metrics(run["id"], name="robust_acc")
+        store.db["runs"].update(run["id"], {"summary": json.dumps(
+            {**(run.get("summary") or {}), "robust_acc": {eps_label(m["eps"]): m["value"] for m in rows}})})
+    attacks = [r["id"] for r in store.db.query(
+        "select r.id from runs r join run_artifacts ra on ra.run_id = r.id join artifacts a on a.sha256 = ra.sha256 "
+        "where r.kind = 'attack' and a.kind = 'per-example' and r.config like '%\"norm\":\"linf\"%' order by r.id")]
+    trains = [r["id"] for r in store.find_runs(kind="train", status="finished")]
+    n_runs = store.db["runs"].count
+    store.close()
+    assert len(attacks) >= 2 and len(trains) >= 2
+    fill = {"RUN": trains[0], "RUN_A": attacks[0], "RUN_B": attacks[1], "TRAIN_A": trains[0], "TRAIN_B": trains[1]}
+    reading = {"runs", "show", "trace", "compare", "tag", "note", "rm", "gc", "models", "recipes"}
+    seen, runner = [], CliRunner()
+    for doc in (DOCS.parent / "README.md", DOCS / "cli.md"):
+        for args in _documented_commands(doc.read_text()):
+            if not args or args[0] not in reading or any(a in ("...", "T") or a[:1] in "<[" for a in args):
+                continue  # usage lines ([OPTIONS], <run-id>) and `epcli runs --tag T` in a help sentence
+            if doc.name == "cli.md" and {"RUN_A", "RUN_B"} & set(args):
+                continue
+            argv = [fill.get(a, a) for a in args]
+            r = runner.invoke(app, ["--store", str(tmp_path / "store")] + argv, env={"COLUMNS": "200"})
+            assert r.exit_code == 0, f"{doc.name}: `epcli {shlex.join(args)}` failed: {r.output[-500:]}"
+            seen.append((args[0], r.output))
+    kinds = [k for k, _ in seen]
+    assert len(kinds) >= 15, kinds  # README's 12 and cli.md's help examples (19 on 2026-11-30)
+    assert {"runs", "show", "trace", "compare", "tag", "note", "rm", "gc", "models", "recipes"} <= set(kinds), kinds
+    compare_out = [out for k, out in seen if k == "compare"]
+    assert any("McNemar" in out for out in compare_out)  # README: "paired: ... McNemar per eps"
+    assert any("config" in out for out in compare_out)  # README: "two training runs: config diff, final metrics"
+    from epcli.store import Store
+    store = Store(tmp_path / "store")
+    assert store.db["runs"].count == n_runs  # `rm --dry-run` removed nothing
+    assert "baseline" in store.get_run(trains[0])["tags"] and store.get_run(trains[0])["note"]  # tag, note
+    store.close()

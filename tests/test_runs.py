@@ -286,6 +286,22 @@ def test_runs_line_says_how_an_attack_scored_robustness(tmp_path):
     s.close()
 
 
+def test_runs_and_trace_list_an_attacks_eps_in_increasing_order(tmp_path):
+    """The stored summary's keys come back sorted as strings ("0.1" before "8/255"); the runs and trace lines
+    order the eps by value, as attack printed them (the paper's L-inf grid mixes decimals and /255)."""
+    s = Store(tmp_path / "s")
+    with s.run("train", {"model": "cnn"}, model="cnn") as t:
+        pass
+    with s.run("attack", {"attack": "pgd", "norm": "linf", "eps": [0.01, 8 / 255, 0.1]}, model="cnn",
+               model_run_id=t) as a:
+        s.update_run(a, summary={"robust_acc": {"0.01": 0.5, "8/255": 0.25, "0.1": 0.125}, "clean_acc": 0.5})
+    want = "robust 0.01 50.00%, 8/255 25.00%, 0.1 12.50% (clean 50.00%)"
+    for args in (["runs"], ["trace", t]):
+        out = runner.invoke(app, ["--store", str(s.root), *args], catch_exceptions=False, env={"COLUMNS": "200"})
+        assert want in " ".join(out.stdout.split()), (args, out.stdout)
+    s.close()
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, "Terminated", RuntimeError])
 def test_a_run_stopped_while_an_artifact_lands_leaves_a_consistent_store(tmp_path, monkeypatch, stop):
     """Ctrl-C / SIGTERM (errors.Terminated) / an error between an artifact's rename into place and its row: the
@@ -310,3 +326,24 @@ def test_a_run_stopped_while_an_artifact_lands_leaves_a_consistent_store(tmp_pat
     invariant(s)
     assert not list((s.root / "tmp").glob(f"{rid}-*"))
     assert s.db["artifacts"].count == 1 and s.artifact_path(s.artifacts_of(kept)[0]["sha256"]).read_bytes() == b"kept"
+
+
+def test_runs_and_trace_read_summaries_other_tools_wrote(tmp_path):
+    """A summary not in the attack pipeline's shape (robust_acc a number, not an eps map; a value that is not a
+    number; an empty reason) is shown as far as it goes, never a traceback; empty fields are left out of trace."""
+    s = Store(tmp_path / "s")
+    with s.run("train", {"recipe": {"epochs": 1}}, model="cnn", dataset="mini", seed=0) as t:
+        s.update_run(t, summary={"test_acc": "n/a", "epochs": 1})
+    with s.run("attack", {"attack": "pgd", "norm": "linf", "eps": [8 / 255]}, model="cnn", model_run_id=t) as a:
+        s.update_run(a, summary={"robust_acc": 0.25, "clean_acc": 0.5, "reason": "", "unreliable": False})
+    out = cli(s, "runs")
+    assert out.exit_code == 0, out.output
+    assert "robust  25.00% (clean 50.00%)" in out.output and "test -%" in out.output
+    tr = cli(s, "trace", t)
+    assert tr.exit_code == 0, tr.output
+    assert "robust 25.00% (clean 50.00%)" in tr.output and "test -%" in tr.output
+    from epcli import report
+    from epcli.report.tables import _rich_text
+    tree = _rich_text(report.lineage_tree(s, t))
+    assert "robust_acc=0.25" in tree and "reason=" not in tree
+    s.close()

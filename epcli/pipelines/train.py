@@ -158,6 +158,11 @@ def train(*, model: str | None = None, dataset: str | None = None, data_dir: str
             if overrides["epochs"] < done:
                 raise UsageError(f"--epochs {overrides['epochs']}: the run has already trained {done} epochs")
             rec = {**rec, "epochs": overrides["epochs"]}
+        train_run = resume_info.get("train_run")
+        if train_run and train_run["status"] == "finished" and done >= int(rec.get("epochs") or 0):
+            # nothing would train: a new run adopting the same checkpoint would only duplicate the model's row
+            raise UsageError(f"run {train_run['id']} finished all its {done} epochs: nothing to resume (its "
+                             f"checkpoint is final; --epochs N with N > {done} trains on)")
         seed = config.get("seed", 0)
         if select is not None and select != config.get("select", "last"):
             raise UsageError(f"cannot resume with --select {select}: the run selects {config.get('select', 'last')}")

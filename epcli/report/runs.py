@@ -20,8 +20,8 @@ def _summary_text(summary: Any, limit: int = 4) -> str:
     for k, v in s.items():
         if isinstance(v, float):
             v = f"{v:.4g}"
-        elif isinstance(v, (dict, list)):
-            continue
+        elif isinstance(v, (dict, list)) or v is None or v == "":
+            continue  # nested, or nothing to say: "reason=" alone tells a reader nothing
         items.append(f"{k}={v}")
         if len(items) >= limit:
             break
