@@ -1035,13 +1035,14 @@ def compare(
     a, b = doc["a"], doc["b"]
     c = Console()
     if doc["kind"] == "train":
-        c.print(f"A = {a['run_id']} ({a['model']} on {a['dataset']})\nB = {b['run_id']} ({b['model']} on "
-                f"{b['dataset']})", highlight=False)
+        # models, datasets (a folder's name) and config values are user text: never markup ("d[red]" lost "[red]")
+        c.print(_escape(f"A = {a['run_id']} ({a['model']} on {a['dataset']})\nB = {b['run_id']} ({b['model']} on "
+                        f"{b['dataset']})"), highlight=False)
         t = Table(title="config differences", title_justify="left")
         for col in ("key", "A", "B"):
             t.add_column(col, overflow="fold")
         for d in doc["config_diff"]:
-            t.add_row(d["key"], json.dumps(d["a"]), json.dumps(d["b"]))
+            t.add_row(*[_escape(v) for v in (d["key"], json.dumps(d["a"]), json.dumps(d["b"]))])
         if not doc["config_diff"]:
             t.add_row("(identical)", "", "")
         c.print(t)
@@ -1060,12 +1061,12 @@ def compare(
     def who(s: dict) -> str:  # as attack's header says it: a black-box attack takes no gradient
         how = _how_attacked(s["attack"], s["grad_mode"] or "bptt", BLACK_BOX).replace("grad ", "gradients ")
         return f"{s['run_id']} ({s['model']}, {s['attack']} {s['norm']}, {how}, {s['labels']} labels)"
-    c.print(f"A = {who(a)}\nB = {who(b)}", highlight=False)
+    c.print(_escape(f"A = {who(a)}\nB = {who(b)}"), highlight=False)
     if a["labels"] != b["labels"]:
         c.print("[yellow]note:[/] the runs scored robustness differently: with predicted labels every image was "
                 "attacked, and a misclassified one pushed onto its true label counts as robust", highlight=False)
-    t = Table(title=f"robust accuracy (%) on the test points both attacked ({doc['dataset']}); McNemar: exact, "
-                    "two-sided, on the points robust under only one", title_justify="left")
+    t = Table(title=f"robust accuracy (%) on the test points both attacked ({_escape(str(doc['dataset']))}); "
+                    "McNemar: exact, two-sided, on the points robust under only one", title_justify="left")
     for col in ("eps", "n", "A", "B", "both", "only A", "only B", "McNemar p"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in doc["rows"]:

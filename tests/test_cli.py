@@ -234,6 +234,20 @@ def test_terminal_control_characters_in_user_text_are_shown_inert(tmp_path):
     assert json.loads(r.stdout)["run"]["note"] == "del\x7f csi\x9b2J esc\x1b"
 
 
+def test_compare_shows_user_text_as_written(tmp_path):
+    # a dataset folder named "d[red]" was read as rich markup by compare: shown as "d" (and styled)
+    s = Store(tmp_path / "s")
+    ids = []
+    for lr in (0.1, 0.2):
+        with s.run("train", {"label": "[bold]x[/]", "lr": lr}, model="cnn", dataset="d[red]") as rid:
+            s.log_metric(rid, "test_acc", lr, step=1)
+        ids.append(rid)
+    s.close()
+    r = invoke("compare", *ids, store=tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    assert f"A = {ids[0]} (cnn on d[red])" in r.stdout and "0.1" in r.stdout, r.stdout
+
+
 def test_debug_env_is_read_as_a_flag(tmp_path, monkeypatch):
     # EPCLI_DEBUG=0 or false turned debugging on for unexpected errors (a traceback instead of one line)
     s = Store(tmp_path / "s")
