@@ -22,7 +22,8 @@ scratch folder (the working directory during the test), and so do the absolute o
 The pipelines (train, attack, corrupt, demo) always get one value they must refuse before any work starts (last
 on the line, so it wins over a duplicate; such a line must fail), so a fuzzed example stays cheap; two `slow`
 variants run them for real, kept tiny: `test_fuzz_tiny_valid_pipelines` (valid lines) and
-`test_fuzz_pipelines_unpoisoned` (valid values and at most one hostile one, reaching the checks behind the first).
+`test_fuzz_pipelines_unpoisoned` (valid values and at most one hostile one, reaching the checks behind the first);
+`test_fuzz_sequences_of_store_commands` runs several store commands in a row on one store (also `slow`).
 
 Found so far (each fixed, with a test in the file of its room): by the fuzz, `corrupt --export` taking a
 --batch-size or --device no evaluation would take, and --json printing DEL and C1 control characters of a note
@@ -633,3 +634,23 @@ def test_json_of_every_failing_command_is_nothing(world, tmp_path, monkeypatch):
         r = check([name, *args, "--json"] + (["--device", "cpu"] if name in PIPELINES[:3] else []), store, [])
         assert r.exit_code not in (0, 1) and r.stdout == "", (name, r.exit_code, r.stdout[:300])
         assert name != "train" or (r.exit_code == 6 and "epoch 1/3" in r.stderr), r.stderr
+
+
+@pytest.mark.slow
+def test_fuzz_sequences_of_store_commands(world, monkeypatch):
+    """Two to five store commands in a row on one store (tag, note, rm --cascade, gc, report --out, then runs,
+    show, trace, compare...): what one leaves behind must suit the next; the properties hold after each."""
+    slow: list = []
+    monkeypatch.chdir(world["root"] / "cwd" / "a" / "b" / "c")
+    store_commands = sorted(set(GROUP.commands) - set(PIPELINES))
+
+    @settings(FUZZ, max_examples=int(os.environ.get("EPCLI_FUZZ_SEQUENCES", "25")))
+    @given(data=st.data())
+    def example(data):
+        store = fresh_store(world)
+        for _ in range(data.draw(st.integers(2, 5))):
+            _, line, env = data.draw(command_line(world, store.parent / "new place", store_commands))
+            check(line, store, slow, env=env)
+
+    example()
+    _report(slow, "sequences")
