@@ -841,6 +841,21 @@ def test_terminal_table_names_one_dataset_in_its_title(tmp_path):
     store.close()
 
 
+def test_store_text_is_shown_as_written_never_as_markup_or_terminal_codes(tmp_path):
+    """Labels and dataset folders come from users (and older stores): '[red]' stays literal and control characters
+    are written out, in the terminal table (title, cells, notes) and in Markdown."""
+    store = Store(tmp_path / "s")
+    _train(store, "cnn", {"label": "A[red]x\x1b[2J"}, [0.5], dataset="d[red]")
+    text = _rich_text(report.leaderboard_table(report.collect(store)), width=200)
+    assert "on d[red]" in text and "A[red]x\\x1b[2J" in text and "\x1b" not in text
+    md = report.render(report.collect(store), "md")
+    assert "\x1b" not in md and "\\x1b" in md
+    _train(store, "cnn", {"label": "B"}, [0.6], dataset="e[bold]")
+    text = _rich_text(report.leaderboard_table(report.collect(store)), width=200)
+    assert "d[red]" in text and "e[bold]" in text
+    store.close()
+
+
 def test_adversarial_grid_uses_one_attack_per_norm():
     """Per norm the grid shows the same attack for every model (the most eps, then n, then newest)."""
     def cand(model, attack, n_eps, n, tag):

@@ -44,7 +44,10 @@ def _node_text(run: dict) -> str:
     color = {"finished": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}.get(status, "white")
     bits.append(f"[{color}]{status}[/{color}]")
     from rich.markup import escape
-    return " ".join(bits[:1] + [escape(b) for b in bits[1:-1]] + bits[-1:]) + escape(_summary_text(run.get("summary")))
+
+    from epcli.report.tables import _shown  # control characters written out, as in every table
+    return " ".join(bits[:1] + [escape(_shown(b)) for b in bits[1:-1]] + bits[-1:]) + \
+        escape(_shown(_summary_text(run.get("summary"))))
 
 
 def lineage_tree(store, run_id: str):
