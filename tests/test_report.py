@@ -555,6 +555,40 @@ def test_cell_policy(tmp_path):
     store.close()
 
 
+def test_worst_case_over_nested_image_sets(tmp_path):
+    """PGD on 8 images, Square on 4 of them, AutoAttack on 2 of those (seeded subsets nest): the worst case is
+    exact on the images every joined result attacked, preferring more attacks, then more images."""
+    store = Store(tmp_path / "s")
+    m, ck = _train(store, "cnn", {"label": "CNN"}, [0.8])
+    e = 8 / 255
+    idx = tuple(range(20, 28))
+    pgd = np.array([1, 1, 1, 0, 1, 1, 0, 1], dtype=bool)
+    sq = np.array([1, 0, 1, 1], dtype=bool)     # on idx[:4]
+    aa = np.array([0, 1], dtype=bool)           # on idx[:2]
+
+    def run(attack, flags, index):
+        rid = _attack(store, m, ck, "cnn", attack, "linf", {e: flags.mean()}, n=len(index),
+                      grad_mode=None if attack == "square" else "bptt")
+        _adv_artifact(store, rid, [e], len(index), index=index, labels=(1,) * len(index),
+                      pred_clean=(1,) * len(index), robust={e: flags})
+        return rid
+
+    r_pgd, r_sq = run("pgd", pgd, idx), run("square", sq, idx[:4])
+    worst = next(r for r in report.collect(store).rows if r.run_id == m).cells["worst:linf:8/255"]
+    assert worst.n_examples == 4 and worst.value == pytest.approx(100 * (pgd[:4] & sq).mean())  # 50.0
+    assert {w.split()[0] for w in worst.worst_of} == {r_pgd, r_sq} and worst.run_id == r_sq
+    r_aa = run("autoattack", aa, idx[:2])
+    worst = next(r for r in report.collect(store).rows if r.run_id == m).cells["worst:linf:8/255"]
+    assert worst.n_examples == 2 and worst.value == pytest.approx(100 * (pgd[:2] & sq[:2] & aa).mean())  # 0.0
+    assert {w.split()[0] for w in worst.worst_of} == {r_pgd, r_sq, r_aa} and worst.n_results == 3
+    assert worst.ci95 == report.wilson95(0.0, 2)
+    # an attack on images no other result covers joins nothing
+    run("fgsm", np.array([0, 0], dtype=bool), (90, 91))
+    again = next(r for r in report.collect(store).rows if r.run_id == m).cells["worst:linf:8/255"]
+    assert again.value == worst.value and len(again.worst_of) == 3
+    store.close()
+
+
 def test_corruption_labels_and_names():
     from epcli import corruptions
     assert report.BENCHMARK_CORRUPTIONS == tuple(corruptions.BENCHMARK_CORRUPTIONS)

@@ -114,6 +114,61 @@ def _detail(text: str) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+def _outcome(m: dict, eps: float, run_info: dict, per_example: dict, loaded: dict):
+    """A result's per-example outcomes at eps: (test indices, robust flags), or None."""
+    cfg = run_info.get(m["run_id"], {}).get("config", {})
+    if (m["grad_mode"] or None) != (cfg.get("grad_mode") or m["grad_mode"] or None):
+        return None  # an unroll-sweep result: the run stored per-example outcomes for its main mode only
+    if m["run_id"] not in loaded:
+        loaded[m["run_id"]] = _load_per_example(per_example.get(m["run_id"]))
+    pe = loaded[m["run_id"]]
+    if pe is None:
+        return None
+    v = pe["robust"].get(_eps_key(eps))
+    return None if v is None else (pe["index"], v)
+
+
+def _worst_on_common(ms: list[dict], eps: float, run_info: dict, per_example: dict, loaded: dict,
+                     failed_checks: dict) -> "Cell | None":
+    """The worst case over attacks run on different but nested image sets (seeded subsets are the first n of one
+    order: PGD on 2,000 images, Square on 500 of them, AutoAttack on 100): exact per image on the images of one
+    result (the anchor) that every joined result also attacked, with the same classifier (relaxation steps T).
+    Chosen: the most attacks, then the most images. None when no two attacks share an anchor's images."""
+    import numpy as np
+    outs = []
+    for m in ms:
+        o = _outcome(m, eps, run_info, per_example, loaded)
+        if o is not None:
+            outs.append((m, _detail(m["detail"]).get("T") if m["detail"] else None,
+                         dict(zip(o[0].tolist(), o[1].tolist()))))
+    best = None
+    for anchor, T, images in outs:
+        joined = [(m, flags) for m, t, flags in outs if t == T and all(i in flags for i in images)]
+        attacks = {m["attack"] for m, _ in joined}
+        key = (len(attacks), len(images), -anchor["value"])
+        if len(attacks) >= 2 and (best is None or key > best[0]):
+            best = (key, anchor, joined, sorted(images))
+    if best is None:
+        return None
+    _, anchor, joined, idx = best
+    robust = np.ones(len(idx), dtype=bool)
+    for _, flags in joined:
+        robust &= np.array([bool(flags[i]) for i in idx])
+    value = float(robust.mean()) * 100.0
+    flagged = [m for m, _ in joined if m["unreliable"]]
+    reason = None
+    if flagged:
+        m = flagged[0]
+        reason = (_detail(m["detail"]).get("reason") if m["detail"] else None) or \
+            "; ".join(failed_checks.get(m["run_id"], [])) or "marked unreliable"
+    modes = list(dict.fromkeys(g for g in (result_grad_mode(m["attack"], m["grad_mode"]) for m, _ in joined) if g))
+    return Cell(value=value, n_examples=len(idx), grad_mode="+".join(modes) or None, unreliable=bool(flagged),
+                reason=reason, run_id=anchor["run_id"], status=anchor["run_status"], n_results=len(joined),
+                worst_of=[f"{m['run_id']} {m['attack']} {result_grad_mode(m['attack'], m['grad_mode']) or '-'}"
+                          for m, _ in joined],
+                ci95=wilson95(value, len(idx)))
+
+
 def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dict, loaded: dict,
           failed_checks: dict, attack_clean_by_run: dict) -> "Cell":
     """One leaderboard cell from every result for it: the largest n (ties: the strongest result), then the
@@ -122,16 +177,7 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
     base = max(ms, key=lambda m: (m["n_examples"] or 0, -m["value"]))
 
     def outcome(m: dict):
-        cfg = run_info.get(m["run_id"], {}).get("config", {})
-        if (m["grad_mode"] or None) != (cfg.get("grad_mode") or m["grad_mode"] or None):
-            return None  # an unroll-sweep result: the run stored per-example outcomes for its main mode only
-        if m["run_id"] not in loaded:
-            loaded[m["run_id"]] = _load_per_example(per_example.get(m["run_id"]))
-        pe = loaded[m["run_id"]]
-        if pe is None:
-            return None
-        v = pe["robust"].get(_eps_key(eps))
-        return None if v is None else (pe["index"], v)
+        return _outcome(m, eps, run_info, per_example, loaded)
 
     members, value = [base], base["value"] * k
     b = outcome(base) if len(ms) > 1 else None
@@ -396,8 +442,10 @@ def collect(store, models: Iterable[str] | None = None, runs: Iterable[str] | No
         if len({m["attack"] for m in ms}) < 2:
             continue
         cell = _cell(ms, k, eps, run_info, per_example, loaded, failed_checks, attack_clean_by_run)
-        if len({w.split()[1] for w in cell.worst_of}) < 2:
-            continue  # no two attacks on the same images: nothing exact to show
+        if len({w.split()[1] for w in cell.worst_of}) < 2:  # no two attacks on the very same images
+            cell = _worst_on_common(ms, eps, run_info, per_example, loaded, failed_checks)
+            if cell is None:
+                continue  # nor on images one attack's set shares with another's: nothing exact to show
         key = f"worst:{norm}:{el}"
         columns.setdefault(key, Column(key, "worst", norm, float(eps), f"worst case {NORM_NAMES.get(norm, norm)} {el}"))
         rows[mr].cells[key] = cell
