@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import sys
-import unicodedata
 import warnings
 from contextlib import contextmanager
 from typing import Annotated, Optional
@@ -23,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from epcli import __version__
-from epcli.errors import EpcliError, NotFoundError, Terminated, UsageError
+from epcli.errors import EpcliError, NotFoundError, Terminated, UsageError, printable
 
 def _typer_click_exceptions() -> list[type]:
     try:  # Typer >= 0.24 vendors Click under typer._click
@@ -227,8 +226,7 @@ def _escape(text: str) -> str:
     """User text (notes, tags, labels, paths) as shown: never read as markup, and its terminal control characters
     written out (ESC as \\x1b), so that a note in a shared store cannot clear the screen or retitle the terminal."""
     from rich.markup import escape
-    return escape("".join(f"\\x{ord(c):02x}" if c not in "\n\t" and unicodedata.category(c) == "Cc" else c
-                          for c in str(text)))
+    return escape(printable(text))
 
 
 # DEL and the C1 controls, which JSON may carry raw (json.dumps does): as \u escapes, the same JSON value, and

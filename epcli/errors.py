@@ -1,4 +1,13 @@
-"""Expected failures. Each carries a one-line message and the exit code the CLI uses."""
+"""Expected failures. Each carries a one-line message and the exit code the CLI uses. Also `printable`: user
+text made safe to show on a terminal, as messages and tables show it."""
+import unicodedata
+
+
+def printable(text) -> str:
+    """User text (notes, tags, labels, dataset folders) with its control characters written out (ESC as \\x1b),
+    so a string in a shared store cannot clear the screen or retitle the terminal; newlines and tabs are kept."""
+    return "".join(f"\\x{ord(c):02x}" if c not in "\n\t" and unicodedata.category(c) == "Cc" else c
+                   for c in str(text))
 
 
 class EpcliError(Exception):

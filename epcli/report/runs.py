@@ -45,9 +45,9 @@ def _node_text(run: dict) -> str:
     bits.append(f"[{color}]{status}[/{color}]")
     from rich.markup import escape
 
-    from epcli.report.tables import _shown  # control characters written out, as in every table
-    return " ".join(bits[:1] + [escape(_shown(b)) for b in bits[1:-1]] + bits[-1:]) + \
-        escape(_shown(_summary_text(run.get("summary"))))
+    from epcli.errors import printable  # control characters written out, as in every table
+    return " ".join(bits[:1] + [escape(printable(b)) for b in bits[1:-1]] + bits[-1:]) + \
+        escape(printable(_summary_text(run.get("summary"))))
 
 
 def lineage_tree(store, run_id: str):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import unicodedata
 from dataclasses import fields
 
+from epcli.errors import printable
 from epcli.report.datamodel import ATTACK_NAMES, ENSEMBLES, Cell, Column, ReportData, Row, _fmt, _grad, _short
 
 
@@ -152,7 +152,7 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
     datasets = {row.dataset for row in data.rows}
     one = next(iter(datasets)) if len(datasets) == 1 and None not in datasets else None  # then said in the title
     # store text (labels, names, dataset folders, reasons) is shown as written: Text, never read as markup
-    t = Table(title=Text(_shown(f"epcli leaderboard — accuracy % {'on ' + one + ' ' if one else ''}"
+    t = Table(title=Text(printable(f"epcli leaderboard — accuracy % {'on ' + one + ' ' if one else ''}"
                                 f"({data.store_root})")),
               show_lines=True, caption_justify="left",
               caption="cells: the result on the most images (n), then the exact worst case over other results on "
@@ -184,18 +184,11 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
         if notes:
             footnotes.append(f"[{len(footnotes) + 1}] {row.name or row.label}: " + "; ".join(notes))
             mark = f" [{len(footnotes)}]"
-        t.add_row(Text(_shown((row.name or row.label) + mark + status)), _short(row.run_id),
-                  *([] if one else [Text(_shown(row.dataset or "—"))]), Text(_clean_text(row)), *cells,
+        t.add_row(Text(printable((row.name or row.label) + mark + status)), _short(row.run_id),
+                  *([] if one else [Text(printable(row.dataset or "—"))]), Text(_clean_text(row)), *cells,
                   Text(_corr_text(corr)), _fmt(corr.get("mce")))
-    t.caption = Text(_shown(t.caption + ("\n" + "\n".join(footnotes) if footnotes else "")))
+    t.caption = Text(printable(t.caption + ("\n" + "\n".join(footnotes) if footnotes else "")))
     return t
-
-
-def _shown(text: str) -> str:
-    """Store text for a terminal: control characters written out (ESC as \\x1b), so a label in a shared store
-    cannot clear the screen or retitle the window."""
-    return "".join(f"\\x{ord(c):02x}" if c not in "\n\t" and unicodedata.category(c) == "Cc" else c
-                   for c in str(text))
 
 
 def _rich_text(renderable, width: int = 200) -> str:
@@ -326,7 +319,7 @@ def _md(data: ReportData, columns: str = "headline") -> str:
 def _md_safe(text: str) -> str:
     """Store text (labels, model and dataset names, reasons) as inert Markdown: no raw HTML (<script>,
     <img onerror>) and no link or image syntax (javascript: URLs) reaches a renderer."""
-    text = _shown(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = printable(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("[", "\\[").replace("]", "\\]")
 
 
