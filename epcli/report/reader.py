@@ -114,11 +114,17 @@ def _detail(text: str) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+def _is_sweep(m: dict, run_info: dict) -> bool:
+    """An unroll-sweep result: another gradient mode than its run's main one (the run stored per-example outcomes
+    for its main mode only; the unroll figure shows the sweep and its own check judges it)."""
+    cfg = run_info.get(m["run_id"], {}).get("config", {})
+    return (m["grad_mode"] or None) != (cfg.get("grad_mode") or m["grad_mode"] or None)
+
+
 def _outcome(m: dict, eps: float, run_info: dict, per_example: dict, loaded: dict):
     """A result's per-example outcomes at eps: (test indices, robust flags), or None."""
-    cfg = run_info.get(m["run_id"], {}).get("config", {})
-    if (m["grad_mode"] or None) != (cfg.get("grad_mode") or m["grad_mode"] or None):
-        return None  # an unroll-sweep result: the run stored per-example outcomes for its main mode only
+    if _is_sweep(m, run_info):
+        return None
     if m["run_id"] not in loaded:
         loaded[m["run_id"]] = _load_per_example(per_example.get(m["run_id"]))
     pe = loaded[m["run_id"]]
@@ -188,9 +194,8 @@ def _cell(ms: list[dict], k: float, eps: float, run_info: dict, per_example: dic
     for m in ms:
         if m is base:
             continue
-        cfg = run_info.get(m["run_id"], {}).get("config", {})
-        if (m["grad_mode"] or None) != (cfg.get("grad_mode") or m["grad_mode"] or None):
-            continue  # an unroll-sweep result: shown by the unroll figure and judged by its own check
+        if _is_sweep(m, run_info):
+            continue
         o = outcome(m) if b is not None else None
         m_T = _detail(m["detail"]).get("T") if m["detail"] else None
         # the same images and the same classifier: an EP-CNN relaxed for other steps T predicts otherwise

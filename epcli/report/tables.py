@@ -159,7 +159,8 @@ def leaderboard_table(data: ReportData, columns: str = "headline"):
                       "those images; n = examples, then gradient mode. ⚠ = unreliable. clean: the training run's "
                       "accuracy on its whole test split (its own n). CIFAR-C: mean of k/15 benchmark corruptions × "
                       "severities run. \"predicted labels, incl. X clean errors\": X points of the value are "
-                      "images misclassified clean that the attack moved onto their true label")
+                      "images misclassified clean that the attack moved onto their true label. worst case: exact "
+                      "per image over the attacks, on the images they all attacked (its own n)")
     t.add_column("model", style="bold")
     t.add_column("run")
     if not one:
@@ -273,7 +274,8 @@ def _md(data: ReportData, columns: str = "headline") -> str:
            "n, not the attacked images'). CIFAR-C: mean over the corruptions × severities that were run. "
            "\"predicted labels, incl. X clean errors\": attacked away from the model's own predictions (the "
            "paper's protocol), so X points of the value are images misclassified clean that the attack moved onto "
-           "their true label.", ""]
+           "their true label. Worst-case columns: exact per image over the attacks, on the images they all "
+           "attacked (their own n).", ""]
     head = ["model", "run", "data", "status", "clean"] + [c.label for c in cols] + ["CIFAR-C", "mCE"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
